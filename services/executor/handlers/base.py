@@ -1,0 +1,59 @@
+"""What a step handler is, and the context it is given.
+
+A handler is ``async def handler(ctx: StepContext) -> dict``: it does one step for one
+file and returns a JSON-serialisable output (the step's checkpoint output). It signals
+failure by raising :class:`shared.errors.TransientError` (retry later, with
+``retry_after_s`` when the dependency said so) or :class:`shared.errors.PermanentError`
+(never retry). Timeouts and connection errors that escape are classified as transient by
+:func:`shared.errors.classify`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Awaitable, Callable, Protocol
+
+
+@dataclass(frozen=True, slots=True)
+class FileRef:
+    name: str
+    url: str | None = None
+    content_b64: str | None = None
+    size: int | None = None
+    sha256: str | None = None
+
+
+@dataclass(slots=True)
+class StepContext:
+    job_id: str
+    run_id: str
+    tenant_id: str
+    file_index: int
+    round: int
+    attempt: int  # 1-based attempt within this round (automatic retries)
+    step_index: int
+    step_name: str
+    params: dict[str, Any]
+    file: FileRef
+    previous_output: dict[str, Any] | None
+    # A directory private to this (run, file): survives retries and executor restarts on
+    # the same machine, so handlers can keep partial work (e.g. a download's bytes).
+    artifact_dir: Path
+    # Tell the broker we are still alive (in-progress ack); cheap to call often.
+    heartbeat: Callable[[], Awaitable[None]] = field(default=None)  # type: ignore[assignment]
+
+
+class Handler(Protocol):
+    async def __call__(self, ctx: StepContext) -> dict[str, Any]: ...
+
+
+# Which external dependency a step talks to (for circuit breakers), or None.
+DependencyOf = Callable[[dict[str, Any], FileRef], "str | None"]
+
+
+@dataclass(frozen=True, slots=True)
+class RegisteredHandler:
+    name: str
+    run: Handler
+    dependency_of: DependencyOf | None = None

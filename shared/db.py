@@ -1,0 +1,78 @@
+"""PostgreSQL plumbing: one async engine per process, transactions, and the error edge.
+
+Domain code never sees asyncpg or SQLAlchemy exceptions: :func:`database_errors` turns
+them into :class:`shared.errors.TransientError` (connection lost, serialization failure,
+deadlock, resources, admin shutdown) or lets real bugs through.
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+
+from sqlalchemy import text
+from sqlalchemy.exc import DBAPIError, InterfaceError, OperationalError
+from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine, create_async_engine
+
+from shared.errors import TransientError, is_transient_sqlstate
+from shared.settings import Settings
+
+
+def make_engine(settings: Settings, *, pool_size: int = 10, application_name: str = "redrive") -> AsyncEngine:
+    return create_async_engine(
+        settings.sqlalchemy_url,
+        pool_size=pool_size,
+        max_overflow=pool_size,
+        pool_pre_ping=True,
+        pool_recycle=1800,
+        connect_args={"server_settings": {"application_name": application_name}, "timeout": 10},
+    )
+
+
+def _sqlstate(exc: BaseException) -> str | None:
+    orig = getattr(exc, "orig", None)
+    for candidate in (orig, getattr(orig, "__cause__", None)):
+        code = getattr(candidate, "sqlstate", None)
+        if code:
+            return code
+    return None
+
+
+def is_transient_db_error(exc: BaseException) -> bool:
+    if isinstance(exc, (OSError, ConnectionError)):
+        return True
+    if isinstance(exc, DBAPIError):
+        if exc.connection_invalidated or isinstance(exc, (InterfaceError,)):
+            return True
+        state = _sqlstate(exc)
+        if state is None:
+            return isinstance(exc, OperationalError)
+        return is_transient_sqlstate(state)
+    return False
+
+
+@asynccontextmanager
+async def database_errors() -> AsyncIterator[None]:
+    try:
+        yield
+    except BaseException as exc:
+        if is_transient_db_error(exc):
+            raise TransientError(f"database unavailable: {type(exc).__name__}") from exc
+        raise
+
+
+@asynccontextmanager
+async def transaction(engine: AsyncEngine) -> AsyncIterator[AsyncConnection]:
+    """A transaction that commits when the block ends and rolls back on any exception."""
+    async with database_errors():
+        async with engine.begin() as conn:
+            yield conn
+
+
+async def ping(engine: AsyncEngine) -> bool:
+    try:
+        async with engine.connect() as conn:
+            await conn.execute(text("SELECT 1"))
+        return True
+    except Exception:
+        return False

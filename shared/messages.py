@@ -1,0 +1,186 @@
+"""Message schemas: every body on the wire is one of these, JSON, with a ``v`` field.
+
+Unknown fields are tolerated (``extra="ignore"``) so that a newer producer can add fields
+without breaking an older consumer; removing or retyping a field needs a new ``v``.
+"""
+
+from __future__ import annotations
+
+from datetime import datetime, timezone
+from typing import Any, Literal
+
+import orjson
+from pydantic import BaseModel, ConfigDict, Field
+
+
+def utcnow() -> datetime:
+    return datetime.now(timezone.utc)
+
+
+class Message(BaseModel):
+    model_config = ConfigDict(extra="ignore", frozen=False)
+    v: int = 1
+
+    def to_bytes(self) -> bytes:
+        return orjson.dumps(self.model_dump(mode="json", exclude_none=True))
+
+    @classmethod
+    def from_bytes(cls, data: bytes):
+        return cls.model_validate_json(data)
+
+
+# ---- the job ---------------------------------------------------------------------------
+
+class StepSpec(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+    name: str
+    handler: str
+    optional: bool = False
+    timeout_s: float = 300
+    params: dict[str, Any] = Field(default_factory=dict)
+
+
+class FileSpec(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+    index: int
+    name: str
+    url: str | None = None
+    content_b64: str | None = None
+    size: int | None = None
+    sha256: str | None = None
+    start_step: int = 0
+    previous_output: dict[str, Any] | None = None
+
+
+class RetryPolicy(BaseModel):
+    """Per-tenant automatic retry and breaker settings, copied into every job."""
+
+    model_config = ConfigDict(extra="ignore")
+    auto_retries: int = Field(default=3, ge=0, le=10)
+    backoff_base_ms: int = Field(default=500, ge=10, le=60_000)
+    backoff_max_ms: int = Field(default=30_000, ge=10, le=3_600_000)
+    jitter: bool = True
+    breaker_failure_threshold: int = Field(default=5, ge=1, le=100)
+    breaker_reset_s: int = Field(default=30, ge=1, le=3600)
+
+
+class Job(Message):
+    job_id: str
+    run_id: str
+    tenant_id: str
+    template_id: str
+    mode: Literal["per_file", "batch"] = "per_file"
+    round: int
+    file_index: int | None = None  # per_file mode
+    start_step: int = 0
+    files: list[FileSpec]  # one in per_file mode, all of the round's files in batch mode
+    steps: list[StepSpec]
+    retry: RetryPolicy = Field(default_factory=RetryPolicy)
+    idempotency_key: str
+
+
+def job_id_for(run_id: str, file_index: int | None, round_: int) -> str:
+    if file_index is None:
+        return f"{run_id}:batch:r{round_}"
+    return f"{run_id}:file:{file_index}:r{round_}"
+
+
+# ---- file events (executor -> coordinator, notifier) -------------------------------------
+
+FileEventKind = Literal["succeeded", "failed", "errored", "retrying", "checkpoint"]
+
+
+class ErrorInfo(BaseModel):
+    model_config = ConfigDict(extra="ignore", populate_by_name=True)
+    error_class: str = Field(alias="class")
+    message: str
+    transient: bool
+
+    def as_dict(self) -> dict[str, Any]:
+        return {"class": self.error_class, "message": self.message, "transient": self.transient}
+
+
+class FileEvent(Message):
+    kind: FileEventKind
+    job_id: str
+    run_id: str
+    tenant_id: str
+    file_index: int
+    round: int
+    attempt: int
+    step: int  # index of the step the event is about
+    step_name: str | None = None
+    error: ErrorInfo | None = None
+    next_delay_ms: int | None = None
+    output: dict[str, Any] | None = None
+    at: datetime = Field(default_factory=utcnow)
+
+    @property
+    def msg_id(self) -> str:
+        return f"{self.job_id}:{self.kind}:{self.step}:{self.attempt}"
+
+    def to_bytes(self) -> bytes:
+        return orjson.dumps(self.model_dump(mode="json", exclude_none=True, by_alias=True))
+
+
+# ---- run and breaker events (coordinator/executor -> notifier, gateway SSE) -------------
+
+class RunEvent(Message):
+    kind: str
+    run_id: str
+    tenant_id: str
+    round: int
+    status: str
+    counts: dict[str, int] = Field(default_factory=dict)
+    message: str | None = None
+    file_index: int | None = None
+    at: datetime = Field(default_factory=utcnow)
+
+    @property
+    def msg_id(self) -> str:
+        suffix = f":{self.file_index}" if self.file_index is not None else ""
+        return f"{self.run_id}:run:{self.kind}:r{self.round}{suffix}"
+
+
+class BreakerEvent(Message):
+    dependency: str
+    state: Literal["closed", "open", "half_open"]
+    failures: int = 0
+    opened_at: datetime | None = None
+    next_probe_at: datetime | None = None
+    at: datetime = Field(default_factory=utcnow)
+
+
+# ---- request / reply envelope ------------------------------------------------------------
+
+class ServiceError(Exception):
+    """A refusal a service sends back to its caller: a code, a sentence, details."""
+
+    def __init__(self, code: str, message: str, details: dict[str, Any] | None = None) -> None:
+        super().__init__(message)
+        self.code = code
+        self.message = message
+        self.details = details or {}
+
+    def as_dict(self) -> dict[str, Any]:
+        return {"code": self.code, "message": self.message, "details": self.details}
+
+
+def ok_reply(data: Any) -> bytes:
+    return orjson.dumps({"ok": True, "data": data}, default=_json_default)
+
+
+def error_reply(error: ServiceError) -> bytes:
+    return orjson.dumps({"ok": False, "error": error.as_dict()}, default=_json_default)
+
+
+def _json_default(value: Any) -> Any:
+    if isinstance(value, BaseModel):
+        return value.model_dump(mode="json")
+    if hasattr(value, "isoformat"):
+        return value.isoformat()
+    raise TypeError(f"not JSON serialisable: {type(value).__name__}")
+
+
+def dumps(value: Any) -> bytes:
+    return orjson.dumps(value, default=_json_default)

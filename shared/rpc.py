@@ -1,0 +1,140 @@
+"""Request/reply between services: NATS micro services (discoverable with `nats micro ls`).
+
+A service registers plain ``async def verb(payload: dict) -> data`` functions; this module
+turns them into micro endpoints on ``<prefix>.svc.<service>.<verb>``, runs each request in
+its own task (a slow request must not queue the others behind it), and maps
+:class:`ServiceError` to the ``{"ok": false, "error": …}`` envelope. Anything else is
+logged with its stack and answered as ``internal`` without the stack.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Awaitable, Callable, Mapping
+from typing import Any
+
+import nats
+import orjson
+import structlog
+from nats.aio.client import Client as NatsClient
+from nats.micro import ServiceConfig, add_service
+from nats.micro.request import Request
+from nats.micro.service import EndpointConfig, Service
+from pydantic import ValidationError
+
+from shared.messages import ServiceError, error_reply, ok_reply
+from shared.subjects import Names
+
+log = structlog.get_logger(__name__)
+
+Verb = Callable[[dict[str, Any]], Awaitable[Any]]
+
+VERSION = "0.1.0"
+
+
+def validation_error(exc: ValidationError) -> ServiceError:
+    fields = {".".join(str(p) for p in err["loc"]) or "body": err["msg"] for err in exc.errors()}
+    return ServiceError("validation_error", "the request is not valid", {"fields": fields})
+
+
+class MicroService:
+    def __init__(self, nc: NatsClient, names: Names, service: str, verbs: Mapping[str, Verb], description: str) -> None:
+        self._nc = nc
+        self._names = names
+        self._service_name = service
+        self._verbs = dict(verbs)
+        self._description = description
+        self._service: Service | None = None
+        self._inflight: set[asyncio.Task] = set()
+
+    async def start(self) -> None:
+        self._service = await add_service(
+            self._nc,
+            ServiceConfig(
+                name=f"{self._names.prefix}-{self._service_name}",
+                version=VERSION,
+                description=self._description,
+                queue_group=f"{self._names.prefix}-{self._service_name}",
+            ),
+        )
+        for verb, fn in self._verbs.items():
+            await self._service.add_endpoint(
+                EndpointConfig(name=verb, subject=self._names.service(self._service_name, verb), handler=self._spawn(verb, fn))
+            )
+
+    async def stop(self) -> None:
+        if self._service is not None:
+            await self._service.stop()
+        if self._inflight:
+            await asyncio.wait(self._inflight, timeout=10)
+
+    def _spawn(self, verb: str, fn: Verb) -> Callable[[Request], Awaitable[None]]:
+        async def handler(request: Request) -> None:
+            task = asyncio.create_task(self._answer(verb, fn, request))
+            self._inflight.add(task)
+            task.add_done_callback(self._inflight.discard)
+
+        return handler
+
+    async def _answer(self, verb: str, fn: Verb, request: Request) -> None:
+        try:
+            payload = orjson.loads(request.data) if request.data else {}
+            if not isinstance(payload, dict):
+                raise ServiceError("bad_request", "the request body must be a JSON object")
+            body = ok_reply(await fn(payload))
+        except ServiceError as exc:
+            body = error_reply(exc)
+        except ValidationError as exc:
+            body = error_reply(validation_error(exc))
+        except orjson.JSONDecodeError:
+            body = error_reply(ServiceError("bad_request", "the request body is not JSON"))
+        except Exception as exc:
+            from shared.errors import classify
+
+            verdict = classify(exc)
+            log.exception("rpc.failed", service=self._service_name, verb=verb, error=repr(exc))
+            if verdict.transient:
+                body = error_reply(ServiceError("dependency_unavailable", "a dependency is unavailable; try again", {}))
+            else:
+                body = error_reply(ServiceError("internal", f"{self._service_name} could not complete {verb}"))
+        try:
+            await request.respond(body)
+        except Exception as exc:  # the caller went away or NATS dropped: nothing to answer
+            log.warning("rpc.respond_failed", verb=verb, error=repr(exc))
+
+
+class RpcClient:
+    """Calls another service's verbs; raises :class:`ServiceError` for refusals and
+    ``service_unavailable`` when nobody answers in time."""
+
+    def __init__(self, nc: NatsClient, names: Names, timeout: float = 15.0) -> None:
+        self._nc = nc
+        self._names = names
+        self._timeout = timeout
+
+    async def call(self, service: str, verb: str, payload: dict[str, Any] | None = None, *, timeout: float | None = None) -> Any:
+        subject = self._names.service(service, verb)
+        data = orjson.dumps(payload or {}, default=_default)
+        try:
+            msg = await self._nc.request(subject, data, timeout=timeout or self._timeout)
+        except nats.errors.NoRespondersError:
+            raise ServiceError("service_unavailable", f"the {service} service is not running", {"service": service})
+        except (nats.errors.TimeoutError, asyncio.TimeoutError):
+            raise ServiceError("service_unavailable", f"the {service} service did not answer in time", {"service": service})
+        except (nats.errors.ConnectionClosedError, nats.errors.ConnectionReconnectingError, nats.errors.StaleConnectionError):
+            raise ServiceError("service_unavailable", "the message bus is unavailable", {"service": service})
+        if msg.headers and msg.headers.get("Nats-Service-Error-Code"):
+            raise ServiceError("internal", msg.headers.get("Nats-Service-Error", "service error"))
+        reply = orjson.loads(msg.data)
+        if reply.get("ok"):
+            return reply.get("data")
+        err = reply.get("error") or {}
+        raise ServiceError(err.get("code", "internal"), err.get("message", "error"), err.get("details") or {})
+
+
+def _default(value: Any) -> Any:
+    if hasattr(value, "isoformat"):
+        return value.isoformat()
+    if hasattr(value, "model_dump"):
+        return value.model_dump(mode="json")
+    raise TypeError(type(value).__name__)

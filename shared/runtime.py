@@ -1,0 +1,49 @@
+"""How a service process lives: build from its composition root, start, wait for SIGTERM or
+SIGINT, stop gracefully (stop pulling, finish in-flight work, drain NATS, close the pool)."""
+
+from __future__ import annotations
+
+import asyncio
+import signal
+from collections.abc import Awaitable, Callable
+from typing import Protocol
+
+import structlog
+
+from shared.logging import configure_logging
+from shared.settings import Settings
+
+log = structlog.get_logger(__name__)
+
+
+class Service(Protocol):
+    async def start(self) -> None: ...
+    async def stop(self) -> None: ...
+
+
+async def serve(name: str, build: Callable[[Settings], Awaitable[Service]], settings: Settings) -> None:
+    stop_requested = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        try:
+            loop.add_signal_handler(sig, stop_requested.set)
+        except (NotImplementedError, RuntimeError):  # pragma: no cover - non-main thread
+            pass
+    service = await build(settings)
+    await service.start()
+    log.info("service.started", service=name)
+    await stop_requested.wait()
+    log.info("service.stopping", service=name)
+    await service.stop()
+    log.info("service.stopped", service=name)
+
+
+def run(name: str, build: Callable[[Settings], Awaitable[Service]], settings: Settings) -> None:
+    configure_logging(settings, service=name)
+    try:
+        import uvloop  # optional speed-up
+
+        uvloop.install()
+    except ImportError:
+        pass
+    asyncio.run(serve(name, build, settings))

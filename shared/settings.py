@@ -1,0 +1,112 @@
+"""Process settings, read from the environment (``REDRIVE_*``, ``NATS_URL``, ``DATABASE_URL``).
+
+One object, built once in each service's composition root and passed down; nothing reads
+the environment anywhere else.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import platformdirs
+from pydantic import AliasChoices, Field, field_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+
+def default_data_dir() -> Path:
+    # As root (containers, CI) a system path like other daemons use; the per-user data
+    # dir otherwise. PostgreSQL refuses to run as root and cannot traverse /root.
+    if hasattr(os, "geteuid") and os.geteuid() == 0:
+        return Path("/var/lib/redrive")
+    return Path(platformdirs.user_data_dir("redrive"))
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix="REDRIVE_", extra="ignore", populate_by_name=True)
+
+    nats_url: str | None = Field(default=None, validation_alias=AliasChoices("NATS_URL", "REDRIVE_NATS_URL"))
+    database_url: str | None = Field(
+        default=None, validation_alias=AliasChoices("DATABASE_URL", "REDRIVE_DATABASE_URL")
+    )
+    data_dir: Path = Field(default_factory=default_data_dir)
+
+    # Names: subjects start with "<prefix>.", streams with "<PREFIX>_". Tests give every
+    # stack its own prefix so that many stacks can share one NATS server.
+    prefix: str = "redrive"
+    stream_replicas: int = Field(default=1, ge=1, le=5)
+    # JetStream dedupe window for job ids (messaging.md: at least 10 minutes).
+    duplicate_window_s: int = Field(default=1200, ge=600)
+
+    # Executor consumer (created or updated at start; see shared/nats/streams.py).
+    executor_ack_wait_s: float = Field(default=30.0, gt=0)
+    executor_max_deliver: int = Field(default=20, ge=2)
+    executor_concurrency: int = Field(default=256, ge=1)
+    executor_fetch_batch: int = Field(default=256, ge=1)
+    handlers: str = ""  # REDRIVE_HANDLERS: comma-separated modules that register handlers
+
+    # Coordinator.
+    results_fetch_batch: int = Field(default=1000, ge=1)
+    outbox_batch: int = Field(default=2000, ge=1)
+    recovery_interval_s: float = Field(default=15.0, gt=0)
+    # A PENDING file whose job showed no progress for this long is considered stuck.
+    recovery_lease_s: float = Field(default=120.0, gt=0)
+    recovery_max_failures: int = Field(default=3, ge=1)
+    max_files_per_run: int = Field(default=100_000, ge=1)
+
+    # Notifier.
+    webhook_timeout_s: float = Field(default=10.0, gt=0)
+    webhook_max_attempts: int = Field(default=8, ge=1)
+
+    # Gateway.
+    host: str = "127.0.0.1"
+    port: int = Field(default=8080, ge=0, le=65535)
+    request_timeout_s: float = Field(default=15.0, gt=0)
+
+    log_level: str = "INFO"
+    log_json: bool = False
+
+    @field_validator("prefix")
+    @classmethod
+    def _prefix_is_a_token(cls, v: str) -> str:
+        if not v or not v.replace("_", "").replace("-", "").isalnum():
+            raise ValueError("prefix must be letters, digits, '-' or '_'")
+        return v
+
+    @property
+    def sqlalchemy_url(self) -> str:
+        if not self.database_url:
+            raise RuntimeError("DATABASE_URL is not set and no embedded PostgreSQL is running")
+        url = self.database_url
+        for scheme in ("postgresql+asyncpg://", "postgresql://", "postgres://"):
+            if url.startswith(scheme):
+                return "postgresql+asyncpg://" + url[len(scheme):]
+        raise ValueError(f"DATABASE_URL must be a postgresql:// URL, got {url!r}")
+
+    @property
+    def runtime_file(self) -> Path:
+        return self.data_dir / "runtime.json"
+
+
+def load_settings(**overrides) -> Settings:
+    """Settings from the environment, completed by ``DATA_DIR/runtime.json``.
+
+    ``redrive up`` writes the URLs of the servers it started into runtime.json so that
+    every other command (and each service process) finds the same system.
+    """
+    settings = Settings(**overrides)
+    runtime = settings.runtime_file
+    if (settings.nats_url is None or settings.database_url is None) and runtime.exists():
+        try:
+            found = json.loads(runtime.read_text())
+        except (OSError, ValueError):
+            found = {}
+        updates = {}
+        if settings.nats_url is None and found.get("nats_url"):
+            updates["nats_url"] = found["nats_url"]
+        if settings.database_url is None and found.get("database_url"):
+            updates["database_url"] = found["database_url"]
+        if updates:
+            settings = settings.model_copy(update=updates)
+    return settings

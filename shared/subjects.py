@@ -1,0 +1,73 @@
+"""Names on the wire: subjects, streams, consumers, KV buckets (messaging.md).
+
+With the default prefix ``redrive`` these are exactly the names of the contract; another
+prefix isolates a whole system on a shared NATS server (tests, staging next to prod).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+FILE_EVENT_KINDS = ("succeeded", "failed", "errored", "retrying", "checkpoint")
+RUN_EVENT_KINDS = (
+    "started", "completed", "completed_with_errors", "failed", "cancelled", "retrying",
+    "recovery_started", "recovered", "recovery_failed",
+)
+
+
+@dataclass(frozen=True, slots=True)
+class Names:
+    prefix: str = "redrive"
+
+    # Streams and consumers.
+    @property
+    def jobs_stream(self) -> str:
+        return f"{self.prefix.upper().replace('-', '_')}_JOBS"
+
+    @property
+    def events_stream(self) -> str:
+        return f"{self.prefix.upper().replace('-', '_')}_EVENTS"
+
+    executor_consumer = "executor"
+    results_consumer = "coordinator-results"
+    notifier_consumer = "notifier"
+
+    @property
+    def breakers_bucket(self) -> str:
+        return f"{self.prefix.upper().replace('-', '_')}_BREAKERS"
+
+    @property
+    def attempts_bucket(self) -> str:
+        return f"{self.prefix.upper().replace('-', '_')}_ATTEMPTS"
+
+    # Subjects.
+    @property
+    def jobs_all(self) -> str:
+        return f"{self.prefix}.jobs.>"
+
+    def job(self, tenant_id: str) -> str:
+        return f"{self.prefix}.jobs.{tenant_id}"
+
+    @property
+    def events_all(self) -> str:
+        return f"{self.prefix}.events.>"
+
+    @property
+    def file_events_all(self) -> str:
+        return f"{self.prefix}.events.file.>"
+
+    def file_event(self, kind: str) -> str:
+        return f"{self.prefix}.events.file.{kind}"
+
+    def run_event(self, kind: str) -> str:
+        return f"{self.prefix}.events.run.{kind}"
+
+    def breaker_event(self, state: str) -> str:
+        return f"{self.prefix}.events.breaker.{state}"
+
+    def service(self, service: str, verb: str) -> str:
+        return f"{self.prefix}.svc.{service}.{verb}"
+
+    @property
+    def max_deliveries_advisory(self) -> str:
+        return f"$JS.EVENT.ADVISORY.CONSUMER.MAX_DELIVERIES.{self.jobs_stream}.{self.executor_consumer}"
