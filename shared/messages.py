@@ -117,7 +117,9 @@ class FileEvent(Message):
 
     @property
     def msg_id(self) -> str:
-        return f"{self.job_id}:{self.kind}:{self.step}:{self.attempt}"
+        # A batch job reports on many files: its ids also name the file.
+        job = self.job_id if ":file:" in self.job_id else f"{self.job_id}:{self.file_index}"
+        return f"{job}:{self.kind}:{self.step}:{self.attempt}"
 
     def to_bytes(self) -> bytes:
         return orjson.dumps(self.model_dump(mode="json", exclude_none=True, by_alias=True))

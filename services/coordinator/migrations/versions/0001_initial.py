@@ -40,6 +40,8 @@ def upgrade() -> None:
         template_id text NOT NULL REFERENCES {S}.templates (id),
         status text NOT NULL,
         mode text NOT NULL,
+        failure_policy text NOT NULL DEFAULT 'continue',
+        credits_per_file integer NOT NULL DEFAULT 1,
         round integer NOT NULL DEFAULT 0,
         generation integer NOT NULL DEFAULT 0,
         max_retry_count integer NOT NULL DEFAULT 3 CHECK (max_retry_count BETWEEN 1 AND 10),
@@ -57,6 +59,7 @@ def upgrade() -> None:
         needs_attention boolean NOT NULL DEFAULT false,
         attention_reason text,
         recovery_failures integer NOT NULL DEFAULT 0,
+        recovering boolean NOT NULL DEFAULT false,
         fanin_round integer NOT NULL DEFAULT -1,
         created_by text,
         created_at timestamptz NOT NULL DEFAULT now(),
@@ -86,9 +89,13 @@ def upgrade() -> None:
         attempts integer NOT NULL DEFAULT 0,
         checkpoint_step integer,
         checkpoint_output jsonb,
+        step_outputs jsonb NOT NULL DEFAULT '{{}}'::jsonb,
         output jsonb,
         last_error jsonb,
         failed_step integer,
+        -- The billing idempotency key that paid for this file's current round (NULL: free),
+        -- so that a cancel refunds exactly what was charged and never ran.
+        charge_key text,
         updated_at timestamptz NOT NULL DEFAULT now(),
         PRIMARY KEY (run_id, idx)
     );
@@ -129,10 +136,20 @@ def upgrade() -> None:
         state text NOT NULL DEFAULT 'pending' CHECK (state IN ('pending', 'applied', 'compensated')),
         created_at timestamptz NOT NULL DEFAULT now()
     );
+    -- Refunds owed (cancel): written with the change, paid after commit, retried by the sweep.
+    CREATE TABLE {S}.refunds_due (
+        key text PRIMARY KEY,
+        of_key text NOT NULL,
+        run_id text NOT NULL,
+        tenant_id text NOT NULL,
+        amount integer NOT NULL,
+        paid boolean NOT NULL DEFAULT false,
+        created_at timestamptz NOT NULL DEFAULT now()
+    );
     CREATE INDEX credit_intents_pending ON {S}.credit_intents (created_at) WHERE state = 'pending';
     """)
 
 
 def downgrade() -> None:
-    for table in ("credit_intents", "timeline", "inbox", "outbox", "files", "runs", "retry_settings", "templates"):
+    for table in ("refunds_due", "credit_intents", "timeline", "inbox", "outbox", "files", "runs", "retry_settings", "templates"):
         op.execute(f"DROP TABLE IF EXISTS {S}.{table}")

@@ -1,0 +1,53 @@
+"""`redrive inspect`: what `nats stream info`, `nats consumer info` and `nats micro ls` show."""
+
+from __future__ import annotations
+
+import asyncio
+
+import orjson
+
+from shared import bus
+from shared.settings import Settings
+from shared.subjects import Names
+
+
+async def inspect_system(settings: Settings) -> dict:
+    names = Names(settings.prefix)
+    nc = await bus.connect(settings, "redrive-inspect")
+    try:
+        js = nc.jetstream()
+        streams = {}
+        for stream, consumers in ((names.jobs_stream, [names.executor_consumer]),
+                                  (names.events_stream, [names.results_consumer, names.notifier_consumer])):
+            try:
+                info = await js.stream_info(stream)
+            except Exception as exc:
+                streams[stream] = {"error": str(exc)}
+                continue
+            entry = {"messages": info.state.messages, "bytes": info.state.bytes, "consumers": {}}
+            for consumer in consumers:
+                try:
+                    c = await js.consumer_info(stream, consumer)
+                    entry["consumers"][consumer] = {"pending": c.num_pending, "ack_pending": c.num_ack_pending,
+                                                    "redelivered": c.num_redelivered, "waiting": c.num_waiting}
+                except Exception as exc:
+                    entry["consumers"][consumer] = {"error": str(exc)}
+            streams[stream] = entry
+        services = []
+        inbox = nc.new_inbox()
+        sub = await nc.subscribe(inbox)
+        await nc.publish("$SRV.INFO", b"", reply=inbox)
+        deadline = asyncio.get_running_loop().time() + 0.5
+        while True:
+            try:
+                msg = await sub.next_msg(timeout=max(0.01, deadline - asyncio.get_running_loop().time()))
+            except Exception:
+                break
+            info = orjson.loads(msg.data)
+            if info.get("name", "").startswith(f"{names.prefix}-"):
+                services.append({"name": info["name"], "id": info["id"], "version": info.get("version"),
+                                 "endpoints": [e["name"] for e in info.get("endpoints", [])]})
+        await sub.unsubscribe()
+        return {"streams": streams, "services": sorted(services, key=lambda s: s["name"])}
+    finally:
+        await nc.close()

@@ -1,0 +1,46 @@
+"""Poison jobs: JetStream gave up redelivering a job (max deliver reached, the executor
+died on every delivery). The job stays in the work-queue stream; we read it, publish a
+``failed`` file event for each of its files (so the normal results path and the notifier
+see it), then delete the message."""
+
+from __future__ import annotations
+
+import orjson
+import structlog
+from nats.aio.msg import Msg
+from nats.js import JetStreamContext
+
+from shared.bus import Outgoing, publish_many
+from shared.messages import ErrorInfo, FileEvent, Job
+
+log = structlog.get_logger(__name__)
+
+POISON_MESSAGE = "the executor died on every delivery of this job (max deliveries reached)"
+
+
+def make_advisory_handler(js: JetStreamContext, names):
+    async def handle(msg: Msg) -> None:
+        try:
+            advisory = orjson.loads(msg.data)
+            seq = int(advisory["stream_seq"])
+            deliveries = int(advisory.get("deliveries", 0))
+            raw = await js.get_msg(names.jobs_stream, seq)
+            job = Job.model_validate_json(raw.data)
+        except Exception as exc:
+            log.warning("advisory.unreadable", error=repr(exc))
+            return
+        error = ErrorInfo.model_validate({"class": "PoisonJob", "message": POISON_MESSAGE, "transient": True})
+        events = [
+            FileEvent(kind="failed", job_id=job.job_id, run_id=job.run_id, tenant_id=job.tenant_id, file_index=f.index,
+                      round=job.round, attempt=deliveries, step=f.start_step, error=error)
+            for f in job.files
+        ]
+        await publish_many(js, [Outgoing(names.file_event("failed"), e.to_bytes(), f"{e.job_id}:{e.file_index}:poison")
+                                for e in events])
+        try:
+            await js.delete_msg(names.jobs_stream, seq)
+        except Exception as exc:  # already gone: fine
+            log.info("advisory.delete_failed", seq=seq, error=repr(exc))
+        log.warning("job.poison", job_id=job.job_id, deliveries=deliveries)
+
+    return handle

@@ -1,0 +1,62 @@
+"""Composition root of the coordinator: builds every part and wires them; nothing connects
+at import time."""
+
+from __future__ import annotations
+
+from shared import bus
+from shared.db import make_engine
+from shared.rpc import MicroService, RpcClient
+from shared.runtime import run
+from shared.settings import Settings
+from shared.subjects import Names
+from services.coordinator.advisories import make_advisory_handler
+from services.coordinator.context import Deps
+from services.coordinator.endpoints import verbs
+from services.coordinator.outbox import OutboxRelay
+from services.coordinator.recovery import RecoverySweeper
+from services.coordinator.results_consumer import make_results_handler
+
+
+class CoordinatorService:
+    def __init__(self, settings: Settings) -> None:
+        self.settings = settings
+        self.names = Names(settings.prefix)
+
+    async def start(self) -> None:
+        s, names = self.settings, self.names
+        self.nc = await bus.connect(s, "coordinator")
+        self.js = self.nc.jetstream()
+        await bus.ensure_streams(self.js, s)
+        await bus.ensure_consumer(self.js, names.events_stream, names.results_consumer, names.file_events_all,
+                                  ack_wait_s=30)
+        self.engine = make_engine(s, pool_size=10, application_name="redrive-coordinator")
+        self.relay = OutboxRelay(self.engine, self.js, batch=s.outbox_batch)
+        self.deps = Deps(settings=s, names=names, engine=self.engine,
+                         billing=RpcClient(self.nc, names, timeout=s.request_timeout_s), relay=self.relay)
+        self.results = bus.PullLoop(self.js, names.events_stream, names.results_consumer, make_results_handler(self.deps),
+                                    batch=s.results_fetch_batch, name="results")
+        self.advisories = await self.nc.subscribe(names.max_deliveries_advisory, cb=make_advisory_handler(self.js, names))
+        self.micro = MicroService(self.nc, names, "coordinator", verbs(self.deps),
+                                  "runs, per-file results, fan-in, retries, recovery")
+        self.sweeper = RecoverySweeper(self.deps)
+        self.relay.start()
+        self.results.start()
+        await self.micro.start()
+        self.sweeper.start()  # its first pass runs now: recovery on every start
+
+    async def stop(self) -> None:
+        await self.micro.stop()
+        await self.sweeper.stop()
+        await self.results.stop()
+        await self.advisories.unsubscribe()
+        await self.relay.stop()
+        await self.nc.drain()
+        await self.engine.dispose()
+
+
+async def build(settings: Settings) -> CoordinatorService:
+    return CoordinatorService(settings)
+
+
+def main(settings: Settings) -> None:
+    run("coordinator", build, settings)

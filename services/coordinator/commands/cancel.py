@@ -1,0 +1,85 @@
+"""Cancel a run: PENDING files become CANCELLED and the credits they were charged and never
+used are refunded. The refund is owed in the same transaction (refunds_due) and paid
+after commit, so neither a crash nor billing being down loses it."""
+
+from __future__ import annotations
+
+from collections import Counter
+
+import structlog
+from sqlalchemy import text
+
+from shared.db import transaction
+from shared.messages import ServiceError
+from services.coordinator import credits, outbox, store, timeline
+from services.coordinator.context import Deps
+from services.coordinator.run_events import run_event_row
+from services.coordinator.schemas import RunRef
+from services.coordinator.views import run_view
+
+log = structlog.get_logger(__name__)
+
+
+async def cancel(deps: Deps, cmd: RunRef) -> dict:
+    async with transaction(deps.engine) as conn:
+        run = await store.load_run(conn, cmd.tenant_id, cmd.run_id, lock=True)
+        if run["status"] in ("COMPLETED", "CANCELLED"):
+            raise ServiceError("conflict", f"a {run['status']} run cannot be cancelled")
+        cancelled = (await conn.execute(text(
+            "UPDATE coordinator.files SET status = 'CANCELLED', updated_at = now() "
+            "WHERE run_id = :r AND status = 'PENDING' RETURNING idx, charge_key"), {"r": run["id"]})).all()
+        per_key = Counter(key for _, key in cancelled if key)
+        template = await store.load_template(conn, run["tenant_id"], run["template_id"], include_archived=True)
+        owed = [
+            {"key": f"{key}:cancel", "of_key": key, "run_id": run["id"], "tenant_id": run["tenant_id"],
+             "amount": n * template["credits_per_file"]}
+            for key, n in sorted(per_key.items()) if n * template["credits_per_file"] > 0
+        ]
+        if owed:
+            await conn.execute(text(
+                "INSERT INTO coordinator.refunds_due (key, of_key, run_id, tenant_id, amount) "
+                "VALUES (:key, :of_key, :run_id, :tenant_id, :amount) ON CONFLICT DO NOTHING"), owed)
+        run = dict((await conn.execute(text(
+            "UPDATE coordinator.runs SET status = 'CANCELLED', pending = 0, cancelled = cancelled + :n, "
+            " fanin_round = round, finished_at = now(), updated_at = now(), needs_attention = false, "
+            " attention_reason = NULL, recovering = false, generation = generation + 1 WHERE id = :r RETURNING *"),
+            {"r": run["id"], "n": len(cancelled)})).mappings().one())
+        await outbox.add(conn, [run_event_row(deps.names, run, "cancelled")])
+        await timeline.append(conn, timeline.entry(run["id"], run["tenant_id"], "run_cancelled", cmd.actor,
+                                                   files_cancelled=len(cancelled),
+                                                   refund_owed=sum(o["amount"] for o in owed)))
+    deps.relay.kick()
+    await pay_refunds_due(deps, run_id=run["id"])
+    async with deps.engine.connect() as conn:
+        run = await store.load_run(conn, cmd.tenant_id, cmd.run_id)
+        return run_view(run, await store.load_files(conn, run["id"]))
+
+
+async def pay_refunds_due(deps: Deps, run_id: str | None = None) -> int:
+    """Pay owed refunds (idempotent per key); the recovery sweep calls it for leftovers."""
+    sql = "SELECT key, of_key, run_id, tenant_id, amount FROM coordinator.refunds_due WHERE NOT paid"
+    params = {}
+    if run_id:
+        sql += " AND run_id = :r"
+        params["r"] = run_id
+    async with deps.engine.connect() as conn:
+        rows = (await conn.execute(text(sql + " ORDER BY created_at LIMIT 200"), params)).mappings().all()
+    paid = 0
+    for row in rows:
+        try:
+            reply = await credits.refund(deps.billing, tenant_id=row["tenant_id"], run_id=row["run_id"], key=row["key"],
+                                         of_key=row["of_key"], amount=row["amount"], actor="system:cancel")
+        except ServiceError as exc:
+            log.warning("refund.failed", key=row["key"], error=exc.message)
+            continue
+        async with transaction(deps.engine) as conn:
+            done = await conn.execute(text("UPDATE coordinator.refunds_due SET paid = true WHERE key = :k AND NOT paid"),
+                                      {"k": row["key"]})
+            if done.rowcount == 1:
+                await conn.execute(text("UPDATE coordinator.runs SET credits_refunded = credits_refunded + :n WHERE id = :r"),
+                                   {"n": reply["refunded"], "r": row["run_id"]})
+                await timeline.append(conn, timeline.entry(row["run_id"], row["tenant_id"], "refund", "system:cancel",
+                                                           amount=reply["refunded"], to_monthly=reply.get("to_monthly"),
+                                                           to_purchased=reply.get("to_purchased"), key=row["key"]))
+                paid += 1
+    return paid

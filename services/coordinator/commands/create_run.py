@@ -1,0 +1,80 @@
+"""Initiate a run: reserve N × credits_per_file all-or-nothing, then write the run, its
+files, one outbox row per job and the timeline in one transaction."""
+
+from __future__ import annotations
+
+import uuid
+
+from sqlalchemy import text
+
+from shared.db import transaction
+from shared.messages import ServiceError
+from services.coordinator import credits, jobs, outbox, store, timeline
+from services.coordinator.context import Deps
+from services.coordinator.run_events import run_event_row
+from services.coordinator.schemas import CreateRun
+from services.coordinator.views import run_view
+
+_INSERT_RUN = text(
+    "INSERT INTO coordinator.runs (id, tenant_id, template_id, status, mode, failure_policy, credits_per_file,"
+    " max_retry_count, total, pending, credits_consumed, credits_from_monthly, credits_from_purchased, created_by)"
+    " VALUES (:id, :tenant_id, :template_id, 'RUNNING', :mode, :failure_policy, :credits_per_file,"
+    " :max_retry_count, :total, :total, :consumed, :from_monthly, :from_purchased, :actor)"
+    " RETURNING *"
+)
+_INSERT_FILE = text(
+    "INSERT INTO coordinator.files (run_id, idx, name, url, content_b64, size, sha256, status, charge_key)"
+    " VALUES (:run_id, :idx, :name, :url, :content_b64, :size, :sha256, 'PENDING', :charge_key)"
+)
+
+
+async def create_run(deps: Deps, cmd: CreateRun) -> dict:
+    if len(cmd.files) > deps.settings.max_files_per_run:
+        raise ServiceError(
+            "validation_error", f"a run takes at most {deps.settings.max_files_per_run} files",
+            {"fields": {"files": f"at most {deps.settings.max_files_per_run} files"}},
+        )
+    run_id = cmd.run_id or uuid.uuid4().hex
+    async with deps.engine.connect() as conn:
+        template = await store.load_template(conn, cmd.tenant_id, cmd.template_id, include_archived=False)
+        policy = await store.retry_policy(conn, cmd.tenant_id)
+    amount = len(cmd.files) * template["credits_per_file"]
+    key = credits.initiate_key(run_id)
+    charge = await credits.reserve(
+        deps.engine, deps.billing, key=key, run_id=run_id, tenant_id=cmd.tenant_id, amount=amount, actor=cmd.actor
+    )
+    try:
+        async with transaction(deps.engine) as conn:
+            run = (
+                await conn.execute(
+                    _INSERT_RUN,
+                    {
+                        "id": run_id, "tenant_id": cmd.tenant_id, "template_id": template["id"], "mode": cmd.mode,
+                        "failure_policy": template["failure_policy"], "credits_per_file": template["credits_per_file"],
+                        "max_retry_count": cmd.max_retry_count, "total": len(cmd.files), "consumed": charge.charged,
+                        "from_monthly": charge.from_monthly, "from_purchased": charge.from_purchased, "actor": cmd.actor,
+                    },
+                )
+            ).mappings().one()
+            files = [
+                {"run_id": run_id, "idx": i, "name": f.name, "url": f.url, "content_b64": f.content_b64,
+                 "size": f.size, "sha256": f.sha256, "charge_key": key if template["credits_per_file"] else None}
+                for i, f in enumerate(cmd.files)
+            ]
+            await conn.execute(_INSERT_FILE, files)
+            await outbox.add(conn, jobs.job_rows(deps.names, run, template, files, policy)
+                             + [run_event_row(deps.names, run, "started")])
+            await timeline.append(
+                conn,
+                timeline.entry(run_id, cmd.tenant_id, "run_created", cmd.actor, files=len(files), mode=cmd.mode,
+                               template_id=template["id"]),
+                timeline.entry(run_id, cmd.tenant_id, "charge", cmd.actor, amount=charge.charged,
+                               from_monthly=charge.from_monthly, from_purchased=charge.from_purchased, key=key),
+            )
+            if not await credits.mark_applied(conn, key):
+                raise ServiceError("conflict", "the credit reservation was withdrawn; try again")
+    except BaseException:
+        await credits.compensate(deps.engine, deps.billing, key=key, tenant_id=cmd.tenant_id, run_id=run_id)
+        raise
+    deps.relay.kick()
+    return run_view(run)

@@ -1,0 +1,100 @@
+"""Operator actions on one file: retry a FAILED file (charged), skip an optional step."""
+
+from __future__ import annotations
+
+from sqlalchemy import text
+
+from shared.db import transaction
+from shared.messages import ServiceError
+from services.coordinator import credits, jobs, outbox, store, timeline
+from services.coordinator.context import Deps
+from services.coordinator.run_events import run_event_row
+from services.coordinator.schemas import FileRef
+from services.coordinator.views import run_view
+
+_REOPEN_FILE = text(
+    "UPDATE coordinator.files SET status = 'PENDING', round = :round, retry_attempt = retry_attempt + 1, attempts = 0, "
+    " charge_key = :charge_key, updated_at = now() WHERE run_id = :run_id AND idx = :idx RETURNING *"
+)
+# A single-file retry opens a new round for the run: the file's job id carries it, and
+# fan-in fires once more when the file is done.
+_REOPEN_RUN = text(
+    "UPDATE coordinator.runs SET status = 'RUNNING', round = round + 1, generation = generation + 1, "
+    " pending = pending + 1, failed = failed - 1, credits_consumed = credits_consumed + :charged, "
+    " credits_from_monthly = credits_from_monthly + :m, credits_from_purchased = credits_from_purchased + :p, "
+    " needs_attention = false, attention_reason = NULL, finished_at = NULL, updated_at = now(), last_progress_at = now() "
+    "WHERE id = :run_id RETURNING *"
+)
+
+
+async def _locked_file(conn, cmd: FileRef) -> tuple[dict, dict]:
+    run = await store.load_run(conn, cmd.tenant_id, cmd.run_id, lock=True)
+    row = (
+        await conn.execute(text("SELECT * FROM coordinator.files WHERE run_id = :r AND idx = :i"), {"r": run["id"], "i": cmd.file_index})
+    ).mappings().first()
+    if row is None:
+        raise store.not_found("file", f"{cmd.run_id}/{cmd.file_index}")
+    return run, dict(row)
+
+
+async def retry_file(deps: Deps, cmd: FileRef) -> dict:
+    charge: credits.Charge | None = None
+    try:
+        async with transaction(deps.engine) as conn:
+            run, f = await _locked_file(conn, cmd)
+            if f["status"] == "PENDING":
+                raise ServiceError("file_pending", "the file is still in progress")
+            if f["status"] != "FAILED":
+                raise ServiceError("file_not_failed", f"only a FAILED file can be retried (this one is {f['status']})")
+            if f["retry_attempt"] >= run["max_retry_count"]:
+                raise ServiceError("max_retry_count_exceeded", f"the file reached max_retry_count={run['max_retry_count']}")
+            template = await store.load_template(conn, run["tenant_id"], run["template_id"], include_archived=True)
+            policy = await store.retry_policy(conn, run["tenant_id"])
+            key = await credits.fresh_key(deps.engine, credits.file_retry_key(run["id"], f["idx"], f["retry_attempt"] + 1))
+            amount = template["credits_per_file"]
+            charge = await credits.reserve(deps.engine, deps.billing, key=key, run_id=run["id"],
+                                           tenant_id=run["tenant_id"], amount=amount, actor=cmd.actor)
+            run = dict((await conn.execute(_REOPEN_RUN, {"run_id": run["id"], "charged": charge.charged,
+                                                         "m": charge.from_monthly, "p": charge.from_purchased})).mappings().one())
+            f = dict((await conn.execute(_REOPEN_FILE, {"run_id": run["id"], "idx": f["idx"], "round": run["round"],
+                                                        "charge_key": key if amount else None})).mappings().one())
+            await outbox.add(conn, jobs.job_rows(deps.names, run, template, [f], policy)
+                             + [run_event_row(deps.names, run, "retrying", unique=f"file{f['idx']}")])
+            await timeline.append(
+                conn,
+                timeline.entry(run["id"], run["tenant_id"], "file_retry", cmd.actor, f["idx"], round=run["round"]),
+                timeline.entry(run["id"], run["tenant_id"], "charge", cmd.actor, f["idx"], amount=charge.charged,
+                               from_monthly=charge.from_monthly, from_purchased=charge.from_purchased, key=key),
+            )
+            if not await credits.mark_applied(conn, key):
+                raise ServiceError("conflict", "the credit reservation was withdrawn; try again")
+    except BaseException:
+        if charge is not None:
+            await credits.compensate(deps.engine, deps.billing, key=charge.key, tenant_id=cmd.tenant_id, run_id=cmd.run_id)
+        raise
+    deps.relay.kick()
+    async with deps.engine.connect() as conn:
+        return run_view(run, await store.load_files(conn, run["id"]))
+
+
+async def skip_file(deps: Deps, cmd: FileRef) -> dict:
+    async with transaction(deps.engine) as conn:
+        run, f = await _locked_file(conn, cmd)
+        if f["status"] not in ("FAILED", "ERROR"):
+            raise ServiceError("file_not_failed", f"only a FAILED or ERROR file can be skipped (this one is {f['status']})")
+        template = await store.load_template(conn, run["tenant_id"], run["template_id"], include_archived=True)
+        step = f["failed_step"]
+        if step is None or step >= len(template["steps"]) or not template["steps"][step].get("optional"):
+            raise ServiceError("step_not_optional", "the file's failed step is not optional; it cannot be skipped")
+        counter = "failed" if f["status"] == "FAILED" else "errored"
+        await conn.execute(text("UPDATE coordinator.files SET status = 'SKIPPED', updated_at = now() WHERE run_id = :r AND idx = :i"),
+                           {"r": run["id"], "i": f["idx"]})
+        await store.adjust_counts(conn, run["id"], **{counter: -1, "skipped": 1})
+        # Skipping the last error of a finished run finishes it cleanly.
+        run = dict((await conn.execute(text(
+            "UPDATE coordinator.runs SET status = CASE WHEN status = 'COMPLETED_WITH_ERRORS' AND failed + errored = 0 "
+            " THEN 'COMPLETED' ELSE status END, needs_attention = needs_attention AND failed > 0 "
+            "WHERE id = :r RETURNING *"), {"r": run["id"]})).mappings().one())
+        await timeline.append(conn, timeline.entry(run["id"], run["tenant_id"], "file_skipped", cmd.actor, f["idx"], step=step))
+        files = await store.load_files(conn, run["id"])
+    return run_view(run, files)

@@ -1,0 +1,67 @@
+"""Reads: one run with its files, a page of runs, a run's timeline, runs needing attention."""
+
+from __future__ import annotations
+
+from sqlalchemy import text
+
+from shared.messages import ServiceError
+from services.coordinator import store, timeline
+from services.coordinator.context import Deps
+from services.coordinator.schemas import ListRuns, RunRef
+from services.coordinator.views import run_view
+
+
+async def get_run(deps: Deps, cmd: RunRef) -> dict:
+    async with deps.engine.connect() as conn:
+        run = await store.load_run(conn, cmd.tenant_id, cmd.run_id)
+        return run_view(run, await store.load_files(conn, run["id"]))
+
+
+async def list_runs(deps: Deps, cmd: ListRuns) -> dict:
+    where, params = ["true"], {"limit": cmd.limit + 1}
+    if cmd.tenant_id is not None:
+        where.append("tenant_id = :tenant_id")
+        params["tenant_id"] = cmd.tenant_id
+    if cmd.status:
+        where.append("status = :status")
+        params["status"] = cmd.status.upper()
+    if cmd.needs_attention is not None:
+        where.append("needs_attention = :na")
+        params["na"] = cmd.needs_attention
+    if cmd.cursor:
+        # Keyset pagination on (created_at, id): stable while new runs arrive.
+        try:
+            created, _, run_id = cmd.cursor.partition("|")
+            params["c_at"], params["c_id"] = created, run_id
+        except ValueError:
+            raise ServiceError("bad_request", "invalid cursor")
+        if not run_id:
+            raise ServiceError("bad_request", "invalid cursor")
+        where.append("(created_at, id) < (CAST(:c_at AS timestamptz), :c_id)")
+    async with deps.engine.connect() as conn:
+        rows = (await conn.execute(text(
+            f"SELECT * FROM coordinator.runs WHERE {' AND '.join(where)} ORDER BY created_at DESC, id DESC LIMIT :limit"),
+            params)).mappings().all()
+    items = [run_view(r) for r in rows[: cmd.limit]]
+    next_cursor = None
+    if len(rows) > cmd.limit:
+        last = rows[cmd.limit - 1]
+        next_cursor = f"{last['created_at'].isoformat()}|{last['id']}"
+    return {"items": items, "next_cursor": next_cursor}
+
+
+async def get_timeline(deps: Deps, cmd: RunRef) -> dict:
+    async with deps.engine.connect() as conn:
+        await store.load_run(conn, cmd.tenant_id, cmd.run_id)
+        return {"items": await timeline.read(conn, cmd.run_id)}
+
+
+async def attention(deps: Deps, cmd: ListRuns) -> dict:
+    params = {}
+    sql = "SELECT * FROM coordinator.runs WHERE needs_attention"
+    if cmd.tenant_id is not None:
+        sql += " AND tenant_id = :t"
+        params["t"] = cmd.tenant_id
+    async with deps.engine.connect() as conn:
+        rows = (await conn.execute(text(sql + " ORDER BY updated_at DESC LIMIT 500"), params)).mappings().all()
+    return {"items": [{**run_view(r), "reason": r["attention_reason"] or "failed"} for r in rows]}

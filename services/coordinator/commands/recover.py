@@ -1,0 +1,108 @@
+"""Recovery: resume a FAILED or stuck run from its files' checkpoints, free of charge.
+
+Recovery re-enqueues rather than executing anything itself, and re-publishing a job whose
+original is still alive only costs a duplicate execution: the coordinator applies one
+terminal result per file and round, so duplicate recovery requests are harmless.
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+
+import orjson
+from sqlalchemy import text
+
+from shared.db import transaction
+from shared.messages import ServiceError
+from services.coordinator import jobs, outbox, store, timeline
+from services.coordinator.context import Deps
+from services.coordinator.run_events import run_event_row
+from services.coordinator.schemas import Restore, RunRef
+from services.coordinator.views import run_view
+
+_RESUME = text(
+    "UPDATE coordinator.runs SET status = 'RUNNING', recovering = true, generation = generation + 1, "
+    " needs_attention = false, attention_reason = NULL, finished_at = NULL, updated_at = now(), last_progress_at = now() "
+    "WHERE id = :r RETURNING *"
+)
+
+
+async def republish_pending(conn, deps: Deps, run: dict, actor: str) -> int:
+    """Re-publish every PENDING file's job of ``run`` (already locked) and mark it recovering."""
+    files = await store.load_files(conn, run["id"], statuses=("PENDING",))
+    template = await store.load_template(conn, run["tenant_id"], run["template_id"], include_archived=True)
+    policy = await store.retry_policy(conn, run["tenant_id"])
+    run = dict((await conn.execute(_RESUME, {"r": run["id"]})).mappings().one())
+    await outbox.add(conn, jobs.job_rows(deps.names, run, template, files, policy, msg_suffix=f":rec{run['generation']}")
+                     + [run_event_row(deps.names, run, "recovery_started", "Recovery started", unique=f"g{run['generation']}")])
+    await timeline.append(conn, timeline.entry(run["id"], run["tenant_id"], "recovery_started", actor,
+                                               pending_files=len(files), generation=run["generation"]))
+    return len(files)
+
+
+async def recover(deps: Deps, cmd: RunRef) -> dict:
+    async with transaction(deps.engine) as conn:
+        run = await store.load_run(conn, cmd.tenant_id, cmd.run_id, lock=True)
+        if run["status"] not in ("FAILED", "RUNNING") or run["pending"] == 0:
+            raise ServiceError("run_not_recoverable",
+                               f"a {run['status']} run with {run['pending']} pending file(s) has nothing to recover"
+                               + ("; use Continue (retry-failed) for FAILED files" if run["failed"] else ""))
+        if run["status"] == "RUNNING":
+            stale = (await conn.execute(text(
+                "SELECT last_progress_at < now() - make_interval(secs => :lease) FROM coordinator.runs WHERE id = :r"),
+                {"lease": deps.settings.recovery_lease_s, "r": run["id"]})).scalar_one()
+            if not stale:
+                raise ServiceError("run_not_recoverable", "the run is running and making progress")
+        await republish_pending(conn, deps, run, cmd.actor)
+    deps.relay.kick()
+    async with deps.engine.connect() as conn:
+        run = await store.load_run(conn, cmd.tenant_id, cmd.run_id)
+        return run_view(run, await store.load_files(conn, run["id"]))
+
+
+async def restore(deps: Deps, cmd: Restore) -> dict:
+    """Support's manual restore: rewind files to an earlier checkpoint and resume them."""
+    async with transaction(deps.engine) as conn:
+        run = await store.load_run(conn, cmd.tenant_id, cmd.run_id, lock=True)
+        if run["status"] == "CANCELLED":
+            raise ServiceError("conflict", "a cancelled run cannot be restored")
+        template = await store.load_template(conn, run["tenant_id"], run["template_id"], include_archived=True)
+        if cmd.checkpoint_step >= len(template["steps"]):
+            raise ServiceError("bad_request", f"checkpoint_step must be below {len(template['steps'])}")
+        files = await store.load_files(conn, run["id"])
+        if cmd.file_index is not None:
+            files = [f for f in files if f["idx"] == cmd.file_index]
+            if not files:
+                raise store.not_found("file", f"{cmd.run_id}/{cmd.file_index}")
+        files = [f for f in files if f["status"] != "CANCELLED"]
+        for f in files:
+            if cmd.checkpoint_step >= 0 and str(cmd.checkpoint_step) not in (f["step_outputs"] or {}):
+                raise ServiceError("bad_request", f"file {f['idx']} has no checkpoint at step {cmd.checkpoint_step}")
+        moved = Counter(f["status"].lower().replace("error", "errored") for f in files)
+        counts = {name: -n for name, n in moved.items() if name != "pending"}
+        new_round = run["round"] + 1
+        restored = []
+        for f in files:
+            output = (f["step_outputs"] or {}).get(str(cmd.checkpoint_step)) if cmd.checkpoint_step >= 0 else None
+            restored.append(dict((await conn.execute(text(
+                "UPDATE coordinator.files SET status = 'PENDING', round = :round, attempts = 0, "
+                " checkpoint_step = :cp, checkpoint_output = CAST(:cpo AS jsonb), updated_at = now() "
+                "WHERE run_id = :r AND idx = :i RETURNING *"),
+                {"round": new_round, "cp": cmd.checkpoint_step if cmd.checkpoint_step >= 0 else None,
+                 "cpo": None if output is None else orjson.dumps(output).decode(),
+                 "r": run["id"], "i": f["idx"]})).mappings().one()))
+        if counts:
+            counts["pending"] = sum(-n for n in counts.values())
+            await store.adjust_counts(conn, run["id"], **counts)
+        run = dict((await conn.execute(text(
+            "UPDATE coordinator.runs SET status = 'RUNNING', round = :round, generation = generation + 1, finished_at = NULL, "
+            " needs_attention = false, attention_reason = NULL, recovering = true, last_progress_at = now() "
+            "WHERE id = :r RETURNING *"), {"round": new_round, "r": run["id"]})).mappings().one())
+        policy = await store.retry_policy(conn, run["tenant_id"])
+        await outbox.add(conn, jobs.job_rows(deps.names, run, template, restored, policy)
+                         + [run_event_row(deps.names, run, "recovery_started", "Restore from checkpoint started")])
+        await timeline.append(conn, timeline.entry(run["id"], run["tenant_id"], "restored", cmd.actor, cmd.file_index,
+                                                   checkpoint_step=cmd.checkpoint_step, files=len(restored), round=new_round))
+    deps.relay.kick()
+    async with deps.engine.connect() as conn:
+        return run_view(run, await store.load_files(conn, run["id"]))

@@ -1,0 +1,46 @@
+"""Templates: create, read, archive (soft delete: runs that use one keep working)."""
+
+from __future__ import annotations
+
+import uuid
+
+import orjson
+from sqlalchemy import text
+
+from shared.db import transaction
+from services.coordinator import store
+from services.coordinator.context import Deps
+from services.coordinator.schemas import Caller, CreateTemplate, TemplateRef
+from services.coordinator.views import template_view
+
+
+async def create_template(deps: Deps, cmd: CreateTemplate) -> dict:
+    async with transaction(deps.engine) as conn:
+        row = (await conn.execute(text(
+            "INSERT INTO coordinator.templates (id, tenant_id, name, steps, credits_per_file, failure_policy) "
+            "VALUES (:id, :tenant_id, :name, CAST(:steps AS jsonb), :cpf, :policy) RETURNING *"),
+            {"id": uuid.uuid4().hex, "tenant_id": cmd.tenant_id, "name": cmd.name,
+             "steps": orjson.dumps([s.model_dump() for s in cmd.steps]).decode(), "cpf": cmd.credits_per_file,
+             "policy": cmd.failure_policy})).mappings().one()
+    return template_view(row)
+
+
+async def get_template(deps: Deps, cmd: TemplateRef) -> dict:
+    async with deps.engine.connect() as conn:
+        return template_view(await store.load_template(conn, cmd.tenant_id, cmd.template_id, include_archived=True))
+
+
+async def list_templates(deps: Deps, cmd: Caller) -> dict:
+    async with deps.engine.connect() as conn:
+        rows = (await conn.execute(text(
+            "SELECT * FROM coordinator.templates WHERE tenant_id = :t AND archived_at IS NULL ORDER BY created_at DESC"),
+            {"t": cmd.tenant_id})).mappings().all()
+    return {"items": [template_view(r) for r in rows]}
+
+
+async def archive_template(deps: Deps, cmd: TemplateRef) -> dict:
+    async with transaction(deps.engine) as conn:
+        await store.load_template(conn, cmd.tenant_id, cmd.template_id, include_archived=False)
+        await conn.execute(text("UPDATE coordinator.templates SET archived_at = now() WHERE id = :id AND tenant_id = :t"),
+                           {"id": cmd.template_id, "t": cmd.tenant_id})
+    return {"archived": True}

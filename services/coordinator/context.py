@@ -1,0 +1,21 @@
+"""What command handlers need, gathered once by the composition root."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from sqlalchemy.ext.asyncio import AsyncEngine
+
+from shared.rpc import RpcClient
+from shared.settings import Settings
+from shared.subjects import Names
+from services.coordinator.outbox import OutboxRelay
+
+
+@dataclass
+class Deps:
+    settings: Settings
+    names: Names
+    engine: AsyncEngine
+    billing: RpcClient
+    relay: OutboxRelay

@@ -1,0 +1,88 @@
+"""The recovery sweep: on every coordinator start and then periodically.
+
+* credit intents left pending by a crash are compensated; owed refunds are paid;
+* RUNNING runs with PENDING files and no progress for a lease (database clock, so replicas
+  agree) have their pending jobs re-published from their checkpoints, free of charge;
+* a run that stays stuck through ``recovery_max_failures`` recoveries goes FAILED and is
+  flagged ``needs_attention`` (reason ``recovery_failed``) for an operator.
+
+A row lock with SKIP LOCKED hands each stuck run to one replica per pass.
+"""
+
+from __future__ import annotations
+
+import asyncio
+
+import structlog
+from sqlalchemy import text
+
+from shared.db import transaction
+from services.coordinator import credits, outbox, timeline
+from services.coordinator.commands.cancel import pay_refunds_due
+from services.coordinator.commands.recover import republish_pending
+from services.coordinator.context import Deps
+from services.coordinator.run_events import run_event_row
+
+log = structlog.get_logger(__name__)
+
+_STUCK = text(
+    "SELECT * FROM coordinator.runs WHERE status = 'RUNNING' AND pending > 0 "
+    " AND last_progress_at < now() - make_interval(secs => :lease) "
+    "ORDER BY last_progress_at LIMIT 50 FOR UPDATE SKIP LOCKED"
+)
+
+
+async def sweep(deps: Deps) -> dict:
+    stats = {"compensated": 0, "refunds": 0, "recovered": 0, "given_up": 0}
+    stats["compensated"] = await credits.compensate_abandoned(deps.engine, deps.billing, older_than_s=60)
+    stats["refunds"] = await pay_refunds_due(deps)
+    async with transaction(deps.engine) as conn:
+        for run in (await conn.execute(_STUCK, {"lease": deps.settings.recovery_lease_s})).mappings().all():
+            run = dict(run)
+            if run["recovering"] and run["recovery_failures"] + 1 >= deps.settings.recovery_max_failures:
+                failed = dict((await conn.execute(text(
+                    "UPDATE coordinator.runs SET status = 'FAILED', recovering = false, needs_attention = true, "
+                    " attention_reason = 'recovery_failed', recovery_failures = recovery_failures + 1, "
+                    " fanin_round = round, finished_at = now(), updated_at = now() WHERE id = :r RETURNING *"),
+                    {"r": run["id"]})).mappings().one())
+                await outbox.add(conn, [run_event_row(deps.names, failed, "recovery_failed",
+                                                      "Recovery failed: the run made no progress after repeated recoveries")])
+                await timeline.append(conn, timeline.entry(run["id"], run["tenant_id"], "recovery_failed", "system:recovery",
+                                                           attempts=failed["recovery_failures"]))
+                stats["given_up"] += 1
+                continue
+            if run["recovering"]:
+                await conn.execute(text("UPDATE coordinator.runs SET recovery_failures = recovery_failures + 1 WHERE id = :r"),
+                                   {"r": run["id"]})
+            await republish_pending(conn, deps, run, "system:recovery")
+            stats["recovered"] += 1
+    if stats["recovered"] or stats["given_up"]:
+        deps.relay.kick()
+        log.info("recovery.sweep", **stats)
+    return stats
+
+
+class RecoverySweeper:
+    def __init__(self, deps: Deps) -> None:
+        self._deps = deps
+        self._task: asyncio.Task | None = None
+        self._stopping = asyncio.Event()
+
+    def start(self) -> None:
+        self._task = asyncio.create_task(self._run(), name="recovery-sweeper")
+
+    async def stop(self) -> None:
+        self._stopping.set()
+        if self._task:
+            await self._task
+
+    async def _run(self) -> None:
+        while not self._stopping.is_set():
+            try:
+                await sweep(self._deps)
+            except Exception as exc:  # database or billing away: next pass
+                log.warning("recovery.sweep_failed", error=repr(exc))
+            try:
+                await asyncio.wait_for(self._stopping.wait(), self._deps.settings.recovery_interval_s)
+            except asyncio.TimeoutError:
+                pass

@@ -1,0 +1,196 @@
+"""Applying file events from executors: at most once each, exact counters, fan-in once.
+
+This is the hot path of the whole system (one event per file at thousands per second), so
+a whole fetched batch is applied in one transaction with set-based SQL: an inbox insert
+that tells which events are new, one UPDATE of the files it touches, one UPDATE per run of
+the counters, and one conditional UPDATE that fires fan-in for runs with nothing pending.
+
+Rules, in order of precedence:
+* an event already in the inbox (same Nats-Msg-Id) is ignored: redelivery changes nothing;
+* an event of another round than the file's current one is ignored (a late delivery);
+* a file that is not PENDING does not change status again in the same round, whatever
+  arrives: first terminal result wins, so a job redelivered after its result was recorded
+  is harmless;
+* checkpoints only move forward.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+import orjson
+from sqlalchemy import text
+from sqlalchemy.ext.asyncio import AsyncConnection
+
+from shared.messages import FileEvent
+from shared.subjects import Names
+from services.coordinator import outbox, timeline
+from services.coordinator.run_events import run_event_row
+
+_NEW_IN_INBOX = text(
+    "INSERT INTO coordinator.inbox (msg_id) SELECT unnest(CAST(:ids AS text[])) "
+    "ON CONFLICT DO NOTHING RETURNING msg_id"
+)
+# Every writer locks the run row before touching its files, so runs are the only locks
+# taken here, in id order (no deadlock between coordinator replicas).
+_LOCK_RUNS = text(
+    "SELECT id, tenant_id, status, round, failure_policy FROM coordinator.runs "
+    "WHERE id = ANY(CAST(:ids AS text[])) ORDER BY id FOR UPDATE"
+)
+_LOAD_FILES = text(
+    "SELECT f.run_id, f.idx, f.name, f.status, f.round, f.attempts, f.checkpoint_step "
+    "FROM coordinator.files f JOIN unnest(CAST(:run_ids AS text[]), CAST(:idxs AS int[])) AS k(run_id, idx) "
+    "ON f.run_id = k.run_id AND f.idx = k.idx"
+)
+_UPDATE_FILES = text(
+    "UPDATE coordinator.files f SET status = u.status, attempts = u.attempts, checkpoint_step = u.cp, "
+    " checkpoint_output = COALESCE(CAST(u.cpo AS jsonb), f.checkpoint_output), "
+    " step_outputs = CASE WHEN u.cpo IS NULL THEN f.step_outputs "
+    "   ELSE f.step_outputs || jsonb_build_object(u.cp::text, CAST(u.cpo AS jsonb)) END, "
+    " output = COALESCE(CAST(u.output AS jsonb), f.output), last_error = COALESCE(CAST(u.err AS jsonb), f.last_error), "
+    " failed_step = COALESCE(u.fs, f.failed_step), updated_at = now() "
+    "FROM unnest(CAST(:run_ids AS text[]), CAST(:idxs AS int[]), CAST(:statuses AS text[]), CAST(:attempts AS int[]), "
+    " CAST(:cps AS int[]), CAST(:cpos AS text[]), CAST(:outputs AS text[]), CAST(:errs AS text[]), CAST(:fss AS int[])) "
+    " AS u(run_id, idx, status, attempts, cp, cpo, output, err, fs) "
+    "WHERE f.run_id = u.run_id AND f.idx = u.idx"
+)
+_UPDATE_COUNTS = text(
+    "UPDATE coordinator.runs r SET pending = pending - u.done, succeeded = succeeded + u.s, failed = failed + u.f, "
+    " errored = errored + u.e, updated_at = now(), last_progress_at = now() "
+    "FROM unnest(CAST(:ids AS text[]), CAST(:done AS int[]), CAST(:s AS int[]), CAST(:f AS int[]), CAST(:e AS int[])) "
+    " AS u(id, done, s, f, e) WHERE r.id = u.id"
+)
+_FAIL_FAST = text(
+    "UPDATE coordinator.runs SET status = 'FAILED', fanin_round = round, finished_at = now(), updated_at = now(), "
+    " needs_attention = true, attention_reason = 'failed' "
+    "WHERE id = ANY(CAST(:ids AS text[])) AND status = 'RUNNING' AND failure_policy = 'fail_fast' RETURNING *"
+)
+# Fan-in: fires once per round because it moves the run out of RUNNING and records the
+# round, in the same statement, under the run's row lock.
+_FAN_IN = text(
+    "UPDATE coordinator.runs SET "
+    " status = CASE WHEN failed + errored > 0 THEN 'COMPLETED_WITH_ERRORS' ELSE 'COMPLETED' END, "
+    " fanin_round = round, finished_at = now(), updated_at = now(), "
+    " needs_attention = failed > 0, attention_reason = CASE WHEN failed > 0 THEN 'failed' END, "
+    " recovering = false, recovery_failures = 0 "
+    "WHERE id = ANY(CAST(:ids AS text[])) AND status = 'RUNNING' AND pending = 0 AND fanin_round < round "
+    "RETURNING *, (SELECT recovering FROM coordinator.runs o WHERE o.id = runs.id) AS was_recovering"
+)
+
+TERMINAL_BY_KIND = {"succeeded": "SUCCEEDED", "failed": "FAILED", "errored": "ERROR"}
+
+
+@dataclass
+class _FileState:
+    run_id: str
+    idx: int
+    name: str
+    status: str
+    round: int
+    attempts: int
+    cp: int | None
+    cpo: str | None = None
+    output: str | None = None
+    err: str | None = None
+    fs: int | None = None
+    changed: bool = False
+
+
+@dataclass
+class _RunDelta:
+    done: int = 0
+    s: int = 0
+    f: int = 0
+    e: int = 0
+    failed_files: list[int] = field(default_factory=list)
+
+
+def _json(value: Any) -> str | None:
+    return None if value is None else orjson.dumps(value).decode()
+
+
+async def apply_events(conn: AsyncConnection, names: Names, events: list[FileEvent]) -> list[dict]:
+    """Apply ``events`` in one transaction; returns the outbox rows it wrote (for counting)."""
+    if not events:
+        return []
+    fresh = set((await conn.execute(_NEW_IN_INBOX, {"ids": [e.msg_id for e in events]})).scalars())
+    events = [e for e in events if e.msg_id in fresh]
+    if not events:
+        return []
+    runs = {r["id"]: dict(r) for r in (await conn.execute(_LOCK_RUNS, {"ids": sorted({e.run_id for e in events})})).mappings()}
+    keys = sorted({(e.run_id, e.file_index) for e in events if e.run_id in runs})
+    if not keys:
+        return []
+    rows = await conn.execute(_LOAD_FILES, {"run_ids": [k[0] for k in keys], "idxs": [k[1] for k in keys]})
+    files = {(r["run_id"], r["idx"]): _FileState(r["run_id"], r["idx"], r["name"], r["status"], r["round"], r["attempts"], r["checkpoint_step"]) for r in rows.mappings()}
+
+    deltas: dict[str, _RunDelta] = {}
+    log_entries: list[dict] = []
+    for event in events:
+        f = files.get((event.run_id, event.file_index))
+        if f is None or f.round != event.round or f.status != "PENDING":
+            continue
+        tenant_id = runs[event.run_id]["tenant_id"]
+        f.attempts = max(f.attempts, event.attempt)
+        f.changed = True
+        delta = deltas.setdefault(event.run_id, _RunDelta())  # also marks the run as progressing
+        if event.kind == "checkpoint":
+            if f.cp is None or event.step > f.cp:
+                f.cp, f.cpo = event.step, _json(event.output or {})
+            continue
+        if event.kind == "retrying":
+            f.err = _json(event.error.as_dict() if event.error else None)
+            log_entries.append(timeline.entry(
+                event.run_id, tenant_id, "file_retrying", "system:executor", event.file_index,
+                attempt=event.attempt, step=event.step, next_delay_ms=event.next_delay_ms,
+                error=event.error.as_dict() if event.error else None))
+            continue
+        f.status = TERMINAL_BY_KIND[event.kind]
+        delta.done += 1
+        if event.kind == "succeeded":
+            delta.s += 1
+            f.cp, f.cpo, f.output = event.step, _json(event.output or {}), _json(event.output or {})
+        else:
+            f.err, f.fs = _json(event.error.as_dict() if event.error else None), event.step
+            if event.kind == "failed":
+                delta.f += 1
+                delta.failed_files.append(f.idx)
+            else:
+                delta.e += 1
+            log_entries.append(timeline.entry(
+                event.run_id, tenant_id, f"file_{event.kind}", "system:executor", event.file_index,
+                attempt=event.attempt, step=event.step, error=event.error.as_dict() if event.error else None))
+
+    changed = [f for f in files.values() if f.changed]
+    if changed:
+        await conn.execute(_UPDATE_FILES, {
+            "run_ids": [f.run_id for f in changed], "idxs": [f.idx for f in changed],
+            "statuses": [f.status for f in changed], "attempts": [f.attempts for f in changed],
+            "cps": [f.cp for f in changed], "cpos": [f.cpo for f in changed], "outputs": [f.output for f in changed],
+            "errs": [f.err for f in changed], "fss": [f.fs for f in changed],
+        })
+    out_rows: list[dict] = []
+    if deltas:
+        ids = sorted(deltas)
+        await conn.execute(_UPDATE_COUNTS, {
+            "ids": ids, "done": [deltas[i].done for i in ids], "s": [deltas[i].s for i in ids],
+            "f": [deltas[i].f for i in ids], "e": [deltas[i].e for i in ids],
+        })
+        tripped = [i for i in ids if deltas[i].f or deltas[i].e]
+        if tripped:
+            for run in (await conn.execute(_FAIL_FAST, {"ids": tripped})).mappings():
+                out_rows.append(run_event_row(names, run, "failed", "fail_fast: a file failed after its retries"))
+                log_entries.append(timeline.entry(run["id"], run["tenant_id"], "run_failed", "system",
+                                                  reason="fail_fast", round=run["round"]))
+        for run in (await conn.execute(_FAN_IN, {"ids": ids})).mappings():
+            kind = "completed" if run["status"] == "COMPLETED" else "completed_with_errors"
+            out_rows.append(run_event_row(names, run, kind))
+            if run["was_recovering"]:
+                out_rows.append(run_event_row(names, run, "recovered", "Recovery succeeded: the run finished"))
+                log_entries.append(timeline.entry(run["id"], run["tenant_id"], "recovered", "system", round=run["round"]))
+            log_entries.append(timeline.entry(run["id"], run["tenant_id"], f"run_{kind}", "system", round=run["round"],
+                                              succeeded=run["succeeded"], failed=run["failed"], errored=run["errored"]))
+    await outbox.add(conn, out_rows)
+    await timeline.append(conn, *log_entries)
+    return out_rows

@@ -1,0 +1,69 @@
+"""SQL for runs, files and templates. Every query is tenant-scoped: a run of another tenant
+is simply not found (the gateway answers 404, so run ids cannot be probed)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from sqlalchemy import text
+from sqlalchemy.ext.asyncio import AsyncConnection
+
+from shared.messages import RetryPolicy, ServiceError
+
+RUN_NOT_FOUND = "run_not_found"
+
+
+def not_found(what: str, ident: str) -> ServiceError:
+    return ServiceError("not_found", f"{what} {ident} was not found", {"id": ident})
+
+
+async def load_template(conn: AsyncConnection, tenant_id: str, template_id: str, *, include_archived: bool) -> dict:
+    sql = "SELECT * FROM coordinator.templates WHERE id = :id AND tenant_id = :tenant_id"
+    if not include_archived:
+        sql += " AND archived_at IS NULL"
+    row = (await conn.execute(text(sql), {"id": template_id, "tenant_id": tenant_id})).mappings().first()
+    if row is None:
+        raise not_found("template", template_id)
+    return dict(row)
+
+
+async def load_run(conn: AsyncConnection, tenant_id: str | None, run_id: str, *, lock: bool = False) -> dict:
+    sql = "SELECT * FROM coordinator.runs WHERE id = :id"
+    params: dict[str, Any] = {"id": run_id}
+    if tenant_id is not None:
+        sql += " AND tenant_id = :tenant_id"
+        params["tenant_id"] = tenant_id
+    if lock:
+        sql += " FOR UPDATE"
+    row = (await conn.execute(text(sql), params)).mappings().first()
+    if row is None:
+        raise not_found("run", run_id)
+    return dict(row)
+
+
+async def load_files(conn: AsyncConnection, run_id: str, *, statuses: tuple[str, ...] | None = None, lock: bool = False) -> list[dict]:
+    sql = "SELECT * FROM coordinator.files WHERE run_id = :run_id"
+    params: dict[str, Any] = {"run_id": run_id}
+    if statuses:
+        sql += " AND status = ANY(:statuses)"
+        params["statuses"] = list(statuses)
+    sql += " ORDER BY idx"
+    if lock:
+        sql += " FOR UPDATE"
+    return [dict(r) for r in (await conn.execute(text(sql), params)).mappings()]
+
+
+async def retry_policy(conn: AsyncConnection, tenant_id: str) -> RetryPolicy:
+    row = (
+        await conn.execute(text("SELECT policy FROM coordinator.retry_settings WHERE tenant_id = :t"), {"t": tenant_id})
+    ).first()
+    return RetryPolicy.model_validate(row[0]) if row else RetryPolicy()
+
+
+async def adjust_counts(conn: AsyncConnection, run_id: str, **deltas: int) -> None:
+    """Move files between status counters; the table's CHECK keeps them adding up."""
+    sets = ", ".join(f"{name} = {name} + :{name}" for name in deltas)
+    await conn.execute(
+        text(f"UPDATE coordinator.runs SET {sets}, updated_at = now() WHERE id = :run_id"),
+        {"run_id": run_id, **deltas},
+    )

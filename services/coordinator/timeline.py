@@ -1,0 +1,47 @@
+"""The run's execution log: append-only, written in the transaction of the change it records."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import orjson
+from sqlalchemy import text
+from sqlalchemy.ext.asyncio import AsyncConnection
+
+_INSERT = text(
+    "INSERT INTO coordinator.timeline (run_id, tenant_id, kind, actor, file_index, details) "
+    "VALUES (:run_id, :tenant_id, :kind, :actor, :file_index, CAST(:details AS jsonb))"
+)
+
+
+def entry(run_id: str, tenant_id: str, kind: str, actor: str, file_index: int | None = None, **details: Any) -> dict:
+    return {
+        "run_id": run_id,
+        "tenant_id": tenant_id,
+        "kind": kind,
+        "actor": actor,
+        "file_index": file_index,
+        "details": orjson.dumps(details, default=str).decode(),
+    }
+
+
+async def append(conn: AsyncConnection, *entries: dict) -> None:
+    if entries:
+        await conn.execute(_INSERT, list(entries))
+
+
+async def read(conn: AsyncConnection, run_id: str, limit: int = 1000) -> list[dict]:
+    rows = await conn.execute(
+        text(
+            "SELECT at, kind, actor, file_index, details FROM coordinator.timeline "
+            "WHERE run_id = :run_id ORDER BY id LIMIT :limit"
+        ),
+        {"run_id": run_id, "limit": limit},
+    )
+    items = []
+    for row in rows.mappings():
+        item = {"at": row["at"].isoformat(), "kind": row["kind"], "actor": row["actor"], "details": row["details"]}
+        if row["file_index"] is not None:
+            item["file_index"] = row["file_index"]
+        items.append(item)
+    return items

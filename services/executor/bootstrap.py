@@ -1,0 +1,59 @@
+"""Composition root of the executor."""
+
+from __future__ import annotations
+
+from shared import bus
+from shared.rpc import MicroService
+from shared.runtime import run
+from shared.settings import Settings
+from shared.subjects import Names
+from services.executor.breakers import BreakerBoard
+from services.executor.handlers.registry import builtin_registry
+from services.executor.job_runner import JobRunner
+from services.executor.progress import ProgressStore
+from services.executor.steps import StepRunner
+from services.executor.worker import Worker
+
+
+class ExecutorService:
+    def __init__(self, settings: Settings) -> None:
+        self.settings = settings
+        self.names = Names(settings.prefix)
+
+    async def start(self) -> None:
+        s, names = self.settings, self.names
+        registry = builtin_registry()
+        if s.handlers:
+            registry.load_modules(s.handlers)
+        self.nc = await bus.connect(s, "executor")
+        self.js = self.nc.jetstream()
+        await bus.ensure_streams(self.js, s)
+        await bus.ensure_consumer(self.js, names.jobs_stream, names.executor_consumer, names.jobs_all,
+                                  ack_wait_s=s.executor_ack_wait_s, max_deliver=s.executor_max_deliver)
+        self.breakers = BreakerBoard(self.js, names, s.stream_replicas)
+        await self.breakers.start()
+        self.progress = ProgressStore(self.js, names, s.stream_replicas)
+        await self.progress.start()
+        steps = StepRunner(registry, self.breakers, s.data_dir / "artifacts")
+        runner = JobRunner(self.js, names, steps, self.progress, s.executor_ack_wait_s)
+        self.worker = Worker(self.js, names, runner, concurrency=s.executor_concurrency, fetch_batch=s.executor_fetch_batch)
+        self.micro = MicroService(self.nc, names, "executor", {"breakers": self._breakers}, "runs step handlers")
+        await self.micro.start()
+        self.worker.start()
+
+    async def _breakers(self, payload: dict) -> list[dict]:
+        return self.breakers.snapshot()
+
+    async def stop(self) -> None:
+        await self.micro.stop()
+        await self.worker.stop()
+        await self.breakers.stop()
+        await self.nc.drain()
+
+
+async def build(settings: Settings) -> ExecutorService:
+    return ExecutorService(settings)
+
+
+def main(settings: Settings) -> None:
+    run("executor", build, settings)

@@ -1,0 +1,63 @@
+"""Per-job progress that must survive a redelivery: failed attempts (the retry budget),
+breaker deferrals (which must not spend it), and the last completed step with its output
+(so a redelivered job resumes after its checkpoint instead of redoing steps).
+
+Kept in a JetStream KV bucket and touched only off the fast path: a first delivery that
+succeeds never reads or writes it."""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field
+from typing import Any
+
+import orjson
+from nats.js import JetStreamContext
+from nats.js.api import KeyValueConfig, StorageType
+from nats.js.errors import KeyNotFoundError
+
+from shared.subjects import Names
+
+_KEY_SAFE = re.compile(r"[^-/_=.a-zA-Z0-9]")
+TTL_S = 8 * 24 * 3600  # longer than any job can live in the stream
+
+
+@dataclass
+class Progress:
+    failures: int = 0
+    deferrals: int = 0
+    step: int | None = None  # last completed step
+    output: dict[str, Any] | None = None
+    done: bool = False  # batch mode: this file's terminal event was published
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+def progress_key(job_id: str, file_index: int) -> str:
+    return _KEY_SAFE.sub("_", f"{job_id}.f{file_index}".replace(":", "."))
+
+
+class ProgressStore:
+    def __init__(self, js: JetStreamContext, names: Names, replicas: int = 1) -> None:
+        self._js = js
+        self._names = names
+        self._replicas = replicas
+        self._kv = None
+
+    async def start(self) -> None:
+        self._kv = await self._js.create_key_value(
+            KeyValueConfig(bucket=self._names.attempts_bucket, history=1, ttl=TTL_S, storage=StorageType.FILE,
+                           replicas=self._replicas)
+        )
+
+    async def get(self, job_id: str, file_index: int) -> Progress:
+        try:
+            entry = await self._kv.get(progress_key(job_id, file_index))
+        except KeyNotFoundError:
+            return Progress()
+        data = orjson.loads(entry.value)
+        return Progress(**{k: data[k] for k in ("failures", "deferrals", "step", "output", "done") if k in data})
+
+    async def put(self, job_id: str, file_index: int, progress: Progress) -> None:
+        body = {"failures": progress.failures, "deferrals": progress.deferrals, "step": progress.step,
+                "output": progress.output, "done": progress.done}
+        await self._kv.put(progress_key(job_id, file_index), orjson.dumps(body))

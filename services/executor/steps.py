@@ -1,0 +1,100 @@
+"""Run one file's steps from its start step; decide retry / fail / error / defer.
+
+The retry decision is made here, once: transient failures are retried while the attempt
+number is within the tenant's ``auto_retries`` (with exponential backoff and full jitter,
+or the dependency's Retry-After), and become FAILED after that; permanent failures are
+ERROR at once. A dependency whose breaker is open is not called at all: the job is
+deferred, which does not count as an attempt.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Awaitable, Callable
+from pathlib import Path
+from typing import Any
+
+from shared.backoff import backoff_delay_ms
+from shared.errors import Classified, PermanentError, StepTimeout, classify
+from shared.messages import FileSpec, Job, StepSpec
+from services.executor.breakers import BreakerBoard
+from services.executor.handlers.base import FileRef, StepContext
+from services.executor.handlers.registry import HandlerRegistry
+from services.executor.outcome import Outcome
+
+# Called after each intermediate step completes, before the next one starts.
+OnCheckpoint = Callable[[int, dict[str, Any]], Awaitable[None]]
+
+
+def retry_decision(error: Classified, attempt: int, job: Job, step: int) -> Outcome:
+    """Retry, FAILED or ERROR for a failed ``attempt`` (1-based). Pure and cheap (bench/)."""
+    if not error.transient:
+        return Outcome("errored", step, error=error)
+    if attempt > job.retry.auto_retries:
+        return Outcome("failed", step, error=error)
+    delay = backoff_delay_ms(attempt, base_ms=job.retry.backoff_base_ms, max_ms=job.retry.backoff_max_ms,
+                             jitter=job.retry.jitter, retry_after_s=error.retry_after_s)
+    return Outcome("retry", step, error=error, delay_ms=delay)
+
+
+class StepRunner:
+    def __init__(self, registry: HandlerRegistry, breakers: BreakerBoard | None, artifacts: Path) -> None:
+        self._registry = registry
+        self._breakers = breakers
+        self._artifacts = artifacts
+
+    async def run_file(
+        self,
+        job: Job,
+        file: FileSpec,
+        *,
+        attempt: int,
+        start_step: int,
+        previous_output: dict[str, Any] | None,
+        heartbeat: Callable[[], Awaitable[None]],
+        on_checkpoint: OnCheckpoint,
+    ) -> Outcome:
+        output = previous_output
+        ref = FileRef(name=file.name, url=file.url, content_b64=file.content_b64, size=file.size, sha256=file.sha256)
+        for index in range(start_step, len(job.steps)):
+            step: StepSpec = job.steps[index]
+            try:
+                handler = self._registry.get(step.handler)
+            except PermanentError as exc:
+                return Outcome("errored", index, error=classify(exc))
+            dependency = handler.dependency_of(step.params, ref) if handler.dependency_of else None
+            if dependency and self._breakers is not None:
+                admission = self._breakers.admit(dependency)
+                if admission.verdict == "defer" or (
+                    admission.verdict == "probe" and not await self._breakers.claim_probe(dependency)
+                ):
+                    return Outcome("defer", index, delay_ms=int(max(admission.delay_s, 0.5) * 1000))
+            ctx = StepContext(
+                job_id=job.job_id, run_id=job.run_id, tenant_id=job.tenant_id, file_index=file.index, round=job.round,
+                attempt=attempt, step_index=index, step_name=step.name, params=step.params, file=ref,
+                previous_output=output, artifact_dir=self._artifact_dir(job, file), heartbeat=heartbeat,
+            )
+            try:
+                result = await asyncio.wait_for(handler.run(ctx), timeout=step.timeout_s)
+            except asyncio.TimeoutError:
+                error = classify(StepTimeout(f"step {step.name!r} ran past its timeout of {step.timeout_s:g}s"))
+                return await self._failed(job, dependency, error, attempt, index)
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:  # classified below: nothing escapes unclassified
+                return await self._failed(job, dependency, classify(exc), attempt, index)
+            if dependency and self._breakers is not None:
+                await self._breakers.record_success(dependency)
+            output = result if isinstance(result, dict) else {"result": result}
+            if index < len(job.steps) - 1:
+                await on_checkpoint(index, output)
+        return Outcome("succeeded", len(job.steps) - 1, output=output or {})
+
+    async def _failed(self, job: Job, dependency: str | None, error: Classified, attempt: int, step: int) -> Outcome:
+        if dependency and error.transient and self._breakers is not None:
+            await self._breakers.record_failure(dependency, job.retry.breaker_failure_threshold, job.retry.breaker_reset_s)
+        return retry_decision(error, attempt, job, step)
+
+    def _artifact_dir(self, job: Job, file: FileSpec) -> Path:
+        # Not created here: most steps never write an artifact (handlers mkdir on demand).
+        return self._artifacts / job.tenant_id / job.run_id / str(file.index)
