@@ -1,0 +1,43 @@
+from __future__ import annotations
+
+from pydantic import BaseModel, ConfigDict, Field
+
+
+class _Cmd(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+    tenant_id: str = Field(min_length=1)
+
+
+class OpenAccount(_Cmd):
+    monthly_allowance: int = Field(default=0, ge=0)
+    purchased: int = Field(default=0, ge=0)
+
+
+class Reserve(_Cmd):
+    amount: int = Field(ge=0)
+    idempotency_key: str = Field(min_length=1, max_length=300)
+    run_id: str | None = None
+    actor: str | None = None
+
+
+class Refund(_Cmd):
+    idempotency_key: str = Field(min_length=1, max_length=300)
+    of_key: str = Field(min_length=1, max_length=300)
+    amount: int | None = Field(default=None, ge=0)
+    run_id: str | None = None
+    actor: str | None = None
+
+
+class Balance(_Cmd):
+    pass
+
+
+class Ledger(_Cmd):
+    limit: int = Field(default=50, ge=1, le=500)
+    cursor: str | None = None
+
+
+class Grant(_Cmd):
+    purchased: int = Field(ge=1, le=100_000_000)
+    idempotency_key: str | None = Field(default=None, max_length=300)
+    actor: str | None = None

@@ -1,0 +1,69 @@
+"""A run over real NATS JetStream and PostgreSQL, end to end through the real services."""
+
+from __future__ import annotations
+
+import pytest
+
+from tests.stack import Stack, counts_add_up, expect_error
+
+
+@pytest.fixture(scope="module")
+async def stack(make_settings):
+    s = await Stack(await make_settings()).start("billing", "coordinator", "executor")
+    yield s
+    await s.stop()
+
+
+async def test_a_200_file_run_completes_with_exact_counts_and_credits(stack):
+    tenant = await stack.tenant(monthly=150, purchased=100)
+    template = await stack.template(tenant, [{"name": "hash", "handler": "noop"}], credits_per_file=1)
+    run = await stack.submit(tenant, template, 200)
+    assert run["status"] == "RUNNING" and run["counts"]["pending"] == 200
+    assert run["credits"] == {"consumed": 200, "from_monthly": 150, "from_purchased": 50, "refunded": 0}
+    done = await stack.wait_run(tenant, run["id"])
+    assert done["status"] == "COMPLETED"
+    assert done["counts"]["succeeded"] == 200 and counts_add_up(done)
+    assert all(f["status"] == "SUCCEEDED" and f["attempts"] == 1 for f in done["files"])
+    timeline = await stack.call("coordinator", "timeline", tenant_id=tenant, run_id=run["id"])
+    assert [e["kind"] for e in timeline["items"]].count("run_completed") == 1
+    await stack.assert_books_balance(tenant)
+
+
+async def test_multi_step_checkpoints_and_batch_mode(stack):
+    tenant = await stack.tenant()
+    steps = [{"name": "a", "handler": "checksum"}, {"name": "b", "handler": "noop"}]
+    template = await stack.template(tenant, steps)
+    files = [{"name": "x", "content_b64": "aGVsbG8="}, {"name": "y", "content_b64": "d29ybGQ="}]
+    for mode in ("per_file", "batch"):
+        run = await stack.submit(tenant, template, 0, files=files, mode=mode)
+        done = await stack.wait_run(tenant, run["id"])
+        assert done["status"] == "COMPLETED", done
+        assert [f["checkpoint_step"] for f in done["files"]] == [1, 1]
+
+
+async def test_insufficient_credits_leaves_no_run_and_no_charge(stack):
+    tenant = await stack.tenant(monthly=5, purchased=0)
+    template = await stack.template(tenant, [{"name": "a", "handler": "noop"}], credits_per_file=2)
+    err = await expect_error("insufficient_credits", stack.submit(tenant, template, 3))
+    assert err.details == {"needed": 6, "available": 5}
+    runs = await stack.call("coordinator", "list_runs", tenant_id=tenant)
+    assert runs["items"] == []
+    assert [e["kind"] for e in await stack.ledger(tenant)] == ["grant", "grant"]
+
+
+async def test_another_tenants_run_is_not_found(stack):
+    a, b = await stack.tenant(), await stack.tenant()
+    template = await stack.template(a, [{"name": "a", "handler": "noop"}])
+    run = await stack.submit(a, template, 1)
+    await expect_error("not_found", stack.run(b, run["id"]))
+
+
+async def test_invalid_requests_are_refused_with_field_errors(stack):
+    tenant = await stack.tenant()
+    template = await stack.template(tenant, [{"name": "a", "handler": "noop"}])
+    for bad in ({"max_retry_count": 0}, {"max_retry_count": 11}):
+        err = await expect_error("validation_error", stack.submit(tenant, template, 1, **bad))
+        assert "max_retry_count" in err.details["fields"]
+    err = await expect_error("validation_error", stack.call("coordinator", "create_run", tenant_id=tenant,
+                                                             template_id=template, files=[]))
+    assert "files" in err.details["fields"]
