@@ -245,3 +245,13 @@ class PullLoop:
 def chunks(items: Sequence, size: int) -> Iterable[Sequence]:
     for start in range(0, len(items), size):
         yield items[start : start + size]
+
+
+async def close(nc: NatsClient) -> None:
+    """Flush what we published, then close. (``drain()`` waits out its full timeout on
+    pull subscriptions, and by now every consumer loop has already stopped.)"""
+    try:
+        await asyncio.wait_for(nc.flush(), 5)
+    except Exception:
+        pass
+    await nc.close()

@@ -35,7 +35,7 @@ class BillingService:
 
     async def stop(self) -> None:
         await self.micro.stop()
-        await self.nc.drain()
+        await bus.close(self.nc)
         await self.engine.dispose()
 
 

@@ -50,7 +50,7 @@ class CoordinatorService:
         await self.results.stop()
         await self.advisories.unsubscribe()
         await self.relay.stop()
-        await self.nc.drain()
+        await bus.close(self.nc)
         await self.engine.dispose()
 
 

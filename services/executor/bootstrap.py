@@ -48,7 +48,7 @@ class ExecutorService:
         await self.micro.stop()
         await self.worker.stop()
         await self.breakers.stop()
-        await self.nc.drain()
+        await bus.close(self.nc)
 
 
 async def build(settings: Settings) -> ExecutorService:

@@ -1,0 +1,67 @@
+"""Live events for browsers (SSE): one NATS subscription per process, fanned out to the
+connected clients of each tenant through bounded queues. A slow client loses events
+rather than slowing everyone (it can re-read state from the API)."""
+
+from __future__ import annotations
+
+import asyncio
+
+import orjson
+from aiohttp import web
+from nats.aio.client import Client as NatsClient
+
+from shared.subjects import Names
+
+KEEPALIVE_S = 15.0
+
+
+class EventHub:
+    def __init__(self, nc: NatsClient, names: Names) -> None:
+        self._nc = nc
+        self._names = names
+        self._clients: dict[asyncio.Queue, str] = {}
+        self._sub = None
+
+    async def start(self) -> None:
+        self._sub = await self._nc.subscribe(self._names.events_all, cb=self._on_event)
+
+    async def stop(self) -> None:
+        if self._sub is not None:
+            await self._sub.unsubscribe()
+        for queue in list(self._clients):
+            queue.put_nowait(None)
+
+    async def _on_event(self, msg) -> None:
+        if not self._clients:
+            return
+        try:
+            tenant = orjson.loads(msg.data).get("tenant_id")
+        except ValueError:
+            return
+        kind = msg.subject[len(self._names.prefix) + len(".events."):]
+        frame = f"event: {kind}\ndata: {msg.data.decode()}\n\n".encode()
+        for queue, client_tenant in self._clients.items():
+            if tenant is None or tenant == client_tenant:
+                if queue.qsize() < 1000:
+                    queue.put_nowait(frame)
+
+    async def stream(self, request: web.Request, tenant_id: str) -> web.StreamResponse:
+        response = web.StreamResponse(headers={"Content-Type": "text/event-stream", "Cache-Control": "no-cache"})
+        await response.prepare(request)
+        queue: asyncio.Queue = asyncio.Queue()
+        self._clients[queue] = tenant_id
+        try:
+            await response.write(b": connected\n\n")
+            while True:
+                try:
+                    frame = await asyncio.wait_for(queue.get(), KEEPALIVE_S)
+                except asyncio.TimeoutError:
+                    frame = b": keepalive\n\n"
+                if frame is None:
+                    break
+                await response.write(frame)
+        except (ConnectionResetError, asyncio.CancelledError):
+            pass
+        finally:
+            self._clients.pop(queue, None)
+        return response
