@@ -6,11 +6,12 @@ from __future__ import annotations
 from typing import Any
 
 from sqlalchemy import text
+from sqlalchemy.exc import DBAPIError
 from sqlalchemy.ext.asyncio import AsyncConnection
 
 from shared.messages import RetryPolicy, ServiceError
 
-RUN_NOT_FOUND = "run_not_found"
+LOCK_NOT_AVAILABLE = "55P03"
 
 
 def not_found(what: str, ident: str) -> ServiceError:
@@ -27,15 +28,23 @@ async def load_template(conn: AsyncConnection, tenant_id: str, template_id: str,
     return dict(row)
 
 
-async def load_run(conn: AsyncConnection, tenant_id: str | None, run_id: str, *, lock: bool = False) -> dict:
+async def load_run(conn: AsyncConnection, tenant_id: str | None, run_id: str, *, lock: bool = False,
+                   nowait: bool = False) -> dict:
+    """``nowait``: a run another request is changing right now is refused with 409 at once
+    instead of queueing (concurrent "Continue" presses: one wins, the rest are told)."""
     sql = "SELECT * FROM coordinator.runs WHERE id = :id"
     params: dict[str, Any] = {"id": run_id}
     if tenant_id is not None:
         sql += " AND tenant_id = :tenant_id"
         params["tenant_id"] = tenant_id
     if lock:
-        sql += " FOR UPDATE"
-    row = (await conn.execute(text(sql), params)).mappings().first()
+        sql += " FOR UPDATE NOWAIT" if nowait else " FOR UPDATE"
+    try:
+        row = (await conn.execute(text(sql), params)).mappings().first()
+    except DBAPIError as exc:
+        if getattr(getattr(exc, "orig", None), "sqlstate", None) == LOCK_NOT_AVAILABLE:
+            raise ServiceError("run_running", "another request is changing this run right now") from None
+        raise
     if row is None:
         raise not_found("run", run_id)
     return dict(row)

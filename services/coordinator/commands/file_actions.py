@@ -28,7 +28,7 @@ _REOPEN_RUN = text(
 
 
 async def _locked_file(conn, cmd: FileRef) -> tuple[dict, dict]:
-    run = await store.load_run(conn, cmd.tenant_id, cmd.run_id, lock=True)
+    run = await store.load_run(conn, cmd.tenant_id, cmd.run_id, lock=True, nowait=True)
     row = (
         await conn.execute(text("SELECT * FROM coordinator.files WHERE run_id = :r AND idx = :i"), {"r": run["id"], "i": cmd.file_index})
     ).mappings().first()

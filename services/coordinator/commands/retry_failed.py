@@ -57,7 +57,7 @@ async def retry_failed(deps: Deps, cmd: RunRef) -> dict:
     charge: credits.Charge | None = None
     try:
         async with transaction(deps.engine) as conn:
-            run = await store.load_run(conn, cmd.tenant_id, cmd.run_id, lock=True)
+            run = await store.load_run(conn, cmd.tenant_id, cmd.run_id, lock=True, nowait=True)
             files = await store.load_files(conn, run["id"], statuses=("FAILED", "PENDING"))
             failed, pending = check_retryable(run, files)
             # Archived templates still count: the run exists and was paid for (AC15).
