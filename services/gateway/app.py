@@ -28,7 +28,7 @@ API = "/api/v1"
 PUBLIC = {"/healthz", "/readyz", "/metrics", "/", f"{API}/openapi.json"}
 DASHBOARD = Path(__file__).parent / "static" / "dashboard.html"
 
-PRINCIPAL = web.AppKey("principal", object)
+PRINCIPAL = web.RequestKey("principal", object)
 
 
 class Deps:
@@ -73,12 +73,28 @@ def build_app(deps: Deps) -> web.Application:
     app = web.Application(middlewares=[errors, auth], client_max_size=256 * 1024 * 1024)
     for route in ROUTES:
         app.router.add_route(route.method, API + route.path, _forwarder(deps, route))
-    app.router.add_get(API + "/events", lambda r: _events(deps, r))
-    app.router.add_get(API + "/openapi.json", lambda r: web.json_response(openapi_document(ROUTES)))
-    app.router.add_get("/healthz", lambda r: web.json_response({"status": "ok"}))
-    app.router.add_get("/readyz", lambda r: _ready(deps))
-    app.router.add_get("/metrics", lambda r: web.Response(body=generate_latest(deps.registry),
-                                                          headers={"Content-Type": CONTENT_TYPE_LATEST}))
+    document = openapi_document(ROUTES)
+
+    async def events(request):
+        return await deps.hub.stream(request, effective_tenant(request, request[PRINCIPAL]))
+
+    async def openapi(request):
+        return web.json_response(document)
+
+    async def healthz(request):
+        return web.json_response({"status": "ok"})
+
+    async def readyz(request):
+        return await _ready(deps)
+
+    async def metrics(request):
+        return web.Response(body=generate_latest(deps.registry), headers={"Content-Type": CONTENT_TYPE_LATEST})
+
+    app.router.add_get(API + "/events", events)
+    app.router.add_get(API + "/openapi.json", openapi)
+    app.router.add_get("/healthz", healthz)
+    app.router.add_get("/readyz", readyz)
+    app.router.add_get("/metrics", metrics)
     app.router.add_get("/", _dashboard)
     return app
 
@@ -150,10 +166,6 @@ async def _idempotent(deps, route, request, tenant_id, key, raw, payload) -> web
         raise
     await idempotency.finish(deps.engine, tenant_id, key, response.status, response.body or b"")
     return response
-
-
-async def _events(deps: Deps, request: web.Request) -> web.StreamResponse:
-    return await deps.hub.stream(request, effective_tenant(request, request[PRINCIPAL]))
 
 
 async def _ready(deps: Deps) -> web.Response:

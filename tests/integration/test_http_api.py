@@ -1,0 +1,104 @@
+"""The HTTP contract through the gateway, over the real services."""
+
+from __future__ import annotations
+
+import asyncio
+
+import aiohttp
+import pytest
+
+from shared.db import make_engine
+from services.gateway.identity import create_key, create_tenant
+from tests.stack import Stack
+
+
+@pytest.fixture(scope="module")
+async def api(make_settings):
+    settings = await make_settings(port=0)
+    stack = await Stack(settings).start("billing", "coordinator", "executor", "notifier", "gateway")
+    gateway = stack.services["gateway"][0]
+    engine = make_engine(settings, pool_size=1)
+    tenant = await create_tenant(engine, "acme")
+    other = await create_tenant(engine, "other")
+    for t in (tenant, other):
+        await stack.call("billing", "open_account", tenant_id=t, monthly_allowance=100)
+    keys = {role: await create_key(engine, tenant, role, role) for role in ("member", "tenant_admin", "platform_admin")}
+    keys["other"] = await create_key(engine, other, "tenant_admin", "o")
+    await engine.dispose()
+    async with aiohttp.ClientSession(base_url=f"http://127.0.0.1:{gateway.port}") as http:
+        yield {"http": http, "keys": keys, "tenant": tenant, "other": other, "stack": stack}
+    await stack.stop()
+
+
+def auth(key, **extra):
+    return {"Authorization": f"Bearer {key}", **extra}
+
+
+async def test_a_run_through_the_http_api(api):
+    http, keys = api["http"], api["keys"]
+    r = await http.post("/api/v1/templates", json={"name": "t", "steps": [{"name": "a", "handler": "noop"}]},
+                        headers=auth(keys["tenant_admin"]))
+    assert r.status == 201
+    template = (await r.json())["id"]
+    headers = auth(keys["member"], **{"Idempotency-Key": "k1"})
+    body = {"template_id": template, "files": [{"name": "a"}, {"name": "b"}]}
+    first = await http.post("/api/v1/workflow-runs", json=body, headers=headers)
+    again = await http.post("/api/v1/workflow-runs", json=body, headers=headers)
+    assert first.status == again.status == 201
+    assert await first.json() == await again.json()
+    reused = await http.post("/api/v1/workflow-runs", json={**body, "max_retry_count": 5}, headers=headers)
+    assert reused.status == 422 and (await reused.json())["error"]["code"] == "idempotency_key_reused"
+    run_id = (await first.json())["id"]
+    for _ in range(200):
+        run = await (await http.get(f"/api/v1/workflow-runs/{run_id}", headers=auth(keys["member"]))).json()
+        if run["status"] != "RUNNING":
+            break
+        await asyncio.sleep(0.05)
+    assert run["status"] == "COMPLETED" and run["counts"]["succeeded"] == 2
+    ledger = await (await http.get("/api/v1/credits/ledger", headers=auth(keys["member"]))).json()
+    assert [e["amount"] for e in ledger["items"] if e["kind"] == "charge"] == [-2]
+    listed = await (await http.get("/api/v1/workflow-runs?limit=1", headers=auth(keys["member"]))).json()
+    assert [r["id"] for r in listed["items"]] == [run_id]
+    r = await http.get(f"/api/v1/workflow-runs/{run_id}", headers=auth(keys["other"]))
+    assert r.status == 404
+    r = await http.post(f"/api/v1/workflow-runs/{run_id}/retry-failed", headers=auth(keys["member"]))
+    assert r.status == 403
+    r = await http.post(f"/api/v1/workflow-runs/{run_id}/retry-failed", headers=auth(keys["tenant_admin"]))
+    assert r.status == 400 and (await r.json())["error"]["code"] == "run_completed"
+
+
+async def test_auth_validation_and_error_shapes(api):
+    http, keys = api["http"], api["keys"]
+    assert (await http.get("/api/v1/workflow-runs")).status == 401
+    assert (await http.get("/api/v1/workflow-runs", headers=auth("rk_nope"))).status == 401
+    r = await http.get("/api/v1/credits", headers=auth(keys["tenant_admin"], **{"X-Tenant-Id": api["other"]}))
+    assert r.status == 403
+    r = await http.get("/api/v1/credits", headers=auth(keys["platform_admin"], **{"X-Tenant-Id": api["other"]}))
+    assert r.status == 200
+    for bad in ({"template_id": "x", "files": [{"name": "a"}], "max_retry_count": 0},
+                {"template_id": "x", "files": [{"name": "a"}], "max_retry_count": 11},
+                {"template_id": "x", "files": []}):
+        r = await http.post("/api/v1/workflow-runs", json=bad, headers=auth(keys["member"]))
+        body = await r.json()
+        assert r.status == 422 and body["error"]["details"]["fields"], body
+    r = await http.post("/api/v1/workflow-runs", data=b"{not json", headers=auth(keys["member"]))
+    assert r.status == 400 and "Traceback" not in await r.text()
+    r = await http.post("/api/v1/workflow-runs", json={"template_id": "missing", "files": [{"name": "a"}]},
+                        headers=auth(keys["member"]))
+    assert r.status == 404
+    r = await http.get("/api/v1/nowhere", headers=auth(keys["member"]))
+    assert r.status == 404 and (await r.json())["error"]["code"] == "not_found"
+
+
+async def test_service_endpoints_and_openapi(api):
+    http = api["http"]
+    assert (await http.get("/healthz")).status == 200
+    ready = await http.get("/readyz")
+    assert ready.status == 200 and (await ready.json())["checks"] == {"nats": True, "database": True}
+    assert "redrive_http_requests_total" in await (await http.get("/metrics")).text()
+    doc = await (await http.get("/api/v1/openapi.json")).json()
+    from services.gateway.routes import ROUTES
+
+    for route in ROUTES:
+        assert route.method.lower() in doc["paths"]["/api/v1" + route.path]
+    assert (await http.get("/")).status == 200

@@ -1,0 +1,65 @@
+"""Pure rules: backoff bounds, breaker state machine, error classification, credit splits."""
+
+import random
+
+from services.billing.rules import split_charge, split_refund
+from shared import breaker
+from shared.backoff import backoff_delay_ms
+from shared.errors import PermanentError, TransientError, classify
+
+
+def test_backoff_is_full_jitter_within_exponential_bounds():
+    rng = random.Random(1)
+    for attempt in range(1, 8):
+        ceiling = min(30_000, 500 * 2 ** (attempt - 1))
+        delays = [backoff_delay_ms(attempt, base_ms=500, max_ms=30_000, rng=rng) for _ in range(200)]
+        assert 0 <= min(delays) and max(delays) <= ceiling and max(delays) > ceiling / 2
+
+
+def test_retry_after_wins_when_longer_but_is_capped():
+    assert backoff_delay_ms(1, base_ms=10, max_ms=5000, jitter=False, retry_after_s=3) == 3000
+    assert backoff_delay_ms(1, base_ms=10, max_ms=5000, jitter=False, retry_after_s=3600) == 5000
+
+
+def test_breaker_opens_after_threshold_half_opens_and_closes():
+    s = breaker.BreakerState()
+    for _ in range(2):
+        s = breaker.on_failure(s, now=100, threshold=3, reset_s=10)
+    assert s.state == "closed" and breaker.admit(s, 100).verdict == "run"
+    s = breaker.on_failure(s, now=100, threshold=3, reset_s=10)
+    assert s.state == "open" and breaker.admit(s, 105).verdict == "defer"
+    assert breaker.admit(s, 105).delay_s == 5
+    assert breaker.admit(s, 110).verdict == "probe"
+    probing = breaker.claim_probe(s, 110)
+    assert probing.state == "half_open" and breaker.admit(probing, 111).verdict == "defer"
+    assert breaker.on_failure(probing, now=111, threshold=3, reset_s=10).state == "open"
+    assert breaker.on_success(probing).state == "closed"
+    assert breaker.on_success(breaker.BreakerState()) is None
+
+
+def test_classification():
+    assert classify(TransientError("x")).transient
+    assert not classify(PermanentError("x")).transient
+    assert classify(TimeoutError()).transient and classify(ConnectionResetError()).transient
+    assert not classify(ValueError("bug")).transient
+
+    class Http(Exception):
+        def __init__(self, status):
+            self.status = status
+
+    assert classify(Http(429)).transient and classify(Http(503)).transient
+    assert not classify(Http(404)).transient
+
+    class Pg(Exception):
+        def __init__(self, sqlstate):
+            self.sqlstate = sqlstate
+
+    assert classify(Pg("40001")).transient and classify(Pg("08006")).transient and classify(Pg("57P01")).transient
+    assert not classify(Pg("23505")).transient
+
+
+def test_credit_splits():
+    assert split_charge(5, 3, 10) == (3, 2)
+    assert split_charge(14, 3, 10) is None
+    assert split_refund(4, charged_monthly=3, charged_purchased=2, refunded_monthly=0, refunded_purchased=0) == (2, 2)
+    assert split_refund(99, 3, 2, 1, 2) == (2, 0)
