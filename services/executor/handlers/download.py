@@ -3,15 +3,16 @@ resume from the exact byte reached after a failure or a killed executor.
 
 The bytes on disk are the offset: each chunk is written and flushed before the next is
 read. A resumed request sends ``Range: bytes=<offset>-`` with ``If-Range`` (the validator
-of the first response), so a changed resource restarts from 0; a server that ignores
-Range (200) also restarts from 0.
+of the first response, kept in a sidecar), so a changed resource comes back whole (200) and
+restarts from 0; so does a server that ignores Range.
 """
 
 from __future__ import annotations
 
-import hashlib
+import asyncio
 import json
 import re
+import time
 from pathlib import Path
 from urllib.parse import urlparse
 
@@ -19,78 +20,149 @@ import aiohttp
 
 from shared.errors import PermanentError, TransientError
 from services.executor.handlers.base import FileRef, StepContext
+from services.executor.handlers.checksum import hash_file
 from services.executor.handlers.http_errors import raise_for_status
 
 CHUNK = 64 * 1024
-_CONTENT_RANGE = re.compile(r"bytes (\d+)-")
+HEARTBEAT_EVERY_S = 1.0
+TIMEOUT = aiohttp.ClientTimeout(total=None, sock_connect=10, sock_read=30)
+PART, META = "download.part", "download.json"
+_RANGE_START = re.compile(r"bytes\s+(\d+)-")
+_RANGE_TOTAL = re.compile(r"/(\d+)\s*$")
+
+
+def dependency_of(params: dict, file: FileRef) -> str | None:
+    """The URL's host: one circuit breaker per origin server."""
+    url = params.get("url") or file.url
+    return urlparse(url).hostname if isinstance(url, str) else None
 
 
 def _url(ctx: StepContext) -> str:
     url = ctx.params.get("url") or ctx.file.url
-    if not url or urlparse(url).scheme not in ("http", "https"):
-        raise PermanentError("download needs an http(s) url")
+    parsed = urlparse(url) if isinstance(url, str) else None
+    if parsed is None or parsed.scheme not in ("http", "https") or not parsed.hostname:
+        raise PermanentError(f"download needs an http(s) url (file.url or params.url), got {url!r}")
     return url
 
 
-def dependency_of(params: dict, file: FileRef) -> str | None:
-    return urlparse(params.get("url") or file.url or "").hostname
+def _expected(ctx: StepContext) -> tuple[int | None, str | None]:
+    size = ctx.file.size if ctx.file.size is not None else ctx.params.get("size")
+    sha = ctx.file.sha256 or ctx.params.get("sha256")
+    if size is not None and (isinstance(size, bool) or not isinstance(size, int) or size < 0):
+        raise PermanentError(f"download: expected size must be a whole number >= 0, got {size!r}")
+    if sha is not None and not (isinstance(sha, str) and re.fullmatch(r"[0-9a-fA-F]{64}", sha)):
+        raise PermanentError(f"download: expected sha256 must be 64 hex digits, got {sha!r}")
+    return size, sha.lower() if sha else None
 
 
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with path.open("rb") as fh:
-        for chunk in iter(lambda: fh.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
+def safe_name(name: str) -> str:
+    """A file name that stays inside the artifact directory and clear of our own files."""
+    base = re.split(r"[\\/]", name)[-1]
+    safe = re.sub(r"[^A-Za-z0-9._-]", "_", base).lstrip(".")[:200]  # no "..", no hidden files
+    return safe if safe and safe not in (PART, META) else f"file_{safe or 'download'}"
+
+
+def _validator(headers) -> str | None:
+    # If-Range needs a strong validator (RFC 9110 §13.1.5): a weak ETag would make every
+    # resume come back as a full 200, so fall back to Last-Modified.
+    etag = headers.get("ETag")
+    return etag if etag and not etag.startswith("W/") else headers.get("Last-Modified")
+
+
+def _saved_validator(meta: Path) -> str | None:
+    try:
+        return json.loads(meta.read_text()).get("validator")
+    except (OSError, ValueError, AttributeError):  # missing or torn sidecar: resume without If-Range
+        return None
+
+
+def _mismatch(size: int, sha: str, want_size: int | None, want_sha: str | None) -> str | None:
+    if want_size is not None and size != want_size:
+        return f"size mismatch: got {size} bytes, expected {want_size}"
+    if want_sha is not None and sha != want_sha:
+        return f"sha256 mismatch: got {sha}, expected {want_sha}"
+    return None
+
+
+async def _fetch(session, ctx: StepContext, url: str, part: Path, meta: Path, want_size: int | None) -> int | None:
+    """Bring ``part`` up to the whole resource; return the offset this request resumed from,
+    or None when the part was discarded and the caller should start again from 0."""
+    offset = part.stat().st_size if part.exists() else 0
+    # identity: ranges address the encoded bytes, and aiohttp would transparently decode gzip.
+    headers = {"Accept-Encoding": "identity"}
+    if offset:
+        headers["Range"] = f"bytes={offset}-"
+        if validator := _saved_validator(meta):
+            headers["If-Range"] = validator
+    async with session.get(url, headers=headers) as resp:
+        if resp.status == 416 and offset:
+            total = _RANGE_TOTAL.search(resp.headers.get("Content-Range", ""))
+            total_size = int(total.group(1)) if total else want_size
+            if total_size is None or total_size == offset:
+                return offset  # the part already holds every byte (size/sha are verified next)
+            part.unlink(missing_ok=True)  # larger than the resource: it changed under us
+            return None
+        raise_for_status(resp.status, resp.headers.get("Retry-After"), f"download {url}")
+        if resp.status == 206:
+            start = _RANGE_START.match(resp.headers.get("Content-Range", ""))
+            if start is None or int(start.group(1)) != offset:
+                if not offset:
+                    raise TransientError(f"download {url}: 206 without a usable Content-Range")
+                part.unlink(missing_ok=True)  # we cannot splice a range we did not ask for
+                return None
+        else:
+            offset = 0  # a 200 to a Range request: server ignored Range, or If-Range failed
+        # Truncate before writing the sidecar, so a crash in between never pairs a new
+        # validator with stale bytes.
+        with part.open("r+b" if offset else "wb") as fh:
+            fh.seek(offset)
+            fh.truncate()
+            if not offset:
+                meta.write_text(json.dumps({"validator": _validator(resp.headers), "url": url}))
+            last_beat = time.monotonic()
+            async for chunk in resp.content.iter_chunked(CHUNK):
+                fh.write(chunk)
+                fh.flush()  # the bytes the OS holds are the resume offset if we die now
+                if ctx.heartbeat is not None and time.monotonic() - last_beat >= HEARTBEAT_EVERY_S:
+                    last_beat = time.monotonic()
+                    await ctx.heartbeat()
+    return offset
 
 
 async def run(ctx: StepContext) -> dict:
+    """Download (resuming if possible), verify, and output ``{"path", "size", "sha256", "resumed_from"}``."""
     url = _url(ctx)
+    want_size, want_sha = _expected(ctx)
     ctx.artifact_dir.mkdir(parents=True, exist_ok=True)
-    part, meta_path = ctx.artifact_dir / "download.part", ctx.artifact_dir / "download.json"
-    final = ctx.artifact_dir / (re.sub(r"[^A-Za-z0-9._-]", "_", ctx.file.name) or "download")
-    offset = part.stat().st_size if part.exists() else 0
-    meta = json.loads(meta_path.read_text()) if meta_path.exists() and offset else {}
-    resumed_from = offset
-    headers = {}
-    if offset:
-        headers["Range"] = f"bytes={offset}-"
-        if meta.get("validator"):
-            headers["If-Range"] = meta["validator"]
-    timeout = aiohttp.ClientTimeout(total=None, sock_connect=10, sock_read=30)
-    async with aiohttp.ClientSession(timeout=timeout) as session:
-        async with session.get(url, headers=headers) as resp:
-            if resp.status == 416 and offset:
-                pass  # already complete on disk
-            else:
-                raise_for_status(resp.status, resp.headers.get("Retry-After"), f"download {url}")
-                start = 0
-                if resp.status == 206:
-                    m = _CONTENT_RANGE.match(resp.headers.get("Content-Range", ""))
-                    start = int(m.group(1)) if m else 0
-                if start != offset:  # the server ignored Range or answered another range
-                    offset = resumed_from = 0
-                    if start != 0:
-                        raise TransientError("download: unexpected Content-Range; restarting from 0")
-                validator = resp.headers.get("ETag") or resp.headers.get("Last-Modified")
-                meta_path.write_text(json.dumps({"validator": validator}))
-                with part.open("r+b" if offset else "wb") as fh:
-                    fh.seek(offset)
-                    fh.truncate()
-                    async for chunk in resp.content.iter_chunked(CHUNK):
-                        fh.write(chunk)
-                        fh.flush()
-                        if ctx.heartbeat is not None:
-                            await ctx.heartbeat()
-    size = part.stat().st_size
-    sha = _sha256(part)
-    want_size = ctx.file.size or ctx.params.get("size")
-    want_sha = ctx.file.sha256 or ctx.params.get("sha256")
-    if (want_size is not None and size != int(want_size)) or (want_sha and sha != str(want_sha).lower()):
+    part, meta = ctx.artifact_dir / PART, ctx.artifact_dir / META
+    final = ctx.artifact_dir / safe_name(ctx.file.name)
+    if final.is_file() and not part.exists():
+        # A previous attempt finished but its output was never recorded (killed before the ack).
+        sha, size = await hash_file(final)
+        if _mismatch(size, sha, want_size, want_sha) is None:
+            return {"path": str(final), "size": size, "sha256": sha, "resumed_from": size}
+        final.unlink()
+    try:
+        async with aiohttp.ClientSession(timeout=TIMEOUT, auto_decompress=False) as session:
+            resumed_from = await _fetch(session, ctx, url, part, meta, want_size)
+            if resumed_from is None:  # the partial was unusable: go again from 0, now
+                resumed_from = await _fetch(session, ctx, url, part, meta, want_size)
+            if resumed_from is None:
+                raise TransientError(f"download {url}: server keeps answering a different range")
+    except aiohttp.InvalidURL as exc:
+        raise PermanentError(f"download: invalid url {url!r}: {exc}") from None
+    except (aiohttp.ClientConnectionError, aiohttp.ClientPayloadError, asyncio.TimeoutError) as exc:
+        # The bytes already on disk stay: the next attempt resumes from them.
+        raise TransientError(f"download {url}: {type(exc).__name__}: {exc}".rstrip(": ")) from exc
+    sha, size = await hash_file(part)
+    problem = _mismatch(size, sha, want_size, want_sha)
+    if problem:
         part.unlink(missing_ok=True)
+        meta.unlink(missing_ok=True)
         if resumed_from:
-            raise TransientError("download: size or checksum mismatch after resume; restarting from 0")
-        raise PermanentError(f"download: size or checksum mismatch (got {size} bytes, sha256 {sha})")
+            # Maybe the splice was wrong (the resource changed without a validator): retry from 0.
+            raise TransientError(f"download {url}: {problem} after resuming at byte {resumed_from}")
+        raise PermanentError(f"download {url}: {problem}")
     part.replace(final)
-    meta_path.unlink(missing_ok=True)
+    meta.unlink(missing_ok=True)
     return {"path": str(final), "size": size, "sha256": sha, "resumed_from": resumed_from}
