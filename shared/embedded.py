@@ -40,13 +40,7 @@ def _tail(log: Path, chars: int = 2000) -> str:
 
 
 class _Managed:
-    """Context-manager and async plumbing shared by both servers."""
-
-    def start(self):  # pragma: no cover - overridden
-        raise NotImplementedError
-
-    def stop(self) -> None:  # pragma: no cover - overridden
-        raise NotImplementedError
+    """Context-manager and async plumbing shared by both servers (which define start/stop)."""
 
     def restart(self):
         self.stop()
@@ -55,9 +49,6 @@ class _Managed:
     async def astart(self):
         # Start-up blocks (PostgreSQL ~1 s): keep the event loop free.
         return await asyncio.to_thread(self.start)
-
-    async def astop(self) -> None:
-        await asyncio.to_thread(self.stop)
 
     def __enter__(self):
         return self.start()
@@ -104,20 +95,35 @@ class EmbeddedNats(_Managed):
         if self.running:
             return self
         self.data_dir.mkdir(parents=True, exist_ok=True)
+        log_start = self.log_path.stat().st_size if self.log_path.exists() else 0  # log is appended to
         cmd = [self.binary(), "-js", "-sd", str(self.store_dir), "-p", str(self.port), "-a", self.host,
                "-l", str(self.log_path)]
         # Own session: a Ctrl-C aimed at `redrive up` must not reach the server directly.
-        self.proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
-                                     stderr=subprocess.DEVNULL, start_new_session=True)
+        # Output before the server opens its log (bad flags, ...) goes to the same file.
+        with open(self.log_path, "ab") as out:
+            self.proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=out, stderr=out,
+                                         start_new_session=True)
         deadline = time.monotonic() + 10
         while time.monotonic() < deadline and self.running:
-            try:
-                with socket.create_connection((self.host, self.port), timeout=0.2):
-                    return self
-            except OSError:
-                time.sleep(0.02)
+            if self._ready(log_start):
+                return self
+            time.sleep(0.02)
         self.kill()
         raise EmbeddedServerError(f"nats-server on {self.host}:{self.port} did not start:\n{_tail(self.log_path)}")
+
+    def _ready(self, log_start: int) -> bool:
+        # A bare TCP connect is not enough: some sandboxes accept any outbound connection, and
+        # another server may hold the port. Require our own log's ready line and a NATS INFO.
+        try:
+            with open(self.log_path, "rb") as log:
+                log.seek(log_start)
+                if b"Server is ready" not in log.read():
+                    return False
+            with socket.create_connection((self.host, self.port), timeout=0.5) as conn:
+                conn.settimeout(0.5)
+                return conn.recv(4).startswith(b"INFO")
+        except OSError:
+            return False
 
     def stop(self) -> None:
         if not self.running:
@@ -189,8 +195,11 @@ class EmbeddedPostgres(_Managed):
         """The live postmaster's pid, read from postmaster.pid (None if stale or absent)."""
         try:
             pid = int((self.pgdata / "postmaster.pid").read_text().split()[0])
-            # After a kill -9 the pid may be reused by anything: check it is a postgres.
-            return pid if "postgres" in psutil.Process(pid).name() else None
+            proc = psutil.Process(pid)
+            # After a kill -9 the pid may be reused by anything, or linger as a zombie when
+            # nobody reaps it: only a live postgres counts.
+            alive = proc.status() != psutil.STATUS_ZOMBIE and "postgres" in proc.name()
+            return pid if alive else None
         except (OSError, ValueError, IndexError, psutil.Error):
             return None
 
@@ -220,7 +229,10 @@ class EmbeddedPostgres(_Managed):
             if done.returncode != 0:
                 raise EmbeddedServerError(f"initdb failed:\n{(done.stdout + done.stderr)[-2000:]}")
         (self.pgdata / "redrive-port").write_text(str(self.port))  # after initdb: it wants an empty dir
-        (self.pgdata / "postmaster.pid").unlink(missing_ok=True)  # not running, so stale (kill -9)
+        # Not running, so these are left by a kill -9; remove them ourselves because an unreaped
+        # (zombie) postmaster still passes PostgreSQL's own "is that pid alive" check.
+        for stale in [self.pgdata / "postmaster.pid", *self.pgdata.glob(".s.PGSQL.*.lock")]:
+            stale.unlink(missing_ok=True)
         # Unix socket in pgdata (the pg user owns it) unless the path is over the ~107-byte limit;
         # then TCP only (an empty list is allowed, an unusable one is fatal).
         sockets = str(self.pgdata) if len(str(self.pgdata)) < 80 else ""
@@ -232,18 +244,16 @@ class EmbeddedPostgres(_Managed):
         self._create_database()
         return self
 
-    def _psql(self, sql: str) -> subprocess.CompletedProcess:
-        return self._run("psql", "-X", "-h", self.host, "-p", str(self.port), "-U", "postgres", "-d", "postgres",
-                         "-v", "ON_ERROR_STOP=1", "-tAc", sql, as_pg_user=False)
-
     def _create_database(self) -> None:
-        name = self.database.replace("'", "''")
-        found = self._psql(f"SELECT 1 FROM pg_database WHERE datname = '{name}'")
-        if found.returncode == 0 and found.stdout.strip() == "1":
-            return
-        done = self._psql('CREATE DATABASE "{}"'.format(self.database.replace('"', '""')))
-        if done.returncode != 0:
-            raise EmbeddedServerError(f"cannot create database {self.database!r}: {found.stderr}{done.stderr}")
+        def psql(sql: str) -> subprocess.CompletedProcess:
+            return self._run("psql", "-X", "-h", self.host, "-p", str(self.port), "-U", "postgres",
+                             "-d", "postgres", "-v", "ON_ERROR_STOP=1", "-tAc", sql, as_pg_user=False)
+
+        found = psql("SELECT 1 FROM pg_database WHERE datname = '{}'".format(self.database.replace("'", "''")))
+        if found.stdout.strip() != "1":
+            done = psql('CREATE DATABASE "{}"'.format(self.database.replace('"', '""')))
+            if done.returncode != 0:
+                raise EmbeddedServerError(f"cannot create database {self.database!r}: {found.stderr}{done.stderr}")
 
     def stop(self) -> None:
         if not self.running:
@@ -258,8 +268,7 @@ class EmbeddedPostgres(_Managed):
         if pid is None:
             return
         try:
-            parent = psutil.Process(pid)
-            procs = [parent, *parent.children(recursive=True)]  # list children before they are orphaned
+            procs = [parent := psutil.Process(pid), *parent.children(recursive=True)]  # before they are orphaned
         except psutil.NoSuchProcess:
             return
         for p in procs:
@@ -267,9 +276,19 @@ class EmbeddedPostgres(_Managed):
                 p.send_signal(signal.SIGKILL)
             except psutil.NoSuchProcess:
                 pass
-        psutil.wait_procs(procs, timeout=10)
+        # Not our children, so no wait(): poll until each is gone or a zombie.
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline and any(_alive(p) for p in procs):
+            time.sleep(0.02)
 
 
 def _traversable(path: Path) -> bool:
     """True if every existing directory from ``path`` up to ``/`` is searchable by others (o+x)."""
     return all(p.stat().st_mode & 0o001 for p in (path, *path.parents) if p.exists())
+
+
+def _alive(proc: psutil.Process) -> bool:
+    try:
+        return proc.status() != psutil.STATUS_ZOMBIE
+    except psutil.NoSuchProcess:
+        return False
