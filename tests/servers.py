@@ -69,9 +69,13 @@ def start_servers(workdir: Path) -> Servers:
             stops.append(container.stop)
             db_url = container.get_connection_url()
         else:
-            from shared.embedded import EmbeddedPostgres
+            import shutil
+
+            from shared.embedded import PG_FALLBACK_ROOT, EmbeddedPostgres
 
             pg = EmbeddedPostgres(workdir / "pg-data")
+            if PG_FALLBACK_ROOT in Path(pg.pgdata).parents:  # outside the test's temp dir: remove it after
+                stops.append(lambda: shutil.rmtree(pg.pgdata, ignore_errors=True))
             pg.start()
             stops.append(pg.stop)
             db_url = pg.url
