@@ -52,12 +52,17 @@ def main(files: int = 10_000, handler: str = "noop", executors: int = 1, data_di
 
         threading.Thread(target=sample, daemon=True).start()
         template = api.call("POST", "/templates", {"name": "bench", "steps": [{"name": "s", "handler": handler}]})
+        cpu_before = _cpu(stack)
         started = time.perf_counter()
         run = api.call("POST", "/workflow-runs", {"template_id": template["id"], "files": [{"name": f"f{i}"} for i in range(files)]})
         # The listing carries counts without the 10,000 file rows.
+        deadline = time.monotonic() + max(60.0, files / 200)
         while (status := api.call("GET", "/workflow-runs?limit=1")["items"][0])["status"] == "RUNNING":
+            if time.monotonic() > deadline:
+                raise SystemExit(f"the run did not finish in time: {status['counts']} (see {data_dir}/logs)")
             time.sleep(0.05)
         elapsed = time.perf_counter() - started
+        cpu = {k: round(v - cpu_before.get(k, 0), 2) for k, v in _cpu(stack).items()}
         stop.set()
         lat = asyncio.run(_latencies(settings.database_url, run["id"]))
         exact = status["counts"]["succeeded"] == files and status["credits"]["consumed"] == files
@@ -67,6 +72,7 @@ def main(files: int = 10_000, handler: str = "noop", executors: int = 1, data_di
         result = {
             "files": files, "status": status["status"], "exact": exact, "seconds": round(elapsed, 2),
             "files_per_s": round(files / elapsed), "p50_ms": round(lat[0], 1), "p99_ms": round(lat[1], 1),
+            "cpu_s": cpu,
             "peak_rss_mb": {k: round(v / 2**20) for k, v in sorted(peak.items())},
             "two_hop_limit_files_per_s": round(limit), "ratio_to_limit": round(files / elapsed / limit, 2),
         }
@@ -75,6 +81,17 @@ def main(files: int = 10_000, handler: str = "noop", executors: int = 1, data_di
     finally:
         stop.set()
         stack.stop()
+
+
+def _cpu(stack: Stack) -> dict[str, float]:
+    out = {}
+    for child in stack.children:
+        try:
+            t = psutil.Process(child.proc.pid).cpu_times()
+            out[child.name] = t.user + t.system
+        except psutil.Error:
+            pass
+    return out
 
 
 def _wait_ready(api: Api, timeout: float = 30) -> None:

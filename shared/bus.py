@@ -163,7 +163,11 @@ async def publish_many(js: JetStreamContext, items: Sequence[Outgoing], timeout:
         headers = dict(item.headers) if item.headers else {}
         headers["Nats-Msg-Id"] = item.msg_id
         futures.append(await js.publish_async(item.subject, item.data, headers=headers, wait_stall=timeout))
-    results = await asyncio.wait_for(asyncio.gather(*futures, return_exceptions=True), timeout)
+    async with asyncio.timeout(timeout):
+        if len(futures) == 1:  # the executor's hot path: no gather
+            await futures[0]
+            return
+        results = await asyncio.gather(*futures, return_exceptions=True)
     for result in results:
         if isinstance(result, BaseException):
             raise result

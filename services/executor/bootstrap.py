@@ -10,6 +10,7 @@ from shared.subjects import Names
 from services.executor.breakers import BreakerBoard
 from services.executor.handlers.registry import builtin_registry
 from services.executor.job_runner import JobRunner
+from services.executor.keepalive import KeepAlive
 from services.executor.progress import ProgressStore
 from services.executor.steps import StepRunner
 from services.executor.worker import Worker
@@ -35,10 +36,12 @@ class ExecutorService:
         self.progress = ProgressStore(self.js, names, s.stream_replicas)
         await self.progress.start()
         steps = StepRunner(registry, self.breakers, s.data_dir / "artifacts")
-        runner = JobRunner(self.js, names, steps, self.progress, s.executor_ack_wait_s)
+        self.keepalive = KeepAlive(s.executor_ack_wait_s)
+        runner = JobRunner(self.js, names, steps, self.progress, self.keepalive)
         self.worker = Worker(self.js, names, runner, concurrency=s.executor_concurrency, fetch_batch=s.executor_fetch_batch)
         self.micro = MicroService(self.nc, names, "executor", {"breakers": self._breakers}, "runs step handlers")
         await self.micro.start()
+        self.keepalive.start()
         self.worker.start()
 
     async def _breakers(self, payload: dict) -> list[dict]:
@@ -47,6 +50,7 @@ class ExecutorService:
     async def stop(self) -> None:
         await self.micro.stop()
         await self.worker.stop()
+        await self.keepalive.stop()
         await self.breakers.stop()
         await bus.close(self.nc)
 

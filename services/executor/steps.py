@@ -75,8 +75,9 @@ class StepRunner:
                 previous_output=output, artifact_dir=self._artifact_dir(job, file), heartbeat=heartbeat,
             )
             try:
-                result = await asyncio.wait_for(handler.run(ctx), timeout=step.timeout_s)
-            except asyncio.TimeoutError:
+                async with asyncio.timeout(step.timeout_s):  # no extra task, unlike wait_for
+                    result = await handler.run(ctx)
+            except TimeoutError:
                 error = classify(StepTimeout(f"step {step.name!r} ran past its timeout of {step.timeout_s:g}s"))
                 return await self._failed(job, dependency, error, attempt, index)
             except asyncio.CancelledError:
@@ -97,4 +98,4 @@ class StepRunner:
 
     def _artifact_dir(self, job: Job, file: FileSpec) -> Path:
         # Not created here: most steps never write an artifact (handlers mkdir on demand).
-        return self._artifacts / job.tenant_id / job.run_id / str(file.index)
+        return self._artifacts.joinpath(f"{job.tenant_id}/{job.run_id}/{file.index}")
