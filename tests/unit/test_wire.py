@@ -26,3 +26,22 @@ def test_batch_event_ids_name_the_file():
     event = FileEvent.model_validate_json(body)
     assert msg_id == event.msg_id == "r1:batch:r2:3:succeeded:1:1"
     assert event.output == {"ok": 1}
+
+
+def test_job_rows_parse_as_jobs_that_resume_after_their_checkpoint():
+    from services.coordinator.jobs import job_rows
+    from shared.messages import RetryPolicy
+    from shared.subjects import Names
+
+    run = {"id": "r1", "tenant_id": "t", "template_id": "x", "mode": "per_file", "round": 1}
+    template = {"steps": [{"name": "a", "handler": "noop"}, {"name": "b", "handler": "checksum", "optional": True}]}
+    files = [{"idx": 0, "name": "a.pdf", "url": "http://x/a", "checkpoint_step": None},
+             {"idx": 1, "name": "b.pdf", "checkpoint_step": 0, "checkpoint_output": {"k": 1}}]
+    rows = job_rows(Names(), run, template, files, RetryPolicy(auto_retries=5), msg_suffix=":rec1")
+    jobs = [Job.model_validate_json(r["payload"]) for r in rows]
+    assert [j.job_id for j in jobs] == ["r1:file:0:r1", "r1:file:1:r1"]
+    assert [r["msg_id"] for r in rows] == ["r1:file:0:r1:rec1", "r1:file:1:r1:rec1"]
+    assert [j.start_step for j in jobs] == [0, 1] and jobs[1].files[0].previous_output == {"k": 1}
+    assert jobs[0].retry.auto_retries == 5 and jobs[0].steps[1].optional
+    batch = job_rows(Names(), {**run, "mode": "batch"}, template, files, RetryPolicy())
+    assert len(batch) == 1 and len(Job.model_validate_json(batch[0]["payload"]).files) == 2
