@@ -158,12 +158,14 @@ async def publish_many(js: JetStreamContext, items: Sequence[Outgoing], timeout:
     """
     if not items:
         return
-    futures = []
-    for item in items:
-        headers = dict(item.headers) if item.headers else {}
-        headers["Nats-Msg-Id"] = item.msg_id
-        futures.append(await js.publish_async(item.subject, item.data, headers=headers, wait_stall=timeout))
     async with asyncio.timeout(timeout):
+        futures = []
+        for item in items:
+            headers = dict(item.headers) if item.headers else {}
+            headers["Nats-Msg-Id"] = item.msg_id
+            # wait_stall=None: with a timeout, nats-py wraps the semaphore wait in a task,
+            # which yields to the loop and makes every publish its own socket write.
+            futures.append(await js.publish_async(item.subject, item.data, headers=headers, wait_stall=None))
         if len(futures) == 1:  # the executor's hot path: no gather
             await futures[0]
             return

@@ -4,6 +4,7 @@ SIGINT, stop gracefully (stop pulling, finish in-flight work, drain NATS, close 
 from __future__ import annotations
 
 import asyncio
+import os
 import signal
 from collections.abc import Awaitable, Callable
 from typing import Protocol
@@ -46,4 +47,17 @@ def run(name: str, build: Callable[[Settings], Awaitable[Service]], settings: Se
         uvloop.install()
     except ImportError:
         pass
-    asyncio.run(serve(name, build, settings))
+    profile_dir = os.environ.get("REDRIVE_PROFILE_DIR")
+    if not profile_dir:
+        asyncio.run(serve(name, build, settings))
+        return
+    # Developer aid: a cProfile of the whole process life, written when it stops.
+    import cProfile
+
+    profiler = cProfile.Profile()
+    profiler.enable()
+    try:
+        asyncio.run(serve(name, build, settings))
+    finally:
+        profiler.disable()
+        profiler.dump_stats(os.path.join(profile_dir, f"{name}-{os.getpid()}.prof"))
