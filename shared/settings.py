@@ -53,6 +53,8 @@ class Settings(BaseSettings):
     # A PENDING file whose job showed no progress for this long is considered stuck.
     recovery_lease_s: float = Field(default=120.0, gt=0)
     recovery_max_failures: int = Field(default=3, ge=1)
+    # A credit intent still pending after this long was abandoned by a crash: compensate it.
+    credit_intent_timeout_s: float = Field(default=60.0, gt=0)
     max_files_per_run: int = Field(default=100_000, ge=1)
 
     # Notifier.

@@ -9,6 +9,7 @@ from sqlalchemy import text
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from shared.db import transaction
+from shared.faults import crash_point
 from shared.messages import ServiceError
 from services.billing import accounts
 from services.billing.rules import split_charge, split_refund
@@ -44,6 +45,7 @@ async def reserve(engine: AsyncEngine, cmd: Reserve) -> dict:
         await accounts.add_entry(conn, cmd.tenant_id, "charge", -cmd.amount, m=-m, p=-p, key=cmd.idempotency_key,
                                  run_id=cmd.run_id, actor=cmd.actor)
         await accounts.move(conn, cmd.tenant_id, -m, -p)
+        crash_point("billing_before_commit")  # mid-reservation: the transaction must vanish
         return {"charged": cmd.amount, "from_monthly": m, "from_purchased": p, "duplicate": False}
 
 

@@ -18,6 +18,7 @@ from sqlalchemy import text
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
 from shared.db import transaction
+from shared.faults import crash_point
 from shared.messages import ServiceError
 from shared.rpc import RpcClient
 
@@ -95,6 +96,7 @@ async def reserve(
         else:  # unknown outcome (timeout, billing down): refund or void the key
             await compensate(engine, billing, key=key, tenant_id=tenant_id, run_id=run_id)
         raise
+    crash_point("after_reserve")  # charged, run not yet updated: the sweep must refund
     return Charge(key, reply["charged"], reply["from_monthly"], reply["from_purchased"])
 
 

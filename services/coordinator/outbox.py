@@ -18,6 +18,7 @@ from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
 from shared.bus import Outgoing, publish_many
 from shared.db import transaction
+from shared.faults import crash_point
 
 log = structlog.get_logger(__name__)
 
@@ -76,6 +77,7 @@ class OutboxRelay:
             if not rows:
                 return 0
             rows = sorted(rows, key=lambda r: r["id"])
+            crash_point("before_publish")  # committed upstream, not yet published
             await publish_many(
                 self._js,
                 [Outgoing(r["subject"], bytes(r["payload"]), r["msg_id"], r["headers"] or None) for r in rows],

@@ -34,7 +34,7 @@ _STUCK = text(
 
 async def sweep(deps: Deps) -> dict:
     stats = {"compensated": 0, "refunds": 0, "recovered": 0, "given_up": 0}
-    stats["compensated"] = await credits.compensate_abandoned(deps.engine, deps.billing, older_than_s=60)
+    stats["compensated"] = await credits.compensate_abandoned(deps.engine, deps.billing, older_than_s=deps.settings.credit_intent_timeout_s)
     stats["refunds"] = await pay_refunds_due(deps)
     async with transaction(deps.engine) as conn:
         for run in (await conn.execute(_STUCK, {"lease": deps.settings.recovery_lease_s})).mappings().all():
