@@ -22,6 +22,7 @@ from pydantic import ValidationError
 from shared.bus import Outgoing, publish_many
 from shared.messages import ErrorInfo, FileEvent, FileSpec, Job
 from shared.subjects import Names
+from services.executor.isolation import IsolationGate
 from services.executor.keepalive import KeepAlive
 from services.executor.outcome import Outcome
 from services.executor.progress import Progress, ProgressStore
@@ -48,19 +49,21 @@ def file_event_body(job: Job, file_index: int, outcome: Outcome, attempt: int, k
 
 class JobRunner:
     def __init__(self, js: JetStreamContext, names: Names, steps: StepRunner, progress: ProgressStore,
-                 keepalive: KeepAlive) -> None:
+                 keepalive: KeepAlive, gate: IsolationGate | None = None) -> None:
         self._js = js
         self._names = names
         self._steps = steps
         self._progress = progress
         self._keepalive = keepalive
+        self._gate = gate or IsolationGate()
 
-    async def handle(self, msg: Msg) -> None:
+    async def handle(self, msg: Msg) -> bool:
+        """Run the job; True if it was a suspect (redelivered for no reason we know)."""
         try:
             job = Job.model_validate_json(msg.data)
         except ValidationError as exc:
             await self._reject_unreadable(msg, exc)
-            return
+            return False
         delivered = msg.metadata.num_delivered if msg.reply else 1
         last_beat = 0.0
 
@@ -75,21 +78,23 @@ class JobRunner:
         try:
             if job.mode == "batch":
                 await self._run_batch(job, msg, delivered, heartbeat)
-            else:
-                await self._run_one(job, job.files[0], msg, delivered, heartbeat)
+                return delivered > 1
+            return await self._run_one(job, job.files[0], msg, delivered, heartbeat)
         finally:
             self._keepalive.remove(msg)
 
-    async def _run_one(self, job: Job, file: FileSpec, msg: Msg, delivered: int, heartbeat) -> None:
+    async def _run_one(self, job: Job, file: FileSpec, msg: Msg, delivered: int, heartbeat) -> bool:
         # First delivery: everything is in the message. Later ones: ask the progress store.
         progress = await self._progress.get(job.job_id, file.index) if delivered > 1 else Progress()
         attempt = progress.failures + 1
-        outcome = await self._run_file(job, file, progress, attempt, heartbeat)
+        suspect = delivered - 1 > progress.failures + progress.deferrals
+        async with (self._gate.exclusive() if suspect else self._gate.shared()):
+            outcome = await self._run_file(job, file, progress, attempt, heartbeat)
         if outcome.kind == "defer":
             progress.deferrals += 1
             await self._progress.put(job.job_id, file.index, progress)
             await msg.nak(delay=outcome.delay_ms / 1000)
-            return
+            return suspect
         if outcome.kind == "retry":
             progress.failures += 1
             await self._progress.put(job.job_id, file.index, progress)
@@ -100,6 +105,7 @@ class JobRunner:
             await msg.term()
         else:
             await msg.ack()
+        return suspect
 
     async def _run_batch(self, job: Job, msg: Msg, delivered: int, heartbeat) -> None:
         """A batch job carries every file: retries happen in-process (with the same backoff

@@ -3,6 +3,12 @@
 Fetches are sized by free slots, so a slow job never holds messages it cannot start (they
 would sit unacked until the ack wait and be redelivered elsewhere for nothing). Stopping
 stops pulling, lets in-flight jobs finish (bounded by the grace period), then returns.
+
+Cautious mode: after a start, and whenever a suspect job shows up (redelivered for no
+reason we know: see job_runner), jobs are fetched one at a time with nothing else in
+flight, until one turns out not to be a suspect. A job that
+kills its executor is redelivered first after the restart; fetched alone, it kills only
+itself, and the jobs that died with it the first time spend one delivery, not all of them.
 """
 
 from __future__ import annotations
@@ -30,6 +36,9 @@ class Worker:
         self._inflight: set[asyncio.Task] = set()
         self._stopping = asyncio.Event()
         self._task: asyncio.Task | None = None
+        self._idle = asyncio.Event()
+        self._idle.set()
+        self.cautious = True
         self.completed = 0
 
     def start(self) -> None:
@@ -45,6 +54,9 @@ class Worker:
     async def _run(self) -> None:
         sub = None
         while not self._stopping.is_set():
+            if self.cautious and self._inflight:
+                await self._idle.wait()
+                continue
             free = self._concurrency - len(self._inflight)
             if free <= 0:
                 await asyncio.wait(self._inflight, return_when=asyncio.FIRST_COMPLETED)
@@ -52,7 +64,7 @@ class Worker:
             try:
                 if sub is None:
                     sub = await self._js.pull_subscribe_bind(self._names.executor_consumer, self._names.jobs_stream)
-                msgs = await sub.fetch(min(free, self._fetch_batch), timeout=1.0)
+                msgs = await sub.fetch(1 if self.cautious else min(free, self._fetch_batch), timeout=1.0)
             except (nats.errors.TimeoutError, asyncio.TimeoutError):
                 continue
             except Exception as exc:
@@ -60,14 +72,23 @@ class Worker:
                 sub = None
                 await asyncio.sleep(0.5)
                 continue
+            alone = self.cautious
             for msg in msgs:
-                task = asyncio.create_task(self._one(msg))
+                task = asyncio.create_task(self._one(msg, alone))
                 self._inflight.add(task)
-                task.add_done_callback(self._inflight.discard)
+                self._idle.clear()
+                task.add_done_callback(self._done)
 
-    async def _one(self, msg) -> None:
+    def _done(self, task: asyncio.Task) -> None:
+        self._inflight.discard(task)
+        if not self._inflight:
+            self._idle.set()
+
+    async def _one(self, msg, alone: bool) -> None:
         try:
-            await self._runner.handle(msg)
+            suspect = await self._runner.handle(msg)
+            # Fetched alone (cautious), the job's verdict decides; otherwise only a suspect turns it on.
+            self.cautious = suspect if alone else (suspect or self.cautious)
             self.completed += 1
         except Exception as exc:
             # Publishing or acking failed (NATS away): leave the message unacked; it comes

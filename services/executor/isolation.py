@@ -1,0 +1,52 @@
+"""Run suspect jobs alone.
+
+A job redelivered for no reason we know of (not a retry we asked for, not a breaker
+deferral) most likely died with its executor: maybe it killed it. Such a job runs alone,
+after the jobs in flight finish and before new ones start, so that if it is poison it
+kills only itself and the innocent jobs fetched next to it do not spend their deliveries
+with it (the consumer's max deliver would otherwise fail them too).
+"""
+
+from __future__ import annotations
+
+import asyncio
+from contextlib import asynccontextmanager
+from typing import AsyncIterator
+
+
+class IsolationGate:
+    def __init__(self) -> None:
+        self._running = 0
+        self._exclusive = False
+        self._waiting_exclusive = 0
+        self._changed = asyncio.Condition()
+
+    @asynccontextmanager
+    async def shared(self) -> AsyncIterator[None]:
+        if self._exclusive or self._waiting_exclusive:  # slow path only while a suspect waits
+            async with self._changed:
+                await self._changed.wait_for(lambda: not self._exclusive and not self._waiting_exclusive)
+        self._running += 1
+        try:
+            yield
+        finally:
+            self._running -= 1
+            if self._waiting_exclusive:
+                async with self._changed:
+                    self._changed.notify_all()
+
+    @asynccontextmanager
+    async def exclusive(self) -> AsyncIterator[None]:
+        async with self._changed:
+            self._waiting_exclusive += 1
+            try:
+                await self._changed.wait_for(lambda: not self._exclusive and self._running == 0)
+            finally:
+                self._waiting_exclusive -= 1
+            self._exclusive = True
+        try:
+            yield
+        finally:
+            async with self._changed:
+                self._exclusive = False
+                self._changed.notify_all()
