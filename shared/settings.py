@@ -44,6 +44,8 @@ class Settings(BaseSettings):
     executor_max_deliver: int = Field(default=20, ge=2)
     executor_concurrency: int = Field(default=256, ge=1)
     executor_fetch_batch: int = Field(default=256, ge=1)
+    # In-progress acks for long steps; off only to reproduce late acks in chaos tests.
+    executor_keepalive: bool = True
     handlers: str = ""  # REDRIVE_HANDLERS: comma-separated modules that register handlers
 
     # Coordinator.

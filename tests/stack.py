@@ -65,7 +65,13 @@ class Stack:
         """Poll the observable state until ``until`` holds (bounded; no fixed sleeps)."""
         deadline = time.monotonic() + timeout
         while True:
-            run = await self.run(tenant_id, run_id)
+            try:
+                run = await self.run(tenant_id, run_id)
+            except ServiceError as exc:  # a service restarting (fault tests): ask again
+                if exc.code != "service_unavailable" or time.monotonic() > deadline:
+                    raise
+                await asyncio.sleep(0.1)
+                continue
             if until(run):
                 return run
             if time.monotonic() > deadline:

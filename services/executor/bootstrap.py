@@ -37,11 +37,12 @@ class ExecutorService:
         await self.progress.start()
         steps = StepRunner(registry, self.breakers, s.data_dir / "artifacts")
         self.keepalive = KeepAlive(s.executor_ack_wait_s)
-        runner = JobRunner(self.js, names, steps, self.progress, self.keepalive)
+        runner = JobRunner(self.js, names, steps, self.progress, self.keepalive, max_deliver=s.executor_max_deliver)
         self.worker = Worker(self.js, names, runner, concurrency=s.executor_concurrency, fetch_batch=s.executor_fetch_batch)
         self.micro = MicroService(self.nc, names, "executor", {"breakers": self._breakers}, "runs step handlers")
         await self.micro.start()
-        self.keepalive.start()
+        if s.executor_keepalive:
+            self.keepalive.start()
         self.worker.start()
 
     async def _breakers(self, payload: dict) -> list[dict]:

@@ -5,6 +5,8 @@ ack: a crash in between redelivers a job whose result the coordinator already ha
 ignores the repeat):
   succeeded → ack        failed (retries spent) → ack        errored (permanent) → term
   retry → nak(delay)     defer (breaker open) → nak(delay), not counted as an attempt
+Near the consumer's max deliver, retry and defer re-publish the job instead of nak-ing it
+(``_come_back_later``), so only deliveries we cannot explain (crashes) reach that limit.
 """
 
 from __future__ import annotations
@@ -30,6 +32,8 @@ from services.executor.steps import StepRunner
 
 log = structlog.get_logger(__name__)
 
+REFRESHED_HEADER = "Redrive-Refreshed"
+
 
 def file_event_body(job: Job, file_index: int, outcome: Outcome, attempt: int, kind: str) -> tuple[str, bytes]:
     """A FileEvent's (msg id, JSON), built without a pydantic round trip: this runs once
@@ -49,13 +53,14 @@ def file_event_body(job: Job, file_index: int, outcome: Outcome, attempt: int, k
 
 class JobRunner:
     def __init__(self, js: JetStreamContext, names: Names, steps: StepRunner, progress: ProgressStore,
-                 keepalive: KeepAlive, gate: IsolationGate | None = None) -> None:
+                 keepalive: KeepAlive, gate: IsolationGate | None = None, max_deliver: int = 20) -> None:
         self._js = js
         self._names = names
         self._steps = steps
         self._progress = progress
         self._keepalive = keepalive
         self._gate = gate or IsolationGate()
+        self._max_deliver = max_deliver
 
     async def handle(self, msg: Msg) -> bool:
         """Run the job; True if it was a suspect (redelivered for no reason we know)."""
@@ -84,28 +89,48 @@ class JobRunner:
             self._keepalive.remove(msg)
 
     async def _run_one(self, job: Job, file: FileSpec, msg: Msg, delivered: int, heartbeat) -> bool:
-        # First delivery: everything is in the message. Later ones: ask the progress store.
-        progress = await self._progress.get(job.job_id, file.index) if delivered > 1 else Progress()
+        # First delivery: everything is in the message. Later ones (and re-published
+        # copies): ask the progress store.
+        refreshed = bool(msg.headers and msg.headers.get(REFRESHED_HEADER))
+        progress = await self._progress.get(job.job_id, file.index) if delivered > 1 or refreshed else Progress()
         attempt = progress.failures + 1
-        suspect = delivered - 1 > progress.failures + progress.deferrals
-        async with (self._gate.exclusive() if suspect else self._gate.shared()):
-            outcome = await self._run_file(job, file, progress, attempt, heartbeat)
-        if outcome.kind == "defer":
-            progress.deferrals += 1
-            await self._progress.put(job.job_id, file.index, progress)
-            await msg.nak(delay=outcome.delay_ms / 1000)
+        suspect = delivered - 1 > progress.explained
+        wait_s = (progress.not_before or 0) - time.time()
+        if wait_s > 0.01:  # a re-published copy, early: wait out the backoff it was given
+            outcome = Outcome("defer", file.start_step, delay_ms=int(wait_s * 1000))
+        else:
+            async with (self._gate.exclusive() if suspect else self._gate.shared()):
+                outcome = await self._run_file(job, file, progress, attempt, heartbeat)
+        if outcome.kind in ("defer", "retry"):
+            if outcome.kind == "defer":
+                progress.deferrals += 1
+            else:
+                progress.failures += 1
+                await self._publish(job, file.index, outcome, attempt)
+            await self._come_back_later(job, file, msg, delivered, progress, outcome.delay_ms / 1000)
             return suspect
-        if outcome.kind == "retry":
-            progress.failures += 1
-            await self._progress.put(job.job_id, file.index, progress)
         await self._publish(job, file.index, outcome, attempt)
-        if outcome.kind == "retry":
-            await msg.nak(delay=outcome.delay_ms / 1000)
-        elif outcome.kind == "errored":
+        if outcome.kind == "errored":
             await msg.term()
         else:
             await msg.ack()
         return suspect
+
+    async def _come_back_later(self, job: Job, file: FileSpec, msg: Msg, delivered: int, progress: Progress,
+                               delay_s: float) -> None:
+        """nak with a delay; but a message near the consumer's max deliver is re-published
+        instead (and the original acked), because retries and breaker deferrals are ours
+        and must not make a healthy job look like one that kills its executor."""
+        if delivered < self._max_deliver - 1:
+            await self._progress.put(job.job_id, file.index, progress)
+            await msg.nak(delay=delay_s)
+            return
+        progress.offset = progress.failures + progress.deferrals
+        progress.not_before = time.time() + delay_s
+        await self._progress.put(job.job_id, file.index, progress)
+        headers = {REFRESHED_HEADER: "1", "Redrive-Tenant": job.tenant_id, "Redrive-Run": job.run_id}
+        await publish_many(self._js, [Outgoing(msg.subject, msg.data, f"{job.job_id}:refresh:{progress.offset}", headers)])
+        await msg.ack()
 
     async def _run_batch(self, job: Job, msg: Msg, delivered: int, heartbeat) -> None:
         """A batch job carries every file: retries happen in-process (with the same backoff

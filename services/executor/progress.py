@@ -8,7 +8,7 @@ succeeds never reads or writes it."""
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass
 from typing import Any
 
 import orjson
@@ -29,7 +29,18 @@ class Progress:
     step: int | None = None  # last completed step
     output: dict[str, Any] | None = None
     done: bool = False  # batch mode: this file's terminal event was published
-    extra: dict[str, Any] = field(default_factory=dict)
+    # Set when the job message was re-published to reset its delivery count (see
+    # job_runner): the explained deliveries up to then, and when it may run again.
+    offset: int = 0
+    not_before: float | None = None
+
+    @property
+    def explained(self) -> int:
+        """Deliveries of the current message that we caused (retries, deferrals)."""
+        return self.failures + self.deferrals - self.offset
+
+
+_FIELDS = set(Progress.__dataclass_fields__)
 
 
 def progress_key(job_id: str, file_index: int) -> str:
@@ -55,9 +66,7 @@ class ProgressStore:
         except KeyNotFoundError:
             return Progress()
         data = orjson.loads(entry.value)
-        return Progress(**{k: data[k] for k in ("failures", "deferrals", "step", "output", "done") if k in data})
+        return Progress(**{k: v for k, v in data.items() if k in _FIELDS})
 
     async def put(self, job_id: str, file_index: int, progress: Progress) -> None:
-        body = {"failures": progress.failures, "deferrals": progress.deferrals, "step": progress.step,
-                "output": progress.output, "done": progress.done}
-        await self._kv.put(progress_key(job_id, file_index), orjson.dumps(body))
+        await self._kv.put(progress_key(job_id, file_index), orjson.dumps(asdict(progress)))

@@ -10,6 +10,7 @@ deferred, which does not count as an attempt.
 from __future__ import annotations
 
 import asyncio
+import random
 from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
@@ -68,7 +69,10 @@ class StepRunner:
                 if admission.verdict == "defer" or (
                     admission.verdict == "probe" and not await self._breakers.claim_probe(dependency)
                 ):
-                    return Outcome("defer", index, delay_ms=int(max(admission.delay_s, 0.5) * 1000))
+                    # Jitter: the deferred jobs must not all wake at the probe instant, or the
+                    # same one wins every probe and spends its retries alone.
+                    jitter_s = random.uniform(0, 0.5 * job.retry.breaker_reset_s)
+                    return Outcome("defer", index, delay_ms=int((max(admission.delay_s, 0.5) + jitter_s) * 1000))
             ctx = StepContext(
                 job_id=job.job_id, run_id=job.run_id, tenant_id=job.tenant_id, file_index=file.index, round=job.round,
                 attempt=attempt, step_index=index, step_name=step.name, params=step.params, file=ref,

@@ -13,8 +13,10 @@ from tests.stack import Stack
 
 @pytest.fixture(scope="module")
 async def stack(make_settings):
-    # A short ack wait, so that a step of a few seconds outlives it several times.
-    s = await Stack(await make_settings(executor_ack_wait_s=1.0)).start("billing", "coordinator", "executor")
+    # A short ack wait, so that a step of a few seconds outlives it several times; a low max
+    # deliver, so that retries and breaker deferrals must not count towards it.
+    s = await Stack(await make_settings(executor_ack_wait_s=1.0, executor_max_deliver=3)).start(
+        "billing", "coordinator", "executor")
     yield s
     await s.stop()
 
