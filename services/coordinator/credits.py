@@ -21,6 +21,7 @@ from shared.db import transaction
 from shared.faults import crash_point
 from shared.messages import ServiceError
 from shared.rpc import RpcClient
+from services.coordinator import timeline
 
 log = structlog.get_logger(__name__)
 
@@ -128,7 +129,7 @@ async def compensate(engine: AsyncEngine, billing: RpcClient, *, key: str, tenan
         if row is None or row[0] != "pending":
             return False
         try:
-            await billing.call(
+            reply = await billing.call(
                 "billing", "refund",
                 {"tenant_id": tenant_id, "idempotency_key": compensation_key(key), "of_key": key,
                  "run_id": run_id, "actor": "system:compensation"},
@@ -139,6 +140,10 @@ async def compensate(engine: AsyncEngine, billing: RpcClient, *, key: str, tenan
         await conn.execute(
             text("UPDATE coordinator.credit_intents SET state = 'compensated' WHERE key = :key"), {"key": key}
         )
+        await timeline.append(conn, timeline.entry(
+            run_id, tenant_id, "refund", "system:compensation", amount=reply.get("refunded", 0),
+            to_monthly=reply.get("to_monthly"), to_purchased=reply.get("to_purchased"), key=compensation_key(key),
+            reason="the run change was not applied after the charge"))
     log.info("credits.compensated", key=key, run_id=run_id)
     return True
 

@@ -45,6 +45,8 @@ async def test_a_crash_between_reservation_and_run_update_is_refunded_exactly_on
         charges = [e for e in await stack.ledger(tenant) if e["kind"] == "charge"]
         assert [(e["idempotency_key"], e["amount"]) for e in charges] == [(f"{run['id']}:retry:1", -3), (f"{run['id']}:initiate", -3)]
         assert [(e["idempotency_key"], e["amount"]) for e in refunds] == [(f"{run['id']}:refund:1", 3)]
+        log = (await stack.call("coordinator", "timeline", tenant_id=tenant, run_id=run["id"]))["items"]
+        assert [(e["actor"], e["details"]["amount"]) for e in log if e["kind"] == "refund"] == [("system:compensation", 3)]
         after = await stack.run(tenant, run["id"])
         assert after["round"] == 0 and after["status"] == "COMPLETED_WITH_ERRORS"
         assert (await stack.call("billing", "balance", tenant_id=tenant))["monthly"]["remaining"] == 7
