@@ -30,7 +30,8 @@ class Names:
 
     executor_consumer = "executor"
     results_consumer = "coordinator-results"
-    notifier_consumer = "notifier"
+    notifier_consumer = "notifier"  # run events
+    notifier_failures_consumer = "notifier-failures"  # file.failed only
 
     @property
     def breakers_bucket(self) -> str:
@@ -58,6 +59,10 @@ class Names:
 
     def file_event(self, kind: str) -> str:
         return f"{self.prefix}.events.file.{kind}"
+
+    @property
+    def run_events_all(self) -> str:
+        return f"{self.prefix}.events.run.>"
 
     def run_event(self, kind: str) -> str:
         return f"{self.prefix}.events.run.{kind}"

@@ -21,13 +21,26 @@ class EventHub:
         self._names = names
         self._clients: dict[asyncio.Queue, str] = {}
         self._sub = None
+        self._subscribing = asyncio.Lock()
 
     async def start(self) -> None:
-        self._sub = await self._nc.subscribe(self._names.events_all, cb=self._on_event)
+        pass  # subscribed only while someone listens: idle gateways cost the bus nothing
+
+    async def _listen(self) -> None:
+        async with self._subscribing:
+            if self._sub is None:
+                self._sub = await self._nc.subscribe(self._names.events_all, cb=self._on_event)
+
+    async def _maybe_stop_listening(self) -> None:
+        async with self._subscribing:
+            if not self._clients and self._sub is not None:
+                sub, self._sub = self._sub, None
+                await sub.unsubscribe()
 
     async def stop(self) -> None:
         if self._sub is not None:
-            await self._sub.unsubscribe()
+            sub, self._sub = self._sub, None
+            await sub.unsubscribe()
         for queue in list(self._clients):
             queue.put_nowait(None)
 
@@ -50,6 +63,7 @@ class EventHub:
         await response.prepare(request)
         queue: asyncio.Queue = asyncio.Queue()
         self._clients[queue] = tenant_id
+        await self._listen()
         try:
             await response.write(b": connected\n\n")
             while True:
@@ -64,4 +78,5 @@ class EventHub:
             pass
         finally:
             self._clients.pop(queue, None)
+            await self._maybe_stop_listening()
         return response

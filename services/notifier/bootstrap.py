@@ -26,12 +26,18 @@ class NotifierService:
         self.nc = await bus.connect(s, "notifier")
         js = self.nc.jetstream()
         await bus.ensure_streams(js, s)
-        await bus.ensure_consumer(js, names.events_stream, names.notifier_consumer, names.events_all, ack_wait_s=30)
+        # Two filtered consumers rather than one on every event (messaging.md's table): the
+        # notifier needs run events and failed files, not the succeeded file per file of a
+        # 10,000-file run. (NATS 2.9 has no multi-subject filter.)
+        await bus.ensure_consumer(js, names.events_stream, names.notifier_consumer, names.run_events_all, ack_wait_s=30)
+        await bus.ensure_consumer(js, names.events_stream, names.notifier_failures_consumer, names.file_event("failed"),
+                                  ack_wait_s=30)
         self.engine = make_engine(s, pool_size=5, application_name="redrive-notifier")
         self.sender = WebhookSender(self.engine, timeout_s=s.webhook_timeout_s, max_attempts=s.webhook_max_attempts,
                                     base_ms=self.webhook_base_ms)
-        self.loop = bus.PullLoop(js, names.events_stream, names.notifier_consumer,
-                                 make_handler(self.engine, names, self.sender.kick), batch=1000, name="notifier")
+        handle = make_handler(self.engine, names, self.sender.kick)
+        self.loops = [bus.PullLoop(js, names.events_stream, consumer, handle, batch=500, name=consumer)
+                      for consumer in (names.notifier_consumer, names.notifier_failures_consumer)]
 
         def bind(model, fn):
             async def verb(payload: dict):
@@ -41,11 +47,13 @@ class NotifierService:
         self.micro = MicroService(self.nc, names, "notifier", {n: bind(m, f) for n, (m, f) in VERBS.items()}, "notifications")
         await self.micro.start()
         self.sender.start()
-        self.loop.start()
+        for loop in self.loops:
+            loop.start()
 
     async def stop(self) -> None:
         await self.micro.stop()
-        await self.loop.stop()
+        for loop in self.loops:
+            await loop.stop()
         await self.sender.stop()
         await bus.close(self.nc)
         await self.engine.dispose()

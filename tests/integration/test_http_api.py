@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import json
 
 import aiohttp
 import pytest
@@ -102,3 +103,40 @@ async def test_service_endpoints_and_openapi(api):
     for route in ROUTES:
         assert route.method.lower() in doc["paths"]["/api/v1" + route.path]
     assert (await http.get("/")).status == 200
+
+
+async def test_live_events_reach_their_tenant_only(api):
+    http, keys = api["http"], api["keys"]
+
+    async def frames(key, out: list, stop_kind: str | None):
+        async with http.get("/api/v1/events", headers=auth(key)) as resp:
+            assert resp.status == 200 and resp.headers["Content-Type"].startswith("text/event-stream")
+            event = None
+            async for raw in resp.content:
+                line = raw.decode().rstrip("\n")
+                if line.startswith("event: "):
+                    event = line[7:]
+                elif line.startswith("data: ") and event:
+                    out.append((event, json.loads(line[6:])))
+                    if event == stop_kind:
+                        return
+                elif line == ": connected":
+                    out.append(("connected", {}))
+
+    mine, theirs = [], []
+    mine_task = asyncio.create_task(frames(keys["member"], mine, "run.completed"))
+    theirs_task = asyncio.create_task(frames(keys["other"], theirs, None))
+    for _ in range(100):
+        if mine and theirs:
+            break
+        await asyncio.sleep(0.02)
+    r = await http.post("/api/v1/templates", json={"name": "t", "steps": [{"name": "a", "handler": "noop"}]},
+                        headers=auth(keys["tenant_admin"]))
+    run = await (await http.post("/api/v1/workflow-runs", json={"template_id": (await r.json())["id"],
+                                                                "files": [{"name": "a"}]},
+                                 headers=auth(keys["member"]))).json()
+    await asyncio.wait_for(mine_task, 20)
+    theirs_task.cancel()
+    kinds = [k for k, e in mine if e.get("run_id") == run["id"]]
+    assert "file.succeeded" in kinds and kinds[-1] == "run.completed"
+    assert not [e for k, e in theirs if e.get("run_id") == run["id"]]
