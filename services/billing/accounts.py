@@ -13,7 +13,7 @@ from services.billing.rules import month_bounds
 _INSERT_ENTRY = text(
     "INSERT INTO billing.ledger (tenant_id, kind, amount, monthly_part, purchased_part, run_id, idempotency_key, refund_of, actor) "
     "VALUES (:tenant_id, :kind, :amount, :m, :p, :run_id, :key, :refund_of, :actor) "
-    "ON CONFLICT (idempotency_key) DO NOTHING RETURNING id"
+    "ON CONFLICT (tenant_id, idempotency_key) DO NOTHING RETURNING id"
 )
 
 

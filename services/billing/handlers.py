@@ -42,8 +42,10 @@ async def reserve(engine: AsyncEngine, cmd: Reserve) -> dict:
                                {"needed": cmd.amount,
                                 "available": account["monthly_remaining"] + account["purchased_remaining"]})
         m, p = split
-        await accounts.add_entry(conn, cmd.tenant_id, "charge", -cmd.amount, m=-m, p=-p, key=cmd.idempotency_key,
-                                 run_id=cmd.run_id, actor=cmd.actor)
+        if not await accounts.add_entry(conn, cmd.tenant_id, "charge", -cmd.amount, m=-m, p=-p,
+                                        key=cmd.idempotency_key, run_id=cmd.run_id, actor=cmd.actor):
+            # Cannot happen under the account lock; if it ever does, move no money.
+            raise ServiceError("conflict", "this idempotency key is being used by another request")
         await accounts.move(conn, cmd.tenant_id, -m, -p)
         crash_point("billing_before_commit")  # mid-reservation: the transaction must vanish
         return {"charged": cmd.amount, "from_monthly": m, "from_purchased": p, "duplicate": False}
@@ -68,8 +70,9 @@ async def refund(engine: AsyncEngine, cmd: Refund) -> dict:
             "WHERE refund_of = :k AND tenant_id = :t"), {"k": cmd.of_key, "t": cmd.tenant_id})).one()
         amount = -charge["amount"] if cmd.amount is None else cmd.amount
         m, p = split_refund(amount, -charge["monthly_part"], -charge["purchased_part"], before[0], before[1])
-        await accounts.add_entry(conn, cmd.tenant_id, "refund", m + p, m=m, p=p, key=cmd.idempotency_key,
-                                 run_id=cmd.run_id, refund_of=cmd.of_key, actor=cmd.actor)
+        if not await accounts.add_entry(conn, cmd.tenant_id, "refund", m + p, m=m, p=p, key=cmd.idempotency_key,
+                                        run_id=cmd.run_id, refund_of=cmd.of_key, actor=cmd.actor):
+            raise ServiceError("conflict", "this idempotency key is being used by another request")
         await accounts.move(conn, cmd.tenant_id, m, p)
         return {"refunded": m + p, "to_monthly": m, "to_purchased": p, "duplicate": False}
 

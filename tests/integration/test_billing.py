@@ -99,3 +99,12 @@ async def test_the_monthly_allowance_resets_once_when_the_period_ends(stack):
     assert {b["monthly"]["remaining"] for b in balances} == {10}
     assert [e["amount"] for e in await stack.ledger(tenant) if e["kind"] == "reset"] == [7]
     await stack.assert_books_balance(tenant)
+
+
+async def test_idempotency_keys_belong_to_their_tenant(stack):
+    a, b = await stack.tenant(monthly=10), await stack.tenant(monthly=10)
+    assert not (await reserve(stack, a, 4, "shared-key"))["duplicate"]
+    assert not (await reserve(stack, b, 4, "shared-key"))["duplicate"]
+    for tenant in (a, b):
+        assert (await stack.call("billing", "balance", tenant_id=tenant))["monthly"]["remaining"] == 6
+        await stack.assert_books_balance(tenant)

@@ -34,9 +34,12 @@ def upgrade() -> None:
         monthly_part integer NOT NULL DEFAULT 0,
         purchased_part integer NOT NULL DEFAULT 0,
         run_id text,
-        idempotency_key text NOT NULL UNIQUE,
+        idempotency_key text NOT NULL,
         refund_of text,
-        actor text
+        actor text,
+        -- Keys are the caller's: unique per tenant, so one tenant's keys never collide
+        -- with (or reveal) another's.
+        UNIQUE (tenant_id, idempotency_key)
     );
     CREATE INDEX ledger_by_tenant ON billing.ledger (tenant_id, id DESC);
     CREATE INDEX ledger_refunds ON billing.ledger (refund_of) WHERE refund_of IS NOT NULL
