@@ -22,13 +22,15 @@ class IsolationGate:
         self._changed = asyncio.Condition()
 
     @asynccontextmanager
-    async def shared(self) -> AsyncIterator[None]:
-        if self._exclusive or self._waiting_exclusive:  # slow path only while a suspect waits
+    async def shared(self) -> AsyncIterator[bool]:
+        """Yields True if it had to wait (what the job read before may be stale)."""
+        waited = bool(self._exclusive or self._waiting_exclusive)
+        if waited:  # slow path only while a suspect waits or runs
             async with self._changed:
                 await self._changed.wait_for(lambda: not self._exclusive and not self._waiting_exclusive)
         self._running += 1
         try:
-            yield
+            yield waited
         finally:
             self._running -= 1
             if self._waiting_exclusive:

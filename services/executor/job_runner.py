@@ -89,17 +89,26 @@ class JobRunner:
             self._keepalive.remove(msg)
 
     async def _run_one(self, job: Job, file: FileSpec, msg: Msg, delivered: int, heartbeat) -> bool:
-        # First delivery: everything is in the message. Later ones (and re-published
-        # copies): ask the progress store.
+        # A single-step job on its first delivery needs nothing but the message. Anything
+        # else asks the progress store: a redelivery, a re-published copy, and any job
+        # with steps after its first, because a broker restart can hand a job out again
+        # as if for the first time, and checkpointed steps must never run again.
         refreshed = bool(msg.headers and msg.headers.get(REFRESHED_HEADER))
-        progress = await self._progress.get(job.job_id, file.index) if delivered > 1 or refreshed else Progress()
+        multi_step = len(job.steps) - file.start_step > 1
+        look = delivered > 1 or refreshed or multi_step
+        progress = await self._progress.get(job.job_id, file.index) if look else Progress()
         attempt = progress.failures + 1
         suspect = delivered - 1 > progress.explained
         wait_s = (progress.not_before or 0) - time.time()
         if wait_s > 0.01:  # a re-published copy, early: wait out the backoff it was given
             outcome = Outcome("defer", file.start_step, delay_ms=int(wait_s * 1000))
         else:
-            async with (self._gate.exclusive() if suspect else self._gate.shared()):
+            async with (self._gate.exclusive() if suspect else self._gate.shared()) as waited:
+                if (suspect or waited) and look:
+                    # We waited for other jobs (maybe for this job's other delivery): read
+                    # the progress again, or we would redo steps it checkpointed meanwhile.
+                    progress = await self._progress.get(job.job_id, file.index)
+                    attempt = progress.failures + 1
                 outcome = await self._run_file(job, file, progress, attempt, heartbeat)
         if outcome.kind in ("defer", "retry"):
             if outcome.kind == "defer":
@@ -136,7 +145,8 @@ class JobRunner:
         """A batch job carries every file: retries happen in-process (with the same backoff
         and heartbeats); a redelivered batch skips files it already reported."""
         for file in job.files:
-            progress = await self._progress.get(job.job_id, file.index) if delivered > 1 else Progress()
+            look = delivered > 1 or len(job.steps) - file.start_step > 1  # see _run_one
+            progress = await self._progress.get(job.job_id, file.index) if look else Progress()
             if progress.done:
                 continue
             while True:

@@ -14,7 +14,7 @@ from typing import Any
 import orjson
 from nats.js import JetStreamContext
 from nats.js.api import KeyValueConfig, StorageType
-from nats.js.errors import KeyNotFoundError
+from nats.js.errors import KeyNotFoundError, KeyValueError, KeyWrongLastSequenceError
 
 from shared.subjects import Names
 
@@ -69,4 +69,33 @@ class ProgressStore:
         return Progress(**{k: v for k, v in data.items() if k in _FIELDS})
 
     async def put(self, job_id: str, file_index: int, progress: Progress) -> None:
-        await self._kv.put(progress_key(job_id, file_index), orjson.dumps(asdict(progress)))
+        """Write ``progress``, merged with what is stored (compare-and-set on the entry's
+        revision): two deliveries of one job may run at once (a late ack), and the slower
+        one must not put back an older checkpoint or a smaller retry count."""
+        key = progress_key(job_id, file_index)
+        for _ in range(10):
+            try:
+                entry = await self._kv.get(key)
+                current, revision = Progress(**{k: v for k, v in orjson.loads(entry.value).items() if k in _FIELDS}), entry.revision
+            except KeyNotFoundError:
+                current, revision = None, None
+            merged = _merge(current, progress) if current else progress
+            try:
+                if revision is None:
+                    await self._kv.create(key, orjson.dumps(asdict(merged)))
+                else:
+                    await self._kv.update(key, orjson.dumps(asdict(merged)), last=revision)
+                return
+            except (KeyWrongLastSequenceError, KeyValueError):
+                continue  # changed under us: merge again
+        await self._kv.put(key, orjson.dumps(asdict(progress)))
+
+
+def _merge(stored: Progress, new: Progress) -> Progress:
+    newer_step = new.step if (stored.step is None or (new.step is not None and new.step >= stored.step)) else stored.step
+    output = new.output if newer_step == new.step else stored.output
+    return Progress(
+        failures=max(stored.failures, new.failures), deferrals=max(stored.deferrals, new.deferrals), step=newer_step,
+        output=output, done=stored.done or new.done, offset=max(stored.offset, new.offset),
+        not_before=new.not_before if new.offset >= stored.offset else stored.not_before,
+    )

@@ -54,16 +54,16 @@ async def check(stack: Stack, tenant: str, run_ids: list[str], *, step_log: Path
     charges = Counter(e["idempotency_key"] for e in ledger if e["kind"] == "charge")
     double = sum(n - 1 for n in charges.values() if n > 1)
     await stack.assert_books_balance(tenant)
-    rerun_before_checkpoint = 0
+    reruns: list = []
     if step_log is not None and step_log.exists():
         starts = [json.loads(line) for line in step_log.read_text().splitlines() if line.strip()]
         for event in await checkpoint_events(stack):
             at = datetime.fromisoformat(event["at"]).timestamp()
-            rerun_before_checkpoint += sum(
-                1 for s in starts
-                if s["run"] == event["run_id"] and s["file"] == event["file_index"] and s["round"] == event["round"]
-                and s["step"] <= event["step"] and s["t"] > at + 0.001)
+            reruns += [(event["file_index"], event["step"], at, s["step"], s["t"]) for s in starts
+                       if s["run"] == event["run_id"] and s["file"] == event["file_index"]
+                       and s["round"] == event["round"] and s["step"] <= event["step"] and s["t"] > at + 0.001]
+    rerun_before_checkpoint = len(reruns)
     assert lost == 0, f"{lost} file(s) lost"
     assert double == 0, f"{double} double charge(s)"
-    assert rerun_before_checkpoint == 0, f"{rerun_before_checkpoint} step(s) before a checkpoint ran again"
+    assert rerun_before_checkpoint == 0, f"{rerun_before_checkpoint} step(s) before a checkpoint ran again: {reruns[:5]}"
     return {"files_lost": lost, "double_charges": double, "steps_rerun_before_checkpoint": rerun_before_checkpoint}

@@ -45,3 +45,13 @@ def test_job_rows_parse_as_jobs_that_resume_after_their_checkpoint():
     assert jobs[0].retry.auto_retries == 5 and jobs[0].steps[1].optional
     batch = job_rows(Names(), {**run, "mode": "batch"}, template, files, RetryPolicy())
     assert len(batch) == 1 and len(Job.model_validate_json(batch[0]["payload"]).files) == 2
+
+
+def test_progress_merge_never_goes_back():
+    from services.executor.progress import Progress, _merge
+
+    stored = Progress(failures=2, deferrals=1, step=1, output={"s": 1})
+    stale = Progress(failures=1, deferrals=3, step=0, output={"s": 0})
+    merged = _merge(stored, stale)
+    assert (merged.failures, merged.deferrals, merged.step, merged.output) == (2, 3, 1, {"s": 1})
+    assert _merge(stored, Progress(step=2, output={"s": 2})).output == {"s": 2}
