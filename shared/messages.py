@@ -77,6 +77,9 @@ class Job(Message):
     steps: list[StepSpec]
     retry: RetryPolicy = Field(default_factory=RetryPolicy)
     idempotency_key: str
+    # The run's generation when the job was published: a run stopped at generation g
+    # (fail_fast, cancel) skips its jobs of generation <= g; resuming raises it.
+    generation: int = 0
 
 
 def job_id_for(run_id: str, file_index: int | None, round_: int) -> str:

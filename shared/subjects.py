@@ -38,6 +38,14 @@ class Names:
         return f"{self.prefix.upper().replace('-', '_')}_BREAKERS"
 
     @property
+    def run_stops_bucket(self) -> str:
+        return f"{self.prefix.upper().replace('-', '_')}_RUN_STOPS"
+
+    def run_stop_subject(self, run_id: str) -> str:
+        """Publishing here is a KV put (how the outbox writes to the bucket)."""
+        return f"$KV.{self.run_stops_bucket}.{run_id}"
+
+    @property
     def attempts_bucket(self) -> str:
         return f"{self.prefix.upper().replace('-', '_')}_ATTEMPTS"
 

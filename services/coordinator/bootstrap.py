@@ -15,6 +15,7 @@ from services.coordinator.endpoints import verbs
 from services.coordinator.outbox import OutboxRelay
 from services.coordinator.recovery import RecoverySweeper
 from services.coordinator.results_consumer import make_results_handler
+from services.coordinator.run_stops import ensure_bucket as ensure_run_stops_bucket
 
 
 class CoordinatorService:
@@ -29,6 +30,7 @@ class CoordinatorService:
         await bus.ensure_streams(self.js, s)
         await bus.ensure_consumer(self.js, names.events_stream, names.results_consumer, names.file_events_all,
                                   ack_wait_s=30)
+        await ensure_run_stops_bucket(self.js, names, s.stream_replicas)
         self.engine = make_engine(s, pool_size=10, application_name="redrive-coordinator")
         self.relay = OutboxRelay(self.engine, self.js, batch=s.outbox_batch)
         self.deps = Deps(settings=s, names=names, engine=self.engine,

@@ -27,6 +27,7 @@ from shared.messages import FileEvent
 from shared.subjects import Names
 from services.coordinator import outbox, timeline
 from services.coordinator.run_events import run_event_row
+from services.coordinator.run_stops import stop_row
 
 _NEW_IN_INBOX = text(
     "INSERT INTO coordinator.inbox (msg_id) SELECT unnest(CAST(:ids AS text[])) "
@@ -181,6 +182,7 @@ async def apply_events(conn: AsyncConnection, names: Names, events: list[FileEve
         if tripped:
             for run in (await conn.execute(_FAIL_FAST, {"ids": tripped})).mappings():
                 out_rows.append(run_event_row(names, run, "failed", "fail_fast: a file failed after its retries"))
+                out_rows.append(stop_row(names, run))  # its other files stay PENDING, unrun
                 log_entries.append(timeline.entry(run["id"], run["tenant_id"], "run_failed", "system",
                                                   reason="fail_fast", round=run["round"]))
         for run in (await conn.execute(_FAN_IN, {"ids": ids})).mappings():

@@ -12,6 +12,7 @@ from services.executor.handlers.registry import builtin_registry
 from services.executor.job_runner import JobRunner
 from services.executor.keepalive import KeepAlive
 from services.executor.progress import ProgressStore
+from services.executor.run_stops import RunStops
 from services.executor.steps import StepRunner
 from services.executor.worker import Worker
 
@@ -37,7 +38,10 @@ class ExecutorService:
         await self.progress.start()
         steps = StepRunner(registry, self.breakers, s.data_dir / "artifacts")
         self.keepalive = KeepAlive(s.executor_ack_wait_s)
-        runner = JobRunner(self.js, names, steps, self.progress, self.keepalive, max_deliver=s.executor_max_deliver)
+        self.stops = RunStops(self.js, names, s.stream_replicas)
+        await self.stops.start()
+        runner = JobRunner(self.js, names, steps, self.progress, self.keepalive, max_deliver=s.executor_max_deliver,
+                           stops=self.stops)
         self.worker = Worker(self.js, names, runner, concurrency=s.executor_concurrency, fetch_batch=s.executor_fetch_batch)
         self.micro = MicroService(self.nc, names, "executor", {"breakers": self._breakers}, "runs step handlers")
         await self.micro.start()
@@ -52,6 +56,7 @@ class ExecutorService:
         await self.micro.stop()
         await self.worker.stop()
         await self.keepalive.stop()
+        await self.stops.stop()
         await self.breakers.stop()
         await bus.close(self.nc)
 

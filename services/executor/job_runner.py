@@ -28,6 +28,7 @@ from services.executor.isolation import IsolationGate
 from services.executor.keepalive import KeepAlive
 from services.executor.outcome import Outcome
 from services.executor.progress import Progress, ProgressStore
+from services.executor.run_stops import RunStops
 from services.executor.steps import StepRunner
 
 log = structlog.get_logger(__name__)
@@ -53,7 +54,8 @@ def file_event_body(job: Job, file_index: int, outcome: Outcome, attempt: int, k
 
 class JobRunner:
     def __init__(self, js: JetStreamContext, names: Names, steps: StepRunner, progress: ProgressStore,
-                 keepalive: KeepAlive, gate: IsolationGate | None = None, max_deliver: int = 20) -> None:
+                 keepalive: KeepAlive, gate: IsolationGate | None = None, max_deliver: int = 20,
+                 stops: RunStops | None = None) -> None:
         self._js = js
         self._names = names
         self._steps = steps
@@ -61,6 +63,7 @@ class JobRunner:
         self._keepalive = keepalive
         self._gate = gate or IsolationGate()
         self._max_deliver = max_deliver
+        self._stops = stops
 
     async def handle(self, msg: Msg) -> bool:
         """Run the job; True if it was a suspect (redelivered for no reason we know)."""
@@ -68,6 +71,9 @@ class JobRunner:
             job = Job.model_validate_json(msg.data)
         except ValidationError as exc:
             await self._reject_unreadable(msg, exc)
+            return False
+        if self._stops is not None and self._stops.stopped(job.run_id, job.generation):
+            await msg.ack()  # the run was stopped (fail_fast, cancel) after this job was queued
             return False
         delivered = msg.metadata.num_delivered if msg.reply else 1
         last_beat = 0.0

@@ -14,6 +14,7 @@ from shared.messages import ServiceError
 from services.coordinator import credits, outbox, store, timeline
 from services.coordinator.context import Deps
 from services.coordinator.run_events import run_event_row
+from services.coordinator.run_stops import stop_row
 from services.coordinator.schemas import RunRef
 from services.coordinator.views import run_view
 
@@ -44,7 +45,7 @@ async def cancel(deps: Deps, cmd: RunRef) -> dict:
             " fanin_round = round, finished_at = now(), updated_at = now(), needs_attention = false, "
             " attention_reason = NULL, recovering = false, generation = generation + 1 WHERE id = :r RETURNING *"),
             {"r": run["id"], "n": len(cancelled)})).mappings().one())
-        await outbox.add(conn, [run_event_row(deps.names, run, "cancelled")])
+        await outbox.add(conn, [run_event_row(deps.names, run, "cancelled"), stop_row(deps.names, run)])
         await timeline.append(conn, timeline.entry(run["id"], run["tenant_id"], "run_cancelled", cmd.actor,
                                                    files_cancelled=len(cancelled),
                                                    refund_owed=sum(o["amount"] for o in owed)))

@@ -21,7 +21,10 @@ from services.coordinator.schemas import Restore, RunRef
 from services.coordinator.views import run_view
 
 _RESUME = text(
+    # A FAILED run (fail_fast, recovery gave up) left RUNNING in this round already; reopen
+    # the round's fan-in so that finishing it completes the run.
     "UPDATE coordinator.runs SET status = 'RUNNING', recovering = true, generation = generation + 1, "
+    " fanin_round = LEAST(fanin_round, round - 1), "
     " needs_attention = false, attention_reason = NULL, finished_at = NULL, updated_at = now(), last_progress_at = now() "
     "WHERE id = :r RETURNING *"
 )

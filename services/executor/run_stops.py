@@ -1,0 +1,61 @@
+"""The executor's view of stopped runs (see services/coordinator/run_stops.py): a local
+copy of the KV bucket, kept fresh by a watcher, so the check per job is a dict lookup."""
+
+from __future__ import annotations
+
+import asyncio
+
+import structlog
+from nats.js import JetStreamContext
+
+from shared.subjects import Names
+from services.coordinator.run_stops import ensure_bucket
+
+log = structlog.get_logger(__name__)
+
+
+class RunStops:
+    def __init__(self, js: JetStreamContext, names: Names, replicas: int = 1) -> None:
+        self._js, self._names, self._replicas = js, names, replicas
+        self._stopped: dict[str, int] = {}
+        self._task: asyncio.Task | None = None
+
+    async def start(self) -> None:
+        kv = await ensure_bucket(self._js, self._names, self._replicas)
+        watcher = await kv.watchall()
+        # Read what is there before taking jobs: a stop written while we were down counts.
+        while True:
+            entry = await watcher.updates(timeout=5)
+            if entry is None:
+                break
+            self._apply(entry)
+        self._task = asyncio.create_task(self._watch(watcher), name="run-stops")
+
+    async def stop(self) -> None:
+        if self._task:
+            self._task.cancel()
+
+    def _apply(self, entry) -> None:
+        if entry.value:
+            try:
+                self._stopped[entry.key] = max(self._stopped.get(entry.key, -1), int(entry.value))
+            except ValueError:
+                log.warning("run_stops.bad_entry", key=entry.key)
+
+    async def _watch(self, watcher) -> None:
+        while True:
+            try:
+                entry = await watcher.updates(timeout=5)
+            except asyncio.TimeoutError:
+                continue
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:
+                log.warning("run_stops.watch_failed", error=repr(exc))
+                await asyncio.sleep(1)
+                continue
+            if entry is not None:
+                self._apply(entry)
+
+    def stopped(self, run_id: str, generation: int) -> bool:
+        return self._stopped.get(run_id, -1) >= generation

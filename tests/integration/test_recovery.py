@@ -1,0 +1,98 @@
+"""Recovery: fail_fast and recover, the automatic sweep and its give-up, restore from a
+checkpoint, and the operators' attention list."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+
+import pytest
+
+from tests.stack import Stack, counts_add_up, expect_error
+
+
+async def notes(stack, tenant, run_id, kind, n=1, timeout=20):
+    for _ in range(int(timeout / 0.05)):
+        found = [i for i in (await stack.call("notifier", "list", tenant_id=tenant, limit=200))["items"]
+                 if i["run_id"] == run_id and i["kind"] == kind]
+        if len(found) >= n:
+            return found
+        await asyncio.sleep(0.05)
+    raise AssertionError(f"no {kind} notification")
+
+
+async def test_fail_fast_stops_the_run_and_recover_resumes_the_rest(make_settings):
+    stack = await Stack(await make_settings(executor_concurrency=1)).start("billing", "coordinator", "notifier", "executor")
+    try:
+        tenant = await stack.tenant()
+        template = await stack.template(
+            tenant, [{"name": "a", "handler": "flaky", "params": {"poison": "^bad", "sleep_ms": 200}}],
+            failure_policy="fail_fast")
+        files = [{"name": "bad.pdf"}] + [{"name": f"ok{i}.pdf"} for i in range(6)]
+        run = await stack.submit(tenant, template, 0, files=files)
+        failed = await stack.wait_run(tenant, run["id"], until=lambda r: r["status"] == "FAILED")
+        await asyncio.sleep(1.0)  # jobs still queued must not run now
+        failed = await stack.run(tenant, run["id"])
+        assert failed["status"] == "FAILED" and failed["needs_attention"] and failed["files"][0]["status"] == "ERROR"
+        assert failed["counts"]["pending"] >= 4 and counts_add_up(failed)
+        attention = await stack.call("coordinator", "attention", tenant_id=tenant)
+        assert [(r["id"], r["reason"]) for r in attention["items"]] == [(run["id"], "failed")]
+        resumed = await stack.call("coordinator", "recover", tenant_id=tenant, run_id=run["id"])
+        assert resumed["status"] == "RUNNING"
+        done = await stack.wait_run(tenant, run["id"])
+        assert done["status"] == "COMPLETED_WITH_ERRORS" and done["counts"]["succeeded"] == 6
+        await notes(stack, tenant, run["id"], "run_recovery_started")
+        await notes(stack, tenant, run["id"], "run_recovered")
+        await expect_error("run_not_recoverable", stack.call("coordinator", "recover", tenant_id=tenant, run_id=run["id"]))
+        await stack.assert_books_balance(tenant)
+    finally:
+        await stack.stop()
+
+
+async def test_the_sweep_recovers_stuck_runs_then_gives_up_and_flags_them(make_settings):
+    settings = await make_settings(recovery_interval_s=0.2, recovery_lease_s=0.5, recovery_max_failures=2)
+    stack = await Stack(settings).start("billing", "coordinator", "notifier")  # no executor: nothing progresses
+    try:
+        tenant = await stack.tenant()
+        template = await stack.template(tenant, [{"name": "a", "handler": "noop"}])
+        run = await stack.submit(tenant, template, 3)
+        failed = await stack.wait_run(tenant, run["id"], timeout=30)
+        assert failed["status"] == "FAILED" and failed["needs_attention"]
+        assert failed["attention_reason"] == "recovery_failed" and failed["counts"]["pending"] == 3
+        await notes(stack, tenant, run["id"], "run_recovery_started")
+        [note] = await notes(stack, tenant, run["id"], "run_recovery_failed")
+        assert note["message"].startswith("Recovery failed")
+        kinds = [e["kind"] for e in (await stack.call("coordinator", "timeline", tenant_id=tenant, run_id=run["id"]))["items"]]
+        assert kinds.count("recovery_started") == 2 and kinds.count("recovery_failed") == 1
+        # An operator brings an executor back and recovers by hand: free of charge.
+        await stack.start("executor")
+        await stack.call("coordinator", "recover", tenant_id=tenant, run_id=run["id"])
+        done = await stack.wait_run(tenant, run["id"])
+        assert done["status"] == "COMPLETED" and done["credits"]["consumed"] == 3
+        await stack.assert_books_balance(tenant)
+    finally:
+        await stack.stop()
+
+
+async def test_restore_rewinds_a_file_to_an_earlier_checkpoint_without_redoing_earlier_steps(make_settings, tmp_path):
+    log = tmp_path / "steps.log"
+    stack = await Stack(await make_settings(handlers="tests.chaos.handlers")).start("billing", "coordinator", "executor")
+    try:
+        tenant = await stack.tenant()
+        steps = [{"name": f"s{i}", "handler": "chaos_step", "params": {"log": str(log)}} for i in range(3)]
+        template = await stack.template(tenant, steps)
+        run = await stack.submit(tenant, template, 2)
+        await stack.wait_run(tenant, run["id"])
+        await expect_error("run_not_recoverable", stack.call("coordinator", "recover", tenant_id=tenant, run_id=run["id"]))
+        restored = await stack.call("coordinator", "restore", tenant_id=tenant, run_id=run["id"], file_index=0,
+                                    checkpoint_step=0)
+        assert restored["status"] == "RUNNING" and restored["round"] == 1
+        done = await stack.wait_run(tenant, run["id"])
+        assert done["status"] == "COMPLETED" and counts_add_up(done) and done["counts"]["succeeded"] == 2
+        runs = [json.loads(line) for line in log.read_text().splitlines()]
+        file0 = [(r["round"], r["step"]) for r in runs if r["file"] == 0]
+        assert file0 == [(0, 0), (0, 1), (0, 2), (1, 1), (1, 2)]  # step 0 was not redone
+        await expect_error("bad_request", stack.call("coordinator", "restore", tenant_id=tenant, run_id=run["id"],
+                                                     checkpoint_step=5))
+    finally:
+        await stack.stop()
