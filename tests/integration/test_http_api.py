@@ -140,3 +140,38 @@ async def test_live_events_reach_their_tenant_only(api):
     kinds = [k for k, e in mine if e.get("run_id") == run["id"]]
     assert "file.succeeded" in kinds and kinds[-1] == "run.completed"
     assert not [e for k, e in theirs if e.get("run_id") == run["id"]]
+
+
+async def test_idempotent_continue_and_concurrent_duplicates(api):
+    http, keys = api["http"], api["keys"]
+    admin = auth(keys["tenant_admin"])
+    assert (await http.put("/api/v1/settings/retry", headers=admin, json={
+        "auto_retries": 0, "backoff_base_ms": 10, "backoff_max_ms": 20, "jitter": True,
+        "breaker_failure_threshold": 5, "breaker_reset_s": 30})).status == 200
+    bad = await http.put("/api/v1/settings/retry", headers=admin, json={"auto_retries": 11, "backoff_base_ms": 500,
+                                                                       "backoff_max_ms": 100})
+    fields = (await bad.json())["error"]["details"]["fields"]
+    assert bad.status == 422 and {"auto_retries", "backoff_max_ms"} <= set(fields)
+    r = await http.post("/api/v1/templates", headers=admin, json={
+        "name": "f", "steps": [{"name": "a", "handler": "flaky", "params": {"fail_rounds": 1}}]})
+    template = (await r.json())["id"]
+    body = {"template_id": template, "files": [{"name": "x"}]}
+    results = await asyncio.gather(*[http.post("/api/v1/workflow-runs", json=body,
+                                               headers=auth(keys["member"], **{"Idempotency-Key": "dup"}))
+                                     for _ in range(8)])
+    assert {r.status for r in results} <= {201, 409} and 201 in {r.status for r in results}
+    ids = {(await r.json())["id"] for r in results if r.status == 201}
+    assert len(ids) == 1
+    run_id = ids.pop()
+    for _ in range(200):
+        run = await (await http.get(f"/api/v1/workflow-runs/{run_id}", headers=admin)).json()
+        if run["status"] != "RUNNING":
+            break
+        await asyncio.sleep(0.05)
+    assert run["status"] == "COMPLETED_WITH_ERRORS"
+    press = auth(keys["tenant_admin"], **{"Idempotency-Key": "continue-1"})
+    first = await http.post(f"/api/v1/workflow-runs/{run_id}/retry-failed", headers=press)
+    again = await http.post(f"/api/v1/workflow-runs/{run_id}/retry-failed", headers=press)
+    assert first.status == again.status == 200 and await first.read() == await again.read()
+    ledger = (await (await http.get("/api/v1/credits/ledger?limit=500", headers=admin)).json())["items"]
+    assert len([e for e in ledger if e["run_id"] == run_id and e["kind"] == "charge"]) == 2  # initiate + one Continue

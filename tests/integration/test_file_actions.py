@@ -1,0 +1,86 @@
+"""Seed 001's remaining cases and single-file actions: mixed FAILED + PENDING charges only
+the FAILED files; retry one file (charged), skip an optional step, refusals."""
+
+from __future__ import annotations
+
+import asyncpg
+import pytest
+
+from tests.stack import Stack, counts_add_up, expect_error
+
+
+@pytest.fixture(scope="module")
+async def stack(make_settings):
+    s = await Stack(await make_settings()).start("billing", "coordinator", "executor")
+    yield s
+    await s.stop()
+
+
+async def failed_run(stack, tenant, steps, n=3, **kw):
+    await stack.call("coordinator", "put_settings", tenant_id=tenant, auto_retries=0)
+    template = await stack.template(tenant, steps, credits_per_file=2)
+    run = await stack.submit(tenant, template, n, **kw)
+    return await stack.wait_run(tenant, run["id"]), template
+
+
+async def test_mixed_failed_and_pending_charges_only_the_failed_files(stack):
+    tenant = await stack.tenant(monthly=100)
+    done, _ = await failed_run(stack, tenant, [{"name": "a", "handler": "flaky", "params": {"fail_rounds": 1}}], n=4)
+    # Make one FAILED file PENDING again, as if its job had been lost with a crash (free to re-run).
+    conn = await asyncpg.connect(stack.settings.database_url)
+    try:
+        await conn.execute("UPDATE coordinator.files SET status = 'PENDING' WHERE run_id = $1 AND idx = 3", done["id"])
+        await conn.execute("UPDATE coordinator.runs SET failed = failed - 1, pending = pending + 1 WHERE id = $1", done["id"])
+    finally:
+        await conn.close()
+    before = (await stack.call("billing", "balance", tenant_id=tenant))["monthly"]["remaining"]
+    resumed = await stack.call("coordinator", "retry_failed", tenant_id=tenant, run_id=done["id"])
+    assert resumed["credits"]["consumed"] == 8 + 3 * 2  # 3 FAILED files charged, the PENDING one free
+    assert (await stack.call("billing", "balance", tenant_id=tenant))["monthly"]["remaining"] == before - 6
+    assert [f["retry_attempt"] for f in resumed["files"]] == [1, 1, 1, 1]
+    finished = await stack.wait_run(tenant, done["id"])
+    assert finished["status"] == "COMPLETED" and counts_add_up(finished)
+    await stack.assert_books_balance(tenant)
+
+
+async def test_retry_one_failed_file_is_charged_and_refused_otherwise(stack):
+    tenant = await stack.tenant(monthly=100)
+    done, _ = await failed_run(stack, tenant, [{"name": "a", "handler": "flaky", "params": {"fail_rounds": 1, "poison": "f2"}}])
+    assert [f["status"] for f in done["files"]] == ["FAILED", "FAILED", "ERROR"]
+    await expect_error("file_not_failed", stack.call("coordinator", "retry_file", tenant_id=tenant, run_id=done["id"], file_index=2))
+    retried = await stack.call("coordinator", "retry_file", tenant_id=tenant, run_id=done["id"], file_index=0)
+    assert retried["status"] == "RUNNING" and retried["credits"]["consumed"] == 6 + 2
+    await expect_error("file_pending", stack.call("coordinator", "retry_file", tenant_id=tenant, run_id=done["id"], file_index=0))
+    finished = await stack.wait_run(tenant, done["id"])
+    assert [f["status"] for f in finished["files"]] == ["SUCCEEDED", "FAILED", "ERROR"]
+    assert finished["files"][0]["retry_attempt"] == 1 and counts_add_up(finished)
+    await expect_error("not_found", stack.call("coordinator", "retry_file", tenant_id=tenant, run_id=done["id"], file_index=9))
+    await stack.assert_books_balance(tenant)
+
+
+async def test_skip_only_when_the_failed_step_is_optional(stack):
+    tenant = await stack.tenant(monthly=100)
+    steps = [{"name": "must", "handler": "noop"},
+             {"name": "nice", "handler": "flaky", "optional": True, "params": {"fail_rounds": 1}}]
+    done, _ = await failed_run(stack, tenant, steps, n=2)
+    assert done["status"] == "COMPLETED_WITH_ERRORS"
+    skipped = await stack.call("coordinator", "skip_file", tenant_id=tenant, run_id=done["id"], file_index=0)
+    assert skipped["files"][0]["status"] == "SKIPPED" and skipped["status"] == "COMPLETED_WITH_ERRORS"
+    skipped = await stack.call("coordinator", "skip_file", tenant_id=tenant, run_id=done["id"], file_index=1)
+    assert skipped["status"] == "COMPLETED" and skipped["counts"]["skipped"] == 2 and counts_add_up(skipped)
+    done, _ = await failed_run(stack, tenant, [{"name": "must", "handler": "flaky", "params": {"fail_rounds": 1}}], n=1)
+    await expect_error("step_not_optional", stack.call("coordinator", "skip_file", tenant_id=tenant, run_id=done["id"], file_index=0))
+
+
+async def test_three_continue_rounds_then_the_fourth_press_is_refused(stack):
+    tenant = await stack.tenant(monthly=100)
+    done, _ = await failed_run(stack, tenant, [{"name": "a", "handler": "flaky", "params": {"fail_rounds": 9}}], n=1,
+                               max_retry_count=3)
+    for round_ in (1, 2, 3):
+        pressed = await stack.call("coordinator", "retry_failed", tenant_id=tenant, run_id=done["id"])
+        assert pressed["round"] == round_
+        done = await stack.wait_run(tenant, done["id"])
+    err = await expect_error("max_retry_count_exceeded", stack.call("coordinator", "retry_failed", tenant_id=tenant, run_id=done["id"]))
+    assert err.details["max_retry_count"] == 3
+    assert done["credits"]["consumed"] == 2 * 4
+    await stack.assert_books_balance(tenant)
