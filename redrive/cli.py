@@ -153,7 +153,10 @@ def key_create(
     if role not in ("platform_admin", "tenant_admin", "member"):
         err.print("--role must be platform_admin, tenant_admin or member")
         raise typer.Exit(2)
-    key = asyncio.run(create_key(_settings(data_dir), tenant, role, user))
+    try:
+        key = asyncio.run(create_key(_settings(data_dir), tenant, role, user))
+    except ValueError as exc:
+        _fail(str(exc))
     typer.echo(json.dumps({"key": key}) if as_json else key)
 
 
