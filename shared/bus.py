@@ -258,3 +258,21 @@ async def close(nc: NatsClient) -> None:
     except Exception:
         pass
     await nc.close()
+
+
+async def follow_kv(watcher, apply: Callable, name: str) -> None:
+    """Feed every update of a KV watcher to ``apply`` until cancelled (local caches of
+    shared state: breakers, stopped runs). Survives NATS outages by retrying."""
+    while True:
+        try:
+            entry = await watcher.updates(timeout=5)
+        except asyncio.TimeoutError:
+            continue
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:
+            log.warning("kv.watch_failed", cache=name, error=repr(exc))
+            await asyncio.sleep(1)
+            continue
+        if entry is not None:
+            apply(entry)

@@ -118,6 +118,17 @@ async def mark_applied(conn: AsyncConnection, key: str) -> bool:
     return result.rowcount == 1
 
 
+async def apply(conn: AsyncConnection, charge: Charge, *, run_id: str, tenant_id: str, actor: str,
+                file_index: int | None = None) -> None:
+    """Step (3)'s bookkeeping, in the caller's transaction: the charge in the run's
+    timeline, and the intent marked applied (or the transaction refused)."""
+    await timeline.append(conn, timeline.entry(
+        run_id, tenant_id, "charge", actor, file_index, amount=charge.charged, from_monthly=charge.from_monthly,
+        from_purchased=charge.from_purchased, key=charge.key))
+    if not await mark_applied(conn, charge.key):
+        raise ServiceError("conflict", "the credit reservation was withdrawn; try again")
+
+
 async def compensate(engine: AsyncEngine, billing: RpcClient, *, key: str, tenant_id: str, run_id: str) -> bool:
     """Refund (or void) the charge made under ``key`` unless it was applied. Idempotent."""
     async with transaction(engine) as conn:

@@ -21,7 +21,7 @@ from nats.js.errors import KeyNotFoundError, KeyWrongLastSequenceError, KeyValue
 
 from shared import breaker
 from shared.breaker import Admission, BreakerState
-from shared.bus import Outgoing, publish_many
+from shared.bus import Outgoing, follow_kv, publish_many
 from shared.messages import BreakerEvent
 from shared.subjects import Names
 
@@ -52,26 +52,14 @@ class BreakerBoard:
             KeyValueConfig(bucket=self._names.breakers_bucket, history=1, storage=StorageType.FILE, replicas=self._replicas)
         )
         watcher = await self._kv.watchall()
-        self._watch_task = asyncio.create_task(self._watch(watcher), name="breaker-watch")
+        self._watch_task = asyncio.create_task(follow_kv(watcher, self._apply, "breakers"), name="breaker-watch")
 
     async def stop(self) -> None:
         if self._watch_task:
             self._watch_task.cancel()
 
-    async def _watch(self, watcher) -> None:
-        while True:
-            try:
-                entry = await watcher.updates(timeout=5)
-            except asyncio.TimeoutError:
-                continue
-            except asyncio.CancelledError:
-                raise
-            except Exception as exc:
-                log.warning("breaker.watch_failed", error=repr(exc))
-                await asyncio.sleep(1)
-                continue
-            if entry is None or entry.value is None:
-                continue
+    def _apply(self, entry) -> None:
+        if entry.value:
             data = orjson.loads(entry.value)
             self._local[entry.key] = (BreakerState.from_dict(data), data.get("dependency", entry.key))
 

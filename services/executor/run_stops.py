@@ -8,6 +8,7 @@ import asyncio
 import structlog
 from nats.js import JetStreamContext
 
+from shared.bus import follow_kv
 from shared.subjects import Names
 from services.coordinator.run_stops import ensure_bucket
 
@@ -29,7 +30,7 @@ class RunStops:
             if entry is None:
                 break
             self._apply(entry)
-        self._task = asyncio.create_task(self._watch(watcher), name="run-stops")
+        self._task = asyncio.create_task(follow_kv(watcher, self._apply, "run-stops"), name="run-stops")
 
     async def stop(self) -> None:
         if self._task:
@@ -41,21 +42,6 @@ class RunStops:
                 self._stopped[entry.key] = max(self._stopped.get(entry.key, -1), int(entry.value))
             except ValueError:
                 log.warning("run_stops.bad_entry", key=entry.key)
-
-    async def _watch(self, watcher) -> None:
-        while True:
-            try:
-                entry = await watcher.updates(timeout=5)
-            except asyncio.TimeoutError:
-                continue
-            except asyncio.CancelledError:
-                raise
-            except Exception as exc:
-                log.warning("run_stops.watch_failed", error=repr(exc))
-                await asyncio.sleep(1)
-                continue
-            if entry is not None:
-                self._apply(entry)
 
     def stopped(self, run_id: str, generation: int) -> bool:
         return self._stopped.get(run_id, -1) >= generation

@@ -102,7 +102,8 @@ async def test_service_endpoints_and_openapi(api):
 
     for route in ROUTES:
         assert route.method.lower() in doc["paths"]["/api/v1" + route.path]
-    assert (await http.get("/")).status == 200
+    page = await http.get("/")
+    assert page.status == 200 and "redrive — operations" in await page.text()
 
 
 async def test_live_events_reach_their_tenant_only(api):

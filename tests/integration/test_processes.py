@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import pytest
 
 from tests.procs import ProcStack
 from tests.stack import counts_add_up

@@ -6,7 +6,6 @@ from __future__ import annotations
 import asyncio
 import json
 
-import pytest
 
 from tests.stack import Stack, counts_add_up, expect_error
 

@@ -64,15 +64,9 @@ async def create_run(deps: Deps, cmd: CreateRun) -> dict:
             await conn.execute(_INSERT_FILE, files)
             await outbox.add(conn, jobs.job_rows(deps.names, run, template, files, policy)
                              + [run_event_row(deps.names, run, "started")])
-            await timeline.append(
-                conn,
-                timeline.entry(run_id, cmd.tenant_id, "run_created", cmd.actor, files=len(files), mode=cmd.mode,
-                               template_id=template["id"]),
-                timeline.entry(run_id, cmd.tenant_id, "charge", cmd.actor, amount=charge.charged,
-                               from_monthly=charge.from_monthly, from_purchased=charge.from_purchased, key=key),
-            )
-            if not await credits.mark_applied(conn, key):
-                raise ServiceError("conflict", "the credit reservation was withdrawn; try again")
+            await timeline.append(conn, timeline.entry(run_id, cmd.tenant_id, "run_created", cmd.actor, files=len(files),
+                                                       mode=cmd.mode, template_id=template["id"]))
+            await credits.apply(conn, charge, run_id=run_id, tenant_id=cmd.tenant_id, actor=cmd.actor)
     except BaseException:
         await credits.compensate(deps.engine, deps.billing, key=key, tenant_id=cmd.tenant_id, run_id=run_id)
         raise

@@ -61,13 +61,9 @@ async def retry_file(deps: Deps, cmd: FileRef) -> dict:
             await outbox.add(conn, jobs.job_rows(deps.names, run, template, [f], policy)
                              + [run_event_row(deps.names, run, "retrying", unique=f"file{f['idx']}")])
             await timeline.append(
-                conn,
-                timeline.entry(run["id"], run["tenant_id"], "file_retry", cmd.actor, f["idx"], round=run["round"]),
-                timeline.entry(run["id"], run["tenant_id"], "charge", cmd.actor, f["idx"], amount=charge.charged,
-                               from_monthly=charge.from_monthly, from_purchased=charge.from_purchased, key=key),
-            )
-            if not await credits.mark_applied(conn, key):
-                raise ServiceError("conflict", "the credit reservation was withdrawn; try again")
+                conn, timeline.entry(run["id"], run["tenant_id"], "file_retry", cmd.actor, f["idx"], round=run["round"]))
+            await credits.apply(conn, charge, run_id=run["id"], tenant_id=run["tenant_id"], actor=cmd.actor,
+                                file_index=f["idx"])
     except BaseException:
         if charge is not None:
             await credits.compensate(deps.engine, deps.billing, key=charge.key, tenant_id=cmd.tenant_id, run_id=cmd.run_id)

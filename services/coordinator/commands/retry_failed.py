@@ -80,15 +80,10 @@ async def retry_failed(deps: Deps, cmd: RunRef) -> dict:
             })).mappings().all()
             await outbox.add(conn, jobs.job_rows(deps.names, run, template, reopened, policy)
                              + [run_event_row(deps.names, run, "retrying")])
-            await timeline.append(
-                conn,
-                timeline.entry(run["id"], run["tenant_id"], "retry_failed", cmd.actor, round=new_round,
-                               failed_files=len(failed), pending_files=len(pending)),
-                timeline.entry(run["id"], run["tenant_id"], "charge", cmd.actor, amount=charge.charged,
-                               from_monthly=charge.from_monthly, from_purchased=charge.from_purchased, key=key),
-            )
-            if not await credits.mark_applied(conn, key):
-                raise ServiceError("conflict", "the credit reservation was withdrawn; try again")
+            await timeline.append(conn, timeline.entry(run["id"], run["tenant_id"], "retry_failed", cmd.actor,
+                                                       round=new_round, failed_files=len(failed),
+                                                       pending_files=len(pending)))
+            await credits.apply(conn, charge, run_id=run["id"], tenant_id=run["tenant_id"], actor=cmd.actor)
     except BaseException:
         # The run update did not commit: give the credits back (monthly and purchased parts).
         if charge is not None:
