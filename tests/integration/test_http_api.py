@@ -176,3 +176,14 @@ async def test_idempotent_continue_and_concurrent_duplicates(api):
     assert first.status == again.status == 200 and await first.read() == await again.read()
     ledger = (await (await http.get("/api/v1/credits/ledger?limit=500", headers=admin)).json())["items"]
     assert len([e for e in ledger if e["run_id"] == run_id and e["kind"] == "charge"]) == 2  # initiate + one Continue
+
+
+async def test_only_a_platform_admin_grants_credits(api):
+    http, keys, other = api["http"], api["keys"], api["other"]
+    path = f"/api/v1/admin/tenants/{other}/credits"
+    assert (await http.post(path, json={"purchased": 5}, headers=auth(keys["tenant_admin"]))).status == 403
+    granted = await http.post(path, json={"purchased": 5}, headers=auth(keys["platform_admin"], **{"Idempotency-Key": "g1"}))
+    again = await http.post(path, json={"purchased": 5}, headers=auth(keys["platform_admin"], **{"Idempotency-Key": "g1"}))
+    assert granted.status == again.status == 200
+    assert (await again.json())["purchased"]["remaining"] == 5  # granted once
+    assert (await http.post(path, json={"purchased": 0}, headers=auth(keys["platform_admin"]))).status == 422
