@@ -84,3 +84,20 @@ async def test_three_continue_rounds_then_the_fourth_press_is_refused(stack):
     assert err.details["max_retry_count"] == 3
     assert done["credits"]["consumed"] == 2 * 4
     await stack.assert_books_balance(tenant)
+
+
+async def test_an_interrupted_run_with_only_pending_files_continues_free(stack):
+    tenant = await stack.tenant(monthly=100)
+    done, _ = await failed_run(stack, tenant, [{"name": "a", "handler": "flaky", "params": {"fail_rounds": 1}}], n=3)
+    assert done["max_retry_count"] == 3  # the default (AC3)
+    conn = await asyncpg.connect(stack.settings.database_url)
+    try:  # as if the server had died with every file in flight, and the run had been failed
+        await conn.execute("UPDATE coordinator.files SET status = 'PENDING' WHERE run_id = $1", done["id"])
+        await conn.execute("UPDATE coordinator.runs SET failed = 0, pending = 3, status = 'FAILED' WHERE id = $1", done["id"])
+    finally:
+        await conn.close()
+    resumed = await stack.call("coordinator", "retry_failed", tenant_id=tenant, run_id=done["id"])
+    assert resumed["credits"]["consumed"] == 6  # only the initial charge: PENDING files are free
+    finished = await stack.wait_run(tenant, done["id"])
+    assert finished["status"] == "COMPLETED" and counts_add_up(finished)
+    await stack.assert_books_balance(tenant)

@@ -187,3 +187,14 @@ async def test_only_a_platform_admin_grants_credits(api):
     assert granted.status == again.status == 200
     assert (await again.json())["purchased"]["remaining"] == 5  # granted once
     assert (await http.post(path, json={"purchased": 0}, headers=auth(keys["platform_admin"]))).status == 422
+
+
+async def test_short_credits_are_a_402_with_needed_and_available(api):
+    http, keys = api["http"], api["keys"]
+    r = await http.post("/api/v1/templates", json={"name": "big", "credits_per_file": 1000,
+                                                   "steps": [{"name": "a", "handler": "noop"}]}, headers=auth(keys["other"]))
+    r = await http.post("/api/v1/workflow-runs", json={"template_id": (await r.json())["id"], "files": [{"name": "a"}]},
+                        headers=auth(keys["other"]))
+    body = await r.json()
+    assert r.status == 402 and body["error"]["code"] == "insufficient_credits"
+    assert body["error"]["details"]["needed"] == 1000
