@@ -1,14 +1,11 @@
-"""Requests the coordinator accepts (validated at its edge; the gateway validates too)."""
+"""Requests the coordinator accepts: the contract's bodies (shared/requests.py) plus who
+asks. Validated here too: the coordinator trusts no caller, the gateway included."""
 
 from __future__ import annotations
 
-import base64
-import binascii
-from typing import Any, Literal
+from pydantic import BaseModel, ConfigDict, Field
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
-
-from shared.messages import RetryPolicy
+from shared.requests import RestoreBody, RunBody, SettingsBody, TemplateBody
 
 
 class Caller(BaseModel):
@@ -19,52 +16,18 @@ class Caller(BaseModel):
     actor: str = "system"
 
 
-class StepIn(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-    name: str = Field(min_length=1, max_length=100)
-    handler: str = Field(min_length=1, max_length=100)
-    optional: bool = False
-    timeout_s: float = Field(default=300, gt=0, le=24 * 3600)
-    params: dict[str, Any] = Field(default_factory=dict)
-
-
-class CreateTemplate(Caller):
-    name: str = Field(min_length=1, max_length=200)
-    steps: list[StepIn] = Field(min_length=1, max_length=50)
-    credits_per_file: int = Field(default=1, ge=0, le=1_000_000)
-    failure_policy: Literal["continue", "fail_fast"] = "continue"
+class CreateTemplate(TemplateBody, Caller):
+    model_config = ConfigDict(extra="ignore")
 
 
 class TemplateRef(Caller):
     template_id: str
 
 
-class FileIn(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-    name: str = Field(min_length=1, max_length=1024)
-    url: str | None = Field(default=None, max_length=4096)
-    content_b64: str | None = None
-    size: int | None = Field(default=None, ge=0)
-    sha256: str | None = Field(default=None, pattern=r"^[0-9a-fA-F]{64}$")
-
-    @field_validator("content_b64")
-    @classmethod
-    def _is_base64(cls, v: str | None) -> str | None:
-        if v is None:
-            return v
-        try:
-            base64.b64decode(v, validate=True)
-        except (binascii.Error, ValueError):
-            raise ValueError("content_b64 is not valid base64")
-        return v
-
-
-class CreateRun(Caller):
+class CreateRun(RunBody, Caller):
+    model_config = ConfigDict(extra="ignore")
+    # Chosen by the gateway from an Idempotency-Key, so a repeated request finds its run.
     run_id: str | None = Field(default=None, pattern=r"^[A-Za-z0-9_-]{8,64}$")
-    template_id: str
-    files: list[FileIn] = Field(min_length=1)
-    max_retry_count: int = Field(default=3, ge=1, le=10)
-    mode: Literal["per_file", "batch"] = "per_file"
 
 
 class RunRef(Caller):
@@ -75,9 +38,8 @@ class FileRef(RunRef):
     file_index: int = Field(ge=0)
 
 
-class Restore(RunRef):
-    file_index: int | None = Field(default=None, ge=0)
-    checkpoint_step: int = Field(ge=-1)
+class Restore(RestoreBody, RunRef):
+    model_config = ConfigDict(extra="ignore")
 
 
 class ListRuns(BaseModel):
@@ -89,9 +51,5 @@ class ListRuns(BaseModel):
     cursor: str | None = None
 
 
-class PutSettings(Caller, RetryPolicy):
-    @model_validator(mode="after")
-    def _max_at_least_base(self) -> "PutSettings":
-        if self.backoff_max_ms < self.backoff_base_ms:
-            raise ValueError("backoff_max_ms must be >= backoff_base_ms")
-        return self
+class PutSettings(SettingsBody, Caller):
+    model_config = ConfigDict(extra="ignore")

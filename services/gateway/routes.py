@@ -9,6 +9,7 @@ from typing import Any
 from pydantic import BaseModel
 
 from services.gateway import schemas
+from shared import requests
 
 
 @dataclass(frozen=True, slots=True)
@@ -27,11 +28,11 @@ class Route:
 
 
 ROUTES: list[Route] = [
-    Route("POST", "/templates", "coordinator", "create_template", "tenant_admin", schemas.TemplateBody, 201, True, summary="Create a template"),
+    Route("POST", "/templates", "coordinator", "create_template", "tenant_admin", requests.TemplateBody, 201, True, summary="Create a template"),
     Route("GET", "/templates", "coordinator", "list_templates", summary="List templates"),
     Route("GET", "/templates/{template_id}", "coordinator", "get_template", summary="Get a template"),
     Route("DELETE", "/templates/{template_id}", "coordinator", "archive_template", "tenant_admin", status=204, summary="Archive a template"),
-    Route("POST", "/workflow-runs", "coordinator", "create_run", "member", schemas.RunBody, 201, True, summary="Start a run"),
+    Route("POST", "/workflow-runs", "coordinator", "create_run", "member", requests.RunBody, 201, True, summary="Start a run"),
     Route("GET", "/workflow-runs", "coordinator", "list_runs", query=("status", "needs_attention", "limit", "cursor"), summary="List runs"),
     Route("GET", "/workflow-runs/{run_id}", "coordinator", "get_run", summary="A run with its files"),
     Route("GET", "/workflow-runs/{run_id}/timeline", "coordinator", "timeline", summary="A run's execution log"),
@@ -42,7 +43,7 @@ ROUTES: list[Route] = [
     Route("POST", "/workflow-runs/{run_id}/files/{file_index}/skip", "coordinator", "skip_file", "tenant_admin", summary="Skip a file's optional step"),
     Route("POST", "/workflow-runs/{run_id}/cancel", "coordinator", "cancel", "tenant_admin", summary="Cancel a run"),
     Route("GET", "/settings/retry", "coordinator", "get_settings", summary="Retry settings"),
-    Route("PUT", "/settings/retry", "coordinator", "put_settings", "tenant_admin", schemas.SettingsBody, summary="Change retry settings"),
+    Route("PUT", "/settings/retry", "coordinator", "put_settings", "tenant_admin", requests.SettingsBody, summary="Change retry settings"),
     Route("GET", "/credits", "billing", "balance", summary="Credit balance"),
     Route("GET", "/credits/ledger", "billing", "ledger", query=("limit", "cursor"), summary="Credit ledger"),
     Route("POST", "/admin/tenants/{tenant_id}/credits", "billing", "grant", "platform_admin", schemas.GrantBody, idempotent=True, summary="Grant purchased credits"),
@@ -52,7 +53,7 @@ ROUTES: list[Route] = [
     Route("GET", "/webhook", "notifier", "get_webhook", summary="The webhook"),
     Route("GET", "/admin/attention", "coordinator", "attention", "tenant_admin", all_tenants_for_admin=True, summary="Runs needing attention"),
     Route("GET", "/admin/breakers", "executor", "breakers", summary="Circuit breakers"),
-    Route("POST", "/admin/workflow-runs/{run_id}/restore", "coordinator", "restore", "platform_admin", schemas.RestoreBody, summary="Restore from a checkpoint"),
+    Route("POST", "/admin/workflow-runs/{run_id}/restore", "coordinator", "restore", "platform_admin", requests.RestoreBody, summary="Restore from a checkpoint"),
 ]
 
 

@@ -1,0 +1,75 @@
+"""Request bodies of the contract (api.md), shared by the gateway (which validates HTTP
+bodies against them) and the coordinator (which validates what it is sent): one
+definition, so the two edges cannot disagree about what is valid."""
+
+from __future__ import annotations
+
+import base64
+import binascii
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator
+
+from shared.messages import RetryPolicy
+
+
+class _Body(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class StepIn(_Body):
+    name: str = Field(min_length=1, max_length=100)
+    handler: str = Field(min_length=1, max_length=100)
+    optional: bool = False
+    timeout_s: float = Field(default=300, gt=0, le=24 * 3600)
+    params: dict[str, Any] = Field(default_factory=dict)
+
+
+class FileIn(_Body):
+    name: str = Field(min_length=1, max_length=1024)
+    url: str | None = Field(default=None, max_length=4096)
+    content_b64: str | None = None
+    size: int | None = Field(default=None, ge=0)
+    sha256: str | None = Field(default=None, pattern=r"^[0-9a-fA-F]{64}$")
+
+    @field_validator("content_b64")
+    @classmethod
+    def _is_base64(cls, v: str | None) -> str | None:
+        if v is None:
+            return v
+        try:
+            base64.b64decode(v, validate=True)
+        except (binascii.Error, ValueError):
+            raise ValueError("content_b64 is not valid base64")
+        return v
+
+
+class TemplateBody(_Body):
+    name: str = Field(min_length=1, max_length=200)
+    steps: list[StepIn] = Field(min_length=1, max_length=50)
+    credits_per_file: int = Field(default=1, ge=0, le=1_000_000)
+    failure_policy: Literal["continue", "fail_fast"] = "continue"
+
+
+class RunBody(_Body):
+    template_id: str = Field(min_length=1)
+    files: list[FileIn] = Field(min_length=1, max_length=100_000)
+    max_retry_count: int = Field(default=3, ge=1, le=10)
+    mode: Literal["per_file", "batch"] = "per_file"
+
+
+class SettingsBody(RetryPolicy):
+    model_config = ConfigDict(extra="forbid")
+
+    @field_validator("backoff_max_ms")
+    @classmethod
+    def _max_at_least_base(cls, v: int, info) -> int:
+        base = info.data.get("backoff_base_ms")
+        if base is not None and v < base:
+            raise ValueError("must be >= backoff_base_ms")
+        return v
+
+
+class RestoreBody(_Body):
+    file_index: int | None = Field(default=None, ge=0)
+    checkpoint_step: int = Field(ge=-1)
