@@ -6,58 +6,22 @@ import asyncio
 import json
 import signal
 import sys
-import time
 from pathlib import Path
 from typing import Optional
 
 import typer
-from rich.console import Console
 from rich.table import Table
 
-from redrive.api_client import Api, ApiError
-from shared.settings import Settings, load_settings
+from redrive.cli_common import DataDir, JsonOut, console, err
+from redrive.cli_common import api_call as _api_call, fail as _fail, print_json as _print, settings_from as _settings
+from redrive.run_commands import run_app
 
 app = typer.Typer(no_args_is_help=True, add_completion=False, help="redrive: batch workflows that make failure boring.")
 tenant_app = typer.Typer(no_args_is_help=True, help="Tenants.")
 key_app = typer.Typer(no_args_is_help=True, help="API keys.")
-run_app = typer.Typer(no_args_is_help=True, help="Workflow runs.")
 app.add_typer(tenant_app, name="tenant")
 app.add_typer(key_app, name="key")
 app.add_typer(run_app, name="run")
-console = Console()
-err = Console(stderr=True)
-
-DataDir = typer.Option(None, "--data-dir", envvar="REDRIVE_DATA_DIR", help="Where redrive keeps its data.")
-JsonOut = typer.Option(False, "--json", help="Machine-readable output.")
-
-
-def _settings(data_dir: Optional[Path], **overrides) -> Settings:
-    if data_dir is not None:
-        overrides["data_dir"] = data_dir
-    try:
-        return load_settings(**overrides)
-    except Exception as exc:  # pydantic ValidationError: bad configuration
-        err.print(f"[red]invalid configuration:[/red] {exc}")
-        raise typer.Exit(2)
-
-
-def _fail(message: str) -> None:
-    err.print(f"[red]error:[/red] {message}")
-    raise typer.Exit(1)
-
-
-def _api_call(settings: Settings, method: str, path: str, body=None, *, idempotent: bool = False):
-    try:
-        return Api.from_settings(settings).call(method, path, body, idempotent=idempotent)
-    except ApiError as exc:
-        _fail(str(exc))
-
-
-def _print(data, as_json: bool) -> None:
-    if as_json:
-        typer.echo(json.dumps(data, indent=2, default=str))
-    else:
-        console.print_json(data=data, default=str)
 
 
 @app.command()
@@ -158,93 +122,6 @@ def key_create(
     except ValueError as exc:
         _fail(str(exc))
     typer.echo(json.dumps({"key": key}) if as_json else key)
-
-
-@run_app.command("submit")
-def run_submit(
-    template: str = typer.Option(..., "--template"),
-    file: list[str] = typer.Option(..., "--file", help="a file name (repeat), or @path to send a local file's bytes"),
-    max_retry_count: int = typer.Option(3, "--max-retry-count", min=1, max=10),
-    mode: str = typer.Option("per_file", "--mode"),
-    data_dir: Optional[Path] = DataDir,
-    as_json: bool = JsonOut,
-) -> None:
-    """Start a run over the given files."""
-    import base64
-
-    files = []
-    for item in file:
-        if item.startswith("@"):
-            path = Path(item[1:])
-            files.append({"name": path.name, "content_b64": base64.b64encode(path.read_bytes()).decode()})
-        else:
-            files.append({"name": item})
-    body = {"template_id": template, "files": files, "max_retry_count": max_retry_count, "mode": mode}
-    _print(_api_call(_settings(data_dir), "POST", "/workflow-runs", body, idempotent=True), as_json)
-
-
-def _run_action(run_id: str, action: str, data_dir, as_json: bool, method="POST", body=None) -> None:
-    path = f"/workflow-runs/{run_id}" + (f"/{action}" if action else "")
-    _print(_api_call(_settings(data_dir), method, path, body, idempotent=method == "POST"), as_json)
-
-
-@run_app.command("show")
-def run_show(run_id: str, data_dir: Optional[Path] = DataDir, as_json: bool = JsonOut) -> None:
-    """A run with its files."""
-    _run_action(run_id, "", data_dir, as_json, method="GET")
-
-
-@run_app.command("retry-failed")
-def run_retry_failed(run_id: str, data_dir: Optional[Path] = DataDir, as_json: bool = JsonOut) -> None:
-    """Continue: retry FAILED (charged) and PENDING (free) files."""
-    _run_action(run_id, "retry-failed", data_dir, as_json)
-
-
-@run_app.command("recover")
-def run_recover(run_id: str, data_dir: Optional[Path] = DataDir, as_json: bool = JsonOut) -> None:
-    """Resume a FAILED or stuck run from its checkpoints (free)."""
-    _run_action(run_id, "recover", data_dir, as_json)
-
-
-@run_app.command("cancel")
-def run_cancel(run_id: str, data_dir: Optional[Path] = DataDir, as_json: bool = JsonOut) -> None:
-    """Cancel a run; unused credits are refunded."""
-    _run_action(run_id, "cancel", data_dir, as_json)
-
-
-@run_app.command("restore")
-def run_restore(
-    run_id: str,
-    checkpoint_step: int = typer.Option(..., "--checkpoint-step", min=-1),
-    file_index: Optional[int] = typer.Option(None, "--file-index", min=0),
-    data_dir: Optional[Path] = DataDir,
-    as_json: bool = JsonOut,
-) -> None:
-    """Rewind files to an earlier checkpoint and resume them (platform admin)."""
-    body = {"checkpoint_step": checkpoint_step} | ({"file_index": file_index} if file_index is not None else {})
-    _print(_api_call(_settings(data_dir), "POST", f"/admin/workflow-runs/{run_id}/restore", body), as_json)
-
-
-@run_app.command("watch")
-def run_watch(run_id: str, data_dir: Optional[Path] = DataDir, interval: float = typer.Option(1.0, "--interval")) -> None:
-    """Follow a run's progress until it leaves RUNNING."""
-    from rich.progress import BarColumn, Progress, TextColumn
-
-    settings = _settings(data_dir)
-    with Progress(TextColumn("{task.description}"), BarColumn(), TextColumn("{task.completed}/{task.total}")) as bar:
-        task = None
-        while True:
-            run = _api_call(settings, "GET", f"/workflow-runs/{run_id}")
-            c = run["counts"]
-            done = c["total"] - c["pending"]
-            label = f"{run['status']} round {run['round']} ok={c['succeeded']} failed={c['failed']} error={c['errored']}"
-            if task is None:
-                task = bar.add_task(label, total=c["total"])
-            bar.update(task, completed=done, description=label)
-            if run["status"] != "RUNNING":
-                break
-            time.sleep(interval)
-    raise typer.Exit(0 if run["status"] == "COMPLETED" else 1)
 
 
 @app.command()
