@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import shutil
 import statistics
 import tempfile
 import threading
@@ -26,6 +27,7 @@ from shared.settings import Settings
 
 
 def main(files: int = 10_000, handler: str = "noop", executors: int = 1, data_dir: Path | None = None) -> dict:
+    scratch = data_dir is None
     data_dir = Path(data_dir or tempfile.mkdtemp(prefix="redrive-bench-"))
     port = free_port()
     stack = Stack(Settings(data_dir=data_dir, port=port, prefix="bench"), executors=executors)
@@ -81,6 +83,12 @@ def main(files: int = 10_000, handler: str = "noop", executors: int = 1, data_di
     finally:
         stop.set()
         stack.stop()
+        if scratch:  # a throwaway system: leave nothing behind (PostgreSQL may live outside it)
+            for server in stack.servers:
+                pgdata = getattr(server, "pgdata", None)
+                if pgdata is not None and data_dir.resolve() not in Path(pgdata).resolve().parents:
+                    shutil.rmtree(pgdata, ignore_errors=True)
+            shutil.rmtree(data_dir, ignore_errors=True)
 
 
 def _cpu(stack: Stack) -> dict[str, float]:
