@@ -17,6 +17,7 @@ from sqlalchemy import text
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
 from shared.bus import Outgoing, publish_many
+from shared.copy import COPY_THRESHOLD, copy_rows
 from shared.db import transaction
 from shared.faults import crash_point
 
@@ -41,7 +42,10 @@ def row(subject: str, msg_id: str, payload: bytes, headers: dict[str, str] | Non
 
 
 async def add(conn: AsyncConnection, rows: list[dict]) -> None:
-    if rows:
+    if len(rows) >= COPY_THRESHOLD:
+        await copy_rows(conn, "coordinator", "outbox", ("subject", "msg_id", "payload", "headers"),
+                        ((r["subject"], r["msg_id"], r["payload"], r["headers"]) for r in rows))
+    elif rows:
         await conn.execute(_INSERT, rows)
 
 

@@ -7,6 +7,7 @@ import uuid
 
 from sqlalchemy import text
 
+from shared.copy import COPY_THRESHOLD, copy_rows
 from shared.db import transaction
 from shared.messages import ServiceError
 from services.coordinator import credits, jobs, outbox, store, timeline
@@ -22,6 +23,7 @@ _INSERT_RUN = text(
     " :max_retry_count, :total, :total, :consumed, :from_monthly, :from_purchased, :actor)"
     " RETURNING *"
 )
+_FILE_COLUMNS = ("run_id", "idx", "name", "url", "content_b64", "size", "sha256", "status", "charge_key")
 _INSERT_FILE = text(
     "INSERT INTO coordinator.files (run_id, idx, name, url, content_b64, size, sha256, status, charge_key)"
     " VALUES (:run_id, :idx, :name, :url, :content_b64, :size, :sha256, 'PENDING', :charge_key)"
@@ -61,7 +63,12 @@ async def create_run(deps: Deps, cmd: CreateRun) -> dict:
                  "size": f.size, "sha256": f.sha256, "charge_key": key if template["credits_per_file"] else None}
                 for i, f in enumerate(cmd.files)
             ]
-            await conn.execute(_INSERT_FILE, files)
+            if len(files) >= COPY_THRESHOLD:
+                await copy_rows(conn, "coordinator", "files", _FILE_COLUMNS,
+                                ((f["run_id"], f["idx"], f["name"], f["url"], f["content_b64"], f["size"], f["sha256"],
+                                  "PENDING", f["charge_key"]) for f in files))
+            else:
+                await conn.execute(_INSERT_FILE, files)
             await outbox.add(conn, jobs.job_rows(deps.names, run, template, files, policy)
                              + [run_event_row(deps.names, run, "started")])
             await timeline.append(conn, timeline.entry(run_id, cmd.tenant_id, "run_created", cmd.actor, files=len(files),
