@@ -97,6 +97,9 @@ class MicroService:
                 body = error_reply(ServiceError("dependency_unavailable", "a dependency is unavailable; try again", {}))
             else:
                 body = error_reply(ServiceError("internal", f"{self._service_name} could not complete {verb}"))
+        if len(body) > self._nc.max_payload:
+            log.error("rpc.reply_too_large", service=self._service_name, verb=verb, size=len(body))
+            body = error_reply(ServiceError("response_too_large", f"the answer to {verb} is larger than the bus allows"))
         try:
             await request.respond(body)
         except Exception as exc:  # the caller went away or NATS dropped: nothing to answer

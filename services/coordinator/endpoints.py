@@ -10,7 +10,7 @@ from pydantic import BaseModel
 from services.coordinator.commands import cancel, create_run, file_actions, queries, recover, retry_failed, settings, templates
 from services.coordinator.context import Deps
 from services.coordinator.schemas import (
-    Caller, CreateRun, CreateTemplate, FileRef, ListRuns, PutSettings, Restore, RunRef, TemplateRef,
+    Caller, CreateRun, CreateTemplate, FileRef, GetRun, ListRuns, PutSettings, Restore, RunRef, TemplateRef,
 )
 
 ROUTES: dict[str, tuple[type[BaseModel], Callable[[Deps, Any], Awaitable[Any]]]] = {
@@ -19,7 +19,7 @@ ROUTES: dict[str, tuple[type[BaseModel], Callable[[Deps, Any], Awaitable[Any]]]]
     "get_template": (TemplateRef, templates.get_template),
     "archive_template": (TemplateRef, templates.archive_template),
     "create_run": (CreateRun, create_run.create_run),
-    "get_run": (RunRef, queries.get_run),
+    "get_run": (GetRun, queries.get_run),
     "list_runs": (ListRuns, queries.list_runs),
     "timeline": (RunRef, queries.get_timeline),
     "attention": (ListRuns, queries.attention),

@@ -34,6 +34,11 @@ class RunRef(Caller):
     run_id: str
 
 
+class GetRun(RunRef):
+    file_offset: int = Field(default=0, ge=0)
+    file_limit: int = Field(default=1000, ge=1, le=1000)
+
+
 class FileRef(RunRef):
     file_index: int = Field(ge=0)
 

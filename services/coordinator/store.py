@@ -62,6 +62,21 @@ async def load_files(conn: AsyncConnection, run_id: str, *, statuses: tuple[str,
     return [dict(r) for r in (await conn.execute(text(sql), params)).mappings()]
 
 
+FILES_PAGE = 1000  # files per run body: a reply must fit NATS's max payload (1 MB by default)
+
+
+async def run_body(conn: AsyncConnection, run: dict, *, offset: int = 0, limit: int = FILES_PAGE) -> dict:
+    """The run with one page of its files (api.md's run body, plus ``files_page``)."""
+    from services.coordinator.views import run_view
+
+    rows = (await conn.execute(text("SELECT * FROM coordinator.files WHERE run_id = :r AND idx >= :o ORDER BY idx LIMIT :l"),
+                               {"r": run["id"], "o": offset, "l": limit})).mappings().all()
+    body = run_view(run, [dict(r) for r in rows])
+    next_offset = offset + limit if offset + limit < run["total"] else None
+    body["files_page"] = {"offset": offset, "limit": limit, "next_offset": next_offset}
+    return body
+
+
 async def retry_policy(conn: AsyncConnection, tenant_id: str) -> RetryPolicy:
     row = (
         await conn.execute(text("SELECT policy FROM coordinator.retry_settings WHERE tenant_id = :t"), {"t": tenant_id})

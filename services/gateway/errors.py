@@ -13,7 +13,7 @@ STATUS_BY_CODE = {
     "not_found": 404, "validation_error": 422, "idempotency_key_reused": 422, "insufficient_credits": 402,
     "run_running": 409, "run_not_recoverable": 409, "conflict": 409, "file_pending": 409,
     "idempotency_in_progress": 409, "service_unavailable": 503, "dependency_unavailable": 503,
-    "unauthorized": 401, "forbidden": 403, "internal": 500, "method_not_allowed": 405,
+    "unauthorized": 401, "forbidden": 403, "internal": 500, "response_too_large": 500, "method_not_allowed": 405,
 }
 
 

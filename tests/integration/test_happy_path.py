@@ -67,3 +67,16 @@ async def test_invalid_requests_are_refused_with_field_errors(stack):
     err = await expect_error("validation_error", stack.call("coordinator", "create_run", tenant_id=tenant,
                                                              template_id=template, files=[]))
     assert "files" in err.details["fields"]
+
+
+async def test_a_large_run_is_read_a_page_of_files_at_a_time(stack):
+    tenant = await stack.tenant(monthly=5000)
+    template = await stack.template(tenant, [{"name": "a", "handler": "noop"}])
+    run = await stack.submit(tenant, template, 2500)
+    assert len(run.get("files", [])) == 0 or len(run["files"]) <= 1000
+    await stack.wait_run(tenant, run["id"])
+    first = await stack.call("coordinator", "get_run", tenant_id=tenant, run_id=run["id"])
+    assert len(first["files"]) == 1000 and first["files_page"]["next_offset"] == 1000
+    last = await stack.call("coordinator", "get_run", tenant_id=tenant, run_id=run["id"], file_offset=2000)
+    assert [f["index"] for f in last["files"]][:1] == [2000] and len(last["files"]) == 500
+    assert last["files_page"]["next_offset"] is None and last["counts"]["succeeded"] == 2500

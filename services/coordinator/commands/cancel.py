@@ -16,7 +16,6 @@ from services.coordinator.context import Deps
 from services.coordinator.run_events import run_event_row
 from services.coordinator.run_stops import stop_row
 from services.coordinator.schemas import RunRef
-from services.coordinator.views import run_view
 
 log = structlog.get_logger(__name__)
 
@@ -53,7 +52,7 @@ async def cancel(deps: Deps, cmd: RunRef) -> dict:
     await pay_refunds_due(deps, run_id=run["id"])
     async with deps.engine.connect() as conn:
         run = await store.load_run(conn, cmd.tenant_id, cmd.run_id)
-        return run_view(run, await store.load_files(conn, run["id"]))
+        return await store.run_body(conn, run)
 
 
 async def pay_refunds_due(deps: Deps, run_id: str | None = None) -> int:

@@ -10,7 +10,6 @@ from services.coordinator import credits, jobs, outbox, store, timeline
 from services.coordinator.context import Deps
 from services.coordinator.run_events import run_event_row
 from services.coordinator.schemas import FileRef
-from services.coordinator.views import run_view
 
 _REOPEN_FILE = text(
     "UPDATE coordinator.files SET status = 'PENDING', round = :round, retry_attempt = retry_attempt + 1, attempts = 0, "
@@ -70,7 +69,7 @@ async def retry_file(deps: Deps, cmd: FileRef) -> dict:
         raise
     deps.relay.kick()
     async with deps.engine.connect() as conn:
-        return run_view(run, await store.load_files(conn, run["id"]))
+        return await store.run_body(conn, run)
 
 
 async def skip_file(deps: Deps, cmd: FileRef) -> dict:
@@ -92,5 +91,4 @@ async def skip_file(deps: Deps, cmd: FileRef) -> dict:
             " THEN 'COMPLETED' ELSE status END, needs_attention = needs_attention AND failed > 0 "
             "WHERE id = :r RETURNING *"), {"r": run["id"]})).mappings().one())
         await timeline.append(conn, timeline.entry(run["id"], run["tenant_id"], "file_skipped", cmd.actor, f["idx"], step=step))
-        files = await store.load_files(conn, run["id"])
-    return run_view(run, files)
+        return await store.run_body(conn, run)

@@ -7,14 +7,14 @@ from sqlalchemy import text
 from shared.messages import ServiceError
 from services.coordinator import store, timeline
 from services.coordinator.context import Deps
-from services.coordinator.schemas import ListRuns, RunRef
+from services.coordinator.schemas import GetRun, ListRuns, RunRef
 from services.coordinator.views import run_view
 
 
-async def get_run(deps: Deps, cmd: RunRef) -> dict:
+async def get_run(deps: Deps, cmd: GetRun) -> dict:
     async with deps.engine.connect() as conn:
         run = await store.load_run(conn, cmd.tenant_id, cmd.run_id)
-        return run_view(run, await store.load_files(conn, run["id"]))
+        return await store.run_body(conn, run, offset=cmd.file_offset, limit=cmd.file_limit)
 
 
 async def list_runs(deps: Deps, cmd: ListRuns) -> dict:

@@ -18,7 +18,6 @@ from services.coordinator import jobs, outbox, store, timeline
 from services.coordinator.context import Deps
 from services.coordinator.run_events import run_event_row
 from services.coordinator.schemas import Restore, RunRef
-from services.coordinator.views import run_view
 
 _RESUME = text(
     # A FAILED run (fail_fast, recovery gave up) left RUNNING in this round already; reopen
@@ -60,7 +59,7 @@ async def recover(deps: Deps, cmd: RunRef) -> dict:
     deps.relay.kick()
     async with deps.engine.connect() as conn:
         run = await store.load_run(conn, cmd.tenant_id, cmd.run_id)
-        return run_view(run, await store.load_files(conn, run["id"]))
+        return await store.run_body(conn, run)
 
 
 async def restore(deps: Deps, cmd: Restore) -> dict:
@@ -108,4 +107,4 @@ async def restore(deps: Deps, cmd: Restore) -> dict:
                                                    checkpoint_step=cmd.checkpoint_step, files=len(restored), round=new_round))
     deps.relay.kick()
     async with deps.engine.connect() as conn:
-        return run_view(run, await store.load_files(conn, run["id"]))
+        return await store.run_body(conn, run)

@@ -16,7 +16,6 @@ from services.coordinator import credits, jobs, outbox, store, timeline
 from services.coordinator.context import Deps
 from services.coordinator.run_events import run_event_row
 from services.coordinator.schemas import RunRef
-from services.coordinator.views import run_view
 
 _REOPEN_FILES = text(
     "UPDATE coordinator.files SET status = 'PENDING', round = :round, retry_attempt = retry_attempt + 1, "
@@ -91,4 +90,4 @@ async def retry_failed(deps: Deps, cmd: RunRef) -> dict:
         raise
     deps.relay.kick()
     async with deps.engine.connect() as conn:
-        return run_view(run, await store.load_files(conn, run["id"]))
+        return await store.run_body(conn, run)
