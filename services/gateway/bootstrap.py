@@ -1,7 +1,11 @@
-"""Composition root of the gateway."""
+"""Composition root of the gateway: settings in, a started HTTP server out."""
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
+
+import structlog
 from aiohttp import web
 
 from shared import bus
@@ -10,36 +14,60 @@ from shared.rpc import RpcClient
 from shared.runtime import run
 from shared.settings import Settings
 from shared.subjects import Names
+from services.gateway import idempotency
 from services.gateway.app import Deps, build_app
 from services.gateway.events import EventHub
-from services.gateway.identity import KeyStore
+
+log = structlog.get_logger(__name__)
+
+PURGE_INTERVAL_S = 3600.0
 
 
 class GatewayService:
     def __init__(self, settings: Settings) -> None:
         self.settings = settings
-        self.port: int | None = None
+        self.port: int | None = None  # the bound port (settings.port may be 0)
+        self._purge: asyncio.Task | None = None
 
     async def start(self) -> None:
         s = self.settings
         names = Names(s.prefix)
         self.nc = await bus.connect(s, "gateway")
+        # The engine connects lazily: the gateway starts (and /readyz says 503) without a database.
         self.engine = make_engine(s, pool_size=10, application_name="redrive-gateway")
         self.hub = EventHub(self.nc, names)
         await self.hub.start()
-        deps = Deps(self.nc, self.engine, RpcClient(self.nc, names, timeout=s.request_timeout_s), KeyStore(self.engine), self.hub)
-        self.app = build_app(deps)
+        self.deps = Deps(
+            nc=self.nc, engine=self.engine, rpc=RpcClient(self.nc, names, timeout=s.request_timeout_s), hub=self.hub,
+            idempotency_lease_s=2 * s.request_timeout_s + 5, max_body_bytes=max(self.nc.max_payload, 64 * 1024),
+        )
+        self.app = build_app(self.deps)
         self.runner = web.AppRunner(self.app, access_log=None, shutdown_timeout=5)
         await self.runner.setup()
         site = web.TCPSite(self.runner, s.host, s.port)
         await site.start()
-        self.port = site._server.sockets[0].getsockname()[1]
+        self.port = self.runner.addresses[0][1]
+        self._purge = asyncio.create_task(self._purge_expired_keys(), name="gateway-idempotency-purge")
+        log.info("gateway.listening", host=s.host, port=self.port)
 
     async def stop(self) -> None:
-        await self.hub.stop()
+        if self._purge is not None:
+            self._purge.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._purge
+        await self.hub.stop()  # ends the SSE streams, so the runner need not wait for them
         await self.runner.cleanup()
         await bus.close(self.nc)
         await self.engine.dispose()
+
+    async def _purge_expired_keys(self) -> None:
+        while True:
+            await asyncio.sleep(PURGE_INTERVAL_S)
+            try:
+                removed = await idempotency.purge_expired(self.engine)
+                log.info("gateway.idempotency_purged", removed=removed)
+            except Exception as exc:
+                log.warning("gateway.idempotency_purge_failed", error=repr(exc))
 
 
 async def build(settings: Settings) -> GatewayService:

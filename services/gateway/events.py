@@ -1,82 +1,164 @@
-"""Live events for browsers (SSE): one NATS subscription per process, fanned out to the
-connected clients of each tenant through bounded queues. A slow client loses events
-rather than slowing everyone (it can re-read state from the API)."""
+"""Live events for browsers (Server-Sent Events).
+
+One core NATS subscription per process on ``<prefix>.events.>``, fanned out to connected
+clients through bounded queues. Each event is looked at once, whatever the number of
+clients: its tenant comes from the ``Redrive-Tenant`` header when the publisher set one
+(no JSON parse), else from the body's ``tenant_id``; events without a tenant (breakers)
+go to everyone. A slow client loses events rather than slowing anyone else: it can re-read
+the state from the API.
+
+The subscription exists only while someone listens, so an idle gateway does not receive
+the (high-volume) file events at all.
+"""
 
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Mapping
 
 import orjson
+import structlog
 from aiohttp import web
 from nats.aio.client import Client as NatsClient
 
 from shared.subjects import Names
 
+log = structlog.get_logger(__name__)
+
 KEEPALIVE_S = 15.0
+QUEUE_SIZE = 1000
+TENANT_HEADER = "Redrive-Tenant"
+_CLOSE = b""  # sentinel: the hub is stopping
 
 
 class EventHub:
-    def __init__(self, nc: NatsClient, names: Names) -> None:
+    def __init__(self, nc: NatsClient, names: Names, *, keepalive_s: float = KEEPALIVE_S,
+                 queue_size: int = QUEUE_SIZE) -> None:
         self._nc = nc
         self._names = names
-        self._clients: dict[asyncio.Queue, str] = {}
+        self._events_prefix = f"{names.prefix}.events."
+        self._keepalive_s = keepalive_s
+        self._queue_size = queue_size
+        self._by_tenant: dict[str, set[asyncio.Queue]] = {}
+        self._clients = 0
         self._sub = None
         self._subscribing = asyncio.Lock()
+        self._stopping = False
+        self.dropped = 0
+
+    @property
+    def clients(self) -> int:
+        return self._clients
 
     async def start(self) -> None:
-        pass  # subscribed only while someone listens: idle gateways cost the bus nothing
-
-    async def _listen(self) -> None:
-        async with self._subscribing:
-            if self._sub is None:
-                self._sub = await self._nc.subscribe(self._names.events_all, cb=self._on_event)
-
-    async def _maybe_stop_listening(self) -> None:
-        async with self._subscribing:
-            if not self._clients and self._sub is not None:
-                sub, self._sub = self._sub, None
-                await sub.unsubscribe()
+        self._stopping = False
 
     async def stop(self) -> None:
-        if self._sub is not None:
-            sub, self._sub = self._sub, None
-            await sub.unsubscribe()
-        for queue in list(self._clients):
-            queue.put_nowait(None)
+        self._stopping = True
+        await self._unsubscribe()
+        for queues in self._by_tenant.values():
+            for queue in queues:
+                _drain(queue)
+                queue.put_nowait(_CLOSE)
 
-    async def _on_event(self, msg) -> None:
-        if not self._clients:
+    # ---- clients and fan-out -------------------------------------------------------------
+
+    def register(self, tenant_id: str) -> asyncio.Queue[bytes]:
+        queue: asyncio.Queue[bytes] = asyncio.Queue(maxsize=self._queue_size)
+        self._by_tenant.setdefault(tenant_id, set()).add(queue)
+        self._clients += 1
+        return queue
+
+    def unregister(self, tenant_id: str, queue: asyncio.Queue[bytes]) -> None:
+        queues = self._by_tenant.get(tenant_id)
+        if queues is not None and queue in queues:
+            queues.discard(queue)
+            self._clients -= 1
+            if not queues:
+                del self._by_tenant[tenant_id]
+
+    def dispatch(self, subject: str, data: bytes, headers: Mapping[str, str] | None) -> None:
+        """Queue one event for the clients that may see it (called once per event)."""
+        if not self._by_tenant:
             return
-        try:
-            tenant = orjson.loads(msg.data).get("tenant_id")
-        except ValueError:
-            return
-        kind = msg.subject[len(self._names.prefix) + len(".events."):]
-        frame = f"event: {kind}\ndata: {msg.data.decode()}\n\n".encode()
-        for queue, client_tenant in self._clients.items():
-            if tenant is None or tenant == client_tenant:
-                if queue.qsize() < 1000:
-                    queue.put_nowait(frame)
+        tenant = headers.get(TENANT_HEADER) if headers else None
+        if tenant is None:
+            try:
+                body = orjson.loads(data)
+            except orjson.JSONDecodeError:
+                return
+            tenant = body.get("tenant_id") if isinstance(body, dict) else None
+        if b"\n" in data or b"\r" in data:  # an SSE data field is one line: re-encode compactly
+            try:
+                data = orjson.dumps(orjson.loads(data))
+            except orjson.JSONDecodeError:
+                return
+        kind = subject[len(self._events_prefix):] if subject.startswith(self._events_prefix) else subject
+        frame = b"event: " + kind.encode() + b"\ndata: " + data + b"\n\n"
+        targets = self._by_tenant.get(tenant, ()) if tenant is not None else _every(self._by_tenant)
+        for queue in targets:
+            try:
+                queue.put_nowait(frame)
+            except asyncio.QueueFull:
+                self.dropped += 1
+
+    async def _on_msg(self, msg) -> None:
+        self.dispatch(msg.subject, msg.data, msg.headers)
+
+    # ---- the subscription, held while someone listens ----------------------------------------
+
+    async def _subscribe(self) -> None:
+        async with self._subscribing:
+            if self._sub is not None or self._stopping:
+                return
+            self._sub = await self._nc.subscribe(self._names.events_all, cb=self._on_msg)
+            try:  # the SUB reaches the server before we tell the client it is connected
+                await self._nc.flush(timeout=2)
+            except Exception as exc:
+                log.warning("events.flush_failed", error=repr(exc))
+
+    async def _unsubscribe(self, only_if_idle: bool = False) -> None:
+        async with self._subscribing:
+            if self._sub is None or (only_if_idle and self._clients):
+                return
+            sub, self._sub = self._sub, None
+            try:
+                await sub.unsubscribe()
+            except Exception as exc:  # connection closing: the subscription goes with it
+                log.debug("events.unsubscribe_failed", error=repr(exc))
+
+    # ---- one client ------------------------------------------------------------------------
 
     async def stream(self, request: web.Request, tenant_id: str) -> web.StreamResponse:
-        response = web.StreamResponse(headers={"Content-Type": "text/event-stream", "Cache-Control": "no-cache"})
+        """Stream the tenant's events to this request until the client leaves or we stop."""
+        response = web.StreamResponse(headers={"Content-Type": "text/event-stream", "Cache-Control": "no-cache",
+                                               "X-Accel-Buffering": "no"})
         await response.prepare(request)
-        queue: asyncio.Queue = asyncio.Queue()
-        self._clients[queue] = tenant_id
-        await self._listen()
+        queue = self.register(tenant_id)
         try:
+            await self._subscribe()
             await response.write(b": connected\n\n")
-            while True:
+            while not self._stopping:
                 try:
-                    frame = await asyncio.wait_for(queue.get(), KEEPALIVE_S)
+                    frame = await asyncio.wait_for(queue.get(), self._keepalive_s)
                 except asyncio.TimeoutError:
                     frame = b": keepalive\n\n"
-                if frame is None:
+                if frame == _CLOSE:
                     break
                 await response.write(frame)
-        except (ConnectionResetError, asyncio.CancelledError):
-            pass
+        except ConnectionResetError:
+            pass  # the client went away
         finally:
-            self._clients.pop(queue, None)
-            await self._maybe_stop_listening()
+            self.unregister(tenant_id, queue)
+            await self._unsubscribe(only_if_idle=True)
         return response
+
+
+def _every(by_tenant: dict[str, set[asyncio.Queue]]):
+    for queues in by_tenant.values():
+        yield from queues
+
+
+def _drain(queue: asyncio.Queue) -> None:
+    while not queue.empty():
+        queue.get_nowait()

@@ -1,47 +1,127 @@
-"""Idempotency-Key: the same key and body within 24 h replays the first response; another
-body is 422 ``idempotency_key_reused``; a duplicate still in flight is 409."""
+"""Idempotency-Key: the same key and the same request within 24 h replays the first
+response; another request under that key is 422 ``idempotency_key_reused``; a duplicate
+while the first is still in flight is 409 ``idempotency_in_progress``.
+
+The ``in_progress`` row is inserted before the work (INSERT … ON CONFLICT DO NOTHING
+decides who goes ahead) and the response stored after it. 5xx answers are not stored: the
+row is deleted so that a retry can go ahead. A row left ``in_progress`` by a gateway that
+died mid-request is taken over after a lease, so a crash does not lock the key for 24 h.
+"""
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
 
+import orjson
+import structlog
+from aiohttp import web
 from sqlalchemy import text
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from shared.messages import ServiceError
 
-WINDOW = "24 hours"
+log = structlog.get_logger(__name__)
+
+WINDOW_S = 24 * 3600
+MAX_KEY_LENGTH = 255
+REPLAYED_HEADER = "Idempotent-Replayed"
 
 
-def request_hash(method: str, path: str, body: bytes) -> str:
-    return hashlib.sha256(method.encode() + b" " + path.encode() + b"\n" + body).hexdigest()
+def request_hash(method: str, path: str, body: object | None) -> str:
+    """Of the method, the path and the body as parsed JSON (key order and spacing do not count)."""
+    canonical = b"" if body is None else orjson.dumps(body, option=orjson.OPT_SORT_KEYS)
+    return hashlib.sha256(method.upper().encode() + b" " + path.encode() + b"\n" + canonical).hexdigest()
 
 
-async def begin(engine: AsyncEngine, tenant_id: str, key: str, digest: str) -> tuple[int, bytes] | None:
-    """None: go ahead (we own the key now). Otherwise the stored (status, body) to replay."""
+def check_key(key: str) -> str:
+    key = key.strip()
+    if not key or len(key) > MAX_KEY_LENGTH or not key.isprintable():
+        raise ServiceError("validation_error", "Idempotency-Key must be 1 to 255 printable characters",
+                           {"fields": {"Idempotency-Key": "1 to 255 printable characters"}})
+    return key
+
+
+@dataclass(frozen=True, slots=True)
+class Begun:
+    """Either ``replay`` (status, body) to send back, or go ahead (``taken_over``: an earlier
+    attempt under this key died mid-request, so its effect may already exist)."""
+
+    replay: tuple[int, bytes] | None = None
+    taken_over: bool = False
+
+
+_CLAIM = text("INSERT INTO gateway.idempotency (tenant_id, key, request_hash, state) "
+              "VALUES (:t, :k, :h, 'in_progress') ON CONFLICT DO NOTHING RETURNING key")
+_EXPIRE = text("DELETE FROM gateway.idempotency WHERE tenant_id = :t AND key = :k "
+               "AND created_at < now() - make_interval(secs => :window)")
+_READ = text("SELECT request_hash, state, status, body, created_at < now() - make_interval(secs => :lease) AS stale "
+             "FROM gateway.idempotency WHERE tenant_id = :t AND key = :k FOR UPDATE")
+_TAKE_OVER = text("UPDATE gateway.idempotency SET created_at = now() WHERE tenant_id = :t AND key = :k")
+
+
+async def begin(engine: AsyncEngine, tenant_id: str, key: str, digest: str, lease_s: float) -> Begun:
+    ids = {"t": tenant_id, "k": key}
     async with engine.begin() as conn:
-        await conn.execute(text(f"DELETE FROM gateway.idempotency WHERE tenant_id = :t AND key = :k "
-                                f"AND created_at < now() - interval '{WINDOW}'"), {"t": tenant_id, "k": key})
-        won = await conn.execute(text("INSERT INTO gateway.idempotency (tenant_id, key, request_hash, state) "
-                                      "VALUES (:t, :k, :h, 'in_progress') ON CONFLICT DO NOTHING RETURNING key"),
-                                 {"t": tenant_id, "k": key, "h": digest})
-        if won.first() is not None:
-            return None
-        row = (await conn.execute(text("SELECT request_hash, state, status, body FROM gateway.idempotency "
-                                       "WHERE tenant_id = :t AND key = :k"), {"t": tenant_id, "k": key})).first()
-    if row is None:
-        raise ServiceError("idempotency_in_progress", "a request with this Idempotency-Key is in progress")
-    if row.request_hash != digest:
-        raise ServiceError("idempotency_key_reused", "this Idempotency-Key was used with a different request")
-    if row.state != "done":
-        raise ServiceError("idempotency_in_progress", "a request with this Idempotency-Key is in progress")
-    return row.status, bytes(row.body)
+        await conn.execute(_EXPIRE, {**ids, "window": WINDOW_S})
+        if (await conn.execute(_CLAIM, {**ids, "h": digest})).first() is not None:
+            return Begun()
+        row = (await conn.execute(_READ, {**ids, "lease": lease_s})).first()
+        if row is None:  # deleted between our insert and read (a 5xx released it): ask again
+            raise ServiceError("idempotency_in_progress", "a request with this Idempotency-Key is in progress")
+        if row.request_hash != digest:
+            raise ServiceError("idempotency_key_reused", "this Idempotency-Key was used with a different request")
+        if row.state == "done":
+            return Begun(replay=(row.status, bytes(row.body)))
+        if not row.stale:
+            raise ServiceError("idempotency_in_progress", "a request with this Idempotency-Key is in progress")
+        await conn.execute(_TAKE_OVER, ids)
+        log.warning("idempotency.taken_over", tenant_id=tenant_id, key=key)
+        return Begun(taken_over=True)
 
 
 async def finish(engine: AsyncEngine, tenant_id: str, key: str, status: int, body: bytes) -> None:
+    ids = {"t": tenant_id, "k": key}
     async with engine.begin() as conn:
-        if status >= 500:  # not an answer worth replaying: let a retry run again
-            await conn.execute(text("DELETE FROM gateway.idempotency WHERE tenant_id = :t AND key = :k"), {"t": tenant_id, "k": key})
+        if status >= 500:  # not an answer worth replaying: let a retry go ahead
+            await conn.execute(text("DELETE FROM gateway.idempotency WHERE tenant_id = :t AND key = :k"), ids)
         else:
             await conn.execute(text("UPDATE gateway.idempotency SET state = 'done', status = :s, body = :b "
-                                    "WHERE tenant_id = :t AND key = :k"), {"s": status, "b": body, "t": tenant_id, "k": key})
+                                    "WHERE tenant_id = :t AND key = :k"), {**ids, "s": status, "b": body})
+
+
+async def purge_expired(engine: AsyncEngine) -> int:
+    async with engine.begin() as conn:
+        done = await conn.execute(text("DELETE FROM gateway.idempotency WHERE created_at < now() - make_interval(secs => :w)"),
+                                  {"w": WINDOW_S})
+        return done.rowcount or 0
+
+
+def replay_response(status: int, body: bytes) -> web.Response:
+    return web.Response(status=status, body=body, content_type="application/json", headers={REPLAYED_HEADER: "true"})
+
+
+async def once(engine: AsyncEngine, tenant_id: str, key: str, digest: str, lease_s: float,
+               work: Callable[[bool], Awaitable[web.Response]]) -> web.Response:
+    """Run ``work(taken_over)`` at most once per (tenant, key) and request, replaying its answer."""
+    begun = await begin(engine, tenant_id, key, digest, lease_s)
+    if begun.replay is not None:
+        return replay_response(*begun.replay)
+    try:
+        response = await work(begun.taken_over)
+    except BaseException:
+        await _shielded(finish(engine, tenant_id, key, 500, b""))
+        raise
+    await _shielded(finish(engine, tenant_id, key, response.status, response.body or b""))
+    return response
+
+
+async def _shielded(write: Awaitable[None]) -> None:
+    """The record must be written even if the request is being cancelled; if the database is
+    gone, the row stays in_progress and its lease lets a later retry take over."""
+    try:
+        await asyncio.shield(write)
+    except Exception as exc:
+        log.warning("idempotency.record_failed", error=repr(exc))

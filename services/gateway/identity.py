@@ -1,5 +1,9 @@
-"""Tenants and API keys. Keys are random tokens shown once; only their sha256 is stored,
-looked up by hash and compared in constant time."""
+"""Tenants and API keys. A key is a random token shown once (``rk_`` + 32 random bytes,
+url-safe); only its sha256 is stored, looked up by hash and compared in constant time.
+
+These functions take an engine and nothing else, so that the CLI (``redrive tenant
+create``, ``redrive key create``) calls them directly, with no gateway running.
+"""
 
 from __future__ import annotations
 
@@ -8,12 +12,15 @@ import hmac
 import secrets
 import time
 import uuid
+from collections import OrderedDict
 from dataclasses import dataclass
 
 from sqlalchemy import text
 from sqlalchemy.ext.asyncio import AsyncEngine
 
-ROLES = ("member", "tenant_admin", "platform_admin")
+ROLES = ("member", "tenant_admin", "platform_admin")  # weakest first
+KEY_PREFIX = "rk_"
+_MAX_KEY_LENGTH = 200
 
 
 @dataclass(frozen=True, slots=True)
@@ -26,12 +33,18 @@ class Principal:
     def at_least(self, role: str) -> bool:
         return ROLES.index(self.role) >= ROLES.index(role)
 
+    @property
+    def actor(self) -> str:
+        """How the timeline and the ledger name whoever acted."""
+        return self.user or f"key:{self.key_id}"
 
-def _hash(key: str) -> str:
+
+def key_hash(key: str) -> str:
     return hashlib.sha256(key.encode()).hexdigest()
 
 
 async def create_tenant(engine: AsyncEngine, name: str, tenant_id: str | None = None) -> str:
+    """Create a tenant (or keep the existing one with that id) and return its id."""
     tenant_id = tenant_id or uuid.uuid4().hex[:16]
     async with engine.begin() as conn:
         await conn.execute(text("INSERT INTO gateway.tenants (id, name) VALUES (:id, :name) ON CONFLICT (id) DO NOTHING"),
@@ -40,39 +53,71 @@ async def create_tenant(engine: AsyncEngine, name: str, tenant_id: str | None = 
 
 
 async def create_key(engine: AsyncEngine, tenant_id: str, role: str, user: str) -> str:
+    """Make a key for ``user`` of ``tenant_id`` with ``role``; the plaintext is returned once."""
     if role not in ROLES:
         raise ValueError(f"role must be one of {', '.join(ROLES)}")
-    key = "rk_" + secrets.token_urlsafe(32)
+    key = KEY_PREFIX + secrets.token_urlsafe(32)
     async with engine.begin() as conn:
         exists = (await conn.execute(text("SELECT 1 FROM gateway.tenants WHERE id = :t"), {"t": tenant_id})).first()
         if exists is None:
             raise ValueError(f"no tenant {tenant_id}")
         await conn.execute(text("INSERT INTO gateway.api_keys (id, tenant_id, user_name, role, key_hash) "
                                 "VALUES (:id, :t, :u, :r, :h)"),
-                           {"id": uuid.uuid4().hex[:12], "t": tenant_id, "u": user, "r": role, "h": _hash(key)})
+                           {"id": uuid.uuid4().hex[:12], "t": tenant_id, "u": user, "r": role, "h": key_hash(key)})
     return key
 
 
-class KeyStore:
-    """Authenticates bearer keys, caching positive answers briefly (hot path)."""
+async def revoke_key(engine: AsyncEngine, key_id: str) -> bool:
+    """Revoke a key by id. Gateways that cached it keep accepting it for at most the cache TTL."""
+    async with engine.begin() as conn:
+        done = await conn.execute(text("UPDATE gateway.api_keys SET revoked_at = now() "
+                                       "WHERE id = :id AND revoked_at IS NULL RETURNING id"), {"id": key_id})
+        return done.first() is not None
 
-    def __init__(self, engine: AsyncEngine, ttl_s: float = 30.0) -> None:
-        self._engine = engine
-        self._ttl = ttl_s
-        self._cache: dict[str, tuple[float, Principal]] = {}
 
-    async def authenticate(self, key: str) -> Principal | None:
-        digest = _hash(key)
-        hit = self._cache.get(digest)
-        if hit and hit[0] > time.monotonic():
-            return hit[1]
-        async with self._engine.connect() as conn:
-            row = (await conn.execute(text("SELECT id, tenant_id, user_name, role, key_hash FROM gateway.api_keys "
-                                           "WHERE key_hash = :h AND revoked_at IS NULL"), {"h": digest})).first()
-        if row is None or not hmac.compare_digest(row.key_hash, digest):
+class KeyCache:
+    """Positive lookups for a short time, bounded (least recently used leave first), so the
+    hot path does not ask PostgreSQL on every request."""
+
+    def __init__(self, ttl_s: float = 30.0, max_entries: int = 10_000) -> None:
+        self.ttl_s = ttl_s
+        self.max_entries = max_entries
+        self._entries: OrderedDict[str, tuple[float, Principal]] = OrderedDict()
+
+    def get(self, digest: str) -> Principal | None:
+        hit = self._entries.get(digest)
+        if hit is None:
             return None
-        principal = Principal(row.tenant_id, row.role, row.user_name, row.id)
-        if len(self._cache) > 10_000:
-            self._cache.clear()
-        self._cache[digest] = (time.monotonic() + self._ttl, principal)
-        return principal
+        if hit[0] <= time.monotonic():
+            del self._entries[digest]
+            return None
+        self._entries.move_to_end(digest)
+        return hit[1]
+
+    def put(self, digest: str, principal: Principal) -> None:
+        self._entries[digest] = (time.monotonic() + self.ttl_s, principal)
+        self._entries.move_to_end(digest)
+        while len(self._entries) > self.max_entries:
+            self._entries.popitem(last=False)
+
+    def __len__(self) -> int:
+        return len(self._entries)
+
+
+async def authenticate(engine: AsyncEngine, key: str, cache: KeyCache | None = None) -> Principal | None:
+    """The principal of a live key, or None for a missing, malformed, unknown or revoked key."""
+    if not key.startswith(KEY_PREFIX) or len(key) > _MAX_KEY_LENGTH:
+        return None  # not one of ours: no need to ask the database
+    digest = key_hash(key)
+    if cache is not None and (hit := cache.get(digest)) is not None:
+        return hit
+    async with engine.connect() as conn:
+        row = (await conn.execute(text("SELECT id, tenant_id, user_name, role, key_hash FROM gateway.api_keys "
+                                       "WHERE key_hash = :h AND revoked_at IS NULL"), {"h": digest})).first()
+    # The index finds the row; the constant-time comparison is the actual check.
+    if row is None or not hmac.compare_digest(row.key_hash.encode(), digest.encode()):
+        return None
+    principal = Principal(row.tenant_id, row.role, row.user_name, row.id)
+    if cache is not None:
+        cache.put(digest, principal)
+    return principal

@@ -1,70 +1,200 @@
-"""The route table: one row per HTTP route, naming the verb it forwards to. The router and
-the OpenAPI document are both built from it, so the document cannot drift."""
+"""The route tables: one row per HTTP route. The router (app.py) and the OpenAPI document
+(openapi.py) are both built from them, so the document cannot drift from what runs.
+
+``ROUTES`` are forwarded to the owning service's verb (paths under ``/api/v1``);
+``LOCAL_ROUTES`` are answered by the gateway itself (full paths).
+"""
 
 from __future__ import annotations
 
+import hashlib
 from dataclasses import dataclass
 from typing import Any
 
+import nats
+import orjson
+from aiohttp import web
 from pydantic import BaseModel
+from sqlalchemy.ext.asyncio import AsyncEngine
 
-from services.gateway import schemas
-from shared import requests
+from shared.messages import ServiceError, dumps
+from shared.rpc import RpcClient
+from services.gateway import idempotency
+from services.gateway.auth import asked_tenant, effective_tenant, principal_of, require_role
+from services.gateway.errors import error_response, from_service_error
+from services.gateway.schemas import (
+    GrantBody, NotificationsQuery, PageQuery, RunFilesQuery, RestoreBody, RunBody, RunsQuery, SettingsBody, TemplateBody, WebhookBody,
+    path_params, validate,
+)
+
+API = "/api/v1"
+PROBE_TIMEOUT_S = 3.0
 
 
 @dataclass(frozen=True, slots=True)
 class Route:
     method: str
-    path: str
+    path: str  # under API
     service: str
     verb: str
-    role: str = "member"
+    role: str = "member"  # the weakest role allowed
     body: type[BaseModel] | None = None
     status: int = 200
     idempotent: bool = False  # honours Idempotency-Key
-    query: tuple[str, ...] = ()
+    query: type[BaseModel] | None = None
     summary: str = ""
-    all_tenants_for_admin: bool = False
+    all_tenants_for_admin: bool = False  # platform admin without X-Tenant-Id: tenant_id None
 
 
+@dataclass(frozen=True, slots=True)
+class LocalRoute:
+    method: str
+    path: str  # full path
+    name: str  # key of the handler in app.py
+    summary: str
+    public: bool = True  # no key needed
+    content_type: str = "application/json"
+
+
+_R = Route
 ROUTES: list[Route] = [
-    Route("POST", "/templates", "coordinator", "create_template", "tenant_admin", requests.TemplateBody, 201, True, summary="Create a template"),
-    Route("GET", "/templates", "coordinator", "list_templates", summary="List templates"),
-    Route("GET", "/templates/{template_id}", "coordinator", "get_template", summary="Get a template"),
-    Route("DELETE", "/templates/{template_id}", "coordinator", "archive_template", "tenant_admin", status=204, summary="Archive a template"),
-    Route("POST", "/workflow-runs", "coordinator", "create_run", "member", requests.RunBody, 201, True, summary="Start a run"),
-    Route("GET", "/workflow-runs", "coordinator", "list_runs", query=("status", "needs_attention", "limit", "cursor"), summary="List runs"),
-    Route("GET", "/workflow-runs/{run_id}", "coordinator", "get_run", query=("file_offset", "file_limit"),
-          summary="A run with a page of its files (files_page.next_offset for the next)"),
-    Route("GET", "/workflow-runs/{run_id}/timeline", "coordinator", "timeline", summary="A run's execution log"),
-    Route("POST", "/workflow-runs/{run_id}/retry-failed", "coordinator", "retry_failed", "tenant_admin", idempotent=True, summary="Continue: retry failed files"),
-    Route("POST", "/workflow-runs/{run_id}/recover", "coordinator", "recover", "tenant_admin", status=202, summary="Recover from checkpoints"),
-    Route("POST", "/workflows/{run_id}/recover", "coordinator", "recover", "tenant_admin", status=202, summary="Recover (alias)"),
-    Route("POST", "/workflow-runs/{run_id}/files/{file_index}/retry", "coordinator", "retry_file", "tenant_admin", idempotent=True, summary="Retry one failed file"),
-    Route("POST", "/workflow-runs/{run_id}/files/{file_index}/skip", "coordinator", "skip_file", "tenant_admin", summary="Skip a file's optional step"),
-    Route("POST", "/workflow-runs/{run_id}/cancel", "coordinator", "cancel", "tenant_admin", summary="Cancel a run"),
-    Route("GET", "/settings/retry", "coordinator", "get_settings", summary="Retry settings"),
-    Route("PUT", "/settings/retry", "coordinator", "put_settings", "tenant_admin", requests.SettingsBody, summary="Change retry settings"),
-    Route("GET", "/credits", "billing", "balance", summary="Credit balance"),
-    Route("GET", "/credits/ledger", "billing", "ledger", query=("limit", "cursor"), summary="Credit ledger"),
-    Route("POST", "/admin/tenants/{tenant_id}/credits", "billing", "grant", "platform_admin", schemas.GrantBody, idempotent=True, summary="Grant purchased credits"),
-    Route("GET", "/notifications", "notifier", "list", query=("unread", "limit", "cursor"), summary="Notifications"),
-    Route("POST", "/notifications/{id}/read", "notifier", "mark_read", summary="Mark a notification read"),
-    Route("PUT", "/webhook", "notifier", "put_webhook", "tenant_admin", schemas.WebhookBody, summary="Set the webhook"),
-    Route("GET", "/webhook", "notifier", "get_webhook", summary="The webhook"),
-    Route("GET", "/admin/attention", "coordinator", "attention", "tenant_admin", all_tenants_for_admin=True, summary="Runs needing attention"),
-    Route("GET", "/admin/breakers", "executor", "breakers", summary="Circuit breakers"),
-    Route("POST", "/admin/workflow-runs/{run_id}/restore", "coordinator", "restore", "platform_admin", requests.RestoreBody, summary="Restore from a checkpoint"),
+    _R("POST", "/templates", "coordinator", "create_template", "tenant_admin", TemplateBody, 201, True,
+       summary="Create a template"),
+    _R("GET", "/templates", "coordinator", "list_templates", summary="List templates"),
+    _R("GET", "/templates/{template_id}", "coordinator", "get_template", summary="Get a template"),
+    _R("DELETE", "/templates/{template_id}", "coordinator", "archive_template", "tenant_admin", status=204,
+       summary="Archive a template (runs on it keep working)"),
+    _R("POST", "/workflow-runs", "coordinator", "create_run", "member", RunBody, 201, True, summary="Start a run"),
+    _R("GET", "/workflow-runs", "coordinator", "list_runs", query=RunsQuery, summary="List runs"),
+    _R("GET", "/workflow-runs/{run_id}", "coordinator", "get_run", query=RunFilesQuery,
+       summary="A run with a page of its files (files_page.next_offset for the next)"),
+    _R("GET", "/workflow-runs/{run_id}/timeline", "coordinator", "timeline", summary="A run's execution log"),
+    _R("POST", "/workflow-runs/{run_id}/retry-failed", "coordinator", "retry_failed", "tenant_admin", idempotent=True,
+       summary="Continue: retry the failed files"),
+    _R("POST", "/workflow-runs/{run_id}/recover", "coordinator", "recover", "tenant_admin", status=202,
+       summary="Recover from the last checkpoints"),
+    _R("POST", "/workflows/{run_id}/recover", "coordinator", "recover", "tenant_admin", status=202,
+       summary="Recover from the last checkpoints (alias)"),
+    _R("POST", "/workflow-runs/{run_id}/files/{file_index}/retry", "coordinator", "retry_file", "tenant_admin",
+       idempotent=True, summary="Retry one failed file"),
+    _R("POST", "/workflow-runs/{run_id}/files/{file_index}/skip", "coordinator", "skip_file", "tenant_admin",
+       summary="Skip a file whose failed step is optional"),
+    _R("POST", "/workflow-runs/{run_id}/cancel", "coordinator", "cancel", "tenant_admin", summary="Cancel a run"),
+    _R("GET", "/settings/retry", "coordinator", "get_settings", summary="Retry and breaker settings"),
+    _R("PUT", "/settings/retry", "coordinator", "put_settings", "tenant_admin", SettingsBody,
+       summary="Change retry and breaker settings"),
+    _R("GET", "/credits", "billing", "balance", summary="Credit balance"),
+    _R("GET", "/credits/ledger", "billing", "ledger", query=PageQuery, summary="Credit ledger"),
+    _R("POST", "/admin/tenants/{tenant_id}/credits", "billing", "grant", "platform_admin", GrantBody, idempotent=True,
+       summary="Grant purchased credits to a tenant"),
+    _R("GET", "/notifications", "notifier", "list", query=NotificationsQuery, summary="Notifications"),
+    _R("POST", "/notifications/{id}/read", "notifier", "mark_read", summary="Mark a notification read"),
+    _R("PUT", "/webhook", "notifier", "put_webhook", "tenant_admin", WebhookBody, summary="Set the webhook"),
+    _R("GET", "/webhook", "notifier", "get_webhook", summary="The webhook (without its secret)"),
+    _R("GET", "/admin/attention", "coordinator", "attention", "tenant_admin", all_tenants_for_admin=True,
+       summary="Runs needing attention (platform admin: every tenant unless X-Tenant-Id)"),
+    _R("GET", "/admin/breakers", "executor", "breakers", summary="Circuit breakers"),
+    _R("POST", "/admin/workflow-runs/{run_id}/restore", "coordinator", "restore", "platform_admin", RestoreBody,
+       summary="Rewind files to an earlier checkpoint and resume them"),
+]
+
+LOCAL_ROUTES: list[LocalRoute] = [
+    LocalRoute("GET", API + "/events", "events", "Server-Sent Events for the caller's tenant", public=False,
+               content_type="text/event-stream"),
+    LocalRoute("GET", API + "/openapi.json", "openapi", "This document"),
+    LocalRoute("GET", "/healthz", "healthz", "The process is up"),
+    LocalRoute("GET", "/readyz", "readyz", "NATS and PostgreSQL are reachable (503 otherwise)"),
+    LocalRoute("GET", "/metrics", "metrics", "Prometheus metrics", content_type="text/plain"),
+    LocalRoute("GET", "/", "dashboard", "The operations dashboard", content_type="text/html"),
 ]
 
 
-def query_payload(route: Route, query) -> dict[str, Any]:
-    out: dict[str, Any] = {}
-    for name in route.query:
-        if name in query:
-            value = query[name]
-            if name in ("needs_attention", "unread"):
-                out["unread_only" if name == "unread" else name] = value.lower() in ("1", "true", "yes")
-            else:
-                out[name] = value
-    return out
+def public_paths() -> frozenset[str]:
+    return frozenset(r.path for r in LOCAL_ROUTES if r.public)
+
+
+# ---- the forwarding handler: authorise, validate, ask the owning service --------------------
+
+def run_id_for(tenant_id: str, idempotency_key: str) -> str:
+    """The run an Idempotency-Key names: a gateway that dies mid-request and a client that
+    retries reach the same run, never a second one."""
+    return hashlib.sha256(f"{tenant_id}:{idempotency_key}".encode()).hexdigest()[:32]
+
+
+async def read_json(request: web.Request) -> Any:
+    raw = await request.read()
+    if not raw.strip():
+        return {}
+    try:
+        return orjson.loads(raw)
+    except orjson.JSONDecodeError:
+        raise ServiceError("bad_request", "the request body is not valid JSON") from None
+
+
+async def call(rpc: RpcClient, route: Route, payload: dict[str, Any], timeout: float | None = None) -> web.Response:
+    """The service's answer as an HTTP response (its refusals included, so they can be stored)."""
+    try:
+        data = await rpc.call(route.service, route.verb, payload, timeout=timeout)
+    except ServiceError as exc:
+        return from_service_error(exc)
+    except nats.errors.MaxPayloadError:
+        return error_response("payload_too_large", "the request is larger than the message bus carries; "
+                              "send large files by url")
+    if route.status == 204:
+        return web.Response(status=204)
+    return web.Response(status=route.status, body=dumps(data), content_type="application/json")
+
+
+def forwarder(route: Route, rpc: RpcClient, engine: AsyncEngine, lease_s: float):
+    """The aiohttp handler of one forwarded route."""
+
+    async def handle(request: web.Request) -> web.Response:
+        principal = principal_of(request)
+        require_role(principal, route.role)
+        tenant_id = effective_tenant(request, principal)
+        body = await read_json(request) if route.body is not None else None
+        payload = validate(route.body, body, "request body") if route.body is not None else {}
+        if route.query is not None:
+            payload.update(validate(route.query, dict(request.query), "query string"))
+        all_tenants = route.all_tenants_for_admin and principal.role == "platform_admin" and asked_tenant(request) is None
+        payload["tenant_id"] = None if all_tenants else tenant_id
+        payload["actor"] = principal.actor
+        payload.update(path_params(dict(request.match_info)))  # a path's tenant_id (grants) wins
+        key = request.headers.get("Idempotency-Key") if route.idempotent else None
+        if key is None:
+            return await call(rpc, route, payload)
+        key = idempotency.check_key(key)
+        digest = idempotency.request_hash(request.method, request.path, body)
+
+        async def work(taken_over: bool) -> web.Response:
+            return await _keyed_call(rpc, route, payload, tenant_id, key, taken_over)
+
+        return await idempotency.once(engine, tenant_id, key, digest, lease_s, work)
+
+    handle.__name__ = route.verb
+    return handle
+
+
+async def _keyed_call(rpc: RpcClient, route: Route, payload: dict[str, Any], tenant_id: str, key: str,
+                      taken_over: bool) -> web.Response:
+    if route.verb == "grant":
+        # Namespaced so an admin's key can never collide with the coordinator's charge keys.
+        payload["idempotency_key"] = f"grant:{key}"
+    if route.verb != "create_run":
+        return await call(rpc, route, payload)
+    payload["run_id"] = run_id_for(tenant_id, key)
+    if taken_over and (found := await _existing_run(rpc, payload)) is not None:
+        return found
+    response = await call(rpc, route, payload)
+    if response.status >= 500 and (found := await _existing_run(rpc, payload)) is not None:
+        return found  # the run was made although the answer was lost (timeout, duplicate id)
+    return response
+
+
+async def _existing_run(rpc: RpcClient, payload: dict[str, Any]) -> web.Response | None:
+    probe = {"tenant_id": payload["tenant_id"], "actor": payload["actor"], "run_id": payload["run_id"]}
+    try:
+        run = await rpc.call("coordinator", "get_run", probe, timeout=PROBE_TIMEOUT_S)
+    except ServiceError:
+        return None
+    return web.Response(status=201, body=dumps(run), content_type="application/json")

@@ -80,3 +80,12 @@ async def test_a_large_run_is_read_a_page_of_files_at_a_time(stack):
     last = await stack.call("coordinator", "get_run", tenant_id=tenant, run_id=run["id"], file_offset=2000)
     assert [f["index"] for f in last["files"]][:1] == [2000] and len(last["files"]) == 500
     assert last["files_page"]["next_offset"] is None and last["counts"]["succeeded"] == 2500
+
+
+async def test_creating_a_run_with_an_existing_run_id_returns_that_run_and_charges_once(stack):
+    tenant = await stack.tenant(monthly=10)
+    template = await stack.template(tenant, [{"name": "a", "handler": "noop"}])
+    first = await stack.submit(tenant, template, 2, run_id="fixed-run-id-0001")
+    again = await stack.submit(tenant, template, 2, run_id="fixed-run-id-0001")
+    assert again["id"] == first["id"]
+    assert [e["amount"] for e in await stack.ledger(tenant) if e["kind"] == "charge"] == [-2]

@@ -56,6 +56,9 @@ async def test_a_run_through_the_http_api(api):
             break
         await asyncio.sleep(0.05)
     assert run["status"] == "COMPLETED" and run["counts"]["succeeded"] == 2
+    page = await (await http.get(f"/api/v1/workflow-runs/{run_id}?file_offset=1&file_limit=1",
+                                 headers=auth(keys["member"]))).json()
+    assert [f["index"] for f in page["files"]] == [1] and page["files_page"]["next_offset"] is None
     ledger = await (await http.get("/api/v1/credits/ledger", headers=auth(keys["member"]))).json()
     assert [e["amount"] for e in ledger["items"] if e["kind"] == "charge"] == [-2]
     listed = await (await http.get("/api/v1/workflow-runs?limit=1", headers=auth(keys["member"]))).json()
@@ -186,6 +189,10 @@ async def test_only_a_platform_admin_grants_credits(api):
     again = await http.post(path, json={"purchased": 5}, headers=auth(keys["platform_admin"], **{"Idempotency-Key": "g1"}))
     assert granted.status == again.status == 200
     assert (await again.json())["purchased"]["remaining"] == 5  # granted once
+    theirs = await http.get("/api/v1/credits", headers=auth(keys["platform_admin"], **{"X-Tenant-Id": other}))
+    own = await http.get("/api/v1/credits", headers=auth(keys["platform_admin"]))
+    assert (await theirs.json())["purchased"]["remaining"] == 5  # to the tenant in the path…
+    assert (await own.json())["purchased"]["remaining"] == 0  # …not to the admin's own
     assert (await http.post(path, json={"purchased": 0}, headers=auth(keys["platform_admin"]))).status == 422
 
 

@@ -38,6 +38,11 @@ async def create_run(deps: Deps, cmd: CreateRun) -> dict:
         )
     run_id = cmd.run_id or uuid.uuid4().hex
     async with deps.engine.connect() as conn:
+        if cmd.run_id:  # the gateway derives it from an Idempotency-Key: a repeat finds its run
+            existing = (await conn.execute(text("SELECT * FROM coordinator.runs WHERE id = :id AND tenant_id = :t"),
+                                           {"id": run_id, "t": cmd.tenant_id})).mappings().first()
+            if existing is not None:
+                return run_view(existing)
         template = await store.load_template(conn, cmd.tenant_id, cmd.template_id, include_archived=False)
         policy = await store.retry_policy(conn, cmd.tenant_id)
     amount = len(cmd.files) * template["credits_per_file"]

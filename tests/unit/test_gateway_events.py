@@ -1,0 +1,62 @@
+"""The SSE hub's fan-out: each event to its tenant's clients only, breakers to all, and a
+slow client loses events instead of holding anyone up."""
+
+import json
+
+from shared.subjects import Names
+from services.gateway.events import EventHub
+
+
+def _frames(queue):
+    out = []
+    while not queue.empty():
+        out.append(queue.get_nowait())
+    return out
+
+
+def test_an_event_goes_to_its_tenant_and_a_tenantless_one_to_everyone():
+    names = Names("p1")
+    hub = EventHub(nc=None, names=names)
+    a, b = hub.register("acme"), hub.register("other")
+    hub.dispatch(names.run_event("completed"), json.dumps({"tenant_id": "acme", "run_id": "r"}).encode(), None)
+    hub.dispatch(names.breaker_event("open"), b'{"dependency": "ocr"}', None)
+    assert _frames(a) == [b'event: run.completed\ndata: {"tenant_id": "acme", "run_id": "r"}\n\n',
+                          b'event: breaker.open\ndata: {"dependency": "ocr"}\n\n']
+    assert _frames(b) == [b'event: breaker.open\ndata: {"dependency": "ocr"}\n\n']
+
+
+def test_the_tenant_header_spares_the_json_parse():
+    names = Names("p1")
+    hub = EventHub(nc=None, names=names)
+    a = hub.register("acme")
+    hub.dispatch(names.file_event("retrying"), b"not json at all", {"Redrive-Tenant": "acme"})
+    assert _frames(a) == [b"event: file.retrying\ndata: not json at all\n\n"]
+
+
+def test_a_multi_line_body_is_sent_as_one_data_line():
+    names = Names("p1")
+    hub = EventHub(nc=None, names=names)
+    a = hub.register("acme")
+    hub.dispatch(names.run_event("failed"), b'{\n  "tenant_id": "acme"\n}', None)
+    assert _frames(a) == [b'event: run.failed\ndata: {"tenant_id":"acme"}\n\n']
+
+
+def test_a_slow_client_drops_events_and_others_still_get_them():
+    names = Names("p1")
+    hub = EventHub(nc=None, names=names, queue_size=2)
+    slow, fast = hub.register("acme"), hub.register("acme")
+    for i in range(3):
+        hub.dispatch(names.run_event("started"), json.dumps({"tenant_id": "acme", "i": i}).encode(), None)
+        _frames(fast)
+    assert len(_frames(slow)) == 2 and hub.dropped == 1
+
+
+def test_unregistered_clients_get_nothing_and_are_not_counted():
+    names = Names("p1")
+    hub = EventHub(nc=None, names=names)
+    a = hub.register("acme")
+    assert hub.clients == 1
+    hub.unregister("acme", a)
+    hub.unregister("acme", a)
+    hub.dispatch(names.run_event("started"), b'{"tenant_id": "acme"}', None)
+    assert hub.clients == 0 and a.empty()
