@@ -18,7 +18,7 @@ async def inspect_system(settings: Settings) -> dict:
         js = nc.jetstream()
         streams = {}
         for stream, consumers in ((names.jobs_stream, [names.executor_consumer]),
-                                  (names.events_stream, [names.results_consumer, names.notifier_consumer, names.notifier_failures_consumer])):
+                                  (names.events_stream, [names.results_consumer, names.notifier_consumer])):
             try:
                 info = await js.stream_info(stream)
             except Exception as exc:

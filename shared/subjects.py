@@ -30,8 +30,7 @@ class Names:
 
     executor_consumer = "executor"
     results_consumer = "coordinator-results"
-    notifier_consumer = "notifier"  # run events
-    notifier_failures_consumer = "notifier-failures"  # file.failed only
+    notifier_consumer = "notifier"
 
     @property
     def breakers_bucket(self) -> str:

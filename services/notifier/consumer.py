@@ -1,81 +1,120 @@
-"""The ``notifier`` consumer: events in, notifications (and webhook deliveries) out, in one
-transaction per batch; commit, then ack. The message id is the dedupe key, so a
-redelivered event never notifies twice."""
+"""The ``notifier`` consumer: events in, notifications (and webhook deliveries) out.
+
+One transaction per batch, then the acks (commit, then ack). The event's ``Nats-Msg-Id``
+is the notification's dedupe key, so a redelivered event never notifies twice. Nearly
+every event of a run (a succeeded file, a checkpoint…) notifies nobody: that is decided
+from the subject alone, before any JSON is parsed.
+"""
 
 from __future__ import annotations
 
 import uuid
+from collections.abc import Awaitable, Callable, Sequence
 
-import orjson
 import structlog
 from nats.aio.msg import Msg
-from sqlalchemy import text
+from sqlalchemy.ext.asyncio import AsyncEngine
 
-from shared.db import transaction
 from shared.errors import TransientError
+from shared.messages import FileEvent, RunEvent
 from shared.subjects import Names
-from services.notifier import texts
+from services.notifier import repository, texts
 
 log = structlog.get_logger(__name__)
 
-_INSERT = text(
-    "INSERT INTO notifier.notifications (id, tenant_id, kind, run_id, file_index, message, dedupe_key) "
-    "VALUES (:id, :tenant_id, :kind, :run_id, :file_index, :message, :dedupe_key) "
-    "ON CONFLICT (dedupe_key) DO NOTHING RETURNING id, tenant_id"
-)
-_DELIVER = text(
-    "INSERT INTO notifier.deliveries (notification_id, tenant_id) "
-    "SELECT :id, tenant_id FROM notifier.webhooks WHERE tenant_id = :tenant_id"
-)
+# A message whose notification the database keeps refusing (not a transient error) is
+# retried this many deliveries, in case the cause is a bug about to be fixed, then dropped.
+POISON_AFTER_DELIVERIES = 5
+
+Record = Callable[[AsyncEngine, Sequence[dict]], Awaitable[int]]
 
 
-def notification_for(names: Names, msg: Msg) -> dict | None:
-    """Decide from the subject first: most events (every succeeded file) need no parsing."""
-    tail = msg.subject[len(names.prefix) + len(".events."):]
-    if tail == "file.failed":
-        event = orjson.loads(msg.data)
-        kind, message = "file_failed", texts.file_failed_text(event)
-    elif tail.startswith("run."):
-        kind = tail[4:]
-        if kind not in texts.RUN_TEXTS:
+class Decoder:
+    """Turns one event message into the row of its notification, or None."""
+
+    def __init__(self, names: Names) -> None:
+        self._file_failed = names.file_event("failed")
+        self._run_prefix = names.run_event("")
+        self._stream = names.events_stream
+
+    def notification(self, msg: Msg) -> dict | None:
+        subject = msg.subject
+        if subject == self._file_failed:
+            event = FileEvent.from_bytes(msg.data)
+            kind, message, at = texts.FILE_FAILED_KIND, texts.file_failed_text(event), event.at
+        elif subject.startswith(self._run_prefix) and subject[len(self._run_prefix):] in texts.RUN_KINDS:
+            run_kind = subject[len(self._run_prefix):]
+            event = RunEvent.from_bytes(msg.data)
+            kind, message, at = texts.run_kind(run_kind), texts.run_text(run_kind, event), event.at
+        else:  # other file events, started/retrying runs, breakers: nothing to tell anyone
             return None
-        event = orjson.loads(msg.data)
-        message = texts.run_text(kind, event)
-        kind = f"run_{kind}"
-    else:
-        return None
-    dedupe = (msg.headers or {}).get("Nats-Msg-Id") or f"{msg.subject}:{msg.metadata.sequence.stream}"
-    return {"id": uuid.uuid4().hex, "tenant_id": event["tenant_id"], "kind": kind, "run_id": event.get("run_id"),
-            "file_index": event.get("file_index"), "message": message, "dedupe_key": dedupe}
+        return {"id": uuid.uuid4().hex, "tenant_id": event.tenant_id, "at": at, "kind": kind, "run_id": event.run_id,
+                "file_index": event.file_index, "message": message, "dedupe_key": self._dedupe_key(msg)}
+
+    def _dedupe_key(self, msg: Msg) -> str:
+        msg_id = (msg.headers or {}).get("Nats-Msg-Id")
+        # Without an id the stream sequence still identifies the message across redeliveries.
+        return msg_id or f"{self._stream}:{msg.metadata.sequence.stream}"
 
 
-def make_handler(engine, names: Names, on_deliveries):
+def _deliveries(msg: Msg) -> int:
+    try:
+        return msg.metadata.num_delivered
+    except Exception:
+        return 1
+
+
+def make_handler(engine: AsyncEngine, names: Names, on_deliveries: Callable[[], None], record: Record = repository.record):
+    """The batch function of the ``notifier`` PullLoop. A transient database error escapes:
+    the batch stays unacked and comes back after the ack wait."""
+    decoder = Decoder(names)
+
     async def handle(msgs: list[Msg]) -> None:
-        rows = []
+        to_ack: list[Msg] = []
+        rows: dict[str, tuple[dict, list[Msg]]] = {}  # by dedupe key: a batch may hold a message twice
         for msg in msgs:
             try:
-                row = notification_for(names, msg)
-            except (ValueError, KeyError, TypeError) as exc:
-                log.error("notifier.bad_event", subject=msg.subject, error=repr(exc))
+                row = decoder.notification(msg)
+            except (ValueError, TypeError, KeyError, AttributeError) as exc:
+                log.error("notifier.unreadable_event", subject=msg.subject, error=repr(exc)[:500])
                 await msg.term()
                 continue
-            if row:
-                rows.append(row)
-        try:
-            if rows:
-                async with transaction(engine) as conn:
-                    created = 0
-                    for row in rows:
-                        if (await conn.execute(_INSERT, row)).first() is not None:
-                            created += (await conn.execute(_DELIVER, {"id": row["id"], "tenant_id": row["tenant_id"]})).rowcount
-                if created:
-                    on_deliveries()
-        except TransientError as exc:
-            log.warning("notifier.retry_batch", error=str(exc))
-            for msg in msgs:
-                await msg.nak(delay=1)
-            return
-        for msg in msgs:
+            if row is None:
+                to_ack.append(msg)
+            else:
+                rows.setdefault(row["dedupe_key"], (row, []))[1].append(msg)
+        if rows:
+            try:
+                queued = await record(engine, [row for row, _ in rows.values()])
+                to_ack += [m for _, batch in rows.values() for m in batch]
+            except TransientError:
+                raise
+            except Exception as exc:
+                log.error("notifier.batch_refused", error=repr(exc)[:500], rows=len(rows))
+                queued, recorded = await _one_by_one(engine, record, rows.values())
+                to_ack += recorded
+            if queued:
+                on_deliveries()
+        for msg in to_ack:
             await msg.ack()
 
     return handle
+
+
+async def _one_by_one(engine: AsyncEngine, record: Record, rows) -> tuple[int, list[Msg]]:
+    """Isolate the row the database refuses so that the rest of the batch is not held back."""
+    queued, recorded = 0, []
+    for row, msgs in rows:
+        try:
+            queued += await record(engine, [row])
+            recorded += msgs
+        except TransientError:
+            raise
+        except Exception as exc:
+            for msg in msgs:
+                if _deliveries(msg) >= POISON_AFTER_DELIVERIES:
+                    log.error("notifier.event_dropped", dedupe_key=row["dedupe_key"], error=repr(exc)[:500])
+                    await msg.term()
+                else:  # left unacked: redelivered after the ack wait
+                    log.error("notifier.event_refused", dedupe_key=row["dedupe_key"], error=repr(exc)[:500])
+    return queued, recorded

@@ -1,75 +1,60 @@
-"""Notifier verbs: list, mark read, webhook settings."""
+"""The notifier's verbs: list and mark notifications read; set, show and remove the webhook.
+
+Each is a plain ``async def verb(engine, request)``; bootstrap binds them to the bus.
+"""
 
 from __future__ import annotations
 
-from pydantic import BaseModel, ConfigDict, Field
-from sqlalchemy import text
+from collections.abc import Mapping
+from typing import Any
 
-from shared.db import transaction
+from sqlalchemy.ext.asyncio import AsyncEngine
+
 from shared.messages import ServiceError
+from services.notifier import repository
+from services.notifier.schemas import ListNotifications, MarkRead, PutWebhook, TenantCmd, decode_cursor, encode_cursor
 
 
-class _Cmd(BaseModel):
-    model_config = ConfigDict(extra="ignore")
-    tenant_id: str
+def _item(n: Mapping[str, Any]) -> dict:
+    return {"id": n["id"], "at": n["at"].isoformat(), "kind": n["kind"], "run_id": n["run_id"],
+            "file_index": n["file_index"], "message": n["message"], "read": n["read"]}
 
 
-class ListCmd(_Cmd):
-    unread_only: bool = False
-    limit: int = Field(default=50, ge=1, le=200)
-    cursor: str | None = None
+async def list_notifications(engine: AsyncEngine, cmd: ListNotifications) -> dict:
+    """``{"items": [...], "next_cursor"}``, newest first; ``next_cursor`` is None on the last page."""
+    after = decode_cursor(cmd.cursor) if cmd.cursor else None
+    rows = await repository.page(engine, cmd.tenant_id, unread_only=cmd.unread_only, limit=cmd.limit + 1, after=after)
+    more, rows = len(rows) > cmd.limit, rows[: cmd.limit]
+    return {"items": [_item(r) for r in rows],
+            "next_cursor": encode_cursor(rows[-1]["at"], rows[-1]["id"]) if more else None}
 
 
-class MarkRead(_Cmd):
-    id: str
+async def mark_read(engine: AsyncEngine, cmd: MarkRead) -> dict:
+    row = await repository.mark_read(engine, cmd.tenant_id, cmd.id)
+    if row is None:  # another tenant's id looks exactly like a missing one
+        raise ServiceError("not_found", f"notification {cmd.id} was not found", {"id": cmd.id})
+    return _item(row)
 
 
-class PutWebhook(_Cmd):
-    url: str = Field(pattern=r"^https?://", max_length=2000)
-    secret: str = Field(min_length=16, max_length=200)
-
-
-def _view(r) -> dict:
-    return {"id": r["id"], "at": r["at"].isoformat(), "kind": r["kind"], "run_id": r["run_id"],
-            "file_index": r["file_index"], "message": r["message"], "read": r["read"]}
-
-
-async def list_notifications(engine, cmd: ListCmd) -> dict:
-    sql, params = "SELECT * FROM notifier.notifications WHERE tenant_id = :t", {"t": cmd.tenant_id, "limit": cmd.limit + 1}
-    if cmd.unread_only:
-        sql += " AND NOT read"
-    if cmd.cursor:
-        at, _, nid = cmd.cursor.partition("|")
-        if not nid:
-            raise ServiceError("bad_request", "invalid cursor")
-        sql += " AND (at, id) < (CAST(:at AS timestamptz), :nid)"
-        params.update(at=at, nid=nid)
-    async with engine.connect() as conn:
-        rows = (await conn.execute(text(sql + " ORDER BY at DESC, id DESC LIMIT :limit"), params)).mappings().all()
-    items = [_view(r) for r in rows[: cmd.limit]]
-    more = len(rows) > cmd.limit
-    return {"items": items, "next_cursor": f"{items[-1]['at']}|{items[-1]['id']}" if more else None}
-
-
-async def mark_read(engine, cmd: MarkRead) -> dict:
-    async with transaction(engine) as conn:
-        row = (await conn.execute(text("UPDATE notifier.notifications SET read = true WHERE id = :id AND tenant_id = :t "
-                                       "RETURNING *"), {"id": cmd.id, "t": cmd.tenant_id})).mappings().first()
-    if row is None:
-        raise ServiceError("not_found", f"notification {cmd.id} was not found")
-    return _view(row)
-
-
-async def put_webhook(engine, cmd: PutWebhook) -> dict:
-    async with transaction(engine) as conn:
-        row = (await conn.execute(text(
-            "INSERT INTO notifier.webhooks (tenant_id, url, secret) VALUES (:t, :u, :s) ON CONFLICT (tenant_id) "
-            "DO UPDATE SET url = EXCLUDED.url, secret = EXCLUDED.secret, updated_at = now() RETURNING url, updated_at"),
-            {"t": cmd.tenant_id, "u": cmd.url, "s": cmd.secret})).mappings().one()
+async def put_webhook(engine: AsyncEngine, cmd: PutWebhook) -> dict:
+    """Set (or replace) the tenant's webhook. The secret is stored, never sent back."""
+    row = await repository.put_webhook(engine, cmd.tenant_id, cmd.url, cmd.secret)
     return {"url": row["url"], "updated_at": row["updated_at"].isoformat()}
 
 
-async def get_webhook(engine, cmd: _Cmd) -> dict | None:
-    async with engine.connect() as conn:
-        row = (await conn.execute(text("SELECT url FROM notifier.webhooks WHERE tenant_id = :t"), {"t": cmd.tenant_id})).first()
-    return {"url": row.url} if row else None
+async def get_webhook(engine: AsyncEngine, cmd: TenantCmd) -> dict | None:
+    row = await repository.get_webhook(engine, cmd.tenant_id)
+    return {"url": row["url"], "updated_at": row["updated_at"].isoformat()} if row else None
+
+
+async def delete_webhook(engine: AsyncEngine, cmd: TenantCmd) -> dict:
+    return {"deleted": await repository.delete_webhook(engine, cmd.tenant_id)}
+
+
+VERBS = {
+    "list": (ListNotifications, list_notifications),
+    "mark_read": (MarkRead, mark_read),
+    "put_webhook": (PutWebhook, put_webhook),
+    "get_webhook": (TenantCmd, get_webhook),
+    "delete_webhook": (TenantCmd, delete_webhook),
+}

@@ -1,31 +1,61 @@
-"""Which events become notifications, and their words."""
+"""Which events become notifications, and their words (pure functions of the event)."""
 
 from __future__ import annotations
 
+from shared.messages import FileEvent, RunEvent
+
+FILE_FAILED_KIND = "file_failed"
 FILE_FAILED = "Step failed after multiple attempts"
 
-RUN_TEXTS = {
-    "completed": "Run finished: all files succeeded",
-    "completed_with_errors": "Run finished with errors",
-    "failed": "Run failed",
-    "cancelled": "Run cancelled",
-    "recovery_started": "Recovery started",
-    "recovered": "Recovery succeeded",
-    "recovery_failed": "Recovery failed",
-}
+# Run event kinds that notify; ``started`` and ``retrying`` do not.
+RUN_KINDS = frozenset({
+    "completed", "completed_with_errors", "failed", "cancelled", "recovery_started", "recovered", "recovery_failed",
+})
+
+_OUTCOMES = ("succeeded", "failed", "errored", "skipped", "cancelled", "pending")
 
 
-def file_failed_text(event: dict) -> str:
-    err = (event.get("error") or {}).get("message", "")
-    return f"{FILE_FAILED} (file {event['file_index']}, step {event.get('step_name') or event.get('step')}: {err})"
+def _files(n: int) -> str:
+    return f"{n} file" if n == 1 else f"{n} files"
 
 
-def run_text(kind: str, event: dict) -> str | None:
-    base = RUN_TEXTS.get(kind)
-    if base is None:
-        return None
-    c = event.get("counts") or {}
-    if kind in ("completed", "completed_with_errors", "failed"):
-        return (f"{base} ({c.get('succeeded', 0)} succeeded, {c.get('failed', 0)} failed, "
-                f"{c.get('errored', 0)} errors, {c.get('pending', 0)} pending of {c.get('total', 0)})")
-    return base + (f": {event['message']}" if event.get("message") and kind == "recovery_failed" else "")
+def summary(counts: dict[str, int]) -> str:
+    """``"6 succeeded, 1 failed of 7 files"``: the outcomes that happened, then the total."""
+    parts = [f"{counts[k]} {k}" for k in _OUTCOMES if counts.get(k)]
+    total = counts.get("total")
+    if total is None:
+        return ", ".join(parts) or "no files"
+    return f"{', '.join(parts) or 'nothing done'} of {_files(total)}"
+
+
+def file_failed_text(event: FileEvent) -> str:
+    step = f"step {event.step_name!r}" if event.step_name else f"step {event.step}"
+    error = f": {event.error.message}" if event.error and event.error.message else ""
+    return f"{FILE_FAILED} (file {event.file_index}, {step}{error})"
+
+
+def run_kind(kind: str) -> str:
+    return f"run_{kind}"
+
+
+def run_text(kind: str, event: RunEvent) -> str:
+    counts = event.counts or {}
+    note = event.message
+    if kind == "completed":
+        total, succeeded = counts.get("total"), counts.get("succeeded")
+        if total is not None and succeeded == total:
+            return f"Run finished: all {_files(total)} succeeded"
+        return f"Run finished: {summary(counts)}"
+    if kind == "completed_with_errors":
+        return f"Run finished with errors: {summary(counts)}"
+    if kind == "failed":
+        return f"Run failed: {note} ({summary(counts)})" if note else f"Run failed: {summary(counts)}"
+    if kind == "cancelled":
+        return f"Run cancelled: {summary(counts)}"
+    if kind == "recovery_started":
+        return "Recovery started" + (f" ({note})" if note and note != "Recovery started" else "")
+    if kind == "recovered":
+        return f"Recovery succeeded: {summary(counts)}"
+    if kind == "recovery_failed":
+        return f"Recovery failed: {note or summary(counts)}"
+    raise ValueError(f"run event {kind!r} does not notify")

@@ -1,0 +1,128 @@
+"""The notifier's SQL: notifications, webhooks and the deliveries outbox (schema ``notifier``)."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from datetime import datetime
+from typing import Any
+
+import orjson
+from sqlalchemy import (BigInteger, Boolean, Column, DateTime, Integer, LargeBinary, MetaData, Table, Text, delete,
+                        insert, select, text, tuple_, update)
+from sqlalchemy.dialects.postgresql import insert as pg_insert
+from sqlalchemy.ext.asyncio import AsyncEngine
+
+from shared.db import database_errors, transaction
+
+_meta = MetaData(schema="notifier")
+notifications = Table(
+    "notifications", _meta, Column("id", Text, primary_key=True), Column("tenant_id", Text), Column("at", DateTime(True)),
+    Column("kind", Text), Column("run_id", Text), Column("file_index", Integer), Column("message", Text),
+    Column("read", Boolean), Column("dedupe_key", Text))
+webhooks = Table("webhooks", _meta, Column("tenant_id", Text, primary_key=True), Column("url", Text),
+                 Column("secret", Text), Column("updated_at", DateTime(True)))
+deliveries = Table("deliveries", _meta, Column("id", BigInteger, primary_key=True), Column("notification_id", Text),
+                   Column("tenant_id", Text), Column("url", Text), Column("body", LargeBinary))
+
+_N = notifications.c
+_VIEW = (_N.id, _N.at, _N.kind, _N.run_id, _N.file_index, _N.message, _N.read)
+
+
+def webhook_body(n: Mapping[str, Any]) -> bytes:
+    """What a webhook receives: the notification, as JSON."""
+    return orjson.dumps({"id": n["id"], "tenant_id": n["tenant_id"], "at": n["at"].isoformat(), "kind": n["kind"],
+                         "run_id": n["run_id"], "file_index": n["file_index"], "message": n["message"]})
+
+
+async def record(engine: AsyncEngine, rows: Sequence[dict]) -> int:
+    """Insert the notifications whose dedupe key is new, and for those of tenants with a
+    webhook their deliveries, in one transaction (outbox). Returns the deliveries queued."""
+    async with transaction(engine) as conn:
+        stmt = pg_insert(notifications).values(list(rows)).on_conflict_do_nothing(index_elements=["dedupe_key"])
+        created = (await conn.execute(stmt.returning(_N.id, _N.tenant_id, _N.at, _N.kind, _N.run_id, _N.file_index,
+                                                     _N.message))).mappings().all()
+        tenants = {n["tenant_id"] for n in created}
+        if not tenants:
+            return 0
+        hooks = dict((await conn.execute(select(webhooks.c.tenant_id, webhooks.c.url)
+                                         .where(webhooks.c.tenant_id.in_(tenants)))).all())
+        queued = [{"notification_id": n["id"], "tenant_id": n["tenant_id"], "url": hooks[n["tenant_id"]],
+                   "body": webhook_body(n)} for n in created if n["tenant_id"] in hooks]
+        if queued:
+            await conn.execute(insert(deliveries), queued)
+        return len(queued)
+
+
+async def page(engine: AsyncEngine, tenant_id: str, *, unread_only: bool, limit: int,
+               after: tuple[datetime, str] | None) -> list[Mapping[str, Any]]:
+    """Up to ``limit`` notifications of the tenant, newest first, after the position ``after``."""
+    query = select(*_VIEW).where(_N.tenant_id == tenant_id)
+    if unread_only:
+        query = query.where(_N.read.is_(False))
+    if after is not None:
+        query = query.where(tuple_(_N.at, _N.id) < tuple_(*after))
+    async with database_errors(), engine.connect() as conn:
+        return list((await conn.execute(query.order_by(_N.at.desc(), _N.id.desc()).limit(limit))).mappings().all())
+
+
+async def mark_read(engine: AsyncEngine, tenant_id: str, notification_id: str) -> Mapping[str, Any] | None:
+    async with transaction(engine) as conn:
+        stmt = update(notifications).where(_N.id == notification_id, _N.tenant_id == tenant_id).values(read=True)
+        return (await conn.execute(stmt.returning(*_VIEW))).mappings().first()
+
+
+async def put_webhook(engine: AsyncEngine, tenant_id: str, url: str, secret: str) -> Mapping[str, Any]:
+    async with transaction(engine) as conn:
+        stmt = pg_insert(webhooks).values(tenant_id=tenant_id, url=url, secret=secret)
+        stmt = stmt.on_conflict_do_update(index_elements=["tenant_id"], set_={
+            "url": stmt.excluded.url, "secret": stmt.excluded.secret, "updated_at": text("now()")})
+        return (await conn.execute(stmt.returning(webhooks.c.url, webhooks.c.updated_at))).mappings().one()
+
+
+async def get_webhook(engine: AsyncEngine, tenant_id: str) -> Mapping[str, Any] | None:
+    async with database_errors(), engine.connect() as conn:
+        query = select(webhooks.c.url, webhooks.c.updated_at).where(webhooks.c.tenant_id == tenant_id)
+        return (await conn.execute(query)).mappings().first()
+
+
+async def delete_webhook(engine: AsyncEngine, tenant_id: str) -> bool:
+    """Remove the webhook; its pending deliveries fail now rather than at their next attempt."""
+    async with transaction(engine) as conn:
+        deleted = (await conn.execute(delete(webhooks).where(webhooks.c.tenant_id == tenant_id))).rowcount
+        await conn.execute(text("UPDATE notifier.deliveries SET status = 'failed', last_error = 'the webhook was removed' "
+                                "WHERE tenant_id = :t AND status = 'pending'"), {"t": tenant_id})
+        return bool(deleted)
+
+
+# ---- deliveries: claimed under a lease, finished only by the claim that made the attempt ----
+
+_CLAIM = text("""
+WITH due AS (
+    SELECT d.id, w.url, w.secret FROM notifier.deliveries d LEFT JOIN notifier.webhooks w ON w.tenant_id = d.tenant_id
+    WHERE d.status = 'pending' AND d.next_attempt_at <= now()
+    ORDER BY d.id LIMIT :limit FOR UPDATE OF d SKIP LOCKED)
+UPDATE notifier.deliveries d SET attempts = d.attempts + 1, next_attempt_at = now() + make_interval(secs => :lease)
+FROM due WHERE d.id = due.id
+RETURNING d.id, d.attempts, d.body, due.url, due.secret""")
+_DELIVERED = text("UPDATE notifier.deliveries SET status = 'delivered', delivered_at = now(), url = :url, "
+                  "last_error = NULL WHERE id = :id AND attempts = :attempts AND status = 'pending'")
+_NOT_DELIVERED = text("UPDATE notifier.deliveries SET status = :status, last_error = :error, url = coalesce(:url, url), "
+                      "next_attempt_at = now() + make_interval(secs => :delay_s) "
+                      "WHERE id = :id AND attempts = :attempts AND status = 'pending'")
+
+
+async def claim_due(engine: AsyncEngine, limit: int, lease_s: float) -> list[Mapping[str, Any]]:
+    """Due deliveries, their attempt counted and leased for ``lease_s``: another sender
+    (or this one after a crash) takes a delivery again only once its lease has run out."""
+    async with transaction(engine) as conn:
+        rows = (await conn.execute(_CLAIM, {"limit": limit, "lease": float(lease_s)})).mappings().all()
+    return sorted(rows, key=lambda r: r["id"])
+
+
+async def finish(engine: AsyncEngine, delivered: list[dict], not_delivered: list[dict]) -> None:
+    """Write outcomes, each only if its delivery is still at the attempt that was made."""
+    async with transaction(engine) as conn:
+        if delivered:
+            await conn.execute(_DELIVERED, delivered)
+        if not_delivered:
+            await conn.execute(_NOT_DELIVERED, not_delivered)

@@ -1,0 +1,358 @@
+"""The notifier over real NATS and PostgreSQL: events in, notifications listed, webhooks
+posted and signed. Events are published into the events stream by the test itself."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+import uuid
+from dataclasses import dataclass, field
+
+import orjson
+import pytest
+from aiohttp import web
+from sqlalchemy import text
+
+from shared import bus
+from shared.errors import TransientError
+from shared.messages import ErrorInfo, FileEvent, RunEvent, ServiceError
+from shared.rpc import RpcClient
+from shared.subjects import Names
+from services.notifier.bootstrap import NotifierService
+from services.notifier.consumer import make_handler
+from services.notifier.signing import verify
+from tests.stack import expect_error
+
+SECRET = "a-webhook-secret-of-32-characters"
+
+
+@dataclass
+class Notifier:
+    service: NotifierService
+    names: Names
+    js: object
+    rpc: RpcClient
+
+    async def call(self, verb: str, **payload):
+        return await self.rpc.call("notifier", verb, payload)
+
+    async def publish(self, subject: str, data: bytes, msg_id: str | None = None) -> None:
+        await self.js.publish(subject, data, headers={"Nats-Msg-Id": msg_id or uuid.uuid4().hex})
+
+    async def publish_event(self, event: FileEvent | RunEvent, msg_id: str | None = None) -> None:
+        subject = (self.names.file_event(event.kind) if isinstance(event, FileEvent) else self.names.run_event(event.kind))
+        await self.publish(subject, event.to_bytes(), msg_id or event.msg_id)
+
+    async def items(self, tenant: str, **kw) -> list[dict]:
+        return (await self.call("list", tenant_id=tenant, limit=200, **kw))["items"]
+
+    async def wait_items(self, tenant: str, until, timeout: float = 10) -> list[dict]:
+        """Poll ``list`` until ``until(items)`` holds (bounded, 50 ms steps)."""
+        deadline = time.monotonic() + timeout
+        while True:
+            items = await self.items(tenant)
+            if until(items):
+                return items
+            if time.monotonic() > deadline:
+                raise AssertionError(f"notifications of {tenant} never satisfied the condition: {items}")
+            await asyncio.sleep(0.05)
+
+    async def sql(self, query: str, **params) -> list:
+        async with self.service.engine.connect() as conn:
+            return (await conn.execute(text(query), params)).mappings().all()
+
+
+@pytest.fixture(scope="module")
+async def notifier(make_settings):
+    settings = await make_settings(webhook_max_attempts=4)
+    service = NotifierService(settings, webhook_base_ms=10)  # retries within a test's patience
+    await service.start()
+    nc = await bus.connect(settings, "test-notifier")
+    js = nc.jetstream()
+    await bus.ensure_streams(js, settings)
+    yield Notifier(service, Names(settings.prefix), js, RpcClient(nc, Names(settings.prefix), timeout=10))
+    await nc.close()
+    await service.stop()
+
+
+def tenant() -> str:
+    return f"ten-{uuid.uuid4().hex[:8]}"
+
+
+def failed_file(tenant_id: str, run_id: str | None = None, index: int = 3, kind: str = "failed") -> FileEvent:
+    run_id = run_id or f"run-{uuid.uuid4().hex[:8]}"
+    return FileEvent(kind=kind, job_id=f"{run_id}:file:{index}:r1", run_id=run_id, tenant_id=tenant_id,
+                     file_index=index, round=1, attempt=4, step=1, step_name="ocr",
+                     error=ErrorInfo.model_validate({"class": "Boom", "message": "the scanner broke", "transient": False}))
+
+
+def run_event(tenant_id: str, kind: str, run_id: str | None = None, message: str | None = None, **counts) -> RunEvent:
+    c = {"total": 3, "pending": 0, "succeeded": 3, "failed": 0, "errored": 0, "skipped": 0, "cancelled": 0} | counts
+    return RunEvent(kind=kind, run_id=run_id or f"run-{uuid.uuid4().hex[:8]}", tenant_id=tenant_id, round=1,
+                    status=kind.upper(), counts=c, message=message)
+
+
+@dataclass
+class FakeMsg:
+    """Enough of a nats Msg for the batch handler; records what was done to it."""
+    subject: str
+    data: bytes
+    headers: dict
+    done: list = field(default_factory=list)
+
+    async def ack(self) -> None:
+        self.done.append("ack")
+
+    async def term(self) -> None:
+        self.done.append("term")
+
+
+# ---- events become notifications ------------------------------------------------------------
+
+async def test_a_failed_file_notifies_step_failed_after_multiple_attempts(notifier):
+    t = tenant()
+    event = failed_file(t)
+    await notifier.publish_event(event)
+    [item] = await notifier.wait_items(t, lambda items: items)
+    assert item["kind"] == "file_failed" and item["run_id"] == event.run_id and item["file_index"] == 3
+    assert item["message"].startswith("Step failed after multiple attempts")
+    assert "'ocr'" in item["message"] and "the scanner broke" in item["message"]
+    assert item["read"] is False and set(item) == {"id", "at", "kind", "run_id", "file_index", "message", "read"}
+
+
+async def test_a_completed_run_notifies_exactly_once(notifier):
+    t = tenant()
+    event = run_event(t, "completed")
+    await notifier.publish_event(event)
+    await notifier.publish_event(event)  # same Nats-Msg-Id: the stream keeps one
+    await notifier.publish_event(run_event(t, "cancelled", succeeded=1, cancelled=2))  # a later event: a barrier
+    items = await notifier.wait_items(t, lambda items: len(items) >= 2)
+    completed = [i for i in items if i["kind"] == "run_completed"]
+    assert [i["message"] for i in completed] == ["Run finished: all 3 files succeeded"]
+    assert any(i["kind"] == "run_cancelled" for i in items) and len(items) == 2
+
+
+@pytest.mark.parametrize(("kind", "counts", "message", "expected"), [
+    ("completed_with_errors", {"succeeded": 2, "failed": 1}, None, "Run finished with errors: 2 succeeded, 1 failed of 3 files"),
+    ("failed", {"succeeded": 0, "errored": 1, "pending": 2}, "fail_fast: a file failed after its retries",
+     "Run failed: fail_fast: a file failed after its retries (1 errored, 2 pending of 3 files)"),
+    ("recovery_started", {}, "Recovery started", "Recovery started"),
+    ("recovered", {}, "Recovery succeeded: the run finished", "Recovery succeeded: 3 succeeded of 3 files"),
+    ("recovery_failed", {"succeeded": 0, "pending": 3}, "stuck after 3 recoveries", "Recovery failed: stuck after 3 recoveries"),
+])
+async def test_run_outcomes_and_recovery_notify_in_words(notifier, kind, counts, message, expected):
+    t = tenant()
+    await notifier.publish_event(run_event(t, kind, message=message, **counts))
+    [item] = await notifier.wait_items(t, lambda items: items)
+    assert (item["kind"], item["message"]) == (f"run_{kind}", expected)
+
+
+async def test_progress_events_notify_nobody(notifier):
+    t = tenant()
+    run_id = f"run-{uuid.uuid4().hex[:8]}"
+    for kind in ("succeeded", "retrying", "checkpoint", "errored"):
+        await notifier.publish_event(failed_file(t, run_id, kind=kind))
+    for kind in ("started", "retrying"):
+        await notifier.publish_event(run_event(t, kind, run_id))
+    await notifier.publish(notifier.names.breaker_event("open"), b'{"dependency": "ocr", "state": "open"}')
+    await notifier.publish_event(failed_file(t, run_id, index=9))  # published last: a barrier
+    items = await notifier.wait_items(t, lambda items: items)
+    assert [(i["kind"], i["file_index"]) for i in items] == [("file_failed", 9)]
+
+
+async def test_an_unreadable_event_is_dropped_and_the_events_after_it_still_notify(notifier):
+    t = tenant()
+    await notifier.publish(notifier.names.file_event("failed"), b"not json")
+    await notifier.publish(notifier.names.run_event("completed"), b'{"kind": "completed"}')  # no tenant, no run
+    await notifier.publish_event(run_event(t, "completed"))
+    [item] = await notifier.wait_items(t, lambda items: items)
+    assert item["kind"] == "run_completed"
+    bad = FakeMsg(notifier.names.file_event("failed"), b"{", {"Nats-Msg-Id": uuid.uuid4().hex})
+    good = FakeMsg(notifier.names.file_event("succeeded"), b"", {"Nats-Msg-Id": uuid.uuid4().hex})
+    await notifier.service.handle([bad, good])
+    assert (bad.done, good.done) == (["term"], ["ack"])
+
+
+async def test_a_redelivered_event_notifies_once_and_is_acked_each_time(notifier):
+    t = tenant()
+    event = failed_file(t)
+    msg_id = event.msg_id
+    first = FakeMsg(notifier.names.file_event("failed"), event.to_bytes(), {"Nats-Msg-Id": msg_id})
+    again = FakeMsg(notifier.names.file_event("failed"), event.to_bytes(), {"Nats-Msg-Id": msg_id})
+    twice_in_a_batch = FakeMsg(notifier.names.file_event("failed"), event.to_bytes(), {"Nats-Msg-Id": msg_id})
+    await notifier.service.handle([first])
+    await notifier.service.handle([again, twice_in_a_batch])
+    assert first.done == again.done == twice_in_a_batch.done == ["ack"]
+    assert len(await notifier.items(t)) == 1
+    assert len(await notifier.sql("SELECT 1 FROM notifier.notifications WHERE dedupe_key = :k", k=msg_id)) == 1
+
+
+async def test_a_database_outage_leaves_the_batch_unacked_for_redelivery(notifier):
+    async def unavailable(engine, rows):
+        raise TransientError("database unavailable")
+
+    handle = make_handler(notifier.service.engine, notifier.names, lambda: None, record=unavailable)
+    event = run_event(tenant(), "completed")
+    msgs = [FakeMsg(notifier.names.run_event("completed"), event.to_bytes(), {"Nats-Msg-Id": event.msg_id}),
+            FakeMsg(notifier.names.file_event("succeeded"), b"", {"Nats-Msg-Id": uuid.uuid4().hex})]
+    with pytest.raises(TransientError):
+        await handle(msgs)
+    assert [m.done for m in msgs] == [[], []]
+
+
+# ---- the verbs ------------------------------------------------------------------------------
+
+async def test_mark_read_marks_one_and_unread_only_lists_the_rest(notifier):
+    t = tenant()
+    for index in (1, 2):
+        await notifier.publish_event(failed_file(t, index=index))
+    items = await notifier.wait_items(t, lambda items: len(items) == 2)
+    marked = await notifier.call("mark_read", tenant_id=t, id=items[0]["id"])
+    assert marked["read"] is True and marked["id"] == items[0]["id"]
+    unread = (await notifier.call("list", tenant_id=t, unread_only=True))["items"]
+    assert [i["id"] for i in unread] == [items[1]["id"]]
+    await notifier.call("mark_read", tenant_id=t, id=items[0]["id"])  # again: still fine
+
+
+async def test_pages_are_newest_first_and_cursors_walk_them_all(notifier):
+    t = tenant()
+    run_id = f"run-{uuid.uuid4().hex[:8]}"
+    for index in range(5):
+        await notifier.publish_event(failed_file(t, run_id, index=index))
+    everything = await notifier.wait_items(t, lambda items: len(items) == 5)
+    assert [i["file_index"] for i in everything] == [4, 3, 2, 1, 0]
+    seen, cursor = [], None
+    while True:
+        page = await notifier.call("list", tenant_id=t, limit=2, cursor=cursor)
+        seen += page["items"]
+        cursor = page["next_cursor"]
+        if not cursor:
+            break
+    assert [i["id"] for i in seen] == [i["id"] for i in everything]
+    await expect_error("validation_error", notifier.call("list", tenant_id=t, cursor="not-a-cursor"))
+    await expect_error("validation_error", notifier.call("list", tenant_id=t, limit=201))
+
+
+async def test_tenants_never_see_or_mark_each_others_notifications(notifier):
+    mine, theirs = tenant(), tenant()
+    await notifier.publish_event(failed_file(mine))
+    [item] = await notifier.wait_items(mine, lambda items: items)
+    assert await notifier.items(theirs) == []
+    error = await expect_error("not_found", notifier.call("mark_read", tenant_id=theirs, id=item["id"]))
+    assert isinstance(error, ServiceError)
+    assert (await notifier.items(mine))[0]["read"] is False
+
+
+async def test_webhook_urls_and_secrets_are_validated(notifier):
+    t = tenant()
+    for url in ("ftp://example.com/hook", "not a url", "http://", "https://exa mple.com/", "http://example.com:99999/"):
+        await expect_error("validation_error", notifier.call("put_webhook", tenant_id=t, url=url, secret=SECRET))
+    await expect_error("validation_error", notifier.call("put_webhook", tenant_id=t, url="https://example.com/h",
+                                                         secret="too-short"))
+    assert await notifier.call("get_webhook", tenant_id=t) is None
+
+
+# ---- webhooks -------------------------------------------------------------------------------
+
+class Receiver:
+    """A local webhook endpoint (127.0.0.1 only) answering with the statuses it is given."""
+
+    def __init__(self, statuses: list[int]) -> None:
+        self.statuses = statuses
+        self.requests: list[tuple[dict, bytes]] = []
+
+    async def __aenter__(self) -> "Receiver":
+        app = web.Application()
+        app.router.add_post("/hook", self._hook)
+        self.runner = web.AppRunner(app)
+        await self.runner.setup()
+        site = web.TCPSite(self.runner, "127.0.0.1", 0)
+        await site.start()
+        self.url = f"http://127.0.0.1:{self.runner.addresses[0][1]}/hook"
+        return self
+
+    async def __aexit__(self, *exc) -> None:
+        await self.runner.cleanup()
+
+    async def _hook(self, request: web.Request) -> web.Response:
+        self.requests.append((dict(request.headers), await request.read()))
+        status = self.statuses.pop(0) if len(self.statuses) > 1 else self.statuses[0]
+        return web.Response(status=status)
+
+
+async def wait_for(condition, timeout: float = 10):
+    deadline = time.monotonic() + timeout
+    while not (result := await condition()):
+        if time.monotonic() > deadline:
+            raise AssertionError("condition not met in time")
+        await asyncio.sleep(0.05)
+    return result
+
+
+async def test_a_webhook_receives_each_notification_signed(notifier):
+    t = tenant()
+    async with Receiver([200]) as hook:
+        put = await notifier.call("put_webhook", tenant_id=t, url=hook.url, secret=SECRET)
+        assert put["url"] == hook.url and "secret" not in put and put["updated_at"]
+        assert (await notifier.call("get_webhook", tenant_id=t))["url"] == hook.url
+        await notifier.publish_event(failed_file(t))
+        [item] = await notifier.wait_items(t, lambda items: items)
+
+        async def received():
+            return hook.requests
+
+        [(headers, body)] = await wait_for(received)
+    assert headers["Content-Type"] == "application/json"
+    assert verify(SECRET, body, headers["X-Redrive-Signature"])
+    assert not verify("another-secret-16chars", body, headers["X-Redrive-Signature"])
+    sent = orjson.loads(body)
+    assert sent["id"] == item["id"] and sent["tenant_id"] == t and sent["kind"] == "file_failed"
+    assert sent["message"] == item["message"] and sent["at"] == item["at"]
+    [delivery] = await notifier.sql("SELECT id, status, attempts, delivered_at FROM notifier.deliveries "
+                                    "WHERE tenant_id = :t", t=t)
+    assert headers["X-Redrive-Delivery"] == str(delivery["id"])
+
+
+async def test_a_failing_webhook_is_retried_with_backoff_until_delivered(notifier):
+    t = tenant()
+    async with Receiver([500, 500, 200]) as hook:
+        await notifier.call("put_webhook", tenant_id=t, url=hook.url, secret=SECRET)
+        await notifier.publish_event(run_event(t, "completed"))
+
+        async def delivered():
+            rows = await notifier.sql("SELECT status, attempts, last_error, delivered_at FROM notifier.deliveries "
+                                      "WHERE tenant_id = :t", t=t)
+            return rows if rows and rows[0]["status"] == "delivered" else None
+
+        [row] = await wait_for(delivered)
+    assert row["attempts"] == 3 and row["delivered_at"] is not None and row["last_error"] is None
+    assert len(hook.requests) == 3
+    assert len({h["X-Redrive-Delivery"] for h, _ in hook.requests}) == 1  # one delivery, three attempts
+    assert all(verify(SECRET, body, h["X-Redrive-Signature"]) for h, body in hook.requests)
+
+
+async def test_a_webhook_that_never_answers_2xx_fails_after_max_attempts(notifier):
+    t = tenant()
+    async with Receiver([503]) as hook:
+        await notifier.call("put_webhook", tenant_id=t, url=hook.url, secret=SECRET)
+        await notifier.publish_event(run_event(t, "completed"))
+
+        async def failed():
+            rows = await notifier.sql("SELECT status, attempts, last_error FROM notifier.deliveries WHERE tenant_id = :t",
+                                      t=t)
+            return rows if rows and rows[0]["status"] == "failed" else None
+
+        [row] = await wait_for(failed)
+    assert row["attempts"] == notifier.service.settings.webhook_max_attempts == len(hook.requests)
+    assert row["last_error"] == "HTTP 503"
+
+
+async def test_a_deleted_webhook_is_forgotten_and_gets_nothing_more(notifier):
+    t = tenant()
+    await notifier.call("put_webhook", tenant_id=t, url="https://example.invalid/hook", secret=SECRET)
+    assert await notifier.call("delete_webhook", tenant_id=t) == {"deleted": True}
+    assert await notifier.call("get_webhook", tenant_id=t) is None
+    assert await notifier.call("delete_webhook", tenant_id=t) == {"deleted": False}
+    await notifier.publish_event(failed_file(t))
+    await notifier.wait_items(t, lambda items: items)
+    assert await notifier.sql("SELECT 1 FROM notifier.deliveries WHERE tenant_id = :t", t=t) == []
