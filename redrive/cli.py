@@ -179,12 +179,13 @@ def bench(
     files: int = typer.Option(10_000, "--files", min=1),
     handler: str = typer.Option("noop", "--handler"),
     executors: int = typer.Option(1, "--executors", min=1),
+    repeat: int = typer.Option(3, "--repeat", min=1, help="rounds (run + limit); the summary takes the median"),
     data_dir: Optional[Path] = DataDir,
 ) -> None:
     """End-to-end throughput through the real services, and the hand-written limit."""
     from bench.e2e import main as bench_main
 
-    bench_main(files=files, handler=handler, executors=executors, data_dir=data_dir)
+    bench_main(files=files, handler=handler, executors=executors, data_dir=data_dir, repeat=repeat)
 
 
 @app.command()

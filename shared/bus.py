@@ -8,6 +8,7 @@ live in one place.
 from __future__ import annotations
 
 import asyncio
+import weakref
 from collections.abc import Awaitable, Callable, Iterable, Sequence
 from dataclasses import dataclass
 
@@ -27,6 +28,7 @@ from nats.js.api import (
 )
 from nats.js.errors import NotFoundError
 
+from shared.jetstream import AckedPublisher, Puller
 from shared.settings import Settings
 from shared.subjects import Names
 
@@ -146,28 +148,38 @@ def headers_for(msg_id: str, tenant_id: str | None = None, run_id: str | None = 
     return headers
 
 
-async def publish_many(js: JetStreamContext, items: Sequence[Outgoing], timeout: float = 10.0) -> None:
+_publishers: "weakref.WeakKeyDictionary[NatsClient, AckedPublisher]" = weakref.WeakKeyDictionary()
+
+
+def publisher_for(js: JetStreamContext) -> AckedPublisher:
+    """One :class:`AckedPublisher` per connection, made on first use."""
+    nc = js._nc
+    publisher = _publishers.get(nc)
+    if publisher is None:
+        publisher = _publishers[nc] = AckedPublisher(nc)
+    return publisher
+
+
+async def publish_many(js: JetStreamContext, items: Sequence[Outgoing]) -> None:
     """Publish every item and wait until JetStream has acknowledged all of them.
 
-    Uses async publishes (many PubAcks in flight) because one-at-a-time publishing caps
-    throughput at a round trip per message. Raises if any publish was not acknowledged,
-    so the caller keeps its outbox rows and tries again (dedupe makes that safe).
+    Publishes are pipelined (many PubAcks in flight) because one-at-a-time publishing caps
+    throughput at a round trip per message. Raises if any publish was not acknowledged
+    (refused, or no PubAck within the publisher's timeout), so the caller keeps its outbox
+    rows and tries again (dedupe makes that safe).
     """
     if not items:
         return
-    async with asyncio.timeout(timeout):
-        futures = []
-        for item in items:
-            headers = dict(item.headers) if item.headers else {}
-            headers["Nats-Msg-Id"] = item.msg_id
-            # wait_stall=None: with a timeout, nats-py wraps the semaphore wait in a task,
-            # which yields to the loop and makes every publish its own socket write.
-            futures.append(await js.publish_async(item.subject, item.data, headers=headers, wait_stall=None))
-        if len(futures) == 1:  # the executor's hot path: no gather
-            await futures[0]
-            return
-        results = await asyncio.gather(*futures, return_exceptions=True)
-    for result in results:
+    publisher = publisher_for(js)
+    futures = []
+    for item in items:
+        headers = dict(item.headers) if item.headers else {}
+        headers["Nats-Msg-Id"] = item.msg_id
+        futures.append(await publisher.publish(item.subject, item.data, headers))
+    if len(futures) == 1:  # the executor's hot path
+        await futures[0]
+        return
+    for result in await asyncio.gather(*futures, return_exceptions=True):
         if isinstance(result, BaseException):
             raise result
 
@@ -218,18 +230,15 @@ class PullLoop:
             await self._task
 
     async def _run(self) -> None:
-        sub = None
+        puller = Puller(self._js._nc, self._stream, self._durable)
         while not self._stopping.is_set():
             try:
-                if sub is None:
-                    sub = await self._js.pull_subscribe_bind(self._durable, self._stream)
-                msgs = await sub.fetch(self._batch, timeout=self._fetch_timeout)
-            except (nats.errors.TimeoutError, asyncio.TimeoutError):
-                continue
+                msgs = await puller.fetch(self._batch, timeout=self._fetch_timeout)
             except Exception as exc:  # broker down, consumer not yet there: wait and retry
                 log.warning("pull.fetch_failed", loop=self._name, error=repr(exc))
-                sub = None
                 await self._sleep(0.5)
+                continue
+            if not msgs:
                 continue
             try:
                 await self._handle(msgs)
@@ -237,6 +246,7 @@ class PullLoop:
                 # The batch's messages stay unacked and come back after the ack wait.
                 log.exception("pull.batch_failed", loop=self._name, error=repr(exc))
                 await self._sleep(0.5)
+        await puller.stop()
 
     async def _sleep(self, seconds: float) -> None:
         try:

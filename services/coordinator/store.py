@@ -6,12 +6,10 @@ from __future__ import annotations
 from typing import Any
 
 from sqlalchemy import text
-from sqlalchemy.exc import DBAPIError
 from sqlalchemy.ext.asyncio import AsyncConnection
 
 from shared.messages import RetryPolicy, ServiceError
 
-LOCK_NOT_AVAILABLE = "55P03"
 
 
 def not_found(what: str, ident: str) -> ServiceError:
@@ -28,23 +26,28 @@ async def load_template(conn: AsyncConnection, tenant_id: str, template_id: str,
     return dict(row)
 
 
+_CLAIM_RUN = text("SELECT pg_try_advisory_xact_lock(hashtextextended('coordinator.run:' || :id, 0))")
+
+
 async def load_run(conn: AsyncConnection, tenant_id: str | None, run_id: str, *, lock: bool = False,
                    nowait: bool = False) -> dict:
-    """``nowait``: a run another request is changing right now is refused with 409 at once
-    instead of queueing (concurrent "Continue" presses: one wins, the rest are told)."""
+    """``nowait``: a run another *command* is changing right now is refused with 409 at once
+    instead of queueing (concurrent "Continue" presses: one wins, the rest are told).
+
+    Commands claim the run with a transaction-scoped advisory lock, then wait for the row
+    lock as usual: the results consumer holds that row lock for milliseconds while it
+    applies events, and a user's press must not be refused because a file just finished.
+    """
+    if nowait and not (await conn.execute(_CLAIM_RUN, {"id": run_id})).scalar():
+        raise ServiceError("run_running", "another request is changing this run right now")
     sql = "SELECT * FROM coordinator.runs WHERE id = :id"
     params: dict[str, Any] = {"id": run_id}
     if tenant_id is not None:
         sql += " AND tenant_id = :tenant_id"
         params["tenant_id"] = tenant_id
     if lock:
-        sql += " FOR UPDATE NOWAIT" if nowait else " FOR UPDATE"
-    try:
-        row = (await conn.execute(text(sql), params)).mappings().first()
-    except DBAPIError as exc:
-        if getattr(getattr(exc, "orig", None), "sqlstate", None) == LOCK_NOT_AVAILABLE:
-            raise ServiceError("run_running", "another request is changing this run right now") from None
-        raise
+        sql += " FOR UPDATE"
+    row = (await conn.execute(text(sql), params)).mappings().first()
     if row is None:
         raise not_found("run", run_id)
     return dict(row)

@@ -21,21 +21,24 @@ class IsolationGate:
         self._waiting_exclusive = 0
         self._changed = asyncio.Condition()
 
-    @asynccontextmanager
-    async def shared(self) -> AsyncIterator[bool]:
-        """Yields True if it had to wait (what the job read before may be stale)."""
+    def shared(self) -> "_Shared":
+        """``async with gate.shared() as waited``: waited is True if it had to wait (what the
+        job read before may be stale). A plain class, not a generator: it runs per job."""
+        return _Shared(self)
+
+    async def _enter_shared(self) -> bool:
         waited = bool(self._exclusive or self._waiting_exclusive)
         if waited:  # slow path only while a suspect waits or runs
             async with self._changed:
                 await self._changed.wait_for(lambda: not self._exclusive and not self._waiting_exclusive)
         self._running += 1
-        try:
-            yield waited
-        finally:
-            self._running -= 1
-            if self._waiting_exclusive:
-                async with self._changed:
-                    self._changed.notify_all()
+        return waited
+
+    async def _leave_shared(self) -> None:
+        self._running -= 1
+        if self._waiting_exclusive:
+            async with self._changed:
+                self._changed.notify_all()
 
     @asynccontextmanager
     async def exclusive(self) -> AsyncIterator[None]:
@@ -52,3 +55,16 @@ class IsolationGate:
             async with self._changed:
                 self._exclusive = False
                 self._changed.notify_all()
+
+
+class _Shared:
+    __slots__ = ("_gate",)
+
+    def __init__(self, gate: IsolationGate) -> None:
+        self._gate = gate
+
+    async def __aenter__(self) -> bool:
+        return await self._gate._enter_shared()
+
+    async def __aexit__(self, *exc_info) -> None:
+        await self._gate._leave_shared()

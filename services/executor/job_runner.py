@@ -52,6 +52,20 @@ def file_event_body(job: Job, file_index: int, outcome: Outcome, attempt: int, k
     return f"{prefix}:{kind}:{outcome.step}:{attempt}", orjson.dumps(body)
 
 
+def deliveries(msg: Msg) -> int:
+    """How many times JetStream has delivered this message (1 when not from JetStream).
+
+    Read straight from the ack subject (``$JS.ACK.<stream>.<consumer>.<delivered>.…``, or
+    with a domain and account hash in front on newer servers): ``msg.metadata`` parses the
+    whole subject into objects, on every job."""
+    if not msg.reply or not msg.reply.startswith("$JS.ACK."):
+        return 1
+    tokens = msg.reply.split(".")
+    # v1: $JS.ACK.stream.consumer.delivered.sseq.cseq.ts.pending (9 tokens); v2 adds
+    # domain and account hash after ACK (and maybe a random token at the end).
+    return int(tokens[4] if len(tokens) == 9 else tokens[6])
+
+
 class JobRunner:
     def __init__(self, js: JetStreamContext, names: Names, steps: StepRunner, progress: ProgressStore,
                  keepalive: KeepAlive, gate: IsolationGate | None = None, max_deliver: int = 20,
@@ -75,7 +89,7 @@ class JobRunner:
         if self._stops is not None and self._stops.stopped(job.run_id, job.generation):
             await msg.ack()  # the run was stopped (fail_fast, cancel) after this job was queued
             return False
-        delivered = msg.metadata.num_delivered if msg.reply else 1
+        delivered = deliveries(msg)
         last_beat = 0.0
 
         async def heartbeat() -> None:  # for handlers: in-progress ack, at most once a second

@@ -43,6 +43,7 @@ class StepRunner:
         self._registry = registry
         self._breakers = breakers
         self._artifacts = artifacts
+        self._run_dirs: dict[tuple[str, str], Path] = {}
 
     async def run_file(
         self,
@@ -102,4 +103,10 @@ class StepRunner:
 
     def _artifact_dir(self, job: Job, file: FileSpec) -> Path:
         # Not created here: most steps never write an artifact (handlers mkdir on demand).
-        return self._artifacts.joinpath(f"{job.tenant_id}/{job.run_id}/{file.index}")
+        # The run's directory is cached: building Paths costs microseconds on every job.
+        run_dir = self._run_dirs.get((job.tenant_id, job.run_id))
+        if run_dir is None:
+            if len(self._run_dirs) > 1000:
+                self._run_dirs.clear()
+            run_dir = self._run_dirs[(job.tenant_id, job.run_id)] = self._artifacts / job.tenant_id / job.run_id
+        return run_dir / str(file.index)

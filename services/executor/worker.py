@@ -15,10 +15,10 @@ from __future__ import annotations
 
 import asyncio
 
-import nats
 import structlog
 from nats.js import JetStreamContext
 
+from shared.jetstream import Puller
 from shared.subjects import Names
 from services.executor.job_runner import JobRunner
 
@@ -52,7 +52,7 @@ class Worker:
             await asyncio.wait(self._inflight, timeout=grace_s)
 
     async def _run(self) -> None:
-        sub = None
+        puller = Puller(self._js._nc, self._names.jobs_stream, self._names.executor_consumer)
         while not self._stopping.is_set():
             if self.cautious and self._inflight:
                 await self._idle.wait()
@@ -62,14 +62,9 @@ class Worker:
                 await asyncio.wait(self._inflight, return_when=asyncio.FIRST_COMPLETED)
                 continue
             try:
-                if sub is None:
-                    sub = await self._js.pull_subscribe_bind(self._names.executor_consumer, self._names.jobs_stream)
-                msgs = await sub.fetch(1 if self.cautious else min(free, self._fetch_batch), timeout=1.0)
-            except (nats.errors.TimeoutError, asyncio.TimeoutError):
-                continue
+                msgs = await puller.fetch(1 if self.cautious else min(free, self._fetch_batch), timeout=1.0)
             except Exception as exc:
                 log.warning("executor.fetch_failed", error=repr(exc))
-                sub = None
                 await asyncio.sleep(0.5)
                 continue
             alone = self.cautious
@@ -78,6 +73,7 @@ class Worker:
                 self._inflight.add(task)
                 self._idle.clear()
                 task.add_done_callback(self._done)
+        await puller.stop()
 
     def _done(self, task: asyncio.Task) -> None:
         self._inflight.discard(task)

@@ -45,7 +45,9 @@ async def test_mixed_failed_and_pending_charges_only_the_failed_files(stack):
 
 async def test_retry_one_failed_file_is_charged_and_refused_otherwise(stack):
     tenant = await stack.tenant(monthly=100)
-    done, _ = await failed_run(stack, tenant, [{"name": "a", "handler": "flaky", "params": {"fail_rounds": 1, "poison": "f2"}}])
+    # sleep_ms: the retried job is still in flight when the second press comes.
+    params = {"fail_rounds": 1, "poison": "f2", "sleep_ms": 1000}
+    done, _ = await failed_run(stack, tenant, [{"name": "a", "handler": "flaky", "params": params}])
     assert [f["status"] for f in done["files"]] == ["FAILED", "FAILED", "ERROR"]
     await expect_error("file_not_failed", stack.call("coordinator", "retry_file", tenant_id=tenant, run_id=done["id"], file_index=2))
     retried = await stack.call("coordinator", "retry_file", tenant_id=tenant, run_id=done["id"], file_index=0)
