@@ -23,17 +23,22 @@ from shared.settings import Settings
 BODY = b'{"job":"x"}'
 
 
-async def _hop_nats_py(nc, js, stream: str, subject: str, n: int, on_batch) -> None:
-    futures = [await js.publish_async(subject, BODY, headers={"Nats-Msg-Id": f"{stream}-{i}"}) for i in range(n)]
-    await asyncio.gather(*futures)
-    sub = await js.pull_subscribe(subject, durable=f"{stream}-c", stream=stream)
+async def _drain(fetch, n: int, on_batch) -> None:
+    """Pull n messages in batches of 500, hand each batch's size to on_batch, ack each."""
     got = 0
     while got < n:
-        msgs = await sub.fetch(500, timeout=5)
+        msgs = await fetch(500, timeout=5)
         await on_batch(len(msgs))
         for m in msgs:
             await m.ack()
         got += len(msgs)
+
+
+async def _hop_nats_py(nc, js, stream: str, subject: str, n: int, on_batch) -> None:
+    futures = [await js.publish_async(subject, BODY, headers={"Nats-Msg-Id": f"{stream}-{i}"}) for i in range(n)]
+    await asyncio.gather(*futures)
+    sub = await js.pull_subscribe(subject, durable=f"{stream}-c", stream=stream)
+    await _drain(sub.fetch, n, on_batch)
 
 
 async def _hop_lean(nc, js, stream: str, subject: str, n: int, on_batch) -> None:
@@ -42,13 +47,7 @@ async def _hop_lean(nc, js, stream: str, subject: str, n: int, on_batch) -> None
     await asyncio.gather(*futures)
     await js.add_consumer(stream, ConsumerConfig(durable_name=f"{stream}-c", ack_policy=AckPolicy.EXPLICIT))
     puller = Puller(nc, stream, f"{stream}-c")
-    got = 0
-    while got < n:
-        msgs = await puller.fetch(500, timeout=5)
-        await on_batch(len(msgs))
-        for m in msgs:
-            await m.ack()
-        got += len(msgs)
+    await _drain(puller.fetch, n, on_batch)
     await puller.stop()
 
 

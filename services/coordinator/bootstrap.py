@@ -3,12 +3,15 @@ at import time."""
 
 from __future__ import annotations
 
+from functools import partial
+
 from shared import bus
 from shared.db import make_engine
 from shared.rpc import MicroService, RpcClient
 from shared.runtime import run
 from shared.settings import Settings
 from shared.subjects import Names
+from services.coordinator import jobs
 from services.coordinator.advisories import make_advisory_handler
 from services.coordinator.context import Deps
 from services.coordinator.endpoints import verbs
@@ -32,7 +35,7 @@ class CoordinatorService:
                                   ack_wait_s=30)
         await ensure_run_stops_bucket(self.js, names, s.stream_replicas)
         self.engine = make_engine(s, pool_size=10, application_name="redrive-coordinator")
-        self.relay = OutboxRelay(self.engine, self.js, batch=s.outbox_batch)
+        self.relay = OutboxRelay(self.engine, self.js, partial(jobs.expand_page, names=names), batch=s.outbox_batch)
         self.deps = Deps(settings=s, names=names, engine=self.engine,
                          billing=RpcClient(self.nc, names, timeout=s.request_timeout_s), relay=self.relay)
         self.results = bus.PullLoop(self.js, names.events_stream, names.results_consumer, make_results_handler(self.deps),

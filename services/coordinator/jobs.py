@@ -1,8 +1,8 @@
-"""Turning files that need work into job messages (as outbox rows).
+"""Turning files that need work into job messages: as outbox rows, or (a run's first
+publication) as one expansion row that the relay turns into jobs a page at a time.
 
-Jobs are built as plain dicts and serialised once with orjson: a 10,000-file run makes
-10,000 of them inside the creating transaction. tests/unit/test_wire.py checks that what
-is built here parses as :class:`shared.messages.Job`.
+Jobs are built as plain dicts and serialised once with orjson. tests/unit/test_wire.py
+checks that what is built here parses as :class:`shared.messages.Job`.
 """
 
 from __future__ import annotations
@@ -10,8 +10,10 @@ from __future__ import annotations
 from typing import Any, Iterable, Mapping
 
 import orjson
+from sqlalchemy import text
+from sqlalchemy.ext.asyncio import AsyncConnection
 
-from shared.bus import headers_for
+from shared.bus import Outgoing, headers_for
 from shared.messages import RetryPolicy, StepSpec, job_id_for
 from shared.subjects import Names
 from services.coordinator import outbox
@@ -32,7 +34,7 @@ def file_spec(f: Mapping[str, Any]) -> dict[str, Any]:
     return spec
 
 
-def job_rows(
+def job_messages(
     names: Names,
     run: Mapping[str, Any],
     template: Mapping[str, Any],
@@ -40,8 +42,8 @@ def job_rows(
     policy: RetryPolicy,
     *,
     msg_suffix: str = "",
-) -> list[dict]:
-    """Outbox rows for the given files of ``run`` in its current round.
+) -> list[Outgoing]:
+    """Job messages for the given files of ``run`` in its current round.
 
     ``msg_suffix`` is empty for a round's first publication (so a repeated publish is
     deduped by JetStream); recovery adds one because the original message may be long gone
@@ -67,6 +69,50 @@ def job_rows(
                                   "files": [spec], "idempotency_key": job_id}))
     subject = names.job(run["tenant_id"])
     return [
-        outbox.row(subject, job_id + msg_suffix, orjson.dumps(body), headers_for(job_id, run["tenant_id"], run["id"]))
+        Outgoing(subject, orjson.dumps(body), job_id + msg_suffix, headers_for(job_id, run["tenant_id"], run["id"]))
         for job_id, body in jobs
     ]
+
+
+def job_rows(names: Names, run: Mapping[str, Any], template: Mapping[str, Any], files: Iterable[Mapping[str, Any]],
+             policy: RetryPolicy, *, msg_suffix: str = "") -> list[dict]:
+    """:func:`job_messages` as outbox rows, written in the caller's transaction."""
+    return [outbox.row(m.subject, m.msg_id, m.data, m.headers)
+            for m in job_messages(names, run, template, files, policy, msg_suffix=msg_suffix)]
+
+
+# ---- expansions: an outbox row that stands for all of a round's jobs -------------------------
+
+def expansion_row(names: Names, run: Mapping[str, Any], policy: RetryPolicy) -> dict:
+    """One outbox row for every PENDING file of ``run``'s current round (per_file mode):
+    the relay builds their jobs a page at a time (:func:`expand_page`)."""
+    spec = {"run_id": run["id"], "round": run["round"], "policy": policy.model_dump(), "after_idx": -1}
+    row = outbox.row(names.job(run["tenant_id"]), f"{run['id']}:jobs:r{run['round']}", b"")
+    row["expand"] = orjson.dumps(spec).decode()
+    return row
+
+
+_EXPAND_RUN = text(
+    "SELECT r.id, r.tenant_id, r.template_id, r.mode, r.round, r.generation, r.status, t.steps "
+    "FROM coordinator.runs r JOIN coordinator.templates t ON t.id = r.template_id WHERE r.id = :run_id"
+)
+_EXPAND_FILES = text(
+    "SELECT idx, name, url, content_b64, size, sha256, checkpoint_step, checkpoint_output FROM coordinator.files "
+    "WHERE run_id = :run_id AND round = :round AND status = 'PENDING' AND idx > :after ORDER BY idx LIMIT :limit"
+)
+
+
+async def expand_page(conn: AsyncConnection, spec: Mapping[str, Any], limit: int, *,
+                      names: Names) -> tuple[list[Outgoing], int | None]:
+    """The next page of an expansion's jobs, and the index to resume after (None: done).
+
+    Only files still PENDING in the expansion's round of a RUNNING run are published: a
+    run cancelled or stopped meanwhile publishes nothing more.
+    """
+    run = (await conn.execute(_EXPAND_RUN, {"run_id": spec["run_id"]})).mappings().first()
+    if run is None or run["status"] != "RUNNING" or run["round"] != spec["round"]:
+        return [], None
+    files = (await conn.execute(_EXPAND_FILES, {"run_id": spec["run_id"], "round": spec["round"],
+                                                "after": spec["after_idx"], "limit": limit})).mappings().all()
+    messages = job_messages(names, run, {"steps": run["steps"]}, files, RetryPolicy.model_validate(spec["policy"]))
+    return messages, (files[-1]["idx"] if len(files) == limit else None)

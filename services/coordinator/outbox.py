@@ -9,6 +9,8 @@ second publish with the same ``Nats-Msg-Id`` inside the duplicate window.
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Awaitable, Callable
+from typing import Any
 
 import orjson
 import structlog
@@ -23,28 +25,34 @@ from shared.faults import crash_point
 
 log = structlog.get_logger(__name__)
 
+# An expansion row's next page: (conn, its spec, page size) -> (messages, index to resume
+# after, or None when done). jobs.expand_page, wired in the composition root.
+Expander = Callable[[AsyncConnection, dict[str, Any], int], Awaitable[tuple[list[Outgoing], "int | None"]]]
+
 _INSERT = text(
-    "INSERT INTO coordinator.outbox (subject, msg_id, payload, headers) "
-    "VALUES (:subject, :msg_id, :payload, CAST(:headers AS jsonb))"
+    "INSERT INTO coordinator.outbox (subject, msg_id, payload, headers, expand) "
+    "VALUES (:subject, :msg_id, :payload, CAST(:headers AS jsonb), CAST(:expand AS jsonb))"
 )
 
 # Rows are deleted in the transaction that publishes them; SKIP LOCKED lets several
 # coordinator replicas relay different rows at once.
 _TAKE = text(
-    "DELETE FROM coordinator.outbox WHERE id IN ("
-    " SELECT id FROM coordinator.outbox ORDER BY id LIMIT :limit FOR UPDATE SKIP LOCKED"
-    ") RETURNING id, subject, msg_id, payload, headers"
+    "SELECT id, subject, msg_id, payload, headers, expand FROM coordinator.outbox "
+    "ORDER BY id LIMIT :limit FOR UPDATE SKIP LOCKED"
 )
+_DONE = text("DELETE FROM coordinator.outbox WHERE id = ANY(CAST(:ids AS bigint[]))")
+_ADVANCE = text("UPDATE coordinator.outbox SET expand = CAST(:expand AS jsonb) WHERE id = :id")
 
 
 def row(subject: str, msg_id: str, payload: bytes, headers: dict[str, str] | None = None) -> dict:
-    return {"subject": subject, "msg_id": msg_id, "payload": payload, "headers": orjson.dumps(headers or {}).decode()}
+    return {"subject": subject, "msg_id": msg_id, "payload": payload, "headers": orjson.dumps(headers or {}).decode(),
+            "expand": None}
 
 
 async def add(conn: AsyncConnection, rows: list[dict]) -> None:
     if len(rows) >= COPY_THRESHOLD:
-        await copy_rows(conn, "coordinator", "outbox", ("subject", "msg_id", "payload", "headers"),
-                        ((r["subject"], r["msg_id"], r["payload"], r["headers"]) for r in rows))
+        await copy_rows(conn, "coordinator", "outbox", ("subject", "msg_id", "payload", "headers", "expand"),
+                        ((r["subject"], r["msg_id"], r["payload"], r["headers"], r["expand"]) for r in rows))
     elif rows:
         await conn.execute(_INSERT, rows)
 
@@ -53,9 +61,11 @@ class OutboxRelay:
     """Publishes outbox rows: at once when this process wrote some (``kick``), and on a
     short poll for rows other processes (or a crashed one) left behind."""
 
-    def __init__(self, engine: AsyncEngine, js: JetStreamContext, *, batch: int = 2000, poll_s: float = 0.5) -> None:
+    def __init__(self, engine: AsyncEngine, js: JetStreamContext, expand: Expander, *, batch: int = 2000,
+                 poll_s: float = 0.5) -> None:
         self._engine = engine
         self._js = js
+        self._expand = expand
         self._batch = batch
         self._poll_s = poll_s
         self._wake = asyncio.Event()
@@ -75,24 +85,41 @@ class OutboxRelay:
         if self._task:
             await self._task
 
-    async def relay_once(self) -> int:
+    async def relay_once(self) -> bool:
+        """Publish the oldest rows (an expansion row: its next page); True if more may wait."""
         async with transaction(self._engine) as conn:
             rows = (await conn.execute(_TAKE, {"limit": self._batch})).mappings().all()
             if not rows:
-                return 0
-            rows = sorted(rows, key=lambda r: r["id"])
+                return False
             crash_point("before_publish")  # committed upstream, not yet published
-            await publish_many(
-                self._js,
-                [Outgoing(r["subject"], bytes(r["payload"]), r["msg_id"], r["headers"] or None) for r in rows],
-            )
-        self.published += len(rows)
-        return len(rows)
+            plain = [r for r in rows if r["expand"] is None]
+            # Rows go out in id order; an expansion publishes one page per pass, and the
+            # rows after it wait for the next pass.
+            first_expansion = next((r for r in rows if r["expand"] is not None), None)
+            if first_expansion is not None:
+                plain = [r for r in plain if r["id"] < first_expansion["id"]]
+            messages = [Outgoing(r["subject"], bytes(r["payload"]), r["msg_id"], r["headers"] or None) for r in plain]
+            done = [r["id"] for r in plain]
+            more = len(rows) >= self._batch
+            if first_expansion is not None:
+                spec = first_expansion["expand"]
+                page, resume_after = await self._expand(conn, spec, self._batch)
+                messages += page
+                if resume_after is None:
+                    done.append(first_expansion["id"])
+                else:
+                    await conn.execute(_ADVANCE, {"id": first_expansion["id"],
+                                                  "expand": orjson.dumps({**spec, "after_idx": resume_after}).decode()})
+                more = True
+            await publish_many(self._js, messages)
+            await conn.execute(_DONE, {"ids": done})
+        self.published += len(messages)
+        return more
 
     async def _run(self) -> None:
         while not self._stopping:
             try:
-                while await self.relay_once() >= self._batch and not self._stopping:
+                while await self.relay_once() and not self._stopping:
                     pass
             except Exception as exc:  # NATS or Postgres away: the rows wait for the next pass
                 log.warning("outbox.relay_failed", error=repr(exc))

@@ -23,3 +23,50 @@ async def test_streams_and_consumers_are_declared_idempotently_and_updates_apply
         assert (await js.stream_info(names.jobs_stream)).state.messages == 1  # deduped by Nats-Msg-Id
     finally:
         await nc.close()
+
+
+async def test_puller_returns_what_is_there_keeps_late_arrivals_and_times_out_empty(make_settings):
+    import asyncio
+
+    from shared.jetstream import Puller
+
+    settings = await make_settings(migrate=False)
+    names = Names(settings.prefix)
+    nc = await bus.connect(settings, "test")
+    try:
+        js = nc.jetstream()
+        await bus.ensure_streams(js, settings)
+        await bus.ensure_consumer(js, names.jobs_stream, "executor", names.jobs_all, ack_wait_s=30, max_deliver=5)
+        puller = Puller(nc, names.jobs_stream, "executor")
+        assert await puller.fetch(10, timeout=0.3) == []  # nothing there: empty after the timeout
+        await bus.publish_many(js, [bus.Outgoing(names.job("t"), str(i).encode(), f"m{i}") for i in range(25)])
+        first = await puller.fetch(10)
+        second = await puller.fetch(100)
+        assert [m.data for m in first + second] == [str(i).encode() for i in range(25)]
+        for m in first + second:
+            await m.ack_sync()  # confirmed by the server: the count below is then exact
+        # A lingering request is answered by a message published while it waits.
+        waiting = asyncio.create_task(puller.fetch(5, timeout=5))
+        await asyncio.sleep(0.2)
+        await bus.publish_many(js, [bus.Outgoing(names.job("t"), b"late", "late")])
+        late = await waiting
+        assert [m.data for m in late] == [b"late"]
+        await late[0].ack_sync()
+        await puller.stop()
+        consumer = await js.consumer_info(names.jobs_stream, "executor")
+        assert consumer.num_ack_pending == 0 and consumer.num_pending == 0
+    finally:
+        await nc.close()
+
+
+async def test_a_publish_nothing_stores_is_an_error_not_a_hang(make_settings):
+    import pytest
+    from nats.js.errors import NoStreamResponseError
+
+    settings = await make_settings(migrate=False)
+    nc = await bus.connect(settings, "test")
+    try:
+        with pytest.raises(NoStreamResponseError):
+            await bus.publish_many(nc.jetstream(), [bus.Outgoing(f"{settings.prefix}.nowhere", b"{}", "x")])
+    finally:
+        await nc.close()

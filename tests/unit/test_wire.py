@@ -55,3 +55,17 @@ def test_progress_merge_never_goes_back():
     merged = _merge(stored, stale)
     assert (merged.failures, merged.deferrals, merged.step, merged.output) == (2, 3, 1, {"s": 1})
     assert _merge(stored, Progress(step=2, output={"s": 2})).output == {"s": 2}
+
+
+def test_delivery_count_is_read_from_both_ack_subject_forms():
+    from nats.aio.msg import Msg
+
+    from services.executor.job_runner import deliveries
+
+    v1 = "$JS.ACK.REDRIVE_JOBS.executor.3.120.118.1764400000000000000.7"
+    v2 = "$JS.ACK.hub.ACCHASH.REDRIVE_JOBS.executor.4.120.118.1764400000000000000.7.tok"
+    for reply, expected in ((v1, 3), (v2, 4), ("", 1), ("_INBOX.abc", 1)):
+        msg = Msg(_client=None, subject="redrive.jobs.t", reply=reply, data=b"")
+        assert deliveries(msg) == expected
+        if reply.startswith("$JS"):
+            assert msg.metadata.num_delivered == expected  # agrees with nats-py's own parser

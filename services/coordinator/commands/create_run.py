@@ -1,5 +1,5 @@
 """Initiate a run: reserve N × credits_per_file all-or-nothing, then write the run, its
-files, one outbox row per job and the timeline in one transaction."""
+files, the outbox row that stands for its jobs and the timeline in one transaction."""
 
 from __future__ import annotations
 
@@ -74,8 +74,11 @@ async def create_run(deps: Deps, cmd: CreateRun) -> dict:
                                   "PENDING", f["charge_key"]) for f in files))
             else:
                 await conn.execute(_INSERT_FILE, files)
-            await outbox.add(conn, jobs.job_rows(deps.names, run, template, files, policy)
-                             + [run_event_row(deps.names, run, "started")])
+            # per_file: one expansion row stands for every job (the relay builds them from
+            # the files just written, a page at a time); batch: the one job itself.
+            job_rows = ([jobs.expansion_row(deps.names, run, policy)] if cmd.mode == "per_file"
+                        else jobs.job_rows(deps.names, run, template, files, policy))
+            await outbox.add(conn, job_rows + [run_event_row(deps.names, run, "started")])
             await timeline.append(conn, timeline.entry(run_id, cmd.tenant_id, "run_created", cmd.actor, files=len(files),
                                                        mode=cmd.mode, template_id=template["id"]))
             await credits.apply(conn, charge, run_id=run_id, tenant_id=cmd.tenant_id, actor=cmd.actor)

@@ -1,0 +1,90 @@
+"""A run's jobs are written as one expansion row and published by the relay a page at a
+time: every PENDING file once, in order, never again after a re-expansion (dedupe), and
+nothing for a run that is no longer RUNNING."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+
+import asyncpg
+import orjson
+import pytest
+from sqlalchemy import text
+
+from tests.stack import Stack
+
+
+@pytest.fixture(scope="module")
+async def stack(make_settings):
+    # No executor: the jobs stay in the stream to be counted. Pages of 40 jobs.
+    s = await Stack(await make_settings(outbox_batch=40)).start("billing", "coordinator")
+    yield s
+    await s.stop()
+
+
+async def jobs_in_stream(stack, until, timeout=20.0) -> list[dict]:
+    deadline = time.monotonic() + timeout
+    while (info := await stack.js.stream_info(stack.names.jobs_stream)).state.messages < until:
+        assert time.monotonic() < deadline, f"{info.state.messages} jobs published, {until} expected"
+        await asyncio.sleep(0.05)
+    return [orjson.loads((await stack.js.get_msg(stack.names.jobs_stream, seq)).data)
+            for seq in range(info.state.first_seq, info.state.last_seq + 1)]
+
+
+async def outbox_rows(stack) -> list:
+    conn = await asyncpg.connect(stack.settings.database_url)
+    try:
+        return await conn.fetch("SELECT msg_id, expand FROM coordinator.outbox")
+    finally:
+        await conn.close()
+
+
+async def test_a_run_larger_than_a_page_publishes_each_job_once_in_order(stack):
+    tenant = await stack.tenant(monthly=1000)
+    template = await stack.template(tenant, [{"name": "s", "handler": "noop"}])
+    run = await stack.submit(tenant, template, 130)
+    jobs = [j for j in await jobs_in_stream(stack, 130) if j["run_id"] == run["id"]]
+    assert [j["file_index"] for j in jobs] == list(range(130))
+    assert all(j["files"][0]["name"] == f"f{j['file_index']}.txt" and j["round"] == 0 for j in jobs)
+    deadline = time.monotonic() + 10
+    while await outbox_rows(stack):
+        assert time.monotonic() < deadline, "the expansion row was not finished"
+        await asyncio.sleep(0.05)
+
+    # The relay dies after publishing, before its commit: the row comes back and is
+    # expanded again from the start. JetStream drops every repeat (same job ids).
+    conn = await asyncpg.connect(stack.settings.database_url)
+    try:
+        spec = {"run_id": run["id"], "round": 0, "policy": jobs[0]["retry"], "after_idx": -1}
+        await conn.execute("INSERT INTO coordinator.outbox (subject, msg_id, payload, expand) VALUES ($1, 'again', '', $2)",
+                           stack.names.job(tenant), orjson.dumps(spec).decode())
+        stack.services["coordinator"][0].relay.kick()
+        while await outbox_rows(stack):
+            assert time.monotonic() < deadline + 10, "the repeated expansion was not finished"
+            await asyncio.sleep(0.05)
+        info = await stack.js.stream_info(stack.names.jobs_stream)
+        assert info.state.messages == 130
+
+    finally:
+        await conn.close()
+
+
+async def test_pages_resume_after_the_last_index_and_stop_when_the_run_stops(stack):
+    from services.coordinator.jobs import expand_page
+
+    tenant = await stack.tenant(monthly=1000)
+    template = await stack.template(tenant, [{"name": "s", "handler": "noop"}])
+    run = await stack.submit(tenant, template, 90)
+    await jobs_in_stream(stack, 90)
+    engine = stack.services["coordinator"][0].engine
+    spec = {"run_id": run["id"], "round": 0, "policy": {}, "after_idx": -1}
+    async with engine.begin() as conn:
+        first, after = await expand_page(conn, spec, 40, names=stack.names)
+        second, after2 = await expand_page(conn, {**spec, "after_idx": after}, 40, names=stack.names)
+        last, done = await expand_page(conn, {**spec, "after_idx": after2}, 40, names=stack.names)
+        assert (after, after2, done) == (39, 79, None)
+        assert [m.msg_id for m in first + second + last] == [f"{run['id']}:file:{i}:r0" for i in range(90)]
+        await conn.execute(text("UPDATE coordinator.runs SET status = 'CANCELLED' WHERE id = :id"), {"id": run["id"]})
+        assert await expand_page(conn, spec, 40, names=stack.names) == ([], None)
+        await conn.rollback()  # leave the run as it was
