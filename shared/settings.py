@@ -62,6 +62,9 @@ class Settings(BaseSettings):
     # Notifier.
     webhook_timeout_s: float = Field(default=10.0, gt=0)
     webhook_max_attempts: int = Field(default=8, ge=1)
+    # Webhooks go to public addresses only (no 127.0.0.1, 10.x, 169.254.169.254…) unless
+    # this is set: a single-tenant install posting inside its own network.
+    webhook_allow_private: bool = False
 
     # Gateway.
     host: str = "127.0.0.1"

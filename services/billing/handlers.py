@@ -34,6 +34,12 @@ async def reserve(engine: AsyncEngine, cmd: Reserve) -> dict:
         if existing is not None:
             if existing["kind"] == "void":
                 raise ServiceError("reservation_voided", "this reservation was cancelled before it was made")
+            if existing["kind"] != "charge" or -existing["amount"] != cmd.amount:
+                # A replay must be the same request: answering a different amount with the
+                # first one's result would hide a caller's bug behind a wrong balance.
+                raise ServiceError("idempotency_key_reused",
+                                   f"idempotency key {cmd.idempotency_key!r} was used for a different request",
+                                   {"kind": existing["kind"], "amount": abs(existing["amount"])})
             return _charge_result(existing, duplicate=True)
         split = split_charge(cmd.amount, account["monthly_remaining"], account["purchased_remaining"])
         if split is None:

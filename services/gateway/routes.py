@@ -91,6 +91,7 @@ ROUTES: list[Route] = [
     _R("POST", "/notifications/{id}/read", "notifier", "mark_read", summary="Mark a notification read"),
     _R("PUT", "/webhook", "notifier", "put_webhook", "tenant_admin", WebhookBody, summary="Set the webhook"),
     _R("GET", "/webhook", "notifier", "get_webhook", summary="The webhook (without its secret)"),
+    _R("DELETE", "/webhook", "notifier", "delete_webhook", "tenant_admin", summary="Stop sending notifications to the webhook"),
     _R("GET", "/admin/attention", "coordinator", "attention", "tenant_admin", all_tenants_for_admin=True,
        summary="Runs needing attention (platform admin: every tenant unless X-Tenant-Id)"),
     _R("GET", "/admin/breakers", "executor", "breakers", summary="Circuit breakers"),

@@ -3,6 +3,8 @@ Nothing connects at import time or in :func:`build`; everything connects in ``st
 
 from __future__ import annotations
 
+from functools import partial
+
 from pydantic import BaseModel
 from sqlalchemy.ext.asyncio import AsyncEngine
 
@@ -13,20 +15,24 @@ from shared.runtime import run
 from shared.settings import Settings
 from shared.subjects import Names
 from services.notifier.consumer import make_handler
-from services.notifier.handlers import VERBS
+from services.notifier.destinations import Destinations
+from services.notifier.handlers import VERBS, put_webhook
+from services.notifier.schemas import PutWebhook
 from services.notifier.webhooks import WebhookSender
 
 FETCH_BATCH = 500
 
 
-def bind_verbs(engine: AsyncEngine) -> dict:
+def bind_verbs(engine: AsyncEngine, destinations: Destinations = Destinations()) -> dict:
     """Each verb as ``async (payload: dict) -> data``: validate the request, then handle it."""
     def bind(model: type[BaseModel], fn):
         async def verb(payload: dict):
             return await fn(engine, model.model_validate(payload))
         return verb
 
-    return {name: bind(model, fn) for name, (model, fn) in VERBS.items()}
+    verbs = dict(VERBS)
+    verbs["put_webhook"] = (PutWebhook, partial(put_webhook, destinations=destinations))
+    return {name: bind(model, fn) for name, (model, fn) in verbs.items()}
 
 
 class NotifierService:
@@ -45,12 +51,14 @@ class NotifierService:
         await bus.ensure_streams(js, s)
         # One consumer on every event (messaging.md); the handler sorts them by subject.
         await bus.ensure_consumer(js, names.events_stream, names.notifier_consumer, names.events_all, ack_wait_s=30)
+        destinations = Destinations(allow_private=s.webhook_allow_private)
         self.sender = WebhookSender(self.engine, timeout_s=s.webhook_timeout_s, max_attempts=s.webhook_max_attempts,
-                                    base_ms=self.webhook_base_ms)
+                                    base_ms=self.webhook_base_ms, destinations=destinations)
         self.handle = make_handler(self.engine, names, self.sender.kick)
         self.loop = bus.PullLoop(js, names.events_stream, names.notifier_consumer, self.handle, batch=FETCH_BATCH,
                                  name="notifier")
-        self.micro = MicroService(self.nc, names, "notifier", bind_verbs(self.engine), "redrive notifications and webhooks")
+        self.micro = MicroService(self.nc, names, "notifier", bind_verbs(self.engine, destinations),
+                                 "redrive notifications and webhooks")
         await self.micro.start()
         self.sender.start()
         self.loop.start()

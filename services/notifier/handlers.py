@@ -12,6 +12,7 @@ from sqlalchemy.ext.asyncio import AsyncEngine
 
 from shared.messages import ServiceError
 from services.notifier import repository
+from services.notifier.destinations import Destinations
 from services.notifier.schemas import ListNotifications, MarkRead, PutWebhook, TenantCmd, decode_cursor, encode_cursor
 
 
@@ -36,8 +37,11 @@ async def mark_read(engine: AsyncEngine, cmd: MarkRead) -> dict:
     return _item(row)
 
 
-async def put_webhook(engine: AsyncEngine, cmd: PutWebhook) -> dict:
+async def put_webhook(engine: AsyncEngine, cmd: PutWebhook, destinations: Destinations = Destinations()) -> dict:
     """Set (or replace) the tenant's webhook. The secret is stored, never sent back."""
+    refusal = destinations.refusal(cmd.url)
+    if refusal is not None:
+        raise ServiceError("validation_error", f"url {refusal}", {"fields": {"url": refusal}})
     row = await repository.put_webhook(engine, cmd.tenant_id, cmd.url, cmd.secret)
     return {"url": row["url"], "updated_at": row["updated_at"].isoformat()}
 

@@ -19,6 +19,7 @@ from sqlalchemy.ext.asyncio import AsyncEngine
 
 from shared.backoff import backoff_delay_ms
 from services.notifier import repository
+from services.notifier.destinations import Destinations
 from services.notifier.signing import HEADER, sign
 
 log = structlog.get_logger(__name__)
@@ -28,8 +29,9 @@ BATCH = 50
 
 class WebhookSender:
     def __init__(self, engine: AsyncEngine, *, timeout_s: float, max_attempts: int, base_ms: int = 1000,
-                 max_ms: int = 300_000, poll_s: float = 1.0) -> None:
+                 max_ms: int = 300_000, poll_s: float = 1.0, destinations: Destinations = Destinations()) -> None:
         self._engine = engine
+        self._destinations = destinations
         self._timeout_s, self._max_attempts = timeout_s, max_attempts
         self._base_ms, self._max_ms, self._poll_s = base_ms, max_ms, poll_s
         self._lease_s = timeout_s + 30  # longer than any post can take
@@ -55,7 +57,10 @@ class WebhookSender:
 
     async def _run(self) -> None:
         timeout = aiohttp.ClientTimeout(total=self._timeout_s)
-        async with aiohttp.ClientSession(timeout=timeout, headers={"User-Agent": "redrive-webhooks"}) as session:
+        resolver = self._destinations.resolver()
+        connector = aiohttp.TCPConnector(resolver=resolver)
+        async with aiohttp.ClientSession(timeout=timeout, headers={"User-Agent": "redrive-webhooks"},
+                                         connector=connector) as session:
             while not self._stopping:
                 self._wake.clear()
                 wait_s = self._poll_s
@@ -70,6 +75,8 @@ class WebhookSender:
                     await asyncio.wait_for(self._wake.wait(), max(wait_s, 0.01))
                 except asyncio.TimeoutError:
                     pass
+        if resolver is not None:  # ours, not the connector's, to close
+            await resolver.close()
 
     async def deliver_due(self, session: aiohttp.ClientSession) -> tuple[int, float]:
         """One pass: returns how many deliveries were attempted and the delay of the
@@ -88,6 +95,9 @@ class WebhookSender:
         outcome: dict[str, Any] = {"id": d["id"], "attempts": d["attempts"], "url": d["url"]}
         if d["url"] is None:
             return False, {**outcome, "status": "failed", "error": "the webhook was removed", "delay_s": 0.0}
+        refusal = self._destinations.refusal(d["url"])
+        if refusal is not None:  # set before the rule, or the operator changed it: never post
+            return False, {**outcome, "status": "failed", "error": f"url {refusal}", "delay_s": 0.0}
         body = bytes(d["body"])
         headers = {"Content-Type": "application/json", HEADER: sign(d["secret"], body, int(time.time())),
                    "X-Redrive-Delivery": str(d["id"])}

@@ -36,6 +36,10 @@ async def test_the_same_key_charges_once_even_when_twenty_requests_race(stack):
     results = await asyncio.gather(*[reserve(stack, tenant, 10, "same") for _ in range(20)])
     assert sum(not r["duplicate"] for r in results) == 1 and {r["charged"] for r in results} == {10}
     assert (await stack.call("billing", "balance", tenant_id=tenant))["monthly"]["remaining"] == 90
+    # The same key for another amount is a caller's bug, refused; the first charge stands.
+    err = await expect_error("idempotency_key_reused", reserve(stack, tenant, 11, "same"))
+    assert err.details == {"kind": "charge", "amount": 10}
+    assert (await stack.call("billing", "balance", tenant_id=tenant))["monthly"]["remaining"] == 90
     await stack.assert_books_balance(tenant)
 
 

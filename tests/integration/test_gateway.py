@@ -73,7 +73,7 @@ class Fakes:
             "attention", "restore")}
         coordinator |= {"create_run": self.create_run, "get_run": self.get_run}
         billing = {v: self.echo(v) for v in ("balance", "ledger", "grant")}
-        notifier = {v: self.echo(v) for v in ("list", "mark_read", "put_webhook", "get_webhook")}
+        notifier = {v: self.echo(v) for v in ("list", "mark_read", "put_webhook", "get_webhook", "delete_webhook")}
         return [MicroService(nc, names, "coordinator", coordinator, "fake"),
                 MicroService(nc, names, "billing", billing, "fake"),
                 MicroService(nc, names, "notifier", notifier, "fake")]
@@ -263,6 +263,13 @@ async def test_archiving_a_template_is_204_with_no_body(gw):
     r = await gw["http"].delete("/api/v1/templates/t1", headers=auth(gw["keys"]["tenant_admin"]))
     assert r.status == 204 and await r.read() == b""
     assert gw["fakes"].calls["archive_template"][-1]["template_id"] == "t1"
+
+
+async def test_removing_the_webhook_is_for_tenant_admins(gw):
+    r = await gw["http"].delete("/api/v1/webhook", headers=auth(gw["keys"]["member"]))
+    assert r.status == 403 and not gw["fakes"].calls["delete_webhook"]
+    r = await gw["http"].delete("/api/v1/webhook", headers=auth(gw["keys"]["tenant_admin"]))
+    assert r.status == 200 and gw["fakes"].calls["delete_webhook"][-1]["tenant_id"] == gw["acme"]
 
 
 # ---- idempotency ---------------------------------------------------------------------------------

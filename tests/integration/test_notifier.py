@@ -64,7 +64,7 @@ class Notifier:
 
 @pytest.fixture(scope="module")
 async def notifier(make_settings):
-    settings = await make_settings(webhook_max_attempts=4)
+    settings = await make_settings(webhook_max_attempts=4, webhook_allow_private=True)  # receivers on 127.0.0.1
     service = NotifierService(settings, webhook_base_ms=10)  # retries within a test's patience
     await service.start()
     nc = await bus.connect(settings, "test-notifier")
