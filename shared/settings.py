@@ -39,7 +39,7 @@ class Settings(BaseSettings):
     # JetStream dedupe window for job ids (messaging.md: at least 10 minutes).
     duplicate_window_s: int = Field(default=1200, ge=600)
 
-    # Executor consumer (created or updated at start; see shared/nats/streams.py).
+    # Executor consumer (created or updated at start; see shared/bus.py).
     executor_ack_wait_s: float = Field(default=30.0, gt=0)
     executor_max_deliver: int = Field(default=20, ge=2)
     executor_concurrency: int = Field(default=256, ge=1)
