@@ -77,7 +77,7 @@ class StepRunner:
             ctx = StepContext(
                 job_id=job.job_id, run_id=job.run_id, tenant_id=job.tenant_id, file_index=file.index, round=job.round,
                 attempt=attempt, step_index=index, step_name=step.name, params=step.params, file=ref,
-                previous_output=output, artifact_dir=self._artifact_dir(job, file), heartbeat=heartbeat,
+                previous_output=output, artifact_root=self._run_dir(job), heartbeat=heartbeat,
             )
             try:
                 async with asyncio.timeout(step.timeout_s):  # no extra task, unlike wait_for
@@ -101,12 +101,12 @@ class StepRunner:
             await self._breakers.record_failure(dependency, job.retry.breaker_failure_threshold, job.retry.breaker_reset_s)
         return retry_decision(error, attempt, job, step)
 
-    def _artifact_dir(self, job: Job, file: FileSpec) -> Path:
+    def _run_dir(self, job: Job) -> Path:
         # Not created here: most steps never write an artifact (handlers mkdir on demand).
-        # The run's directory is cached: building Paths costs microseconds on every job.
+        # Cached per run: building Paths costs microseconds on every job.
         run_dir = self._run_dirs.get((job.tenant_id, job.run_id))
         if run_dir is None:
             if len(self._run_dirs) > 1000:
                 self._run_dirs.clear()
             run_dir = self._run_dirs[(job.tenant_id, job.run_id)] = self._artifacts / job.tenant_id / job.run_id
-        return run_dir / str(file.index)
+        return run_dir

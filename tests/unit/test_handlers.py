@@ -38,7 +38,7 @@ def make_ctx(tmp_path: Path, params: dict | None = None, *, name: str = "a.bin",
         job_id=job_id, run_id="run1", tenant_id="t1", file_index=0, round=round_, attempt=attempt,
         step_index=0, step_name="step", params=params or {},
         file=FileRef(name=name, url=url, content_b64=content_b64, size=size, sha256=sha256),
-        previous_output=previous_output, artifact_dir=tmp_path / "artifacts", heartbeat=heartbeat,
+        previous_output=previous_output, artifact_root=tmp_path / "artifacts", heartbeat=heartbeat,
     )
 
 
@@ -148,7 +148,7 @@ def test_flaky_crash_exits_the_process(tmp_path):
         def ctx(name):
             return StepContext(job_id="j", run_id="r", tenant_id="t", file_index=0, round=0, attempt=1,
                                step_index=0, step_name="s", params={"crash": "^boom"}, file=FileRef(name),
-                               previous_output=None, artifact_dir=Path("."))
+                               previous_output=None, artifact_root=Path("."))
 
         print(asyncio.run(flaky.run(ctx("fine.txt"))), flush=True)
         asyncio.run(flaky.run(ctx("boom.txt")))

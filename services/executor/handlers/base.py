@@ -37,11 +37,17 @@ class StepContext:
     params: dict[str, Any]
     file: FileRef
     previous_output: dict[str, Any] | None
-    # A directory private to this (run, file): survives retries and executor restarts on
-    # the same machine, so handlers can keep partial work (e.g. a download's bytes).
-    artifact_dir: Path
+    # The run's artifact directory; handlers use ``artifact_dir`` (below).
+    artifact_root: Path
     # Tell the broker we are still alive (in-progress ack); cheap to call often.
     heartbeat: Callable[[], Awaitable[None]] = field(default=None)  # type: ignore[assignment]
+
+    @property
+    def artifact_dir(self) -> Path:
+        """A directory private to this (run, file): survives retries and executor restarts
+        on the same machine, so handlers can keep partial work (e.g. a download's bytes).
+        Not created until a handler does; built on use (a Path per job costs microseconds)."""
+        return self.artifact_root / str(self.file_index)
 
 
 class Handler(Protocol):
