@@ -32,25 +32,31 @@ async def jobs_in_stream(stack, until, timeout=20.0) -> list[dict]:
             for seq in range(info.state.first_seq, info.state.last_seq + 1)]
 
 
-async def outbox_rows(stack) -> list:
+async def outbox_drained(stack, timeout=10.0) -> None:
+    """Until the relay has published (and deleted) every outbox row."""
+    deadline = time.monotonic() + timeout
     conn = await asyncpg.connect(stack.settings.database_url)
     try:
-        return await conn.fetch("SELECT msg_id, expand FROM coordinator.outbox")
+        while rows := await conn.fetch("SELECT msg_id, after FROM coordinator.outbox, "
+                                       "LATERAL (SELECT expand->>'after_idx' AS after) a"):
+            assert time.monotonic() < deadline, f"the outbox still holds {[tuple(r) for r in rows]}"
+            await asyncio.sleep(0.05)
     finally:
         await conn.close()
 
 
-async def test_a_run_larger_than_a_page_publishes_each_job_once_in_order(stack):
+async def noop_run(stack, files: int) -> tuple[str, dict]:
     tenant = await stack.tenant(monthly=1000)
     template = await stack.template(tenant, [{"name": "s", "handler": "noop"}])
-    run = await stack.submit(tenant, template, 130)
+    return tenant, await stack.submit(tenant, template, files)
+
+
+async def test_a_run_larger_than_a_page_publishes_each_job_once_in_order(stack):
+    tenant, run = await noop_run(stack, 130)
     jobs = [j for j in await jobs_in_stream(stack, 130) if j["run_id"] == run["id"]]
     assert [j["file_index"] for j in jobs] == list(range(130))
     assert all(j["files"][0]["name"] == f"f{j['file_index']}.txt" and j["round"] == 0 for j in jobs)
-    deadline = time.monotonic() + 10
-    while await outbox_rows(stack):
-        assert time.monotonic() < deadline, "the expansion row was not finished"
-        await asyncio.sleep(0.05)
+    await outbox_drained(stack)
 
     # The relay dies after publishing, before its commit: the row comes back and is
     # expanded again from the start. JetStream drops every repeat (same job ids).
@@ -60,12 +66,9 @@ async def test_a_run_larger_than_a_page_publishes_each_job_once_in_order(stack):
         await conn.execute("INSERT INTO coordinator.outbox (subject, msg_id, payload, expand) VALUES ($1, 'again', '', $2)",
                            stack.names.job(tenant), orjson.dumps(spec).decode())
         stack.services["coordinator"][0].relay.kick()
-        while await outbox_rows(stack):
-            assert time.monotonic() < deadline + 10, "the repeated expansion was not finished"
-            await asyncio.sleep(0.05)
+        await outbox_drained(stack)
         info = await stack.js.stream_info(stack.names.jobs_stream)
         assert info.state.messages == 130
-
     finally:
         await conn.close()
 
@@ -73,10 +76,8 @@ async def test_a_run_larger_than_a_page_publishes_each_job_once_in_order(stack):
 async def test_pages_resume_after_the_last_index_and_stop_when_the_run_stops(stack):
     from services.coordinator.jobs import expand_page
 
-    tenant = await stack.tenant(monthly=1000)
-    template = await stack.template(tenant, [{"name": "s", "handler": "noop"}])
-    run = await stack.submit(tenant, template, 90)
-    await jobs_in_stream(stack, 90)
+    _, run = await noop_run(stack, 90)
+    await outbox_drained(stack)  # the relay is done with it: the files are as the run left them
     engine = stack.services["coordinator"][0].engine
     spec = {"run_id": run["id"], "round": 0, "policy": {}, "after_idx": -1}
     async with engine.begin() as conn:
