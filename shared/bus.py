@@ -151,9 +151,15 @@ def headers_for(msg_id: str, tenant_id: str | None = None, run_id: str | None = 
 _publishers: "weakref.WeakKeyDictionary[NatsClient, AckedPublisher]" = weakref.WeakKeyDictionary()
 
 
+def client_of(js: JetStreamContext) -> NatsClient:
+    """The connection under a JetStream context (nats-py keeps it private; the lean
+    primitives in shared/jetstream.py speak to it directly)."""
+    return js._nc
+
+
 def publisher_for(js: JetStreamContext) -> AckedPublisher:
     """One :class:`AckedPublisher` per connection, made on first use."""
-    nc = js._nc
+    nc = client_of(js)
     publisher = _publishers.get(nc)
     if publisher is None:
         publisher = _publishers[nc] = AckedPublisher(nc)
@@ -230,7 +236,7 @@ class PullLoop:
             await self._task
 
     async def _run(self) -> None:
-        puller = Puller(self._js._nc, self._stream, self._durable)
+        puller = Puller(client_of(self._js), self._stream, self._durable)
         while not self._stopping.is_set():
             try:
                 msgs = await puller.fetch(self._batch, timeout=self._fetch_timeout)

@@ -92,12 +92,10 @@ class OutboxRelay:
             if not rows:
                 return False
             crash_point("before_publish")  # committed upstream, not yet published
-            plain = [r for r in rows if r["expand"] is None]
             # Rows go out in id order; an expansion publishes one page per pass, and the
             # rows after it wait for the next pass.
             first_expansion = next((r for r in rows if r["expand"] is not None), None)
-            if first_expansion is not None:
-                plain = [r for r in plain if r["id"] < first_expansion["id"]]
+            plain = rows if first_expansion is None else [r for r in rows if r["id"] < first_expansion["id"]]
             messages = [Outgoing(r["subject"], bytes(r["payload"]), r["msg_id"], r["headers"] or None) for r in plain]
             done = [r["id"] for r in plain]
             more = len(rows) >= self._batch

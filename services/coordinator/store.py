@@ -11,7 +11,6 @@ from sqlalchemy.ext.asyncio import AsyncConnection
 from shared.messages import RetryPolicy, ServiceError
 
 
-
 def not_found(what: str, ident: str) -> ServiceError:
     return ServiceError("not_found", f"{what} {ident} was not found", {"id": ident})
 

@@ -18,6 +18,7 @@ import asyncio
 import structlog
 from nats.js import JetStreamContext
 
+from shared.bus import client_of
 from shared.jetstream import Puller
 from shared.subjects import Names
 from services.executor.job_runner import JobRunner
@@ -52,7 +53,7 @@ class Worker:
             await asyncio.wait(self._inflight, timeout=grace_s)
 
     async def _run(self) -> None:
-        puller = Puller(self._js._nc, self._names.jobs_stream, self._names.executor_consumer)
+        puller = Puller(client_of(self._js), self._names.jobs_stream, self._names.executor_consumer)
         while not self._stopping.is_set():
             if self.cautious and self._inflight:
                 await self._idle.wait()
