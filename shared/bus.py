@@ -109,26 +109,43 @@ async def ensure_consumer(
     js: JetStreamContext,
     stream: str,
     durable: str,
-    filter_subject: str,
+    filter_subject: str | Sequence[str],
     *,
     ack_wait_s: float = 30.0,
     max_deliver: int = -1,
     max_ack_pending: int = 20_000,
+    wide_filter: str | None = None,
 ) -> None:
     """Create the durable pull consumer, or update it in place: the JetStream create call
     updates an existing durable's mutable fields (checked on NATS 2.9 and 2.15; see
-    tests/integration/test_bus.py), so a changed max_deliver or ack wait applies."""
+    tests/integration/test_bus.py), so a changed max_deliver or ack wait applies.
+
+    ``filter_subject`` may be several subjects, which needs NATS 2.10 or newer; on an
+    older server the consumer takes ``wide_filter`` instead (a subject covering them
+    all), and the consumer's handler must ignore what it did not ask for."""
+    filters = [filter_subject] if isinstance(filter_subject, str) else list(filter_subject)
+    if len(filters) > 1 and not supports_filter_subjects(client_of(js)):
+        if wide_filter is None:
+            raise ValueError("several filter subjects need NATS 2.10 or newer, and no wide_filter was given")
+        filters = [wide_filter]
     config = ConsumerConfig(
         durable_name=durable,
         deliver_policy=DeliverPolicy.ALL,
         ack_policy=AckPolicy.EXPLICIT,
         ack_wait=ack_wait_s,
         max_deliver=max_deliver,
-        filter_subject=filter_subject,
+        filter_subject=filters[0] if len(filters) == 1 else None,
+        filter_subjects=filters if len(filters) > 1 else None,
         max_ack_pending=max_ack_pending,
         max_waiting=512,
     )
     await js.add_consumer(stream, config)
+
+
+def supports_filter_subjects(nc: NatsClient) -> bool:
+    """Consumers with several filter subjects came with NATS 2.10."""
+    version = nc.connected_server_version
+    return (version.major, version.minor) >= (2, 10)
 
 
 @dataclass(frozen=True, slots=True)

@@ -74,6 +74,13 @@ class Names:
     def run_event(self, kind: str) -> str:
         return f"{self.prefix}.events.run.{kind}"
 
+    @property
+    def notifier_filters(self) -> list[str]:
+        """What the notifier tells anyone about: failed files and run events. Narrower than
+        messaging.md's ``events.>``: pulling and acking every succeeded file only to drop
+        it cost the notifier and the server a delivery and an ack per file."""
+        return [self.file_event("failed"), self.run_events_all]
+
     def breaker_event(self, state: str) -> str:
         return f"{self.prefix}.events.breaker.{state}"
 

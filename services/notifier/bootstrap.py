@@ -49,8 +49,9 @@ class NotifierService:
         self.nc = await bus.connect(s, "redrive-notifier")
         js = self.nc.jetstream()
         await bus.ensure_streams(js, s)
-        # One consumer on every event (messaging.md); the handler sorts them by subject.
-        await bus.ensure_consumer(js, names.events_stream, names.notifier_consumer, names.events_all, ack_wait_s=30)
+        # Only the events that notify (on NATS 2.9, every event: the handler sorts them by subject).
+        await bus.ensure_consumer(js, names.events_stream, names.notifier_consumer, names.notifier_filters,
+                                  wide_filter=names.events_all, ack_wait_s=30)
         destinations = Destinations(allow_private=s.webhook_allow_private)
         self.sender = WebhookSender(self.engine, timeout_s=s.webhook_timeout_s, max_attempts=s.webhook_max_attempts,
                                     base_ms=self.webhook_base_ms, destinations=destinations)

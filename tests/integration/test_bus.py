@@ -74,3 +74,33 @@ async def test_puller_returns_what_is_there_keeps_late_arrivals_and_times_out_em
 async def test_a_publish_nothing_stores_is_an_error_not_a_hang(client):
     with pytest.raises(NoStreamResponseError):
         await bus.publish_many(client.js, [bus.Outgoing(f"{client.settings.prefix}.nowhere", b"{}", "x")])
+
+
+async def test_the_notifier_consumer_receives_only_what_notifies_where_the_server_allows(client):
+    js, names = client.js, client.names
+    await bus.ensure_streams(js, client.settings)
+    # Created as messaging.md first had it (every event), then narrowed in place by a restart.
+    await bus.ensure_consumer(js, names.events_stream, names.notifier_consumer, names.events_all)
+    await bus.ensure_consumer(js, names.events_stream, names.notifier_consumer, names.notifier_filters,
+                              wide_filter=names.events_all)
+    subjects = [names.file_event("succeeded"), names.file_event("checkpoint"), names.file_event("failed"),
+                names.run_event("completed"), names.breaker_event("open")]
+    await bus.publish_many(js, [bus.Outgoing(s, b"{}", f"m-{s}") for s in subjects])
+    puller = Puller(client.nc, names.events_stream, names.notifier_consumer)
+    got = [m.subject for m in await puller.fetch(10, timeout=0.5)]
+    await puller.stop()
+    if bus.supports_filter_subjects(client.nc):
+        assert got == [names.file_event("failed"), names.run_event("completed")]
+    else:  # NATS 2.9: one filter only, the wide one; the notifier's decoder drops the rest
+        assert got == subjects
+
+
+async def test_several_filters_without_a_wide_one_are_refused_on_an_old_server(client):
+    await bus.ensure_streams(client.js, client.settings)
+    if bus.supports_filter_subjects(client.nc):
+        await bus.ensure_consumer(client.js, client.names.events_stream, "two", client.names.notifier_filters)
+        info = await client.js.consumer_info(client.names.events_stream, "two")
+        assert info.config.filter_subjects == client.names.notifier_filters
+    else:
+        with pytest.raises(ValueError, match="2.10"):
+            await bus.ensure_consumer(client.js, client.names.events_stream, "two", client.names.notifier_filters)
