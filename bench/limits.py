@@ -10,6 +10,7 @@ the limit, so the services' own tricks cannot flatter the ratio.
 from __future__ import annotations
 
 import asyncio
+import gc
 import time
 import uuid
 
@@ -78,6 +79,7 @@ async def _two_hops(nc, js, db, hop, n: int) -> float:
 
 async def two_hop_limits(settings: Settings, n: int) -> dict[str, float]:
     """files/s of the two hops done by hand, per variant; ``limit`` is the best of them."""
+    gc.freeze()  # as the services do once started (shared/runtime.py): a fair comparison
     nc = await nats.connect(settings.nats_url)
     js = nc.jetstream()
     db = await asyncpg.connect(settings.database_url)

@@ -232,6 +232,7 @@ class PullLoop:
         *,
         batch: int = 256,
         fetch_timeout: float = 1.0,
+        gather_s: float = 0.0,
         name: str = "pull",
     ) -> None:
         self._js = js
@@ -240,6 +241,7 @@ class PullLoop:
         self._handle = handle
         self._batch = batch
         self._fetch_timeout = fetch_timeout
+        self._gather_s = gather_s
         self._name = name
         self._stopping = asyncio.Event()
         self._task: asyncio.Task | None = None
@@ -263,6 +265,14 @@ class PullLoop:
                 continue
             if not msgs:
                 continue
+            if self._gather_s and len(msgs) < self._batch:
+                # A short batch means we keep up with the producers: wait a moment and take
+                # what came meanwhile, so the per-batch cost (a transaction) is shared by more.
+                await asyncio.sleep(self._gather_s)
+                try:
+                    msgs += await puller.fetch(self._batch - len(msgs), wait=False)
+                except Exception as exc:  # handled next time round; these messages go on
+                    log.warning("pull.fetch_failed", loop=self._name, error=repr(exc))
             try:
                 await self._handle(msgs)
             except Exception as exc:

@@ -144,13 +144,14 @@ class Puller:
                 pass
             self._sub = None
 
-    async def fetch(self, batch: int, timeout: float = 1.0) -> list[Msg]:
-        """Up to ``batch`` messages; an empty list when none came within ``timeout``."""
+    async def fetch(self, batch: int, timeout: float = 1.0, *, wait: bool = True) -> list[Msg]:
+        """Up to ``batch`` messages; an empty list when none came within ``timeout``
+        (at once with ``wait=False``: only what the consumer has now)."""
         if self._sub is None:
             await self.start()
         if not self._ready:
             await self._request(batch, no_wait=True, timeout=timeout)
-        if not self._ready:
+        if not self._ready and wait:
             await self._request(batch, no_wait=False, timeout=timeout)
         out = []
         while self._ready and len(out) < batch:

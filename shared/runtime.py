@@ -4,6 +4,7 @@ SIGINT, stop gracefully (stop pulling, finish in-flight work, drain NATS, close 
 from __future__ import annotations
 
 import asyncio
+import gc
 import os
 import signal
 from collections.abc import Awaitable, Callable
@@ -32,6 +33,10 @@ async def serve(name: str, build: Callable[[Settings], Awaitable[Service]], sett
             pass
     service = await build(settings)
     await service.start()
+    # Everything imported and built so far lives as long as the process: take it out of
+    # the cyclic collector's sight. Otherwise each full collection walks those ~1M objects
+    # again, which cost the executor a quarter of its CPU per job (measured, see README).
+    gc.freeze()
     log.info("service.started", service=name)
     await stop_requested.wait()
     log.info("service.stopping", service=name)

@@ -50,6 +50,9 @@ class Settings(BaseSettings):
 
     # Coordinator.
     results_fetch_batch: int = Field(default=1000, ge=1)
+    # A results batch smaller than that waits this long for more before it is applied:
+    # a batch costs one transaction whatever its size.
+    results_gather_ms: int = Field(default=20, ge=0, le=1000)
     outbox_batch: int = Field(default=2000, ge=1)
     recovery_interval_s: float = Field(default=15.0, gt=0)
     # A PENDING file whose job showed no progress for this long is considered stuck.

@@ -39,7 +39,8 @@ class CoordinatorService:
         self.deps = Deps(settings=s, names=names, engine=self.engine,
                          billing=RpcClient(self.nc, names, timeout=s.request_timeout_s), relay=self.relay)
         self.results = bus.PullLoop(self.js, names.events_stream, names.results_consumer, make_results_handler(self.deps),
-                                    batch=s.results_fetch_batch, name="results")
+                                    batch=s.results_fetch_batch, gather_s=s.results_gather_ms / 1000,
+                                    name="results")
         self.advisories = await self.nc.subscribe(names.max_deliveries_advisory, cb=make_advisory_handler(self.js, names))
         self.micro = MicroService(self.nc, names, "coordinator", verbs(self.deps),
                                   "runs, per-file results, fan-in, retries, recovery")

@@ -47,13 +47,12 @@ _LOAD_FILES = text(
 _UPDATE_FILES = text(
     "UPDATE coordinator.files f SET status = u.status, attempts = u.attempts, checkpoint_step = u.cp, "
     " checkpoint_output = COALESCE(CAST(u.cpo AS jsonb), f.checkpoint_output), "
-    " step_outputs = CASE WHEN u.cpo IS NULL THEN f.step_outputs "
-    "   ELSE f.step_outputs || jsonb_build_object(u.cp::text, CAST(u.cpo AS jsonb)) END, "
+    " step_outputs = CASE WHEN u.outs IS NULL THEN f.step_outputs ELSE f.step_outputs || CAST(u.outs AS jsonb) END, "
     " output = COALESCE(CAST(u.output AS jsonb), f.output), last_error = COALESCE(CAST(u.err AS jsonb), f.last_error), "
     " failed_step = COALESCE(u.fs, f.failed_step), updated_at = now() "
     "FROM unnest(CAST(:run_ids AS text[]), CAST(:idxs AS int[]), CAST(:statuses AS text[]), CAST(:attempts AS int[]), "
-    " CAST(:cps AS int[]), CAST(:cpos AS text[]), CAST(:outputs AS text[]), CAST(:errs AS text[]), CAST(:fss AS int[])) "
-    " AS u(run_id, idx, status, attempts, cp, cpo, output, err, fs) "
+    " CAST(:cps AS int[]), CAST(:cpos AS text[]), CAST(:outputs AS text[]), CAST(:errs AS text[]), CAST(:fss AS int[]), "
+    " CAST(:outs AS text[])) AS u(run_id, idx, status, attempts, cp, cpo, output, err, fs, outs) "
     "WHERE f.run_id = u.run_id AND f.idx = u.idx"
 )
 _UPDATE_COUNTS = text(
@@ -82,8 +81,8 @@ _FAN_IN = text(
 TERMINAL_BY_KIND = {"succeeded": "SUCCEEDED", "failed": "FAILED", "errored": "ERROR"}
 
 
-@dataclass
-class _FileState:
+@dataclass(slots=True)
+class _FileState:  # fields in _LOAD_FILES's column order
     run_id: str
     idx: int
     name: str
@@ -92,6 +91,9 @@ class _FileState:
     attempts: int
     cp: int | None
     cpo: str | None = None
+    # Every step output this batch brings ({step: output}): one file's checkpoints and its
+    # final result often arrive in the same batch, and each step's output is kept.
+    outs: dict[str, Any] = field(default_factory=dict)
     output: str | None = None
     err: str | None = None
     fs: int | None = None
@@ -124,7 +126,8 @@ async def apply_events(conn: AsyncConnection, names: Names, events: list[FileEve
     if not keys:
         return []
     rows = await conn.execute(_LOAD_FILES, {"run_ids": [k[0] for k in keys], "idxs": [k[1] for k in keys]})
-    files = {(r["run_id"], r["idx"]): _FileState(r["run_id"], r["idx"], r["name"], r["status"], r["round"], r["attempts"], r["checkpoint_step"]) for r in rows.mappings()}
+    # Positional rows: looking columns up by name cost more than the rest of this function.
+    files = {(r[0], r[1]): _FileState(*r) for r in rows}
 
     deltas: dict[str, _RunDelta] = {}
     log_entries: list[dict] = []
@@ -139,6 +142,7 @@ async def apply_events(conn: AsyncConnection, names: Names, events: list[FileEve
         if event.kind == "checkpoint":
             if f.cp is None or event.step > f.cp:
                 f.cp, f.cpo = event.step, _json(event.output or {})
+                f.outs[str(event.step)] = event.output or {}
             continue
         if event.kind == "retrying":
             f.err = _json(event.error.as_dict() if event.error else None)
@@ -152,6 +156,7 @@ async def apply_events(conn: AsyncConnection, names: Names, events: list[FileEve
         if event.kind == "succeeded":
             delta.s += 1
             f.cp, f.cpo, f.output = event.step, _json(event.output or {}), _json(event.output or {})
+            f.outs[str(event.step)] = event.output or {}
         else:
             f.err, f.fs = _json(event.error.as_dict() if event.error else None), event.step
             if event.kind == "failed":
@@ -170,6 +175,7 @@ async def apply_events(conn: AsyncConnection, names: Names, events: list[FileEve
             "statuses": [f.status for f in changed], "attempts": [f.attempts for f in changed],
             "cps": [f.cp for f in changed], "cpos": [f.cpo for f in changed], "outputs": [f.output for f in changed],
             "errs": [f.err for f in changed], "fss": [f.fs for f in changed],
+            "outs": [_json(f.outs) if f.outs else None for f in changed],
         })
     out_rows: list[dict] = []
     if deltas:
