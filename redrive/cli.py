@@ -184,8 +184,12 @@ def bench(
 ) -> None:
     """End-to-end throughput through the real services, and the hand-written limit."""
     from bench.e2e import main as bench_main
+    from redrive.api_client import ApiError
 
-    bench_main(files=files, handler=handler, executors=executors, data_dir=data_dir, repeat=repeat)
+    try:
+        bench_main(files=files, handler=handler, executors=executors, data_dir=data_dir, repeat=repeat)
+    except ApiError as exc:  # e.g. 413: the run's files do not fit in one request
+        _fail(f"the system refused the benchmark's request: {exc}")
 
 
 @app.command()

@@ -8,6 +8,7 @@ from shared.runtime import run
 from shared.settings import Settings
 from shared.subjects import Names
 from services.executor.breakers import BreakerBoard
+from services.executor.deadlines import Deadlines
 from services.executor.handlers.registry import builtin_registry
 from services.executor.job_runner import JobRunner
 from services.executor.keepalive import KeepAlive
@@ -36,7 +37,8 @@ class ExecutorService:
         await self.breakers.start()
         self.progress = ProgressStore(self.js, names, s.stream_replicas)
         await self.progress.start()
-        steps = StepRunner(registry, self.breakers, s.data_dir / "artifacts")
+        self.deadlines = Deadlines()
+        steps = StepRunner(registry, self.breakers, s.data_dir / "artifacts", self.deadlines)
         self.keepalive = KeepAlive(s.executor_ack_wait_s)
         self.stops = RunStops(self.js, names, s.stream_replicas)
         await self.stops.start()
@@ -55,6 +57,7 @@ class ExecutorService:
     async def stop(self) -> None:
         await self.micro.stop()
         await self.worker.stop()
+        await self.deadlines.close()
         await self.keepalive.stop()
         await self.stops.stop()
         await self.breakers.stop()

@@ -19,6 +19,7 @@ from shared.backoff import backoff_delay_ms
 from shared.errors import Classified, PermanentError, StepTimeout, classify
 from shared.messages import FileSpec, Job, StepSpec
 from services.executor.breakers import BreakerBoard
+from services.executor.deadlines import Deadlines
 from services.executor.handlers.base import FileRef, StepContext
 from services.executor.handlers.registry import HandlerRegistry
 from services.executor.outcome import Outcome
@@ -39,8 +40,10 @@ def retry_decision(error: Classified, attempt: int, job: Job, step: int) -> Outc
 
 
 class StepRunner:
-    def __init__(self, registry: HandlerRegistry, breakers: BreakerBoard | None, artifacts: Path) -> None:
+    def __init__(self, registry: HandlerRegistry, breakers: BreakerBoard | None, artifacts: Path,
+                 deadlines: Deadlines | None = None) -> None:
         self._registry = registry
+        self._deadlines = deadlines or Deadlines()
         self._breakers = breakers
         self._artifacts = artifacts
         self._run_dirs: dict[tuple[str, str], Path] = {}
@@ -80,7 +83,7 @@ class StepRunner:
                 previous_output=output, artifact_root=self._run_dir(job), heartbeat=heartbeat,
             )
             try:
-                async with asyncio.timeout(step.timeout_s):  # no extra task, unlike wait_for
+                async with self._deadlines.limit(step.timeout_s):
                     result = await handler.run(ctx)
             except TimeoutError:
                 error = classify(StepTimeout(f"step {step.name!r} ran past its timeout of {step.timeout_s:g}s"))

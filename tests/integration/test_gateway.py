@@ -227,7 +227,9 @@ async def test_a_body_that_is_not_json_is_400(gw):
 async def test_a_body_larger_than_the_bus_carries_is_413(gw):
     big = {**RUN_BODY, "files": [{"name": "a", "content_b64": "QUFB" * 300_000}]}
     r = await gw["http"].post("/api/v1/workflow-runs", json=big, headers=auth(gw["keys"]["member"]))
-    assert r.status == 413 and (await error_of(r))["code"] == "payload_too_large"
+    error = await error_of(r)
+    assert r.status == 413 and error["code"] == "payload_too_large"
+    assert "Maximum request body size" in error["message"] and "fewer files" in error["message"]
 
 
 async def test_insufficient_credits_is_402_with_needed_and_available(gw):
