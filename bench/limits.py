@@ -10,7 +10,6 @@ the limit, so the services' own tricks cannot flatter the ratio.
 from __future__ import annotations
 
 import asyncio
-import gc
 import time
 import uuid
 
@@ -19,6 +18,7 @@ import nats
 from nats.js.api import AckPolicy, ConsumerConfig, RetentionPolicy, StreamConfig
 
 from shared.jetstream import AckedPublisher, Puller
+from shared.runtime import settle_gc
 from shared.settings import Settings
 
 BODY = b'{"job":"x"}'
@@ -79,7 +79,7 @@ async def _two_hops(nc, js, db, hop, n: int) -> float:
 
 async def two_hop_limits(settings: Settings, n: int) -> dict[str, float]:
     """files/s of the two hops done by hand, per variant; ``limit`` is the best of them."""
-    gc.freeze()  # as the services do once started (shared/runtime.py): a fair comparison
+    settle_gc()  # as the services do once started: a fair comparison
     nc = await nats.connect(settings.nats_url)
     js = nc.jetstream()
     db = await asyncpg.connect(settings.database_url)

@@ -23,6 +23,19 @@ class Service(Protocol):
     async def stop(self) -> None: ...
 
 
+def settle_gc() -> None:
+    """Called once a process has built what it keeps for its life (imports, pools, caches).
+
+    Freeze those objects out of the cyclic collector's sight: each full collection walked
+    the ~1M of them again, a quarter of the executor's CPU per job. And collect young
+    objects in larger steps: a service allocates a few hundred short-lived objects per
+    message, and the default threshold (700) ran a collection every few messages
+    (executor GC: ~30 → ~3 µs a job, measured with gc.callbacks).
+    """
+    gc.freeze()
+    gc.set_threshold(10_000, 10, 10)
+
+
 async def serve(name: str, build: Callable[[Settings], Awaitable[Service]], settings: Settings) -> None:
     stop_requested = asyncio.Event()
     loop = asyncio.get_running_loop()
@@ -33,10 +46,7 @@ async def serve(name: str, build: Callable[[Settings], Awaitable[Service]], sett
             pass
     service = await build(settings)
     await service.start()
-    # Everything imported and built so far lives as long as the process: take it out of
-    # the cyclic collector's sight. Otherwise each full collection walks those ~1M objects
-    # again, which cost the executor a quarter of its CPU per job (measured, see README).
-    gc.freeze()
+    settle_gc()
     log.info("service.started", service=name)
     await stop_requested.wait()
     log.info("service.stopping", service=name)
