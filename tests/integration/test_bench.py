@@ -1,0 +1,21 @@
+"""`redrive bench` end to end on a small run: it runs, stays exact, and reports its figures."""
+
+from __future__ import annotations
+
+import asyncio
+
+
+async def test_a_small_bench_is_exact_and_reports_every_figure(make_settings, monkeypatch, tmp_path):
+    from bench.e2e import main as bench_main
+
+    settings = await make_settings(migrate=False)  # the bench migrates its database itself
+    monkeypatch.setenv("NATS_URL", settings.nats_url)
+    monkeypatch.setenv("DATABASE_URL", settings.database_url)
+    monkeypatch.setenv("REDRIVE_PREFIX", settings.prefix)
+    result = await asyncio.to_thread(bench_main, files=60, handler="noop", data_dir=tmp_path / "bench", repeat=1)
+    assert result["exact"] is True
+    round_ = result["median_round"]
+    assert round_["files_per_s"] > 0 and 0 < round_["p50_ms"] <= round_["p99_ms"]
+    assert set(round_["limit_by_variant"]) == set(round_["ratio_by_variant"]) == {"nats_py", "lean"}
+    assert round_["ratio_to_limit"] == min(round_["ratio_by_variant"].values())
+    assert {"coordinator", "executor-0", "gateway", "billing", "notifier"} <= set(result["peak_rss_mb"])
