@@ -126,7 +126,7 @@ async def apply_events(conn: AsyncConnection, names: Names, events: list[FileEve
     if not keys:
         return []
     rows = await conn.execute(_LOAD_FILES, {"run_ids": [k[0] for k in keys], "idxs": [k[1] for k in keys]})
-    # Positional rows: looking columns up by name cost more than the rest of this function.
+    # Positional rows: cheaper than looking every column up by name, once per event.
     files = {(r[0], r[1]): _FileState(*r) for r in rows}
 
     deltas: dict[str, _RunDelta] = {}
