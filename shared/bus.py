@@ -1,4 +1,5 @@
-"""NATS plumbing: connect, declare streams and consumers, publish in bulk, pull in batches.
+"""NATS plumbing: connect, declare streams and consumers, publish in bulk (pulling in
+batches: shared/pull_loop.py).
 
 Services see this module, never raw JetStream calls: so that the few rules that keep
 delivery correct (ids for dedupe, explicit ack, consumers updated when config changes)
@@ -9,13 +10,12 @@ from __future__ import annotations
 
 import asyncio
 import weakref
-from collections.abc import Awaitable, Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 
 import nats
 import structlog
 from nats.aio.client import Client as NatsClient
-from nats.aio.msg import Msg
 from nats.js import JetStreamContext
 from nats.js.api import (
     AckPolicy,
@@ -28,7 +28,7 @@ from nats.js.api import (
 )
 from nats.js.errors import NotFoundError
 
-from shared.jetstream import AckedPublisher, Puller
+from shared.jetstream import AckedPublisher
 from shared.settings import Settings
 from shared.subjects import Names
 
@@ -211,81 +211,6 @@ async def publish_one(js: JetStreamContext, item: Outgoing, timeout: float = 5.0
     headers = dict(item.headers) if item.headers else {}
     headers["Nats-Msg-Id"] = item.msg_id
     await js.publish(item.subject, item.data, headers=headers, timeout=timeout)
-
-
-BatchHandler = Callable[[list[Msg]], Awaitable[None]]
-
-
-class PullLoop:
-    """Fetch batches from a durable pull consumer and hand each batch to ``handle``.
-
-    ``handle`` acks, naks or terms each message itself (explicit ack). Stopping lets the
-    batch in hand finish: stop pulling, finish in-flight, then the caller drains.
-    """
-
-    def __init__(
-        self,
-        js: JetStreamContext,
-        stream: str,
-        durable: str,
-        handle: BatchHandler,
-        *,
-        batch: int = 256,
-        fetch_timeout: float = 1.0,
-        gather_s: float = 0.0,
-        name: str = "pull",
-    ) -> None:
-        self._js = js
-        self._stream = stream
-        self._durable = durable
-        self._handle = handle
-        self._batch = batch
-        self._fetch_timeout = fetch_timeout
-        self._gather_s = gather_s
-        self._name = name
-        self._stopping = asyncio.Event()
-        self._task: asyncio.Task | None = None
-
-    def start(self) -> None:
-        self._task = asyncio.create_task(self._run(), name=self._name)
-
-    async def stop(self) -> None:
-        self._stopping.set()
-        if self._task:
-            await self._task
-
-    async def _run(self) -> None:
-        puller = Puller(client_of(self._js), self._stream, self._durable)
-        while not self._stopping.is_set():
-            try:
-                msgs = await puller.fetch(self._batch, timeout=self._fetch_timeout)
-            except Exception as exc:  # broker down, consumer not yet there: wait and retry
-                log.warning("pull.fetch_failed", loop=self._name, error=repr(exc))
-                await self._sleep(0.5)
-                continue
-            if not msgs:
-                continue
-            if self._gather_s and len(msgs) < self._batch:
-                # A short batch means we keep up with the producers: wait a moment and take
-                # what came meanwhile, so the per-batch cost (a transaction) is shared by more.
-                await asyncio.sleep(self._gather_s)
-                try:
-                    msgs += await puller.fetch(self._batch - len(msgs), wait=False)
-                except Exception as exc:  # handled next time round; these messages go on
-                    log.warning("pull.fetch_failed", loop=self._name, error=repr(exc))
-            try:
-                await self._handle(msgs)
-            except Exception as exc:
-                # The batch's messages stay unacked and come back after the ack wait.
-                log.exception("pull.batch_failed", loop=self._name, error=repr(exc))
-                await self._sleep(0.5)
-        await puller.stop()
-
-    async def _sleep(self, seconds: float) -> None:
-        try:
-            await asyncio.wait_for(self._stopping.wait(), seconds)
-        except asyncio.TimeoutError:
-            pass
 
 
 def chunks(items: Sequence, size: int) -> Iterable[Sequence]:

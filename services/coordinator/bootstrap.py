@@ -6,6 +6,7 @@ from __future__ import annotations
 from functools import partial
 
 from shared import bus
+from shared.pull_loop import PullLoop
 from shared.db import make_engine
 from shared.rpc import MicroService, RpcClient
 from shared.runtime import run
@@ -38,7 +39,7 @@ class CoordinatorService:
         self.relay = OutboxRelay(self.engine, self.js, partial(jobs.expand_page, names=names), batch=s.outbox_batch)
         self.deps = Deps(settings=s, names=names, engine=self.engine,
                          billing=RpcClient(self.nc, names, timeout=s.request_timeout_s), relay=self.relay)
-        self.results = bus.PullLoop(self.js, names.events_stream, names.results_consumer, make_results_handler(self.deps),
+        self.results = PullLoop(self.js, names.events_stream, names.results_consumer, make_results_handler(self.deps),
                                     batch=s.results_fetch_batch, gather_s=s.results_gather_ms / 1000,
                                     name="results")
         self.advisories = await self.nc.subscribe(names.max_deliveries_advisory, cb=make_advisory_handler(self.js, names))

@@ -18,7 +18,7 @@ import asyncio
 class Deadlines:
     def __init__(self, resolution_s: float = 0.05) -> None:
         self._resolution_s = resolution_s
-        self._limits: dict[int, _Limit] = {}
+        self._limits: set[_Limit] = set()
         self._busy = asyncio.Event()
         self._watchdog: asyncio.Task | None = None
 
@@ -26,13 +26,13 @@ class Deadlines:
         return _Limit(self, seconds)
 
     def _add(self, limit: "_Limit") -> None:
-        self._limits[id(limit)] = limit
+        self._limits.add(limit)
         if self._watchdog is None or self._watchdog.done():
             self._watchdog = asyncio.get_running_loop().create_task(self._watch(), name="step-deadlines")
         self._busy.set()
 
     def _remove(self, limit: "_Limit") -> None:
-        self._limits.pop(id(limit), None)
+        self._limits.discard(limit)
 
     async def _watch(self) -> None:
         loop = asyncio.get_running_loop()
@@ -42,7 +42,7 @@ class Deadlines:
                 await self._busy.wait()
             await asyncio.sleep(self._resolution_s)
             now = loop.time()
-            for limit in [x for x in self._limits.values() if x.deadline <= now]:
+            for limit in [x for x in self._limits if x.deadline <= now]:
                 self._remove(limit)
                 limit.expire()
 

@@ -9,6 +9,7 @@ from pydantic import BaseModel
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from shared import bus
+from shared.pull_loop import PullLoop
 from shared.db import make_engine
 from shared.rpc import MicroService
 from shared.runtime import run
@@ -56,7 +57,7 @@ class NotifierService:
         self.sender = WebhookSender(self.engine, timeout_s=s.webhook_timeout_s, max_attempts=s.webhook_max_attempts,
                                     base_ms=self.webhook_base_ms, destinations=destinations)
         self.handle = make_handler(self.engine, names, self.sender.kick)
-        self.loop = bus.PullLoop(js, names.events_stream, names.notifier_consumer, self.handle, batch=FETCH_BATCH,
+        self.loop = PullLoop(js, names.events_stream, names.notifier_consumer, self.handle, batch=FETCH_BATCH,
                                  name="notifier")
         self.micro = MicroService(self.nc, names, "notifier", bind_verbs(self.engine, destinations),
                                  "redrive notifications and webhooks")
