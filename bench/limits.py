@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import time
 import uuid
+from collections.abc import Callable
 
 import asyncpg
 import nats
@@ -77,28 +78,39 @@ async def _two_hops(nc, js, db, hop, n: int) -> float:
     return n / elapsed
 
 
-async def two_hop_limits(settings: Settings, n: int) -> dict[str, float]:
-    """files/s of the two hops done by hand, per variant; ``limit`` is the best of them."""
+ServerCpu = Callable[[], dict[str, float]]
+
+
+async def two_hop_limits(settings: Settings, n: int, server_cpu: ServerCpu | None = None) -> dict:
+    """files/s of the two hops done by hand, per variant; ``limit`` is the best of them.
+    ``cpu_us_per_file`` says, per variant, what a file cost this process and (when
+    ``server_cpu`` reads them: CPU seconds by server) the servers."""
     settle_gc()  # as the services do once started: a fair comparison
     nc = await nats.connect(settings.nats_url)
     js = nc.jetstream()
     db = await asyncpg.connect(settings.database_url)
     await db.execute("CREATE TEMP TABLE limit_files (id int PRIMARY KEY, status text)")
     await db.executemany("INSERT INTO limit_files VALUES ($1, 'PENDING')", [(i,) for i in range(n)])
+    out: dict = {"cpu_us_per_file": {}}
     try:
-        out = {"nats_py": await _two_hops(nc, js, db, _hop_nats_py, n), "lean": await _two_hops(nc, js, db, _hop_lean, n)}
+        for name, hop in (("nats_py", _hop_nats_py), ("lean", _hop_lean)):
+            servers_before, before = (server_cpu or dict)(), time.process_time()
+            out[name] = await _two_hops(nc, js, db, hop, n)
+            cpu = {"hops": time.process_time() - before}
+            cpu.update({k: v - servers_before.get(k, 0) for k, v in (server_cpu or dict)().items()})
+            out["cpu_us_per_file"][name] = {k: round(v / n * 1e6) for k, v in cpu.items()}
     finally:
         await db.close()
         await nc.close()
-    out["limit"] = max(out.values())
+    out["limit"] = max(out["nats_py"], out["lean"])
     return out
 
 
-def run(settings: Settings, n: int) -> dict[str, float]:
+def run(settings: Settings, n: int, server_cpu: ServerCpu | None = None) -> dict:
     """In a fresh event loop of the same kind the services use (uvloop when installed)."""
     try:
         import uvloop
 
-        return uvloop.run(two_hop_limits(settings, n))
+        return uvloop.run(two_hop_limits(settings, n, server_cpu))
     except ImportError:
-        return asyncio.run(two_hop_limits(settings, n))
+        return asyncio.run(two_hop_limits(settings, n, server_cpu))

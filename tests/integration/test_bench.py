@@ -18,4 +18,6 @@ async def test_a_small_bench_is_exact_and_reports_every_figure(make_settings, mo
     assert round_["files_per_s"] > 0 and 0 < round_["p50_ms"] <= round_["p99_ms"]
     assert set(round_["limit_by_variant"]) == set(round_["ratio_by_variant"]) == {"nats_py", "lean"}
     assert round_["ratio_to_limit"] == min(round_["ratio_by_variant"].values())
+    assert {"coordinator", "executor-0"} <= set(round_["cpu_us_per_file"])
+    assert all(cost["hops"] > 0 for cost in round_["limit_cpu_us_per_file"].values())
     assert {"coordinator", "executor-0", "gateway", "billing", "notifier"} <= set(result["peak_rss_mb"])
