@@ -156,6 +156,17 @@ class Outgoing:
     headers: dict[str, str] | None = None
 
 
+# Room kept for a message's headers (Nats-Msg-Id, tenant, run: ~200 bytes) under the
+# server's max payload, which counts headers and body together.
+HEADERS_ROOM = 1024
+
+
+def fits(item: Outgoing, max_payload: int) -> bool:
+    """Whether the broker will take ``item``: a message over its max payload is refused
+    every time it is sent, so it must be dealt with, not retried."""
+    return len(item.data) + HEADERS_ROOM <= max_payload
+
+
 def headers_for(msg_id: str, tenant_id: str | None = None, run_id: str | None = None) -> dict[str, str]:
     headers = {"Nats-Msg-Id": msg_id}
     if tenant_id:

@@ -35,6 +35,10 @@ class PermanentError(RedriveError):
     """A failure that will not go away by trying again (bad input, unknown handler)."""
 
 
+class InvalidOutput(PermanentError):
+    """A step returned output that cannot be carried on: not JSON, or too big for a message."""
+
+
 class StepTimeout(TransientError):
     """The step ran past its timeout and was cancelled."""
 

@@ -19,6 +19,7 @@ from services.coordinator.endpoints import verbs
 from services.coordinator.outbox import OutboxRelay
 from services.coordinator.recovery import RecoverySweeper
 from services.coordinator.results_consumer import make_results_handler
+from services.coordinator.undeliverable import report_undeliverable
 from services.coordinator.run_stops import ensure_bucket as ensure_run_stops_bucket
 
 
@@ -36,9 +37,11 @@ class CoordinatorService:
                                   ack_wait_s=30)
         await ensure_run_stops_bucket(self.js, names, s.stream_replicas)
         self.engine = make_engine(s, pool_size=10, application_name="redrive-coordinator")
-        self.relay = OutboxRelay(self.engine, self.js, partial(jobs.expand_page, names=names), batch=s.outbox_batch)
+        self.relay = OutboxRelay(self.engine, self.js, partial(jobs.expand_page, names=names),
+                                 partial(report_undeliverable, names=names), batch=s.outbox_batch)
         self.deps = Deps(settings=s, names=names, engine=self.engine,
-                         billing=RpcClient(self.nc, names, timeout=s.request_timeout_s), relay=self.relay)
+                         billing=RpcClient(self.nc, names, timeout=s.request_timeout_s), relay=self.relay,
+                         max_payload=self.nc.max_payload)
         self.results = PullLoop(self.js, names.events_stream, names.results_consumer, make_results_handler(self.deps),
                                     batch=s.results_fetch_batch, gather_s=s.results_gather_ms / 1000,
                                     name="results")

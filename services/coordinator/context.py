@@ -19,3 +19,5 @@ class Deps:
     engine: AsyncEngine
     billing: RpcClient
     relay: OutboxRelay
+    # The broker's max payload: a job bigger than that can never be published.
+    max_payload: int = 1 << 20

@@ -18,7 +18,7 @@ from nats.js import JetStreamContext
 from sqlalchemy import text
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
-from shared.bus import Outgoing, publish_many
+from shared.bus import Outgoing, client_of, fits, publish_many
 from shared.copy import COPY_THRESHOLD, copy_rows
 from shared.db import transaction
 from shared.faults import crash_point
@@ -28,6 +28,10 @@ log = structlog.get_logger(__name__)
 # An expansion row's next page: (conn, its spec, page size) -> (messages, index to resume
 # after, or None when done). jobs.expand_page, wired in the composition root.
 Expander = Callable[[AsyncConnection, dict[str, Any], int], Awaitable[tuple[list[Outgoing], "int | None"]]]
+# Messages the broker will never take (over its max payload), handed over in the relay's
+# transaction before their rows are deleted: (conn, messages, max payload).
+# undeliverable.report_undeliverable, wired in the composition root.
+Undeliverable = Callable[[AsyncConnection, list[Outgoing], int], Awaitable[None]]
 
 _INSERT = text(
     "INSERT INTO coordinator.outbox (subject, msg_id, payload, headers, expand) "
@@ -61,11 +65,12 @@ class OutboxRelay:
     """Publishes outbox rows: at once when this process wrote some (``kick``), and on a
     short poll for rows other processes (or a crashed one) left behind."""
 
-    def __init__(self, engine: AsyncEngine, js: JetStreamContext, expand: Expander, *, batch: int = 2000,
-                 poll_s: float = 0.5) -> None:
+    def __init__(self, engine: AsyncEngine, js: JetStreamContext, expand: Expander, undeliverable: Undeliverable, *,
+                 batch: int = 2000, poll_s: float = 0.5) -> None:
         self._engine = engine
         self._js = js
         self._expand = expand
+        self._undeliverable = undeliverable
         self._batch = batch
         self._poll_s = poll_s
         self._wake = asyncio.Event()
@@ -109,6 +114,12 @@ class OutboxRelay:
                     await conn.execute(_ADVANCE, {"id": first_expansion["id"],
                                                   "expand": orjson.dumps({**spec, "after_idx": resume_after}).decode()})
                 more = True
+            max_payload = client_of(self._js).max_payload
+            if not all(fits(m, max_payload) for m in messages):
+                # Sent, they would fail this pass and every next one: deal with them now.
+                await self._undeliverable(conn, [m for m in messages if not fits(m, max_payload)], max_payload)
+                messages = [m for m in messages if fits(m, max_payload)]
+                more = True  # what it wrote (events about the files) goes out next pass
             await publish_many(self._js, messages)
             await conn.execute(_DONE, {"ids": done})
         self.published += len(messages)

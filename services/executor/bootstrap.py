@@ -38,7 +38,8 @@ class ExecutorService:
         self.progress = ProgressStore(self.js, names, s.stream_replicas)
         await self.progress.start()
         self.deadlines = Deadlines()
-        steps = StepRunner(registry, self.breakers, s.data_dir / "artifacts", self.deadlines)
+        steps = StepRunner(registry, self.breakers, s.data_dir / "artifacts", self.deadlines,
+                           max_payload=self.nc.max_payload)
         self.keepalive = KeepAlive(s.executor_ack_wait_s)
         self.stops = RunStops(self.js, names, s.stream_replicas)
         await self.stops.start()

@@ -15,8 +15,10 @@ from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
+import orjson
+
 from shared.backoff import backoff_delay_ms
-from shared.errors import Classified, PermanentError, StepTimeout, classify
+from shared.errors import Classified, InvalidOutput, PermanentError, StepTimeout, classify
 from shared.messages import FileSpec, Job, StepSpec
 from services.executor.breakers import BreakerBoard
 from services.executor.deadlines import Deadlines
@@ -26,6 +28,10 @@ from services.executor.outcome import Outcome
 
 # Called after each intermediate step completes, before the next one starts.
 OnCheckpoint = Callable[[int, dict[str, Any]], Awaitable[None]]
+
+# Room for an event's own fields and headers around a step's output: the output travels in
+# a file event (and in the next round's job), and the broker refuses bigger messages.
+EVENT_ROOM = 4096
 
 
 def retry_decision(error: Classified, attempt: int, job: Job, step: int) -> Outcome:
@@ -41,8 +47,9 @@ def retry_decision(error: Classified, attempt: int, job: Job, step: int) -> Outc
 
 class StepRunner:
     def __init__(self, registry: HandlerRegistry, breakers: BreakerBoard | None, artifacts: Path,
-                 deadlines: Deadlines | None = None) -> None:
+                 deadlines: Deadlines | None = None, *, max_payload: int = 1 << 20) -> None:
         self._registry = registry
+        self._max_output_bytes = max_payload - EVENT_ROOM
         self._deadlines = deadlines or Deadlines()
         self._breakers = breakers
         self._artifacts = artifacts
@@ -95,9 +102,22 @@ class StepRunner:
             if dependency and self._breakers is not None:
                 await self._breakers.record_success(dependency)
             output = result if isinstance(result, dict) else {"result": result}
+            problem = self._output_problem(step, output)
+            if problem is not None:  # it would fail to publish on every delivery: ERROR now
+                return Outcome("errored", index, error=classify(InvalidOutput(problem)))
             if index < len(job.steps) - 1:
                 await on_checkpoint(index, output)
         return Outcome("succeeded", len(job.steps) - 1, output=output or {})
+
+    def _output_problem(self, step: StepSpec, output: dict[str, Any]) -> str | None:
+        try:
+            size = len(orjson.dumps(output))
+        except TypeError as exc:
+            return f"step {step.name!r} returned output that is not JSON: {exc}"
+        if size > self._max_output_bytes:
+            return (f"step {step.name!r} returned {size} bytes of output; at most {self._max_output_bytes} "
+                    "fit in a message (write big results to an artifact and return its path)")
+        return None
 
     async def _failed(self, job: Job, dependency: str | None, error: Classified, attempt: int, step: int) -> Outcome:
         if dependency and error.transient and self._breakers is not None:

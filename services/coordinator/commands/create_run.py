@@ -7,6 +7,7 @@ import uuid
 
 from sqlalchemy import text
 
+from shared.bus import Outgoing, fits
 from shared.copy import COPY_THRESHOLD, copy_rows
 from shared.db import transaction
 from shared.messages import ServiceError
@@ -14,6 +15,7 @@ from services.coordinator import credits, jobs, outbox, store, timeline
 from services.coordinator.context import Deps
 from services.coordinator.run_events import run_event_row
 from services.coordinator.schemas import CreateRun
+from services.coordinator.undeliverable import too_large_message
 from services.coordinator.views import run_view
 
 _INSERT_RUN = text(
@@ -45,8 +47,14 @@ async def create_run(deps: Deps, cmd: CreateRun) -> dict:
                 return run_view(existing)
         template = await store.load_template(conn, cmd.tenant_id, cmd.template_id, include_archived=False)
         policy = await store.retry_policy(conn, cmd.tenant_id)
-    amount = len(cmd.files) * template["credits_per_file"]
     key = credits.initiate_key(run_id)
+    files = [
+        {"run_id": run_id, "idx": i, "name": f.name, "url": f.url, "content_b64": f.content_b64,
+         "size": f.size, "sha256": f.sha256, "charge_key": key if template["credits_per_file"] else None}
+        for i, f in enumerate(cmd.files)
+    ]
+    _refuse_jobs_too_large(deps, cmd, run_id, template, files, policy)
+    amount = len(cmd.files) * template["credits_per_file"]
     charge = await credits.reserve(
         deps.engine, deps.billing, key=key, run_id=run_id, tenant_id=cmd.tenant_id, amount=amount, actor=cmd.actor
     )
@@ -63,11 +71,6 @@ async def create_run(deps: Deps, cmd: CreateRun) -> dict:
                     },
                 )
             ).mappings().one()
-            files = [
-                {"run_id": run_id, "idx": i, "name": f.name, "url": f.url, "content_b64": f.content_b64,
-                 "size": f.size, "sha256": f.sha256, "charge_key": key if template["credits_per_file"] else None}
-                for i, f in enumerate(cmd.files)
-            ]
             if len(files) >= COPY_THRESHOLD:
                 await copy_rows(conn, "coordinator", "files", _FILE_COLUMNS,
                                 ((f["run_id"], f["idx"], f["name"], f["url"], f["content_b64"], f["size"], f["sha256"],
@@ -87,3 +90,15 @@ async def create_run(deps: Deps, cmd: CreateRun) -> dict:
         raise
     deps.relay.kick()
     return run_view(run)
+
+
+def _refuse_jobs_too_large(deps: Deps, cmd: CreateRun, run_id: str, template: dict, files: list[dict], policy) -> None:
+    """Refuse, before anything is charged, a run whose biggest job the broker would not
+    take: batch mode carries every file in one job, per_file mode one file each."""
+    if cmd.mode == "per_file":
+        files = [max(files, key=lambda f: len(f["name"]) + len(f["url"] or "") + len(f["content_b64"] or ""))]
+    run = {"id": run_id, "tenant_id": cmd.tenant_id, "template_id": template["id"], "mode": cmd.mode, "round": 0}
+    job: Outgoing = max(jobs.job_messages(deps.names, run, template, files, policy), key=lambda m: len(m.data))
+    if not fits(job, deps.max_payload):
+        raise ServiceError("payload_too_large", too_large_message(len(job.data), deps.max_payload),
+                           {"job_bytes": len(job.data), "max_payload": deps.max_payload})
