@@ -120,3 +120,16 @@ def classify(exc: BaseException) -> Classified:
     if isinstance(exc, OSError):
         return Classified(True, name, str(exc) or name)
     return Classified(False, name, str(exc) or name)
+
+
+def refuses_its_data(exc: BaseException) -> bool:
+    """True when the database refused a value of the message or request itself: SQLSTATE
+    class 22 (data exception: a NUL byte in text, a number out of range, a malformed
+    date…), or asyncpg refusing to encode an argument (its client-side ``DataError``, a
+    ValueError under SQLAlchemy's wrapper). Sending it again changes nothing, so consumers
+    terminate such a message at once and request handlers answer ``bad_request``."""
+    sqlstate = _sqlstate_of(exc)
+    if sqlstate is not None:
+        return sqlstate.startswith("22")
+    orig = getattr(exc, "orig", None)
+    return any(isinstance(c, ValueError) for c in (orig, getattr(orig, "__cause__", None)))

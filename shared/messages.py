@@ -7,14 +7,20 @@ without breaking an older consumer; removing or retyping a field needs a new ``v
 from __future__ import annotations
 
 from datetime import datetime, timezone
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 import orjson
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 
 def utcnow() -> datetime:
     return datetime.now(timezone.utc)
+
+
+# An index, round, attempt or step: stored in PostgreSQL ``integer`` columns by whoever
+# consumes the message. Refused here, where it is a clear validation error that terminates
+# the one message, rather than there, where it would fail the whole batch's transaction.
+Count = Annotated[int, Field(ge=0, le=2**31 - 1)]
 
 
 class Message(BaseModel):
@@ -42,13 +48,13 @@ class StepSpec(BaseModel):
 
 class FileSpec(BaseModel):
     model_config = ConfigDict(extra="ignore")
-    index: int
+    index: Count
     name: str
     url: str | None = None
     content_b64: str | None = None
     size: int | None = None
     sha256: str | None = None
-    start_step: int = 0
+    start_step: Count = 0
     previous_output: dict[str, Any] | None = None
 
 
@@ -70,16 +76,29 @@ class Job(Message):
     tenant_id: str
     template_id: str
     mode: Literal["per_file", "batch"] = "per_file"
-    round: int
-    file_index: int | None = None  # per_file mode
-    start_step: int = 0
-    files: list[FileSpec]  # one in per_file mode, all of the round's files in batch mode
-    steps: list[StepSpec]
+    round: Count
+    file_index: Count | None = None  # per_file mode
+    start_step: Count = 0
+    files: list[FileSpec] = Field(min_length=1)  # one in per_file mode, all of the round's files in batch mode
+    steps: list[StepSpec] = Field(min_length=1)
     retry: RetryPolicy = Field(default_factory=RetryPolicy)
     idempotency_key: str
     # The run's generation when the job was published: a run stopped at generation g
     # (fail_fast, cancel) skips its jobs of generation <= g; resuming raises it.
     generation: int = 0
+
+    @model_validator(mode="after")
+    def _runnable(self) -> "Job":
+        # What the executor relies on without checking again: a job that breaks these would
+        # crash it mid-job (and come back until max deliver) instead of being refused.
+        if self.mode == "per_file" and len(self.files) != 1:
+            raise ValueError(f"a per_file job carries exactly one file, not {len(self.files)}")
+        if self.mode == "per_file" and self.file_index not in (None, self.files[0].index):
+            raise ValueError(f"the job names file {self.file_index} but carries file {self.files[0].index}")
+        for f in self.files:
+            if f.start_step > len(self.steps):  # == len: restored after its last step, nothing left to run
+                raise ValueError(f"file {f.index} starts at step {f.start_step} of {len(self.steps)}")
+        return self
 
 
 def job_id_for(run_id: str, file_index: int | None, round_: int) -> str:
@@ -108,10 +127,10 @@ class FileEvent(Message):
     job_id: str
     run_id: str
     tenant_id: str
-    file_index: int
-    round: int
-    attempt: int
-    step: int  # index of the step the event is about
+    file_index: Count
+    round: Count
+    attempt: Count
+    step: Count  # index of the step the event is about
     step_name: str | None = None
     error: ErrorInfo | None = None
     next_delay_ms: int | None = None
@@ -134,11 +153,11 @@ class RunEvent(Message):
     kind: str
     run_id: str
     tenant_id: str
-    round: int
+    round: Count
     status: str
     counts: dict[str, int] = Field(default_factory=dict)
     message: str | None = None
-    file_index: int | None = None
+    file_index: Count | None = None
     at: datetime = Field(default_factory=utcnow)
 
     @property

@@ -3,8 +3,10 @@
 A service registers plain ``async def verb(payload: dict) -> data`` functions; this module
 turns them into micro endpoints on ``<prefix>.svc.<service>.<verb>``, runs each request in
 its own task (a slow request must not queue the others behind it), and maps
-:class:`ServiceError` to the ``{"ok": false, "error": …}`` envelope. Anything else is
-logged with its stack and answered as ``internal`` without the stack.
+:class:`ServiceError` to the ``{"ok": false, "error": …}`` envelope. A body that is not a
+JSON object, or holds a NUL character (no field can store one), is ``bad_request`` before
+any verb runs; a value the database refuses (out of range, malformed) is ``bad_request``
+too. Anything else is logged with its stack and answered as ``internal`` without the stack.
 """
 
 from __future__ import annotations
@@ -22,6 +24,7 @@ from nats.micro.request import Request
 from nats.micro.service import EndpointConfig, Service
 from pydantic import ValidationError
 
+from shared.errors import classify, refuses_its_data
 from shared.messages import ServiceError, error_reply, ok_reply
 from shared.subjects import Names
 
@@ -30,6 +33,16 @@ log = structlog.get_logger(__name__)
 Verb = Callable[[dict[str, Any]], Awaitable[Any]]
 
 VERSION = "0.1.0"
+
+
+def _has_nul(value: Any) -> bool:
+    if isinstance(value, str):
+        return "\x00" in value
+    if isinstance(value, dict):
+        return any(_has_nul(k) or _has_nul(v) for k, v in value.items())
+    if isinstance(value, list):
+        return any(_has_nul(v) for v in value)
+    return False
 
 
 def validation_error(exc: ValidationError) -> ServiceError:
@@ -81,6 +94,9 @@ class MicroService:
             payload = orjson.loads(request.data) if request.data else {}
             if not isinstance(payload, dict):
                 raise ServiceError("bad_request", "the request body must be a JSON object")
+            # JSON can carry NUL only escaped: look closer only then (PostgreSQL stores none).
+            if b"\\u0000" in request.data and _has_nul(payload):
+                raise ServiceError("bad_request", "the request holds a NUL character, which no field accepts")
             body = ok_reply(await fn(payload))
         except ServiceError as exc:
             body = error_reply(exc)
@@ -89,17 +105,21 @@ class MicroService:
         except orjson.JSONDecodeError:
             body = error_reply(ServiceError("bad_request", "the request body is not JSON"))
         except Exception as exc:
-            from shared.errors import classify
-
-            verdict = classify(exc)
-            log.exception("rpc.failed", service=self._service_name, verb=verb, error=repr(exc))
-            if verdict.transient:
+            if refuses_its_data(exc):  # the request's own value: the caller's to fix, not ours
+                log.warning("rpc.value_refused", service=self._service_name, verb=verb, error=repr(exc)[:300])
+                body = error_reply(ServiceError("bad_request", "a value of the request is out of range or malformed"))
+            elif classify(exc).transient:
+                log.exception("rpc.failed", service=self._service_name, verb=verb, error=repr(exc))
                 body = error_reply(ServiceError("dependency_unavailable", "a dependency is unavailable; try again", {}))
             else:
+                log.exception("rpc.failed", service=self._service_name, verb=verb, error=repr(exc))
                 body = error_reply(ServiceError("internal", f"{self._service_name} could not complete {verb}"))
         if len(body) > self._nc.max_payload:
             log.error("rpc.reply_too_large", service=self._service_name, verb=verb, size=len(body))
             body = error_reply(ServiceError("response_too_large", f"the answer to {verb} is larger than the bus allows"))
+        await self._respond(request, verb, body)
+
+    async def _respond(self, request: Request, verb: str, body: bytes) -> None:
         try:
             await request.respond(body)
         except Exception as exc:  # the caller went away or NATS dropped: nothing to answer
@@ -121,6 +141,11 @@ class RpcClient:
         try:
             msg = await self._nc.request(subject, data, timeout=timeout or self._timeout)
         except nats.errors.NoRespondersError:
+            # Nobody listens on the verb's subject: either the service is down, or it is up
+            # and has no such verb. Its micro discovery subject tells which.
+            if await self._is_running(service):
+                raise ServiceError("unknown_verb", f"the {service} service has no verb {verb!r}",
+                                   {"service": service, "verb": verb})
             raise ServiceError("service_unavailable", f"the {service} service is not running", {"service": service})
         except (nats.errors.TimeoutError, asyncio.TimeoutError):
             raise ServiceError("service_unavailable", f"the {service} service did not answer in time", {"service": service})
@@ -128,11 +153,22 @@ class RpcClient:
             raise ServiceError("service_unavailable", "the message bus is unavailable", {"service": service})
         if msg.headers and msg.headers.get("Nats-Service-Error-Code"):
             raise ServiceError("internal", msg.headers.get("Nats-Service-Error", "service error"))
-        reply = orjson.loads(msg.data)
-        if reply.get("ok"):
+        try:
+            reply = orjson.loads(msg.data)
+            ok = reply.get("ok")
+        except (orjson.JSONDecodeError, AttributeError):  # something else answers on the subject
+            raise ServiceError("internal", f"the {service} service sent an unreadable reply to {verb}")
+        if ok:
             return reply.get("data")
         err = reply.get("error") or {}
         raise ServiceError(err.get("code", "internal"), err.get("message", "error"), err.get("details") or {})
+
+    async def _is_running(self, service: str) -> bool:
+        try:
+            await self._nc.request(f"$SRV.PING.{self._names.prefix}-{service}", b"", timeout=min(1.0, self._timeout))
+            return True
+        except Exception:  # no responders, timeout, connection trouble: not (visibly) running
+            return False
 
 
 def _default(value: Any) -> Any:

@@ -92,7 +92,8 @@ async def ledger(engine: AsyncEngine, cmd: Ledger) -> dict:
     params = {"t": cmd.tenant_id, "limit": cmd.limit + 1}
     sql = "SELECT * FROM billing.ledger WHERE tenant_id = :t"
     if cmd.cursor:
-        if not cmd.cursor.isdigit():
+        # isdigit() alone lets "²" through to int(); a cursor we return is an ASCII bigint.
+        if not (cmd.cursor.isascii() and cmd.cursor.isdigit() and len(cmd.cursor) <= 18):
             raise ServiceError("bad_request", "invalid cursor")
         sql += " AND id < :c"
         params["c"] = int(cmd.cursor)

@@ -2,6 +2,8 @@ from __future__ import annotations
 
 from pydantic import BaseModel, ConfigDict, Field
 
+from shared.messages import Count  # amounts are PostgreSQL integers: larger is a validation error
+
 
 class _Cmd(BaseModel):
     model_config = ConfigDict(extra="ignore")
@@ -9,12 +11,12 @@ class _Cmd(BaseModel):
 
 
 class OpenAccount(_Cmd):
-    monthly_allowance: int = Field(default=0, ge=0)
-    purchased: int = Field(default=0, ge=0)
+    monthly_allowance: Count = 0
+    purchased: Count = 0
 
 
 class Reserve(_Cmd):
-    amount: int = Field(ge=0)
+    amount: Count
     idempotency_key: str = Field(min_length=1, max_length=300)
     run_id: str | None = None
     actor: str | None = None
@@ -23,7 +25,7 @@ class Reserve(_Cmd):
 class Refund(_Cmd):
     idempotency_key: str = Field(min_length=1, max_length=300)
     of_key: str = Field(min_length=1, max_length=300)
-    amount: int | None = Field(default=None, ge=0)
+    amount: Count | None = None
     run_id: str | None = None
     actor: str | None = None
 

@@ -11,7 +11,9 @@ Rules, in order of precedence:
 * a file that is not PENDING does not change status again in the same round, whatever
   arrives: first terminal result wins, so a job redelivered after its result was recorded
   is harmless;
-* checkpoints only move forward.
+* checkpoints only move forward;
+* an event naming another tenant than its run's is ignored (a job or event forged or
+  garbled on the bus must not decide another tenant's file).
 """
 
 from __future__ import annotations
@@ -20,6 +22,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import orjson
+import structlog
 from sqlalchemy import text
 from sqlalchemy.ext.asyncio import AsyncConnection
 
@@ -28,6 +31,8 @@ from shared.subjects import Names
 from services.coordinator import outbox, timeline
 from services.coordinator.run_events import run_event_row
 from services.coordinator.run_stops import stop_row
+
+log = structlog.get_logger(__name__)
 
 _NEW_IN_INBOX = text(
     "INSERT INTO coordinator.inbox (msg_id) SELECT unnest(CAST(:ids AS text[])) "
@@ -110,7 +115,31 @@ class _RunDelta:
 
 
 def _json(value: Any) -> str | None:
-    return None if value is None else orjson.dumps(value).decode()
+    if value is None:
+        return None
+    dumped = orjson.dumps(value).decode()
+    if "\\u0000" in dumped:
+        # jsonb refuses NUL, and an error text or output may carry one (a handler quoting
+        # binary data): drop the NULs rather than the file's result.
+        dumped = orjson.dumps(_without_nul(value)).decode()
+    return dumped
+
+
+def _error_of(event: FileEvent) -> dict | None:
+    """The event's error for the file row and the timeline, NUL-free (see _json)."""
+    if event.error is None:
+        return None
+    return {k: v.replace("\x00", "") if isinstance(v, str) else v for k, v in event.error.as_dict().items()}
+
+
+def _without_nul(value: Any) -> Any:
+    if isinstance(value, str):
+        return value.replace("\x00", "")
+    if isinstance(value, dict):
+        return {_without_nul(k): _without_nul(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_without_nul(v) for v in value]
+    return value
 
 
 async def apply_events(conn: AsyncConnection, names: Names, events: list[FileEvent]) -> list[dict]:
@@ -136,6 +165,9 @@ async def apply_events(conn: AsyncConnection, names: Names, events: list[FileEve
         if f is None or f.round != event.round or f.status != "PENDING":
             continue
         tenant_id = runs[event.run_id]["tenant_id"]
+        if event.tenant_id != tenant_id:
+            log.error("results.tenant_mismatch", msg_id=event.msg_id, run_id=event.run_id, claimed=event.tenant_id[:100])
+            continue
         f.attempts = max(f.attempts, event.attempt)
         f.changed = True
         delta = deltas.setdefault(event.run_id, _RunDelta())  # also marks the run as progressing
@@ -145,11 +177,11 @@ async def apply_events(conn: AsyncConnection, names: Names, events: list[FileEve
                 f.outs[str(event.step)] = event.output or {}
             continue
         if event.kind == "retrying":
-            f.err = _json(event.error.as_dict() if event.error else None)
+            f.err = _json(_error_of(event))
             log_entries.append(timeline.entry(
                 event.run_id, tenant_id, "file_retrying", "system:executor", event.file_index,
                 attempt=event.attempt, step=event.step, next_delay_ms=event.next_delay_ms,
-                error=event.error.as_dict() if event.error else None))
+                error=_error_of(event)))
             continue
         f.status = TERMINAL_BY_KIND[event.kind]
         delta.done += 1
@@ -158,7 +190,7 @@ async def apply_events(conn: AsyncConnection, names: Names, events: list[FileEve
             f.cp, f.cpo, f.output = event.step, _json(event.output or {}), _json(event.output or {})
             f.outs[str(event.step)] = event.output or {}
         else:
-            f.err, f.fs = _json(event.error.as_dict() if event.error else None), event.step
+            f.err, f.fs = _json(_error_of(event)), event.step
             if event.kind == "failed":
                 delta.f += 1
                 delta.failed_files.append(f.idx)
@@ -166,7 +198,7 @@ async def apply_events(conn: AsyncConnection, names: Names, events: list[FileEve
                 delta.e += 1
             log_entries.append(timeline.entry(
                 event.run_id, tenant_id, f"file_{event.kind}", "system:executor", event.file_index,
-                attempt=event.attempt, step=event.step, error=event.error.as_dict() if event.error else None))
+                attempt=event.attempt, step=event.step, error=_error_of(event)))
 
     changed = [f for f in files.values() if f.changed]
     if changed:

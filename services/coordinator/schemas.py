@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from pydantic import BaseModel, ConfigDict, Field
 
+from shared.messages import Count
 from shared.requests import RestoreBody, RunBody, SettingsBody, TemplateBody
 
 
@@ -35,12 +36,12 @@ class RunRef(Caller):
 
 
 class GetRun(RunRef):
-    file_offset: int = Field(default=0, ge=0)
+    file_offset: Count = 0  # Count: within PostgreSQL integer, or the query fails, not the request
     file_limit: int = Field(default=1000, ge=1, le=1000)
 
 
 class FileRef(RunRef):
-    file_index: int = Field(ge=0)
+    file_index: Count
 
 
 class Restore(RestoreBody, RunRef):

@@ -210,15 +210,41 @@ class JobRunner:
         await publish_many(self._js, [Outgoing(self._names.file_event(kind), body, msg_id, headers)])
 
     async def _reject_unreadable(self, msg: Msg, exc: ValidationError) -> None:
-        """A job we cannot parse never runs; if it names its run and file, that file becomes
-        ERROR with the cause, otherwise it is logged. Either way it is not redelivered."""
+        """A job we cannot parse never runs; every file it names (its ``file_index``, or the
+        indexes in ``files``) becomes ERROR with the cause, otherwise it is only logged.
+        Either way it is terminated: no redelivery can make it readable."""
+        cause = invalid_job_cause(exc)
         try:
             raw = orjson.loads(msg.data)
-            event = FileEvent(kind="errored", job_id=str(raw["job_id"]), run_id=str(raw["run_id"]),
-                              tenant_id=str(raw["tenant_id"]), file_index=int(raw.get("file_index") or 0),
-                              round=int(raw.get("round", 0)), attempt=1, step=int(raw.get("start_step", 0)),
-                              error=ErrorInfo.model_validate({"class": "InvalidJob", "message": str(exc)[:500], "transient": False}))
-            await publish_many(self._js, [Outgoing(self._names.file_event("errored"), event.to_bytes(), event.msg_id)])
-        except Exception:
-            log.error("job.unreadable", subject=msg.subject, error=str(exc)[:500])
+            indexes = named_files(raw)
+            error = ErrorInfo.model_validate({"class": "InvalidJob", "message": cause, "transient": False})
+            events = [FileEvent(kind="errored", job_id=str(raw["job_id"]), run_id=str(raw["run_id"]),
+                                tenant_id=str(raw["tenant_id"]), file_index=index, round=raw.get("round", 0), attempt=1,
+                                step=raw.get("start_step", 0), error=error) for index in indexes]
+        except Exception:  # not JSON, not an object, no run, an index out of range…: nobody to tell
+            events = []
+        if events:
+            headers = {"Redrive-Tenant": events[0].tenant_id, "Redrive-Run": events[0].run_id}
+            await publish_many(self._js, [Outgoing(self._names.file_event("errored"), e.to_bytes(), e.msg_id, headers)
+                                          for e in events])
+        log.error("job.unreadable", subject=msg.subject, files=len(events), error=cause)
         await msg.term()
+
+
+def invalid_job_cause(exc: ValidationError) -> str:
+    """``"steps: Field required; mode: Input should be 'per_file' or 'batch'"``: each bad
+    field and why, without echoing the (possibly large) input back."""
+    parts = [f"{'.'.join(str(p) for p in err['loc']) or 'job'}: {err['msg']}" for err in exc.errors()]
+    return f"the job cannot be read: {'; '.join(parts)}"[:500]
+
+
+def named_files(raw: dict) -> list[int]:
+    """The files an unreadable job is about: never a guess (a job without a readable
+    ``file_index`` or ``files`` names none, and errors none)."""
+    if isinstance(raw.get("file_index"), int) and not isinstance(raw["file_index"], bool):
+        return [raw["file_index"]]
+    files = raw.get("files")
+    if not isinstance(files, list):
+        return []
+    return [f["index"] for f in files if isinstance(f, dict) and isinstance(f.get("index"), int)
+            and not isinstance(f["index"], bool)]

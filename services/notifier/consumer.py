@@ -15,7 +15,7 @@ import structlog
 from nats.aio.msg import Msg
 from sqlalchemy.ext.asyncio import AsyncEngine
 
-from shared.errors import TransientError
+from shared.errors import TransientError, refuses_its_data
 from shared.messages import FileEvent, RunEvent
 from shared.subjects import Names
 from services.notifier import repository, texts
@@ -23,7 +23,8 @@ from services.notifier import repository, texts
 log = structlog.get_logger(__name__)
 
 # A message whose notification the database keeps refusing (not a transient error) is
-# retried this many deliveries, in case the cause is a bug about to be fixed, then dropped.
+# retried this many deliveries, in case the cause is a bug about to be fixed, then dropped;
+# at once when the database refuses a value of the event itself (refuses_its_data).
 POISON_AFTER_DELIVERIES = 5
 
 Record = Callable[[AsyncEngine, Sequence[dict]], Awaitable[int]]
@@ -48,6 +49,8 @@ class Decoder:
             kind, message, at = texts.run_kind(run_kind), texts.run_text(run_kind, event), event.at
         else:  # other file events, started/retrying runs, breakers: nothing to tell anyone
             return None
+        # PostgreSQL text refuses NUL, and an error text may quote binary data: keep the words.
+        message = message.replace("\x00", "")
         return {"id": uuid.uuid4().hex, "tenant_id": event.tenant_id, "at": at, "kind": kind, "run_id": event.run_id,
                 "file_index": event.file_index, "message": message, "dedupe_key": self._dedupe_key(msg)}
 
@@ -112,7 +115,7 @@ async def _one_by_one(engine: AsyncEngine, record: Record, rows) -> tuple[int, l
             raise
         except Exception as exc:
             for msg in msgs:
-                if _deliveries(msg) >= POISON_AFTER_DELIVERIES:
+                if refuses_its_data(exc) or _deliveries(msg) >= POISON_AFTER_DELIVERIES:
                     log.error("notifier.event_dropped", dedupe_key=row["dedupe_key"], error=repr(exc)[:500])
                     await msg.term()
                 else:  # left unacked: redelivered after the ack wait

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from datetime import datetime
+
 from sqlalchemy import text
 
 from shared.messages import ServiceError
@@ -30,9 +32,9 @@ async def list_runs(deps: Deps, cmd: ListRuns) -> dict:
         params["na"] = cmd.needs_attention
     if cmd.cursor:
         # Keyset pagination on (created_at, id): stable while new runs arrive.
-        try:
-            created, _, run_id = cmd.cursor.partition("|")
-            params["c_at"], params["c_id"] = created, run_id
+        created, _, run_id = cmd.cursor.partition("|")
+        try:  # parsed here: a cursor PostgreSQL cannot cast is the caller's error, not ours
+            params["c_at"], params["c_id"] = datetime.fromisoformat(created), run_id
         except ValueError:
             raise ServiceError("bad_request", "invalid cursor")
         if not run_id:
