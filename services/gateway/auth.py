@@ -67,7 +67,9 @@ def effective_tenant(request: web.Request, principal: Principal) -> str:
         return principal.tenant_id
     if principal.role != "platform_admin":
         raise ServiceError("forbidden", "only a platform admin may act for another tenant")
-    if len(asked) > 64:
+    # Tenant ids are short printable ASCII; a header's non-UTF-8 bytes arrive as surrogates,
+    # which the message bus cannot encode (that was a 500).
+    if len(asked) > 64 or not (asked.isascii() and asked.isprintable()):
         raise ServiceError("validation_error", "X-Tenant-Id is not a tenant id",
-                           {"fields": {TENANT_HEADER: "at most 64 characters"}})
+                           {"fields": {TENANT_HEADER: "at most 64 printable ASCII characters"}})
     return asked

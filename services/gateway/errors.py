@@ -73,6 +73,15 @@ def from_http_exception(exc: web.HTTPException) -> web.Response:
 @web.middleware
 async def errors_middleware(request: web.Request, handler) -> web.StreamResponse:
     """The last word on failures: whatever a handler raises becomes our error JSON."""
+    response = await _answer(request, handler)
+    if request.content.exception() is not None:
+        # The body could not be read (bad Content-Encoding…): aiohttp drops the connection
+        # after this answer, so tell the client not to send its next request on it.
+        response.force_close()
+    return response
+
+
+async def _answer(request: web.Request, handler) -> web.StreamResponse:
     try:
         return await handler(request)
     except web.HTTPException as exc:

@@ -52,6 +52,12 @@ async def create_tenant(engine: AsyncEngine, name: str, tenant_id: str | None = 
     return tenant_id
 
 
+async def tenant_exists(engine: AsyncEngine, tenant_id: str) -> bool:
+    async with engine.connect() as conn:
+        found = await conn.execute(text("SELECT 1 FROM gateway.tenants WHERE id = :t"), {"t": tenant_id})
+        return found.first() is not None
+
+
 async def create_key(engine: AsyncEngine, tenant_id: str, role: str, user: str) -> str:
     """Make a key for ``user`` of ``tenant_id`` with ``role``; the plaintext is returned once."""
     if role not in ROLES:
@@ -106,7 +112,9 @@ class KeyCache:
 
 async def authenticate(engine: AsyncEngine, key: str, cache: KeyCache | None = None) -> Principal | None:
     """The principal of a live key, or None for a missing, malformed, unknown or revoked key."""
-    if not key.startswith(KEY_PREFIX) or len(key) > _MAX_KEY_LENGTH:
+    # Ours are ASCII (url-safe base64); a header's non-UTF-8 bytes arrive as surrogates,
+    # which cannot even be hashed.
+    if not key.startswith(KEY_PREFIX) or len(key) > _MAX_KEY_LENGTH or not key.isascii():
         return None  # not one of ours: no need to ask the database
     digest = key_hash(key)
     if cache is not None and (hit := cache.get(digest)) is not None:

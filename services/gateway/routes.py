@@ -14,6 +14,7 @@ from typing import Any
 import nats
 import orjson
 from aiohttp import web
+from aiohttp.web_protocol import RequestPayloadError
 from pydantic import BaseModel
 from sqlalchemy.ext.asyncio import AsyncEngine
 
@@ -22,6 +23,7 @@ from shared.rpc import RpcClient
 from services.gateway import idempotency
 from services.gateway.auth import asked_tenant, effective_tenant, principal_of, require_role
 from services.gateway.errors import error_response, from_service_error
+from services.gateway.identity import tenant_exists
 from services.gateway.schemas import (
     GrantBody, NotificationsQuery, PageQuery, RunFilesQuery, RestoreBody, RunBody, RunsQuery, SettingsBody, TemplateBody, WebhookBody,
     path_params, validate,
@@ -123,9 +125,14 @@ def run_id_for(tenant_id: str, idempotency_key: str) -> str:
 
 
 async def read_json(request: web.Request) -> Any:
-    raw = await request.read()
+    try:
+        raw = await request.read()
+    except RequestPayloadError:  # e.g. Content-Encoding: gzip over bytes that are not gzip
+        raise ServiceError("bad_request", "the request body could not be decoded (check its Content-Encoding)") from None
     if not raw.strip():
-        return {}
+        # Not {}: a PUT without a body would reset every setting to its default in silence.
+        raise ServiceError("validation_error", "a JSON object body is required",
+                           {"fields": {"body": "a JSON object is required"}})
     try:
         return orjson.loads(raw)
     except orjson.JSONDecodeError:
@@ -153,8 +160,12 @@ def forwarder(route: Route, rpc: RpcClient, engine: AsyncEngine, lease_s: float)
         principal = principal_of(request)
         require_role(principal, route.role)
         tenant_id = effective_tenant(request, principal)
+        if tenant_id != principal.tenant_id and not await tenant_exists(engine, tenant_id):
+            # A platform admin's mistyped X-Tenant-Id would otherwise make templates and runs
+            # for a tenant that does not exist.
+            raise ServiceError("not_found", f"tenant {tenant_id} was not found", {"id": tenant_id})
         body = await read_json(request) if route.body is not None else None
-        payload = validate(route.body, body, "request body") if route.body is not None else {}
+        payload = validate(route.body, body, "request body", strict=True) if route.body is not None else {}
         if route.query is not None:
             payload.update(validate(route.query, dict(request.query), "query string"))
         all_tenants = route.all_tenants_for_admin and principal.role == "platform_admin" and asked_tenant(request) is None

@@ -17,7 +17,7 @@ from shared.requests import RestoreBody, RunBody, SettingsBody, TemplateBody
 
 __all__ = [
     "TemplateBody", "RunBody", "SettingsBody", "RestoreBody", "GrantBody", "WebhookBody",
-    "RunsQuery", "PageQuery", "NotificationsQuery", "field_errors", "validate", "path_params",
+    "RunsQuery", "PageQuery", "NotificationsQuery", "field_errors", "unstorable", "validate", "path_params",
 ]
 
 RUN_STATUSES = ("RUNNING", "COMPLETED", "COMPLETED_WITH_ERRORS", "FAILED", "CANCELLED")
@@ -64,7 +64,7 @@ class RunsQuery(PageQuery):
 class RunFilesQuery(_Query):
     """A page of a run's files (a run body carries at most 1,000: replies cross NATS)."""
 
-    file_offset: int | None = Field(default=None, ge=0)
+    file_offset: int | None = Field(default=None, ge=0, le=2**31 - 1)  # a PostgreSQL integer: beyond, the query fails
     file_limit: int | None = Field(default=None, ge=1, le=1000)
 
 
@@ -82,16 +82,61 @@ def field_errors(exc: ValidationError) -> dict[str, Any]:
     return {"fields": {".".join(str(p) for p in e["loc"]) or "body": e["msg"] for e in exc.errors()}}
 
 
-def validate(model: type[BaseModel], data: Any, what: str) -> dict[str, Any]:
-    """The validated fields (None left out), or a 422 ``validation_error`` naming them."""
+# Beyond 64 bits a number cannot be sent on by orjson, and once jsonb has stored one (any
+# float that large reads back as an int) every later read of that row fails: a template
+# whose params held 1e30 broke its tenant's template list.
+MAX_MAGNITUDE = 2**63
+
+
+def unstorable(value: Any, path: str = "") -> dict[str, str]:
+    """Field errors for what PostgreSQL or the bus cannot carry, anywhere in a parsed JSON
+    value: NUL characters (text and jsonb refuse them) and numbers beyond 64 bits. Checked
+    here so they are a 422 naming the field, not a 500 from whichever service stores them."""
+    errors: dict[str, str] = {}
+    _walk(value, path, errors)
+    return errors
+
+
+def _walk(value: Any, path: str, errors: dict[str, str]) -> None:
+    if isinstance(value, str):
+        if "\x00" in value:
+            errors[path or "body"] = "must not contain NUL characters"
+    elif isinstance(value, (int, float)) and not isinstance(value, bool):
+        if abs(value) >= MAX_MAGNITUDE:
+            errors[path or "body"] = "must lie between -2^63 and 2^63 (64-bit)"
+    elif isinstance(value, dict):
+        for key, item in value.items():
+            name = str(key).replace("\x00", "\\0")
+            where = f"{path}.{name}" if path else name
+            if "\x00" in str(key):
+                errors[where] = "keys must not contain NUL characters"
+            _walk(item, where, errors)
+    elif isinstance(value, list):
+        for i, item in enumerate(value):
+            _walk(item, f"{path}.{i}" if path else str(i), errors)
+
+
+def validate(model: type[BaseModel], data: Any, what: str, *, strict: bool = False) -> dict[str, Any]:
+    """The validated fields (None left out), or a 422 ``validation_error`` naming them.
+
+    ``strict`` for JSON bodies: JSON has types, so ``"5"`` or ``true`` where a count is
+    expected is a client's bug to report, not to guess at (lax mode granted 1 credit for
+    ``{"purchased": true}``). Query strings are text, so they stay lax."""
+    if errors := unstorable(data):
+        raise ServiceError("validation_error", f"the {what} is not valid", {"fields": errors})
     try:
-        return model.model_validate(data).model_dump(exclude_none=True)
+        return model.model_validate(data, strict=strict).model_dump(exclude_none=True)
     except ValidationError as exc:
         raise ServiceError("validation_error", f"the {what} is not valid", field_errors(exc)) from None
 
 
 def path_params(match_info: dict[str, str]) -> dict[str, Any]:
     out: dict[str, Any] = dict(match_info)
+    for name, value in out.items():
+        # No id we hand out has control characters; a NUL reached PostgreSQL and was a 500.
+        if not value.isprintable():
+            raise ServiceError("validation_error", f"{name} must not contain control characters",
+                               {"fields": {name: "must not contain control characters"}})
     for name in INT_PATH_PARAMS & out.keys():
         value = out[name]
         if not (value.isascii() and value.isdigit()) or len(value) > 9:
