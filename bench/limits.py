@@ -5,6 +5,10 @@ file. The best page of batching we can write, to compare the real system against
 Each hop is done twice over: with nats-py's own API (``publish_async``, ``fetch``) and
 with the lean primitives the services use (shared/jetstream.py). The faster of the two is
 the limit, so the services' own tricks cannot flatter the ratio.
+
+The hops carry what the services' hops carry: a job and a file event of the bench's own
+size (built by the services' own builders), with the same headers. A limit that carried
+11-byte bodies measured the broker storing and sending next to nothing.
 """
 
 from __future__ import annotations
@@ -18,11 +22,32 @@ import asyncpg
 import nats
 from nats.js.api import AckPolicy, ConsumerConfig, RetentionPolicy, StreamConfig
 
+from shared.bus import headers_for
 from shared.jetstream import AckedPublisher, Puller
+from shared.messages import Job, RetryPolicy
 from shared.runtime import settle_gc
 from shared.settings import Settings
+from shared.subjects import Names
 
-BODY = b'{"job":"x"}'
+
+def _bench_messages() -> tuple[bytes, bytes, dict[str, str]]:
+    """A job and its succeeded event as the bench's run sends them (one noop step, ids of
+    real length), and their headers but for the message id."""
+    from services.coordinator.jobs import job_messages
+    from services.executor.job_runner import file_event_body
+    from services.executor.outcome import Outcome
+
+    run = {"id": uuid.uuid4().hex, "tenant_id": uuid.uuid4().hex, "template_id": uuid.uuid4().hex,
+           "mode": "per_file", "round": 0}
+    job = job_messages(Names("bench"), run, {"steps": [{"name": "s", "handler": "noop"}]}, [{"idx": 1234, "name": "f1234"}],
+                       RetryPolicy())[0]
+    _, event = file_event_body(Job.model_validate_json(job.data), 1234, Outcome("succeeded", 0, output={}), 1, "succeeded")
+    headers = headers_for("", run["tenant_id"], run["id"])
+    del headers["Nats-Msg-Id"]
+    return job.data, event, headers
+
+
+JOB, EVENT, HEADERS = _bench_messages()
 
 
 async def _drain(fetch, n: int, on_batch) -> None:
@@ -36,16 +61,17 @@ async def _drain(fetch, n: int, on_batch) -> None:
         got += len(msgs)
 
 
-async def _hop_nats_py(nc, js, stream: str, subject: str, n: int, on_batch) -> None:
-    futures = [await js.publish_async(subject, BODY, headers={"Nats-Msg-Id": f"{stream}-{i}"}) for i in range(n)]
+async def _hop_nats_py(nc, js, stream: str, subject: str, body: bytes, n: int, on_batch) -> None:
+    futures = [await js.publish_async(subject, body, headers={**HEADERS, "Nats-Msg-Id": f"{stream}-{i}"})
+               for i in range(n)]
     await asyncio.gather(*futures)
     sub = await js.pull_subscribe(subject, durable=f"{stream}-c", stream=stream)
     await _drain(sub.fetch, n, on_batch)
 
 
-async def _hop_lean(nc, js, stream: str, subject: str, n: int, on_batch) -> None:
+async def _hop_lean(nc, js, stream: str, subject: str, body: bytes, n: int, on_batch) -> None:
     publisher = AckedPublisher(nc)
-    futures = [await publisher.publish(subject, BODY, {"Nats-Msg-Id": f"{stream}-{i}"}) for i in range(n)]
+    futures = [await publisher.publish(subject, body, {**HEADERS, "Nats-Msg-Id": f"{stream}-{i}"}) for i in range(n)]
     await asyncio.gather(*futures)
     await js.add_consumer(stream, ConsumerConfig(durable_name=f"{stream}-c", ack_policy=AckPolicy.EXPLICIT))
     puller = Puller(nc, stream, f"{stream}-c")
@@ -70,8 +96,8 @@ async def _two_hops(nc, js, db, hop, n: int) -> float:
     for stream, subject in streams:
         await js.add_stream(StreamConfig(name=stream, subjects=[subject], retention=RetentionPolicy.WORK_QUEUE))
     started = time.perf_counter()
-    await hop(nc, js, *streams[0], n, nothing)
-    await hop(nc, js, *streams[1], n, update)
+    await hop(nc, js, *streams[0], JOB, n, nothing)
+    await hop(nc, js, *streams[1], EVENT, n, update)
     elapsed = time.perf_counter() - started
     for stream, _ in streams:
         await js.delete_stream(stream)
