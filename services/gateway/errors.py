@@ -31,6 +31,7 @@ STATUS_BY_CODE = {
     "response_too_large": 500,
     "validation_error": 422, "idempotency_key_reused": 422,
     "internal": 500,
+    "unknown_verb": 501,  # a service older than this gateway (mid-upgrade): retrying later may help
     "service_unavailable": 503, "dependency_unavailable": 503,
 }
 RETRY_AFTER_S = "2"

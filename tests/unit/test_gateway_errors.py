@@ -16,7 +16,8 @@ from services.gateway.errors import errors_middleware, status_for
     ("idempotency_key_reused", 422), ("service_unavailable", 503), ("dependency_unavailable", 503),
     ("forbidden", 403), ("unauthorized", 401), ("internal", 500), ("run_completed", 400),
     ("nothing_to_retry", 400), ("max_retry_count_exceeded", 400), ("step_not_optional", 400),
-    ("file_not_failed", 400), ("reservation_voided", 400), ("bad_request", 400),
+    ("file_not_failed", 400), ("reservation_voided", 400), ("bad_request", 400), ("payload_too_large", 413),
+    ("unknown_verb", 501),
 ])
 def test_service_codes_map_to_http_statuses(code, status):
     assert status_for(code) == status
