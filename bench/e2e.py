@@ -47,7 +47,8 @@ def main(files: int = 10_000, handler: str = "noop", executors: int = 1, data_di
         key = asyncio.run(create_key(settings, tenant, "tenant_admin", "bench"))
         stack.start_services()
         api = Api(f"http://127.0.0.1:{port}", key)
-        _wait_ready(api)
+        if not stack.wait_ready(api.base_url, lambda: False, timeout=30):
+            raise SystemExit(f"the gateway did not become ready (see {data_dir}/logs)")
 
         def sample() -> None:
             while not stop.is_set():
@@ -140,7 +141,7 @@ class _RunEvents:
     async def _subscribe(self, settings: Settings):
         import nats
 
-        nc = await nats.connect(settings.nats_url)
+        nc = await nats.connect(settings.nats_servers)
         await nc.subscribe(Names(settings.prefix).run_events_all, cb=self._on_event)
         await nc.flush()
         return nc
@@ -175,19 +176,6 @@ def _cpu(stack: Stack, servers_only: bool = False) -> dict[str, float]:
         except psutil.Error:
             pass
     return out
-
-
-def _wait_ready(api: Api, timeout: float = 30) -> None:
-    import urllib.request
-
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        try:
-            urllib.request.urlopen(api.base_url + "/readyz", timeout=1)
-            return
-        except Exception:
-            time.sleep(0.2)
-    raise RuntimeError("the gateway did not become ready")
 
 
 async def _latencies(database_url: str, run_id: str) -> tuple[float, float]:

@@ -112,7 +112,7 @@ async def two_hop_limits(settings: Settings, n: int, server_cpu: ServerCpu | Non
     ``cpu_us_per_file`` says, per variant, what a file cost this process and (when
     ``server_cpu`` reads them: CPU seconds by server) the servers."""
     settle_gc()  # as the services do once started: a fair comparison
-    nc = await nats.connect(settings.nats_url)
+    nc = await nats.connect(settings.nats_servers)
     js = nc.jetstream()
     db = await asyncpg.connect(settings.database_url)
     await db.execute("CREATE TEMP TABLE limit_files (id int PRIMARY KEY, status text)")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import http.client
 import json
 import os
 import urllib.error
@@ -15,8 +16,14 @@ from shared.settings import Settings
 
 class ApiError(Exception):
     def __init__(self, status: int, body: dict) -> None:
-        err = body.get("error", {}) if isinstance(body, dict) else {}
-        super().__init__(f"HTTP {status} {err.get('code', '')}: {err.get('message', body)}")
+        err = body.get("error") if isinstance(body, dict) else None
+        err = err if isinstance(err, dict) else {}  # a JSON answer, but not the API's error shape
+        message = err.get("message", body)
+        fields = (err.get("details") or {}).get("fields") if isinstance(err.get("details"), dict) else None
+        if isinstance(fields, dict) and fields:  # 422: which field, and why
+            message = f"{message}: " + "; ".join(f"{k}: {v}" for k, v in fields.items())
+        # status 0: no HTTP answer at all (nothing listens, a bad URL): the message says it all.
+        super().__init__(f"HTTP {status} {err.get('code', '')}: {message}" if status else str(message))
         self.status, self.body = status, body
 
 
@@ -40,8 +47,16 @@ class Api:
         return cls(url.rstrip("/"), key)
 
     def call(self, method: str, path: str, body: Any = None, *, idempotent: bool = False) -> Any:
+        if not self.base_url.startswith(("http://", "https://")):
+            raise _no_answer(f"REDRIVE_API_URL must be an http:// or https:// URL, got {self.base_url!r}")
+        if self.key is not None and (not self.key.isprintable() or " " in self.key or not self.key.isascii()):
+            raise _no_answer("the API key (REDRIVE_API_KEY, or admin.key in the data dir) holds spaces or "
+                             "characters a key never has")
         data = None if body is None else json.dumps(body).encode()
-        req = urllib.request.Request(self.base_url + "/api/v1" + path, data=data, method=method)
+        try:
+            req = urllib.request.Request(self.base_url + "/api/v1" + path, data=data, method=method)
+        except ValueError as exc:  # e.g. "http://[::1": not a URL at all
+            raise _no_answer(f"REDRIVE_API_URL is not a valid URL ({self.base_url!r}): {exc}") from None
         req.add_header("Content-Type", "application/json")
         if self.key:
             req.add_header("Authorization", f"Bearer {self.key}")
@@ -50,7 +65,7 @@ class Api:
         try:
             with urllib.request.urlopen(req, timeout=60) as resp:
                 raw = resp.read()
-                return json.loads(raw) if raw else None
+                status = resp.status
         except urllib.error.HTTPError as exc:
             raw = exc.read()
             try:
@@ -59,4 +74,17 @@ class Api:
                 parsed = {"error": {"code": "http_error", "message": raw.decode(errors="replace")[:200]}}
             raise ApiError(exc.code, parsed) from None
         except urllib.error.URLError as exc:
-            raise ApiError(0, {"error": {"code": "unreachable", "message": f"cannot reach {self.base_url}: {exc.reason}"}}) from None
+            raise _no_answer(f"cannot reach {self.base_url}: {exc.reason}") from None
+        except (http.client.InvalidURL, ValueError) as exc:  # a URL urllib cannot use (bad port, bad host)
+            raise _no_answer(f"REDRIVE_API_URL is not a valid URL ({self.base_url!r}): {exc}") from None
+        except (http.client.HTTPException, OSError) as exc:  # dropped connection, read timeout
+            raise _no_answer(f"no answer from {self.base_url}: {str(exc) or type(exc).__name__}") from None
+        try:
+            return json.loads(raw) if raw else None
+        except ValueError:
+            raise ApiError(status, {"error": {"code": "not_json", "message": f"{self.base_url} answered with something "
+                                              "that is not JSON: is REDRIVE_API_URL a redrive API?"}}) from None
+
+
+def _no_answer(message: str) -> ApiError:
+    return ApiError(0, {"error": {"code": "unreachable", "message": message}})

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import json
 import signal
+import socket
 import sys
 from pathlib import Path
 from typing import Optional
@@ -12,13 +13,13 @@ from typing import Optional
 import typer
 from rich.table import Table
 
-from redrive.cli_common import DataDir, JsonOut, console, err
+from redrive.cli_common import App, DataDir, JsonOut, console, require
 from redrive.cli_common import api_call as _api_call, fail as _fail, print_json as _print, settings_from as _settings
 from redrive.run_commands import run_app
 
-app = typer.Typer(no_args_is_help=True, add_completion=False, help="redrive: batch workflows that make failure boring.")
-tenant_app = typer.Typer(no_args_is_help=True, help="Tenants.")
-key_app = typer.Typer(no_args_is_help=True, help="API keys.")
+app = App(no_args_is_help=True, add_completion=False, help="redrive: batch workflows that make failure boring.")
+tenant_app = App(no_args_is_help=True, help="Tenants.")
+key_app = App(no_args_is_help=True, help="API keys.")
 app.add_typer(tenant_app, name="tenant")
 app.add_typer(key_app, name="key")
 app.add_typer(run_app, name="run")
@@ -27,8 +28,8 @@ app.add_typer(run_app, name="run")
 @app.command()
 def up(
     data_dir: Optional[Path] = DataDir,
-    host: str = typer.Option("127.0.0.1", "--host"),
-    port: int = typer.Option(8080, "--port"),
+    host: str = typer.Option("127.0.0.1", "--host", envvar="REDRIVE_HOST"),
+    port: int = typer.Option(8080, "--port", envvar="REDRIVE_PORT", min=1, max=65535),
     executors: int = typer.Option(1, "--executors", min=1, max=32),
 ) -> None:
     """Start everything: servers (embedded by default), migrations, the five services."""
@@ -37,6 +38,8 @@ def up(
     from shared.migrations import migrate_sync
 
     settings = _settings(data_dir, host=host, port=port)
+    _check_data_dir(settings.data_dir)
+    _check_can_listen(host, port)  # before anything starts: the gateway alone would crash, again and again
     stack = Stack(settings, executors=executors)
     stopping = False
 
@@ -53,6 +56,9 @@ def up(
         api_url = f"http://{host}:{port}"
         stack.write_runtime(api_url)
         stack.start_services()
+        # The URL and key are what a user acts on next: print them once the API answers.
+        if not stack.wait_ready(api_url, lambda: stopping) and not stopping:
+            typer.echo(f"redrive: the API is not ready yet; see {settings.data_dir / 'logs'}", err=True)
         typer.echo(f"API: {api_url}")
         typer.echo(f"Dashboard: {api_url}/")
         typer.echo(f"Admin key: {key}")
@@ -64,6 +70,41 @@ def up(
         stack.stop()
 
 
+def _check_data_dir(path: Path) -> None:
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+        probe = path / ".redrive-write-test"
+        probe.touch()
+        probe.unlink()
+    except OSError as exc:
+        _fail(f"cannot use {path} as the data directory (--data-dir / REDRIVE_DATA_DIR): {exc.strerror}")
+
+
+def _check_can_listen(host: str, port: int) -> None:
+    if not host:
+        _fail("--host must not be empty (0.0.0.0 listens on every interface)")
+    try:
+        infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
+        with socket.socket(infos[0][0], socket.SOCK_STREAM) as sock:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as the gateway's own listener
+            sock.bind(infos[0][4])
+    except OSError as exc:
+        _fail(f"cannot listen on {host}:{port} (--host/--port): {exc.strerror or exc}")
+
+
+def _check_handlers(settings, handler: Optional[str] = None) -> None:
+    """REDRIVE_HANDLERS loads (the executor would stop at its start) and knows ``handler``."""
+    from services.executor.handlers.registry import builtin_registry
+
+    registry = builtin_registry()
+    try:
+        registry.load_modules(settings.handlers)
+    except ValueError as exc:  # an application module that does not import or register
+        _fail(str(exc), code=2)
+    if handler is not None and handler not in registry.names():
+        _fail(f"unknown handler {handler!r}; known: {', '.join(registry.names())}", code=2)
+
+
 @app.command()
 def service(name: str = typer.Argument(..., help="coordinator|executor|billing|notifier|gateway"), data_dir: Optional[Path] = DataDir) -> None:
     """Run one service in this process (what compose.yaml runs)."""
@@ -72,9 +113,11 @@ def service(name: str = typer.Argument(..., help="coordinator|executor|billing|n
     from redrive.supervisor import SERVICES
 
     if name not in SERVICES:
-        err.print(f"unknown service {name!r}; expected one of: {', '.join(SERVICES)}")
-        raise typer.Exit(2)
+        _fail(f"unknown service {name!r}; expected one of: {', '.join(SERVICES)}", code=2)
     settings = _settings(data_dir)
+    require(settings, nats=True, database=name != "executor")
+    if name == "executor":
+        _check_handlers(settings)
     importlib.import_module(f"services.{name}.bootstrap").main(settings)
 
 
@@ -83,22 +126,27 @@ def migrate(data_dir: Optional[Path] = DataDir) -> None:
     """Apply every service's migrations."""
     from shared.migrations import migrate_sync
 
-    migrate_sync(_settings(data_dir))
+    settings = _settings(data_dir)
+    require(settings, database=True)
+    migrate_sync(settings)
     typer.echo("migrations applied")
 
 
 @tenant_app.command("create")
 def tenant_create(
     name: str,
-    monthly_credits: int = typer.Option(0, "--monthly-credits", min=0),
-    purchased_credits: int = typer.Option(0, "--purchased-credits", min=0),
+    monthly_credits: int = typer.Option(0, "--monthly-credits", min=0, max=2**31 - 1),  # a PostgreSQL integer
+    purchased_credits: int = typer.Option(0, "--purchased-credits", min=0, max=2**31 - 1),
     data_dir: Optional[Path] = DataDir,
     as_json: bool = JsonOut,
 ) -> None:
     """Create a tenant with a billing account; prints its id."""
     from redrive.bootstrap_admin import create_tenant
 
+    if not name.strip():
+        _fail("the tenant name must not be empty", code=2)
     settings = _settings(data_dir)
+    require(settings, database=True)
     tenant_id = asyncio.run(create_tenant(settings, name, monthly_credits, purchased_credits))
     typer.echo(json.dumps({"tenant_id": tenant_id}) if as_json else tenant_id)
 
@@ -115,10 +163,11 @@ def key_create(
     from redrive.bootstrap_admin import create_key
 
     if role not in ("platform_admin", "tenant_admin", "member"):
-        err.print("--role must be platform_admin, tenant_admin or member")
-        raise typer.Exit(2)
+        _fail(f"--role must be platform_admin, tenant_admin or member, not {role!r}", code=2)
+    settings = _settings(data_dir)
+    require(settings, database=True)
     try:
-        key = asyncio.run(create_key(_settings(data_dir), tenant, role, user))
+        key = asyncio.run(create_key(settings, tenant, role, user))
     except ValueError as exc:
         _fail(str(exc))
     typer.echo(json.dumps({"key": key}) if as_json else key)
@@ -143,19 +192,19 @@ def settings(
 ) -> None:
     """Show the retry settings, or change the given ones."""
     s = _settings(data_dir)
-    current = _api_call(s, "GET", "/settings/retry")
+    current = _api_call(s, "GET", "/settings/retry", expect=("auto_retries",))
     changes = {k: v for k, v in dict(auto_retries=auto_retries, backoff_base_ms=backoff_base_ms, backoff_max_ms=backoff_max_ms,
                                      jitter=jitter, breaker_failure_threshold=breaker_failure_threshold,
                                      breaker_reset_s=breaker_reset_s).items() if v is not None}
     if changes:
-        current = _api_call(s, "PUT", "/settings/retry", {**current, **changes})
+        current = _api_call(s, "PUT", "/settings/retry", {**current, **changes}, expect=("auto_retries",))
     _print(current, as_json)
 
 
 @app.command()
 def attention(data_dir: Optional[Path] = DataDir, as_json: bool = JsonOut) -> None:
     """Runs that need an operator."""
-    data = _api_call(_settings(data_dir), "GET", "/admin/attention")
+    data = _api_call(_settings(data_dir), "GET", "/admin/attention", expect=("items",))
     if as_json:
         _print(data, True)
         return
@@ -171,25 +220,37 @@ def inspect(data_dir: Optional[Path] = DataDir, as_json: bool = JsonOut) -> None
     """Streams, consumers and services, as `nats stream info` / `nats micro ls` would show."""
     from redrive.inspect import inspect_system
 
-    _print(asyncio.run(inspect_system(_settings(data_dir))), as_json)
+    settings = _settings(data_dir)
+    require(settings, nats=True)
+    _print(asyncio.run(inspect_system(settings)), as_json)
 
 
 @app.command()
 def bench(
     files: int = typer.Option(10_000, "--files", min=1),
     handler: str = typer.Option("noop", "--handler"),
-    executors: int = typer.Option(1, "--executors", min=1),
-    repeat: int = typer.Option(3, "--repeat", min=1, help="rounds (run + limit); the summary takes the median"),
+    executors: int = typer.Option(1, "--executors", min=1, max=32),
+    repeat: int = typer.Option(3, "--repeat", min=1, max=100, help="rounds (run + limit); the summary takes the median"),
     data_dir: Optional[Path] = DataDir,
 ) -> None:
     """End-to-end throughput through the real services, and the hand-written limit."""
     from bench.e2e import main as bench_main
     from redrive.api_client import ApiError
 
+    settings = _settings(data_dir)  # the bench builds its own, from the same environment: check it first
+    if files > settings.max_files_per_run:
+        _fail(f"--files {files} is over the limit of a run ({settings.max_files_per_run}, REDRIVE_MAX_FILES_PER_RUN)")
+    _check_handlers(settings, handler)  # else every file fails and the figures measure nothing
+    if data_dir is not None:
+        _check_data_dir(data_dir)
     try:
-        bench_main(files=files, handler=handler, executors=executors, data_dir=data_dir, repeat=repeat)
+        result = bench_main(files=files, handler=handler, executors=executors, data_dir=data_dir, repeat=repeat)
     except ApiError as exc:  # e.g. 413: the run's files do not fit in one request
         _fail(f"the system refused the benchmark's request: {exc}")
+    except RuntimeError as exc:
+        _fail(f"the benchmark could not run: {exc}")
+    if not result["exact"]:  # figures of a run that lost or double-counted files mean nothing
+        _fail("a round was not exact (counts or credits): see its line above")
 
 
 @app.command()

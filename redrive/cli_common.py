@@ -1,22 +1,40 @@
-"""What every `redrive` command shares: options, settings, API calls, output."""
+"""What every `redrive` command shares: options, settings, API calls, output, and the one
+place where expected failures (bad input, a server that does not answer) become one line."""
 
 from __future__ import annotations
 
+import functools
 import json
 from pathlib import Path
 from typing import Optional
 
 import typer
+from pydantic import ValidationError
 from rich.console import Console
+from rich.markup import escape
 
 from redrive.api_client import Api, ApiError
 from shared.settings import Settings, load_settings
 
 console = Console()
-err = Console(stderr=True)
+err = Console(stderr=True, soft_wrap=True)  # soft_wrap: a message stays one line, whatever the width
 
 DataDir = typer.Option(None, "--data-dir", envvar="REDRIVE_DATA_DIR", help="Where redrive keeps its data.")
 JsonOut = typer.Option(False, "--json", help="Machine-readable output.")
+
+# Where a setting comes from, for messages: the environment variable a user would set.
+_ENV_NAMES = {"nats_url": "NATS_URL", "database_url": "DATABASE_URL"}
+
+
+def _config_problem(exc: ValidationError) -> str:
+    problems = []
+    for e in exc.errors():
+        field = str(e["loc"][0]) if e["loc"] else ""
+        name = _ENV_NAMES.get(field.lower(), field if field.isupper() else f"REDRIVE_{field.upper()}")
+        msg = e["msg"].removeprefix("Value error, ")
+        shown = not name.endswith("_URL") and not isinstance(e["input"], dict)  # a URL may hold a password
+        problems.append(f"{name}={str(e['input'])!r}: {msg}" if shown else f"{name}: {msg}")
+    return "; ".join(problems)
 
 
 def settings_from(data_dir: Optional[Path], **overrides) -> Settings:
@@ -24,21 +42,101 @@ def settings_from(data_dir: Optional[Path], **overrides) -> Settings:
         overrides["data_dir"] = data_dir
     try:
         return load_settings(**overrides)
-    except Exception as exc:  # pydantic ValidationError: bad configuration
-        err.print(f"[red]invalid configuration:[/red] {exc}")
+    except ValidationError as exc:  # bad configuration
+        err.print(f"[red]invalid configuration:[/red] {escape(_config_problem(exc))}")
         raise typer.Exit(2)
 
 
-def fail(message: str) -> None:
-    err.print(f"[red]error:[/red] {message}")
-    raise typer.Exit(1)
+def require(settings: Settings, *, nats: bool = False, database: bool = False) -> None:
+    """Fail clearly when a command needs a server that nothing names."""
+    for needed, url, name in ((nats, settings.nats_url, "NATS_URL"), (database, settings.database_url, "DATABASE_URL")):
+        if needed and not url:
+            fail(f"{name} is not set and no `redrive up` runs with data dir {settings.data_dir} (set {name} or --data-dir)")
 
 
-def api_call(settings: Settings, method: str, path: str, body=None, *, idempotent: bool = False):
+def fail(message: str, code: int = 1) -> None:
+    err.print(f"[red]error:[/red] {escape(message)}", highlight=False)
+    raise typer.Exit(code)
+
+
+def _from_module(exc: BaseException, *packages: str) -> bool:
+    """Whether the exception was raised inside one of these packages (a connect call's OSError
+    says nothing of whom it tried to reach)."""
+    if type(exc).__module__.split(".")[0] in packages:
+        return True
+    tb = exc.__traceback__
+    while tb is not None:
+        if any(f"/{p}/" in tb.tb_frame.f_code.co_filename for p in packages):
+            return True
+        tb = tb.tb_next
+    return False
+
+
+# SQLSTATE classes that come from outside the code: connection, authorization, an unknown
+# database, exhausted resources, an operator's shutdown, data out of range.
+_DB_ENVIRONMENT = ("08", "28", "3D", "53", "57", "22")
+
+
+def describe(exc: BaseException) -> str | None:
+    """One line for an expected failure; None for anything else (a bug: let it show)."""
+    from shared.embedded import EmbeddedServerError
+
+    if isinstance(exc, (ApiError, EmbeddedServerError)):
+        return str(exc)
+    if _from_module(exc, "asyncpg", "sqlalchemy"):
+        cause = getattr(exc, "orig", None) or exc
+        cause = cause.__cause__ or cause  # SQLAlchemy's asyncpg adapter wraps asyncpg's own error
+        sqlstate = getattr(cause, "sqlstate", None) or ""
+        reason = (str(cause).strip().splitlines() or [type(cause).__name__])[0]
+        if sqlstate in ("42P01", "3F000"):  # undefined table, undefined schema
+            return f"the database has no redrive tables ({reason}): run `redrive migrate` first"
+        if isinstance(cause, OSError) or sqlstate[:2] in _DB_ENVIRONMENT:
+            return f"database (DATABASE_URL): {reason or type(cause).__name__}"
+        return None
+    if type(exc).__module__.startswith("nats") or (isinstance(exc, OSError) and _from_module(exc, "nats")):
+        return f"NATS (NATS_URL): {str(exc) or type(exc).__name__}"
+    if isinstance(exc, OSError):  # a file, a port, a directory
+        return str(exc)
+    return None
+
+
+def _one_line_errors(func):
+    @functools.wraps(func)
+    def wrapper(*args, **kwargs):
+        try:
+            return func(*args, **kwargs)
+        except Exception as exc:
+            message = describe(exc)
+            if message is None:
+                raise
+            fail(message)
+
+    return wrapper
+
+
+class App(typer.Typer):
+    """A Typer whose commands turn expected failures into one line on stderr and exit 1."""
+
+    def command(self, *args, **kwargs):
+        register = super().command(*args, **kwargs)
+
+        def decorator(func):
+            register(_one_line_errors(func))
+            return func
+
+        return decorator
+
+
+def api_call(settings: Settings, method: str, path: str, body=None, *, idempotent: bool = False, expect: tuple = ()):
+    """One API call; ``expect``: keys the answer must have (else the URL is not a redrive API)."""
+    api = Api.from_settings(settings)
     try:
-        return Api.from_settings(settings).call(method, path, body, idempotent=idempotent)
+        data = api.call(method, path, body, idempotent=idempotent)
     except ApiError as exc:
         fail(str(exc))
+    if expect and not (isinstance(data, dict) and all(k in data for k in expect)):
+        fail(f"unexpected answer from {api.base_url}/api/v1{path}: is REDRIVE_API_URL a redrive API?")
+    return data
 
 
 def print_json(data, as_json: bool) -> None:
@@ -46,5 +144,3 @@ def print_json(data, as_json: bool) -> None:
         typer.echo(json.dumps(data, indent=2, default=str))
     else:
         console.print_json(data=data, default=str)
-
-

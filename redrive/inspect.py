@@ -3,17 +3,31 @@
 from __future__ import annotations
 
 import asyncio
+from urllib.parse import urlsplit
 
+import nats
 import orjson
 
-from shared import bus
 from shared.settings import Settings
 from shared.subjects import Names
 
 
 async def inspect_system(settings: Settings) -> dict:
     names = Names(settings.prefix)
-    nc = await bus.connect(settings, "redrive-inspect")
+    # Not bus.connect: that one waits out an outage forever, as a service should; a command
+    # says at once that NATS does not answer.
+    seen: list[BaseException] = []
+
+    async def on_error(exc: BaseException) -> None:
+        seen.append(exc)
+
+    try:
+        nc = await nats.connect(settings.nats_servers, name="redrive-inspect", connect_timeout=5, allow_reconnect=False,
+                                max_reconnect_attempts=1, reconnect_time_wait=0.2, error_cb=on_error)
+    except (nats.errors.NoServersError, TimeoutError) as exc:
+        last = seen[-1] if seen else exc
+        why = "no NATS answer within 5 s" if isinstance(last, TimeoutError) else str(last) or type(last).__name__
+        raise ConnectionError(f"cannot connect to NATS at {urlsplit(settings.nats_url).netloc.rpartition('@')[2]}: {why}") from None
     try:
         js = nc.jetstream()
         streams = {}
@@ -43,7 +57,12 @@ async def inspect_system(settings: Settings) -> dict:
                 msg = await sub.next_msg(timeout=max(0.01, deadline - asyncio.get_running_loop().time()))
             except Exception:
                 break
-            info = orjson.loads(msg.data)
+            if not msg.data:  # "no responders" (no service runs), or an empty reply
+                continue
+            try:
+                info = orjson.loads(msg.data)
+            except orjson.JSONDecodeError:
+                continue
             if info.get("name", "").startswith(f"{names.prefix}-"):
                 services.append({"name": info["name"], "id": info["id"], "version": info.get("version"),
                                  "endpoints": [e["name"] for e in info.get("endpoints", [])]})

@@ -4,13 +4,15 @@ from __future__ import annotations
 
 import time
 from pathlib import Path
+from urllib.parse import quote
 from typing import Optional
 
 import typer
 
-from redrive.cli_common import DataDir, JsonOut, api_call as _api_call, print_json as _print, settings_from as _settings
+from redrive.cli_common import App, DataDir, JsonOut, api_call as _api_call, fail as _fail, print_json as _print
+from redrive.cli_common import settings_from as _settings
 
-run_app = typer.Typer(no_args_is_help=True, help="Workflow runs.")
+run_app = App(no_args_is_help=True, help="Workflow runs.")
 
 
 @run_app.command("submit")
@@ -29,15 +31,23 @@ def run_submit(
     for item in file:
         if item.startswith("@"):
             path = Path(item[1:])
-            files.append({"name": path.name, "content_b64": base64.b64encode(path.read_bytes()).decode()})
+            try:
+                content = path.read_bytes()
+            except OSError as exc:
+                _fail(f"--file {item}: cannot read {path}: {exc.strerror}")
+            files.append({"name": path.name, "content_b64": base64.b64encode(content).decode()})
         else:
             files.append({"name": item})
     body = {"template_id": template, "files": files, "max_retry_count": max_retry_count, "mode": mode}
     _print(_api_call(_settings(data_dir), "POST", "/workflow-runs", body, idempotent=True), as_json)
 
 
+def _run_path(run_id: str) -> str:
+    return f"/workflow-runs/{quote(run_id, safe='')}"  # an id is one path segment, whatever it holds
+
+
 def _run_action(run_id: str, action: str, data_dir, as_json: bool, method="POST", body=None) -> None:
-    path = f"/workflow-runs/{run_id}" + (f"/{action}" if action else "")
+    path = _run_path(run_id) + (f"/{action}" if action else "")
     _print(_api_call(_settings(data_dir), method, path, body, idempotent=method == "POST"), as_json)
 
 
@@ -75,11 +85,11 @@ def run_restore(
 ) -> None:
     """Rewind files to an earlier checkpoint and resume them (platform admin)."""
     body = {"checkpoint_step": checkpoint_step} | ({"file_index": file_index} if file_index is not None else {})
-    _print(_api_call(_settings(data_dir), "POST", f"/admin/workflow-runs/{run_id}/restore", body), as_json)
+    _print(_api_call(_settings(data_dir), "POST", f"/admin{_run_path(run_id)}/restore", body), as_json)
 
 
 @run_app.command("watch")
-def run_watch(run_id: str, data_dir: Optional[Path] = DataDir, interval: float = typer.Option(1.0, "--interval")) -> None:
+def run_watch(run_id: str, data_dir: Optional[Path] = DataDir, interval: float = typer.Option(1.0, "--interval", min=0.1)) -> None:
     """Follow a run's progress until it leaves RUNNING."""
     from rich.progress import BarColumn, Progress, TextColumn
 
@@ -87,7 +97,7 @@ def run_watch(run_id: str, data_dir: Optional[Path] = DataDir, interval: float =
     with Progress(TextColumn("{task.description}"), BarColumn(), TextColumn("{task.completed}/{task.total}")) as bar:
         task = None
         while True:
-            run = _api_call(settings, "GET", f"/workflow-runs/{run_id}")
+            run = _api_call(settings, "GET", _run_path(run_id), expect=("status", "round", "counts"))
             c = run["counts"]
             done = c["total"] - c["pending"]
             label = f"{run['status']} round {run['round']} ok={c['succeeded']} failed={c['failed']} error={c['errored']}"

@@ -10,6 +10,7 @@ import signal
 import subprocess
 import sys
 import time
+import urllib.request
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -94,15 +95,32 @@ class Stack:
     def watch(self, stop_requested) -> None:
         """Restart a service that died (with a short backoff if it keeps dying)."""
         while not stop_requested():
-            for child in self.children:
-                if child.proc is not None and child.proc.poll() is not None:
-                    quick = time.monotonic() - child.started_at < 5
-                    child.restarts += 1
-                    delay = min(10.0, 0.5 * (2 ** min(child.restarts, 5))) if quick else 0.2
-                    print(f"redrive: {child.name} exited ({child.proc.returncode}); restarting in {delay:.1f}s", flush=True)
-                    time.sleep(delay)
-                    child.start()
+            self._restart_dead()
             time.sleep(0.2)
+
+    def wait_ready(self, api_url: str, stop_requested, timeout: float = 60.0) -> bool:
+        """Wait until the gateway answers /readyz (it and NATS and PostgreSQL are up),
+        restarting services that die meanwhile; False after ``timeout`` or a stop request."""
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline and not stop_requested():
+            try:
+                with urllib.request.urlopen(f"{api_url}/readyz", timeout=1):
+                    return True
+            except OSError:  # not listening yet, or 503 (urllib's HTTPError is an OSError)
+                pass
+            self._restart_dead()
+            time.sleep(0.2)
+        return False
+
+    def _restart_dead(self) -> None:
+        for child in self.children:
+            if child.proc is not None and child.proc.poll() is not None:
+                quick = time.monotonic() - child.started_at < 5
+                child.restarts += 1
+                delay = min(10.0, 0.5 * (2 ** min(child.restarts, 5))) if quick else 0.2
+                print(f"redrive: {child.name} exited ({child.proc.returncode}); restarting in {delay:.1f}s", flush=True)
+                time.sleep(delay)
+                child.start()
 
     def stop(self) -> None:
         for child in reversed(self.children):

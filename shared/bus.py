@@ -52,7 +52,7 @@ async def connect(settings: Settings, name: str) -> NatsClient:
         log.info("nats.reconnected")
 
     return await nats.connect(
-        settings.nats_url,
+        settings.nats_servers,
         name=name,
         max_reconnect_attempts=-1,
         reconnect_time_wait=0.5,

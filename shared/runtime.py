@@ -45,7 +45,17 @@ async def serve(name: str, build: Callable[[Settings], Awaitable[Service]], sett
         except (NotImplementedError, RuntimeError):  # pragma: no cover - non-main thread
             pass
     service = await build(settings)
-    await service.start()
+    # A start can wait a long time (NATS or PostgreSQL not there yet): a stop request must
+    # not wait for it.
+    starting = asyncio.ensure_future(service.start())
+    stopping = asyncio.ensure_future(stop_requested.wait())
+    await asyncio.wait({starting, stopping}, return_when=asyncio.FIRST_COMPLETED)
+    if not starting.done():
+        starting.cancel()
+        log.info("service.stopped_while_starting", service=name)
+        return
+    stopping.cancel()
+    starting.result()  # a failed start fails the process
     settle_gc()
     log.info("service.started", service=name)
     await stop_requested.wait()

@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import os
 from pathlib import Path
+from urllib.parse import urlsplit
 
 import platformdirs
 from pydantic import AliasChoices, Field, field_validator
@@ -84,6 +85,34 @@ class Settings(BaseSettings):
             raise ValueError("prefix must be letters, digits, '-' or '_'")
         return v
 
+    @field_validator("nats_url")
+    @classmethod
+    def _nats_url_is_a_url(cls, v: str | None) -> str | None:
+        # Several seed servers of a cluster, comma-separated (as the nats CLI takes them);
+        # nats-py reads "HOST:PORT" as nats://HOST:PORT.
+        for url in filter(None, (u.strip() for u in (v or "").split(","))):
+            _checked_url(url if "://" in url else f"nats://{url}", ("nats", "tls", "ws", "wss"), "nats://HOST:4222")
+        return v
+
+    @property
+    def nats_servers(self) -> list[str]:
+        return [url.strip() for url in (self.nats_url or "").split(",") if url.strip()]
+
+    @field_validator("database_url")
+    @classmethod
+    def _database_url_is_a_url(cls, v: str | None) -> str | None:
+        if v:  # no host: postgresql:///db?host=/run/postgresql, a socket
+            _checked_url(v, ("postgresql", "postgres", "postgresql+asyncpg"), "postgresql://USER@HOST:5432/DB",
+                         host_required=False)
+        return v
+
+    @field_validator("data_dir")
+    @classmethod
+    def _data_dir_is_a_directory(cls, v: Path) -> Path:
+        if v.exists() and not v.is_dir():
+            raise ValueError("it exists and is not a directory")
+        return v
+
     @property
     def sqlalchemy_url(self) -> str:
         if not self.database_url:
@@ -97,6 +126,18 @@ class Settings(BaseSettings):
     @property
     def runtime_file(self) -> Path:
         return self.data_dir / "runtime.json"
+
+
+def _checked_url(url: str, schemes: tuple[str, ...], example: str, *, host_required: bool = True) -> None:
+    """A server URL of one of these schemes, with a numeric port if any. Messages leave the
+    URL out: it may hold a password."""
+    parts = urlsplit(url)
+    try:
+        parts.port  # raises on a port that is not a number in 0..65535
+    except ValueError:
+        raise ValueError("its port is not a number in 0..65535") from None
+    if parts.scheme not in schemes or (host_required and not parts.hostname):
+        raise ValueError(f"expected a URL like {example}")
 
 
 def load_settings(**overrides) -> Settings:

@@ -104,3 +104,16 @@ async def test_several_filters_without_a_wide_one_are_refused_on_an_old_server(c
     else:
         with pytest.raises(ValueError, match="2.10"):
             await bus.ensure_consumer(client.js, client.names.events_stream, "two", client.names.notifier_filters)
+
+
+async def test_nats_url_may_name_several_seed_servers(make_settings):
+    from shared.embedded import free_port
+
+    settings = await make_settings(migrate=False)
+    # One seed that nobody answers on, then the real one: a cluster whose first node is down.
+    seeds = settings.model_copy(update={"nats_url": f"nats://127.0.0.1:{free_port()}, {settings.nats_url}"})
+    nc = await bus.connect(seeds, "test-seeds")
+    try:
+        assert nc.is_connected and nc.connected_url.port == int(settings.nats_url.rsplit(":", 1)[1])
+    finally:
+        await nc.close()

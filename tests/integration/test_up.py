@@ -1,0 +1,121 @@
+"""`redrive up` as the README's first command runs it: embedded NATS and PostgreSQL in the
+data directory, the five services as their own processes, the URL and key printed once the
+API answers, a service that dies restarted, Ctrl-C stops everything, and a second `up` on
+the same data directory finds its data again."""
+
+from __future__ import annotations
+
+import os
+import queue
+import signal
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import psutil
+
+from redrive.api_client import Api
+from shared.embedded import free_port
+
+# The embedded default, whatever servers the rest of the suite was given.
+_SERVER_VARS = ("NATS_URL", "DATABASE_URL", "REDRIVE_NATS_URL", "REDRIVE_DATABASE_URL", "REDRIVE_PREFIX")
+
+
+class _Up:
+    def __init__(self, data_dir: Path, port: int) -> None:
+        env = {k: v for k, v in os.environ.items() if k not in _SERVER_VARS}
+        self.proc = subprocess.Popen([sys.executable, "-m", "redrive", "up", "--data-dir", str(data_dir), "--port", str(port)],
+                                     env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                                     start_new_session=True)
+        self.lines: queue.Queue[str] = queue.Queue()
+        threading.Thread(target=self._read, daemon=True).start()
+
+    def _read(self) -> None:
+        for line in self.proc.stdout:
+            self.lines.put(line.rstrip("\n"))
+
+    def line_starting(self, prefix: str, timeout: float = 90) -> str:
+        deadline = time.monotonic() + timeout
+        while (left := deadline - time.monotonic()) > 0:
+            try:
+                line = self.lines.get(timeout=left)
+            except queue.Empty:
+                break
+            if prefix in line:
+                return line[line.index(prefix) + len(prefix):].strip()
+        raise AssertionError(f"`redrive up` printed no line with {prefix!r} within {timeout}s")
+
+    def service_pid(self, name: str) -> int:
+        for child in psutil.Process(self.proc.pid).children(recursive=True):
+            if child.cmdline()[-2:] == ["service", name]:
+                return child.pid
+        raise AssertionError(f"no {name} process")
+
+    def interrupt(self, timeout: float = 60) -> list[psutil.Process]:
+        """Ctrl-C; returns what `up` had started (all of which must be gone)."""
+        started = psutil.Process(self.proc.pid).children(recursive=True)
+        self.proc.send_signal(signal.SIGINT)
+        self.proc.wait(timeout)
+        return started
+
+
+def _until(check, timeout: float = 60):
+    deadline = time.monotonic() + timeout
+    while not (found := check()):
+        assert time.monotonic() < deadline, "timed out"
+        time.sleep(0.2)
+    return found
+
+
+def _run_to_the_end(api: Api, template_id: str, files: int) -> dict:
+    run = api.call("POST", "/workflow-runs", {"template_id": template_id, "files": [{"name": f"f{i}"} for i in range(files)]})
+    return _until(lambda: (r := api.call("GET", f"/workflow-runs/{run['id']}"))["status"] != "RUNNING" and r)
+
+
+def test_up_starts_restarts_stops_and_finds_its_data_again(tmp_path):
+    data_dir, port = tmp_path / "rd", free_port()
+    first = _Up(data_dir, port)
+    try:
+        url = first.line_starting("API: ")
+        key = first.line_starting("Admin key: ")
+        api = Api(url, key)
+        assert "purchased" in api.call("GET", "/credits")  # at once: the URL is printed once the API answers
+        api.call("POST", "/admin/tenants/platform/credits", {"purchased": 10})
+        template = api.call("POST", "/templates", {"name": "t", "steps": [{"name": "s", "handler": "noop"}]})
+        done = _run_to_the_end(api, template["id"], 3)
+        assert done["status"] == "COMPLETED" and done["counts"]["succeeded"] == 3
+
+        os.kill(first.service_pid("executor"), signal.SIGKILL)
+        first.line_starting("executor-0 exited")
+        again = _run_to_the_end(api, template["id"], 2)  # the restarted executor runs it
+        assert again["status"] == "COMPLETED" and again["counts"]["succeeded"] == 2
+    finally:
+        started = first.interrupt()
+    assert first.proc.returncode == 0
+    assert not [p for p in started if p.is_running() and p.status() != psutil.STATUS_ZOMBIE], "Ctrl-C left processes"
+
+    second = _Up(data_dir, port)
+    try:
+        assert second.line_starting("API: ") == url and second.line_starting("Admin key: ") == key
+        assert api.call("GET", f"/workflow-runs/{done['id']}")["counts"]["succeeded"] == 3
+        assert api.call("GET", "/credits")["purchased"]["remaining"] == 5
+    finally:
+        second.interrupt()
+
+
+def test_a_service_waiting_for_nats_at_start_stops_on_sigterm(tmp_path):
+    env = {k: v for k, v in os.environ.items() if k not in _SERVER_VARS}
+    env.update(NATS_URL=f"nats://127.0.0.1:{free_port()}", DATABASE_URL="postgresql://nobody@127.0.0.1:1/none",
+               REDRIVE_DATA_DIR=str(tmp_path))
+    proc = subprocess.Popen([sys.executable, "-m", "redrive", "service", "billing"], env=env, stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True)
+    try:
+        for line in proc.stdout:  # it is starting: connecting to a NATS that is not there
+            if "nats.error" in line:
+                break
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(10) == 0
+    finally:
+        proc.kill()
