@@ -49,6 +49,7 @@ def job_messages(
     deduped by JetStream); recovery adds one because the original message may be long gone
     (acked or terminated) while the dedupe window still remembers its id.
     """
+    files = list(files)
     specs = [file_spec(f) for f in files]
     if not specs:
         return []
@@ -65,10 +66,17 @@ def job_messages(
         return [Outgoing(subject, body, job_id + msg_suffix, headers_for(job_id, run["tenant_id"], run["id"]))]
     # The run's part of every job is serialised once: a job is that head and its own fields
     # (one JSON object, keys disjoint), which costs a third of building each whole.
-    head = orjson.dumps(common)[:-1] + b","
+    # A file's job carries the file's own round, not the run's: a single-file retry or restore
+    # moves the run to a new round while other files are still PENDING in an earlier one, and
+    # a re-published job of such a file must match its round or its results are ignored.
+    heads = {run["round"]: orjson.dumps(common)[:-1] + b","}
     messages = []
-    for spec in specs:
-        job_id = job_id_for(run["id"], spec["index"], run["round"])
+    for f, spec in zip(files, specs):
+        round_ = f.get("round", run["round"])
+        if round_ not in heads:
+            heads[round_] = orjson.dumps({**common, "round": round_})[:-1] + b","
+        head = heads[round_]
+        job_id = job_id_for(run["id"], spec["index"], round_)
         own = orjson.dumps({"job_id": job_id, "file_index": spec["index"], "start_step": spec["start_step"],
                             "files": [spec], "idempotency_key": job_id})
         messages.append(Outgoing(subject, head + own[1:], job_id + msg_suffix,
@@ -99,7 +107,7 @@ _EXPAND_RUN = text(
     "FROM coordinator.runs r JOIN coordinator.templates t ON t.id = r.template_id WHERE r.id = :run_id"
 )
 _EXPAND_FILES = text(
-    "SELECT idx, name, url, content_b64, size, sha256, checkpoint_step, checkpoint_output FROM coordinator.files "
+    "SELECT idx, round, name, url, content_b64, size, sha256, checkpoint_step, checkpoint_output FROM coordinator.files "
     "WHERE run_id = :run_id AND round = :round AND status = 'PENDING' AND idx > :after ORDER BY idx LIMIT :limit"
 )
 
@@ -109,10 +117,12 @@ async def expand_page(conn: AsyncConnection, spec: Mapping[str, Any], limit: int
     """The next page of an expansion's jobs, and the index to resume after (None: done).
 
     Only files still PENDING in the expansion's round of a RUNNING run are published: a
-    run cancelled or stopped meanwhile publishes nothing more.
+    run cancelled or stopped meanwhile publishes nothing more. A run that moved on to a later
+    round meanwhile (a single-file retry or restore) still needs the jobs of the files left in
+    this round: they are published with this round (the files' own, see job_messages).
     """
     run = (await conn.execute(_EXPAND_RUN, {"run_id": spec["run_id"]})).mappings().first()
-    if run is None or run["status"] != "RUNNING" or run["round"] != spec["round"]:
+    if run is None or run["status"] != "RUNNING":
         return [], None
     result = await conn.execute(_EXPAND_FILES, {"run_id": spec["run_id"], "round": spec["round"],
                                                 "after": spec["after_idx"], "limit": limit})

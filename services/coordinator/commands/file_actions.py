@@ -7,6 +7,7 @@ from sqlalchemy import text
 from shared.db import transaction
 from shared.messages import ServiceError
 from services.coordinator import credits, jobs, outbox, store, timeline
+from services.coordinator.commands.recover import stopped_pending_rows
 from services.coordinator.context import Deps
 from services.coordinator.run_events import run_event_row
 from services.coordinator.schemas import FileRef
@@ -41,6 +42,9 @@ async def retry_file(deps: Deps, cmd: FileRef) -> dict:
     try:
         async with transaction(deps.engine) as conn:
             run, f = await _locked_file(conn, cmd)
+            if run["status"] == "CANCELLED":
+                # Cancel is final (it refunded what never ran): nothing of the run is charged again.
+                raise ServiceError("conflict", "the run was cancelled; its files cannot be retried")
             if f["status"] == "PENDING":
                 raise ServiceError("file_pending", "the file is still in progress")
             if f["status"] != "FAILED":
@@ -53,11 +57,13 @@ async def retry_file(deps: Deps, cmd: FileRef) -> dict:
             amount = template["credits_per_file"]
             charge = await credits.reserve(deps.engine, deps.billing, key=key, run_id=run["id"],
                                            tenant_id=run["tenant_id"], amount=amount, actor=cmd.actor)
+            was = run
             run = dict((await conn.execute(_REOPEN_RUN, {"run_id": run["id"], "charged": charge.charged,
                                                          "m": charge.from_monthly, "p": charge.from_purchased})).mappings().one())
             f = dict((await conn.execute(_REOPEN_FILE, {"run_id": run["id"], "idx": f["idx"], "round": run["round"],
                                                         "charge_key": key if amount else None})).mappings().one())
             await outbox.add(conn, jobs.job_rows(deps.names, run, template, [f], policy)
+                             + await stopped_pending_rows(conn, deps, was, run, template, policy, {f["idx"]})
                              + [run_event_row(deps.names, run, "retrying", unique=f"file{f['idx']}")])
             await timeline.append(
                 conn, timeline.entry(run["id"], run["tenant_id"], "file_retry", cmd.actor, f["idx"], round=run["round"]))

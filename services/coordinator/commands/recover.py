@@ -42,6 +42,17 @@ async def republish_pending(conn, deps: Deps, run: dict, actor: str) -> int:
     return len(files)
 
 
+async def stopped_pending_rows(conn, deps: Deps, before: dict, run: dict, template: dict, policy,
+                               reopened: set[int]) -> list[dict]:
+    """Jobs for the PENDING files of a run that was FAILED (``before``) and is reopened by an
+    action on some of its files: fail_fast stopped their jobs (executors skip them), and a
+    RUNNING run whose other files can never run would wait for the sweep's lease to end."""
+    if before["status"] != "FAILED":
+        return []
+    files = [f for f in await store.load_files(conn, run["id"], statuses=("PENDING",)) if f["idx"] not in reopened]
+    return jobs.job_rows(deps.names, run, template, files, policy, msg_suffix=f":rec{run['generation']}")
+
+
 async def recover(deps: Deps, cmd: RunRef) -> dict:
     async with transaction(deps.engine) as conn:
         run = await store.load_run(conn, cmd.tenant_id, cmd.run_id, lock=True)
@@ -68,6 +79,7 @@ async def restore(deps: Deps, cmd: Restore) -> dict:
         run = await store.load_run(conn, cmd.tenant_id, cmd.run_id, lock=True)
         if run["status"] == "CANCELLED":
             raise ServiceError("conflict", "a cancelled run cannot be restored")
+        was = run
         template = await store.load_template(conn, run["tenant_id"], run["template_id"], include_archived=True)
         if cmd.checkpoint_step >= len(template["steps"]):
             raise ServiceError("bad_request", f"checkpoint_step must be below {len(template['steps'])}")
@@ -87,7 +99,10 @@ async def restore(deps: Deps, cmd: Restore) -> dict:
         for f in files:
             output = (f["step_outputs"] or {}).get(str(cmd.checkpoint_step)) if cmd.checkpoint_step >= 0 else None
             restored.append(dict((await conn.execute(text(
+                # A restore is free: a file that had finished used its charge, so it is no longer
+                # charged for anything a cancel could refund (a PENDING file keeps its unused one).
                 "UPDATE coordinator.files SET status = 'PENDING', round = :round, attempts = 0, "
+                " charge_key = CASE WHEN status = 'PENDING' THEN charge_key END, "
                 " checkpoint_step = :cp, checkpoint_output = CAST(:cpo AS jsonb), updated_at = now() "
                 "WHERE run_id = :r AND idx = :i RETURNING *"),
                 {"round": new_round, "cp": cmd.checkpoint_step if cmd.checkpoint_step >= 0 else None,
@@ -102,6 +117,7 @@ async def restore(deps: Deps, cmd: Restore) -> dict:
             "WHERE id = :r RETURNING *"), {"round": new_round, "r": run["id"]})).mappings().one())
         policy = await store.retry_policy(conn, run["tenant_id"])
         await outbox.add(conn, jobs.job_rows(deps.names, run, template, restored, policy)
+                         + await stopped_pending_rows(conn, deps, was, run, template, policy, {f["idx"] for f in restored})
                          + [run_event_row(deps.names, run, "recovery_started", "Restore from checkpoint started")])
         await timeline.append(conn, timeline.entry(run["id"], run["tenant_id"], "restored", cmd.actor, cmd.file_index,
                                                    checkpoint_step=cmd.checkpoint_step, files=len(restored), round=new_round))

@@ -19,7 +19,9 @@ from services.coordinator.schemas import RunRef
 
 _REOPEN_FILES = text(
     "UPDATE coordinator.files SET status = 'PENDING', round = :round, retry_attempt = retry_attempt + 1, "
-    " attempts = 0, charge_key = CASE WHEN status = 'FAILED' THEN :charge_key END, updated_at = now() "
+    # A PENDING file keeps the key it was charged under and never used: it goes on free, and
+    # a cancel later refunds that charge (a NULL key would make its credits unrefundable).
+    " attempts = 0, charge_key = CASE WHEN status = 'FAILED' THEN :charge_key ELSE charge_key END, updated_at = now() "
     "WHERE run_id = :run_id AND idx = ANY(CAST(:idxs AS int[])) RETURNING *"
 )
 _REOPEN_RUN = text(
@@ -38,6 +40,10 @@ def check_retryable(run: dict, files: list[dict]) -> tuple[list[dict], list[dict
         raise ServiceError("run_running", "the run is still running; wait until it stops")
     if run["status"] == "COMPLETED":
         raise ServiceError("run_completed", "the run completed without errors: nothing to retry")
+    if run["status"] == "CANCELLED":
+        # Cancel is final (it refunded what never ran): a Continue that lost the race with it,
+        # or comes later, must not reopen the run and charge again.
+        raise ServiceError("conflict", "the run was cancelled; it cannot be continued")
     failed = [f for f in files if f["status"] == "FAILED"]
     pending = [f for f in files if f["status"] == "PENDING"]
     if not failed and not pending:
