@@ -5,7 +5,9 @@ clients through bounded queues. Each event is looked at once, whatever the numbe
 clients: its tenant comes from the ``Redrive-Tenant`` header when the publisher set one
 (no JSON parse), else from the body's ``tenant_id``; events without a tenant (breakers)
 go to everyone. A slow client loses events rather than slowing anyone else: it can re-read
-the state from the API.
+the state from the API. A client that takes nothing for ``write_timeout_s`` (it stopped
+reading but keeps the connection open) is disconnected, so it holds no handler, queue or
+subscription forever.
 
 The subscription exists only while someone listens, so an idle gateway does not receive
 the (high-volume) file events at all.
@@ -26,6 +28,7 @@ from shared.subjects import Names
 log = structlog.get_logger(__name__)
 
 KEEPALIVE_S = 15.0
+WRITE_TIMEOUT_S = 60.0
 QUEUE_SIZE = 1000
 TENANT_HEADER = "Redrive-Tenant"
 _CLOSE = b""  # sentinel: the hub is stopping
@@ -33,11 +36,12 @@ _CLOSE = b""  # sentinel: the hub is stopping
 
 class EventHub:
     def __init__(self, nc: NatsClient, names: Names, *, keepalive_s: float = KEEPALIVE_S,
-                 queue_size: int = QUEUE_SIZE) -> None:
+                 queue_size: int = QUEUE_SIZE, write_timeout_s: float = WRITE_TIMEOUT_S) -> None:
         self._nc = nc
         self._names = names
         self._events_prefix = f"{names.prefix}.events."
         self._keepalive_s = keepalive_s
+        self._write_timeout_s = write_timeout_s
         self._queue_size = queue_size
         self._by_tenant: dict[str, set[asyncio.Queue]] = {}
         self._clients = 0
@@ -145,9 +149,13 @@ class EventHub:
                     frame = b": keepalive\n\n"
                 if frame == _CLOSE:
                     break
-                await response.write(frame)
+                await asyncio.wait_for(response.write(frame), self._write_timeout_s)
         except ConnectionResetError:
             pass  # the client went away
+        except asyncio.TimeoutError:  # the client stopped reading: let it go, and what is buffered for it
+            log.info("events.client_stalled", tenant=tenant_id)
+            if request.transport is not None:
+                request.transport.abort()
         finally:
             self.unregister(tenant_id, queue)
             await self._unsubscribe(only_if_idle=True)

@@ -99,11 +99,11 @@ async def delete_webhook(engine: AsyncEngine, tenant_id: str) -> bool:
 _CLAIM = text("""
 WITH due AS (
     SELECT d.id, w.url, w.secret FROM notifier.deliveries d LEFT JOIN notifier.webhooks w ON w.tenant_id = d.tenant_id
-    WHERE d.status = 'pending' AND d.next_attempt_at <= now()
+    WHERE d.status = 'pending' AND d.next_attempt_at <= now() AND NOT (d.tenant_id = ANY(:busy))
     ORDER BY d.id LIMIT :limit FOR UPDATE OF d SKIP LOCKED)
 UPDATE notifier.deliveries d SET attempts = d.attempts + 1, next_attempt_at = now() + make_interval(secs => :lease)
 FROM due WHERE d.id = due.id
-RETURNING d.id, d.attempts, d.body, due.url, due.secret""")
+RETURNING d.id, d.tenant_id, d.attempts, d.body, due.url, due.secret""")
 _DELIVERED = text("UPDATE notifier.deliveries SET status = 'delivered', delivered_at = now(), url = :url, "
                   "last_error = NULL WHERE id = :id AND attempts = :attempts AND status = 'pending'")
 _NOT_DELIVERED = text("UPDATE notifier.deliveries SET status = :status, last_error = :error, url = coalesce(:url, url), "
@@ -111,11 +111,14 @@ _NOT_DELIVERED = text("UPDATE notifier.deliveries SET status = :status, last_err
                       "WHERE id = :id AND attempts = :attempts AND status = 'pending'")
 
 
-async def claim_due(engine: AsyncEngine, limit: int, lease_s: float) -> list[Mapping[str, Any]]:
-    """Due deliveries, their attempt counted and leased for ``lease_s``: another sender
-    (or this one after a crash) takes a delivery again only once its lease has run out."""
+async def claim_due(engine: AsyncEngine, limit: int, lease_s: float,
+                    busy: Sequence[str] = ()) -> list[Mapping[str, Any]]:
+    """Due deliveries (none of the ``busy`` tenants), their attempt counted and leased for
+    ``lease_s``: another sender (or this one after a crash) takes a delivery again only
+    once its lease has run out."""
     async with transaction(engine) as conn:
-        rows = (await conn.execute(_CLAIM, {"limit": limit, "lease": float(lease_s)})).mappings().all()
+        rows = (await conn.execute(_CLAIM, {"limit": limit, "lease": float(lease_s),
+                                            "busy": list(busy)})).mappings().all()
     return sorted(rows, key=lambda r: r["id"])
 
 

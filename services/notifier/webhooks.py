@@ -1,8 +1,11 @@
 """Webhook delivery: the ``deliveries`` outbox posted over HTTP, with its own retries.
 
-Each pass claims due deliveries under a lease (a short transaction), posts them
-concurrently with no database connection held, then records each outcome only if the
-delivery is still at the attempt that was made. A crash mid-post means the delivery is
+Each pass claims due deliveries under a lease (a short transaction) and starts their posts,
+with no database connection held; each post records its own outcome when it ends, only if
+the delivery is still at the attempt that was made. A pass never waits for the posts of an
+earlier one, so a receiver that hangs until the timeout holds back nobody else: a tenant
+with ``PER_TENANT`` posts in flight is not claimed from until some end, and at most
+``MAX_IN_FLIGHT`` posts are in flight at all. A crash mid-post means the delivery is
 posted again after its lease: receivers dedupe on ``X-Redrive-Delivery``.
 """
 
@@ -10,7 +13,9 @@ from __future__ import annotations
 
 import asyncio
 import time
+from collections import Counter
 from collections.abc import Mapping
+from email.utils import parsedate_to_datetime
 from typing import Any
 
 import aiohttp
@@ -25,6 +30,8 @@ from services.notifier.signing import HEADER, sign
 log = structlog.get_logger(__name__)
 
 BATCH = 50
+MAX_IN_FLIGHT = 4 * BATCH  # posts at once, all tenants together (and the connection pool's size)
+PER_TENANT = BATCH  # a tenant with this many posts in flight waits for some to end before more are claimed
 
 
 class WebhookSender:
@@ -38,6 +45,8 @@ class WebhookSender:
         self._wake = asyncio.Event()
         self._stopping = False
         self._task: asyncio.Task | None = None
+        self._posts: set[asyncio.Task] = set()
+        self._by_tenant: Counter[str] = Counter()  # posts in flight
 
     def kick(self) -> None:
         """New deliveries were committed: look now rather than at the next poll."""
@@ -58,38 +67,56 @@ class WebhookSender:
     async def _run(self) -> None:
         timeout = aiohttp.ClientTimeout(total=self._timeout_s)
         resolver = self._destinations.resolver()
-        connector = aiohttp.TCPConnector(resolver=resolver)
-        async with aiohttp.ClientSession(timeout=timeout, headers={"User-Agent": "redrive-webhooks"},
-                                         connector=connector) as session:
-            while not self._stopping:
-                self._wake.clear()
-                wait_s = self._poll_s
-                try:
-                    claimed, soonest_retry_s = await self.deliver_due(session)
-                    if claimed >= BATCH:
-                        continue  # more may be due
-                    wait_s = min(wait_s, soonest_retry_s)
-                except Exception as exc:  # database down: try again at the next poll
-                    log.warning("webhooks.pass_failed", error=repr(exc)[:500])
-                try:
-                    await asyncio.wait_for(self._wake.wait(), max(wait_s, 0.01))
-                except asyncio.TimeoutError:
-                    pass
-        if resolver is not None:  # ours, not the connector's, to close
-            await resolver.close()
+        connector = aiohttp.TCPConnector(resolver=resolver, limit=MAX_IN_FLIGHT)
+        try:
+            async with aiohttp.ClientSession(timeout=timeout, headers={"User-Agent": "redrive-webhooks"},
+                                             connector=connector) as session:
+                while not self._stopping:
+                    self._wake.clear()
+                    try:
+                        if await self.deliver_due(session) >= BATCH and len(self._posts) < MAX_IN_FLIGHT:
+                            continue  # more may be due
+                    except Exception as exc:  # database down: try again at the next poll
+                        log.warning("webhooks.pass_failed", error=repr(exc)[:500])
+                    try:
+                        await asyncio.wait_for(self._wake.wait(), self._poll_s)
+                    except asyncio.TimeoutError:
+                        pass
+                # Stopping: let the posts in flight end (stop's grace cancels them, and this, after).
+                await asyncio.gather(*self._posts, return_exceptions=True)
+        finally:
+            if resolver is not None:  # ours, not the connector's, to close
+                await resolver.close()
 
-    async def deliver_due(self, session: aiohttp.ClientSession) -> tuple[int, float]:
-        """One pass: returns how many deliveries were attempted and the delay of the
-        soonest retry it scheduled (infinity if none)."""
-        claimed = await repository.claim_due(self._engine, BATCH, self._lease_s)
-        if not claimed:
-            return 0, float("inf")
-        outcomes = await asyncio.gather(*(self._post(session, d) for d in claimed))
-        delivered = [params for ok, params in outcomes if ok]
-        not_delivered = [params for ok, params in outcomes if not ok]
-        await repository.finish(self._engine, delivered, not_delivered)
-        retries = [o["delay_s"] for o in not_delivered if o["status"] == "pending"]
-        return len(claimed), min(retries, default=float("inf"))
+    async def deliver_due(self, session: aiohttp.ClientSession) -> int:
+        """One pass: claim what is due (within the limits of posts in flight) and start
+        posting it; returns how many deliveries were claimed."""
+        room = MAX_IN_FLIGHT - len(self._posts)
+        if room <= 0:
+            return 0
+        busy = [tenant for tenant, n in self._by_tenant.items() if n >= PER_TENANT]
+        claimed = await repository.claim_due(self._engine, min(BATCH, room), self._lease_s, busy)
+        for d in claimed:
+            self._by_tenant[d["tenant_id"]] += 1
+            post = asyncio.create_task(self._deliver(session, d), name=f"webhook-{d['id']}")
+            self._posts.add(post)
+        return len(claimed)
+
+    async def _deliver(self, session: aiohttp.ClientSession, d: Mapping[str, Any]) -> None:
+        """Post one delivery and record its outcome; wake the loop when a retry is due."""
+        try:
+            ok, outcome = await self._post(session, d)
+            await repository.finish(self._engine, [outcome] if ok else [], [] if ok else [outcome])
+            if not ok and outcome["status"] == "pending":
+                asyncio.get_running_loop().call_later(max(outcome["delay_s"], 0.01), self._wake.set)
+        except Exception as exc:  # database down: the lease brings the delivery back
+            log.warning("webhooks.finish_failed", delivery=d["id"], error=repr(exc)[:500])
+        finally:
+            self._posts.discard(asyncio.current_task())
+            self._by_tenant[d["tenant_id"]] -= 1
+            if self._by_tenant[d["tenant_id"]] <= 0:
+                del self._by_tenant[d["tenant_id"]]
+            self._wake.set()  # room for more
 
     async def _post(self, session: aiohttp.ClientSession, d: Mapping[str, Any]) -> tuple[bool, dict]:
         outcome: dict[str, Any] = {"id": d["id"], "attempts": d["attempts"], "url": d["url"]}
@@ -118,7 +145,14 @@ class WebhookSender:
 
 
 def _retry_after(value: str | None) -> float | None:
+    """``Retry-After`` in seconds: delay-seconds or an HTTP-date (RFC 9110 10.2.3)."""
+    if not value:
+        return None
     try:
-        return float(value) if value else None
+        return float(value)
     except ValueError:
+        pass
+    try:
+        return parsedate_to_datetime(value).timestamp() - time.time()
+    except (TypeError, ValueError, IndexError, OverflowError):
         return None
