@@ -25,7 +25,9 @@ async def test_fail_fast_stops_the_run_and_recover_resumes_the_rest(make_setting
     try:
         tenant = await stack.tenant()
         template = await stack.template(
-            tenant, [{"name": "a", "handler": "flaky", "params": {"poison": "^bad", "sleep_ms": 200}}],
+            # Slow files: the stop reaches the executor (outbox → KV) while at most one more
+            # runs, even on a loaded machine (at 200 ms a file, a third one sometimes ran).
+            tenant, [{"name": "a", "handler": "flaky", "params": {"poison": "^bad", "sleep_ms": 600}}],
             failure_policy="fail_fast")
         files = [{"name": "bad.pdf"}] + [{"name": f"ok{i}.pdf"} for i in range(6)]
         run = await stack.submit(tenant, template, 0, files=files)
