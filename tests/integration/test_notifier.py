@@ -4,6 +4,7 @@ posted and signed. Events are published into the events stream by the test itsel
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import time
 import uuid
 from dataclasses import dataclass, field
@@ -17,6 +18,7 @@ from shared import bus
 from shared.errors import TransientError
 from shared.messages import ErrorInfo, FileEvent, RunEvent, ServiceError
 from shared.rpc import RpcClient
+from shared.settings import Settings
 from shared.subjects import Names
 from services.notifier.bootstrap import NotifierService
 from services.notifier.consumer import make_handler
@@ -62,17 +64,25 @@ class Notifier:
             return (await conn.execute(text(query), params)).mappings().all()
 
 
+@contextlib.asynccontextmanager
+async def running_notifier(settings: Settings, client: str):
+    service = NotifierService(settings, webhook_base_ms=10)  # retries within a test's patience
+    await service.start()
+    nc = await bus.connect(settings, client)
+    js = nc.jetstream()
+    await bus.ensure_streams(js, settings)
+    try:
+        yield Notifier(service, Names(settings.prefix), js, RpcClient(nc, Names(settings.prefix), timeout=10))
+    finally:
+        await nc.close()
+        await service.stop()
+
+
 @pytest.fixture(scope="module")
 async def notifier(make_settings):
     settings = await make_settings(webhook_max_attempts=4, webhook_allow_private=True)  # receivers on 127.0.0.1
-    service = NotifierService(settings, webhook_base_ms=10)  # retries within a test's patience
-    await service.start()
-    nc = await bus.connect(settings, "test-notifier")
-    js = nc.jetstream()
-    await bus.ensure_streams(js, settings)
-    yield Notifier(service, Names(settings.prefix), js, RpcClient(nc, Names(settings.prefix), timeout=10))
-    await nc.close()
-    await service.stop()
+    async with running_notifier(settings, "test-notifier") as running:
+        yield running
 
 
 def tenant() -> str:

@@ -20,17 +20,14 @@ from aiohttp import web
 from sqlalchemy import text
 from aiohttp.abc import AbstractResolver
 
-from shared import bus
 from shared.db import make_engine
-from shared.rpc import RpcClient
-from shared.subjects import Names
 from services.notifier import repository
-from services.notifier.bootstrap import NotifierService
 from services.notifier.destinations import Destinations, PublicOnlyResolver
 from services.notifier.signing import verify
 from services.notifier.webhooks import WebhookSender
 from tests.integration.test_gateway import _sse, auth, gw  # noqa: F401  (gw: the gateway fixture)
-from tests.integration.test_notifier import SECRET, Notifier, Receiver, failed_file, run_event, tenant, wait_for
+from tests.integration.test_notifier import (SECRET, Notifier, Receiver, failed_file, run_event, running_notifier,
+                                             tenant, wait_for)
 
 TIMEOUT_S = 2.0  # REDRIVE_WEBHOOK_TIMEOUT_S
 MAX_ATTEMPTS = 3  # REDRIVE_WEBHOOK_MAX_ATTEMPTS
@@ -40,14 +37,8 @@ MAX_ATTEMPTS = 3  # REDRIVE_WEBHOOK_MAX_ATTEMPTS
 async def notifier(make_settings):
     settings = await make_settings(webhook_max_attempts=MAX_ATTEMPTS, webhook_timeout_s=TIMEOUT_S,
                                    webhook_allow_private=True)  # receivers on 127.0.0.1
-    service = NotifierService(settings, webhook_base_ms=10)
-    await service.start()
-    nc = await bus.connect(settings, "test-receivers")
-    js = nc.jetstream()
-    await bus.ensure_streams(js, settings)
-    yield Notifier(service, Names(settings.prefix), js, RpcClient(nc, Names(settings.prefix), timeout=10))
-    await nc.close()
-    await service.stop()
+    async with running_notifier(settings, "test-receivers") as running:
+        yield running
 
 
 class Rogue(Receiver):
