@@ -27,7 +27,9 @@ async def inspect_system(settings: Settings) -> dict:
     except (nats.errors.NoServersError, TimeoutError) as exc:
         last = seen[-1] if seen else exc
         why = "no NATS answer within 5 s" if isinstance(last, TimeoutError) else str(last) or type(last).__name__
-        raise ConnectionError(f"cannot connect to NATS at {urlsplit(settings.nats_url).netloc.rpartition('@')[2]}: {why}") from None
+        where = ", ".join(urlsplit(u if "://" in u else f"nats://{u}").netloc.rpartition("@")[2]  # no credentials
+                          for u in settings.nats_servers)
+        raise ConnectionError(f"cannot connect to NATS at {where}: {why}") from None
     try:
         js = nc.jetstream()
         streams = {}

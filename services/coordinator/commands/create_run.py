@@ -7,7 +7,7 @@ import uuid
 
 from sqlalchemy import text
 
-from shared.bus import Outgoing, fits
+from shared.bus import fits
 from shared.copy import COPY_THRESHOLD, copy_rows
 from shared.db import transaction
 from shared.messages import ServiceError
@@ -53,7 +53,7 @@ async def create_run(deps: Deps, cmd: CreateRun) -> dict:
          "size": f.size, "sha256": f.sha256, "charge_key": key if template["credits_per_file"] else None}
         for i, f in enumerate(cmd.files)
     ]
-    _refuse_jobs_too_large(deps, cmd, run_id, template, files, policy)
+    job_rows = _first_jobs(deps, cmd, run_id, template, files, policy)  # before any charge: may refuse
     amount = len(cmd.files) * template["credits_per_file"]
     charge = await credits.reserve(
         deps.engine, deps.billing, key=key, run_id=run_id, tenant_id=cmd.tenant_id, amount=amount, actor=cmd.actor
@@ -77,10 +77,6 @@ async def create_run(deps: Deps, cmd: CreateRun) -> dict:
                                   "PENDING", f["charge_key"]) for f in files))
             else:
                 await conn.execute(_INSERT_FILE, files)
-            # per_file: one expansion row stands for every job (the relay builds them from
-            # the files just written, a page at a time); batch: the one job itself.
-            job_rows = ([jobs.expansion_row(deps.names, run, policy)] if cmd.mode == "per_file"
-                        else jobs.job_rows(deps.names, run, template, files, policy))
             await outbox.add(conn, job_rows + [run_event_row(deps.names, run, "started")])
             await timeline.append(conn, timeline.entry(run_id, cmd.tenant_id, "run_created", cmd.actor, files=len(files),
                                                        mode=cmd.mode, template_id=template["id"]))
@@ -92,13 +88,22 @@ async def create_run(deps: Deps, cmd: CreateRun) -> dict:
     return run_view(run)
 
 
-def _refuse_jobs_too_large(deps: Deps, cmd: CreateRun, run_id: str, template: dict, files: list[dict], policy) -> None:
-    """Refuse, before anything is charged, a run whose biggest job the broker would not
-    take: batch mode carries every file in one job, per_file mode one file each."""
+def _first_jobs(deps: Deps, cmd: CreateRun, run_id: str, template: dict, files: list[dict], policy) -> list[dict]:
+    """The outbox rows of the new run's jobs. per_file: one expansion row stands for every
+    job (the relay builds them from the files written, a page at a time); batch: the one
+    job itself. Refused (413) when the biggest job would not fit in a message: built here,
+    before the charge, from the run as it will be inserted (round and generation start at 0)."""
+    run = {"id": run_id, "tenant_id": cmd.tenant_id, "template_id": template["id"], "mode": cmd.mode, "round": 0,
+           "generation": 0}
     if cmd.mode == "per_file":
-        files = [max(files, key=lambda f: len(f["name"]) + len(f["url"] or "") + len(f["content_b64"] or ""))]
-    run = {"id": run_id, "tenant_id": cmd.tenant_id, "template_id": template["id"], "mode": cmd.mode, "round": 0}
-    job: Outgoing = max(jobs.job_messages(deps.names, run, template, files, policy), key=lambda m: len(m.data))
+        biggest = max(files, key=lambda f: len(f["name"]) + len(f["url"] or "") + len(f["content_b64"] or ""))
+        rows = [jobs.expansion_row(deps.names, run, policy)]
+        checked = jobs.job_messages(deps.names, run, template, [biggest], policy)
+    else:
+        checked = jobs.job_messages(deps.names, run, template, files, policy)
+        rows = [outbox.row(m.subject, m.msg_id, m.data, m.headers) for m in checked]
+    job = max(checked, key=lambda m: len(m.data))
     if not fits(job, deps.max_payload):
         raise ServiceError("payload_too_large", too_large_message(len(job.data), deps.max_payload),
                            {"job_bytes": len(job.data), "max_payload": deps.max_payload})
+    return rows
