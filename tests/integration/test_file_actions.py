@@ -3,9 +3,12 @@ the FAILED files; retry one file (charged), skip an optional step, refusals."""
 
 from __future__ import annotations
 
+import asyncio
+
 import asyncpg
 import pytest
 
+from shared.messages import RunEvent
 from tests.stack import Stack, counts_add_up, expect_error
 
 
@@ -68,8 +71,16 @@ async def test_skip_only_when_the_failed_step_is_optional(stack):
     assert done["status"] == "COMPLETED_WITH_ERRORS"
     skipped = await stack.call("coordinator", "skip_file", tenant_id=tenant, run_id=done["id"], file_index=0)
     assert skipped["files"][0]["status"] == "SKIPPED" and skipped["status"] == "COMPLETED_WITH_ERRORS"
-    skipped = await stack.call("coordinator", "skip_file", tenant_id=tenant, run_id=done["id"], file_index=1)
-    assert skipped["status"] == "COMPLETED" and skipped["counts"]["skipped"] == 2 and counts_add_up(skipped)
+    completed = asyncio.Queue()
+    sub = await stack.nc.subscribe(stack.names.run_event("completed"), cb=completed.put)
+    try:
+        skipped = await stack.call("coordinator", "skip_file", tenant_id=tenant, run_id=done["id"], file_index=1)
+        assert skipped["status"] == "COMPLETED" and skipped["counts"]["skipped"] == 2 and counts_add_up(skipped)
+        # Those told "finished with errors" are told it finished after all, once.
+        event = RunEvent.model_validate_json((await asyncio.wait_for(completed.get(), 10)).data)
+        assert (event.run_id, event.status, event.counts["skipped"]) == (done["id"], "COMPLETED", 2)
+    finally:
+        await sub.unsubscribe()
     done, _ = await failed_run(stack, tenant, [{"name": "must", "handler": "flaky", "params": {"fail_rounds": 1}}], n=1)
     await expect_error("step_not_optional", stack.call("coordinator", "skip_file", tenant_id=tenant, run_id=done["id"], file_index=0))
 

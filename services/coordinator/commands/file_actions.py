@@ -92,9 +92,17 @@ async def skip_file(deps: Deps, cmd: FileRef) -> dict:
                            {"r": run["id"], "i": f["idx"]})
         await store.adjust_counts(conn, run["id"], **{counter: -1, "skipped": 1})
         # Skipping the last error of a finished run finishes it cleanly.
+        before = run["status"]
         run = dict((await conn.execute(text(
             "UPDATE coordinator.runs SET status = CASE WHEN status = 'COMPLETED_WITH_ERRORS' AND failed + errored = 0 "
             " THEN 'COMPLETED' ELSE status END, needs_attention = needs_attention AND failed > 0 "
             "WHERE id = :r RETURNING *"), {"r": run["id"]})).mappings().one())
         await timeline.append(conn, timeline.entry(run["id"], run["tenant_id"], "file_skipped", cmd.actor, f["idx"], step=step))
-        return await store.run_body(conn, run)
+        if run["status"] != before:
+            # The run's outcome changed: whoever was told "finished with errors" (SSE,
+            # notifications, webhooks) is told it finished after all.
+            await outbox.add(conn, [run_event_row(deps.names, run, "completed", "the last error was skipped",
+                                                  unique=f"skip{f['idx']}")])
+        body = await store.run_body(conn, run)
+    deps.relay.kick()
+    return body
