@@ -15,13 +15,14 @@ from __future__ import annotations
 
 import asyncio
 
+import nats.errors
 import structlog
 from nats.js import JetStreamContext
 
 from shared.bus import client_of
 from shared.jetstream import Puller
 from shared.subjects import Names
-from services.executor.job_runner import JobRunner
+from services.executor.job_runner import JobRunner, deliveries
 
 log = structlog.get_logger(__name__)
 
@@ -87,7 +88,26 @@ class Worker:
             # Fetched alone (cautious), the job's verdict decides; otherwise only a suspect turns it on.
             self.cautious = suspect if alone else (suspect or self.cautious)
             self.completed += 1
-        except Exception as exc:
+        except BUS_TROUBLE as exc:
             # Publishing or acking failed (NATS away): leave the message unacked; it comes
             # back after the ack wait and the coordinator dedupes whatever was published.
             log.warning("executor.job_failed", subject=msg.subject, error=repr(exc))
+        except Exception:
+            # A bug of ours on this job's path (handler failures never get here: steps.py
+            # classifies them). Not the job's fault, and maybe a race that passes: bring it
+            # back soon rather than after the ack wait. Every delivery counts, so a bug
+            # that hits it every time still ends it at max deliver, as a poison job.
+            log.exception("executor.job_crashed", subject=msg.subject)
+            try:
+                await msg.nak(delay=bug_backoff_s(deliveries(msg)))
+            except BUS_TROUBLE:
+                pass  # then the ack wait brings it back
+
+
+# What a job's publish, ack or progress write raises when NATS is away or slow.
+BUS_TROUBLE = (nats.errors.Error, TimeoutError, ConnectionError, OSError)
+
+
+def bug_backoff_s(delivered: int) -> float:
+    """1, 2, 4, 8, then 10 s between deliveries of a job that met a bug."""
+    return float(min(2 ** (delivered - 1), 10))
