@@ -25,7 +25,7 @@ from services.gateway.auth import asked_tenant, effective_tenant, principal_of, 
 from services.gateway.errors import error_response, from_service_error
 from services.gateway.identity import tenant_exists
 from services.gateway.schemas import (
-    GrantBody, NotificationsQuery, PageQuery, RunFilesQuery, RestoreBody, RunBody, RunsQuery, SettingsBody, TemplateBody, WebhookBody,
+    DeliveriesQuery, GrantBody, NotificationsQuery, PageQuery, RunFilesQuery, RestoreBody, RunBody, RunsQuery, SettingsBody, TemplateBody, WebhookBody,
     path_params, validate,
 )
 
@@ -94,6 +94,12 @@ ROUTES: list[Route] = [
     _R("PUT", "/webhook", "notifier", "put_webhook", "tenant_admin", WebhookBody, summary="Set the webhook"),
     _R("GET", "/webhook", "notifier", "get_webhook", summary="The webhook (without its secret)"),
     _R("DELETE", "/webhook", "notifier", "delete_webhook", "tenant_admin", summary="Stop sending notifications to the webhook"),
+    _R("GET", "/webhook/deliveries", "notifier", "list_deliveries", query=DeliveriesQuery,
+       summary="The webhook's deliveries, newest first: attempts, last error, pending / delivered / failed"),
+    _R("POST", "/webhook/deliveries/redeliver-failed", "notifier", "redeliver_failed", "tenant_admin",
+       summary="Send every failed delivery again"),
+    _R("POST", "/webhook/deliveries/{delivery_id}/redeliver", "notifier", "redeliver", "tenant_admin",
+       summary="Send one delivery again"),
     _R("GET", "/admin/attention", "coordinator", "attention", "tenant_admin", all_tenants_for_admin=True,
        summary="Runs needing attention (platform admin: every tenant unless X-Tenant-Id)"),
     _R("GET", "/admin/breakers", "executor", "breakers", summary="Circuit breakers"),

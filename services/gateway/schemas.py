@@ -8,7 +8,7 @@ re-exported here; the rest are the gateway's own.
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
@@ -74,8 +74,14 @@ class NotificationsQuery(_Query):
     cursor: str | None = Field(default=None, max_length=500)
 
 
-# Path parameters that are not plain strings.
-INT_PATH_PARAMS = frozenset({"file_index"})
+class DeliveriesQuery(_Query):
+    status: Literal["pending", "delivered", "failed"] | None = None
+    limit: int | None = Field(default=None, ge=1, le=200)
+    cursor: str | None = Field(default=None, max_length=30)
+
+
+# Path parameters that are not plain strings, with their largest value (the column's type).
+INT_PATH_PARAMS = {"file_index": 2**31 - 1, "delivery_id": 2**63 - 1}
 
 
 def field_errors(exc: ValidationError) -> dict[str, Any]:
@@ -137,10 +143,10 @@ def path_params(match_info: dict[str, str]) -> dict[str, Any]:
         if not value.isprintable():
             raise ServiceError("validation_error", f"{name} must not contain control characters",
                                {"fields": {name: "must not contain control characters"}})
-    for name in INT_PATH_PARAMS & out.keys():
+    for name in INT_PATH_PARAMS.keys() & out.keys():
         value = out[name]
-        if not (value.isascii() and value.isdigit()) or len(value) > 9:
-            raise ServiceError("validation_error", f"{name} must be a non-negative integer",
-                               {"fields": {name: "must be a non-negative integer"}})
+        if not (value.isascii() and value.isdigit()) or len(value) > 19 or int(value) > INT_PATH_PARAMS[name]:
+            reason = f"must be an integer from 0 to {INT_PATH_PARAMS[name]}"
+            raise ServiceError("validation_error", f"{name} {reason}", {"fields": {name: reason}})
         out[name] = int(value)
     return out

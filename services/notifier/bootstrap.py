@@ -24,8 +24,9 @@ from services.notifier.webhooks import WebhookSender
 FETCH_BATCH = 500
 
 
-def bind_verbs(engine: AsyncEngine, destinations: Destinations = Destinations()) -> dict:
-    """Each verb as ``async (payload: dict) -> data``: validate the request, then handle it."""
+def bind_verbs(engine: AsyncEngine, destinations: Destinations = Destinations(), on_queued=lambda: None) -> dict:
+    """Each verb as ``async (payload: dict) -> data``: validate the request, then handle it.
+    ``on_queued`` is told when deliveries were queued again (the sender looks at once)."""
     def bind(model: type[BaseModel], fn):
         async def verb(payload: dict):
             return await fn(engine, model.model_validate(payload))
@@ -33,6 +34,9 @@ def bind_verbs(engine: AsyncEngine, destinations: Destinations = Destinations())
 
     verbs = dict(VERBS)
     verbs["put_webhook"] = (PutWebhook, partial(put_webhook, destinations=destinations))
+    for name in ("redeliver", "redeliver_failed"):
+        model, fn = verbs[name]
+        verbs[name] = (model, partial(fn, on_queued=on_queued))
     return {name: bind(model, fn) for name, (model, fn) in verbs.items()}
 
 
@@ -59,7 +63,7 @@ class NotifierService:
         self.handle = make_handler(self.engine, names, self.sender.kick)
         self.loop = PullLoop(js, names.events_stream, names.notifier_consumer, self.handle, batch=FETCH_BATCH,
                                  name="notifier")
-        self.micro = MicroService(self.nc, names, "notifier", bind_verbs(self.engine, destinations),
+        self.micro = MicroService(self.nc, names, "notifier", bind_verbs(self.engine, destinations, self.sender.kick),
                                  "redrive notifications and webhooks")
         await self.micro.start()
         self.sender.start()

@@ -1,4 +1,5 @@
-"""The notifier's verbs: list and mark notifications read; set, show and remove the webhook.
+"""The notifier's verbs: list and mark notifications read; set, show and remove the webhook;
+list its deliveries and send them again.
 
 Each is a plain ``async def verb(engine, request)``; bootstrap binds them to the bus.
 """
@@ -13,7 +14,8 @@ from sqlalchemy.ext.asyncio import AsyncEngine
 from shared.messages import ServiceError
 from services.notifier import repository
 from services.notifier.destinations import Destinations
-from services.notifier.schemas import ListNotifications, MarkRead, PutWebhook, TenantCmd, decode_cursor, encode_cursor
+from services.notifier.schemas import (DeliveryRef, ListDeliveries, ListNotifications, MarkRead, PutWebhook, TenantCmd,
+                                       decode_cursor, encode_cursor)
 
 
 def _item(n: Mapping[str, Any]) -> dict:
@@ -55,10 +57,53 @@ async def delete_webhook(engine: AsyncEngine, cmd: TenantCmd) -> dict:
     return {"deleted": await repository.delete_webhook(engine, cmd.tenant_id)}
 
 
+def _delivery(d: Mapping[str, Any]) -> dict:
+    def iso(value):
+        return value.isoformat() if value is not None else None
+
+    return {"id": d["id"], "notification_id": d["notification_id"], "kind": d["kind"], "run_id": d["run_id"],
+            "at": iso(d["at"]), "status": d["status"], "attempts": d["attempts"], "url": d["url"],
+            "last_error": d["last_error"], "delivered_at": iso(d["delivered_at"]),
+            "next_attempt_at": iso(d["next_attempt_at"]) if d["status"] == "pending" else None}
+
+
+async def list_deliveries(engine: AsyncEngine, cmd: ListDeliveries) -> dict:
+    """The webhook's deliveries, newest first: what was sent, what is still trying, what gave up and why."""
+    rows = await repository.delivery_page(engine, cmd.tenant_id, status=cmd.status, limit=cmd.limit + 1,
+                                          before_id=int(cmd.cursor) if cmd.cursor else None)
+    more, rows = len(rows) > cmd.limit, rows[: cmd.limit]
+    return {"items": [_delivery(r) for r in rows], "next_cursor": str(rows[-1]["id"]) if more else None}
+
+
+async def redeliver(engine: AsyncEngine, cmd: DeliveryRef, on_queued=lambda: None) -> dict:
+    """Send one delivered or failed delivery again (e.g. after mending the receiver)."""
+    try:
+        row = await repository.redeliver(engine, cmd.tenant_id, cmd.delivery_id)
+    except repository.RedeliveryRefused as exc:
+        raise ServiceError("conflict", str(exc), {"delivery_id": cmd.delivery_id}) from None
+    if row is None:  # another tenant's id looks exactly like a missing one
+        raise ServiceError("not_found", f"delivery {cmd.delivery_id} was not found", {"delivery_id": cmd.delivery_id})
+    on_queued()
+    return _delivery(row)
+
+
+async def redeliver_failed(engine: AsyncEngine, cmd: TenantCmd, on_queued=lambda: None) -> dict:
+    """Send every failed delivery again: the answer to a receiver that was down for a while."""
+    try:
+        queued = await repository.redeliver_failed(engine, cmd.tenant_id)
+    except repository.RedeliveryRefused as exc:
+        raise ServiceError("conflict", str(exc)) from None
+    on_queued()
+    return {"queued": queued}
+
+
 VERBS = {
     "list": (ListNotifications, list_notifications),
     "mark_read": (MarkRead, mark_read),
     "put_webhook": (PutWebhook, put_webhook),
     "get_webhook": (TenantCmd, get_webhook),
     "delete_webhook": (TenantCmd, delete_webhook),
+    "list_deliveries": (ListDeliveries, list_deliveries),
+    "redeliver": (DeliveryRef, redeliver),
+    "redeliver_failed": (TenantCmd, redeliver_failed),
 }

@@ -22,7 +22,9 @@ notifications = Table(
 webhooks = Table("webhooks", _meta, Column("tenant_id", Text, primary_key=True), Column("url", Text),
                  Column("secret", Text), Column("updated_at", DateTime(True)))
 deliveries = Table("deliveries", _meta, Column("id", BigInteger, primary_key=True), Column("notification_id", Text),
-                   Column("tenant_id", Text), Column("url", Text), Column("body", LargeBinary))
+                   Column("tenant_id", Text), Column("url", Text), Column("body", LargeBinary),
+                   Column("attempts", Integer), Column("next_attempt_at", DateTime(True)), Column("status", Text),
+                   Column("last_error", Text), Column("delivered_at", DateTime(True)))
 
 _N = notifications.c
 _VIEW = (_N.id, _N.at, _N.kind, _N.run_id, _N.file_index, _N.message, _N.read)
@@ -129,3 +131,60 @@ async def finish(engine: AsyncEngine, delivered: list[dict], not_delivered: list
             await conn.execute(_DELIVERED, delivered)
         if not_delivered:
             await conn.execute(_NOT_DELIVERED, not_delivered)
+
+
+# ---- deliveries as the tenant sees them: listed, and sent again on request ----------------
+
+_D = deliveries.c
+_DELIVERY_VIEW = (_D.id, _D.notification_id, _D.status, _D.attempts, _D.url, _D.last_error, _D.next_attempt_at,
+                  _D.delivered_at, _N.kind, _N.run_id, _N.at)
+_WITH_NOTIFICATION = deliveries.outerjoin(notifications, _N.id == _D.notification_id)
+
+
+async def delivery_page(engine: AsyncEngine, tenant_id: str, *, status: str | None, limit: int,
+                        before_id: int | None) -> list[Mapping[str, Any]]:
+    """Up to ``limit`` of the tenant's deliveries, newest first, with ids below ``before_id``."""
+    query = select(*_DELIVERY_VIEW).select_from(_WITH_NOTIFICATION).where(_D.tenant_id == tenant_id)
+    if status is not None:
+        query = query.where(_D.status == status)
+    if before_id is not None:
+        query = query.where(_D.id < before_id)
+    async with database_errors(), engine.connect() as conn:
+        return list((await conn.execute(query.order_by(_D.id.desc()).limit(limit))).mappings().all())
+
+
+class RedeliveryRefused(Exception):
+    """Why a delivery cannot be sent again now (a sentence for the caller)."""
+
+
+async def _webhook_set(conn, tenant_id: str) -> None:
+    if (await conn.execute(select(webhooks.c.tenant_id).where(webhooks.c.tenant_id == tenant_id))).first() is None:
+        raise RedeliveryRefused("no webhook is set: PUT /webhook first")
+
+
+# Sent again as the same delivery (same X-Redrive-Delivery, so a receiver that did get it
+# the first time drops it), to the webhook's current URL, with a fresh attempt budget.
+_AGAIN = {"status": "pending", "attempts": 0, "next_attempt_at": text("now()"), "delivered_at": None}
+
+
+async def redeliver(engine: AsyncEngine, tenant_id: str, delivery_id: int) -> Mapping[str, Any] | None:
+    """Queue one delivered or failed delivery again; None when the tenant has no such delivery."""
+    async with transaction(engine) as conn:
+        row = (await conn.execute(select(_D.status).where(_D.id == delivery_id, _D.tenant_id == tenant_id)
+                                  .with_for_update())).first()
+        if row is None:
+            return None
+        if row.status == "pending":
+            raise RedeliveryRefused(f"delivery {delivery_id} is still pending: it is being sent")
+        await _webhook_set(conn, tenant_id)
+        await conn.execute(update(deliveries).where(_D.id == delivery_id).values(**_AGAIN))
+        return (await conn.execute(select(*_DELIVERY_VIEW).select_from(_WITH_NOTIFICATION)
+                                   .where(_D.id == delivery_id))).mappings().one()
+
+
+async def redeliver_failed(engine: AsyncEngine, tenant_id: str) -> int:
+    """Queue every failed delivery of the tenant again; returns how many."""
+    async with transaction(engine) as conn:
+        await _webhook_set(conn, tenant_id)
+        stmt = update(deliveries).where(_D.tenant_id == tenant_id, _D.status == "failed").values(**_AGAIN)
+        return (await conn.execute(stmt)).rowcount

@@ -5,6 +5,7 @@ from __future__ import annotations
 import base64
 import binascii
 from datetime import datetime
+from typing import Literal
 from urllib.parse import urlsplit
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
@@ -32,6 +33,23 @@ class ListNotifications(TenantCmd):
 
 class MarkRead(TenantCmd):
     id: str = Field(min_length=1, max_length=100)
+
+
+class ListDeliveries(TenantCmd):
+    status: Literal["pending", "delivered", "failed"] | None = None
+    limit: int = Field(default=50, ge=1, le=200)
+    cursor: str | None = Field(default=None, max_length=30)
+
+    @field_validator("cursor")
+    @classmethod
+    def _cursor_is_ours(cls, value: str | None) -> str | None:
+        if value is not None and not (value.isascii() and value.isdigit() and 0 < int(value) < 2**63):
+            raise ValueError("is not a cursor this service returned")
+        return value
+
+
+class DeliveryRef(TenantCmd):
+    delivery_id: int = Field(ge=1, lt=2**63)
 
 
 class PutWebhook(TenantCmd):

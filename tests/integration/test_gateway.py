@@ -73,7 +73,8 @@ class Fakes:
             "attention", "restore")}
         coordinator |= {"create_run": self.create_run, "get_run": self.get_run}
         billing = {v: self.echo(v) for v in ("balance", "ledger", "grant")}
-        notifier = {v: self.echo(v) for v in ("list", "mark_read", "put_webhook", "get_webhook", "delete_webhook")}
+        notifier = {v: self.echo(v) for v in ("list", "mark_read", "put_webhook", "get_webhook", "delete_webhook",
+                                             "list_deliveries", "redeliver", "redeliver_failed")}
         return [MicroService(nc, names, "coordinator", coordinator, "fake"),
                 MicroService(nc, names, "billing", billing, "fake"),
                 MicroService(nc, names, "notifier", notifier, "fake")]
@@ -272,6 +273,27 @@ async def test_removing_the_webhook_is_for_tenant_admins(gw):
     assert r.status == 403 and not gw["fakes"].calls["delete_webhook"]
     r = await gw["http"].delete("/api/v1/webhook", headers=auth(gw["keys"]["tenant_admin"]))
     assert r.status == 200 and gw["fakes"].calls["delete_webhook"][-1]["tenant_id"] == gw["acme"]
+
+
+async def test_webhook_deliveries_are_read_by_members_and_sent_again_by_tenant_admins(gw):
+    http, member, admin = gw["http"], auth(gw["keys"]["member"]), auth(gw["keys"]["tenant_admin"])
+    r = await http.get("/api/v1/webhook/deliveries?status=failed&limit=5&cursor=12", headers=member)
+    assert r.status == 200
+    asked = gw["fakes"].calls["list_deliveries"][-1]
+    assert (asked["tenant_id"], asked["status"], asked["limit"], asked["cursor"]) == (gw["acme"], "failed", 5, "12")
+    r = await http.get("/api/v1/webhook/deliveries?status=lost", headers=member)
+    assert r.status == 422 and "status" in (await error_of(r))["details"]["fields"]
+    for path in ("/api/v1/webhook/deliveries/7/redeliver", "/api/v1/webhook/deliveries/redeliver-failed"):
+        assert (await http.post(path, headers=member)).status == 403
+    assert not gw["fakes"].calls["redeliver"] and not gw["fakes"].calls["redeliver_failed"]
+    assert (await http.post("/api/v1/webhook/deliveries/7/redeliver", headers=admin)).status == 200
+    asked = gw["fakes"].calls["redeliver"][-1]
+    assert (asked["tenant_id"], asked["delivery_id"]) == (gw["acme"], 7)
+    assert (await http.post("/api/v1/webhook/deliveries/redeliver-failed", headers=admin)).status == 200
+    assert gw["fakes"].calls["redeliver_failed"][-1]["tenant_id"] == gw["acme"]
+    for bad in ("x", "-1", "1.5", "99999999999999999999"):
+        r = await http.post(f"/api/v1/webhook/deliveries/{bad}/redeliver", headers=admin)
+        assert r.status == 422 and "delivery_id" in (await error_of(r))["details"]["fields"], bad
 
 
 # ---- idempotency ---------------------------------------------------------------------------------

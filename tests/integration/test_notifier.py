@@ -366,3 +366,64 @@ async def test_a_deleted_webhook_is_forgotten_and_gets_nothing_more(notifier):
     await notifier.publish_event(failed_file(t))
     await notifier.wait_items(t, lambda items: items)
     assert await notifier.sql("SELECT 1 FROM notifier.deliveries WHERE tenant_id = :t", t=t) == []
+
+
+async def test_failed_deliveries_are_listed_with_their_cause_and_sent_again_once_the_receiver_is_mended(notifier):
+    t = tenant()
+    async with Receiver([503]) as hook:
+        await notifier.call("put_webhook", tenant_id=t, url=hook.url, secret=SECRET)
+        first, second = run_event(t, "completed"), run_event(t, "failed", message="boom")
+        for event in (first, second):
+            await notifier.publish_event(event)
+
+        async def listed(status):
+            page = await notifier.call("list_deliveries", tenant_id=t, status=status)
+            return page["items"] if len(page["items"]) == 2 else None
+
+        failed = await wait_for(lambda: listed("failed"))
+        assert {d["run_id"] for d in failed} == {first.run_id, second.run_id}
+        assert {d["kind"] for d in failed} == {"run_completed", "run_failed"}
+        for d in failed:
+            assert (d["attempts"], d["last_error"], d["url"], d["next_attempt_at"]) == (4, "HTTP 503", hook.url, None)
+        # Newest first, a page at a time.
+        page = await notifier.call("list_deliveries", tenant_id=t, limit=1)
+        rest = await notifier.call("list_deliveries", tenant_id=t, limit=1, cursor=page["next_cursor"])
+        assert [page["items"][0]["id"], rest["items"][0]["id"]] == sorted((d["id"] for d in failed), reverse=True)
+        assert rest["next_cursor"] is None
+        assert await notifier.call("list_deliveries", tenant_id=tenant()) == {"items": [], "next_cursor": None}
+
+        hook.statuses = [200]
+        hook.requests.clear()
+        assert await notifier.call("redeliver_failed", tenant_id=t) == {"queued": 2}
+        delivered = await wait_for(lambda: listed("delivered"))
+        assert all(d["attempts"] == 1 and d["last_error"] is None and d["delivered_at"] for d in delivered)
+        # Each sent again as the same delivery, signed: a receiver that got it before drops it.
+        assert sorted(int(h["X-Redrive-Delivery"]) for h, _ in hook.requests) == sorted(d["id"] for d in failed)
+        assert all(verify(SECRET, body, h["X-Redrive-Signature"]) for h, body in hook.requests)
+
+        # One delivered delivery, sent again on request.
+        again = await notifier.call("redeliver", tenant_id=t, delivery_id=failed[0]["id"])
+        assert again["status"] == "pending" and again["attempts"] == 0
+
+        async def resent():
+            return [h for h, _ in hook.requests if h["X-Redrive-Delivery"] == str(failed[0]["id"])][1:]
+
+        await wait_for(resent)
+    await expect_error("not_found", notifier.call("redeliver", tenant_id=tenant(), delivery_id=failed[0]["id"]))
+    await expect_error("not_found", notifier.call("redeliver", tenant_id=t, delivery_id=2**62))
+    await expect_error("validation_error", notifier.call("list_deliveries", tenant_id=t, cursor="x"))
+    await notifier.call("delete_webhook", tenant_id=t)
+    await expect_error("conflict", notifier.call("redeliver_failed", tenant_id=t))
+
+
+async def test_a_pending_delivery_is_not_queued_twice(notifier):
+    t = tenant()
+    await notifier.call("put_webhook", tenant_id=t, url="https://example.invalid/hook", secret=SECRET)
+    async with notifier.service.engine.begin() as conn:  # one delivery waiting for its next attempt
+        await conn.execute(text("INSERT INTO notifier.deliveries (notification_id, tenant_id, url, body, attempts, "
+                                "next_attempt_at) VALUES ('n1', :t, 'https://example.invalid/hook', '\\x7b7d', 1, "
+                                "now() + interval '1 hour')"), {"t": t})
+    [pending] = (await notifier.call("list_deliveries", tenant_id=t, status="pending"))["items"]
+    assert pending["next_attempt_at"] and pending["kind"] is None  # its notification is not joined: none was stored
+    await expect_error("conflict", notifier.call("redeliver", tenant_id=t, delivery_id=pending["id"]))
+    assert (await notifier.call("redeliver_failed", tenant_id=t)) == {"queued": 0}
