@@ -136,12 +136,21 @@ class WebhookSender:
                     return True, outcome
                 error, retry_after_s = f"HTTP {resp.status}", _retry_after(resp.headers.get("Retry-After"))
         except Exception as exc:  # refused, timed out, DNS…: all worth another attempt
-            error = repr(exc)[:300]
+            error = _said(exc, self._timeout_s)
         final = d["attempts"] >= self._max_attempts
         delay_ms = 0 if final else backoff_delay_ms(d["attempts"], base_ms=self._base_ms, max_ms=self._max_ms,
                                                     retry_after_s=retry_after_s)
         log.info("webhooks.not_delivered", delivery=d["id"], attempt=d["attempts"], error=error, final=final)
         return False, {**outcome, "status": "failed" if final else "pending", "error": error, "delay_s": delay_ms / 1000}
+
+
+def _said(exc: Exception, timeout_s: float) -> str:
+    """A failed post in words for the deliveries list: ``"ClientConnectorError: Cannot
+    connect to host …"`` rather than a repr of the exception's constructor arguments."""
+    if isinstance(exc, (asyncio.TimeoutError, TimeoutError)):
+        return f"no answer within {timeout_s:g} s"
+    text = str(exc) or "no detail"
+    return f"{type(exc).__name__}: {text}"[:300]
 
 
 def _retry_after(value: str | None) -> float | None:

@@ -416,6 +416,21 @@ async def test_failed_deliveries_are_listed_with_their_cause_and_sent_again_once
     await expect_error("conflict", notifier.call("redeliver_failed", tenant_id=t))
 
 
+async def test_a_receiver_that_refuses_connections_is_named_in_words(notifier):
+    t = tenant()
+    async with Receiver([200]) as hook:
+        closed_url = hook.url  # the port is closed once the receiver is gone
+    await notifier.call("put_webhook", tenant_id=t, url=closed_url, secret=SECRET)
+    await notifier.publish_event(run_event(t, "completed"))
+
+    async def failed():
+        items = (await notifier.call("list_deliveries", tenant_id=t, status="failed"))["items"]
+        return items or None
+
+    [d] = await wait_for(failed)
+    assert d["last_error"].startswith("ClientConnectorError: Cannot connect to host 127.0.0.1:"), d["last_error"]
+
+
 async def test_a_pending_delivery_is_not_queued_twice(notifier):
     t = tenant()
     await notifier.call("put_webhook", tenant_id=t, url="https://example.invalid/hook", secret=SECRET)
