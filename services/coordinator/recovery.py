@@ -12,12 +12,13 @@ A row lock with SKIP LOCKED hands each stuck run to one replica per pass.
 from __future__ import annotations
 
 import asyncio
+import time
 
 import structlog
 from sqlalchemy import text
 
 from shared.db import transaction
-from services.coordinator import credits, outbox, timeline
+from services.coordinator import credits, inbox, outbox, timeline
 from services.coordinator.commands.cancel import pay_refunds_due
 from services.coordinator.commands.recover import republish_pending
 from services.coordinator.context import Deps
@@ -63,8 +64,13 @@ async def sweep(deps: Deps) -> dict:
 
 
 class RecoverySweeper:
-    def __init__(self, deps: Deps) -> None:
+    """Runs the sweep every ``recovery_interval_s``, and prunes the inbox (inbox.py) on
+    the first pass, then every ``prune_every_s``, and on every pass while it is behind."""
+
+    def __init__(self, deps: Deps, *, prune_every_s: float = inbox.PRUNE_EVERY_S) -> None:
         self._deps = deps
+        self._prune_every_s = prune_every_s
+        self._pruned_at: float | None = None
         self._task: asyncio.Task | None = None
         self._stopping = asyncio.Event()
 
@@ -82,7 +88,20 @@ class RecoverySweeper:
                 await sweep(self._deps)
             except Exception as exc:  # database or billing away: next pass
                 log.warning("recovery.sweep_failed", error=repr(exc))
+            await self._prune_when_due()
             try:
                 await asyncio.wait_for(self._stopping.wait(), self._deps.settings.recovery_interval_s)
             except asyncio.TimeoutError:
                 pass
+
+    async def _prune_when_due(self) -> None:
+        now = time.monotonic()
+        if self._pruned_at is not None and now - self._pruned_at < self._prune_every_s:
+            return
+        try:
+            pruned, behind = await inbox.prune(self._deps.engine)
+            self._pruned_at = None if behind else now
+            if pruned:
+                log.info("inbox.pruned", rows=pruned)
+        except Exception as exc:  # database away: the next pass tries again
+            log.warning("inbox.prune_failed", error=repr(exc))

@@ -3,6 +3,9 @@ several events about the same file leaves behind."""
 
 from __future__ import annotations
 
+import asyncio
+import uuid
+
 import asyncpg
 import orjson
 import pytest
@@ -38,3 +41,54 @@ async def test_every_step_output_is_kept_when_a_files_events_arrive_in_one_batch
     finally:
         await conn.close()
     assert orjson.loads(outputs) == {"0": {"step": 0}, "1": {"step": 1}, "2": {"step": 2}}
+
+
+async def _inbox_ids(stack, prefix: str) -> list[str]:
+    conn = await asyncpg.connect(stack.settings.database_url)
+    try:
+        return sorted(r[0] for r in await conn.fetch("SELECT msg_id FROM coordinator.inbox WHERE msg_id LIKE $1",
+                                                     prefix + "%"))
+    finally:
+        await conn.close()
+
+
+async def _remember(stack, prefix: str, **ages_days: int) -> None:
+    """Inbox rows ``<prefix><label>-<i>`` received ``days`` ago, ``count`` of each: label=(days, count)."""
+    conn = await asyncpg.connect(stack.settings.database_url)
+    try:
+        for label, (days, count) in ages_days.items():
+            await conn.executemany(
+                "INSERT INTO coordinator.inbox (msg_id, received_at) VALUES ($1, now() - make_interval(days => $2))",
+                [(f"{prefix}{label}-{i:02}", days) for i in range(count)])
+    finally:
+        await conn.close()
+
+
+async def test_the_inbox_forgets_ids_older_than_the_events_stream_keeps_a_batch_at_a_time(stack):
+    from services.coordinator import inbox
+
+    prefix = f"prune-{uuid.uuid4().hex[:8]}-"
+    await _remember(stack, prefix, old=(9, 25), week=(6, 3), fresh=(0, 3))
+    engine = stack.services["coordinator"][0].engine
+    # Only ids this test wrote are old enough; other tests' rows are fresh.
+    assert await inbox.prune(engine, batch=10, max_batches=2) == (20, True)  # bounded pass: some left
+    assert await inbox.prune(engine, batch=10, max_batches=2) == (5, False)
+    left = await _inbox_ids(stack, prefix)
+    assert left == sorted([f"{prefix}week-{i:02}" for i in range(3)] + [f"{prefix}fresh-{i:02}" for i in range(3)])
+
+
+async def test_the_coordinator_prunes_the_inbox_on_its_first_sweep(stack):
+    from services.coordinator.recovery import RecoverySweeper
+
+    prefix = f"sweep-{uuid.uuid4().hex[:8]}-"
+    await _remember(stack, prefix, old=(9, 3), fresh=(0, 2))
+    sweeper = RecoverySweeper(stack.services["coordinator"][0].deps)  # as a coordinator starting now
+    sweeper.start()
+    try:
+        deadline = asyncio.get_running_loop().time() + 10
+        while len(await _inbox_ids(stack, prefix)) != 2:
+            assert asyncio.get_running_loop().time() < deadline, "the old ids were never pruned"
+            await asyncio.sleep(0.05)
+    finally:
+        await sweeper.stop()
+    assert await _inbox_ids(stack, prefix) == [f"{prefix}fresh-00", f"{prefix}fresh-01"]
