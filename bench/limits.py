@@ -42,7 +42,7 @@ def _bench_messages() -> tuple[bytes, bytes, dict[str, str]]:
     job = job_messages(Names("bench"), run, {"steps": [{"name": "s", "handler": "noop"}]}, [{"idx": 1234, "name": "f1234"}],
                        RetryPolicy())[0]
     _, event = file_event_body(Job.model_validate_json(job.data), 1234, Outcome("succeeded", 0, output={}), 1, "succeeded")
-    headers = headers_for("", run["tenant_id"], run["id"])
+    headers = headers_for("", run["tenant_id"], run["id"], run["id"])
     del headers["Nats-Msg-Id"]
     return job.data, event, headers
 

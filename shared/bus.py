@@ -28,6 +28,7 @@ from nats.js.api import (
 )
 from nats.js.errors import NotFoundError
 
+from shared import tracing
 from shared.jetstream import AckedPublisher
 from shared.settings import Settings
 from shared.subjects import Names
@@ -156,7 +157,7 @@ class Outgoing:
     headers: dict[str, str] | None = None
 
 
-# Room kept for a message's headers (Nats-Msg-Id, tenant, run: ~200 bytes) under the
+# Room kept for a message's headers (Nats-Msg-Id, tenant, run, traceparent: ~300 bytes) under the
 # server's max payload, which counts headers and body together.
 HEADERS_ROOM = 1024
 
@@ -167,12 +168,16 @@ def fits(item: Outgoing, max_payload: int) -> bool:
     return len(item.data) + HEADERS_ROOM <= max_payload
 
 
-def headers_for(msg_id: str, tenant_id: str | None = None, run_id: str | None = None) -> dict[str, str]:
+def headers_for(msg_id: str, tenant_id: str | None = None, run_id: str | None = None,
+                trace_id: str | None = None) -> dict[str, str]:
+    """A message's headers (messaging.md): dedupe id, tenant, run, and the run's trace."""
     headers = {"Nats-Msg-Id": msg_id}
     if tenant_id:
         headers["Redrive-Tenant"] = tenant_id
     if run_id:
         headers["Redrive-Run"] = run_id
+    if trace_id:
+        headers[tracing.HEADER] = tracing.traceparent(trace_id)
     return headers
 
 

@@ -24,6 +24,7 @@ from nats.micro.request import Request
 from nats.micro.service import EndpointConfig, Service
 from pydantic import ValidationError
 
+from shared import tracing
 from shared.errors import classify, refuses_its_data
 from shared.messages import ServiceError, error_reply, ok_reply
 from shared.subjects import Names
@@ -90,6 +91,8 @@ class MicroService:
         return handler
 
     async def _answer(self, verb: str, fn: Verb, request: Request) -> None:
+        # Its own task (see _spawn): the caller's trace is bound for this request alone.
+        tracing.bind(tracing.trace_id_of(request.headers.get(tracing.HEADER)) if request.headers else None)
         try:
             payload = orjson.loads(request.data) if request.data else {}
             if not isinstance(payload, dict):
@@ -139,7 +142,8 @@ class RpcClient:
         subject = self._names.service(service, verb)
         data = orjson.dumps(payload or {}, default=_default)
         try:
-            msg = await self._nc.request(subject, data, timeout=timeout or self._timeout)
+            msg = await self._nc.request(subject, data, timeout=timeout or self._timeout,
+                                         headers=tracing.outgoing() or None)
         except nats.errors.NoRespondersError:
             # Nobody listens on the verb's subject: either the service is down, or it is up
             # and has no such verb. Its micro discovery subject tells which.

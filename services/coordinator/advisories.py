@@ -10,7 +10,8 @@ import structlog
 from nats.aio.msg import Msg
 from nats.js import JetStreamContext
 
-from shared.bus import Outgoing, publish_many
+from shared import tracing
+from shared.bus import Outgoing, headers_for, publish_many
 from shared.messages import ErrorInfo, FileEvent, Job
 
 log = structlog.get_logger(__name__)
@@ -35,8 +36,11 @@ def make_advisory_handler(js: JetStreamContext, names):
                       round=job.round, attempt=deliveries, step=f.start_step, error=error)
             for f in job.files
         ]
-        await publish_many(js, [Outgoing(names.file_event("failed"), e.to_bytes(), f"{e.job_id}:{e.file_index}:poison")
-                                for e in events])
+        trace_id = (tracing.trace_id_of((raw.headers or {}).get(tracing.HEADER))
+                    or tracing.run_trace_id(job.run_id))
+        await publish_many(js, [Outgoing(names.file_event("failed"), e.to_bytes(), msg_id,
+                                         headers_for(msg_id, job.tenant_id, job.run_id, trace_id))
+                                for e in events for msg_id in [f"{e.job_id}:{e.file_index}:poison"]])
         try:
             await js.delete_msg(names.jobs_stream, seq)
         except Exception as exc:  # already gone: fine

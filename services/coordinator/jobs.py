@@ -14,6 +14,7 @@ from sqlalchemy import text
 from sqlalchemy.ext.asyncio import AsyncConnection
 
 from shared.bus import Outgoing, headers_for
+from shared.tracing import run_trace_id
 from shared.messages import RetryPolicy, StepSpec, job_id_for
 from shared.subjects import Names
 from services.coordinator import outbox
@@ -60,6 +61,7 @@ def job_messages(
         "retry": policy.model_dump(),
     }
     subject = names.job(run["tenant_id"])
+    trace_id = run_trace_id(run["id"], run.get("trace_id"))
     if run["mode"] == "batch":
         job_id = job_id_for(run["id"], None, run["round"])
         body = orjson.dumps({**common, "job_id": job_id, "start_step": 0, "files": specs, "idempotency_key": job_id})
@@ -80,7 +82,7 @@ def job_messages(
         own = orjson.dumps({"job_id": job_id, "file_index": spec["index"], "start_step": spec["start_step"],
                             "files": [spec], "idempotency_key": job_id})
         messages.append(Outgoing(subject, head + own[1:], job_id + msg_suffix,
-                                 headers_for(job_id, run["tenant_id"], run["id"])))
+                                 headers_for(job_id, run["tenant_id"], run["id"], trace_id)))
     return messages
 
 
@@ -103,7 +105,7 @@ def expansion_row(names: Names, run: Mapping[str, Any], policy: RetryPolicy) -> 
 
 
 _EXPAND_RUN = text(
-    "SELECT r.id, r.tenant_id, r.template_id, r.mode, r.round, r.generation, r.status, t.steps "
+    "SELECT r.id, r.tenant_id, r.template_id, r.mode, r.round, r.generation, r.status, r.trace_id, t.steps "
     "FROM coordinator.runs r JOIN coordinator.templates t ON t.id = r.template_id WHERE r.id = :run_id"
 )
 _EXPAND_FILES = text(

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from typing import Any, Mapping
 
+from shared.tracing import run_trace_id
+
 COUNT_FIELDS = ("total", "pending", "succeeded", "failed", "errored", "skipped", "cancelled")
 
 
@@ -32,6 +34,8 @@ def run_view(run: Mapping[str, Any], files: list[Mapping[str, Any]] | None = Non
         "created_at": _iso(run["created_at"]),
         "updated_at": _iso(run["updated_at"]),
         "finished_at": _iso(run["finished_at"]),
+        # The W3C trace id every message of the run carries (shared/tracing.py).
+        "trace_id": run_trace_id(run["id"], run.get("trace_id")),
     }
     if files is not None:
         body["files"] = [file_view(f) for f in files]

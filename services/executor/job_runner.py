@@ -21,6 +21,7 @@ from nats.aio.msg import Msg
 from nats.js import JetStreamContext
 from pydantic import ValidationError
 
+from shared import tracing
 from shared.bus import Outgoing, publish_many
 from shared.messages import ErrorInfo, FileEvent, FileSpec, Job
 from shared.subjects import Names
@@ -81,11 +82,16 @@ class JobRunner:
 
     async def handle(self, msg: Msg) -> bool:
         """Run the job; True if it was a suspect (redelivered for no reason we know)."""
+        # This task works for the job's run: its logs and the events it publishes carry
+        # the run's trace (from the job's traceparent; shared/tracing.py).
+        trace_id = tracing.trace_id_of(msg.headers.get(tracing.HEADER)) if msg.headers else None
         try:
             job = Job.model_validate_json(msg.data)
         except ValidationError as exc:
+            tracing.bind(trace_id)
             await self._reject_unreadable(msg, exc)
             return False
+        tracing.bind(trace_id or tracing.run_trace_id(job.run_id))
         if self._stops is not None and self._stops.stopped(job.run_id, job.generation):
             await msg.ack()  # the run was stopped (fail_fast, cancel) after this job was queued
             return False
@@ -157,7 +163,8 @@ class JobRunner:
         progress.offset = progress.failures + progress.deferrals
         progress.not_before = time.time() + delay_s
         await self._progress.put(job.job_id, file.index, progress)
-        headers = {REFRESHED_HEADER: "1", "Redrive-Tenant": job.tenant_id, "Redrive-Run": job.run_id}
+        headers = {REFRESHED_HEADER: "1", "Redrive-Tenant": job.tenant_id, "Redrive-Run": job.run_id,
+                   **tracing.outgoing()}
         await publish_many(self._js, [Outgoing(msg.subject, msg.data, f"{job.job_id}:refresh:{progress.offset}", headers)])
         await msg.ack()
 
@@ -206,7 +213,7 @@ class JobRunner:
             log.info("job.retrying", run_id=job.run_id, file_index=file_index, attempt=attempt,
                      delay_ms=outcome.delay_ms, error=outcome.error.message if outcome.error else None)
         msg_id, body = file_event_body(job, file_index, outcome, attempt, kind)
-        headers = {"Redrive-Tenant": job.tenant_id, "Redrive-Run": job.run_id}
+        headers = {"Redrive-Tenant": job.tenant_id, "Redrive-Run": job.run_id, **tracing.outgoing()}
         await publish_many(self._js, [Outgoing(self._names.file_event(kind), body, msg_id, headers)])
 
     async def _reject_unreadable(self, msg: Msg, exc: ValidationError) -> None:
@@ -224,7 +231,7 @@ class JobRunner:
         except Exception:  # not JSON, not an object, no run, an index out of range…: nobody to tell
             events = []
         if events:
-            headers = {"Redrive-Tenant": events[0].tenant_id, "Redrive-Run": events[0].run_id}
+            headers = {"Redrive-Tenant": events[0].tenant_id, "Redrive-Run": events[0].run_id, **tracing.outgoing()}
             await publish_many(self._js, [Outgoing(self._names.file_event("errored"), e.to_bytes(), e.msg_id, headers)
                                           for e in events])
         log.error("job.unreadable", subject=msg.subject, files=len(events), error=cause)

@@ -1,6 +1,7 @@
 """The aiohttp application, built from its dependencies (bootstrap.py makes them).
 
-Middlewares, outermost first: metrics (every answer counted, errors included), errors
+Middlewares, outermost first: trace (the request's W3C trace, for its logs and the calls
+it makes), metrics (every answer counted, errors included), errors
 (anything raised becomes our error JSON), auth (the key → a Principal). Routes come from
 the tables in routes.py; nothing here connects to anything.
 """
@@ -17,6 +18,7 @@ from nats.aio.client import Client as NatsClient
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 from sqlalchemy.ext.asyncio import AsyncEngine
 
+from shared import tracing
 from shared.db import ping
 from shared.rpc import RpcClient
 from services.gateway.auth import auth_middleware, effective_tenant, principal_of
@@ -72,13 +74,23 @@ class HttpMetrics:
         return metrics
 
 
+@web.middleware
+async def trace_middleware(request: web.Request, handler) -> web.StreamResponse:
+    """The request's trace: the caller's ``traceparent`` when it sends a valid one, else a
+    new one. Its log lines carry it, its calls to services continue it, and a run it
+    creates belongs to it (shared/tracing.py)."""
+    trace_id = tracing.trace_id_of(request.headers.get(tracing.HEADER)) or tracing.new_trace_id()
+    with tracing.bound(trace_id):
+        return await handler(request)
+
+
 def build_app(deps: Deps) -> web.Application:
     async def who(key: str) -> Principal | None:
         return await authenticate(deps.engine, key, deps.keys)
 
     metrics = HttpMetrics(deps.registry, deps.hub)
     app = web.Application(
-        middlewares=[metrics.middleware(), errors_middleware, auth_middleware(who, public_paths())],
+        middlewares=[trace_middleware, metrics.middleware(), errors_middleware, auth_middleware(who, public_paths())],
         client_max_size=deps.max_body_bytes,
     )
     for route in ROUTES:

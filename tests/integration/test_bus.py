@@ -117,3 +117,27 @@ async def test_nats_url_may_name_several_seed_servers(make_settings):
         assert nc.is_connected and nc.connected_url.port == int(settings.nats_url.rsplit(":", 1)[1])
     finally:
         await nc.close()
+
+
+async def test_a_request_carries_its_callers_trace_and_each_answer_runs_in_its_own(client):
+    from shared import tracing
+    from shared.rpc import MicroService, RpcClient
+
+    async def whose(payload: dict):
+        await asyncio.sleep(0.05)  # overlapping requests: each must keep its own trace
+        return {"trace_id": tracing.current.get()}
+
+    service = MicroService(client.nc, client.names, "tracer", {"whose": whose}, "test")
+    await service.start()
+    rpc = RpcClient(client.nc, client.names, timeout=5)
+
+    async def ask(trace_id):
+        with tracing.bound(trace_id):
+            return (await rpc.call("tracer", "whose"))["trace_id"]
+
+    try:
+        traces = [tracing.new_trace_id() for _ in range(5)]
+        assert await asyncio.gather(*(ask(t) for t in traces)) == traces
+        assert await ask(None) is None  # no trace sent, none made up
+    finally:
+        await service.stop()

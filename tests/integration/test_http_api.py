@@ -208,3 +208,44 @@ async def test_short_credits_are_a_402_with_needed_and_available(api):
     body = await r.json()
     assert r.status == 402 and body["error"]["code"] == "insufficient_credits"
     assert body["error"]["details"]["needed"] == 1000
+
+
+async def test_every_message_of_a_run_carries_the_trace_of_the_request_that_created_it(api):
+    """messaging.md: headers carry traceparent, so that one run's logs and traces join up."""
+    http, stack, key = api["http"], api["stack"], api["keys"]["other"]
+    by_run: dict[str, list[tuple[str, dict]]] = {}
+    completed: dict[str, asyncio.Event] = {}
+
+    async def seen(msg):
+        run_id = (msg.headers or {}).get("Redrive-Run")
+        if run_id:
+            by_run.setdefault(run_id, []).append((msg.subject, dict(msg.headers)))
+            if msg.subject.endswith(".events.run.completed"):
+                completed.setdefault(run_id, asyncio.Event()).set()
+
+    sub = await stack.nc.subscribe(f"{stack.names.prefix}.>", cb=seen)  # jobs and events, as they are published
+    try:
+        steps = [{"name": "a", "handler": "noop"}, {"name": "b", "handler": "flaky", "params": {"fail_attempts": 1}}]
+        r = await http.post("/api/v1/templates", json={"name": "traced", "steps": steps}, headers=auth(key))
+        template = (await r.json())["id"]
+        body = {"template_id": template, "files": [{"name": "a"}, {"name": "b"}]}
+        trace = "4bf92f3577b34da6a3ce929d0e0e4736"
+        traced = await (await http.post("/api/v1/workflow-runs", json=body, headers=auth(
+            key, traceparent=f"00-{trace}-00f067aa0ba902b7-01"))).json()
+        untraced = await (await http.post("/api/v1/workflow-runs", json=body, headers=auth(
+            key, traceparent="00-not-a-trace-01"))).json()  # invalid: ignored, a new trace is begun
+        assert traced["trace_id"] == trace
+        assert untraced["trace_id"] != trace and len(untraced["trace_id"]) == 32
+        for run in (traced, untraced):
+            await asyncio.wait_for(completed.setdefault(run["id"], asyncio.Event()).wait(), 30)
+    finally:
+        await sub.unsubscribe()
+    for run in (traced, untraced):
+        messages = by_run[run["id"]]
+        kinds = {subject.split(f"{stack.names.prefix}.", 1)[1].rsplit(".", 1)[0] if ".events." in subject
+                 else "jobs" for subject, _ in messages}
+        assert kinds == {"jobs", "events.file", "events.run"}, kinds
+        assert {s.rsplit(".", 1)[1] for s, _ in messages if ".events.file." in s} >= {"checkpoint", "retrying", "succeeded"}
+        parents = [headers["traceparent"].split("-") for _, headers in messages]
+        assert all(p[0] == "00" and p[1] == run["trace_id"] and p[3] == "01" for p in parents), parents
+        assert len({p[2] for p in parents}) == len(parents)  # a span id of its own per message

@@ -7,6 +7,7 @@ import uuid
 
 from sqlalchemy import text
 
+from shared import tracing
 from shared.bus import fits
 from shared.copy import COPY_THRESHOLD, copy_rows
 from shared.db import transaction
@@ -20,9 +21,10 @@ from services.coordinator.views import run_view
 
 _INSERT_RUN = text(
     "INSERT INTO coordinator.runs (id, tenant_id, template_id, status, mode, failure_policy, credits_per_file,"
-    " max_retry_count, total, pending, credits_consumed, credits_from_monthly, credits_from_purchased, created_by)"
+    " max_retry_count, total, pending, credits_consumed, credits_from_monthly, credits_from_purchased, created_by,"
+    " trace_id)"
     " VALUES (:id, :tenant_id, :template_id, 'RUNNING', :mode, :failure_policy, :credits_per_file,"
-    " :max_retry_count, :total, :total, :consumed, :from_monthly, :from_purchased, :actor)"
+    " :max_retry_count, :total, :total, :consumed, :from_monthly, :from_purchased, :actor, :trace_id)"
     " RETURNING *"
 )
 _FILE_COLUMNS = ("run_id", "idx", "name", "url", "content_b64", "size", "sha256", "status", "charge_key")
@@ -39,6 +41,8 @@ async def create_run(deps: Deps, cmd: CreateRun) -> dict:
             {"fields": {"files": f"at most {deps.settings.max_files_per_run} files"}},
         )
     run_id = cmd.run_id or uuid.uuid4().hex
+    # The request's trace goes on through the run (shared/tracing.py).
+    trace_id = tracing.current.get()
     async with deps.engine.connect() as conn:
         if cmd.run_id:  # the gateway derives it from an Idempotency-Key: a repeat finds its run
             existing = (await conn.execute(text("SELECT * FROM coordinator.runs WHERE id = :id AND tenant_id = :t"),
@@ -53,7 +57,7 @@ async def create_run(deps: Deps, cmd: CreateRun) -> dict:
          "size": f.size, "sha256": f.sha256, "charge_key": key if template["credits_per_file"] else None}
         for i, f in enumerate(cmd.files)
     ]
-    job_rows = _first_jobs(deps, cmd, run_id, template, files, policy)  # before any charge: may refuse
+    job_rows = _first_jobs(deps, cmd, run_id, template, files, policy, trace_id)  # before any charge: may refuse
     amount = len(cmd.files) * template["credits_per_file"]
     charge = await credits.reserve(
         deps.engine, deps.billing, key=key, run_id=run_id, tenant_id=cmd.tenant_id, amount=amount, actor=cmd.actor
@@ -68,6 +72,7 @@ async def create_run(deps: Deps, cmd: CreateRun) -> dict:
                         "failure_policy": template["failure_policy"], "credits_per_file": template["credits_per_file"],
                         "max_retry_count": cmd.max_retry_count, "total": len(cmd.files), "consumed": charge.charged,
                         "from_monthly": charge.from_monthly, "from_purchased": charge.from_purchased, "actor": cmd.actor,
+                        "trace_id": trace_id,
                     },
                 )
             ).mappings().one()
@@ -88,13 +93,14 @@ async def create_run(deps: Deps, cmd: CreateRun) -> dict:
     return run_view(run)
 
 
-def _first_jobs(deps: Deps, cmd: CreateRun, run_id: str, template: dict, files: list[dict], policy) -> list[dict]:
+def _first_jobs(deps: Deps, cmd: CreateRun, run_id: str, template: dict, files: list[dict], policy,
+                trace_id: str | None) -> list[dict]:
     """The outbox rows of the new run's jobs. per_file: one expansion row stands for every
     job (the relay builds them from the files written, a page at a time); batch: the one
     job itself. Refused (413) when the biggest job would not fit in a message: built here,
     before the charge, from the run as it will be inserted (round and generation start at 0)."""
     run = {"id": run_id, "tenant_id": cmd.tenant_id, "template_id": template["id"], "mode": cmd.mode, "round": 0,
-           "generation": 0}
+           "generation": 0, "trace_id": trace_id}
     if cmd.mode == "per_file":
         biggest = max(files, key=lambda f: len(f["name"]) + len(f["url"] or "") + len(f["content_b64"] or ""))
         rows = [jobs.expansion_row(deps.names, run, policy)]
