@@ -116,6 +116,7 @@ async def ensure_consumer(
     max_deliver: int = -1,
     max_ack_pending: int = 20_000,
     wide_filter: str | None = None,
+    backoff_s: Sequence[float] = (),
 ) -> None:
     """Create the durable pull consumer, or update it in place: the JetStream create call
     updates an existing durable's mutable fields (checked on NATS 2.9 and 2.15; see
@@ -123,7 +124,10 @@ async def ensure_consumer(
 
     ``filter_subject`` may be several subjects, which needs NATS 2.10 or newer; on an
     older server the consumer takes ``wide_filter`` instead (a subject covering them
-    all), and the consumer's handler must ignore what it did not ask for."""
+    all), and the consumer's handler must ignore what it did not ask for.
+
+    ``backoff_s`` (JetStream BackOff) replaces the ack wait for the Nth delivery; the
+    server then takes its first value as the ack wait, so it is given as that."""
     filters = [filter_subject] if isinstance(filter_subject, str) else list(filter_subject)
     if len(filters) > 1 and not supports_filter_subjects(client_of(js)):
         if wide_filter is None:
@@ -133,7 +137,8 @@ async def ensure_consumer(
         durable_name=durable,
         deliver_policy=DeliverPolicy.ALL,
         ack_policy=AckPolicy.EXPLICIT,
-        ack_wait=ack_wait_s,
+        ack_wait=backoff_s[0] if backoff_s else ack_wait_s,
+        backoff=list(backoff_s) or None,
         max_deliver=max_deliver,
         filter_subject=filters[0] if len(filters) == 1 else None,
         filter_subjects=filters if len(filters) > 1 else None,

@@ -79,7 +79,11 @@ class Job(Message):
     round: Count
     file_index: Count | None = None  # per_file mode
     start_step: Count = 0
-    files: list[FileSpec] = Field(min_length=1)  # one in per_file mode, all of the round's files in batch mode
+    # messaging.md: a per_file job carries its ``file``; a batch job carries ``files``, every
+    # file of its round. (A per_file job with a one-element ``files``, as published before
+    # 0.2, is still read.) ``every_file`` is the list either way.
+    file: FileSpec | None = None
+    files: list[FileSpec] = Field(default_factory=list)
     steps: list[StepSpec] = Field(min_length=1)
     retry: RetryPolicy = Field(default_factory=RetryPolicy)
     idempotency_key: str
@@ -91,14 +95,24 @@ class Job(Message):
     def _runnable(self) -> "Job":
         # What the executor relies on without checking again: a job that breaks these would
         # crash it mid-job (and come back until max deliver) instead of being refused.
-        if self.mode == "per_file" and len(self.files) != 1:
-            raise ValueError(f"a per_file job carries exactly one file, not {len(self.files)}")
-        if self.mode == "per_file" and self.file_index not in (None, self.files[0].index):
-            raise ValueError(f"the job names file {self.file_index} but carries file {self.files[0].index}")
-        for f in self.files:
+        if self.file is not None and (self.files or self.mode == "batch"):
+            raise ValueError("a batch job carries files, a per_file job one file, never both")
+        carried = self.every_file
+        if not carried:
+            raise ValueError("the job carries no file")
+        if self.mode == "per_file" and len(carried) != 1:
+            raise ValueError(f"a per_file job carries exactly one file, not {len(carried)}")
+        if self.mode == "per_file" and self.file_index not in (None, carried[0].index):
+            raise ValueError(f"the job names file {self.file_index} but carries file {carried[0].index}")
+        for f in carried:
             if f.start_step > len(self.steps):  # == len: restored after its last step, nothing left to run
                 raise ValueError(f"file {f.index} starts at step {f.start_step} of {len(self.steps)}")
         return self
+
+    @property
+    def every_file(self) -> list[FileSpec]:
+        """The files this job runs: its ``file`` (per_file) or its ``files`` (batch)."""
+        return [self.file] if self.file is not None else self.files
 
 
 def job_id_for(run_id: str, file_index: int | None, round_: int) -> str:

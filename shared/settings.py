@@ -9,11 +9,12 @@ from __future__ import annotations
 import json
 import os
 from pathlib import Path
+from typing import Annotated, Any
 from urllib.parse import urlsplit
 
 import platformdirs
-from pydantic import AliasChoices, Field, field_validator
-from pydantic_settings import BaseSettings, SettingsConfigDict
+from pydantic import AliasChoices, Field, ValidationInfo, field_validator
+from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 
 def default_data_dir() -> Path:
@@ -43,6 +44,12 @@ class Settings(BaseSettings):
     # Executor consumer (created or updated at start; see shared/bus.py).
     executor_ack_wait_s: float = Field(default=30.0, gt=0)
     executor_max_deliver: int = Field(default=20, ge=2)
+    # Redelivery backoff of the executor consumer (JetStream BackOff): how long the Nth
+    # unacknowledged delivery waits before it is sent again, e.g. [30, 60, 300] (as JSON in
+    # REDRIVE_EXECUTOR_REDELIVERY_BACKOFF_S=30,60,300); the last value repeats. Empty: the
+    # ack wait each time. Only crashes and lost acks wait it: retries and breaker deferrals
+    # nak with their own delays.
+    executor_redelivery_backoff_s: Annotated[list[float], NoDecode] = Field(default_factory=list, max_length=100)
     executor_concurrency: int = Field(default=256, ge=1)
     executor_fetch_batch: int = Field(default=256, ge=1)
     # In-progress acks for long steps; off only to reproduce late acks in chaos tests.
@@ -83,6 +90,26 @@ class Settings(BaseSettings):
     def _prefix_is_a_token(cls, v: str) -> str:
         if not v or not v.replace("_", "").replace("-", "").isalnum():
             raise ValueError("prefix must be letters, digits, '-' or '_'")
+        return v
+
+    @field_validator("executor_redelivery_backoff_s", mode="before")
+    @classmethod
+    def _backoff_from_a_list_of_seconds(cls, v: Any) -> Any:
+        if isinstance(v, str):  # from the environment: "30,60,300" (or JSON "[30, 60, 300]")
+            items = [p.strip() for p in v.strip().strip("[]").split(",")]
+            return [p for p in items if p]
+        return v
+
+    @field_validator("executor_redelivery_backoff_s")
+    @classmethod
+    def _backoff_fits_the_consumer(cls, v: list[float], info: ValidationInfo) -> list[float]:
+        ack_wait, max_deliver = info.data.get("executor_ack_wait_s"), info.data.get("executor_max_deliver")
+        # Every wait at least the ack wait: in-progress acks are sent every ack wait / 3, and
+        # a live job must never be redelivered. JetStream wants max deliver > len(backoff).
+        if ack_wait is not None and any(not ack_wait <= s <= 86400 for s in v):
+            raise ValueError(f"every value must lie between the ack wait ({ack_wait:g} s) and 86400 s")
+        if max_deliver is not None and len(v) >= max_deliver:
+            raise ValueError(f"at most {max_deliver - 1} values (fewer than REDRIVE_EXECUTOR_MAX_DELIVER)")
         return v
 
     @field_validator("nats_url")

@@ -34,7 +34,7 @@ def make_advisory_handler(js: JetStreamContext, names):
         events = [
             FileEvent(kind="failed", job_id=job.job_id, run_id=job.run_id, tenant_id=job.tenant_id, file_index=f.index,
                       round=job.round, attempt=deliveries, step=f.start_step, error=error)
-            for f in job.files
+            for f in job.every_file
         ]
         trace_id = (tracing.trace_id_of((raw.headers or {}).get(tracing.HEADER))
                     or tracing.run_trace_id(job.run_id))

@@ -80,7 +80,7 @@ def job_messages(
         head = heads[round_]
         job_id = job_id_for(run["id"], spec["index"], round_)
         own = orjson.dumps({"job_id": job_id, "file_index": spec["index"], "start_step": spec["start_step"],
-                            "files": [spec], "idempotency_key": job_id})
+                            "file": spec, "idempotency_key": job_id})
         messages.append(Outgoing(subject, head + own[1:], job_id + msg_suffix,
                                  headers_for(job_id, run["tenant_id"], run["id"], trace_id)))
     return messages

@@ -32,7 +32,8 @@ class ExecutorService:
         self.js = self.nc.jetstream()
         await bus.ensure_streams(self.js, s)
         await bus.ensure_consumer(self.js, names.jobs_stream, names.executor_consumer, names.jobs_all,
-                                  ack_wait_s=s.executor_ack_wait_s, max_deliver=s.executor_max_deliver)
+                                  ack_wait_s=s.executor_ack_wait_s, max_deliver=s.executor_max_deliver,
+                                  backoff_s=s.executor_redelivery_backoff_s)
         self.breakers = BreakerBoard(self.js, names, s.stream_replicas)
         await self.breakers.start()
         self.progress = ProgressStore(self.js, names, s.stream_replicas)

@@ -110,7 +110,7 @@ class JobRunner:
             if job.mode == "batch":
                 await self._run_batch(job, msg, delivered, heartbeat)
                 return delivered > 1
-            return await self._run_one(job, job.files[0], msg, delivered, heartbeat)
+            return await self._run_one(job, job.every_file[0], msg, delivered, heartbeat)
         finally:
             self._keepalive.remove(msg)
 
@@ -171,7 +171,7 @@ class JobRunner:
     async def _run_batch(self, job: Job, msg: Msg, delivered: int, heartbeat) -> None:
         """A batch job carries every file: retries happen in-process (with the same backoff
         and heartbeats); a redelivered batch skips files it already reported."""
-        for file in job.files:
+        for file in job.every_file:
             look = delivered > 1 or len(job.steps) - file.start_step > 1  # see _run_one
             progress = await self._progress.get(job.job_id, file.index) if look else Progress()
             if progress.done:
@@ -189,7 +189,7 @@ class JobRunner:
                 await self._progress.put(job.job_id, file.index, progress)
                 await asyncio.sleep(outcome.delay_ms / 1000)
             progress.done = True
-            if delivered > 1 or len(job.files) > 1:
+            if delivered > 1 or len(job.every_file) > 1:
                 await self._progress.put(job.job_id, file.index, progress)
         await msg.ack()
 
@@ -247,9 +247,12 @@ def invalid_job_cause(exc: ValidationError) -> str:
 
 def named_files(raw: dict) -> list[int]:
     """The files an unreadable job is about: never a guess (a job without a readable
-    ``file_index`` or ``files`` names none, and errors none)."""
+    ``file_index``, ``file`` or ``files`` names none, and errors none)."""
     if isinstance(raw.get("file_index"), int) and not isinstance(raw["file_index"], bool):
         return [raw["file_index"]]
+    file = raw.get("file")
+    if isinstance(file, dict) and isinstance(file.get("index"), int) and not isinstance(file["index"], bool):
+        return [file["index"]]
     files = raw.get("files")
     if not isinstance(files, list):
         return []

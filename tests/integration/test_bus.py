@@ -47,6 +47,27 @@ async def test_streams_and_consumers_are_declared_idempotently_and_updates_apply
     assert (await js.stream_info(names.jobs_stream)).state.messages == 1  # deduped by Nats-Msg-Id
 
 
+async def test_a_consumer_backoff_spaces_the_redeliveries_of_an_unacknowledged_message(client):
+    js, names = client.js, client.names
+    await bus.ensure_streams(js, client.settings)
+    await bus.ensure_consumer(js, names.jobs_stream, "executor", names.jobs_all, ack_wait_s=0.5, max_deliver=5,
+                              backoff_s=[0.5, 1.5])
+    consumer = await js.consumer_info(names.jobs_stream, "executor")
+    assert (consumer.config.backoff, consumer.config.ack_wait) == ([0.5, 1.5], 0.5)
+    await bus.publish_many(js, [bus.Outgoing(names.job("t"), b"{}", "never-acked")])
+    puller = Puller(bus.client_of(js), names.jobs_stream, "executor")
+    try:
+        times = []
+        while len(times) < 3:  # delivered, then again after 0.5 s, then after 1.5 s: never acked
+            if await puller.fetch(1, timeout=5):
+                times.append(asyncio.get_running_loop().time())
+    finally:
+        await puller.stop()
+    assert times[1] - times[0] >= 0.45 and times[2] - times[1] >= 1.4, times
+    await bus.ensure_consumer(js, names.jobs_stream, "executor", names.jobs_all, ack_wait_s=10, max_deliver=5)
+    assert (await js.consumer_info(names.jobs_stream, "executor")).config.backoff in (None, [])  # and back
+
+
 async def test_puller_returns_what_is_there_keeps_late_arrivals_and_times_out_empty(client):
     js, names = client.js, client.names
     await bus.ensure_streams(js, client.settings)

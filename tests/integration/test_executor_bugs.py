@@ -10,7 +10,8 @@ from tests.stack import Stack
 
 @pytest.fixture(scope="module")
 async def stack(make_settings):
-    s = await Stack(await make_settings(executor_ack_wait_s=30.0)).start("billing", "coordinator", "executor")
+    s = await Stack(await make_settings(executor_ack_wait_s=30.0, executor_redelivery_backoff_s=[30, 120])).start(
+        "billing", "coordinator", "executor")
     yield s
     await s.stop()
 
@@ -39,3 +40,8 @@ def test_the_backoff_after_a_bug_grows_and_is_capped():
     from services.executor.worker import bug_backoff_s
 
     assert [bug_backoff_s(n) for n in (1, 2, 3, 4, 5, 20)] == [1, 2, 4, 8, 10, 10]
+
+
+async def test_the_executor_consumer_takes_its_redelivery_backoff_from_the_settings(stack):
+    consumer = await stack.js.consumer_info(stack.names.jobs_stream, stack.names.executor_consumer)
+    assert (consumer.config.backoff, consumer.config.ack_wait, consumer.config.max_deliver) == ([30, 120], 30, 20)

@@ -55,7 +55,7 @@ async def test_a_run_larger_than_a_page_publishes_each_job_once_in_order(stack):
     tenant, run = await noop_run(stack, 130)
     jobs = [j for j in await jobs_in_stream(stack, 130) if j["run_id"] == run["id"]]
     assert [j["file_index"] for j in jobs] == list(range(130))
-    assert all(j["files"][0]["name"] == f"f{j['file_index']}.txt" and j["round"] == 0 for j in jobs)
+    assert all(j["file"]["name"] == f"f{j['file_index']}.txt" and j["round"] == 0 for j in jobs)
     await outbox_drained(stack)
 
     # The relay dies after publishing, before its commit: the row comes back and is

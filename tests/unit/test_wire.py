@@ -1,5 +1,9 @@
 """Hand-built hot-path messages still match their schemas."""
 
+import orjson
+import pytest
+from pydantic import ValidationError
+
 from shared.errors import TransientError, classify
 from shared.messages import FileEvent, FileSpec, Job, StepSpec
 from services.executor.job_runner import file_event_body
@@ -41,10 +45,34 @@ def test_job_rows_parse_as_jobs_that_resume_after_their_checkpoint():
     jobs = [Job.model_validate_json(r["payload"]) for r in rows]
     assert [j.job_id for j in jobs] == ["r1:file:0:r1", "r1:file:1:r1"]
     assert [r["msg_id"] for r in rows] == ["r1:file:0:r1:rec1", "r1:file:1:r1:rec1"]
-    assert [j.start_step for j in jobs] == [0, 1] and jobs[1].files[0].previous_output == {"k": 1}
+    assert [j.start_step for j in jobs] == [0, 1] and jobs[1].file.previous_output == {"k": 1}
     assert jobs[0].retry.auto_retries == 5 and jobs[0].steps[1].optional
+    # messaging.md's shape: a per_file job carries "file", a batch job "files".
+    raw = orjson.loads(rows[0]["payload"])
+    assert raw["file"]["index"] == raw["file_index"] == 0 and "files" not in raw
+    assert {"v", "job_id", "run_id", "tenant_id", "template_id", "file_index", "round", "start_step", "file", "retry",
+            "idempotency_key"} <= raw.keys() and raw["idempotency_key"] == raw["job_id"]
     batch = job_rows(Names(), {**run, "mode": "batch"}, template, files, RetryPolicy())
     assert len(batch) == 1 and len(Job.model_validate_json(batch[0]["payload"]).files) == 2
+
+
+@pytest.mark.parametrize("shape, error", [
+    ({"file": {"index": 3, "name": "a"}, "files": [{"index": 3, "name": "a"}]}, "never both"),
+    ({}, "carries no file"),
+    ({"files": [{"index": 3, "name": "a"}, {"index": 4, "name": "b"}]}, "exactly one file"),
+    ({"file": {"index": 4, "name": "a"}}, "names file 3 but carries file 4"),
+])
+def test_a_per_file_job_carries_one_file_one_way(shape, error):
+    base = orjson.loads(_job().to_bytes())
+    base.pop("files", None)
+    with pytest.raises(ValidationError, match=error):
+        Job.model_validate({**base, **shape})
+
+
+def test_a_per_file_job_in_the_earlier_shape_is_still_read():
+    base = orjson.loads(_job().to_bytes())
+    old = {**{k: v for k, v in base.items() if k != "file"}, "files": [{"index": 3, "name": "a"}]}
+    assert Job.model_validate(old).every_file[0].index == 3
 
 
 def test_progress_merge_never_goes_back():
