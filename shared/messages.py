@@ -99,7 +99,7 @@ class Job(Message):
             raise ValueError("a batch job carries files, a per_file job one file, never both")
         carried = self.every_file
         if not carried:
-            raise ValueError("the job carries no file")
+            raise ValueError("the job carries no file (neither file nor files)")
         if self.mode == "per_file" and len(carried) != 1:
             raise ValueError(f"a per_file job carries exactly one file, not {len(carried)}")
         if self.mode == "per_file" and self.file_index not in (None, carried[0].index):

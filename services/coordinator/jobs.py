@@ -65,7 +65,7 @@ def job_messages(
     if run["mode"] == "batch":
         job_id = job_id_for(run["id"], None, run["round"])
         body = orjson.dumps({**common, "job_id": job_id, "start_step": 0, "files": specs, "idempotency_key": job_id})
-        return [Outgoing(subject, body, job_id + msg_suffix, headers_for(job_id, run["tenant_id"], run["id"]))]
+        return [Outgoing(subject, body, job_id + msg_suffix, headers_for(job_id, run["tenant_id"], run["id"], trace_id))]
     # The run's part of every job is serialised once: a job is that head and its own fields
     # (one JSON object, keys disjoint), which costs a third of building each whole.
     # A file's job carries the file's own round, not the run's: a single-file retry or restore

@@ -7,12 +7,11 @@ that grow later: a retry or recovery round carries the last checkpoint's output.
 
 from __future__ import annotations
 
-import orjson
 import structlog
 from sqlalchemy.ext.asyncio import AsyncConnection
 
 from shared.bus import Outgoing
-from shared.messages import ErrorInfo, FileEvent
+from shared.messages import ErrorInfo, FileEvent, Job
 from shared.subjects import Names
 from services.coordinator.results import apply_events
 
@@ -33,15 +32,13 @@ async def report_undeliverable(conn: AsyncConnection, messages: list[Outgoing], 
                   max_payload=max_payload)
         if not message.subject.startswith(jobs_prefix):
             continue  # only jobs grow with their input; nothing else to tell anyone
-        job = orjson.loads(message.data)
+        job = Job.model_validate_json(message.data)  # one of ours: per_file or batch
         error = ErrorInfo.model_validate({"class": "JobTooLarge", "transient": False,
                                           "message": too_large_message(len(message.data), max_payload)})
-        step_names = [step["name"] for step in job["steps"]]
-        for file in job["files"]:
-            step = file.get("start_step", 0)
+        for file in job.every_file:
+            step = file.start_step
             # attempt 0: no executor ever tried it.
-            events.append(FileEvent(kind="errored", job_id=job["job_id"], run_id=job["run_id"],
-                                    tenant_id=job["tenant_id"], file_index=file["index"], round=job["round"],
-                                    attempt=0, step=step, step_name=step_names[step] if step < len(step_names) else None,
-                                    error=error))
+            events.append(FileEvent(kind="errored", job_id=job.job_id, run_id=job.run_id, tenant_id=job.tenant_id,
+                                    file_index=file.index, round=job.round, attempt=0, step=step,
+                                    step_name=job.steps[step].name if step < len(job.steps) else None, error=error))
     await apply_events(conn, names, events)

@@ -35,6 +35,8 @@ from services.executor.steps import StepRunner
 log = structlog.get_logger(__name__)
 
 REFRESHED_HEADER = "Redrive-Refreshed"
+# A re-published copy due within this long is held here until due, not deferred again.
+EARLY_SLEEP_S = 0.05
 
 
 def file_event_body(job: Job, file_index: int, outcome: Outcome, attempt: int, kind: str) -> tuple[str, bytes]:
@@ -126,8 +128,12 @@ class JobRunner:
         attempt = progress.failures + 1
         suspect = delivered - 1 > progress.explained
         wait_s = (progress.not_before or 0) - time.time()
-        if wait_s > 0.01:  # a re-published copy, early: wait out the backoff it was given
-            outcome = Outcome("defer", file.start_step, delay_ms=int(wait_s * 1000))
+        if wait_s > 0:  # a re-published copy, early: wait out the backoff it was given
+            if wait_s <= EARLY_SLEEP_S:  # nearly due: cheaper to wait here than to go round again
+                await asyncio.sleep(wait_s)
+                wait_s = 0.0
+        if wait_s > 0:
+            outcome = Outcome("defer", file.start_step, delay_ms=max(1, int(wait_s * 1000)))
         else:
             async with (self._gate.exclusive() if suspect else self._gate.shared()) as waited:
                 if (suspect or waited) and look:

@@ -234,13 +234,16 @@ async def test_every_message_of_a_run_carries_the_trace_of_the_request_that_crea
             key, traceparent=f"00-{trace}-00f067aa0ba902b7-01"))).json()
         untraced = await (await http.post("/api/v1/workflow-runs", json=body, headers=auth(
             key, traceparent="00-not-a-trace-01"))).json()  # invalid: ignored, a new trace is begun
-        assert traced["trace_id"] == trace
+        batch_trace = "0af7651916cd43dd8448eb211c80319c"
+        batch = await (await http.post("/api/v1/workflow-runs", json={**body, "mode": "batch"}, headers=auth(
+            key, traceparent=f"00-{batch_trace}-b7ad6b7169203331-01"))).json()
+        assert traced["trace_id"] == trace and batch["trace_id"] == batch_trace
         assert untraced["trace_id"] != trace and len(untraced["trace_id"]) == 32
-        for run in (traced, untraced):
+        for run in (traced, untraced, batch):
             await asyncio.wait_for(completed.setdefault(run["id"], asyncio.Event()).wait(), 30)
     finally:
         await sub.unsubscribe()
-    for run in (traced, untraced):
+    for run in (traced, untraced, batch):
         messages = by_run[run["id"]]
         kinds = {subject.split(f"{stack.names.prefix}.", 1)[1].rsplit(".", 1)[0] if ".events." in subject
                  else "jobs" for subject, _ in messages}
