@@ -38,14 +38,15 @@ class Admission:
 
     verdict: Literal["run", "probe", "defer"]
     delay_s: float = 0.0
+    opened_at: float | None = None  # of the open period a deferral belongs to
 
 
 def admit(s: BreakerState, now: float) -> Admission:
     if s.state == "closed":
         return Admission("run")
     if s.next_probe_at is not None and now >= s.next_probe_at:
-        return Admission("probe")
-    return Admission("defer", max(0.05, (s.next_probe_at or now) - now))
+        return Admission("probe", opened_at=s.opened_at)
+    return Admission("defer", max(0.05, (s.next_probe_at or now) - now), s.opened_at)
 
 
 def claim_probe(s: BreakerState, now: float) -> BreakerState:

@@ -123,7 +123,9 @@ def job_id_for(run_id: str, file_index: int | None, round_: int) -> str:
 
 # ---- file events (executor -> coordinator, notifier) -------------------------------------
 
-FileEventKind = Literal["succeeded", "failed", "errored", "retrying", "checkpoint"]
+# "deferred" (an addition to messaging.md): the file waits for a dependency whose breaker
+# is open; sent once per run and open period, not per deferral (see job_runner).
+FileEventKind = Literal["succeeded", "failed", "errored", "retrying", "checkpoint", "deferred"]
 
 
 class ErrorInfo(BaseModel):
@@ -149,10 +151,16 @@ class FileEvent(Message):
     error: ErrorInfo | None = None
     next_delay_ms: int | None = None
     output: dict[str, Any] | None = None
+    # deferred: the dependency the file waits for, and when its breaker opened.
+    dependency: str | None = Field(default=None, max_length=500)
+    breaker_opened_at: datetime | None = None
     at: datetime = Field(default_factory=utcnow)
 
     @property
     def msg_id(self) -> str:
+        if self.kind == "deferred":  # one per run and open period, whichever executor tells it
+            opened = int(self.breaker_opened_at.timestamp() * 1000) if self.breaker_opened_at else 0
+            return f"{self.run_id}:deferred:{self.dependency}:{opened}"
         # A batch job reports on many files: its ids also name the file.
         job = self.job_id if ":file:" in self.job_id else f"{self.job_id}:{self.file_index}"
         return f"{job}:{self.kind}:{self.step}:{self.attempt}"

@@ -2,7 +2,8 @@
 
 * credit intents left pending by a crash are compensated; owed refunds are paid;
 * RUNNING runs with PENDING files and no progress for a lease (database clock, so replicas
-  agree) have their pending jobs re-published from their checkpoints, free of charge;
+  agree) have their pending jobs re-published from their checkpoints, free of charge, and
+  are flagged ``stuck`` for operators until they progress again;
 * a run that stays stuck through ``recovery_max_failures`` recoveries goes FAILED and is
   flagged ``needs_attention`` (reason ``recovery_failed``) for an operator.
 
@@ -56,6 +57,9 @@ async def sweep(deps: Deps) -> dict:
                 await conn.execute(text("UPDATE coordinator.runs SET recovery_failures = recovery_failures + 1 WHERE id = :r"),
                                    {"r": run["id"]})
             await republish_pending(conn, deps, run, "system:recovery")
+            # Shown to operators as "stuck" until it progresses (results.py clears it).
+            await conn.execute(text("UPDATE coordinator.runs SET needs_attention = true, attention_reason = 'stuck' "
+                                    "WHERE id = :r"), {"r": run["id"]})
             stats["recovered"] += 1
     if stats["recovered"] or stats["given_up"]:
         deps.relay.kick()

@@ -13,7 +13,9 @@ Rules, in order of precedence:
   is harmless;
 * checkpoints only move forward;
 * an event naming another tenant than its run's is ignored (a job or event forged or
-  garbled on the bus must not decide another tenant's file).
+  garbled on the bus must not decide another tenant's file);
+* a ``deferred`` event changes no file: it flags its RUNNING run ``breaker_open`` for
+  operators, until the run progresses again.
 """
 
 from __future__ import annotations
@@ -60,11 +62,19 @@ _UPDATE_FILES = text(
     " CAST(:outs AS text[])) AS u(run_id, idx, status, attempts, cp, cpo, output, err, fs, outs) "
     "WHERE f.run_id = u.run_id AND f.idx = u.idx"
 )
+# Progress also ends the attention a run needed only because it was not moving: waiting for
+# an open breaker (breaker_open) or recovered by the sweep (stuck).
 _UPDATE_COUNTS = text(
     "UPDATE coordinator.runs r SET pending = pending - u.done, succeeded = succeeded + u.s, failed = failed + u.f, "
-    " errored = errored + u.e, updated_at = now(), last_progress_at = now() "
+    " errored = errored + u.e, updated_at = now(), last_progress_at = now(), "
+    " needs_attention = CASE WHEN r.attention_reason IN ('breaker_open', 'stuck') THEN false ELSE r.needs_attention END, "
+    " attention_reason = CASE WHEN r.attention_reason IN ('breaker_open', 'stuck') THEN NULL ELSE r.attention_reason END "
     "FROM unnest(CAST(:ids AS text[]), CAST(:done AS int[]), CAST(:s AS int[]), CAST(:f AS int[]), CAST(:e AS int[])) "
     " AS u(id, done, s, f, e) WHERE r.id = u.id"
+)
+_WAITING_ON_BREAKER = text(
+    "UPDATE coordinator.runs SET needs_attention = true, attention_reason = 'breaker_open', updated_at = now() "
+    "WHERE id = ANY(CAST(:ids AS text[])) AND status = 'RUNNING' AND NOT needs_attention"
 )
 _FAIL_FAST = text(
     "UPDATE coordinator.runs SET status = 'FAILED', fanin_round = round, finished_at = now(), updated_at = now(), "
@@ -159,6 +169,7 @@ async def apply_events(conn: AsyncConnection, names: Names, events: list[FileEve
     files = {(r[0], r[1]): _FileState(*r) for r in rows}
 
     deltas: dict[str, _RunDelta] = {}
+    waiting: set[str] = set()
     log_entries: list[dict] = []
     for event in events:
         f = files.get((event.run_id, event.file_index))
@@ -167,6 +178,12 @@ async def apply_events(conn: AsyncConnection, names: Names, events: list[FileEve
         tenant_id = runs[event.run_id]["tenant_id"]
         if event.tenant_id != tenant_id:
             log.error("results.tenant_mismatch", msg_id=event.msg_id, run_id=event.run_id, claimed=event.tenant_id[:100])
+            continue
+        if event.kind == "deferred":  # not progress: the run waits for an open breaker
+            waiting.add(event.run_id)
+            log_entries.append(timeline.entry(
+                event.run_id, tenant_id, "file_deferred", "system:executor", event.file_index, step=event.step,
+                dependency=event.dependency, next_delay_ms=event.next_delay_ms))
             continue
         f.attempts = max(f.attempts, event.attempt)
         f.changed = True
@@ -231,6 +248,8 @@ async def apply_events(conn: AsyncConnection, names: Names, events: list[FileEve
                 log_entries.append(timeline.entry(run["id"], run["tenant_id"], "recovered", "system", round=run["round"]))
             log_entries.append(timeline.entry(run["id"], run["tenant_id"], f"run_{kind}", "system", round=run["round"],
                                               succeeded=run["succeeded"], failed=run["failed"], errored=run["errored"]))
+    if waiting:
+        await conn.execute(_WAITING_ON_BREAKER, {"ids": sorted(waiting)})
     await outbox.add(conn, out_rows)
     await timeline.append(conn, *log_entries)
     return out_rows

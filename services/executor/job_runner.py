@@ -81,6 +81,7 @@ class JobRunner:
         self._gate = gate or IsolationGate()
         self._max_deliver = max_deliver
         self._stops = stops
+        self._deferrals_told: set[tuple[str, str, float | None]] = set()
 
     async def handle(self, msg: Msg) -> bool:
         """Run the job; True if it was a suspect (redelivered for no reason we know)."""
@@ -145,6 +146,7 @@ class JobRunner:
         if outcome.kind in ("defer", "retry"):
             if outcome.kind == "defer":
                 progress.deferrals += 1
+                await self._announce_deferral(job, file.index, outcome, attempt)
             else:
                 progress.failures += 1
                 await self._publish(job, file.index, outcome, attempt)
@@ -186,6 +188,7 @@ class JobRunner:
                 attempt = progress.failures + 1
                 outcome = await self._run_file(job, file, progress, attempt, heartbeat)
                 if outcome.kind == "defer":
+                    await self._announce_deferral(job, file.index, outcome, attempt)
                     await asyncio.sleep(outcome.delay_ms / 1000)
                     continue
                 await self._publish(job, file.index, outcome, attempt)
@@ -221,6 +224,34 @@ class JobRunner:
         msg_id, body = file_event_body(job, file_index, outcome, attempt, kind)
         headers = {"Redrive-Tenant": job.tenant_id, "Redrive-Run": job.run_id, **tracing.outgoing()}
         await publish_many(self._js, [Outgoing(self._names.file_event(kind), body, msg_id, headers)])
+
+    async def _announce_deferral(self, job: Job, file_index: int, outcome: Outcome, attempt: int) -> None:
+        """Tell the coordinator once per run and open period that the run waits for an open
+        breaker (its run is flagged ``breaker_open`` for operators until it progresses). Every
+        deferral would be a message per file per probe interval: this process remembers what
+        it told, and the event's id (run, dependency, open period) dedupes other executors'."""
+        if outcome.dependency is None:
+            return
+        told = (job.run_id, outcome.dependency, outcome.opened_at)
+        if told in self._deferrals_told:
+            return
+        event = FileEvent(
+            kind="deferred", job_id=job.job_id, run_id=job.run_id, tenant_id=job.tenant_id, file_index=file_index,
+            round=job.round, attempt=attempt, step=outcome.step, step_name=job.steps[outcome.step].name,
+            next_delay_ms=outcome.delay_ms, dependency=outcome.dependency[:500],
+            breaker_opened_at=datetime.fromtimestamp(outcome.opened_at, timezone.utc) if outcome.opened_at else None,
+            error=ErrorInfo.model_validate({"class": "DependencyUnavailable", "transient": True, "message":
+                                            f"{outcome.dependency!r} is unavailable: its circuit breaker is open"}))
+        headers = {"Redrive-Tenant": job.tenant_id, "Redrive-Run": job.run_id, **tracing.outgoing()}
+        try:
+            await publish_many(self._js, [Outgoing(self._names.file_event("deferred"), event.to_bytes(), event.msg_id,
+                                                   headers)])
+        except Exception as exc:  # only a notice: the deferral itself goes on; the next one tells again
+            log.warning("job.deferral_not_told", run_id=job.run_id, error=repr(exc))
+            return
+        if len(self._deferrals_told) >= 10_000:
+            self._deferrals_told.clear()  # forgetting costs at most one repeated notice per run
+        self._deferrals_told.add(told)
 
     async def _reject_unreadable(self, msg: Msg, exc: ValidationError) -> None:
         """A job we cannot parse never runs; every file it names (its ``file_index``, or the

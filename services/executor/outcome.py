@@ -15,3 +15,6 @@ class Outcome:
     output: dict[str, Any] | None = None
     error: Classified | None = None
     delay_ms: int = 0
+    # defer: the dependency whose breaker is open, and when that open period began.
+    dependency: str | None = None
+    opened_at: float | None = None

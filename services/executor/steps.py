@@ -83,7 +83,8 @@ class StepRunner:
                     # Jitter: the deferred jobs must not all wake at the probe instant, or the
                     # same one wins every probe and spends its retries alone.
                     jitter_s = random.uniform(0, 0.5 * job.retry.breaker_reset_s)
-                    return Outcome("defer", index, delay_ms=int((max(admission.delay_s, 0.5) + jitter_s) * 1000))
+                    return Outcome("defer", index, delay_ms=int((max(admission.delay_s, 0.5) + jitter_s) * 1000),
+                                   dependency=dependency, opened_at=admission.opened_at)
             ctx = StepContext(
                 job_id=job.job_id, run_id=job.run_id, tenant_id=job.tenant_id, file_index=file.index, round=job.round,
                 attempt=attempt, step_index=index, step_name=step.name, params=step.params, file=ref,

@@ -82,6 +82,27 @@ async def test_breaker_opens_defers_without_spending_attempts_half_opens_and_clo
     assert [b for b in breakers if b["dependency"] == dep][0]["state"] == "closed"
 
 
+async def test_a_run_waiting_for_an_open_breaker_is_listed_for_operators_until_it_moves(stack):
+    tenant = await tenant_with(stack, breaker_failure_threshold=1, breaker_reset_s=3, auto_retries=3)
+    events = await EventLog().attach(stack, "file.deferred")
+    dep = f"dep-{tenant}"
+    template = await stack.template(
+        tenant, [{"name": "call", "handler": "flaky", "params": {"fail_attempts": 1, "dependency": dep}}])
+    run = await stack.submit(tenant, template, 3)
+    waiting = await stack.wait_run(tenant, run["id"], until=lambda r: r["attention_reason"] is not None, timeout=30)
+    assert (waiting["status"], waiting["attention_reason"]) == ("RUNNING", "breaker_open")
+    listed = await stack.call("coordinator", "attention", tenant_id=tenant)
+    assert [(r["id"], r["reason"]) for r in listed["items"]] == [(run["id"], "breaker_open")]
+    done = await stack.wait_run(tenant, run["id"], timeout=30)
+    assert done["status"] == "COMPLETED" and not done["needs_attention"]
+    # Told once per open period, not once per deferral of each file.
+    told = events.of("file.deferred", run["id"])
+    assert told and len({e["breaker_opened_at"] for e in told}) == len(told)
+    assert all(e["dependency"] == dep and e["error"]["class"] == "DependencyUnavailable" for e in told)
+    timeline = (await stack.call("coordinator", "timeline", tenant_id=tenant, run_id=run["id"]))["items"]
+    assert [e["details"]["dependency"] for e in timeline if e["kind"] == "file_deferred"] == [dep] * len(told)
+
+
 async def test_a_step_longer_than_the_ack_wait_is_not_redelivered_while_alive(stack):
     tenant = await tenant_with(stack)
     template = await stack.template(tenant, [{"name": "slow", "handler": "flaky", "params": {"sleep_ms": 3500}}])

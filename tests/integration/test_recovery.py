@@ -57,6 +57,9 @@ async def test_the_sweep_recovers_stuck_runs_then_gives_up_and_flags_them(make_s
         tenant = await stack.tenant()
         template = await stack.template(tenant, [{"name": "a", "handler": "noop"}])
         run = await stack.submit(tenant, template, 3)
+        # While the sweep tries, the run is shown to operators as stuck.
+        stuck = await stack.wait_run(tenant, run["id"], until=lambda r: r["attention_reason"] is not None, timeout=30)
+        assert (stuck["status"], stuck["attention_reason"], stuck["needs_attention"]) == ("RUNNING", "stuck", True)
         failed = await stack.wait_run(tenant, run["id"], timeout=30)
         assert failed["status"] == "FAILED" and failed["needs_attention"]
         assert failed["attention_reason"] == "recovery_failed" and failed["counts"]["pending"] == 3
@@ -69,8 +72,26 @@ async def test_the_sweep_recovers_stuck_runs_then_gives_up_and_flags_them(make_s
         await stack.start("executor")
         await stack.call("coordinator", "recover", tenant_id=tenant, run_id=run["id"])
         done = await stack.wait_run(tenant, run["id"])
-        assert done["status"] == "COMPLETED" and done["credits"]["consumed"] == 3
+        assert done["status"] == "COMPLETED" and done["credits"]["consumed"] == 3 and not done["needs_attention"]
         await stack.assert_books_balance(tenant)
+    finally:
+        await stack.stop()
+
+
+async def test_a_stuck_run_is_listed_for_operators_until_it_progresses(make_settings):
+    settings = await make_settings(recovery_interval_s=0.2, recovery_lease_s=0.5, recovery_max_failures=1000)
+    stack = await Stack(settings).start("billing", "coordinator")  # no executor yet: nothing progresses
+    try:
+        tenant = await stack.tenant()
+        template = await stack.template(tenant, [{"name": "a", "handler": "noop"}])
+        run = await stack.submit(tenant, template, 2)
+        await stack.wait_run(tenant, run["id"], until=lambda r: r["attention_reason"] == "stuck", timeout=30)
+        listed = await stack.call("coordinator", "attention", tenant_id=tenant)
+        assert [(r["id"], r["reason"]) for r in listed["items"]] == [(run["id"], "stuck")]
+        await stack.start("executor")  # it comes back: the run moves, and needs nobody
+        done = await stack.wait_run(tenant, run["id"])
+        assert done["status"] == "COMPLETED" and not done["needs_attention"] and done["attention_reason"] is None
+        assert (await stack.call("coordinator", "attention", tenant_id=tenant))["items"] == []
     finally:
         await stack.stop()
 
