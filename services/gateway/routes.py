@@ -82,7 +82,7 @@ ROUTES: list[Route] = [
     _R("POST", "/workflow-runs/{run_id}/files/{file_index}/skip", "coordinator", "skip_file", "tenant_admin",
        summary="Skip a file whose failed step is optional"),
     _R("POST", "/workflow-runs/{run_id}/cancel", "coordinator", "cancel", "tenant_admin", summary="Cancel a run"),
-    _R("GET", "/settings/retry", "coordinator", "get_settings", summary="Retry and breaker settings"),
+    _R("GET", "/settings/retry", "coordinator", "get_settings", "tenant_admin", summary="Retry and breaker settings"),
     _R("PUT", "/settings/retry", "coordinator", "put_settings", "tenant_admin", SettingsBody,
        summary="Change retry and breaker settings"),
     _R("GET", "/credits", "billing", "balance", summary="Credit balance"),

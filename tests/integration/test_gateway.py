@@ -145,6 +145,14 @@ async def test_a_member_may_not_retry_failed_files_but_a_tenant_admin_may(gw):
     assert (await r.json())["run_id"] == "r1"
 
 
+async def test_retry_settings_are_read_and_changed_by_tenant_admins_only(gw):
+    # product.md: "Retry-failed, recover, skip, cancel, settings: platform_admin and tenant_admin".
+    http, keys = gw["http"], gw["keys"]
+    r = await http.get("/api/v1/settings/retry", headers=auth(keys["member"]))
+    assert r.status == 403 and not gw["fakes"].calls["get_settings"]
+    assert (await http.get("/api/v1/settings/retry", headers=auth(keys["tenant_admin"]))).status == 200
+
+
 async def test_x_tenant_id_for_another_tenant_from_a_non_admin_is_403(gw):
     r = await gw["http"].get("/api/v1/credits", headers=auth(gw["keys"]["tenant_admin"], **{"X-Tenant-Id": gw["other"]}))
     assert r.status == 403 and (await error_of(r))["code"] == "forbidden"
