@@ -10,7 +10,7 @@ from pydantic import BaseModel
 from services.coordinator.commands import cancel, create_run, file_actions, queries, recover, retry_failed, settings, templates
 from services.coordinator.context import Deps
 from services.coordinator.schemas import (
-    Caller, CreateRun, CreateTemplate, FileRef, GetRun, ListRuns, PutSettings, Restore, RunRef, TemplateRef,
+    Caller, CreateRun, CreateTemplate, FileRef, GetRun, ListRuns, PutSettings, Restore, RunRef, TemplateRef, TimelinePage,
 )
 
 ROUTES: dict[str, tuple[type[BaseModel], Callable[[Deps, Any], Awaitable[Any]]]] = {
@@ -21,7 +21,7 @@ ROUTES: dict[str, tuple[type[BaseModel], Callable[[Deps, Any], Awaitable[Any]]]]
     "create_run": (CreateRun, create_run.create_run),
     "get_run": (GetRun, queries.get_run),
     "list_runs": (ListRuns, queries.list_runs),
-    "timeline": (RunRef, queries.get_timeline),
+    "timeline": (TimelinePage, queries.get_timeline),
     "attention": (ListRuns, queries.attention),
     "retry_failed": (RunRef, retry_failed.retry_failed),
     "recover": (RunRef, recover.recover),

@@ -40,6 +40,11 @@ class GetRun(RunRef):
     file_limit: int = Field(default=1000, ge=1, le=1000)
 
 
+class TimelinePage(RunRef):
+    limit: int = Field(default=1000, ge=1, le=1000)
+    cursor: str | None = Field(default=None, pattern=r"^[0-9]{1,18}$")  # the id of the page's last entry
+
+
 class FileRef(RunRef):
     file_index: Count
 

@@ -30,18 +30,29 @@ async def append(conn: AsyncConnection, *entries: dict) -> None:
         await conn.execute(_INSERT, list(entries))
 
 
-async def read(conn: AsyncConnection, run_id: str, limit: int = 1000) -> list[dict]:
+# A page crosses NATS in one reply (1 MB by default): it ends early rather than outgrow this.
+PAGE_BYTES = 512 * 1024
+
+
+async def read(conn: AsyncConnection, run_id: str, limit: int = 1000, after_id: int = 0) -> tuple[list[dict], int | None]:
+    """Up to ``limit`` entries after entry ``after_id``, oldest first, and the id to read on
+    after (None when this page ends the log)."""
     rows = await conn.execute(
         text(
-            "SELECT at, kind, actor, file_index, details FROM coordinator.timeline "
-            "WHERE run_id = :run_id ORDER BY id LIMIT :limit"
+            "SELECT id, at, kind, actor, file_index, details FROM coordinator.timeline "
+            "WHERE run_id = :run_id AND id > :after ORDER BY id LIMIT :limit"
         ),
-        {"run_id": run_id, "limit": limit},
+        {"run_id": run_id, "after": after_id, "limit": limit + 1},
     )
-    items = []
+    items: list[dict] = []
+    size, last_id = 0, None
     for row in rows.mappings():
+        if len(items) == limit or (items and size > PAGE_BYTES):
+            return items, last_id
         item = {"at": row["at"].isoformat(), "kind": row["kind"], "actor": row["actor"], "details": row["details"]}
         if row["file_index"] is not None:
             item["file_index"] = row["file_index"]
+        size += len(orjson.dumps(item))
         items.append(item)
-    return items
+        last_id = row["id"]
+    return items, None

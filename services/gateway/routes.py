@@ -25,7 +25,7 @@ from services.gateway.auth import asked_tenant, effective_tenant, principal_of, 
 from services.gateway.errors import error_response, from_service_error
 from services.gateway.identity import tenant_exists
 from services.gateway.schemas import (
-    DeliveriesQuery, GrantBody, NotificationsQuery, PageQuery, RunFilesQuery, RestoreBody, RunBody, RunsQuery, SettingsBody, TemplateBody, WebhookBody,
+    DeliveriesQuery, GrantBody, NotificationsQuery, PageQuery, RunFilesQuery, RestoreBody, RunBody, RunsQuery, SettingsBody, TemplateBody, TimelineQuery, WebhookBody,
     path_params, validate,
 )
 
@@ -70,7 +70,8 @@ ROUTES: list[Route] = [
     _R("GET", "/workflow-runs", "coordinator", "list_runs", query=RunsQuery, summary="List runs"),
     _R("GET", "/workflow-runs/{run_id}", "coordinator", "get_run", query=RunFilesQuery,
        summary="A run with a page of its files (files_page.next_offset for the next)"),
-    _R("GET", "/workflow-runs/{run_id}/timeline", "coordinator", "timeline", summary="A run's execution log"),
+    _R("GET", "/workflow-runs/{run_id}/timeline", "coordinator", "timeline", query=TimelineQuery,
+       summary="A run's execution log, oldest first, a page at a time (next_cursor)"),
     _R("POST", "/workflow-runs/{run_id}/retry-failed", "coordinator", "retry_failed", "tenant_admin", idempotent=True,
        summary="Continue: retry the failed files"),
     _R("POST", "/workflow-runs/{run_id}/recover", "coordinator", "recover", "tenant_admin", status=202,

@@ -74,6 +74,11 @@ class NotificationsQuery(_Query):
     cursor: str | None = Field(default=None, max_length=500)
 
 
+class TimelineQuery(_Query):
+    limit: int | None = Field(default=None, ge=1, le=1000)
+    cursor: str | None = Field(default=None, max_length=30)
+
+
 class DeliveriesQuery(_Query):
     status: Literal["pending", "delivered", "failed"] | None = None
     limit: int | None = Field(default=None, ge=1, le=200)

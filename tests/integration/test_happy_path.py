@@ -90,3 +90,32 @@ async def test_creating_a_run_with_an_existing_run_id_returns_that_run_and_charg
     again = await stack.submit(tenant, template, 2, run_id="fixed-run-id-0001")
     assert again["id"] == first["id"]
     assert [e["amount"] for e in await stack.ledger(tenant) if e["kind"] == "charge"] == [-2]
+
+
+async def test_the_timeline_is_read_a_page_at_a_time_oldest_first(stack, monkeypatch):
+    from services.coordinator import timeline as timeline_module
+
+    tenant = await stack.tenant()
+    await stack.call("coordinator", "put_settings", tenant_id=tenant, auto_retries=3, backoff_base_ms=10, backoff_max_ms=20)
+    template = await stack.template(tenant, [{"name": "a", "handler": "flaky", "params": {"fail_attempts": 1}}])
+    run = await stack.submit(tenant, template, 5)
+    await stack.wait_run(tenant, run["id"])
+    whole = await stack.call("coordinator", "timeline", tenant_id=tenant, run_id=run["id"])
+    assert whole["next_cursor"] is None and len(whole["items"]) >= 8  # created, charged, 5 retries, completed
+
+    async def pages(**kw):
+        items, cursor, sizes = [], None, []
+        while True:
+            page = await stack.call("coordinator", "timeline", tenant_id=tenant, run_id=run["id"], cursor=cursor, **kw)
+            items += page["items"]
+            sizes.append(len(page["items"]))
+            if (cursor := page["next_cursor"]) is None:
+                return items, sizes
+
+    items, sizes = await pages(limit=3)
+    assert items == whole["items"] and set(sizes[:-1]) == {3}
+    monkeypatch.setattr(timeline_module, "PAGE_BYTES", 1)  # a page ends early rather than outgrow a reply
+    items, sizes = await pages()
+    assert items == whole["items"] and set(sizes) == {1}
+    await expect_error("validation_error", stack.call("coordinator", "timeline", tenant_id=tenant, run_id=run["id"],
+                                                      cursor="not-ours"))

@@ -9,7 +9,7 @@ from sqlalchemy import text
 from shared.messages import ServiceError
 from services.coordinator import store, timeline
 from services.coordinator.context import Deps
-from services.coordinator.schemas import GetRun, ListRuns, RunRef
+from services.coordinator.schemas import GetRun, ListRuns, TimelinePage
 from services.coordinator.views import run_view
 
 
@@ -52,10 +52,12 @@ async def list_runs(deps: Deps, cmd: ListRuns) -> dict:
     return {"items": items, "next_cursor": next_cursor}
 
 
-async def get_timeline(deps: Deps, cmd: RunRef) -> dict:
+async def get_timeline(deps: Deps, cmd: TimelinePage) -> dict:
+    """``{"items": [...], "next_cursor"}``: a page of the run's log, oldest first."""
     async with deps.engine.connect() as conn:
         await store.load_run(conn, cmd.tenant_id, cmd.run_id)
-        return {"items": await timeline.read(conn, cmd.run_id)}
+        items, last_id = await timeline.read(conn, cmd.run_id, cmd.limit, int(cmd.cursor or 0))
+    return {"items": items, "next_cursor": str(last_id) if last_id is not None else None}
 
 
 async def attention(deps: Deps, cmd: ListRuns) -> dict:
