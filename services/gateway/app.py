@@ -27,6 +27,7 @@ from services.gateway.events import EventHub
 from services.gateway.identity import KeyCache, Principal, authenticate
 from services.gateway.openapi import openapi_document
 from services.gateway.routes import LOCAL_ROUTES, ROUTES, API, forwarder, public_paths
+from services.gateway.system_metrics import SystemMetrics
 
 DASHBOARD = Path(__file__).parent / "static" / "dashboard.html"
 PLACEHOLDER = ("<!doctype html><title>redrive</title><h1>redrive</h1>"
@@ -44,6 +45,7 @@ class Deps:
     idempotency_lease_s: float = 35.0  # longer than any live request (a few RPC timeouts)
     max_body_bytes: int = 1024 * 1024  # what one NATS message carries
     registry: CollectorRegistry = field(default_factory=CollectorRegistry)
+    system: SystemMetrics | None = None  # breakers and consumer backlogs, read per scrape
 
 
 class HttpMetrics:
@@ -125,6 +127,8 @@ def _local_handlers(deps: Deps) -> dict:
         return web.json_response({"ready": ready, "checks": checks}, status=200 if ready else 503)
 
     async def metrics(request: web.Request) -> web.Response:
+        if deps.system is not None:
+            await deps.system.refresh()
         return web.Response(body=generate_latest(deps.registry), headers={"Content-Type": CONTENT_TYPE_LATEST})
 
     async def dashboard(request: web.Request) -> web.StreamResponse:

@@ -17,6 +17,7 @@ from shared.subjects import Names
 from services.gateway import idempotency
 from services.gateway.app import Deps, build_app
 from services.gateway.events import EventHub
+from services.gateway.system_metrics import SystemMetrics
 
 log = structlog.get_logger(__name__)
 
@@ -41,6 +42,7 @@ class GatewayService:
             nc=self.nc, engine=self.engine, rpc=RpcClient(self.nc, names, timeout=s.request_timeout_s), hub=self.hub,
             idempotency_lease_s=2 * s.request_timeout_s + 5, max_body_bytes=max(self.nc.max_payload, 64 * 1024),
         )
+        self.deps.system = SystemMetrics(self.deps.registry, self.deps.rpc, self.nc.jetstream(), names)
         self.app = build_app(self.deps)
         self.runner = web.AppRunner(self.app, access_log=None, shutdown_timeout=5)
         await self.runner.setup()

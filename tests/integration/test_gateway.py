@@ -418,6 +418,8 @@ async def test_service_endpoints_need_no_key(gw):
     assert ready.status == 200 and (await ready.json())["checks"] == {"nats": True, "database": True}
     metrics = await (await http.get("/metrics")).text()
     assert 'redrive_http_requests_total{method="GET",route="/api/v1/workflow-runs/{run_id}",status="404"}' in metrics
+    # No executor answers here: the scrape still answers, and says that source is down.
+    assert 'redrive_metrics_source_up{source="breakers"} 0.0' in metrics and "redrive_breaker_state{" not in metrics
     page = await http.get("/")
     assert page.status == 200 and page.headers["Content-Type"].startswith("text/html")
 

@@ -252,3 +252,27 @@ async def test_every_message_of_a_run_carries_the_trace_of_the_request_that_crea
         parents = [headers["traceparent"].split("-") for _, headers in messages]
         assert all(p[0] == "00" and p[1] == run["trace_id"] and p[3] == "01" for p in parents), parents
         assert len({p[2] for p in parents}) == len(parents)  # a span id of its own per message
+
+
+async def test_metrics_show_each_breakers_state_and_each_consumers_backlog(api):
+    """product.md: breaker state is visible in the API, metrics and dashboard."""
+    http, key, stack = api["http"], api["keys"]["other"], api["stack"]
+    r = await http.put("/api/v1/settings/retry", headers=auth(key), json={
+        "auto_retries": 3, "backoff_base_ms": 10, "backoff_max_ms": 20, "jitter": True,
+        "breaker_failure_threshold": 1, "breaker_reset_s": 1})
+    assert r.status == 200
+    steps = [{"name": "call", "handler": "flaky", "params": {"fail_attempts": 1, "dependency": "metrics-dep"}}]
+    template = (await (await http.post("/api/v1/templates", json={"name": "m", "steps": steps}, headers=auth(key))).json())["id"]
+    run = await (await http.post("/api/v1/workflow-runs", json={"template_id": template, "files": [{"name": "a"}]},
+                                 headers=auth(key))).json()
+    await stack.wait_run(api["other"], run["id"])
+    metrics = await (await http.get("/metrics")).text()
+    states = {line.split('state="')[1].split('"')[0]: line.rsplit(" ", 1)[1] for line in metrics.splitlines()
+              if line.startswith('redrive_breaker_state{dependency="metrics-dep"')}
+    assert states == {"closed": "1.0", "open": "0.0", "half_open": "0.0"}  # it opened, was probed and closed
+    assert 'redrive_metrics_source_up{source="breakers"} 1.0' in metrics
+    assert 'redrive_metrics_source_up{source="jetstream"} 1.0' in metrics
+    names = stack.names
+    for stream, consumer in ((names.jobs_stream, "executor"), (names.events_stream, "coordinator-results"),
+                             (names.events_stream, "notifier")):
+        assert f'redrive_consumer_pending{{consumer="{consumer}",stream="{stream}"}}' in metrics
