@@ -254,8 +254,8 @@ def bench(
 
 
 @app.command()
-def demo(data_dir: Optional[Path] = DataDir) -> None:
+def demo(data_dir: Optional[Path] = DataDir, as_json: bool = JsonOut) -> None:
     """Create a demo tenant, a flaky template and a run that retries, on a running system."""
     from redrive.demo import run_demo
 
-    run_demo(_settings(data_dir))
+    run_demo(_settings(data_dir), as_json)

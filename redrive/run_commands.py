@@ -89,11 +89,18 @@ def run_restore(
 
 
 @run_app.command("watch")
-def run_watch(run_id: str, data_dir: Optional[Path] = DataDir, interval: float = typer.Option(1.0, "--interval", min=0.1)) -> None:
-    """Follow a run's progress until it leaves RUNNING."""
+def run_watch(run_id: str, data_dir: Optional[Path] = DataDir, interval: float = typer.Option(1.0, "--interval", min=0.1),
+              as_json: bool = JsonOut) -> None:
+    """Follow a run's progress until it leaves RUNNING (exit 0 if it COMPLETED, else 1).
+    With --json, no progress bar: the finished run, as JSON."""
     from rich.progress import BarColumn, Progress, TextColumn
 
     settings = _settings(data_dir)
+    if as_json:
+        while (run := _api_call(settings, "GET", _run_path(run_id), expect=("status",)))["status"] == "RUNNING":
+            time.sleep(interval)
+        _print(run, True)
+        raise typer.Exit(0 if run["status"] == "COMPLETED" else 1)
     with Progress(TextColumn("{task.description}"), BarColumn(), TextColumn("{task.completed}/{task.total}")) as bar:
         task = None
         while True:

@@ -5,6 +5,7 @@ the same data directory finds its data again."""
 
 from __future__ import annotations
 
+import json
 import os
 import queue
 import signal
@@ -101,6 +102,17 @@ def test_up_starts_restarts_stops_and_finds_its_data_again(tmp_path):
         assert second.line_starting("API: ") == url and second.line_starting("Admin key: ") == key
         assert api.call("GET", f"/workflow-runs/{done['id']}")["counts"]["succeeded"] == 3
         assert api.call("GET", "/credits")["purchased"]["remaining"] == 5
+        # The README's `redrive demo`, and `run watch`, for scripts (--json), finding the system from its data dir.
+        env = {**{k: v for k, v in os.environ.items() if k not in _SERVER_VARS}, "REDRIVE_DATA_DIR": str(data_dir)}
+        demo = subprocess.run([sys.executable, "-m", "redrive", "demo", "--json"], env=env, capture_output=True,
+                              text=True, timeout=120)
+        assert demo.returncode == 0, demo.stderr
+        shown = json.loads(demo.stdout)
+        assert shown["run"]["status"] == "COMPLETED" and shown["dashboard"].startswith(url)
+        assert all(f["attempts"] == 3 for f in shown["run"]["files"])  # each failed twice, then succeeded
+        watched = subprocess.run([sys.executable, "-m", "redrive", "run", "watch", shown["run"]["id"], "--json"],
+                                 env=env, capture_output=True, text=True, timeout=60)
+        assert watched.returncode == 0 and json.loads(watched.stdout)["id"] == shown["run"]["id"]
     finally:
         second.interrupt()
 
