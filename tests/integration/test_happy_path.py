@@ -21,6 +21,8 @@ async def test_a_200_file_run_completes_with_exact_counts_and_credits(stack):
     assert run["status"] == "RUNNING" and run["counts"]["pending"] == 200
     assert run["credits"] == {"consumed": 200, "from_monthly": 150, "from_purchased": 50, "refunded": 0}
     assert run["trace_id"] == run["id"]  # asked with no trace: the run's own id is its trace
+    # api.md: 201 run, the run body with its files (the first page of them).
+    assert [f["index"] for f in run["files"]] == list(range(200)) and {f["status"] for f in run["files"]} == {"PENDING"}
     done = await stack.wait_run(tenant, run["id"])
     assert done["status"] == "COMPLETED"
     assert done["counts"]["succeeded"] == 200 and counts_add_up(done)

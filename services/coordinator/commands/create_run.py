@@ -17,7 +17,6 @@ from services.coordinator.context import Deps
 from services.coordinator.run_events import run_event_row
 from services.coordinator.schemas import CreateRun
 from services.coordinator.undeliverable import too_large_message
-from services.coordinator.views import run_view
 
 _INSERT_RUN = text(
     "INSERT INTO coordinator.runs (id, tenant_id, template_id, status, mode, failure_policy, credits_per_file,"
@@ -48,7 +47,7 @@ async def create_run(deps: Deps, cmd: CreateRun) -> dict:
             existing = (await conn.execute(text("SELECT * FROM coordinator.runs WHERE id = :id AND tenant_id = :t"),
                                            {"id": run_id, "t": cmd.tenant_id})).mappings().first()
             if existing is not None:
-                return run_view(existing)
+                return await store.run_body(conn, dict(existing))
         template = await store.load_template(conn, cmd.tenant_id, cmd.template_id, include_archived=False)
         policy = await store.retry_policy(conn, cmd.tenant_id)
     key = credits.initiate_key(run_id)
@@ -86,11 +85,12 @@ async def create_run(deps: Deps, cmd: CreateRun) -> dict:
             await timeline.append(conn, timeline.entry(run_id, cmd.tenant_id, "run_created", cmd.actor, files=len(files),
                                                        mode=cmd.mode, template_id=template["id"]))
             await credits.apply(conn, charge, run_id=run_id, tenant_id=cmd.tenant_id, actor=cmd.actor)
+            body = await store.run_body(conn, dict(run))  # api.md's run body: with (a page of) its files
     except BaseException:
         await credits.compensate(deps.engine, deps.billing, key=key, tenant_id=cmd.tenant_id, run_id=run_id)
         raise
     deps.relay.kick()
-    return run_view(run)
+    return body
 
 
 def _first_jobs(deps: Deps, cmd: CreateRun, run_id: str, template: dict, files: list[dict], policy,
