@@ -149,7 +149,7 @@ class FileEvent(Message):
     step: Count  # index of the step the event is about
     step_name: str | None = None
     error: ErrorInfo | None = None
-    next_delay_ms: int | None = None
+    next_delay_ms: int | None = Field(default=None, ge=0, le=86_400_000)  # a day at most: backoffs cap at an hour
     output: dict[str, Any] | None = None
     # deferred: the dependency the file waits for, and when its breaker opened.
     dependency: str | None = Field(default=None, max_length=500)

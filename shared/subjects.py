@@ -81,6 +81,12 @@ class Names:
         it cost the notifier and the server a delivery and an ack per file."""
         return [self.file_event("failed"), self.run_events_all]
 
+    @property
+    def runs_alive(self) -> str:
+        """Executors' heartbeats for runs with a job in flight (core NATS, outside the
+        streams: a lost one only matters if a whole lease of them is lost)."""
+        return f"{self.prefix}.runs.alive"
+
     def breaker_event(self, state: str) -> str:
         return f"{self.prefix}.events.breaker.{state}"
 

@@ -16,6 +16,7 @@ from services.coordinator import jobs
 from services.coordinator.advisories import make_advisory_handler
 from services.coordinator.context import Deps
 from services.coordinator.endpoints import verbs
+from services.coordinator.liveness import make_alive_handler
 from services.coordinator.outbox import OutboxRelay
 from services.coordinator.recovery import RecoverySweeper
 from services.coordinator.results_consumer import make_results_handler
@@ -41,11 +42,14 @@ class CoordinatorService:
                                  partial(report_undeliverable, names=names), batch=s.outbox_batch)
         self.deps = Deps(settings=s, names=names, engine=self.engine,
                          billing=RpcClient(self.nc, names, timeout=s.request_timeout_s), relay=self.relay,
-                         max_payload=self.nc.max_payload)
+                         max_payload=self.nc.max_payload, js=self.js)
         self.results = PullLoop(self.js, names.events_stream, names.results_consumer, make_results_handler(self.deps),
                                     batch=s.results_fetch_batch, gather_s=s.results_gather_ms / 1000,
                                     name="results")
         self.advisories = await self.nc.subscribe(names.max_deliveries_advisory, cb=make_advisory_handler(self.js, names))
+        # One replica records each heartbeat (a queue group).
+        self.alive = await self.nc.subscribe(names.runs_alive, queue=f"{names.prefix}-coordinator-alive",
+                                             cb=make_alive_handler(self.engine))
         self.micro = MicroService(self.nc, names, "coordinator", verbs(self.deps),
                                   "runs, per-file results, fan-in, retries, recovery")
         self.sweeper = RecoverySweeper(self.deps)
@@ -59,6 +63,7 @@ class CoordinatorService:
         await self.sweeper.stop()
         await self.results.stop()
         await self.advisories.unsubscribe()
+        await self.alive.unsubscribe()
         await self.relay.stop()
         await bus.close(self.nc)
         await self.engine.dispose()

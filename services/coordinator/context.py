@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from nats.js import JetStreamContext
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from shared.rpc import RpcClient
@@ -21,3 +22,4 @@ class Deps:
     relay: OutboxRelay
     # The broker's max payload: a job bigger than that can never be published.
     max_payload: int = 1 << 20
+    js: JetStreamContext | None = None  # the recovery sweep asks what the jobs stream holds

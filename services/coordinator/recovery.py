@@ -1,9 +1,10 @@
 """The recovery sweep: on every coordinator start and then periodically.
 
 * credit intents left pending by a crash are compensated; owed refunds are paid;
-* RUNNING runs with PENDING files and no progress for a lease (database clock, so replicas
-  agree) have their pending jobs re-published from their checkpoints, free of charge, and
-  are flagged ``stuck`` for operators until they progress again;
+* RUNNING runs with PENDING files, no progress for a lease (database clock, so replicas
+  agree), no job in flight and no announced wait (store.STUCK_SQL), and no job left in the
+  jobs stream (job_queue.py) have their pending jobs re-published from their checkpoints,
+  free of charge, and are flagged ``stuck`` for operators until they progress again;
 * a run that stays stuck through ``recovery_max_failures`` recoveries goes FAILED and is
   flagged ``needs_attention`` (reason ``recovery_failed``) for an operator.
 
@@ -19,7 +20,7 @@ import structlog
 from sqlalchemy import text
 
 from shared.db import transaction
-from services.coordinator import credits, inbox, outbox, timeline
+from services.coordinator import credits, inbox, job_queue, outbox, store, timeline
 from services.coordinator.commands.cancel import pay_refunds_due
 from services.coordinator.commands.recover import republish_pending
 from services.coordinator.context import Deps
@@ -27,19 +28,46 @@ from services.coordinator.run_events import run_event_row
 
 log = structlog.get_logger(__name__)
 
-_STUCK = text(
-    "SELECT * FROM coordinator.runs WHERE status = 'RUNNING' AND pending > 0 "
-    " AND last_progress_at < now() - make_interval(secs => :lease) "
-    "ORDER BY last_progress_at LIMIT 50 FOR UPDATE SKIP LOCKED"
-)
+_STUCK = "status = 'RUNNING' AND pending > 0 AND " + store.STUCK_SQL
+_CANDIDATES = text(f"SELECT id, tenant_id FROM coordinator.runs WHERE {_STUCK} ORDER BY last_progress_at LIMIT 50")
+_LOCK_LOST = text(f"SELECT * FROM coordinator.runs WHERE id = ANY(CAST(:ids AS text[])) AND {_STUCK} "
+                  "ORDER BY id FOR UPDATE SKIP LOCKED")
+_FLAG_STUCK = text("UPDATE coordinator.runs SET needs_attention = true, attention_reason = 'stuck' "
+                   f"WHERE id = ANY(CAST(:ids AS text[])) AND NOT needs_attention AND {_STUCK}")
+
+
+async def _lost_and_waiting(deps: Deps, candidates: list) -> tuple[list[str], list[str]] | None:
+    """Split quiet runs into those whose jobs are gone from the broker (re-publish them) and
+    those whose tenant still has jobs in it (re-publishing would duplicate them): the
+    latter are flagged ``stuck`` only when nothing is queued (then what is there neither
+    moves nor says it is alive). None when the broker cannot tell: no recovery this pass."""
+    if deps.js is None:
+        return [c.id for c in candidates], []
+    try:
+        busy = await job_queue.tenants_with_jobs(deps.js, deps.names, (c.tenant_id for c in candidates))
+        backlog = await job_queue.undelivered(deps.js, deps.names) if busy else 0
+    except Exception as exc:  # NATS away: its jobs may be there; decide next pass
+        log.warning("recovery.queue_unknown", error=repr(exc)[:300])
+        return None
+    waiting = [c.id for c in candidates if c.tenant_id in busy]
+    return [c.id for c in candidates if c.tenant_id not in busy], (waiting if not backlog else [])
 
 
 async def sweep(deps: Deps) -> dict:
     stats = {"compensated": 0, "refunds": 0, "recovered": 0, "given_up": 0}
     stats["compensated"] = await credits.compensate_abandoned(deps.engine, deps.billing, older_than_s=deps.settings.credit_intent_timeout_s)
     stats["refunds"] = await pay_refunds_due(deps)
+    lease = {"lease": deps.settings.recovery_lease_s}
+    async with deps.engine.connect() as conn:
+        candidates = (await conn.execute(_CANDIDATES, lease)).all()
+    split = await _lost_and_waiting(deps, candidates) if candidates else None
+    if split is None:
+        return stats
+    lost, waiting = split
     async with transaction(deps.engine) as conn:
-        for run in (await conn.execute(_STUCK, {"lease": deps.settings.recovery_lease_s})).mappings().all():
+        if waiting:
+            await conn.execute(_FLAG_STUCK, {"ids": waiting, **lease})
+        for run in (await conn.execute(_LOCK_LOST, {"ids": lost, **lease})).mappings().all():
             run = dict(run)
             if run["recovering"] and run["recovery_failures"] + 1 >= deps.settings.recovery_max_failures:
                 failed = dict((await conn.execute(text(

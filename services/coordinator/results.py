@@ -68,13 +68,21 @@ _UPDATE_COUNTS = text(
     "UPDATE coordinator.runs r SET pending = pending - u.done, succeeded = succeeded + u.s, failed = failed + u.f, "
     " errored = errored + u.e, updated_at = now(), last_progress_at = now(), "
     " needs_attention = CASE WHEN r.attention_reason IN ('breaker_open', 'stuck') THEN false ELSE r.needs_attention END, "
-    " attention_reason = CASE WHEN r.attention_reason IN ('breaker_open', 'stuck') THEN NULL ELSE r.attention_reason END "
-    "FROM unnest(CAST(:ids AS text[]), CAST(:done AS int[]), CAST(:s AS int[]), CAST(:f AS int[]), CAST(:e AS int[])) "
-    " AS u(id, done, s, f, e) WHERE r.id = u.id"
+    " attention_reason = CASE WHEN r.attention_reason IN ('breaker_open', 'stuck') THEN NULL ELSE r.attention_reason END, "
+    # A retry's announced backoff: quiet until then is not stuck (recovery.py). A recovery
+    # followed by progress worked: it does not count towards giving the run up.
+    " quiet_until = CASE WHEN u.q > 0 THEN GREATEST(r.quiet_until, now() + make_interval(secs => u.q / 1000.0)) "
+    "  ELSE r.quiet_until END, recovery_failures = 0 "
+    "FROM unnest(CAST(:ids AS text[]), CAST(:done AS int[]), CAST(:s AS int[]), CAST(:f AS int[]), CAST(:e AS int[]), "
+    " CAST(:q AS bigint[])) AS u(id, done, s, f, e, q) WHERE r.id = u.id"
 )
+# Quiet until the breaker's next probe (the deferral's delay) is not stuck either.
 _WAITING_ON_BREAKER = text(
-    "UPDATE coordinator.runs SET needs_attention = true, attention_reason = 'breaker_open', updated_at = now() "
-    "WHERE id = ANY(CAST(:ids AS text[])) AND status = 'RUNNING' AND NOT needs_attention"
+    "UPDATE coordinator.runs r SET updated_at = now(), "
+    " quiet_until = GREATEST(r.quiet_until, now() + make_interval(secs => u.q / 1000.0)), "
+    " attention_reason = CASE WHEN r.needs_attention THEN r.attention_reason ELSE 'breaker_open' END, "
+    " needs_attention = true "
+    "FROM unnest(CAST(:ids AS text[]), CAST(:q AS bigint[])) AS u(id, q) WHERE r.id = u.id AND r.status = 'RUNNING'"
 )
 _FAIL_FAST = text(
     "UPDATE coordinator.runs SET status = 'FAILED', fanin_round = round, finished_at = now(), updated_at = now(), "
@@ -121,6 +129,7 @@ class _RunDelta:
     s: int = 0
     f: int = 0
     e: int = 0
+    quiet_ms: int = 0  # the longest backoff a retry of this batch announced
     failed_files: list[int] = field(default_factory=list)
 
 
@@ -169,7 +178,7 @@ async def apply_events(conn: AsyncConnection, names: Names, events: list[FileEve
     files = {(r[0], r[1]): _FileState(*r) for r in rows}
 
     deltas: dict[str, _RunDelta] = {}
-    waiting: set[str] = set()
+    waiting: dict[str, int] = {}  # run → the longest deferral announced
     log_entries: list[dict] = []
     for event in events:
         f = files.get((event.run_id, event.file_index))
@@ -180,7 +189,7 @@ async def apply_events(conn: AsyncConnection, names: Names, events: list[FileEve
             log.error("results.tenant_mismatch", msg_id=event.msg_id, run_id=event.run_id, claimed=event.tenant_id[:100])
             continue
         if event.kind == "deferred":  # not progress: the run waits for an open breaker
-            waiting.add(event.run_id)
+            waiting[event.run_id] = max(waiting.get(event.run_id, 0), event.next_delay_ms or 0)
             log_entries.append(timeline.entry(
                 event.run_id, tenant_id, "file_deferred", "system:executor", event.file_index, step=event.step,
                 dependency=event.dependency, next_delay_ms=event.next_delay_ms))
@@ -194,6 +203,7 @@ async def apply_events(conn: AsyncConnection, names: Names, events: list[FileEve
                 f.outs[str(event.step)] = event.output or {}
             continue
         if event.kind == "retrying":
+            delta.quiet_ms = max(delta.quiet_ms, event.next_delay_ms or 0)
             f.err = _json(_error_of(event))
             log_entries.append(timeline.entry(
                 event.run_id, tenant_id, "file_retrying", "system:executor", event.file_index,
@@ -231,7 +241,7 @@ async def apply_events(conn: AsyncConnection, names: Names, events: list[FileEve
         ids = sorted(deltas)
         await conn.execute(_UPDATE_COUNTS, {
             "ids": ids, "done": [deltas[i].done for i in ids], "s": [deltas[i].s for i in ids],
-            "f": [deltas[i].f for i in ids], "e": [deltas[i].e for i in ids],
+            "f": [deltas[i].f for i in ids], "e": [deltas[i].e for i in ids], "q": [deltas[i].quiet_ms for i in ids],
         })
         tripped = [i for i in ids if deltas[i].f or deltas[i].e]
         if tripped:
@@ -249,7 +259,8 @@ async def apply_events(conn: AsyncConnection, names: Names, events: list[FileEve
             log_entries.append(timeline.entry(run["id"], run["tenant_id"], f"run_{kind}", "system", round=run["round"],
                                               succeeded=run["succeeded"], failed=run["failed"], errored=run["errored"]))
     if waiting:
-        await conn.execute(_WAITING_ON_BREAKER, {"ids": sorted(waiting)})
+        ids = sorted(waiting)
+        await conn.execute(_WAITING_ON_BREAKER, {"ids": ids, "q": [waiting[i] for i in ids]})
     await outbox.add(conn, out_rows)
     await timeline.append(conn, *log_entries)
     return out_rows

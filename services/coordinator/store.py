@@ -10,6 +10,14 @@ from sqlalchemy.ext.asyncio import AsyncConnection
 
 from shared.messages import RetryPolicy, ServiceError
 
+# A RUNNING run is stuck when it made no progress for a lease (``:lease`` seconds) and had
+# no job in flight nor an announced wait within one either (``quiet_until``: executors'
+# heartbeats, liveness.py; retry backoffs and breaker probes, results.py). A step longer
+# than the lease, a long backoff and an open breaker are quiet, not stuck: re-publishing
+# their jobs would run a second copy of a live one.
+STUCK_SQL = ("last_progress_at < now() - make_interval(secs => :lease) "
+             "AND (quiet_until IS NULL OR quiet_until < now() - make_interval(secs => :lease))")
+
 
 def not_found(what: str, ident: str) -> ServiceError:
     return ServiceError("not_found", f"{what} {ident} was not found", {"id": ident})

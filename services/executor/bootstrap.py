@@ -41,7 +41,8 @@ class ExecutorService:
         self.deadlines = Deadlines()
         steps = StepRunner(registry, self.breakers, s.data_dir / "artifacts", self.deadlines,
                            max_payload=self.nc.max_payload)
-        self.keepalive = KeepAlive(s.executor_ack_wait_s)
+        self.keepalive = KeepAlive(s.executor_ack_wait_s,
+                                   publish_alive=lambda body: self.nc.publish(names.runs_alive, body))
         self.stops = RunStops(self.js, names, s.stream_replicas)
         await self.stops.start()
         runner = JobRunner(self.js, names, steps, self.progress, self.keepalive, max_deliver=s.executor_max_deliver,

@@ -108,7 +108,7 @@ class JobRunner:
                 last_beat = now
                 await msg.in_progress()
 
-        self._keepalive.add(msg)
+        self._keepalive.add(msg, job.run_id)
         try:
             if job.mode == "batch":
                 await self._run_batch(job, msg, delivered, heartbeat)

@@ -81,9 +81,12 @@ class StepRunner:
                     admission.verdict == "probe" and not await self._breakers.claim_probe(dependency)
                 ):
                     # Jitter: the deferred jobs must not all wake at the probe instant, or the
-                    # same one wins every probe and spends its retries alone.
+                    # same one wins every probe and spends its retries alone. At most a reset
+                    # period: while a probe is out (half-open, its lease is a minute) the
+                    # breaker may close any moment, and a job must not sleep through that.
                     jitter_s = random.uniform(0, 0.5 * job.retry.breaker_reset_s)
-                    return Outcome("defer", index, delay_ms=int((max(admission.delay_s, 0.5) + jitter_s) * 1000),
+                    wait_s = min(max(admission.delay_s, 0.5), job.retry.breaker_reset_s)
+                    return Outcome("defer", index, delay_ms=int((wait_s + jitter_s) * 1000),
                                    dependency=dependency, opened_at=admission.opened_at)
             ctx = StepContext(
                 job_id=job.job_id, run_id=job.run_id, tenant_id=job.tenant_id, file_index=file.index, round=job.round,
@@ -121,8 +124,12 @@ class StepRunner:
         return None
 
     async def _failed(self, job: Job, dependency: str | None, error: Classified, attempt: int, step: int) -> Outcome:
-        if dependency and error.transient and self._breakers is not None:
-            await self._breakers.record_failure(dependency, job.retry.breaker_failure_threshold, job.retry.breaker_reset_s)
+        if dependency and self._breakers is not None:
+            if error.transient:
+                await self._breakers.record_failure(dependency, job.retry.breaker_failure_threshold,
+                                                    job.retry.breaker_reset_s)
+            else:  # it answered (a 4xx, bad input): the dependency is up, whatever became of the file
+                await self._breakers.record_success(dependency)
         return retry_decision(error, attempt, job, step)
 
     def _run_dir(self, job: Job) -> Path:

@@ -4,6 +4,7 @@ checkpoint, and the operators' attention list."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 
 
@@ -50,17 +51,31 @@ async def test_fail_fast_stops_the_run_and_recover_resumes_the_rest(make_setting
         await stack.stop()
 
 
-async def test_the_sweep_recovers_stuck_runs_then_gives_up_and_flags_them(make_settings):
+@contextlib.asynccontextmanager
+async def jobs_lost(stack):
+    """The broker loses every job it is given (a disk lost with unsynced writes, again and
+    again): what the recovery sweep exists for."""
+    async def purge_forever():
+        while True:
+            await stack.js.purge_stream(stack.names.jobs_stream)
+            await asyncio.sleep(0.05)
+
+    task = asyncio.create_task(purge_forever())
+    try:
+        yield
+    finally:
+        task.cancel()
+
+
+async def test_the_sweep_recovers_runs_whose_jobs_are_lost_then_gives_up_and_flags_them(make_settings):
     settings = await make_settings(recovery_interval_s=0.2, recovery_lease_s=0.5, recovery_max_failures=2)
     stack = await Stack(settings).start("billing", "coordinator", "notifier")  # no executor: nothing progresses
     try:
         tenant = await stack.tenant()
         template = await stack.template(tenant, [{"name": "a", "handler": "noop"}])
-        run = await stack.submit(tenant, template, 3)
-        # While the sweep tries, the run is shown to operators as stuck.
-        stuck = await stack.wait_run(tenant, run["id"], until=lambda r: r["attention_reason"] is not None, timeout=30)
-        assert (stuck["status"], stuck["attention_reason"], stuck["needs_attention"]) == ("RUNNING", "stuck", True)
-        failed = await stack.wait_run(tenant, run["id"], timeout=30)
+        async with jobs_lost(stack):
+            run = await stack.submit(tenant, template, 3)
+            failed = await stack.wait_run(tenant, run["id"], timeout=30)
         assert failed["status"] == "FAILED" and failed["needs_attention"]
         assert failed["attention_reason"] == "recovery_failed" and failed["counts"]["pending"] == 3
         await notes(stack, tenant, run["id"], "run_recovery_started")
@@ -84,8 +99,11 @@ async def test_a_stuck_run_is_listed_for_operators_until_it_progresses(make_sett
     try:
         tenant = await stack.tenant()
         template = await stack.template(tenant, [{"name": "a", "handler": "noop"}])
-        run = await stack.submit(tenant, template, 2)
-        await stack.wait_run(tenant, run["id"], until=lambda r: r["attention_reason"] == "stuck", timeout=30)
+        async with jobs_lost(stack):
+            run = await stack.submit(tenant, template, 2)
+            # The sweep re-publishes it; while it tries, the run is shown to operators as stuck.
+            stuck = await stack.wait_run(tenant, run["id"], until=lambda r: r["attention_reason"] == "stuck", timeout=30)
+        assert stuck["status"] == "RUNNING" and stuck["needs_attention"]
         listed = await stack.call("coordinator", "attention", tenant_id=tenant)
         assert [(r["id"], r["reason"]) for r in listed["items"]] == [(run["id"], "stuck")]
         await stack.start("executor")  # it comes back: the run moves, and needs nobody
@@ -116,5 +134,55 @@ async def test_restore_rewinds_a_file_to_an_earlier_checkpoint_without_redoing_e
         assert file0 == [(0, 0), (0, 1), (0, 2), (1, 1), (1, 2)]  # step 0 was not redone
         await expect_error("bad_request", stack.call("coordinator", "restore", tenant_id=tenant, run_id=run["id"],
                                                      checkpoint_step=5))
+    finally:
+        await stack.stop()
+
+
+async def test_a_step_longer_than_the_lease_or_a_long_backoff_is_quiet_not_stuck(make_settings):
+    """The sweep must not re-publish a job that is alive (in a long step, or waiting out a
+    backoff it announced): a second copy would run it twice, and after a few such
+    'recoveries' the run would be given up as FAILED while its file was fine."""
+    settings = await make_settings(recovery_interval_s=0.2, recovery_lease_s=1.0, recovery_max_failures=2,
+                                   executor_ack_wait_s=0.6)  # in-progress acks and heartbeats every 0.2 s
+    stack = await Stack(settings).start("billing", "coordinator", "executor")
+    try:
+        tenant = await stack.tenant()
+        await stack.call("coordinator", "put_settings", tenant_id=tenant, auto_retries=2, backoff_base_ms=3000,
+                         backoff_max_ms=3000, jitter=False)
+        slow = await stack.template(tenant, [{"name": "slow", "handler": "flaky", "params": {"sleep_ms": 4000}}])
+        waits = await stack.template(tenant, [{"name": "a", "handler": "flaky", "params": {"fail_attempts": 1}}])
+        runs = [await stack.submit(tenant, slow, 1), await stack.submit(tenant, waits, 1)]
+        for run in runs:
+            done = await stack.wait_run(tenant, run["id"], timeout=30)
+            assert done["status"] == "COMPLETED" and not done["needs_attention"], done
+            assert [f["attempts"] for f in done["files"]] == [1 if run is runs[0] else 2]
+            kinds = [e["kind"] for e in (await stack.call("coordinator", "timeline", tenant_id=tenant,
+                                                          run_id=run["id"]))["items"]]
+            assert "recovery_started" not in kinds, kinds
+    finally:
+        await stack.stop()
+
+
+async def test_recover_finishes_a_failed_run_with_nothing_pending_so_continue_can_follow(make_settings):
+    """A FAILED run whose files all ended (fail_fast tripped on its last file, or files
+    finished after recovery gave up) had no way out of FAILED: Recover finishes it."""
+    stack = await Stack(await make_settings()).start("billing", "coordinator", "executor")
+    try:
+        tenant = await stack.tenant()
+        await stack.call("coordinator", "put_settings", tenant_id=tenant, auto_retries=0)
+        template = await stack.template(tenant, [{"name": "a", "handler": "flaky", "params": {"fail_rounds": 1}}],
+                                        failure_policy="fail_fast")
+        run = await stack.submit(tenant, template, 1)
+        failed = await stack.wait_run(tenant, run["id"])
+        assert (failed["status"], failed["counts"]["pending"], failed["counts"]["failed"]) == ("FAILED", 0, 1)
+        finished = await stack.call("coordinator", "recover", tenant_id=tenant, run_id=run["id"])
+        assert finished["status"] == "COMPLETED_WITH_ERRORS" and finished["needs_attention"]
+        assert finished["attention_reason"] == "failed" and finished["credits"]["consumed"] == 1
+        await expect_error("run_not_recoverable", stack.call("coordinator", "recover", tenant_id=tenant, run_id=run["id"]))
+        resumed = await stack.call("coordinator", "retry_failed", tenant_id=tenant, run_id=run["id"])
+        assert resumed["round"] == 1
+        done = await stack.wait_run(tenant, run["id"])
+        assert done["status"] == "COMPLETED" and counts_add_up(done)
+        await stack.assert_books_balance(tenant)
     finally:
         await stack.stop()

@@ -53,24 +53,51 @@ async def stopped_pending_rows(conn, deps: Deps, before: dict, run: dict, templa
     return jobs.job_rows(deps.names, run, template, files, policy, msg_suffix=f":rec{run['generation']}")
 
 
+# A FAILED run with nothing pending (its last files finished after recovery gave up, or
+# fail_fast tripped on its last file) is resumed and finished at once: its outcome is
+# known, and nothing else could ever move it out of FAILED.
+_FINISH = text(
+    "UPDATE coordinator.runs SET "
+    " status = CASE WHEN failed + errored > 0 THEN 'COMPLETED_WITH_ERRORS' ELSE 'COMPLETED' END, "
+    " needs_attention = failed > 0, attention_reason = CASE WHEN failed > 0 THEN 'failed' END, "
+    " recovering = false, recovery_failures = 0, finished_at = now(), updated_at = now() "
+    "WHERE id = :r RETURNING *"
+)
+
+
 async def recover(deps: Deps, cmd: RunRef) -> dict:
     async with transaction(deps.engine) as conn:
         run = await store.load_run(conn, cmd.tenant_id, cmd.run_id, lock=True)
-        if run["status"] not in ("FAILED", "RUNNING") or run["pending"] == 0:
-            raise ServiceError("run_not_recoverable",
-                               f"a {run['status']} run with {run['pending']} pending file(s) has nothing to recover"
-                               + ("; use Continue (retry-failed) for FAILED files" if run["failed"] else ""))
-        if run["status"] == "RUNNING":
-            stale = (await conn.execute(text(
-                "SELECT last_progress_at < now() - make_interval(secs => :lease) FROM coordinator.runs WHERE id = :r"),
-                {"lease": deps.settings.recovery_lease_s, "r": run["id"]})).scalar_one()
-            if not stale:
-                raise ServiceError("run_not_recoverable", "the run is running and making progress")
-        await republish_pending(conn, deps, run, cmd.actor)
+        if run["status"] == "FAILED" and run["pending"] == 0:
+            run = await _finish(conn, deps, run, cmd.actor)
+        else:
+            await _check_recoverable(conn, deps, run)
+            await republish_pending(conn, deps, run, cmd.actor)
+            run = await store.load_run(conn, cmd.tenant_id, cmd.run_id)
+        body = await store.run_body(conn, run)
     deps.relay.kick()
-    async with deps.engine.connect() as conn:
-        run = await store.load_run(conn, cmd.tenant_id, cmd.run_id)
-        return await store.run_body(conn, run)
+    return body
+
+
+async def _check_recoverable(conn, deps: Deps, run: dict) -> None:
+    if run["status"] not in ("FAILED", "RUNNING") or run["pending"] == 0:
+        raise ServiceError("run_not_recoverable",
+                           f"a {run['status']} run with {run['pending']} pending file(s) has nothing to recover"
+                           + ("; use Continue (retry-failed) for FAILED files" if run["failed"] else ""))
+    if run["status"] == "RUNNING":
+        stale = (await conn.execute(text(f"SELECT {store.STUCK_SQL} FROM coordinator.runs WHERE id = :r"),
+                                    {"lease": deps.settings.recovery_lease_s, "r": run["id"]})).scalar_one()
+        if not stale:
+            raise ServiceError("run_not_recoverable", "the run is running and making progress")
+
+
+async def _finish(conn, deps: Deps, run: dict, actor: str) -> dict:
+    run = dict((await conn.execute(_FINISH, {"r": run["id"]})).mappings().one())
+    kind = run["status"].lower()
+    await outbox.add(conn, [run_event_row(deps.names, run, kind, unique=f"finish{run['generation']}")])
+    await timeline.append(conn, timeline.entry(run["id"], run["tenant_id"], f"run_{kind}", actor, round=run["round"],
+                                               by="recover"))
+    return run
 
 
 async def restore(deps: Deps, cmd: Restore) -> dict:
