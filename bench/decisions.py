@@ -42,13 +42,14 @@ def bench_breaker_check() -> tuple[float, float]:
     from shared.subjects import Names
 
     board = BreakerBoard(_NoKV(), Names())
-    board._local[_key("api.example.com")] = (BreakerState("open", 5, time.time(), time.time() + 30), "api.example.com")
+    board._local[_key("t", "api.example.com")] = (BreakerState("open", 5, time.time(), time.time() + 30), "t",
+                                                  "api.example.com")
     samples = []
     clock = time.perf_counter_ns
     for i in range(N):
         dependency = "api.example.com" if i % 2 else "other.example.com"
         t = clock()
-        board.admit(dependency)
+        board.admit("t", dependency)
         samples.append(clock() - t)
     return _percentiles(samples)
 

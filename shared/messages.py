@@ -189,6 +189,7 @@ class RunEvent(Message):
 
 
 class BreakerEvent(Message):
+    tenant_id: str  # breakers are per tenant and dependency (services/executor/breakers.py)
     dependency: str
     state: Literal["closed", "open", "half_open"]
     failures: int = 0

@@ -55,7 +55,8 @@ class ExecutorService:
         self.worker.start()
 
     async def _breakers(self, payload: dict) -> list[dict]:
-        return self.breakers.snapshot()
+        tenant_id = payload.get("tenant_id")
+        return self.breakers.snapshot(tenant_id if isinstance(tenant_id, str) else None)
 
     async def stop(self) -> None:
         await self.micro.stop()

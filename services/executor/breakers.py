@@ -1,4 +1,7 @@
-"""Breaker state shared by every executor process, in a JetStream KV bucket.
+"""Breaker state shared by every executor process, in a JetStream KV bucket: one breaker
+per tenant and dependency. Per tenant because its settings are (threshold, reset time),
+and because a dependency's limits often are too (an API key rate-limited with 429s is
+that tenant's, not everyone's): one tenant's failures never hold back another's jobs.
 
 Reads are served from a local copy kept fresh by a KV watcher, so the check on the hot
 path is a dict lookup (the seed asks < 5 ms; we measure it in bench/). Writes happen only
@@ -30,8 +33,8 @@ log = structlog.get_logger(__name__)
 _KEY_SAFE = re.compile(r"[^-/_=.a-zA-Z0-9]")
 
 
-def _key(dependency: str) -> str:
-    return _KEY_SAFE.sub("_", dependency) or "_"
+def _key(tenant_id: str, dependency: str) -> str:
+    return f"{_KEY_SAFE.sub('_', tenant_id) or '_'}/{_KEY_SAFE.sub('_', dependency) or '_'}"
 
 
 def _ts(value: float | None) -> datetime | None:
@@ -43,7 +46,7 @@ class BreakerBoard:
         self._js = js
         self._names = names
         self._replicas = replicas
-        self._local: dict[str, tuple[BreakerState, str]] = {}  # key -> (state, dependency name)
+        self._local: dict[str, tuple[BreakerState, str, str]] = {}  # key -> (state, tenant, dependency)
         self._kv = None
         self._watch_task: asyncio.Task | None = None
 
@@ -61,32 +64,33 @@ class BreakerBoard:
     def _apply(self, entry) -> None:
         if entry.value:
             data = orjson.loads(entry.value)
-            self._local[entry.key] = (BreakerState.from_dict(data), data.get("dependency", entry.key))
+            self._local[entry.key] = (BreakerState.from_dict(data), data.get("tenant_id", ""),
+                                      data.get("dependency", entry.key))
 
-    def admit(self, dependency: str, now: float | None = None) -> Admission:
+    def admit(self, tenant_id: str, dependency: str, now: float | None = None) -> Admission:
         """Hot path: local state only."""
-        found = self._local.get(_key(dependency))
+        found = self._local.get(_key(tenant_id, dependency))
         if found is None:
             return Admission("run")
         return breaker.admit(found[0], time.time() if now is None else now)
 
-    async def claim_probe(self, dependency: str) -> bool:
+    async def claim_probe(self, tenant_id: str, dependency: str) -> bool:
         """Only one executor wins the half-open probe."""
-        won = await self._change(dependency, lambda s: breaker.claim_probe(s, time.time())
+        won = await self._change(tenant_id, dependency, lambda s: breaker.claim_probe(s, time.time())
                                  if breaker.admit(s, time.time()).verdict == "probe" else None)
         return won is not None
 
-    async def record_success(self, dependency: str) -> None:
-        found = self._local.get(_key(dependency))
-        if found is not None and breaker.on_success(found[0]) is None:
-            return
-        await self._change(dependency, breaker.on_success)
+    async def record_success(self, tenant_id: str, dependency: str) -> None:
+        found = self._local.get(_key(tenant_id, dependency))
+        if found is None or breaker.on_success(found[0]) is None:
+            return  # never failed, or closed with no failures counted: nothing to write
+        await self._change(tenant_id, dependency, breaker.on_success)
 
-    async def record_failure(self, dependency: str, threshold: int, reset_s: float) -> None:
-        await self._change(dependency, lambda s: breaker.on_failure(s, time.time(), threshold, reset_s))
+    async def record_failure(self, tenant_id: str, dependency: str, threshold: int, reset_s: float) -> None:
+        await self._change(tenant_id, dependency, lambda s: breaker.on_failure(s, time.time(), threshold, reset_s))
 
-    async def _change(self, dependency: str, step) -> BreakerState | None:
-        key = _key(dependency)
+    async def _change(self, tenant_id: str, dependency: str, step) -> BreakerState | None:
+        key = _key(tenant_id, dependency)
         for _ in range(20):
             try:
                 entry = await self._kv.get(key)
@@ -96,7 +100,7 @@ class BreakerBoard:
             new = step(current)
             if new is None:
                 return None
-            body = orjson.dumps({**new.as_dict(), "dependency": dependency})
+            body = orjson.dumps({**new.as_dict(), "tenant_id": tenant_id, "dependency": dependency})
             try:
                 if revision is None:
                     await self._kv.create(key, body)
@@ -104,26 +108,30 @@ class BreakerBoard:
                     await self._kv.update(key, body, last=revision)
             except (KeyWrongLastSequenceError, KeyValueError):
                 continue  # someone else changed it: read again
-            self._local[key] = (new, dependency)
+            self._local[key] = (new, tenant_id, dependency)
             if new.state != current.state:
-                await self._announce(dependency, new)
+                await self._announce(tenant_id, dependency, new)
             return new
-        log.warning("breaker.contended", dependency=dependency)
+        log.warning("breaker.contended", tenant_id=tenant_id, dependency=dependency)
         return None
 
-    async def _announce(self, dependency: str, s: BreakerState) -> None:
-        event = BreakerEvent(dependency=dependency, state=s.state, failures=s.failures,
+    async def _announce(self, tenant_id: str, dependency: str, s: BreakerState) -> None:
+        event = BreakerEvent(tenant_id=tenant_id, dependency=dependency, state=s.state, failures=s.failures,
                              opened_at=_ts(s.opened_at), next_probe_at=_ts(s.next_probe_at))
-        msg_id = f"breaker:{_key(dependency)}:{s.state}:{s.opened_at}:{s.failures}"
+        msg_id = f"breaker:{_key(tenant_id, dependency)}:{s.state}:{s.opened_at}:{s.failures}"
         try:
-            await publish_many(self._js, [Outgoing(self._names.breaker_event(s.state), event.to_bytes(), msg_id)])
+            await publish_many(self._js, [Outgoing(self._names.breaker_event(s.state), event.to_bytes(), msg_id,
+                                                   {"Redrive-Tenant": tenant_id})])
         except Exception as exc:
             log.warning("breaker.announce_failed", error=repr(exc))
-        log.info("breaker.state", dependency=dependency, state=s.state, failures=s.failures)
+        log.info("breaker.state", tenant_id=tenant_id, dependency=dependency, state=s.state, failures=s.failures)
 
-    def snapshot(self) -> list[dict]:
+    def snapshot(self, tenant_id: str | None = None) -> list[dict]:
+        """Every breaker (``tenant_id`` None: a platform admin's view) or one tenant's."""
         out = []
-        for state, dependency in self._local.values():
-            out.append({"dependency": dependency, "state": state.state, "failures": state.failures,
-                        "opened_at": _ts(state.opened_at), "next_probe_at": _ts(state.next_probe_at)})
-        return sorted(out, key=lambda b: b["dependency"])
+        for state, tenant, dependency in self._local.values():
+            if tenant_id is None or tenant == tenant_id:
+                out.append({"tenant_id": tenant, "dependency": dependency, "state": state.state,
+                            "failures": state.failures, "opened_at": _ts(state.opened_at),
+                            "next_probe_at": _ts(state.next_probe_at)})
+        return sorted(out, key=lambda b: (b["dependency"], b["tenant_id"]))

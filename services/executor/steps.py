@@ -76,9 +76,9 @@ class StepRunner:
                 return Outcome("errored", index, error=classify(exc))
             dependency = handler.dependency_of(step.params, ref) if handler.dependency_of else None
             if dependency and self._breakers is not None:
-                admission = self._breakers.admit(dependency)
+                admission = self._breakers.admit(job.tenant_id, dependency)
                 if admission.verdict == "defer" or (
-                    admission.verdict == "probe" and not await self._breakers.claim_probe(dependency)
+                    admission.verdict == "probe" and not await self._breakers.claim_probe(job.tenant_id, dependency)
                 ):
                     # Jitter: the deferred jobs must not all wake at the probe instant, or the
                     # same one wins every probe and spends its retries alone. At most a reset
@@ -104,7 +104,7 @@ class StepRunner:
             except Exception as exc:  # classified below: nothing escapes unclassified
                 return await self._failed(job, dependency, classify(exc), attempt, index)
             if dependency and self._breakers is not None:
-                await self._breakers.record_success(dependency)
+                await self._breakers.record_success(job.tenant_id, dependency)
             output = result if isinstance(result, dict) else {"result": result}
             problem = self._output_problem(step, output)
             if problem is not None:  # it would fail to publish on every delivery: ERROR now
@@ -126,10 +126,10 @@ class StepRunner:
     async def _failed(self, job: Job, dependency: str | None, error: Classified, attempt: int, step: int) -> Outcome:
         if dependency and self._breakers is not None:
             if error.transient:
-                await self._breakers.record_failure(dependency, job.retry.breaker_failure_threshold,
+                await self._breakers.record_failure(job.tenant_id, dependency, job.retry.breaker_failure_threshold,
                                                     job.retry.breaker_reset_s)
             else:  # it answered (a 4xx, bad input): the dependency is up, whatever became of the file
-                await self._breakers.record_success(dependency)
+                await self._breakers.record_success(job.tenant_id, dependency)
         return retry_decision(error, attempt, job, step)
 
     def _run_dir(self, job: Job) -> Path:

@@ -103,7 +103,8 @@ ROUTES: list[Route] = [
        summary="Send one delivery again"),
     _R("GET", "/admin/attention", "coordinator", "attention", "tenant_admin", all_tenants_for_admin=True,
        summary="Runs needing attention (platform admin: every tenant unless X-Tenant-Id)"),
-    _R("GET", "/admin/breakers", "executor", "breakers", summary="Circuit breakers"),
+    _R("GET", "/admin/breakers", "executor", "breakers", all_tenants_for_admin=True,
+       summary="Circuit breakers, per tenant and dependency (platform admin: every tenant unless X-Tenant-Id)"),
     _R("POST", "/admin/workflow-runs/{run_id}/restore", "coordinator", "restore", "platform_admin", RestoreBody,
        summary="Rewind files to an earlier checkpoint and resume them"),
 ]

@@ -28,10 +28,10 @@ class SystemMetrics:
     def __init__(self, registry: CollectorRegistry, rpc: RpcClient, js: JetStreamContext, names: Names,
                  timeout_s: float = SOURCE_TIMEOUT_S) -> None:
         self._rpc, self._js, self._names, self._timeout_s = rpc, js, names, timeout_s
-        self.breaker_state = Gauge("redrive_breaker_state", "1 for a dependency's current breaker state, else 0",
-                                   ["dependency", "state"], registry=registry)
+        self.breaker_state = Gauge("redrive_breaker_state", "1 for a breaker's current state, else 0",
+                                   ["dependency", "state", "tenant"], registry=registry)
         self.breaker_failures = Gauge("redrive_breaker_failures", "Consecutive failures the breaker has counted",
-                                      ["dependency"], registry=registry)
+                                      ["dependency", "tenant"], registry=registry)
         labels = ["stream", "consumer"]
         self.pending = Gauge("redrive_consumer_pending", "Messages the consumer has not been given yet",
                              labels, registry=registry)
@@ -62,8 +62,8 @@ class SystemMetrics:
             return
         for b in breakers:
             for state in BREAKER_STATES:
-                self.breaker_state.labels(b["dependency"], state).set(1 if b["state"] == state else 0)
-            self.breaker_failures.labels(b["dependency"]).set(b.get("failures") or 0)
+                self.breaker_state.labels(b["dependency"], state, b.get("tenant_id", "")).set(1 if b["state"] == state else 0)
+            self.breaker_failures.labels(b["dependency"], b.get("tenant_id", "")).set(b.get("failures") or 0)
         self.up.labels("breakers").set(1)
 
     async def _refresh_consumers(self) -> None:

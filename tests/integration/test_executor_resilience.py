@@ -103,6 +103,26 @@ async def test_a_run_waiting_for_an_open_breaker_is_listed_for_operators_until_i
     assert [e["details"]["dependency"] for e in timeline if e["kind"] == "file_deferred"] == [dep] * len(told)
 
 
+async def test_one_tenants_failures_never_open_another_tenants_breaker(stack):
+    # Per tenant: its own threshold and reset time apply, and a dependency's limits are often
+    # per tenant too (an API key rate-limited with 429s).
+    noisy = await tenant_with(stack, breaker_failure_threshold=1, breaker_reset_s=30, auto_retries=1)
+    quiet = await tenant_with(stack, breaker_failure_threshold=1, breaker_reset_s=30)
+    dep = f"shared-{noisy}"
+    failing = await stack.template(noisy, [{"name": "call", "handler": "flaky",
+                                            "params": {"fail_attempts": 9, "dependency": dep}}])
+    run = await stack.submit(noisy, failing, 1)
+    await stack.wait_run(noisy, run["id"], until=lambda r: r["attention_reason"] == "breaker_open")
+    working = await stack.template(quiet, [{"name": "call", "handler": "flaky", "params": {"dependency": dep}}])
+    other = await stack.submit(quiet, working, 2)
+    done = await stack.wait_run(quiet, other["id"])  # not held back by the other tenant's open breaker
+    assert done["status"] == "COMPLETED" and [f["attempts"] for f in done["files"]] == [1, 1]
+    assert [(b["tenant_id"], b["state"]) for b in await stack.call("executor", "breakers", tenant_id=noisy)
+            if b["dependency"] == dep] == [(noisy, "open")]
+    assert [b["state"] for b in await stack.call("executor", "breakers", tenant_id=quiet) if b["dependency"] == dep] == []
+    await stack.call("coordinator", "cancel", tenant_id=noisy, run_id=run["id"])
+
+
 async def test_a_step_longer_than_the_ack_wait_is_not_redelivered_while_alive(stack):
     tenant = await tenant_with(stack)
     template = await stack.template(tenant, [{"name": "slow", "handler": "flaky", "params": {"sleep_ms": 3500}}])

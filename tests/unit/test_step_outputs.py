@@ -70,15 +70,15 @@ class _Breakers:
     def __init__(self) -> None:
         self.reports: list[str] = []
 
-    def admit(self, dependency):
+    def admit(self, tenant_id, dependency):
         from shared.breaker import Admission
 
         return Admission("run")
 
-    async def record_success(self, dependency):
+    async def record_success(self, tenant_id, dependency):
         self.reports.append("success")
 
-    async def record_failure(self, dependency, threshold, reset_s):
+    async def record_failure(self, tenant_id, dependency, threshold, reset_s):
         self.reports.append("failure")
 
 
@@ -112,7 +112,7 @@ async def test_a_job_deferred_while_a_probe_is_out_comes_back_within_a_reset_per
     from shared.breaker import Admission
 
     class ProbeOut(_Breakers):
-        def admit(self, dependency):
+        def admit(self, tenant_id, dependency):
             return Admission("defer", 60.0)
 
     registry = HandlerRegistry()
