@@ -59,14 +59,16 @@ class RunBody(_Body):
 
 
 class SettingsBody(RetryPolicy):
-    model_config = ConfigDict(extra="forbid")
+    # validate_default: the check below must also see a default backoff_max_ms, or
+    # {"backoff_base_ms": 40000} alone stores a base above the default maximum (30000).
+    model_config = ConfigDict(extra="forbid", validate_default=True)
 
     @field_validator("backoff_max_ms")
     @classmethod
     def _max_at_least_base(cls, v: int, info) -> int:
         base = info.data.get("backoff_base_ms")
         if base is not None and v < base:
-            raise ValueError("must be >= backoff_base_ms")
+            raise ValueError(f"must be >= backoff_base_ms ({base})")
         return v
 
 

@@ -276,3 +276,16 @@ async def test_metrics_show_each_breakers_state_and_each_consumers_backlog(api):
     for stream, consumer in ((names.jobs_stream, "executor"), (names.events_stream, "coordinator-results"),
                              (names.events_stream, "notifier")):
         assert f'redrive_consumer_pending{{consumer="{consumer}",stream="{stream}"}}' in metrics
+
+
+@pytest.mark.parametrize("edges", [
+    {"auto_retries": 0, "backoff_base_ms": 10, "backoff_max_ms": 10, "jitter": False, "breaker_failure_threshold": 1,
+     "breaker_reset_s": 1},
+    {"auto_retries": 10, "backoff_base_ms": 60_000, "backoff_max_ms": 3_600_000, "jitter": True,
+     "breaker_failure_threshold": 100, "breaker_reset_s": 3600},
+], ids=["lowest", "highest"])
+async def test_retry_settings_take_every_value_within_their_bounds(api, edges):
+    http, key = api["http"], api["keys"]["other"]
+    r = await http.put("/api/v1/settings/retry", headers=auth(key), json=edges)
+    assert r.status == 200 and await r.json() == edges
+    assert await (await http.get("/api/v1/settings/retry", headers=auth(key))).json() == edges
