@@ -4,6 +4,7 @@ the FAILED files; retry one file (charged), skip an optional step, refusals."""
 from __future__ import annotations
 
 import asyncio
+import json
 
 import asyncpg
 import pytest
@@ -83,6 +84,33 @@ async def test_skip_only_when_the_failed_step_is_optional(stack):
         await sub.unsubscribe()
     done, _ = await failed_run(stack, tenant, [{"name": "must", "handler": "flaky", "params": {"fail_rounds": 1}}], n=1)
     await expect_error("step_not_optional", stack.call("coordinator", "skip_file", tenant_id=tenant, run_id=done["id"], file_index=0))
+
+
+async def test_skipping_an_optional_step_goes_on_with_the_required_steps_after_it(stack):
+    tenant = await stack.tenant(monthly=100)
+    steps = [{"name": "hash", "handler": "checksum"},
+             {"name": "enhance", "handler": "flaky", "optional": True, "params": {"fail_rounds": 1}},
+             {"name": "publish", "handler": "noop"}]
+    files = [{"name": "a.txt", "content_b64": "aGVsbG8="}]
+    done, _ = await failed_run(stack, tenant, steps, files=files)
+    assert done["status"] == "COMPLETED_WITH_ERRORS" and done["files"][0]["checkpoint_step"] == 0
+    going = await stack.call("coordinator", "skip_file", tenant_id=tenant, run_id=done["id"], file_index=0)
+    assert going["status"] == "RUNNING" and going["files"][0]["status"] == "PENDING"
+    finished = await stack.wait_run(tenant, done["id"])
+    assert finished["status"] == "COMPLETED" and finished["files"][0]["status"] == "SUCCEEDED"
+    assert finished["files"][0]["checkpoint_step"] == 2 and counts_add_up(finished)
+    assert finished["credits"]["consumed"] == 2  # the skip is free
+    conn = await asyncpg.connect(stack.settings.database_url)
+    try:  # the required step ran after the skipped one; the skipped one never did
+        outputs = json.loads(await conn.fetchval("SELECT step_outputs FROM coordinator.files WHERE run_id = $1",
+                                                 done["id"]))
+    finally:
+        await conn.close()
+    assert sorted(outputs) == ["0", "2"]
+    timeline = (await stack.call("coordinator", "timeline", tenant_id=tenant, run_id=done["id"]))["items"]
+    [skipped] = [e for e in timeline if e["kind"] == "file_skipped"]
+    assert skipped["details"]["step"] == 1 and skipped["details"]["resumes_at"] == 2
+    await stack.assert_books_balance(tenant)
 
 
 async def test_three_continue_rounds_then_the_fourth_press_is_refused(stack):

@@ -79,30 +79,77 @@ async def retry_file(deps: Deps, cmd: FileRef) -> dict:
 
 
 async def skip_file(deps: Deps, cmd: FileRef) -> dict:
+    """Skip a file's failed optional step. When it was the file's last step, the file ends
+    SKIPPED; otherwise the file goes on with the steps after it (free of charge, in a new
+    round of the run), from the output of the step before: skipping an optional step never
+    skips the required ones that follow it."""
     async with transaction(deps.engine) as conn:
         run, f = await _locked_file(conn, cmd)
         if f["status"] not in ("FAILED", "ERROR"):
             raise ServiceError("file_not_failed", f"only a FAILED or ERROR file can be skipped (this one is {f['status']})")
         template = await store.load_template(conn, run["tenant_id"], run["template_id"], include_archived=True)
         step = f["failed_step"]
-        if step is None or step >= len(template["steps"]) or not template["steps"][step].get("optional"):
+        if not skippable(f, template):
             raise ServiceError("step_not_optional", "the file's failed step is not optional; it cannot be skipped")
         counter = "failed" if f["status"] == "FAILED" else "errored"
-        await conn.execute(text("UPDATE coordinator.files SET status = 'SKIPPED', updated_at = now() WHERE run_id = :r AND idx = :i"),
-                           {"r": run["id"], "i": f["idx"]})
-        await store.adjust_counts(conn, run["id"], **{counter: -1, "skipped": 1})
-        # Skipping the last error of a finished run finishes it cleanly.
-        before = run["status"]
-        run = dict((await conn.execute(text(
-            "UPDATE coordinator.runs SET status = CASE WHEN status = 'COMPLETED_WITH_ERRORS' AND failed + errored = 0 "
-            " THEN 'COMPLETED' ELSE status END, needs_attention = needs_attention AND failed > 0 "
-            "WHERE id = :r RETURNING *"), {"r": run["id"]})).mappings().one())
-        await timeline.append(conn, timeline.entry(run["id"], run["tenant_id"], "file_skipped", cmd.actor, f["idx"], step=step))
-        if run["status"] != before:
-            # The run's outcome changed: whoever was told "finished with errors" (SSE,
-            # notifications, webhooks) is told it finished after all.
-            await outbox.add(conn, [run_event_row(deps.names, run, "completed", "the last error was skipped",
-                                                  unique=f"skip{f['idx']}")])
+        if step < len(template["steps"]) - 1:
+            run = await _resume_after(conn, deps, run, f, template, counter, cmd.actor)
+        else:
+            run = await _end_skipped(conn, deps, run, f, counter, cmd.actor)
         body = await store.run_body(conn, run)
     deps.relay.kick()
     return body
+
+
+def skippable(f: dict, template: dict) -> bool:
+    """A FAILED or ERROR file whose failed step is optional."""
+    step = f.get("failed_step")
+    return (f["status"] in ("FAILED", "ERROR") and step is not None and step < len(template["steps"])
+            and bool(template["steps"][step].get("optional")))
+
+
+async def _end_skipped(conn, deps: Deps, run: dict, f: dict, counter: str, actor: str) -> dict:
+    await conn.execute(text("UPDATE coordinator.files SET status = 'SKIPPED', updated_at = now() WHERE run_id = :r AND idx = :i"),
+                       {"r": run["id"], "i": f["idx"]})
+    await store.adjust_counts(conn, run["id"], **{counter: -1, "skipped": 1})
+    # Skipping the last error of a finished run finishes it cleanly.
+    before = run["status"]
+    run = dict((await conn.execute(text(
+        "UPDATE coordinator.runs SET status = CASE WHEN status = 'COMPLETED_WITH_ERRORS' AND failed + errored = 0 "
+        " THEN 'COMPLETED' ELSE status END, needs_attention = needs_attention AND failed > 0 "
+        "WHERE id = :r RETURNING *"), {"r": run["id"]})).mappings().one())
+    await timeline.append(conn, timeline.entry(run["id"], run["tenant_id"], "file_skipped", actor, f["idx"],
+                                               step=f["failed_step"]))
+    if run["status"] != before:
+        # The run's outcome changed: whoever was told "finished with errors" (SSE,
+        # notifications, webhooks) is told it finished after all.
+        await outbox.add(conn, [run_event_row(deps.names, run, "completed", "the last error was skipped",
+                                              unique=f"skip{f['idx']}")])
+    return run
+
+
+async def _resume_after(conn, deps: Deps, run: dict, f: dict, template: dict, counter: str, actor: str) -> dict:
+    if run["status"] == "CANCELLED":
+        raise ServiceError("conflict", "the run was cancelled; its files cannot go on")
+    step = f["failed_step"]
+    was = run
+    run = dict((await conn.execute(text(
+        "UPDATE coordinator.runs SET status = 'RUNNING', round = round + 1, generation = generation + 1, "
+        f" pending = pending + 1, {counter} = {counter} - 1, needs_attention = false, attention_reason = NULL, "
+        " finished_at = NULL, updated_at = now(), last_progress_at = now() WHERE id = :r RETURNING *"),
+        {"r": run["id"]})).mappings().one())
+    # As if the skipped step had completed with the output of the one before it (or none):
+    # the job starts after it. Free: the file's charge was used by the attempts made.
+    f = dict((await conn.execute(text(
+        "UPDATE coordinator.files SET status = 'PENDING', round = :round, attempts = 0, checkpoint_step = :step, "
+        " charge_key = NULL, last_error = NULL, failed_step = NULL, updated_at = now() "
+        "WHERE run_id = :r AND idx = :i RETURNING *"), {"round": run["round"], "step": step, "r": run["id"], "i": f["idx"]})
+    ).mappings().one())
+    policy = await store.retry_policy(conn, run["tenant_id"])
+    await outbox.add(conn, jobs.job_rows(deps.names, run, template, [f], policy)
+                     + await stopped_pending_rows(conn, deps, was, run, template, policy, {f["idx"]})
+                     + [run_event_row(deps.names, run, "retrying", f"file {f['idx']} goes on after skipping step {step}",
+                                      unique=f"skip{f['idx']}")])
+    await timeline.append(conn, timeline.entry(run["id"], run["tenant_id"], "file_skipped", actor, f["idx"], step=step,
+                                               resumes_at=step + 1, round=run["round"]))
+    return run
