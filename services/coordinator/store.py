@@ -81,7 +81,10 @@ async def run_body(conn: AsyncConnection, run: dict, *, offset: int = 0, limit: 
 
     rows = (await conn.execute(text("SELECT * FROM coordinator.files WHERE run_id = :r AND idx >= :o ORDER BY idx LIMIT :l"),
                                {"r": run["id"], "o": offset, "l": limit})).mappings().all()
-    body = run_view(run, [dict(r) for r in rows])
+    steps = (await conn.execute(text("SELECT steps FROM coordinator.templates WHERE id = :t AND tenant_id = :tenant"),
+                                {"t": run["template_id"], "tenant": run["tenant_id"]})).scalar_one_or_none() or []
+    optional = frozenset(i for i, step in enumerate(steps) if step.get("optional"))
+    body = run_view(run, [dict(r) for r in rows], optional)
     next_offset = offset + limit if offset + limit < run["total"] else None
     body["files_page"] = {"offset": offset, "limit": limit, "next_offset": next_offset}
     return body

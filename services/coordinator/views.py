@@ -13,7 +13,8 @@ def _iso(value) -> str | None:
     return value.isoformat() if value is not None else None
 
 
-def run_view(run: Mapping[str, Any], files: list[Mapping[str, Any]] | None = None) -> dict[str, Any]:
+def run_view(run: Mapping[str, Any], files: list[Mapping[str, Any]] | None = None,
+             optional_steps: frozenset[int] = frozenset()) -> dict[str, Any]:
     body: dict[str, Any] = {
         "id": run["id"],
         "tenant_id": run["tenant_id"],
@@ -30,6 +31,7 @@ def run_view(run: Mapping[str, Any], files: list[Mapping[str, Any]] | None = Non
             "refunded": run["credits_refunded"],
         },
         "needs_attention": run["needs_attention"],
+        "recovering": run["recovering"],  # re-published by a recovery, not yet finished
         "attention_reason": run["attention_reason"],
         "created_at": _iso(run["created_at"]),
         "updated_at": _iso(run["updated_at"]),
@@ -38,11 +40,12 @@ def run_view(run: Mapping[str, Any], files: list[Mapping[str, Any]] | None = Non
         "trace_id": run_trace_id(run["id"], run.get("trace_id")),
     }
     if files is not None:
-        body["files"] = [file_view(f) for f in files]
+        body["files"] = [file_view(f, optional_steps) for f in files]
     return body
 
 
-def file_view(f: Mapping[str, Any]) -> dict[str, Any]:
+def file_view(f: Mapping[str, Any], optional_steps: frozenset[int] = frozenset()) -> dict[str, Any]:
+    """``skippable``: FAILED or ERROR at an optional step (``optional_steps``: their indexes)."""
     return {
         "index": f["idx"],
         "name": f["name"],
@@ -52,6 +55,7 @@ def file_view(f: Mapping[str, Any]) -> dict[str, Any]:
         "checkpoint_step": f["checkpoint_step"],
         "last_error": f["last_error"],
         "output": f["output"],
+        "skippable": f["status"] in ("FAILED", "ERROR") and f.get("failed_step") in optional_steps,
     }
 
 

@@ -83,6 +83,7 @@ async def test_skip_only_when_the_failed_step_is_optional(stack):
     finally:
         await sub.unsubscribe()
     done, _ = await failed_run(stack, tenant, [{"name": "must", "handler": "flaky", "params": {"fail_rounds": 1}}], n=1)
+    assert not done["files"][0]["skippable"]
     await expect_error("step_not_optional", stack.call("coordinator", "skip_file", tenant_id=tenant, run_id=done["id"], file_index=0))
 
 
@@ -94,6 +95,7 @@ async def test_skipping_an_optional_step_goes_on_with_the_required_steps_after_i
     files = [{"name": "a.txt", "content_b64": "aGVsbG8="}]
     done, _ = await failed_run(stack, tenant, steps, files=files)
     assert done["status"] == "COMPLETED_WITH_ERRORS" and done["files"][0]["checkpoint_step"] == 0
+    assert done["files"][0]["skippable"]  # what the dashboard's Skip button shows for
     going = await stack.call("coordinator", "skip_file", tenant_id=tenant, run_id=done["id"], file_index=0)
     assert going["status"] == "RUNNING" and going["files"][0]["status"] == "PENDING"
     finished = await stack.wait_run(tenant, done["id"])

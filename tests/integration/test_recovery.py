@@ -103,7 +103,7 @@ async def test_a_stuck_run_is_listed_for_operators_until_it_progresses(make_sett
             run = await stack.submit(tenant, template, 2)
             # The sweep re-publishes it; while it tries, the run is shown to operators as stuck.
             stuck = await stack.wait_run(tenant, run["id"], until=lambda r: r["attention_reason"] == "stuck", timeout=30)
-        assert stuck["status"] == "RUNNING" and stuck["needs_attention"]
+        assert stuck["status"] == "RUNNING" and stuck["needs_attention"] and stuck["recovering"]
         listed = await stack.call("coordinator", "attention", tenant_id=tenant)
         assert [(r["id"], r["reason"]) for r in listed["items"]] == [(run["id"], "stuck")]
         await stack.start("executor")  # it comes back: the run moves, and needs nobody
