@@ -289,3 +289,25 @@ async def test_retry_settings_take_every_value_within_their_bounds(api, edges):
     r = await http.put("/api/v1/settings/retry", headers=auth(key), json=edges)
     assert r.status == 200 and await r.json() == edges
     assert await (await http.get("/api/v1/settings/retry", headers=auth(key))).json() == edges
+
+
+async def test_recover_over_http_and_its_seed_alias(api):
+    """Seed 000's POST /api/v1/workflows/{id}/recover, and api.md's own path: 202, or 409."""
+    http, key, stack = api["http"], api["keys"]["other"], api["stack"]
+    steps = [{"name": "a", "handler": "flaky", "params": {"fail_rounds": 1}}]
+    r = await http.post("/api/v1/templates", json={"name": "ff", "steps": steps, "failure_policy": "fail_fast"},
+                        headers=auth(key))
+    template = (await r.json())["id"]
+    await http.put("/api/v1/settings/retry", headers=auth(key), json={"auto_retries": 0})
+    run = await (await http.post("/api/v1/workflow-runs", json={"template_id": template, "files": [{"name": "a"}]},
+                                 headers=auth(key))).json()
+    failed = await stack.wait_run(api["other"], run["id"])
+    assert failed["status"] == "FAILED"
+    r = await http.post(f"/api/v1/workflows/{run['id']}/recover", headers=auth(key))
+    assert r.status == 202 and (await r.json())["status"] == "COMPLETED_WITH_ERRORS"
+    r = await http.post(f"/api/v1/workflow-runs/{run['id']}/recover", headers=auth(key))
+    assert r.status == 409 and (await r.json())["error"]["code"] == "run_not_recoverable"
+    r = await http.post(f"/api/v1/workflows/{run['id']}/recover", headers=auth(api["keys"]["tenant_admin"]))
+    assert r.status == 404  # another tenant's run (this admin is acme's)
+    r = await http.post(f"/api/v1/workflows/{run['id']}/recover", headers=auth(api["keys"]["member"]))
+    assert r.status == 403  # a role that may not act

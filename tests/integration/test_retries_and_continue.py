@@ -128,3 +128,40 @@ async def test_cancel_refunds_what_was_charged_and_never_ran(stack):
     bal = await stack.call("billing", "balance", tenant_id=tenant)
     assert bal["monthly"]["remaining"] == 10
     await stack.assert_books_balance(tenant)
+
+
+async def test_batch_mode_retries_in_process_and_continue_charges_only_its_failed_files(stack):
+    """Seed 001 asks for Continue in batch mode too: one job carries every file; automatic
+    retries happen inside it; Continue re-runs and charges the FAILED files only."""
+    tenant = await fast_tenant(stack, monthly=100)
+    retried = await stack.template(tenant, [{"name": "a", "handler": "flaky", "params": {"fail_attempts": 2}}])
+    run = await stack.submit(tenant, retried, 3, mode="batch")
+    done = await stack.wait_run(tenant, run["id"])
+    assert done["status"] == "COMPLETED" and [f["attempts"] for f in done["files"]] == [3, 3, 3]
+    failing = await stack.template(tenant, [{"name": "a", "handler": "flaky",
+                                             "params": {"fail_rounds": 1, "poison": "bad"}}], credits_per_file=2)
+    files = [{"name": "f0.pdf"}, {"name": "bad.pdf"}, {"name": "f2.pdf"}]
+    run = await stack.submit(tenant, failing, 0, files=files, mode="batch")
+    done = await stack.wait_run(tenant, run["id"])
+    assert [f["status"] for f in done["files"]] == ["FAILED", "ERROR", "FAILED"]
+    assert [f["attempts"] for f in done["files"]] == [FAST["auto_retries"] + 1, 1, FAST["auto_retries"] + 1]
+    resumed = await stack.call("coordinator", "retry_failed", tenant_id=tenant, run_id=run["id"])
+    assert resumed["round"] == 1 and resumed["credits"]["consumed"] == 6 + 2 * 2  # the ERROR file is never retried
+    done = await stack.wait_run(tenant, run["id"])
+    assert [f["status"] for f in done["files"]] == ["SUCCEEDED", "ERROR", "SUCCEEDED"] and counts_add_up(done)
+    assert done["status"] == "COMPLETED_WITH_ERRORS"
+    await stack.assert_books_balance(tenant)
+
+
+async def test_another_tenants_run_cannot_be_continued_recovered_or_cancelled(stack):
+    owner, stranger = await fast_tenant(stack), await fast_tenant(stack)
+    failing = await stack.template(owner, [{"name": "a", "handler": "flaky", "params": {"fail_rounds": 1}}])
+    run = await stack.submit(owner, failing, 1)
+    await stack.wait_run(owner, run["id"])
+    for verb in ("retry_failed", "recover", "cancel"):
+        await expect_error("not_found", stack.call("coordinator", verb, tenant_id=stranger, run_id=run["id"]))
+    for verb in ("retry_file", "skip_file"):
+        await expect_error("not_found", stack.call("coordinator", verb, tenant_id=stranger, run_id=run["id"], file_index=0))
+    untouched = await stack.run(owner, run["id"])
+    assert untouched["status"] == "COMPLETED_WITH_ERRORS" and untouched["round"] == 0
+    assert [e["kind"] for e in await stack.ledger(stranger) if e["kind"] == "charge"] == []
