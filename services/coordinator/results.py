@@ -130,6 +130,7 @@ class _RunDelta:
     f: int = 0
     e: int = 0
     quiet_ms: int = 0  # the longest backoff a retry of this batch announced
+    succeeded_files: list[int] = field(default_factory=list)
     failed_files: list[int] = field(default_factory=list)
 
 
@@ -214,6 +215,7 @@ async def apply_events(conn: AsyncConnection, names: Names, events: list[FileEve
         delta.done += 1
         if event.kind == "succeeded":
             delta.s += 1
+            delta.succeeded_files.append(f.idx)
             f.cp, f.cpo, f.output = event.step, _json(event.output or {}), _json(event.output or {})
             f.outs[str(event.step)] = event.output or {}
         else:
@@ -227,6 +229,12 @@ async def apply_events(conn: AsyncConnection, names: Names, events: list[FileEve
                 event.run_id, tenant_id, f"file_{event.kind}", "system:executor", event.file_index,
                 attempt=event.attempt, step=event.step, error=_error_of(event)))
 
+    # Successes go to the timeline one entry per run and batch, not per file: every state
+    # change is logged, without a row per file on the hot path.
+    for run_id, delta in deltas.items():
+        if delta.succeeded_files:
+            log_entries.append(timeline.entry(run_id, runs[run_id]["tenant_id"], "files_succeeded", "system:executor",
+                                              count=len(delta.succeeded_files), files=sorted(delta.succeeded_files)))
     changed = [f for f in files.values() if f.changed]
     if changed:
         await conn.execute(_UPDATE_FILES, {

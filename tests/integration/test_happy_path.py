@@ -29,6 +29,9 @@ async def test_a_200_file_run_completes_with_exact_counts_and_credits(stack):
     assert all(f["status"] == "SUCCEEDED" and f["attempts"] == 1 for f in done["files"])
     timeline = await stack.call("coordinator", "timeline", tenant_id=tenant, run_id=run["id"])
     assert [e["kind"] for e in timeline["items"]].count("run_completed") == 1
+    # Every file's success is in the log (an entry per results batch, not per file).
+    logged = [i for e in timeline["items"] if e["kind"] == "files_succeeded" for i in e["details"]["files"]]
+    assert sorted(logged) == list(range(200))
     await stack.assert_books_balance(tenant)
 
 
