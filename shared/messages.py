@@ -44,6 +44,7 @@ class StepSpec(BaseModel):
     optional: bool = False
     timeout_s: float = 300
     params: dict[str, Any] = Field(default_factory=dict)
+    auto_retries: int | None = None  # this step's own limit, in place of the tenant's
 
 
 class FileSpec(BaseModel):

@@ -23,6 +23,9 @@ class StepIn(_Body):
     optional: bool = False
     timeout_s: float = Field(default=300, gt=0, le=24 * 3600)
     params: dict[str, Any] = Field(default_factory=dict)
+    # Seed 004's per-operation retry limit: this step's automatic retries, in place of the
+    # tenant's auto_retries (its backoff and breaker settings still apply).
+    auto_retries: int | None = Field(default=None, ge=0, le=10)
 
 
 class FileIn(_Body):

@@ -57,7 +57,7 @@ def job_messages(
     common = {
         "v": 1, "run_id": run["id"], "tenant_id": run["tenant_id"], "template_id": run["template_id"],
         "mode": run["mode"], "round": run["round"], "generation": run.get("generation", 0),
-        "steps": [StepSpec.model_validate(s).model_dump() for s in template["steps"]],
+        "steps": [StepSpec.model_validate(s).model_dump(exclude_none=True) for s in template["steps"]],
         "retry": policy.model_dump(),
     }
     subject = names.job(run["tenant_id"])

@@ -38,7 +38,8 @@ def retry_decision(error: Classified, attempt: int, job: Job, step: int) -> Outc
     """Retry, FAILED or ERROR for a failed ``attempt`` (1-based). Pure and cheap (bench/)."""
     if not error.transient:
         return Outcome("errored", step, error=error)
-    if attempt > job.retry.auto_retries:
+    limit = job.steps[step].auto_retries
+    if attempt > (job.retry.auto_retries if limit is None else limit):
         return Outcome("failed", step, error=error)
     delay = backoff_delay_ms(attempt, base_ms=job.retry.backoff_base_ms, max_ms=job.retry.backoff_max_ms,
                              jitter=job.retry.jitter, retry_after_s=error.retry_after_s)

@@ -96,6 +96,8 @@ TPL = "{tpl}"  # replaced by the world's template id
 @pytest.mark.parametrize("method, path, key, body, field", [
     # Lax coercion accepted these: a string or a bool where JSON says number, and so on.
     ("POST", "/templates", "tenant_admin", {**TEMPLATE, "credits_per_file": True}, "credits_per_file"),
+    ("POST", "/templates", "tenant_admin", {**TEMPLATE, "steps": [{"name": "a", "handler": "noop", "auto_retries": 11}]},
+     "steps.0.auto_retries"),
     ("POST", "/templates", "tenant_admin", {**TEMPLATE, "credits_per_file": "1"}, "credits_per_file"),
     ("POST", "/templates", "tenant_admin", {**TEMPLATE, "credits_per_file": 1.5}, "credits_per_file"),
     ("POST", "/templates", "tenant_admin", {**TEMPLATE, "credits_per_file": -1}, "credits_per_file"),

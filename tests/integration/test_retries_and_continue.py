@@ -165,3 +165,19 @@ async def test_another_tenants_run_cannot_be_continued_recovered_or_cancelled(st
     untouched = await stack.run(owner, run["id"])
     assert untouched["status"] == "COMPLETED_WITH_ERRORS" and untouched["round"] == 0
     assert [e["kind"] for e in await stack.ledger(stranger) if e["kind"] == "charge"] == []
+
+
+async def test_a_step_may_set_its_own_retry_limit(stack):
+    """Seed 004's per-operation retry limit: the step's auto_retries, in place of the tenant's."""
+    tenant = await fast_tenant(stack)  # the tenant retries 3 times
+    steps = [{"name": "cheap", "handler": "flaky", "params": {"fail_attempts": 99}, "auto_retries": 1},
+             {"name": "never", "handler": "noop"}]
+    template = await stack.template(tenant, steps)
+    run = await stack.submit(tenant, template, 1)
+    done = await stack.wait_run(tenant, run["id"])
+    assert done["files"][0]["status"] == "FAILED" and done["files"][0]["attempts"] == 2
+    once = await stack.template(tenant, [{"name": "once", "handler": "flaky", "params": {"fail_attempts": 1},
+                                          "auto_retries": 0}])
+    run = await stack.submit(tenant, once, 1)
+    done = await stack.wait_run(tenant, run["id"])
+    assert done["files"][0]["status"] == "FAILED" and done["files"][0]["attempts"] == 1
