@@ -7,6 +7,7 @@ import sys
 
 import structlog
 
+from shared import tracing
 from shared.settings import Settings
 
 
@@ -17,6 +18,7 @@ def configure_logging(settings: Settings, service: str) -> None:
     structlog.configure(
         processors=[
             structlog.contextvars.merge_contextvars,
+            tracing.add_trace_id,
             structlog.processors.add_log_level,
             structlog.processors.TimeStamper(fmt="iso", utc=True),
             structlog.processors.format_exc_info,

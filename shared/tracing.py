@@ -22,7 +22,6 @@ import re
 from collections.abc import Iterator
 from contextvars import ContextVar
 
-import structlog
 
 HEADER = "traceparent"
 
@@ -75,20 +74,24 @@ def bound(trace_id: str | None) -> Iterator[None]:
     connection's requests in one task)."""
     token = current.set(trace_id)
     try:
-        if trace_id is None:
-            yield
-        else:
-            with structlog.contextvars.bound_contextvars(trace_id=trace_id):
-                yield
+        yield
     finally:
         current.reset(token)
 
 
 def bind(trace_id: str | None) -> None:
-    """:func:`bound` for a task that ends with the work (a job's task): nothing to undo."""
+    """:func:`bound` for a task that ends with the work (a job's task): nothing to undo.
+    Only a context variable is set (once per job, on the hot path): log lines read it
+    when they are written (:func:`add_trace_id`)."""
     current.set(trace_id)
+
+
+def add_trace_id(logger, method: str, event_dict: dict) -> dict:
+    """structlog processor: the line's ``trace_id``, from the task it is logged in."""
+    trace_id = current.get()
     if trace_id is not None:
-        structlog.contextvars.bind_contextvars(trace_id=trace_id)
+        event_dict.setdefault("trace_id", trace_id)
+    return event_dict
 
 
 def outgoing() -> dict[str, str]:

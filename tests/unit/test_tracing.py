@@ -1,7 +1,6 @@
 """W3C traceparent parsing and building (shared/tracing.py)."""
 
 import pytest
-import structlog
 
 from shared import tracing
 
@@ -46,5 +45,6 @@ def test_bound_puts_the_trace_in_logs_and_outgoing_headers_and_undoes_it():
     trace_id = tracing.new_trace_id()
     with tracing.bound(trace_id):
         assert tracing.trace_id_of(tracing.outgoing()[tracing.HEADER]) == trace_id
-        assert structlog.contextvars.get_contextvars()["trace_id"] == trace_id
-    assert tracing.outgoing() == {} and "trace_id" not in structlog.contextvars.get_contextvars()
+        assert tracing.add_trace_id(None, "info", {"event": "x"}) == {"event": "x", "trace_id": trace_id}
+    assert tracing.outgoing() == {} and tracing.add_trace_id(None, "info", {"event": "x"}) == {"event": "x"}
+
