@@ -4,6 +4,7 @@ restarted when one dies. Ctrl-C stops everything, services first, servers last."
 
 from __future__ import annotations
 
+import asyncio
 import json
 import os
 import signal
@@ -99,13 +100,17 @@ class Stack:
             time.sleep(0.2)
 
     def wait_ready(self, api_url: str, stop_requested, timeout: float = 60.0) -> bool:
-        """Wait until the gateway answers /readyz (it and NATS and PostgreSQL are up),
-        restarting services that die meanwhile; False after ``timeout`` or a stop request."""
+        """Wait until the gateway answers /readyz (it and NATS and PostgreSQL are up) and
+        every service behind it answers on the bus (a request that reached a service still
+        starting was a 503), restarting services that die meanwhile; False after ``timeout``
+        or a stop request."""
         deadline = time.monotonic() + timeout
+        behind = sorted({child.name.split("-")[0] for child in self.children} - {"gateway"})
         while time.monotonic() < deadline and not stop_requested():
             try:
                 with urllib.request.urlopen(f"{api_url}/readyz", timeout=1):
-                    return True
+                    if asyncio.run(_answering(self.settings, behind)) == set(behind):
+                        return True
             except OSError:  # not listening yet, or 503 (urllib's HTTPError is an OSError)
                 pass
             self._restart_dead()
@@ -142,3 +147,25 @@ def _saved_port(settings: Settings, key: str) -> int | None:
         return int(url.rsplit(":", 1)[1].split("/")[0])
     except Exception:
         return None
+
+
+async def _answering(settings: Settings, services: list[str]) -> set[str]:
+    """The services among ``services`` that answer a NATS micro ping now."""
+    import nats
+
+    try:
+        nc = await nats.connect(settings.nats_servers, connect_timeout=1, allow_reconnect=False,
+                                max_reconnect_attempts=0)
+    except Exception:  # not up yet
+        return set()
+    found = set()
+    try:
+        for name in services:
+            try:
+                await nc.request(f"$SRV.PING.{settings.prefix}-{name}", b"", timeout=0.5)
+                found.add(name)
+            except Exception:  # no responders yet, or slow: ask again next time
+                pass
+    finally:
+        await nc.close()
+    return found
