@@ -12,6 +12,7 @@ from __future__ import annotations
 from collections.abc import Iterable
 
 from nats.js import JetStreamContext
+from nats.js.errors import NotFoundError
 
 from shared.subjects import Names
 
@@ -29,5 +30,9 @@ async def tenants_with_jobs(js: JetStreamContext, names: Names, tenant_ids: Iter
 
 async def undelivered(js: JetStreamContext, names: Names) -> int:
     """Jobs no executor has been given yet: a backlog means runs wait in line, not that
-    they are stuck."""
-    return (await js.consumer_info(names.jobs_stream, names.executor_consumer)).num_pending or 0
+    they are stuck. With no executor consumer yet (no executor ever started), every job
+    in the stream is undelivered."""
+    try:
+        return (await js.consumer_info(names.jobs_stream, names.executor_consumer)).num_pending or 0
+    except NotFoundError:
+        return (await js.stream_info(names.jobs_stream)).state.messages or 0

@@ -29,28 +29,32 @@ from services.coordinator.run_events import run_event_row
 log = structlog.get_logger(__name__)
 
 _STUCK = "status = 'RUNNING' AND pending > 0 AND " + store.STUCK_SQL
-_CANDIDATES = text(f"SELECT id, tenant_id FROM coordinator.runs WHERE {_STUCK} ORDER BY last_progress_at LIMIT 50")
-_LOCK_LOST = text(f"SELECT * FROM coordinator.runs WHERE id = ANY(CAST(:ids AS text[])) AND {_STUCK} "
-                  "ORDER BY id FOR UPDATE SKIP LOCKED")
+# Tenants first: whether a run's jobs are still in the broker is known per tenant (job
+# subjects are), and a tenant whose runs wait behind its own backlog must not crowd the
+# runs of other tenants out of a pass.
+_CANDIDATE_TENANTS = text(f"SELECT tenant_id FROM coordinator.runs WHERE {_STUCK} "
+                          "GROUP BY tenant_id ORDER BY min(last_progress_at) LIMIT 200")
+_LOCK_LOST = text(f"SELECT * FROM coordinator.runs WHERE tenant_id = ANY(CAST(:tenants AS text[])) AND {_STUCK} "
+                  "ORDER BY last_progress_at LIMIT 50 FOR UPDATE SKIP LOCKED")
 _FLAG_STUCK = text("UPDATE coordinator.runs SET needs_attention = true, attention_reason = 'stuck' "
-                   f"WHERE id = ANY(CAST(:ids AS text[])) AND NOT needs_attention AND {_STUCK}")
+                   f"WHERE tenant_id = ANY(CAST(:tenants AS text[])) AND NOT needs_attention AND {_STUCK}")
 
 
-async def _lost_and_waiting(deps: Deps, candidates: list) -> tuple[list[str], list[str]] | None:
-    """Split quiet runs into those whose jobs are gone from the broker (re-publish them) and
-    those whose tenant still has jobs in it (re-publishing would duplicate them): the
-    latter are flagged ``stuck`` only when nothing is queued (then what is there neither
-    moves nor says it is alive). None when the broker cannot tell: no recovery this pass."""
+async def _lost_and_waiting(deps: Deps, tenants: list[str]) -> tuple[list[str], list[str]] | None:
+    """Split the tenants of quiet runs into those with no job left in the broker (their
+    runs' jobs are lost: re-publish them) and those with some (re-publishing would
+    duplicate them). The latter's runs are flagged ``stuck`` only when nothing is queued
+    (then what is there neither moves nor says it is alive). None when the broker cannot
+    tell: no recovery this pass."""
     if deps.js is None:
-        return [c.id for c in candidates], []
+        return tenants, []
     try:
-        busy = await job_queue.tenants_with_jobs(deps.js, deps.names, (c.tenant_id for c in candidates))
+        busy = await job_queue.tenants_with_jobs(deps.js, deps.names, tenants)
         backlog = await job_queue.undelivered(deps.js, deps.names) if busy else 0
     except Exception as exc:  # NATS away: its jobs may be there; decide next pass
         log.warning("recovery.queue_unknown", error=repr(exc)[:300])
         return None
-    waiting = [c.id for c in candidates if c.tenant_id in busy]
-    return [c.id for c in candidates if c.tenant_id not in busy], (waiting if not backlog else [])
+    return [t for t in tenants if t not in busy], ([t for t in tenants if t in busy] if not backlog else [])
 
 
 async def sweep(deps: Deps) -> dict:
@@ -59,15 +63,15 @@ async def sweep(deps: Deps) -> dict:
     stats["refunds"] = await pay_refunds_due(deps)
     lease = {"lease": deps.settings.recovery_lease_s}
     async with deps.engine.connect() as conn:
-        candidates = (await conn.execute(_CANDIDATES, lease)).all()
-    split = await _lost_and_waiting(deps, candidates) if candidates else None
+        tenants = list((await conn.execute(_CANDIDATE_TENANTS, lease)).scalars())
+    split = await _lost_and_waiting(deps, tenants) if tenants else None
     if split is None:
         return stats
     lost, waiting = split
     async with transaction(deps.engine) as conn:
         if waiting:
-            await conn.execute(_FLAG_STUCK, {"ids": waiting, **lease})
-        for run in (await conn.execute(_LOCK_LOST, {"ids": lost, **lease})).mappings().all():
+            await conn.execute(_FLAG_STUCK, {"tenants": waiting, **lease})
+        for run in (await conn.execute(_LOCK_LOST, {"tenants": lost, **lease})).mappings().all():
             run = dict(run)
             if run["recovering"] and run["recovery_failures"] + 1 >= deps.settings.recovery_max_failures:
                 failed = dict((await conn.execute(text(

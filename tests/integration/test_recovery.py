@@ -186,3 +186,35 @@ async def test_recover_finishes_a_failed_run_with_nothing_pending_so_continue_ca
         await stack.assert_books_balance(tenant)
     finally:
         await stack.stop()
+
+
+async def test_runs_waiting_in_the_queue_are_left_alone_and_do_not_crowd_out_a_lost_run(make_settings):
+    """No executor: one tenant's 55 runs wait in the jobs stream (alive, not stuck), while
+    another tenant's only job is lost by the broker. Only the lost one is re-published,
+    though the waiting runs are older and more than one pass takes."""
+    settings = await make_settings(recovery_interval_s=0.2, recovery_lease_s=0.5, recovery_max_failures=1000)
+    stack = await Stack(settings).start("billing", "coordinator")
+    try:
+        busy, unlucky = await stack.tenant(), await stack.tenant()
+        busy_template = await stack.template(busy, [{"name": "a", "handler": "noop"}])
+        waiting = [await stack.submit(busy, busy_template, 1) for _ in range(55)]
+        lost_template = await stack.template(unlucky, [{"name": "a", "handler": "noop"}])
+        lost = await stack.submit(unlucky, lost_template, 1)
+
+        async def published(tenant):
+            info = await stack.js.stream_info(stack.names.jobs_stream, subjects_filter=stack.names.job(tenant))
+            return (info.state.subjects or {}).get(stack.names.job(tenant), 0)
+
+        for _ in range(200):  # the outbox relay publishes after the commit
+            if await published(unlucky):
+                break
+            await asyncio.sleep(0.05)
+        await stack.js.purge_stream(stack.names.jobs_stream, subject=stack.names.job(unlucky))
+        recovered = await stack.wait_run(unlucky, lost["id"], until=lambda r: r["recovering"], timeout=30)
+        assert recovered["attention_reason"] == "stuck"
+        for run in waiting[:5] + waiting[-5:]:
+            now = await stack.run(busy, run["id"])
+            assert (now["recovering"], now["needs_attention"]) == (False, False)  # queued: neither re-published nor flagged
+        assert await published(busy) == 55  # no second copies
+    finally:
+        await stack.stop()
