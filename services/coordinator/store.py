@@ -77,14 +77,13 @@ FILES_PAGE = 1000  # files per run body: a reply must fit NATS's max payload (1 
 
 async def run_body(conn: AsyncConnection, run: dict, *, offset: int = 0, limit: int = FILES_PAGE) -> dict:
     """The run with one page of its files (api.md's run body, plus ``files_page``)."""
-    from services.coordinator.views import run_view
+    from services.coordinator.views import optional_steps, run_view
 
     rows = (await conn.execute(text("SELECT * FROM coordinator.files WHERE run_id = :r AND idx >= :o ORDER BY idx LIMIT :l"),
                                {"r": run["id"], "o": offset, "l": limit})).mappings().all()
     steps = (await conn.execute(text("SELECT steps FROM coordinator.templates WHERE id = :t AND tenant_id = :tenant"),
                                 {"t": run["template_id"], "tenant": run["tenant_id"]})).scalar_one_or_none() or []
-    optional = frozenset(i for i, step in enumerate(steps) if step.get("optional"))
-    body = run_view(run, [dict(r) for r in rows], optional)
+    body = run_view(run, [dict(r) for r in rows], optional_steps(steps))
     next_offset = offset + limit if offset + limit < run["total"] else None
     body["files_page"] = {"offset": offset, "limit": limit, "next_offset": next_offset}
     return body

@@ -44,8 +44,17 @@ def run_view(run: Mapping[str, Any], files: list[Mapping[str, Any]] | None = Non
     return body
 
 
+def optional_steps(steps: list[Mapping[str, Any]]) -> frozenset[int]:
+    """The indexes of a template's optional steps."""
+    return frozenset(i for i, step in enumerate(steps) if step.get("optional"))
+
+
+def skippable(f: Mapping[str, Any], optional: frozenset[int]) -> bool:
+    """A FAILED or ERROR file whose failed step is optional: what Skip accepts."""
+    return f["status"] in ("FAILED", "ERROR") and f.get("failed_step") in optional
+
+
 def file_view(f: Mapping[str, Any], optional_steps: frozenset[int] = frozenset()) -> dict[str, Any]:
-    """``skippable``: FAILED or ERROR at an optional step (``optional_steps``: their indexes)."""
     return {
         "index": f["idx"],
         "name": f["name"],
@@ -55,7 +64,7 @@ def file_view(f: Mapping[str, Any], optional_steps: frozenset[int] = frozenset()
         "checkpoint_step": f["checkpoint_step"],
         "last_error": f["last_error"],
         "output": f["output"],
-        "skippable": f["status"] in ("FAILED", "ERROR") and f.get("failed_step") in optional_steps,
+        "skippable": skippable(f, optional_steps),
     }
 
 

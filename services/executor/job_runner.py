@@ -55,6 +55,12 @@ def file_event_body(job: Job, file_index: int, outcome: Outcome, attempt: int, k
     return f"{prefix}:{kind}:{outcome.step}:{attempt}", orjson.dumps(body)
 
 
+def _headers(tenant_id: str, run_id: str) -> dict[str, str]:
+    """What the executor publishes carries its tenant, run and this job's trace (messaging.md);
+    publish_many adds the message id."""
+    return {"Redrive-Tenant": tenant_id, "Redrive-Run": run_id, **tracing.outgoing()}
+
+
 def deliveries(msg: Msg) -> int:
     """How many times JetStream has delivered this message (1 when not from JetStream).
 
@@ -171,8 +177,7 @@ class JobRunner:
         progress.offset = progress.failures + progress.deferrals
         progress.not_before = time.time() + delay_s
         await self._progress.put(job.job_id, file.index, progress)
-        headers = {REFRESHED_HEADER: "1", "Redrive-Tenant": job.tenant_id, "Redrive-Run": job.run_id,
-                   **tracing.outgoing()}
+        headers = {REFRESHED_HEADER: "1", **_headers(job.tenant_id, job.run_id)}
         await publish_many(self._js, [Outgoing(msg.subject, msg.data, f"{job.job_id}:refresh:{progress.offset}", headers)])
         await msg.ack()
 
@@ -222,7 +227,7 @@ class JobRunner:
             log.info("job.retrying", run_id=job.run_id, file_index=file_index, attempt=attempt,
                      delay_ms=outcome.delay_ms, error=outcome.error.message if outcome.error else None)
         msg_id, body = file_event_body(job, file_index, outcome, attempt, kind)
-        headers = {"Redrive-Tenant": job.tenant_id, "Redrive-Run": job.run_id, **tracing.outgoing()}
+        headers = _headers(job.tenant_id, job.run_id)
         await publish_many(self._js, [Outgoing(self._names.file_event(kind), body, msg_id, headers)])
 
     async def _announce_deferral(self, job: Job, file_index: int, outcome: Outcome, attempt: int) -> None:
@@ -242,7 +247,7 @@ class JobRunner:
             breaker_opened_at=datetime.fromtimestamp(outcome.opened_at, timezone.utc) if outcome.opened_at else None,
             error=ErrorInfo.model_validate({"class": "DependencyUnavailable", "transient": True, "message":
                                             f"{outcome.dependency!r} is unavailable: its circuit breaker is open"}))
-        headers = {"Redrive-Tenant": job.tenant_id, "Redrive-Run": job.run_id, **tracing.outgoing()}
+        headers = _headers(job.tenant_id, job.run_id)
         try:
             await publish_many(self._js, [Outgoing(self._names.file_event("deferred"), event.to_bytes(), event.msg_id,
                                                    headers)])
@@ -268,7 +273,7 @@ class JobRunner:
         except Exception:  # not JSON, not an object, no run, an index out of range…: nobody to tell
             events = []
         if events:
-            headers = {"Redrive-Tenant": events[0].tenant_id, "Redrive-Run": events[0].run_id, **tracing.outgoing()}
+            headers = _headers(events[0].tenant_id, events[0].run_id)
             await publish_many(self._js, [Outgoing(self._names.file_event("errored"), e.to_bytes(), e.msg_id, headers)
                                           for e in events])
         log.error("job.unreadable", subject=msg.subject, files=len(events), error=cause)

@@ -11,6 +11,7 @@ from services.coordinator.commands.recover import stopped_pending_rows
 from services.coordinator.context import Deps
 from services.coordinator.run_events import run_event_row
 from services.coordinator.schemas import FileRef
+from services.coordinator.views import optional_steps, skippable
 
 _REOPEN_FILE = text(
     "UPDATE coordinator.files SET status = 'PENDING', round = :round, retry_attempt = retry_attempt + 1, attempts = 0, "
@@ -89,7 +90,7 @@ async def skip_file(deps: Deps, cmd: FileRef) -> dict:
             raise ServiceError("file_not_failed", f"only a FAILED or ERROR file can be skipped (this one is {f['status']})")
         template = await store.load_template(conn, run["tenant_id"], run["template_id"], include_archived=True)
         step = f["failed_step"]
-        if not skippable(f, template):
+        if not skippable(f, optional_steps(template["steps"])):
             raise ServiceError("step_not_optional", "the file's failed step is not optional; it cannot be skipped")
         counter = "failed" if f["status"] == "FAILED" else "errored"
         if step < len(template["steps"]) - 1:
@@ -99,13 +100,6 @@ async def skip_file(deps: Deps, cmd: FileRef) -> dict:
         body = await store.run_body(conn, run)
     deps.relay.kick()
     return body
-
-
-def skippable(f: dict, template: dict) -> bool:
-    """A FAILED or ERROR file whose failed step is optional."""
-    step = f.get("failed_step")
-    return (f["status"] in ("FAILED", "ERROR") and step is not None and step < len(template["steps"])
-            and bool(template["steps"][step].get("optional")))
 
 
 async def _end_skipped(conn, deps: Deps, run: dict, f: dict, counter: str, actor: str) -> dict:
