@@ -99,14 +99,16 @@ def _round(api: Api, stack: Stack, settings: Settings, finished: "_RunEvents", t
     from bench import limits
 
     cpu_before = _cpu(stack)
-    started = time.perf_counter()
+    started, sent_at = time.perf_counter(), time.time()
     run = api.call("POST", "/workflow-runs", {"template_id": template_id, "files": [{"name": f"f{i}"} for i in range(files)]})
+    accepted = time.perf_counter() - started
     if not finished.wait(run["id"], timeout=max(60.0, files / 200)):
         raise SystemExit(f"the run did not finish in time (see {data_dir}/logs)")
     elapsed = time.perf_counter() - started
     cpu = {k: round(v - cpu_before.get(k, 0), 2) for k, v in _cpu(stack).items()}
     status = api.call("GET", f"/workflow-runs/{run['id']}?file_limit=1")
     lat = asyncio.run(_latencies(settings.database_url, run["id"]))
+    phases = asyncio.run(_phases(settings.database_url, run["id"], sent_at))
     exact = (status["status"] == "COMPLETED" and status["counts"]["succeeded"] == files
              and status["credits"]["consumed"] == files)
     limit = limits.run(settings, files, server_cpu=lambda: _cpu(stack, servers_only=True))
@@ -114,6 +116,8 @@ def _round(api: Api, stack: Stack, settings: Settings, finished: "_RunEvents", t
     return {
         "exact": exact, "seconds": round(elapsed, 2), "files_per_s": round(files / elapsed),
         "p50_ms": round(lat[0], 1), "p99_ms": round(lat[1], 1),
+        # When the run was answered, and its first and last file finished (s after the POST was sent).
+        "phases_s": {"accepted": round(accepted, 3), **phases},
         # Where the time goes: what a file cost each process, here and in the limit.
         "cpu_us_per_file": {k: round(v / files * 1e6) for k, v in cpu.items()},
         "limit_cpu_us_per_file": limit["cpu_us_per_file"],
@@ -176,6 +180,21 @@ def _cpu(stack: Stack, servers_only: bool = False) -> dict[str, float]:
         except psutil.Error:
             pass
     return out
+
+
+async def _phases(database_url: str, run_id: str, sent_at: float) -> dict[str, float]:
+    """Seconds after the POST was sent (one machine, one clock) at which the run's
+    transaction began, its first and last file result was recorded, and fan-in fired."""
+    conn = await asyncpg.connect(database_url)
+    try:
+        row = await conn.fetchrow(
+            "SELECT extract(epoch FROM r.created_at) AS created, extract(epoch FROM min(f.updated_at)) AS first, "
+            " extract(epoch FROM max(f.updated_at)) AS last, extract(epoch FROM r.finished_at) AS finished "
+            "FROM coordinator.files f JOIN coordinator.runs r ON r.id = f.run_id WHERE f.run_id = $1 "
+            "GROUP BY r.created_at, r.finished_at", run_id)
+    finally:
+        await conn.close()
+    return {k: round(float(row[k]) - sent_at, 3) for k in ("created", "first", "last", "finished")}
 
 
 async def _latencies(database_url: str, run_id: str) -> tuple[float, float]:

@@ -63,3 +63,11 @@ def test_credit_splits():
     assert split_charge(14, 3, 10) is None
     assert split_refund(4, charged_monthly=3, charged_purchased=2, refunded_monthly=0, refunded_purchased=0) == (2, 2)
     assert split_refund(99, 3, 2, 1, 2) == (2, 0)
+
+
+def test_an_expansion_sends_a_small_first_page_then_full_pages():
+    from services.coordinator.outbox import FIRST_PAGE, page_size
+
+    assert page_size({"after_idx": -1}, 2000) == FIRST_PAGE < 2000  # a new round's first jobs go out at once
+    assert page_size({"after_idx": FIRST_PAGE - 1}, 2000) == 2000
+    assert page_size({"after_idx": -1}, 40) == 40  # never more than a page
