@@ -76,6 +76,10 @@ class Settings(BaseSettings):
     # Webhooks go to public addresses only (no 127.0.0.1, 10.x, 169.254.169.254…) unless
     # this is set: a single-tenant install posting inside its own network.
     webhook_allow_private: bool = False
+    # How long a tenant's notifications, and its webhook deliveries once ended (delivered,
+    # or failed for good), are kept (services/notifier/retention.py).
+    notification_retention_days: float = Field(default=90, gt=0, le=36_500)
+    webhook_delivery_retention_days: float = Field(default=30, gt=0, le=36_500)
 
     # Gateway.
     host: str = "127.0.0.1"

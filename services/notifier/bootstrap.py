@@ -18,6 +18,7 @@ from shared.subjects import Names
 from services.notifier.consumer import make_handler
 from services.notifier.destinations import Destinations
 from services.notifier.handlers import VERBS, put_webhook
+from services.notifier.retention import RetentionSweeper
 from services.notifier.schemas import PutWebhook
 from services.notifier.webhooks import WebhookSender
 
@@ -45,7 +46,7 @@ class NotifierService:
         self.settings = settings
         self.names = Names(settings.prefix)
         self.webhook_base_ms = webhook_base_ms
-        self.nc = self.engine = self.sender = self.loop = self.micro = None
+        self.nc = self.engine = self.sender = self.loop = self.micro = self.retention = None
         self.handle = None
 
     async def start(self) -> None:
@@ -65,9 +66,12 @@ class NotifierService:
                                  name="notifier")
         self.micro = MicroService(self.nc, names, "notifier", bind_verbs(self.engine, destinations, self.sender.kick),
                                  "redrive notifications and webhooks")
+        self.retention = RetentionSweeper(self.engine, notification_days=s.notification_retention_days,
+                                          delivery_days=s.webhook_delivery_retention_days)
         await self.micro.start()
         self.sender.start()
         self.loop.start()
+        self.retention.start()
 
     async def stop(self) -> None:
         """Stop pulling (the batch in hand finishes), stop posting, stop answering, then
@@ -76,6 +80,8 @@ class NotifierService:
             await self.loop.stop()
         if self.sender is not None:
             await self.sender.stop()
+        if self.retention is not None:
+            await self.retention.stop()
         if self.micro is not None:
             await self.micro.stop()
         if self.nc is not None:

@@ -442,3 +442,63 @@ async def test_a_pending_delivery_is_not_queued_twice(notifier):
     assert pending["next_attempt_at"] and pending["kind"] is None  # its notification is not joined: none was stored
     await expect_error("conflict", notifier.call("redeliver", tenant_id=t, delivery_id=pending["id"]))
     assert (await notifier.call("redeliver_failed", tenant_id=t)) == {"queued": 0}
+
+
+# ---- retention ------------------------------------------------------------------------------
+
+_OLD_AND_NEW = """
+INSERT INTO notifier.notifications (id, tenant_id, at, kind, message, dedupe_key) VALUES
+  ('n-old', 't', now() - interval '91 days', 'run_completed', 'old', 'n-old'),
+  ('n-new', 't', now() - interval '89 days', 'run_completed', 'recent', 'n-new');
+INSERT INTO notifier.deliveries (notification_id, tenant_id, url, body, status, delivered_at, next_attempt_at, last_error)
+VALUES
+  ('d-delivered-old', 't', 'https://example.com/h', '{}', 'delivered', now() - interval '31 days', now() - interval '31 days', NULL),
+  ('d-failed-old', 't', 'https://example.com/h', '{}', 'failed', NULL, now() - interval '31 days', 'HTTP 500'),
+  ('d-delivered-new', 't', 'https://example.com/h', '{}', 'delivered', now() - interval '29 days', now() - interval '29 days', NULL),
+  ('d-pending-old', 't', 'https://example.com/h', '{}', 'pending', NULL, now() - interval '40 days', 'HTTP 503');
+"""
+
+
+async def test_old_notifications_and_ended_deliveries_are_forgotten_and_pending_ones_kept(make_settings):
+    from shared.db import make_engine
+    from services.notifier.retention import DAY_S, prune
+
+    settings = await make_settings()  # no notifier runs here: its sender would claim the pending delivery
+    engine = make_engine(settings, pool_size=1)
+    ages = {"notifications_older_than_s": 90 * DAY_S, "deliveries_older_than_s": 30 * DAY_S}
+    try:
+        async with engine.begin() as conn:
+            for statement in _OLD_AND_NEW.strip().split(";\n"):
+                await conn.execute(text(statement))
+        # A pass is bounded (here one row a table) and says that some are left...
+        assert await prune(engine, **ages, batch=1, max_batches=1) == ({"notifications": 1, "deliveries": 1}, True)
+        # ...and the next one finishes.
+        assert await prune(engine, **ages, batch=1, max_batches=5) == ({"notifications": 0, "deliveries": 1}, False)
+        async with engine.connect() as conn:
+            notifications = set((await conn.execute(text("SELECT id FROM notifier.notifications"))).scalars())
+            deliveries = set((await conn.execute(text("SELECT notification_id FROM notifier.deliveries"))).scalars())
+        assert notifications == {"n-new"}
+        assert deliveries == {"d-delivered-new", "d-pending-old"}  # still owed, however old
+    finally:
+        await engine.dispose()
+
+
+async def test_the_notifier_prunes_when_it_starts(make_settings):
+    from shared.db import make_engine
+
+    settings = await make_settings(notification_retention_days=1)
+    engine = make_engine(settings, pool_size=1)
+    try:
+        async with engine.begin() as conn:
+            await conn.execute(text(
+                "INSERT INTO notifier.notifications (id, tenant_id, at, kind, message, dedupe_key) VALUES "
+                "('stale', 't', now() - interval '25 hours', 'run_completed', 'old', 'stale'), "
+                "('fresh', 't', now() - interval '23 hours', 'run_completed', 'recent', 'fresh')"))
+    finally:
+        await engine.dispose()
+    async with running_notifier(settings, "test-retention") as running:
+        deadline = time.monotonic() + 10
+        while running.service.retention.passes < 1:  # its first pass runs at start
+            assert time.monotonic() < deadline, "no retention pass within 10 s of starting"
+            await asyncio.sleep(0.02)
+        assert [r["id"] for r in await running.sql("SELECT id FROM notifier.notifications")] == ["fresh"]
