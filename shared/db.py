@@ -76,3 +76,19 @@ async def ping(engine: AsyncEngine) -> bool:
         return True
     except Exception:
         return False
+
+
+async def delete_in_batches(engine: AsyncEngine, statement, params: dict, *, batch: int,
+                            max_batches: int) -> tuple[int, bool]:
+    """Run a ``DELETE … LIMIT :batch`` statement one transaction at a time until it deletes
+    fewer than ``batch`` rows: (rows deleted, whether some are left after ``max_batches``).
+    Retention prunes use it, so a prune never holds a long transaction and one pass is
+    short however far behind it is."""
+    deleted = 0
+    for _ in range(max_batches):
+        async with transaction(engine) as conn:
+            n = (await conn.execute(statement, {**params, "batch": batch})).rowcount
+        deleted += n
+        if n < batch:
+            return deleted, False
+    return deleted, True

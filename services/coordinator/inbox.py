@@ -18,7 +18,7 @@ from sqlalchemy import text
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from shared.bus import EVENTS_MAX_AGE_S
-from shared.db import transaction
+from shared.db import delete_in_batches
 
 RETENTION_S = EVENTS_MAX_AGE_S + 24 * 3600
 PRUNE_EVERY_S = 3600.0
@@ -34,11 +34,4 @@ async def prune(engine: AsyncEngine, *, older_than_s: float = RETENTION_S, batch
     """Forget ids older than ``older_than_s``: (how many, whether some are left). Stops
     after ``max_batches``, so one pass is short however far behind it is; the caller
     comes back sooner while some are left."""
-    pruned = 0
-    for _ in range(max_batches):
-        async with transaction(engine) as conn:
-            n = (await conn.execute(_PRUNE, {"age": float(older_than_s), "batch": batch})).rowcount
-        pruned += n
-        if n < batch:
-            return pruned, False
-    return pruned, True
+    return await delete_in_batches(engine, _PRUNE, {"age": float(older_than_s)}, batch=batch, max_batches=max_batches)

@@ -107,6 +107,7 @@ class RecoverySweeper:
         self._deps = deps
         self._prune_every_s = prune_every_s
         self._pruned_at: float | None = None
+        self.prune_passes = 0  # how many prunes were tried (tests wait for the first)
         self._task: asyncio.Task | None = None
         self._stopping = asyncio.Event()
 
@@ -141,3 +142,4 @@ class RecoverySweeper:
                 log.info("inbox.pruned", rows=pruned)
         except Exception as exc:  # database away: the next pass tries again
             log.warning("inbox.prune_failed", error=repr(exc))
+        self.prune_passes += 1

@@ -24,7 +24,7 @@ import structlog
 from sqlalchemy import text
 from sqlalchemy.ext.asyncio import AsyncEngine
 
-from shared.db import transaction
+from shared.db import delete_in_batches
 
 log = structlog.get_logger(__name__)
 
@@ -51,15 +51,9 @@ async def prune(engine: AsyncEngine, *, notifications_older_than_s: float, deliv
     behind = False
     for table, statement, age in (("notifications", _PRUNE_NOTIFICATIONS, notifications_older_than_s),
                                   ("deliveries", _PRUNE_DELIVERIES, deliveries_older_than_s)):
-        pruned[table] = 0
-        for _ in range(max_batches):
-            async with transaction(engine) as conn:
-                n = (await conn.execute(statement, {"age": float(age), "batch": batch})).rowcount
-            pruned[table] += n
-            if n < batch:
-                break
-        else:
-            behind = True
+        pruned[table], left = await delete_in_batches(engine, statement, {"age": float(age)}, batch=batch,
+                                                      max_batches=max_batches)
+        behind = behind or left
     return pruned, behind
 
 

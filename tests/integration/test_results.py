@@ -67,9 +67,14 @@ async def _remember(stack, prefix: str, **ages_days: int) -> None:
 async def test_the_inbox_forgets_ids_older_than_the_events_stream_keeps_a_batch_at_a_time(stack):
     from services.coordinator import inbox
 
+    coordinator = stack.services["coordinator"][0]
+    deadline = asyncio.get_running_loop().time() + 10
+    while coordinator.sweeper.prune_passes < 1:  # its own first prune (at start) must not race ours
+        assert asyncio.get_running_loop().time() < deadline, "the coordinator never pruned at start"
+        await asyncio.sleep(0.02)
     prefix = f"prune-{uuid.uuid4().hex[:8]}-"
     await _remember(stack, prefix, old=(9, 25), week=(6, 3), fresh=(0, 3))
-    engine = stack.services["coordinator"][0].engine
+    engine = coordinator.engine
     # Only ids this test wrote are old enough; other tests' rows are fresh.
     assert await inbox.prune(engine, batch=10, max_batches=2) == (20, True)  # bounded pass: some left
     assert await inbox.prune(engine, batch=10, max_batches=2) == (5, False)
