@@ -102,6 +102,10 @@ _CLAIM = text("""
 WITH due AS (
     SELECT d.id, w.url, w.secret FROM notifier.deliveries d LEFT JOIN notifier.webhooks w ON w.tenant_id = d.tenant_id
     WHERE d.status = 'pending' AND d.next_attempt_at <= now() AND NOT (d.tenant_id = ANY(:busy))
+      AND (NOT (d.tenant_id = ANY(:one_each)) OR d.id IN (
+          SELECT min(o.id) FROM notifier.deliveries o
+          WHERE o.tenant_id = ANY(:one_each) AND o.status = 'pending' AND o.next_attempt_at <= now()
+          GROUP BY o.tenant_id))
     ORDER BY d.id LIMIT :limit FOR UPDATE OF d SKIP LOCKED)
 UPDATE notifier.deliveries d SET attempts = d.attempts + 1, next_attempt_at = now() + make_interval(secs => :lease)
 FROM due WHERE d.id = due.id
@@ -113,14 +117,14 @@ _NOT_DELIVERED = text("UPDATE notifier.deliveries SET status = :status, last_err
                       "WHERE id = :id AND attempts = :attempts AND status = 'pending'")
 
 
-async def claim_due(engine: AsyncEngine, limit: int, lease_s: float,
-                    busy: Sequence[str] = ()) -> list[Mapping[str, Any]]:
-    """Due deliveries (none of the ``busy`` tenants), their attempt counted and leased for
-    ``lease_s``: another sender (or this one after a crash) takes a delivery again only
-    once its lease has run out."""
+async def claim_due(engine: AsyncEngine, limit: int, lease_s: float, busy: Sequence[str] = (),
+                    one_each: Sequence[str] = ()) -> list[Mapping[str, Any]]:
+    """Due deliveries (none of the ``busy`` tenants, at most the oldest one of each of the
+    ``one_each`` tenants), their attempt counted and leased for ``lease_s``: another sender
+    (or this one after a crash) takes a delivery again only once its lease has run out."""
     async with transaction(engine) as conn:
-        rows = (await conn.execute(_CLAIM, {"limit": limit, "lease": float(lease_s),
-                                            "busy": list(busy)})).mappings().all()
+        rows = (await conn.execute(_CLAIM, {"limit": limit, "lease": float(lease_s), "busy": list(busy),
+                                            "one_each": list(one_each)})).mappings().all()
     return sorted(rows, key=lambda r: r["id"])
 
 

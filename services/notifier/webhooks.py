@@ -5,8 +5,11 @@ with no database connection held; each post records its own outcome when it ends
 the delivery is still at the attempt that was made. A pass never waits for the posts of an
 earlier one, so a receiver that hangs until the timeout holds back nobody else: a tenant
 with ``PER_TENANT`` posts in flight is not claimed from until some end, and at most
-``MAX_IN_FLIGHT`` posts are in flight at all. A crash mid-post means the delivery is
-posted again after its lease: receivers dedupe on ``X-Redrive-Delivery``.
+``MAX_IN_FLIGHT`` posts are in flight at all. A tenant whose receiver did not answer its
+last post (timed out, refused the connection) gets one post at a time until it answers
+again: a few dead receivers with backlogs cannot take every slot, timeout after timeout.
+A crash mid-post means the delivery is posted again after its lease: receivers dedupe on
+``X-Redrive-Delivery``.
 """
 
 from __future__ import annotations
@@ -47,6 +50,7 @@ class WebhookSender:
         self._task: asyncio.Task | None = None
         self._posts: set[asyncio.Task] = set()
         self._by_tenant: Counter[str] = Counter()  # posts in flight
+        self._unanswered: set[str] = set()  # tenants whose receiver did not answer the last post
 
     def kick(self) -> None:
         """New deliveries were committed: look now rather than at the next poll."""
@@ -94,8 +98,10 @@ class WebhookSender:
         room = MAX_IN_FLIGHT - len(self._posts)
         if room <= 0:
             return 0
-        busy = [tenant for tenant, n in self._by_tenant.items() if n >= PER_TENANT]
-        claimed = await repository.claim_due(self._engine, min(BATCH, room), self._lease_s, busy)
+        busy = [tenant for tenant, n in self._by_tenant.items()
+                if n >= (1 if tenant in self._unanswered else PER_TENANT)]
+        claimed = await repository.claim_due(self._engine, min(BATCH, room), self._lease_s, busy,
+                                             one_each=sorted(self._unanswered))
         for d in claimed:
             self._by_tenant[d["tenant_id"]] += 1
             post = asyncio.create_task(self._deliver(session, d), name=f"webhook-{d['id']}")
@@ -106,6 +112,10 @@ class WebhookSender:
         """Post one delivery and record its outcome; wake the loop when a retry is due."""
         try:
             ok, outcome = await self._post(session, d)
+            if outcome.pop("answered"):
+                self._unanswered.discard(d["tenant_id"])
+            else:
+                self._unanswered.add(d["tenant_id"])
             await repository.finish(self._engine, [outcome] if ok else [], [] if ok else [outcome])
             if not ok and outcome["status"] == "pending":
                 asyncio.get_running_loop().call_later(max(outcome["delay_s"], 0.01), self._wake.set)
@@ -119,7 +129,7 @@ class WebhookSender:
             self._wake.set()  # room for more
 
     async def _post(self, session: aiohttp.ClientSession, d: Mapping[str, Any]) -> tuple[bool, dict]:
-        outcome: dict[str, Any] = {"id": d["id"], "attempts": d["attempts"], "url": d["url"]}
+        outcome: dict[str, Any] = {"id": d["id"], "attempts": d["attempts"], "url": d["url"], "answered": True}
         if d["url"] is None:
             return False, {**outcome, "status": "failed", "error": "the webhook was removed", "delay_s": 0.0}
         refusal = self._destinations.refusal(d["url"])
@@ -137,6 +147,7 @@ class WebhookSender:
                 error, retry_after_s = f"HTTP {resp.status}", _retry_after(resp.headers.get("Retry-After"))
         except Exception as exc:  # refused, timed out, DNS…: all worth another attempt
             error = _said(exc, self._timeout_s)
+            outcome["answered"] = False
         final = d["attempts"] >= self._max_attempts
         delay_ms = 0 if final else backoff_delay_ms(d["attempts"], base_ms=self._base_ms, max_ms=self._max_ms,
                                                     retry_after_s=retry_after_s)

@@ -151,6 +151,28 @@ async def test_a_hanging_receiver_with_a_backlog_holds_back_neither_notification
     assert len(fine.requests) == 1
 
 
+async def test_a_receiver_that_stopped_answering_gets_one_post_at_a_time_until_it_answers(notifier):
+    from services.notifier.webhooks import PER_TENANT
+
+    t = tenant()
+    async with Rogue(hang) as hook:
+        await notifier.call("put_webhook", tenant_id=t, url=hook.url, secret=SECRET)
+        run_id = f"run-{uuid.uuid4().hex[:8]}"
+        await asyncio.gather(*(notifier.publish_event(failed_file(t, run_id, index=i)) for i in range(2 * PER_TENANT)))
+
+        async def first_wave_and_three_more():
+            return len(hook.times) >= PER_TENANT + 3
+
+        await wait_for(first_wave_and_three_more, timeout=6 * TIMEOUT_S + 5)
+        # The first wave went out at once (nothing was known of the receiver yet)...
+        assert hook.times[PER_TENANT - 1] - hook.times[0] < TIMEOUT_S / 2
+        # ...then, its posts timed out: one at a time, each after the one before gave up.
+        later = hook.times[PER_TENANT:PER_TENANT + 3]
+        gaps = [b - a for a, b in zip(later, later[1:])]
+        assert all(gap > TIMEOUT_S * 0.8 for gap in gaps), gaps
+        await notifier.call("delete_webhook", tenant_id=t)  # its pending deliveries fail now
+
+
 async def test_a_receiver_slower_than_the_timeout_is_cut_off_each_attempt_then_given_up(notifier):
     t = tenant()
     async with Rogue(hang) as hook:
