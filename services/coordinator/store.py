@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from typing import Any
 
+import orjson
 from sqlalchemy import text
 from sqlalchemy.ext.asyncio import AsyncConnection
 
@@ -72,7 +73,10 @@ async def load_files(conn: AsyncConnection, run_id: str, *, statuses: tuple[str,
     return [dict(r) for r in (await conn.execute(text(sql), params)).mappings()]
 
 
-FILES_PAGE = 1000  # files per run body: a reply must fit NATS's max payload (1 MB by default)
+FILES_PAGE = 1000  # files per run body at most
+# ...and at most this many bytes of them: a reply must fit NATS's max payload (1 MB by
+# default), and files with long names or large outputs reach it well before 1,000.
+FILES_PAGE_BYTES = 512 * 1024
 
 
 async def run_body(conn: AsyncConnection, run: dict, *, offset: int = 0, limit: int = FILES_PAGE) -> dict:
@@ -84,9 +88,29 @@ async def run_body(conn: AsyncConnection, run: dict, *, offset: int = 0, limit: 
     steps = (await conn.execute(text("SELECT steps FROM coordinator.templates WHERE id = :t AND tenant_id = :tenant"),
                                 {"t": run["template_id"], "tenant": run["tenant_id"]})).scalar_one_or_none() or []
     body = run_view(run, [dict(r) for r in rows], optional_steps(steps))
-    next_offset = offset + limit if offset + limit < run["total"] else None
+    body["files"], cut = _within_page_bytes(body["files"])
+    if cut:
+        next_offset = body["files"][-1]["index"] + 1
+    else:
+        next_offset = offset + limit if offset + limit < run["total"] else None
     body["files_page"] = {"offset": offset, "limit": limit, "next_offset": next_offset}
     return body
+
+
+def _within_page_bytes(files: list[dict]) -> tuple[list[dict], bool]:
+    """The first files whose JSON fits FILES_PAGE_BYTES (at least one), and whether some
+    were left out. A file too large on its own comes without its output, saying so."""
+    kept: list[dict] = []
+    size = 0
+    for view in files:
+        n = len(orjson.dumps(view))
+        if kept and size + n > FILES_PAGE_BYTES:
+            return kept, True
+        if n > FILES_PAGE_BYTES:
+            view = {**view, "output": None, "output_omitted": f"{n} bytes: more than a reply can carry"}
+        kept.append(view)
+        size += n
+    return kept, False
 
 
 async def retry_policy(conn: AsyncConnection, tenant_id: str) -> RetryPolicy:

@@ -25,6 +25,7 @@ STATUS_BY_CODE = {
     "forbidden": 403,
     "not_found": 404,
     "method_not_allowed": 405,
+    "request_timeout": 408,
     "run_running": 409, "run_not_recoverable": 409, "conflict": 409, "file_pending": 409,
     "idempotency_in_progress": 409,
     "payload_too_large": 413,

@@ -7,6 +7,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 from dataclasses import dataclass
 from typing import Any
@@ -132,11 +133,19 @@ def run_id_for(tenant_id: str, idempotency_key: str) -> str:
     return hashlib.sha256(f"{tenant_id}:{idempotency_key}".encode()).hexdigest()[:32]
 
 
+# A client that announces a body and sends it slowly, or never (a 1-byte body with
+# Content-Length: 1000), would otherwise hold a connection and a handler forever.
+BODY_READ_TIMEOUT_S = 30.0
+
+
 async def read_json(request: web.Request) -> Any:
     try:
-        raw = await request.read()
+        async with asyncio.timeout(BODY_READ_TIMEOUT_S):
+            raw = await request.read()
     except RequestPayloadError:  # e.g. Content-Encoding: gzip over bytes that are not gzip
         raise ServiceError("bad_request", "the request body could not be decoded (check its Content-Encoding)") from None
+    except TimeoutError:
+        raise ServiceError("request_timeout", f"the request body did not arrive within {BODY_READ_TIMEOUT_S:g} s") from None
     if not raw.strip():
         # Not {}: a PUT without a body would reset every setting to its default in silence.
         raise ServiceError("validation_error", "a JSON object body is required",

@@ -97,18 +97,25 @@ def field_errors(exc: ValidationError) -> dict[str, Any]:
 # float that large reads back as an int) every later read of that row fails: a template
 # whose params held 1e30 broke its tenant's template list.
 MAX_MAGNITUDE = 2**63
+# orjson writes at most 254 levels of nesting, so deeper JSON could be parsed here but not
+# sent on to a service; nothing of ours needs more than a few.
+MAX_DEPTH = 64
 
 
 def unstorable(value: Any, path: str = "") -> dict[str, str]:
     """Field errors for what PostgreSQL or the bus cannot carry, anywhere in a parsed JSON
-    value: NUL characters (text and jsonb refuse them) and numbers beyond 64 bits. Checked
-    here so they are a 422 naming the field, not a 500 from whichever service stores them."""
+    value: NUL characters (text and jsonb refuse them), numbers beyond 64 bits, nesting
+    deeper than MAX_DEPTH. Checked here so they are a 422 naming the field, not a 500 from
+    whichever service stores them."""
     errors: dict[str, str] = {}
     _walk(value, path, errors)
     return errors
 
 
-def _walk(value: Any, path: str, errors: dict[str, str]) -> None:
+def _walk(value: Any, path: str, errors: dict[str, str], depth: int = 0) -> None:
+    if depth > MAX_DEPTH:
+        errors[path or "body"] = f"must not be nested more than {MAX_DEPTH} levels deep"
+        return
     if isinstance(value, str):
         if "\x00" in value:
             errors[path or "body"] = "must not contain NUL characters"
@@ -121,10 +128,10 @@ def _walk(value: Any, path: str, errors: dict[str, str]) -> None:
             where = f"{path}.{name}" if path else name
             if "\x00" in str(key):
                 errors[where] = "keys must not contain NUL characters"
-            _walk(item, where, errors)
+            _walk(item, where, errors, depth + 1)
     elif isinstance(value, list):
         for i, item in enumerate(value):
-            _walk(item, f"{path}.{i}" if path else str(i), errors)
+            _walk(item, f"{path}.{i}" if path else str(i), errors, depth + 1)
 
 
 def validate(model: type[BaseModel], data: Any, what: str, *, strict: bool = False) -> dict[str, Any]:

@@ -313,6 +313,61 @@ async def test_wrong_methods_are_405_with_allow(world):
     assert (await http.post("/healthz")).status == 405
 
 
+async def test_json_nested_deeper_than_anything_of_ours_needs_is_a_422(world):
+    http, admin = world["http"], auth(world["keys"]["tenant_admin"])
+    for depth in (100, 600):  # 500 deep was a 500 when the gateway sent it on; 1000 deep, in its own check
+        nested: object = 1
+        for _ in range(depth):
+            nested = [nested]
+        body = {"name": "t", "steps": [{"name": "a", "handler": "noop", "params": {"k": nested}}]}
+        error = await refused(await http.post(f"{API}/templates", json=body, headers=admin), 422, "validation_error")
+        [field] = error["details"]["fields"]
+        assert field.startswith("steps.0.params.k.0.0") and "nested" in error["details"]["fields"][field]
+    assert await snapshot(world) == world["before"]
+
+
+async def test_a_body_that_never_arrives_is_a_408_not_a_connection_held_forever(world, monkeypatch):
+    from services.gateway import routes
+
+    monkeypatch.setattr(routes, "BODY_READ_TIMEOUT_S", 0.3)
+    port = world["stack"].services["gateway"][0].port
+    key = world["keys"]["tenant_admin"].encode()
+    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    try:
+        writer.write(b"POST /api/v1/templates HTTP/1.1\r\nHost: x\r\nConnection: close\r\nAuthorization: Bearer "
+                     + key + b"\r\nContent-Type: application/json\r\nContent-Length: 1000\r\n\r\n{")
+        await writer.drain()
+        head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 5)
+        length = int(next(line for line in head.split(b"\r\n") if line.lower().startswith(b"content-length:"))[15:])
+        body = await asyncio.wait_for(reader.readexactly(length), 5)
+    finally:
+        writer.close()
+    assert head.startswith(b"HTTP/1.1 408") and json.loads(body)["error"]["code"] == "request_timeout", head + body
+    assert await snapshot(world) == world["before"]
+
+
+async def test_a_run_whose_files_outgrow_one_reply_is_answered_a_page_of_files_at_a_time(world):
+    """800 files with 1,000-character names: the run body with all of them is over NATS's
+    1 MB. It was a 500 after the run had been created and charged (a retry charged again)."""
+    http, admin = world["http"], auth(world["keys"]["tenant_admin"])
+    free = await (await http.post(f"{API}/templates", json={**TEMPLATE, "credits_per_file": 0}, headers=admin)).json()
+    files = [{"name": f"{i:04}" + "n" * 996} for i in range(800)]
+    r = await http.post(f"{API}/workflow-runs", json={"template_id": free["id"], "files": files}, headers=admin)
+    assert r.status == 201, await r.text()
+    run = await r.json()
+    first = [f["index"] for f in run["files"]]
+    assert 0 < len(first) < 800 and first == list(range(len(first)))
+    assert run["files_page"]["next_offset"] == len(first)
+    seen = first
+    while (offset := run["files_page"]["next_offset"]) is not None:  # the rest, page by page
+        r = await http.get(f"{API}/workflow-runs/{run['id']}?file_offset={offset}&file_limit=1000", headers=admin)
+        assert r.status == 200, await r.text()
+        run = await r.json()
+        seen += [f["index"] for f in run["files"]]
+    assert seen == list(range(800))
+    world["before"] = await snapshot(world)  # the template and run made here
+
+
 async def test_nothing_above_was_answered_with_a_5xx_and_the_gateway_still_serves(world):
     metrics = await (await world["http"].get("/metrics")).text()
     failures = [line for line in metrics.splitlines()
