@@ -8,6 +8,7 @@ import base64
 import binascii
 from typing import Any, Literal
 
+import orjson
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from shared.messages import RetryPolicy
@@ -47,11 +48,25 @@ class FileIn(_Body):
         return v
 
 
+# A template's steps travel in every job of its runs, beside the file: bounded so that a
+# job always fits a message, and a tenant's template list a reply.
+MAX_STEPS_BYTES = 64 * 1024
+
+
 class TemplateBody(_Body):
     name: str = Field(min_length=1, max_length=200)
     steps: list[StepIn] = Field(min_length=1, max_length=50)
     credits_per_file: int = Field(default=1, ge=0, le=1_000_000)
     failure_policy: Literal["continue", "fail_fast"] = "continue"
+
+    @field_validator("steps")
+    @classmethod
+    def _steps_fit_a_job(cls, v: list[StepIn]) -> list[StepIn]:
+        size = len(orjson.dumps([s.model_dump() for s in v]))
+        if size > MAX_STEPS_BYTES:
+            raise ValueError(f"the steps take {size:,} bytes of JSON, more than {MAX_STEPS_BYTES:,} "
+                             "(they travel in every job: pass large data by url)")
+        return v
 
 
 class RunBody(_Body):

@@ -94,7 +94,8 @@ async def ledger(engine: AsyncEngine, cmd: Ledger) -> dict:
     if cmd.cursor:
         # isdigit() alone lets "²" through to int(); a cursor we return is an ASCII bigint.
         if not (cmd.cursor.isascii() and cmd.cursor.isdigit() and len(cmd.cursor) <= 18):
-            raise ServiceError("bad_request", "invalid cursor")
+            raise ServiceError("validation_error", "invalid cursor: pass next_cursor from the previous page",
+                               {"fields": {"cursor": "not a cursor of this list"}})
         sql += " AND id < :c"
         params["c"] = int(cmd.cursor)
     async with engine.connect() as conn:

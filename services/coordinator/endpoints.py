@@ -10,12 +10,13 @@ from pydantic import BaseModel
 from services.coordinator.commands import cancel, create_run, file_actions, queries, recover, retry_failed, settings, templates
 from services.coordinator.context import Deps
 from services.coordinator.schemas import (
-    Caller, CreateRun, CreateTemplate, FileRef, GetRun, ListRuns, PutSettings, Restore, RunRef, TemplateRef, TimelinePage,
+    Caller, CreateRun, CreateTemplate, FileRef, GetRun, ListRuns, ListTemplates, PutSettings, Restore, RunRef, TemplateRef,
+    TimelinePage,
 )
 
 ROUTES: dict[str, tuple[type[BaseModel], Callable[[Deps, Any], Awaitable[Any]]]] = {
     "create_template": (CreateTemplate, templates.create_template),
-    "list_templates": (Caller, templates.list_templates),
+    "list_templates": (ListTemplates, templates.list_templates),
     "get_template": (TemplateRef, templates.get_template),
     "archive_template": (TemplateRef, templates.archive_template),
     "create_run": (CreateRun, create_run.create_run),

@@ -21,6 +21,11 @@ class CreateTemplate(TemplateBody, Caller):
     model_config = ConfigDict(extra="ignore")
 
 
+class ListTemplates(Caller):
+    limit: int = Field(default=100, ge=1, le=500)
+    cursor: str | None = None
+
+
 class TemplateRef(Caller):
     template_id: str
 

@@ -10,6 +10,7 @@ from sqlalchemy import text
 from sqlalchemy.ext.asyncio import AsyncConnection
 
 from shared.messages import RetryPolicy, ServiceError
+from services.coordinator import pages
 
 # A RUNNING run is stuck when it made no progress for a lease (``:lease`` seconds) and had
 # no job in flight nor an announced wait within one either (``quiet_until``: executors'
@@ -73,10 +74,7 @@ async def load_files(conn: AsyncConnection, run_id: str, *, statuses: tuple[str,
     return [dict(r) for r in (await conn.execute(text(sql), params)).mappings()]
 
 
-FILES_PAGE = 1000  # files per run body at most
-# ...and at most this many bytes of them: a reply must fit NATS's max payload (1 MB by
-# default), and files with long names or large outputs reach it well before 1,000.
-FILES_PAGE_BYTES = 512 * 1024
+FILES_PAGE = 1000  # files per run body at most (and at most pages.PAGE_BYTES of them)
 
 
 async def run_body(conn: AsyncConnection, run: dict, *, offset: int = 0, limit: int = FILES_PAGE) -> dict:
@@ -88,7 +86,7 @@ async def run_body(conn: AsyncConnection, run: dict, *, offset: int = 0, limit: 
     steps = (await conn.execute(text("SELECT steps FROM coordinator.templates WHERE id = :t AND tenant_id = :tenant"),
                                 {"t": run["template_id"], "tenant": run["tenant_id"]})).scalar_one_or_none() or []
     body = run_view(run, [dict(r) for r in rows], optional_steps(steps))
-    body["files"], cut = _within_page_bytes(body["files"])
+    body["files"], cut = pages.within_page(_output_omitted_when_too_large(f) for f in body["files"])
     if cut:
         next_offset = body["files"][-1]["index"] + 1
     else:
@@ -97,20 +95,12 @@ async def run_body(conn: AsyncConnection, run: dict, *, offset: int = 0, limit: 
     return body
 
 
-def _within_page_bytes(files: list[dict]) -> tuple[list[dict], bool]:
-    """The first files whose JSON fits FILES_PAGE_BYTES (at least one), and whether some
-    were left out. A file too large on its own comes without its output, saying so."""
-    kept: list[dict] = []
-    size = 0
-    for view in files:
-        n = len(orjson.dumps(view))
-        if kept and size + n > FILES_PAGE_BYTES:
-            return kept, True
-        if n > FILES_PAGE_BYTES:
-            view = {**view, "output": None, "output_omitted": f"{n} bytes: more than a reply can carry"}
-        kept.append(view)
-        size += n
-    return kept, False
+def _output_omitted_when_too_large(view: dict) -> dict:
+    """A file too large for a page on its own comes without its output, saying so."""
+    n = len(orjson.dumps(view))
+    if n <= pages.PAGE_BYTES:
+        return view
+    return {**view, "output": None, "output_omitted": f"{n} bytes: more than a reply can carry"}
 
 
 async def retry_policy(conn: AsyncConnection, tenant_id: str) -> RetryPolicy:

@@ -8,6 +8,8 @@ import orjson
 from sqlalchemy import text
 from sqlalchemy.ext.asyncio import AsyncConnection
 
+from services.coordinator import pages
+
 _INSERT = text(
     "INSERT INTO coordinator.timeline (run_id, tenant_id, kind, actor, file_index, details) "
     "VALUES (:run_id, :tenant_id, :kind, :actor, :file_index, CAST(:details AS jsonb))"
@@ -30,10 +32,6 @@ async def append(conn: AsyncConnection, *entries: dict) -> None:
         await conn.execute(_INSERT, list(entries))
 
 
-# A page crosses NATS in one reply (1 MB by default): it ends early rather than outgrow this.
-PAGE_BYTES = 512 * 1024
-
-
 async def read(conn: AsyncConnection, run_id: str, limit: int = 1000, after_id: int = 0) -> tuple[list[dict], int | None]:
     """Up to ``limit`` entries after entry ``after_id``, oldest first, and the id to read on
     after (None when this page ends the log)."""
@@ -44,15 +42,15 @@ async def read(conn: AsyncConnection, run_id: str, limit: int = 1000, after_id: 
         ),
         {"run_id": run_id, "after": after_id, "limit": limit + 1},
     )
-    items: list[dict] = []
-    size, last_id = 0, None
-    for row in rows.mappings():
-        if len(items) == limit or (items and size > PAGE_BYTES):
-            return items, last_id
-        item = {"at": row["at"].isoformat(), "kind": row["kind"], "actor": row["actor"], "details": row["details"]}
-        if row["file_index"] is not None:
-            item["file_index"] = row["file_index"]
-        size += len(orjson.dumps(item))
-        items.append(item)
-        last_id = row["id"]
-    return items, None
+    rows = rows.mappings().all()
+    ids = [row["id"] for row in rows]
+    items, cut = pages.within_page(_entry(row) for row in rows[:limit])
+    more = cut or len(rows) > limit
+    return items, (ids[len(items) - 1] if more else None)
+
+
+def _entry(row) -> dict:
+    item = {"at": row["at"].isoformat(), "kind": row["kind"], "actor": row["actor"], "details": row["details"]}
+    if row["file_index"] is not None:
+        item["file_index"] = row["file_index"]
+    return item

@@ -63,7 +63,8 @@ _R = Route
 ROUTES: list[Route] = [
     _R("POST", "/templates", "coordinator", "create_template", "tenant_admin", TemplateBody, 201, True,
        summary="Create a template"),
-    _R("GET", "/templates", "coordinator", "list_templates", summary="List templates"),
+    _R("GET", "/templates", "coordinator", "list_templates", query=PageQuery,
+       summary="List templates, newest first (next_cursor for the next page)"),
     _R("GET", "/templates/{template_id}", "coordinator", "get_template", summary="Get a template"),
     _R("DELETE", "/templates/{template_id}", "coordinator", "archive_template", "tenant_admin", status=204,
        summary="Archive a template (runs on it keep working)"),

@@ -98,7 +98,7 @@ async def test_creating_a_run_with_an_existing_run_id_returns_that_run_and_charg
 
 
 async def test_the_timeline_is_read_a_page_at_a_time_oldest_first(stack, monkeypatch):
-    from services.coordinator import timeline as timeline_module
+    from services.coordinator import pages as pages_module
 
     tenant = await stack.tenant()
     await stack.call("coordinator", "put_settings", tenant_id=tenant, auto_retries=3, backoff_base_ms=10, backoff_max_ms=20)
@@ -119,7 +119,7 @@ async def test_the_timeline_is_read_a_page_at_a_time_oldest_first(stack, monkeyp
 
     items, sizes = await pages(limit=3)
     assert items == whole["items"] and set(sizes[:-1]) == {3}
-    monkeypatch.setattr(timeline_module, "PAGE_BYTES", 1)  # a page ends early rather than outgrow a reply
+    monkeypatch.setattr(pages_module, "PAGE_BYTES", 1)  # a page ends early rather than outgrow a reply
     items, sizes = await pages()
     assert items == whole["items"] and set(sizes) == {1}
     await expect_error("validation_error", stack.call("coordinator", "timeline", tenant_id=tenant, run_id=run["id"],

@@ -311,3 +311,37 @@ async def test_recover_over_http_and_its_seed_alias(api):
     assert r.status == 404  # another tenant's run (this admin is acme's)
     r = await http.post(f"/api/v1/workflows/{run['id']}/recover", headers=auth(api["keys"]["member"]))
     assert r.status == 403  # a role that may not act
+
+
+async def test_templates_are_listed_newest_first_a_page_at_a_time(api, monkeypatch):
+    from services.coordinator import pages
+
+    http, admin = api["http"], auth(api["keys"]["tenant_admin"])
+    made = []
+    for i in range(3):
+        body = {"name": f"paged-{i}", "steps": [{"name": "a", "handler": "noop", "params": {"pad": "p" * 1000}}]}
+        made.append((await (await http.post("/api/v1/templates", json=body, headers=admin)).json())["id"])
+
+    async def walk(query: str) -> tuple[list[str], list[int]]:
+        ids, sizes, cursor = [], [], None
+        while True:
+            url = "/api/v1/templates?" + query + (f"&cursor={cursor}" if cursor else "")
+            page = await (await http.get(url, headers=admin)).json()
+            assert "items" in page, page
+            ids += [t["id"] for t in page["items"]]
+            sizes.append(len(page["items"]))
+            if (cursor := page["next_cursor"]) is None:
+                return ids, sizes
+
+    everything, _ = await walk("limit=500")
+    assert everything[:3] == made[::-1]  # newest first
+    ids, sizes = await walk("limit=2")
+    assert ids == everything and set(sizes[:-1]) == {2}
+    # However many fit the count, a page ends before it outgrows a reply.
+    monkeypatch.setattr(pages, "PAGE_BYTES", 1)
+    ids, sizes = await walk("limit=500")
+    assert ids == everything and set(sizes) == {1}
+    # Steps too large to travel in every job are refused when the template is made.
+    big = {"name": "big", "steps": [{"name": "a", "handler": "noop", "params": {"blob": "x" * 70_000}}]}
+    r = await http.post("/api/v1/templates", json=big, headers=admin)
+    assert r.status == 422 and "steps" in (await r.json())["error"]["details"]["fields"]

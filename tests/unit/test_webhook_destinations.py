@@ -20,9 +20,87 @@ def test_private_loopback_and_reserved_hosts_are_refused(url):
     assert Destinations(allow_private=True).refusal(url) is None
 
 
-@pytest.mark.parametrize("url", ["https://hooks.example.com/x", "http://8.8.8.8/x", "https://[2606:4700::1111]/x"])
+@pytest.mark.parametrize("url", [
+    "https://hooks.example.com/x", "http://8.8.8.8/x", "https://[2606:4700::1111]/x", "http://93.184.216.34/",
+    "http://bücher.example/", "http://xn--bcher-kva.example/", "https://hooks.example.com./x", "http://a_b.example/",
+    "http://" + "a" * 63 + ".example/", "http://" + ".".join(["a" * 63] * 3 + ["b" * 61]) + "/",
+])
 def test_public_hosts_and_names_pass_the_url_check(url):
     assert Destinations().refusal(url) is None
+    assert Destinations(allow_private=True).refusal(url) is None
+
+
+@pytest.mark.parametrize("url, address", [
+    ("http://2130706433/", "127.0.0.1"), ("http://0x7f000001/", "127.0.0.1"), ("http://0177.0.0.1/", "127.0.0.1"),
+    ("http://127.1/", "127.0.0.1"), ("http://0/", "0.0.0.0"), ("http://0xa9.254.169.254/x", "169.254.169.254"),
+    ("http://10.1/x", "10.0.0.1"),
+])
+def test_numeric_forms_of_private_addresses_are_refused_like_the_address(url, address):
+    host = url.split("/")[2]
+    assert Destinations().refusal(url) == f"must not point at a private or reserved address ({host} is {address})"
+    # Allowing private addresses does not make these usable: delivery refuses non-canonical IPv4 too.
+    assert Destinations(allow_private=True).refusal(url) == \
+        f"must give the IPv4 address in dotted-quad form ({address}, not {host})"
+
+
+@pytest.mark.parametrize("url, host", [
+    ("http://0x5db8d822/", "0x5db8d822"), ("http://1572395042/", "1572395042"),
+    ("http://93.184.216.042/", "93.184.216.042"), ("http://93.184.216.34./", "93.184.216.34."),
+    ("http://93.12113954/", "93.12113954"),
+    ("http://0x5d.0xb8.0xd8.0x22/", "0x5d.0xb8.0xd8.0x22"),
+])
+def test_numeric_forms_of_public_addresses_must_be_dotted_quads(url, host):
+    for destinations in (Destinations(), Destinations(allow_private=True)):
+        refusal = destinations.refusal(url)
+        assert refusal == f"must give the IPv4 address in dotted-quad form (93.184.216.34, not {host})"
+
+
+@pytest.mark.parametrize("url, host", [
+    ("http://1.2.3.4.5/", "1.2.3.4.5"), ("http://4294967296/", "4294967296"), ("http://256.1.1.1/", "256.1.1.1"),
+    ("http://09.1.1.1/", "09.1.1.1"), ("http://example.123/", "example.123"), ("http://1.2.3.0x100/", "1.2.3.0x100"),
+])
+def test_numeric_hosts_that_are_no_address_are_refused(url, host):
+    for destinations in (Destinations(), Destinations(allow_private=True)):
+        assert destinations.refusal(url) == f"has a numeric host that is not an IPv4 address ({host})"
+
+
+@pytest.mark.parametrize("url, refusal", [
+    ("http://a..b/", "has an empty label in its host name (a..b)"),
+    ("http://.example.com/", "has an empty label in its host name (.example.com)"),
+    ("http://example.com../", "has an empty label in its host name (example.com..)"),
+    ("http://bü..example/", "has an empty label in its host name (bü..example)"),
+    ("http://xn--.com/", "has an invalid punycode label in its host name (xn--)"),
+    ("http://xn--a.example/", "has an invalid punycode label in its host name (xn--a)"),
+    ("http://" + "a" * 64 + ".example/", f"has a host name label longer than 63 characters ({'a' * 40}…)"),
+    ("http://" + ".".join(["a" * 63] * 3 + ["b" * 62]) + "/", "has a host name longer than 253 characters (254)"),
+    ("http://-hooks.example/", "has a host name label that starts or ends with '-' (-hooks)"),
+    ("http://hooks-.example/", "has a host name label that starts or ends with '-' (hooks-)"),
+    ("http://hooks.example-/", "has a host name label that starts or ends with '-' (example-)"),
+    ("http://ex%61mple.com/", "has a character not allowed in a host name ('%')"),
+    ("http://" + "ü" * 70 + ".example/", f"has a host name that is not valid IDNA ({'ü' * 40}…: Label too long)"),
+])
+def test_hosts_that_are_not_valid_dns_names_are_refused(url, refusal):
+    assert Destinations().refusal(url) == refusal
+    assert Destinations(allow_private=True).refusal(url) == refusal
+
+
+@pytest.mark.parametrize("url, refusal", [
+    ("http://１２７.０.０.１/x", "must not point at a private or reserved address (127.0.0.1)"),
+    ("http://127。0。0。1/x", "must not point at a private or reserved address (127.0.0.1)"),
+    ("http://１０.0.0.1/x", "must not point at a private or reserved address (10.0.0.1)"),
+    ("http://ｌｏｃａｌｈｏｓｔ/x", "must not point at this machine (localhost)"),
+    ("http://localhost./x", "must not point at this machine (localhost)"),
+])
+def test_hosts_are_judged_in_the_ascii_form_delivery_uses(url, refusal):
+    # yarl turns fullwidth digits and ideographic dots into 127.0.0.1, which aiohttp connects to directly.
+    assert Destinations().refusal(url) == refusal
+    assert Destinations(allow_private=True).refusal(url) is None
+
+
+@pytest.mark.parametrize("url, refusal", [("http://[::1/x", "is not a valid URL"), ("http:///x", "must name a host")])
+def test_urls_without_a_usable_host_are_refused(url, refusal):
+    assert Destinations().refusal(url) == refusal
+    assert Destinations(allow_private=True).refusal(url) == refusal
 
 
 class _Fixed:
@@ -49,3 +127,14 @@ async def test_setting_a_webhook_at_a_private_address_is_a_field_error():
     with pytest.raises(ServiceError) as refused:
         await put_webhook(None, cmd, Destinations())
     assert refused.value.code == "validation_error" and "url" in refused.value.details["fields"]
+
+
+@pytest.mark.parametrize("url, refusal", [
+    ("http://2130706433/x", "must not point at a private or reserved address (2130706433 is 127.0.0.1)"),
+    ("http://a..b/x", "has an empty label in its host name (a..b)"),
+])
+async def test_setting_a_webhook_at_a_malformed_host_is_a_field_error(url, refusal):
+    cmd = PutWebhook(tenant_id="t", url=url, secret="s" * 16)
+    with pytest.raises(ServiceError) as refused:
+        await put_webhook(None, cmd, Destinations())
+    assert refused.value.code == "validation_error" and refused.value.details["fields"]["url"] == refusal

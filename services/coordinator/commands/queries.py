@@ -2,12 +2,10 @@
 
 from __future__ import annotations
 
-from datetime import datetime
 
 from sqlalchemy import text
 
-from shared.messages import ServiceError
-from services.coordinator import store, timeline
+from services.coordinator import cursor, store, timeline
 from services.coordinator.context import Deps
 from services.coordinator.schemas import GetRun, ListRuns, TimelinePage
 from services.coordinator.views import run_view
@@ -31,15 +29,8 @@ async def list_runs(deps: Deps, cmd: ListRuns) -> dict:
         where.append("needs_attention = :na")
         params["na"] = cmd.needs_attention
     if cmd.cursor:
-        # Keyset pagination on (created_at, id): stable while new runs arrive.
-        created, _, run_id = cmd.cursor.partition("|")
-        try:  # parsed here: a cursor PostgreSQL cannot cast is the caller's error, not ours
-            params["c_at"], params["c_id"] = datetime.fromisoformat(created), run_id
-        except ValueError:
-            raise ServiceError("bad_request", "invalid cursor")
-        if not run_id:
-            raise ServiceError("bad_request", "invalid cursor")
-        where.append("(created_at, id) < (CAST(:c_at AS timestamptz), :c_id)")
+        params["c_at"], params["c_id"] = cursor.decode(cmd.cursor)
+        where.append("(created_at, id) < (:c_at, :c_id)")
     async with deps.engine.connect() as conn:
         rows = (await conn.execute(text(
             f"SELECT * FROM coordinator.runs WHERE {' AND '.join(where)} ORDER BY created_at DESC, id DESC LIMIT :limit"),
@@ -48,7 +39,7 @@ async def list_runs(deps: Deps, cmd: ListRuns) -> dict:
     next_cursor = None
     if len(rows) > cmd.limit:
         last = rows[cmd.limit - 1]
-        next_cursor = f"{last['created_at'].isoformat()}|{last['id']}"
+        next_cursor = cursor.encode(last["created_at"], last["id"])
     return {"items": items, "next_cursor": next_cursor}
 
 

@@ -8,9 +8,9 @@ import orjson
 from sqlalchemy import text
 
 from shared.db import transaction
-from services.coordinator import store
+from services.coordinator import cursor, pages, store
 from services.coordinator.context import Deps
-from services.coordinator.schemas import Caller, CreateTemplate, TemplateRef
+from services.coordinator.schemas import CreateTemplate, ListTemplates, TemplateRef
 from services.coordinator.views import template_view
 
 
@@ -30,12 +30,20 @@ async def get_template(deps: Deps, cmd: TemplateRef) -> dict:
         return template_view(await store.load_template(conn, cmd.tenant_id, cmd.template_id, include_archived=True))
 
 
-async def list_templates(deps: Deps, cmd: Caller) -> dict:
+async def list_templates(deps: Deps, cmd: ListTemplates) -> dict:
+    """The tenant's templates, newest first, a page at a time (``next_cursor``)."""
+    where, params = "tenant_id = :t AND archived_at IS NULL", {"t": cmd.tenant_id, "limit": cmd.limit + 1}
+    if cmd.cursor:
+        params["c_at"], params["c_id"] = cursor.decode(cmd.cursor)
+        where += " AND (created_at, id) < (:c_at, :c_id)"
     async with deps.engine.connect() as conn:
         rows = (await conn.execute(text(
-            "SELECT * FROM coordinator.templates WHERE tenant_id = :t AND archived_at IS NULL ORDER BY created_at DESC"),
-            {"t": cmd.tenant_id})).mappings().all()
-    return {"items": [template_view(r) for r in rows]}
+            f"SELECT * FROM coordinator.templates WHERE {where} ORDER BY created_at DESC, id DESC LIMIT :limit"),
+            params)).mappings().all()
+    items, cut = pages.within_page(template_view(r) for r in rows[: cmd.limit])
+    more = cut or len(rows) > cmd.limit
+    last = rows[len(items) - 1] if items else None
+    return {"items": items, "next_cursor": cursor.encode(last["created_at"], last["id"]) if more else None}
 
 
 async def archive_template(deps: Deps, cmd: TemplateRef) -> dict:
