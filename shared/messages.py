@@ -21,6 +21,9 @@ def utcnow() -> datetime:
 # consumes the message. Refused here, where it is a clear validation error that terminates
 # the one message, rather than there, where it would fail the whole batch's transaction.
 Count = Annotated[int, Field(ge=0, le=2**31 - 1)]
+# An amount of credits: PostgreSQL ``bigint`` wherever it is stored (a run of 3,000 files at
+# 1,000,000 credits each costs more than an ``integer`` holds).
+Credits = Annotated[int, Field(ge=0, le=2**63 - 1)]
 
 
 class Message(BaseModel):

@@ -72,7 +72,8 @@ async def refund(engine: AsyncEngine, cmd: Refund) -> dict:
                                      refund_of=cmd.of_key, actor=cmd.actor)
             return {"refunded": 0, "to_monthly": 0, "to_purchased": 0, "duplicate": False}
         before = (await conn.execute(text(
-            "SELECT coalesce(sum(monthly_part), 0), coalesce(sum(purchased_part), 0) FROM billing.ledger "
+            "SELECT CAST(coalesce(sum(monthly_part), 0) AS bigint), CAST(coalesce(sum(purchased_part), 0) AS bigint) "
+            "FROM billing.ledger "
             "WHERE refund_of = :k AND tenant_id = :t"), {"k": cmd.of_key, "t": cmd.tenant_id})).one()
         amount = -charge["amount"] if cmd.amount is None else cmd.amount
         m, p = split_refund(amount, -charge["monthly_part"], -charge["purchased_part"], before[0], before[1])

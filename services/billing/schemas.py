@@ -2,7 +2,7 @@ from __future__ import annotations
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from shared.messages import Count  # amounts are PostgreSQL integers: larger is a validation error
+from shared.messages import Credits  # amounts are PostgreSQL bigints: larger is a validation error
 
 
 class _Cmd(BaseModel):
@@ -11,12 +11,12 @@ class _Cmd(BaseModel):
 
 
 class OpenAccount(_Cmd):
-    monthly_allowance: Count = 0
-    purchased: Count = 0
+    monthly_allowance: Credits = 0
+    purchased: Credits = 0
 
 
 class Reserve(_Cmd):
-    amount: Count
+    amount: Credits
     idempotency_key: str = Field(min_length=1, max_length=300)
     run_id: str | None = None
     actor: str | None = None
@@ -25,7 +25,7 @@ class Reserve(_Cmd):
 class Refund(_Cmd):
     idempotency_key: str = Field(min_length=1, max_length=300)
     of_key: str = Field(min_length=1, max_length=300)
-    amount: Count | None = None
+    amount: Credits | None = None
     run_id: str | None = None
     actor: str | None = None
 

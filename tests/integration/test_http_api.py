@@ -345,3 +345,30 @@ async def test_templates_are_listed_newest_first_a_page_at_a_time(api, monkeypat
     big = {"name": "big", "steps": [{"name": "a", "handler": "noop", "params": {"blob": "x" * 70_000}}]}
     r = await http.post("/api/v1/templates", json=big, headers=admin)
     assert r.status == 422 and "steps" in (await r.json())["error"]["details"]["fields"]
+
+
+async def test_credit_amounts_past_32_bits_are_refused_or_charged_exactly(api):
+    """Credits were PostgreSQL integers: a run costing 3e9 credits was a vague 400 (not a
+    402), and a balance past 2^31 could not be granted."""
+    http, keys = api["http"], api["keys"]
+    admin, platform = auth(keys["tenant_admin"]), auth(keys["platform_admin"])
+    costly = await (await http.post("/api/v1/templates", json={"name": "costly", "credits_per_file": 1_000_000,
+                                                               "steps": [{"name": "a", "handler": "noop"}]},
+                                    headers=admin)).json()
+    before = await (await http.get("/api/v1/credits", headers=admin)).json()
+    available = before["monthly"]["remaining"] + before["purchased"]["remaining"]
+    r = await http.post("/api/v1/workflow-runs", json={"template_id": costly["id"],
+                                                      "files": [{"name": f"f{i}"} for i in range(3000)]}, headers=admin)
+    body = await r.json()
+    assert r.status == 402 and body["error"]["details"] == {"needed": 3_000_000_000, "available": available}
+    for _ in range(22):
+        r = await http.post(f"/api/v1/admin/tenants/{api['tenant']}/credits", json={"purchased": 100_000_000},
+                            headers=platform)
+        assert r.status == 200, await r.text()
+    assert (await r.json())["purchased"]["remaining"] == before["purchased"]["remaining"] + 2_200_000_000
+    r = await http.post("/api/v1/workflow-runs", json={"template_id": costly["id"],
+                                                      "files": [{"name": f"f{i}"} for i in range(2200)]}, headers=admin)
+    assert r.status == 201, await r.text()
+    assert (await r.json())["credits"]["consumed"] == 2_200_000_000
+    after = await (await http.get("/api/v1/credits", headers=admin)).json()
+    assert after["monthly"]["remaining"] + after["purchased"]["remaining"] == available + 2_200_000_000 - 2_200_000_000
