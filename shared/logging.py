@@ -29,3 +29,20 @@ def configure_logging(settings: Settings, service: str) -> None:
         cache_logger_on_first_use=True,
     )
     structlog.contextvars.bind_contextvars(service=service)
+    logging.getLogger("aiohttp.server").addFilter(_one_line_for_malformed_requests)
+
+
+def _one_line_for_malformed_requests(record: logging.LogRecord) -> bool:
+    """aiohttp logs every request its HTTP parser refuses (an oversized header, a bad
+    Content-Length, a method that is no method…) with a full traceback at ERROR: anyone
+    who can reach the port could fill the log with them. They are the client's mistake, a
+    warning line each; real errors keep their traceback."""
+    from aiohttp.http_exceptions import HttpProcessingError
+
+    exc = record.exc_info[1] if record.exc_info else None
+    if isinstance(exc, HttpProcessingError):
+        record.msg = f"{record.getMessage()}: {type(exc).__name__}: {' '.join(str(exc).split())}"
+        record.args = None
+        record.exc_info = record.exc_text = None
+        record.levelno, record.levelname = logging.WARNING, "WARNING"
+    return True

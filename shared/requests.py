@@ -70,7 +70,7 @@ class TemplateBody(_Body):
 
 
 class RunBody(_Body):
-    template_id: str = Field(min_length=1)
+    template_id: str = Field(min_length=1, max_length=200)
     files: list[FileIn] = Field(min_length=1, max_length=100_000)
     max_retry_count: int = Field(default=3, ge=1, le=10)
     mode: Literal["per_file", "batch"] = "per_file"

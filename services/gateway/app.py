@@ -21,7 +21,7 @@ from sqlalchemy.ext.asyncio import AsyncEngine
 from shared import tracing
 from shared.db import ping
 from shared.rpc import RpcClient
-from services.gateway.auth import auth_middleware, effective_tenant, principal_of
+from services.gateway.auth import auth_middleware, existing_tenant, principal_of
 from services.gateway.errors import errors_middleware
 from services.gateway.events import EventHub
 from services.gateway.identity import KeyCache, Principal, authenticate
@@ -108,7 +108,7 @@ def _local_handlers(deps: Deps) -> dict:
     document = openapi_document()
 
     async def events(request: web.Request) -> web.StreamResponse:
-        return await deps.hub.stream(request, effective_tenant(request, principal_of(request)))
+        return await deps.hub.stream(request, await existing_tenant(request, principal_of(request), deps.engine))
 
     async def openapi(request: web.Request) -> web.Response:
         return web.json_response(document)

@@ -12,8 +12,10 @@ from collections.abc import Awaitable, Callable
 
 from aiohttp import web
 
+from sqlalchemy.ext.asyncio import AsyncEngine
+
 from shared.messages import ServiceError
-from services.gateway.identity import Principal
+from services.gateway.identity import Principal, tenant_exists
 
 PRINCIPAL = web.RequestKey("principal", Principal)
 TENANT_HEADER = "X-Tenant-Id"
@@ -73,3 +75,13 @@ def effective_tenant(request: web.Request, principal: Principal) -> str:
         raise ServiceError("validation_error", "X-Tenant-Id is not a tenant id",
                            {"fields": {TENANT_HEADER: "at most 64 printable ASCII characters"}})
     return asked
+
+
+async def existing_tenant(request: web.Request, principal: Principal, engine: AsyncEngine) -> str:
+    """:func:`effective_tenant`, refused as not found when a platform admin names a tenant
+    that does not exist: a mistyped X-Tenant-Id would otherwise make templates and runs
+    for nobody, or stream nobody's events."""
+    tenant_id = effective_tenant(request, principal)
+    if tenant_id != principal.tenant_id and not await tenant_exists(engine, tenant_id):
+        raise ServiceError("not_found", f"tenant {tenant_id} was not found", {"id": tenant_id})
+    return tenant_id

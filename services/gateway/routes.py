@@ -22,9 +22,8 @@ from sqlalchemy.ext.asyncio import AsyncEngine
 from shared.messages import ServiceError, dumps
 from shared.rpc import RpcClient
 from services.gateway import idempotency
-from services.gateway.auth import asked_tenant, effective_tenant, principal_of, require_role
+from services.gateway.auth import asked_tenant, existing_tenant, principal_of, require_role
 from services.gateway.errors import error_response, from_service_error
-from services.gateway.identity import tenant_exists
 from services.gateway.schemas import (
     DeliveriesQuery, GrantBody, NotificationsQuery, PageQuery, RunFilesQuery, RestoreBody, RunBody, RunsQuery, SettingsBody, TemplateBody, TimelineQuery, WebhookBody,
     path_params, validate,
@@ -177,11 +176,7 @@ def forwarder(route: Route, rpc: RpcClient, engine: AsyncEngine, lease_s: float)
     async def handle(request: web.Request) -> web.Response:
         principal = principal_of(request)
         require_role(principal, route.role)
-        tenant_id = effective_tenant(request, principal)
-        if tenant_id != principal.tenant_id and not await tenant_exists(engine, tenant_id):
-            # A platform admin's mistyped X-Tenant-Id would otherwise make templates and runs
-            # for a tenant that does not exist.
-            raise ServiceError("not_found", f"tenant {tenant_id} was not found", {"id": tenant_id})
+        tenant_id = await existing_tenant(request, principal, engine)
         body = await read_json(request) if route.body is not None else None
         payload = validate(route.body, body, "request body", strict=True) if route.body is not None else {}
         if route.query is not None:

@@ -148,6 +148,9 @@ def validate(model: type[BaseModel], data: Any, what: str, *, strict: bool = Fal
         raise ServiceError("validation_error", f"the {what} is not valid", field_errors(exc)) from None
 
 
+MAX_PATH_ID = 200
+
+
 def path_params(match_info: dict[str, str]) -> dict[str, Any]:
     out: dict[str, Any] = dict(match_info)
     for name, value in out.items():
@@ -155,6 +158,10 @@ def path_params(match_info: dict[str, str]) -> dict[str, Any]:
         if not value.isprintable():
             raise ServiceError("validation_error", f"{name} must not contain control characters",
                                {"fields": {name: "must not contain control characters"}})
+        # Our ids are short; a 100 KB one was echoed back in full by the 404.
+        if len(value) > MAX_PATH_ID:
+            raise ServiceError("validation_error", f"{name} is longer than any id ({MAX_PATH_ID} characters)",
+                               {"fields": {name: f"at most {MAX_PATH_ID} characters"}})
     for name in INT_PATH_PARAMS.keys() & out.keys():
         value = out[name]
         if not (value.isascii() and value.isdigit()) or len(value) > 19 or int(value) > INT_PATH_PARAMS[name]:

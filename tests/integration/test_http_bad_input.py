@@ -127,6 +127,8 @@ TPL = "{tpl}"  # replaced by the world's template id
     ("POST", "/workflow-runs", "member", {"template_id": TPL, "files": [{"name": "a"}], "max_retry_count": None},
      "max_retry_count"),
     ("POST", "/workflow-runs", "member", {"template_id": 5, "files": [{"name": "a"}]}, "template_id"),
+    # Echoed back in full by the 404.
+    ("POST", "/workflow-runs", "member", {"template_id": "t" * 100_000, "files": [{"name": "a"}]}, "template_id"),
     ("POST", "/workflow-runs", "member", {"template_id": TPL, "files": ["a"]}, "files.0"),
     ("POST", "/workflow-runs", "member", {"template_id": TPL, "files": [{"name": "a", "size": -1}]}, "files.0.size"),
     ("POST", "/workflow-runs", "member", {"template_id": TPL, "files": [{"name": "a", "size": 2**70}]}, "files.0.size"),
@@ -191,7 +193,10 @@ async def test_garbage_ids_in_paths_are_404_or_422_never_500(world):
                       422, "validation_error", "tenant_id")
         await refused(await http.post(f"{API}/admin/workflow-runs/{id_}/restore", json=restore, headers=admin),
                       422, "validation_error", "run_id")
-    for id_ in ("missing", "%E6%97%A5", "x" * 2000, "%ff", "%20", "null", "-1", "'%3B--", "%5C"):
+    for method, path in ID_ROUTES:  # longer than any id: a 100 KB one was echoed back in full by the 404
+        r = await http.request(method, API + path.format(id="x" * 201), headers=admin)
+        assert len(await refused(r, 422, "validation_error")) and len(await r.read()) < 1000
+    for id_ in ("missing", "%E6%97%A5", "x" * 200, "%ff", "%20", "null", "-1", "'%3B--", "%5C"):
         for method, path in ID_ROUTES:
             r = await http.request(method, API + path.format(id=id_), headers=admin)
             assert r.status in (404, 422), (method, path, id_, r.status)
@@ -267,6 +272,7 @@ async def test_bad_authorization_and_x_tenant_id_headers(world):
     ghost = auth(keys["platform_admin"], **{"X-Tenant-Id": "no-such-tenant"})
     await refused(await http.post(f"{API}/templates", json=TEMPLATE, headers=ghost), 404, "not_found")
     await refused(await http.get(runs, headers=ghost), 404, "not_found")
+    await refused(await http.get(f"{API}/events", headers=ghost), 404, "not_found")  # streamed nobody's events
     await refused(await http.get(runs, headers=auth(keys["member"], **{"X-Tenant-Id": world["other"]})), 403, "forbidden")
     assert (await http.get(runs, headers=auth(keys["member"], **{"X-Tenant-Id": ""}))).status == 200
     assert await snapshot(world) == world["before"]

@@ -62,3 +62,28 @@ async def test_errors_keep_one_shape_and_never_carry_a_stack():
         assert r.status == 405 and (await r.json())["error"]["code"] == "method_not_allowed" and r.headers["Allow"]
     finally:
         await client.close()
+
+
+def test_requests_the_http_parser_refuses_are_one_warning_line_not_a_traceback():
+    import logging
+    import sys
+
+    from aiohttp.http_exceptions import BadHttpMessage
+
+    from shared.logging import _one_line_for_malformed_requests
+
+    def record_of(exc: BaseException) -> logging.LogRecord:
+        try:
+            raise exc
+        except BaseException:
+            return logging.LogRecord("aiohttp.server", logging.ERROR, __file__, 1, "Error handling request from %s",
+                                     ("127.0.0.1",), sys.exc_info())
+
+    refused = record_of(BadHttpMessage("Invalid character in Content-Length:\n\n  b'abc'\n  ^"))
+    assert _one_line_for_malformed_requests(refused)
+    assert (refused.levelno, refused.exc_info) == (logging.WARNING, None)
+    assert refused.getMessage().startswith("Error handling request from 127.0.0.1: BadHttpMessage: 400")
+    assert "\n" not in refused.getMessage()
+    bug = record_of(RuntimeError("ours"))
+    assert _one_line_for_malformed_requests(bug)
+    assert bug.levelno == logging.ERROR and bug.exc_info is not None  # our own errors keep their traceback
