@@ -45,6 +45,10 @@ class Names:
         return f"$KV.{self.run_stops_bucket}.{run_id}"
 
     @property
+    def handlers_bucket(self) -> str:
+        return f"{self.prefix.upper().replace('-', '_')}_HANDLERS"
+
+    @property
     def attempts_bucket(self) -> str:
         return f"{self.prefix.upper().replace('-', '_')}_ATTEMPTS"
 

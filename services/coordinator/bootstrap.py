@@ -6,6 +6,7 @@ from __future__ import annotations
 from functools import partial
 
 from shared import bus
+from shared.handler_offers import OfferedHandlers
 from shared.pull_loop import PullLoop
 from shared.db import make_engine
 from shared.rpc import MicroService, RpcClient
@@ -37,12 +38,14 @@ class CoordinatorService:
         await bus.ensure_consumer(self.js, names.events_stream, names.results_consumer, names.file_events_all,
                                   ack_wait_s=30)
         await ensure_run_stops_bucket(self.js, names, s.stream_replicas)
+        self.handlers = OfferedHandlers(self.js, names, s.stream_replicas)
+        await self.handlers.start()
         self.engine = make_engine(s, pool_size=10, application_name="redrive-coordinator")
         self.relay = OutboxRelay(self.engine, self.js, partial(jobs.expand_page, names=names),
                                  partial(report_undeliverable, names=names), batch=s.outbox_batch)
         self.deps = Deps(settings=s, names=names, engine=self.engine,
                          billing=RpcClient(self.nc, names, timeout=s.request_timeout_s), relay=self.relay,
-                         max_payload=self.nc.max_payload, js=self.js)
+                         max_payload=self.nc.max_payload, js=self.js, handlers=self.handlers)
         self.results = PullLoop(self.js, names.events_stream, names.results_consumer, make_results_handler(self.deps),
                                     batch=s.results_fetch_batch, gather_s=s.results_gather_ms / 1000,
                                     name="results")
@@ -65,6 +68,7 @@ class CoordinatorService:
         await self.advisories.unsubscribe()
         await self.alive.unsubscribe()
         await self.relay.stop()
+        await self.handlers.stop()
         await bus.close(self.nc)
         await self.engine.dispose()
 

@@ -7,6 +7,7 @@ from dataclasses import dataclass
 from nats.js import JetStreamContext
 from sqlalchemy.ext.asyncio import AsyncEngine
 
+from shared.handler_offers import OfferedHandlers
 from shared.rpc import RpcClient
 from shared.settings import Settings
 from shared.subjects import Names
@@ -23,3 +24,4 @@ class Deps:
     # The broker's max payload: a job bigger than that can never be published.
     max_payload: int = 1 << 20
     js: JetStreamContext | None = None  # the recovery sweep asks what the jobs stream holds
+    handlers: OfferedHandlers | None = None  # what the executors offer (None: not known, accept all)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from shared import bus
+from shared.handler_offers import HandlerOffer
 from shared.rpc import MicroService
 from shared.runtime import run
 from shared.settings import Settings
@@ -45,6 +46,8 @@ class ExecutorService:
                                    publish_alive=lambda body: self.nc.publish(names.runs_alive, body))
         self.stops = RunStops(self.js, names, s.stream_replicas)
         await self.stops.start()
+        self.offer = HandlerOffer(self.js, names, registry.names(), s.stream_replicas)
+        await self.offer.start()
         runner = JobRunner(self.js, names, steps, self.progress, self.keepalive, max_deliver=s.executor_max_deliver,
                            stops=self.stops)
         self.worker = Worker(self.js, names, runner, concurrency=s.executor_concurrency, fetch_batch=s.executor_fetch_batch)
@@ -64,6 +67,7 @@ class ExecutorService:
         await self.deadlines.close()
         await self.keepalive.stop()
         await self.stops.stop()
+        await self.offer.stop()
         await self.breakers.stop()
         await bus.close(self.nc)
 

@@ -13,6 +13,7 @@ from shared.copy import COPY_THRESHOLD, copy_rows
 from shared.db import transaction
 from shared.messages import ServiceError
 from services.coordinator import credits, jobs, outbox, store, timeline
+from services.coordinator.commands.templates import refuse_unoffered
 from services.coordinator.context import Deps
 from services.coordinator.run_events import run_event_row
 from services.coordinator.schemas import CreateRun
@@ -50,6 +51,8 @@ async def create_run(deps: Deps, cmd: CreateRun) -> dict:
                 return await store.run_body(conn, dict(existing))
         template = await store.load_template(conn, cmd.tenant_id, cmd.template_id, include_archived=False)
         policy = await store.retry_policy(conn, cmd.tenant_id)
+    # A template made before any executor offered its handlers, or whose handler is gone.
+    refuse_unoffered(deps, [s["handler"] for s in template["steps"]])
     key = credits.initiate_key(run_id)
     files = [
         {"run_id": run_id, "idx": i, "name": f.name, "url": f.url, "content_b64": f.content_b64,

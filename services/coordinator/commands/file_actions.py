@@ -8,6 +8,7 @@ from shared.db import transaction
 from shared.messages import ServiceError
 from services.coordinator import credits, jobs, outbox, store, timeline
 from services.coordinator.commands.recover import stopped_pending_rows
+from services.coordinator.commands.templates import refuse_unoffered
 from services.coordinator.context import Deps
 from services.coordinator.run_events import run_event_row
 from services.coordinator.schemas import FileRef
@@ -53,6 +54,7 @@ async def retry_file(deps: Deps, cmd: FileRef) -> dict:
             if f["retry_attempt"] >= run["max_retry_count"]:
                 raise ServiceError("max_retry_count_exceeded", f"the file reached max_retry_count={run['max_retry_count']}")
             template = await store.load_template(conn, run["tenant_id"], run["template_id"], include_archived=True)
+            refuse_unoffered(deps, [s["handler"] for s in template["steps"]])  # before the charge
             policy = await store.retry_policy(conn, run["tenant_id"])
             key = await credits.fresh_key(deps.engine, credits.file_retry_key(run["id"], f["idx"], f["retry_attempt"] + 1))
             amount = template["credits_per_file"]

@@ -13,6 +13,7 @@ from sqlalchemy import text
 from shared.db import transaction
 from shared.messages import ServiceError
 from services.coordinator import credits, jobs, outbox, store, timeline
+from services.coordinator.commands.templates import refuse_unoffered
 from services.coordinator.context import Deps
 from services.coordinator.run_events import run_event_row
 from services.coordinator.schemas import RunRef
@@ -67,6 +68,7 @@ async def retry_failed(deps: Deps, cmd: RunRef) -> dict:
             failed, pending = check_retryable(run, files)
             # Archived templates still count: the run exists and was paid for (AC15).
             template = await store.load_template(conn, run["tenant_id"], run["template_id"], include_archived=True)
+            refuse_unoffered(deps, [s["handler"] for s in template["steps"]])  # before the charge
             policy = await store.retry_policy(conn, run["tenant_id"])
             new_round = run["round"] + 1
             key = await credits.fresh_key(deps.engine, credits.retry_key(run["id"], new_round))

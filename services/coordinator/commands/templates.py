@@ -8,13 +8,24 @@ import orjson
 from sqlalchemy import text
 
 from shared.db import transaction
+from shared.messages import ServiceError
 from services.coordinator import cursor, pages, store
 from services.coordinator.context import Deps
 from services.coordinator.schemas import CreateTemplate, ListTemplates, TemplateRef
 from services.coordinator.views import template_view
 
 
+def refuse_unoffered(deps: Deps, handlers: list[str]) -> None:
+    """A 422 naming each step whose handler no executor offers (shared/handler_offers.py):
+    refused before anything is made or charged, rather than every file ending ERROR."""
+    unknown = deps.handlers.unknown(handlers) if deps.handlers is not None else {}
+    if unknown:
+        raise ServiceError("validation_error", "a step names a handler that no executor offers",
+                           {"fields": {f"steps.{i}.handler": why for i, why in unknown.items()}})
+
+
 async def create_template(deps: Deps, cmd: CreateTemplate) -> dict:
+    refuse_unoffered(deps, [s.handler for s in cmd.steps])
     async with transaction(deps.engine) as conn:
         row = (await conn.execute(text(
             "INSERT INTO coordinator.templates (id, tenant_id, name, steps, credits_per_file, failure_policy) "

@@ -1,0 +1,106 @@
+"""Which step handlers the executors offer, so that a template naming none of them is
+refused when it is made (422), not after its run was charged and every file ended ERROR.
+
+Each executor puts its handler names into a KV bucket when it starts and again every
+``REFRESH_S``; entries live ``TTL_S``, so a handler no deployed executor has offered for a
+week is forgotten. The coordinator keeps a watched copy. While the bucket is empty (no
+executor has ever started, e.g. templates made before the first deploy) nothing can be
+judged and every handler is accepted.
+
+Keys are the names hex-encoded (KV keys allow few characters; handler names allow any).
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Iterable
+
+import structlog
+from nats.js import JetStreamContext
+from nats.js.api import KeyValueConfig, StorageType
+
+from shared.bus import follow_kv
+from shared.subjects import Names
+
+log = structlog.get_logger(__name__)
+
+TTL_S = 7 * 24 * 3600
+REFRESH_S = 12 * 3600
+
+
+async def ensure_bucket(js: JetStreamContext, names: Names, replicas: int = 1):
+    return await js.create_key_value(KeyValueConfig(bucket=names.handlers_bucket, history=1, ttl=TTL_S,
+                                                    storage=StorageType.FILE, replicas=replicas))
+
+
+class HandlerOffer:
+    """An executor's side: offer ``handler_names`` now and every REFRESH_S."""
+
+    def __init__(self, js: JetStreamContext, names: Names, handler_names: Iterable[str], replicas: int = 1) -> None:
+        self._js, self._names, self._replicas = js, names, replicas
+        self._handler_names = sorted(handler_names)
+        self._task: asyncio.Task | None = None
+
+    async def start(self) -> None:
+        kv = await ensure_bucket(self._js, self._names, self._replicas)
+        await self._put(kv)
+        self._task = asyncio.create_task(self._refresh(kv), name="handler-offer")
+
+    async def stop(self) -> None:
+        if self._task:
+            self._task.cancel()
+
+    async def _put(self, kv) -> None:
+        for name in self._handler_names:
+            await kv.put(name.encode().hex(), name.encode())
+
+    async def _refresh(self, kv) -> None:
+        while True:
+            await asyncio.sleep(REFRESH_S)
+            try:
+                await self._put(kv)
+            except Exception as exc:  # NATS away: the entries live a week; next time
+                log.warning("handler_offer.refresh_failed", error=repr(exc))
+
+
+class OfferedHandlers:
+    """The coordinator's side: a watched copy of what the executors offer."""
+
+    def __init__(self, js: JetStreamContext, names: Names, replicas: int = 1) -> None:
+        self._js, self._names, self._replicas = js, names, replicas
+        self._offered: set[str] = set()
+        self._task: asyncio.Task | None = None
+
+    async def start(self) -> None:
+        kv = await ensure_bucket(self._js, self._names, self._replicas)
+        watcher = await kv.watchall()
+        while (entry := await watcher.updates(timeout=5)) is not None:  # what is there now
+            self._apply(entry)
+        self._task = asyncio.create_task(follow_kv(watcher, self._apply, "handlers"), name="offered-handlers")
+
+    async def stop(self) -> None:
+        if self._task:
+            self._task.cancel()
+
+    def _apply(self, entry) -> None:
+        name = bytes.fromhex(entry.key).decode(errors="replace") if _is_hex(entry.key) else entry.key
+        if entry.value:
+            self._offered.add(name)
+        else:  # deleted or expired
+            self._offered.discard(name)
+
+    def unknown(self, handlers: Iterable[str]) -> dict[int, str]:
+        """{position: why} for each of ``handlers`` no executor offers (none while nothing is known)."""
+        if not self._offered:
+            return {}
+        offered = ", ".join(sorted(self._offered)[:20])
+        return {i: f"no executor offers the handler {h[:100]!r} (offered: {offered})"
+                for i, h in enumerate(handlers) if h not in self._offered}
+
+
+def _is_hex(key: str) -> bool:
+    try:
+        bytes.fromhex(key)
+        return True
+    except ValueError:
+        return False
