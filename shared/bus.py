@@ -249,6 +249,16 @@ async def close(nc: NatsClient) -> None:
     await nc.close()
 
 
+async def mirror_kv(kv, apply: Callable, name: str) -> asyncio.Task:
+    """Feed ``apply`` every entry the bucket holds now, then (in the returned task) every
+    update: a local copy that is complete before the caller goes on (a stop or an offer
+    written while this process was down counts from the start)."""
+    watcher = await kv.watchall()
+    while (entry := await watcher.updates(timeout=5)) is not None:
+        apply(entry)
+    return asyncio.create_task(follow_kv(watcher, apply, name), name=f"kv-{name}")
+
+
 async def follow_kv(watcher, apply: Callable, name: str) -> None:
     """Feed every update of a KV watcher to ``apply`` until cancelled (local caches of
     shared state: breakers, stopped runs). Survives NATS outages by retrying."""

@@ -19,7 +19,7 @@ import structlog
 from nats.js import JetStreamContext
 from nats.js.api import KeyValueConfig, StorageType
 
-from shared.bus import follow_kv
+from shared.bus import mirror_kv
 from shared.subjects import Names
 
 log = structlog.get_logger(__name__)
@@ -73,10 +73,7 @@ class OfferedHandlers:
 
     async def start(self) -> None:
         kv = await ensure_bucket(self._js, self._names, self._replicas)
-        watcher = await kv.watchall()
-        while (entry := await watcher.updates(timeout=5)) is not None:  # what is there now
-            self._apply(entry)
-        self._task = asyncio.create_task(follow_kv(watcher, self._apply, "handlers"), name="offered-handlers")
+        self._task = await mirror_kv(kv, self._apply, "handlers")
 
     async def stop(self) -> None:
         if self._task:

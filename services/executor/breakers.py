@@ -24,7 +24,7 @@ from nats.js.errors import KeyNotFoundError, KeyWrongLastSequenceError, KeyValue
 
 from shared import breaker
 from shared.breaker import Admission, BreakerState
-from shared.bus import Outgoing, follow_kv, publish_many
+from shared.bus import Outgoing, mirror_kv, publish_many
 from shared.messages import BreakerEvent
 from shared.subjects import Names
 
@@ -54,8 +54,8 @@ class BreakerBoard:
         self._kv = await self._js.create_key_value(
             KeyValueConfig(bucket=self._names.breakers_bucket, history=1, storage=StorageType.FILE, replicas=self._replicas)
         )
-        watcher = await self._kv.watchall()
-        self._watch_task = asyncio.create_task(follow_kv(watcher, self._apply, "breakers"), name="breaker-watch")
+        # Breakers already open are known before the first job.
+        self._watch_task = await mirror_kv(self._kv, self._apply, "breakers")
 
     async def stop(self) -> None:
         if self._watch_task:

@@ -8,7 +8,7 @@ import asyncio
 import structlog
 from nats.js import JetStreamContext
 
-from shared.bus import follow_kv
+from shared.bus import mirror_kv
 from shared.subjects import Names
 from services.coordinator.run_stops import ensure_bucket
 
@@ -23,14 +23,8 @@ class RunStops:
 
     async def start(self) -> None:
         kv = await ensure_bucket(self._js, self._names, self._replicas)
-        watcher = await kv.watchall()
         # Read what is there before taking jobs: a stop written while we were down counts.
-        while True:
-            entry = await watcher.updates(timeout=5)
-            if entry is None:
-                break
-            self._apply(entry)
-        self._task = asyncio.create_task(follow_kv(watcher, self._apply, "run-stops"), name="run-stops")
+        self._task = await mirror_kv(kv, self._apply, "run-stops")
 
     async def stop(self) -> None:
         if self._task:
