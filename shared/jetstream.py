@@ -24,6 +24,7 @@ from collections import deque
 import orjson
 from nats.aio.client import Client as NatsClient
 from nats.aio.msg import Msg
+from nats.errors import MaxPayloadError
 from nats.js.errors import APIError, NoStreamResponseError
 
 _STATUS = "Status"
@@ -60,7 +61,15 @@ class AckedPublisher:
         self._sweeper = asyncio.create_task(self._sweep(), name="pubacks-sweep")
 
     async def publish(self, subject: str, data: bytes, headers: dict[str, str] | None) -> asyncio.Future:
-        """Send the message; the returned future holds the stream sequence or an error."""
+        """Send the message; the returned future holds the stream sequence or an error.
+
+        A message the server would refuse for its size (headers and body together, while
+        nats-py checks only the body) raises ``MaxPayloadError`` here: sent, it would make
+        the server close the connection, and nats-py would not reconnect."""
+        size = len(data) + (sum(len(k) + len(v) + 4 for k, v in headers.items()) + 12 if headers else 0)
+        if size > self._nc.max_payload:
+            raise MaxPayloadError(f"a message of {size} bytes with its headers is over the server's max payload "
+                                  f"({self._nc.max_payload})")
         if self._started is None:
             self._started = asyncio.ensure_future(self._start())
         if not self._started.done():
@@ -97,14 +106,28 @@ class AckedPublisher:
             return
         try:
             reply = orjson.loads(msg.data)
-        except orjson.JSONDecodeError as exc:
+            error = reply.get("error")
+        except (orjson.JSONDecodeError, AttributeError) as exc:
             future.set_exception(PublishError(f"unreadable PubAck: {exc}"))
             return
-        error = reply.get("error")
         if error:
-            future.set_exception(APIError.from_error(error))
+            # The stream refused it (too large a header, storage full…). Every path resolves
+            # the future: it left the pending list above, so the sweep would never time it out.
+            future.set_exception(_refusal(error))
         else:
             future.set_result(reply.get("seq"))
+
+
+def _refusal(error: object) -> Exception:
+    """nats-py's APIError for a JetStream error reply (its ``from_error`` raises it rather
+    than returning it), or a PublishError for a reply shaped unlike the API's."""
+    try:
+        APIError.from_error(error)  # type: ignore[arg-type]
+    except APIError as exc:
+        return exc
+    except Exception:
+        pass
+    return PublishError(f"JetStream refused the message: {str(error)[:300]}")
 
 
 class PullError(Exception):

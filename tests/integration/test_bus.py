@@ -97,6 +97,32 @@ async def test_a_publish_nothing_stores_is_an_error_not_a_hang(client):
         await bus.publish_many(client.js, [bus.Outgoing(f"{client.settings.prefix}.nowhere", b"{}", "x")])
 
 
+async def test_a_publish_the_stream_refuses_is_an_error_not_a_hang(client):
+    """A PubAck carrying an error (here: headers over the server's 64 KB) left its publish
+    waiting for ever: nats-py's APIError.from_error raises instead of returning."""
+    from nats.js.errors import APIError
+
+    js, names = client.js, client.names
+    await bus.ensure_streams(js, client.settings)
+    with pytest.raises(APIError):
+        await asyncio.wait_for(bus.publish_many(js, [bus.Outgoing(names.job("t"), b"{}", "k" * 70_000)]), 5)
+    await bus.publish_many(js, [bus.Outgoing(names.job("t"), b"{}", "after")])  # the connection is fine
+
+
+async def test_a_message_over_the_max_payload_with_its_headers_is_refused_before_it_is_sent(client):
+    """The server counts headers and body together, nats-py only the body: sent, the
+    message made the server close the connection, for good."""
+    from nats.errors import MaxPayloadError
+
+    js, names = client.js, client.names
+    await bus.ensure_streams(js, client.settings)
+    body = b"x" * (client.nc.max_payload - 100)
+    with pytest.raises(MaxPayloadError):
+        await bus.publish_many(js, [bus.Outgoing(names.job("t"), body, "i" * 200)])
+    await bus.publish_many(js, [bus.Outgoing(names.job("t"), b"{}", "still-connected")])
+    assert client.nc.is_connected
+
+
 async def test_the_notifier_consumer_receives_only_what_notifies_where_the_server_allows(client):
     js, names = client.js, client.names
     await bus.ensure_streams(js, client.settings)
