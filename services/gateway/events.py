@@ -1,13 +1,15 @@
 """Live events for browsers (Server-Sent Events).
 
 One core NATS subscription per process on ``<prefix>.events.>``, fanned out to connected
-clients through bounded queues. Each event is looked at once, whatever the number of
-clients: its tenant comes from the ``Redrive-Tenant`` header when the publisher set one
-(no JSON parse), else from the body's ``tenant_id``; events without a tenant (breakers)
-go to everyone. A slow client loses events rather than slowing anyone else: it can re-read
-the state from the API. A client that takes nothing for ``write_timeout_s`` (it stopped
-reading but keeps the connection open) is disconnected, so it holds no handler, queue or
-subscription forever.
+clients through bounded queues. Each event is parsed once, whatever the number of
+clients, and goes to the clients of exactly one tenant: its body's ``tenant_id`` (the
+coordinator trusts the body, so the body is the truth). An event whose body is not a JSON
+object, has no usable ``tenant_id`` (missing, null, not a non-empty string), or whose
+``Redrive-Tenant`` header names another tenant than its body is dropped with a warning
+(subject and tenants only, never the body), never sent to anyone. A slow client loses
+events rather than slowing anyone else: it can re-read the state from the API. A client
+that takes nothing for ``write_timeout_s`` (it stopped reading but keeps the connection
+open) is disconnected, so it holds no handler, queue or subscription forever.
 
 The subscription exists only while someone listens, so an idle gateway does not receive
 the (high-volume) file events at all.
@@ -82,24 +84,33 @@ class EventHub:
                 del self._by_tenant[tenant_id]
 
     def dispatch(self, subject: str, data: bytes, headers: Mapping[str, str] | None) -> None:
-        """Queue one event for the clients that may see it (called once per event)."""
+        """Queue one event for its tenant's clients (called once per event)."""
         if not self._by_tenant:
             return
-        tenant = headers.get(TENANT_HEADER) if headers else None
-        if tenant is None:
-            try:
-                body = orjson.loads(data)
-            except orjson.JSONDecodeError:
-                return
-            tenant = body.get("tenant_id") if isinstance(body, dict) else None
+        try:
+            body = orjson.loads(data)
+        except orjson.JSONDecodeError:
+            log.warning("events.dropped", reason="not_json", subject=_cut(subject))
+            return
+        if not isinstance(body, dict):
+            log.warning("events.dropped", reason="not_an_object", subject=_cut(subject))
+            return
+        tenant = body.get("tenant_id")
+        if not isinstance(tenant, str) or not tenant:
+            log.warning("events.dropped", reason="no_tenant", subject=_cut(subject))
+            return
+        header = headers.get(TENANT_HEADER) if headers else None
+        if header is not None and header != tenant:
+            log.warning("events.dropped", reason="tenant_mismatch", subject=_cut(subject),
+                        tenant=_cut(tenant), header_tenant=_cut(str(header)))
+            return
+        targets = self._by_tenant.get(tenant)
+        if not targets:
+            return
         if b"\n" in data or b"\r" in data:  # an SSE data field is one line: re-encode compactly
-            try:
-                data = orjson.dumps(orjson.loads(data))
-            except orjson.JSONDecodeError:
-                return
+            data = orjson.dumps(body)
         kind = subject[len(self._events_prefix):] if subject.startswith(self._events_prefix) else subject
         frame = b"event: " + kind.encode() + b"\ndata: " + data + b"\n\n"
-        targets = self._by_tenant.get(tenant, ()) if tenant is not None else _every(self._by_tenant)
         for queue in targets:
             try:
                 queue.put_nowait(frame)
@@ -162,9 +173,9 @@ class EventHub:
         return response
 
 
-def _every(by_tenant: dict[str, set[asyncio.Queue]]):
-    for queues in by_tenant.values():
-        yield from queues
+def _cut(text: str, limit: int = 100) -> str:
+    """A value from the wire, short enough for a log line."""
+    return text[:limit]
 
 
 def _drain(queue: asyncio.Queue) -> None:

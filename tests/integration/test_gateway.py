@@ -381,7 +381,7 @@ async def _sse(http, key: str, out: list, connected: asyncio.Event, until: str) 
                     return
 
 
-async def test_live_events_reach_their_own_tenant_and_breakers_reach_everyone(gw):
+async def test_live_events_and_breakers_reach_their_own_tenant_only(gw):
     http, keys, nc, names = gw["http"], gw["keys"], gw["nc"], gw["names"]
     mine, theirs = [], []
     ready = [asyncio.Event(), asyncio.Event()]
@@ -391,8 +391,11 @@ async def test_live_events_reach_their_own_tenant_and_breakers_reach_everyone(gw
     publish = [
         (names.run_event("completed"), {"tenant_id": gw["acme"], "run_id": "r-acme"}, None),
         (names.run_event("completed"), {"tenant_id": gw["other"], "run_id": "r-other"}, None),
-        (names.file_event("retrying"), {"run_id": "r-acme", "attempt": 2}, {"Redrive-Tenant": gw["acme"]}),
-        (names.breaker_event("open"), {"dependency": "ocr", "state": "open"}, None),
+        (names.file_event("retrying"), {"tenant_id": gw["acme"], "run_id": "r-acme", "attempt": 2},
+         {"Redrive-Tenant": gw["acme"]}),
+        # Breakers are per tenant and dependency: each tenant hears of its own.
+        (names.breaker_event("open"), {"tenant_id": gw["acme"], "dependency": "ocr", "state": "open"}, None),
+        (names.breaker_event("open"), {"tenant_id": gw["other"], "dependency": "pdf", "state": "open"}, None),
     ]
     for subject, body, headers in publish:
         await nc.publish(subject, json.dumps(body).encode(), headers=headers)
@@ -401,7 +404,7 @@ async def test_live_events_reach_their_own_tenant_and_breakers_reach_everyone(gw
     assert [(k, e.get("run_id") or e.get("dependency")) for k, e in mine] == [
         ("run.completed", "r-acme"), ("file.retrying", "r-acme"), ("breaker.open", "ocr")]
     assert [(k, e.get("run_id") or e.get("dependency")) for k, e in theirs] == [
-        ("run.completed", "r-other"), ("breaker.open", "ocr")]
+        ("run.completed", "r-other"), ("breaker.open", "pdf")]
 
 
 async def test_events_need_a_key(gw):

@@ -390,14 +390,16 @@ async def test_an_sse_client_that_never_reads_holds_nobody_up_and_is_dropped(gw,
     for i in range(400):  # 20 MB: far more than the socket buffers of the client that never reads
         await nc.publish(names.run_event("started"), json.dumps({"tenant_id": gw["acme"], "i": i, "pad": pad}).encode(),
                          headers={"Redrive-Tenant": gw["acme"]})
-    await nc.publish(names.breaker_event("open"), b'{"dependency": "ocr", "state": "open"}')
+    await nc.publish(names.breaker_event("open"), json.dumps({"tenant_id": gw["acme"], "dependency": "ocr",
+                                                              "state": "open"}).encode())
     await nc.flush()
     await asyncio.wait_for(reader, 15)  # the reading client got everything, the marker last
     assert len(out) == 401 and out[-1][0] == "breaker.open"
     started = time.monotonic()
     assert (await http.get("/healthz")).status == 200 and time.monotonic() - started < 1.0
     # The reader has left: an idle stream notices at its next write (an event or the keepalive).
-    await nc.publish(names.breaker_event("closed"), b'{"dependency": "ocr", "state": "closed"}')
+    await nc.publish(names.breaker_event("closed"), json.dumps({"tenant_id": gw["acme"], "dependency": "ocr",
+                                                                "state": "closed"}).encode())
     await wait_until(lambda: hub.clients == 0, timeout=10)  # and the stuck client was let go
     assert hub._sub is None
     stuck.transport.abort()

@@ -14,23 +14,16 @@ def _frames(queue):
     return out
 
 
-def test_an_event_goes_to_its_tenant_and_a_tenantless_one_to_everyone():
+def test_an_event_goes_to_the_tenant_its_body_names_and_nowhere_else():
     names = Names("p1")
     hub = EventHub(nc=None, names=names)
     a, b = hub.register("acme"), hub.register("other")
     hub.dispatch(names.run_event("completed"), json.dumps({"tenant_id": "acme", "run_id": "r"}).encode(), None)
-    hub.dispatch(names.breaker_event("open"), b'{"dependency": "ocr"}', None)
-    assert _frames(a) == [b'event: run.completed\ndata: {"tenant_id": "acme", "run_id": "r"}\n\n',
-                          b'event: breaker.open\ndata: {"dependency": "ocr"}\n\n']
-    assert _frames(b) == [b'event: breaker.open\ndata: {"dependency": "ocr"}\n\n']
-
-
-def test_the_tenant_header_spares_the_json_parse():
-    names = Names("p1")
-    hub = EventHub(nc=None, names=names)
-    a = hub.register("acme")
-    hub.dispatch(names.file_event("retrying"), b"not json at all", {"Redrive-Tenant": "acme"})
-    assert _frames(a) == [b"event: file.retrying\ndata: not json at all\n\n"]
+    hub.dispatch(names.breaker_event("open"), b'{"tenant_id": "other", "dependency": "ocr"}', None)
+    hub.dispatch(names.breaker_event("open"), b'{"dependency": "ocr"}', None)  # nobody's: it went to everyone
+    hub.dispatch(names.file_event("retrying"), b"not json at all", {"Redrive-Tenant": "acme"})  # was sent as is
+    assert _frames(a) == [b'event: run.completed\ndata: {"tenant_id": "acme", "run_id": "r"}\n\n']
+    assert _frames(b) == [b'event: breaker.open\ndata: {"tenant_id": "other", "dependency": "ocr"}\n\n']
 
 
 def test_a_multi_line_body_is_sent_as_one_data_line():
