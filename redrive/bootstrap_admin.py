@@ -6,17 +6,33 @@ from __future__ import annotations
 
 import asyncio
 import os
+import unicodedata
 
 from shared.db import make_engine
 from shared.settings import Settings
 
 PLATFORM_TENANT = "platform"
+MAX_TENANT_NAME = 200  # characters
+
+
+def tenant_name_problem(name: str) -> str | None:
+    """Why ``name`` cannot name a tenant, or None: it is shown in listings and logs, one line each."""
+    if not name.strip():
+        return "the tenant name must not be empty"
+    if len(name) > MAX_TENANT_NAME:
+        return f"the tenant name is {len(name)} characters long: at most {MAX_TENANT_NAME}"
+    for i, ch in enumerate(name):
+        if unicodedata.category(ch) == "Cc" or ch in "\u2028\u2029":
+            return f"the tenant name must not contain control characters (U+{ord(ch):04X} at position {i + 1})"
+    return None
 
 
 async def create_tenant(settings: Settings, name: str, monthly: int = 0, purchased: int = 0, tenant_id: str | None = None) -> str:
     from services.billing.admin import open_account_direct
     from services.gateway.identity import create_tenant as gateway_create_tenant
 
+    if (problem := tenant_name_problem(name)) is not None:
+        raise ValueError(problem)
     engine = make_engine(settings, pool_size=1)
     try:
         tenant_id = await gateway_create_tenant(engine, name, tenant_id=tenant_id)

@@ -141,10 +141,10 @@ def tenant_create(
     as_json: bool = JsonOut,
 ) -> None:
     """Create a tenant with a billing account; prints its id."""
-    from redrive.bootstrap_admin import create_tenant
+    from redrive.bootstrap_admin import create_tenant, tenant_name_problem
 
-    if not name.strip():
-        _fail("the tenant name must not be empty", code=2)
+    if (problem := tenant_name_problem(name)) is not None:
+        _fail(problem, code=2)
     settings = _settings(data_dir)
     require(settings, database=True)
     tenant_id = asyncio.run(create_tenant(settings, name, monthly_credits, purchased_credits))

@@ -25,8 +25,17 @@ def default_data_dir() -> Path:
     return Path(platformdirs.user_data_dir("redrive"))
 
 
+_MINUTE, _HOUR, _DAY = 60, 3600, 86400
+_WEEK = 7 * _DAY
+_LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "WARN", "ERROR", "CRITICAL", "FATAL", "NOTSET")
+
+
 class Settings(BaseSettings):
-    model_config = SettingsConfigDict(env_prefix="REDRIVE_", extra="ignore", populate_by_name=True)
+    # Every number has finite bounds (allow_inf_nan=False refuses inf and nan): each ends up
+    # in an asyncio timer, a PostgreSQL make_interval or a NATS nanosecond duration, where
+    # inf or 1e308 is a crash or a query that fails at every pass, long after the start.
+    model_config = SettingsConfigDict(env_prefix="REDRIVE_", extra="ignore", populate_by_name=True,
+                                      allow_inf_nan=False)
 
     nats_url: str | None = Field(default=None, validation_alias=AliasChoices("NATS_URL", "REDRIVE_NATS_URL"))
     database_url: str | None = Field(
@@ -39,55 +48,65 @@ class Settings(BaseSettings):
     prefix: str = "redrive"
     stream_replicas: int = Field(default=1, ge=1, le=5)
     # JetStream dedupe window for job ids (messaging.md: at least 10 minutes).
-    duplicate_window_s: int = Field(default=1200, ge=600)
+    duplicate_window_s: int = Field(default=1200, ge=600, le=_DAY)
 
     # Executor consumer (created or updated at start; see shared/bus.py).
-    executor_ack_wait_s: float = Field(default=30.0, gt=0)
-    executor_max_deliver: int = Field(default=20, ge=2)
+    # At most 12 h: every redelivery backoff value lies between the ack wait and a day.
+    # At least 0.5 s: in-progress acks go every ack wait / 3, but no oftener than 0.2 s.
+    executor_ack_wait_s: float = Field(default=30.0, ge=0.5, le=12 * _HOUR)
+    executor_max_deliver: int = Field(default=20, ge=2, le=10_000)
     # Redelivery backoff of the executor consumer (JetStream BackOff): how long the Nth
     # unacknowledged delivery waits before it is sent again, e.g. [30, 60, 300] (as JSON in
     # REDRIVE_EXECUTOR_REDELIVERY_BACKOFF_S=30,60,300); the last value repeats. Empty: the
     # ack wait each time. Only crashes and lost acks wait it: retries and breaker deferrals
     # nak with their own delays.
     executor_redelivery_backoff_s: Annotated[list[float], NoDecode] = Field(default_factory=list, max_length=100)
-    executor_concurrency: int = Field(default=256, ge=1)
-    executor_fetch_batch: int = Field(default=256, ge=1)
+    executor_concurrency: int = Field(default=256, ge=1, le=10_000)
+    executor_fetch_batch: int = Field(default=256, ge=1, le=10_000)
     # In-progress acks for long steps; off only to reproduce late acks in chaos tests.
     executor_keepalive: bool = True
     handlers: str = ""  # REDRIVE_HANDLERS: comma-separated modules that register handlers
 
     # Coordinator.
-    results_fetch_batch: int = Field(default=1000, ge=1)
+    results_fetch_batch: int = Field(default=1000, ge=1, le=10_000)
     # A results batch smaller than that waits this long for more before it is applied:
     # a batch costs one transaction whatever its size.
     results_gather_ms: int = Field(default=20, ge=0, le=1000)
-    outbox_batch: int = Field(default=2000, ge=1)
-    recovery_interval_s: float = Field(default=15.0, gt=0)
+    outbox_batch: int = Field(default=2000, ge=1, le=100_000)
+    recovery_interval_s: float = Field(default=15.0, ge=0.1, le=_WEEK)
     # A PENDING file whose job showed no progress for this long is considered stuck.
-    recovery_lease_s: float = Field(default=120.0, gt=0)
-    recovery_max_failures: int = Field(default=3, ge=1)
+    recovery_lease_s: float = Field(default=120.0, ge=0.5, le=_WEEK)
+    recovery_max_failures: int = Field(default=3, ge=1, le=10_000)
     # A credit intent still pending after this long was abandoned by a crash: compensate it.
-    credit_intent_timeout_s: float = Field(default=60.0, gt=0)
-    max_files_per_run: int = Field(default=100_000, ge=1)
+    credit_intent_timeout_s: float = Field(default=60.0, ge=0.5, le=_WEEK)
+    max_files_per_run: int = Field(default=100_000, ge=1, le=1_000_000)
 
     # Notifier.
-    webhook_timeout_s: float = Field(default=10.0, gt=0)
-    webhook_max_attempts: int = Field(default=8, ge=1)
+    webhook_timeout_s: float = Field(default=10.0, ge=0.5, le=5 * _MINUTE)
+    webhook_max_attempts: int = Field(default=8, ge=1, le=1000)
     # Webhooks go to public addresses only (no 127.0.0.1, 10.x, 169.254.169.254…) unless
     # this is set: a single-tenant install posting inside its own network.
     webhook_allow_private: bool = False
     # How long a tenant's notifications, and its webhook deliveries once ended (delivered,
     # or failed for good), are kept (services/notifier/retention.py).
-    notification_retention_days: float = Field(default=90, gt=0, le=36_500)
-    webhook_delivery_retention_days: float = Field(default=30, gt=0, le=36_500)
+    notification_retention_days: float = Field(default=90, ge=0.01, le=36_500)
+    webhook_delivery_retention_days: float = Field(default=30, ge=0.01, le=36_500)
 
     # Gateway.
     host: str = "127.0.0.1"
     port: int = Field(default=8080, ge=0, le=65535)
-    request_timeout_s: float = Field(default=15.0, gt=0)
+    request_timeout_s: float = Field(default=15.0, ge=0.5, le=10 * _MINUTE)
 
     log_level: str = "INFO"
     log_json: bool = False
+
+    @field_validator("log_level")
+    @classmethod
+    def _log_level_is_a_level(cls, v: str) -> str:
+        level = v.strip().upper()
+        if level not in _LOG_LEVELS:
+            raise ValueError(f"expected one of {', '.join(_LOG_LEVELS)} (any case)")
+        return level
 
     @field_validator("prefix")
     @classmethod

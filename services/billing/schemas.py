@@ -7,7 +7,7 @@ from shared.messages import Credits  # amounts are PostgreSQL bigints: larger is
 
 class _Cmd(BaseModel):
     model_config = ConfigDict(extra="ignore")
-    tenant_id: str = Field(min_length=1)
+    tenant_id: str = Field(min_length=1, max_length=64)  # as the coordinator's Caller
 
 
 class OpenAccount(_Cmd):
