@@ -21,6 +21,12 @@ def utcnow() -> datetime:
 # consumes the message. Refused here, where it is a clear validation error that terminates
 # the one message, rather than there, where it would fail the whole batch's transaction.
 Count = Annotated[int, Field(ge=0, le=2**31 - 1)]
+# Ids on the wire. Ours are short (a run id is at most 64 characters, a job id under 100);
+# a longer one is a broken or forged message, refused where it is read: a 1 MB job id made
+# the executor's event (id in body and header) too large for the server, which then closed
+# the executor's connection for good.
+Id = Annotated[str, Field(min_length=1, max_length=200)]
+TenantId = Annotated[str, Field(min_length=1, max_length=64)]
 # An amount of credits: PostgreSQL ``bigint`` wherever it is stored (a run of 3,000 files at
 # 1,000,000 credits each costs more than an ``integer`` holds).
 Credits = Annotated[int, Field(ge=0, le=2**63 - 1)]
@@ -75,10 +81,10 @@ class RetryPolicy(BaseModel):
 
 
 class Job(Message):
-    job_id: str
-    run_id: str
-    tenant_id: str
-    template_id: str
+    job_id: Id
+    run_id: Id
+    tenant_id: TenantId
+    template_id: Id
     mode: Literal["per_file", "batch"] = "per_file"
     round: Count
     file_index: Count | None = None  # per_file mode
@@ -90,7 +96,7 @@ class Job(Message):
     files: list[FileSpec] = Field(default_factory=list)
     steps: list[StepSpec] = Field(min_length=1)
     retry: RetryPolicy = Field(default_factory=RetryPolicy)
-    idempotency_key: str
+    idempotency_key: Id
     # The run's generation when the job was published: a run stopped at generation g
     # (fail_fast, cancel) skips its jobs of generation <= g; resuming raises it.
     generation: int = 0
@@ -111,6 +117,11 @@ class Job(Message):
         for f in carried:
             if f.start_step > len(self.steps):  # == len: restored after its last step, nothing left to run
                 raise ValueError(f"file {f.index} starts at step {f.start_step} of {len(self.steps)}")
+        # Its events are deduped by ids built from the job id: one that names another run,
+        # file or round would take the place of that job's real results.
+        expected = job_id_for(self.run_id, carried[0].index if self.mode == "per_file" else None, self.round)
+        if self.job_id != expected:
+            raise ValueError(f"job_id is not this job's ({expected[:200]}): it names another run, file or round")
         return self
 
     @property
@@ -144,9 +155,9 @@ class ErrorInfo(BaseModel):
 
 class FileEvent(Message):
     kind: FileEventKind
-    job_id: str
-    run_id: str
-    tenant_id: str
+    job_id: Id
+    run_id: Id
+    tenant_id: TenantId
     file_index: Count
     round: Count
     attempt: Count
@@ -177,8 +188,8 @@ class FileEvent(Message):
 
 class RunEvent(Message):
     kind: str
-    run_id: str
-    tenant_id: str
+    run_id: Id
+    tenant_id: TenantId
     round: Count
     status: str
     counts: dict[str, int] = Field(default_factory=dict)

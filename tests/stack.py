@@ -108,3 +108,16 @@ async def expect_error(code: str, coro) -> ServiceError:
         assert exc.code == code, f"expected {code}, got {exc.code}: {exc.message}"
         return exc
     raise AssertionError(f"expected ServiceError {code}")
+
+
+async def drained(stack: "Stack", stream: str, consumer: str, timeout: float = 10):
+    """Wait until the consumer has nothing pending and nothing unacked (every message acked
+    or terminated); returns its info."""
+    deadline = time.monotonic() + timeout
+    while True:
+        info = await stack.js.consumer_info(stream, consumer)
+        if info.num_pending == 0 and info.num_ack_pending == 0:
+            return info
+        if time.monotonic() > deadline:
+            raise AssertionError(f"{consumer}: {info.num_pending} pending, {info.num_ack_pending} unacked")
+        await asyncio.sleep(0.05)

@@ -28,7 +28,7 @@ import structlog
 from sqlalchemy import text
 from sqlalchemy.ext.asyncio import AsyncConnection
 
-from shared.messages import FileEvent
+from shared.messages import FileEvent, job_id_for
 from shared.subjects import Names
 from services.coordinator import outbox, timeline
 from services.coordinator.run_events import run_event_row
@@ -162,33 +162,51 @@ def _without_nul(value: Any) -> Any:
     return value
 
 
+def _may_apply(event: FileEvent, runs: dict[str, dict], files: dict[tuple[str, int], _FileState]) -> bool:
+    """Whether ``event`` is about a file of a run we have, in that file's current round,
+    from that run's tenant, under the job id of that run, file and round."""
+    run = runs.get(event.run_id)
+    f = files.get((event.run_id, event.file_index))
+    if run is None or f is None:
+        log.warning("results.unknown_file", run_id=event.run_id[:100], file_index=event.file_index)
+        return False
+    if event.tenant_id != run["tenant_id"]:
+        log.error("results.tenant_mismatch", msg_id=event.msg_id[:300], run_id=event.run_id, claimed=event.tenant_id)
+        return False
+    if event.job_id not in (job_id_for(event.run_id, event.file_index, event.round),
+                            job_id_for(event.run_id, None, event.round)):
+        log.error("results.foreign_job_id", msg_id=event.msg_id[:300], run_id=event.run_id, job_id=event.job_id)
+        return False
+    return f.round == event.round  # another round's event is late: ignored
+
+
 async def apply_events(conn: AsyncConnection, names: Names, events: list[FileEvent]) -> list[dict]:
     """Apply ``events`` in one transaction; returns the outbox rows it wrote (for counting)."""
-    if not events:
-        return []
-    fresh = set((await conn.execute(_NEW_IN_INBOX, {"ids": [e.msg_id for e in events]})).scalars())
-    events = [e for e in events if e.msg_id in fresh]
     if not events:
         return []
     runs = {r["id"]: dict(r) for r in (await conn.execute(_LOCK_RUNS, {"ids": sorted({e.run_id for e in events})})).mappings()}
     keys = sorted({(e.run_id, e.file_index) for e in events if e.run_id in runs})
     if not keys:
+        log.warning("results.unknown_runs", events=len(events), run_ids=sorted({e.run_id[:100] for e in events})[:10])
         return []
     rows = await conn.execute(_LOAD_FILES, {"run_ids": [k[0] for k in keys], "idxs": [k[1] for k in keys]})
     # Positional rows: cheaper than looking every column up by name, once per event.
     files = {(r[0], r[1]): _FileState(*r) for r in rows}
+    # What can never apply is set aside before the inbox sees it: recorded, a forged or
+    # garbled event would take the message id of the real one, which would then be dropped
+    # as a repeat.
+    events = [e for e in events if _may_apply(e, runs, files)]
+    fresh = set((await conn.execute(_NEW_IN_INBOX, {"ids": [e.msg_id for e in events]})).scalars()) if events else set()
+    events = [e for e in events if e.msg_id in fresh]
 
     deltas: dict[str, _RunDelta] = {}
     waiting: dict[str, int] = {}  # run → the longest deferral announced
     log_entries: list[dict] = []
     for event in events:
-        f = files.get((event.run_id, event.file_index))
-        if f is None or f.round != event.round or f.status != "PENDING":
+        f = files[(event.run_id, event.file_index)]
+        if f.status != "PENDING":
             continue
         tenant_id = runs[event.run_id]["tenant_id"]
-        if event.tenant_id != tenant_id:
-            log.error("results.tenant_mismatch", msg_id=event.msg_id, run_id=event.run_id, claimed=event.tenant_id[:100])
-            continue
         if event.kind == "deferred":  # not progress: the run waits for an open breaker
             waiting[event.run_id] = max(waiting.get(event.run_id, 0), event.next_delay_ms or 0)
             log_entries.append(timeline.entry(

@@ -23,7 +23,7 @@ from pydantic import ValidationError
 
 from shared import tracing
 from shared.bus import Outgoing, publish_many
-from shared.messages import ErrorInfo, FileEvent, FileSpec, Job
+from shared.messages import ErrorInfo, FileEvent, FileSpec, Job, job_id_for
 from shared.subjects import Names
 from services.executor.isolation import IsolationGate
 from services.executor.keepalive import KeepAlive
@@ -267,9 +267,13 @@ class JobRunner:
             raw = orjson.loads(msg.data)
             indexes = named_files(raw)
             error = ErrorInfo.model_validate({"class": "InvalidJob", "message": cause, "transient": False})
-            events = [FileEvent(kind="errored", job_id=str(raw["job_id"]), run_id=str(raw["run_id"]),
-                                tenant_id=str(raw["tenant_id"]), file_index=index, round=raw.get("round", 0), attempt=1,
-                                step=raw.get("start_step", 0), error=error) for index in indexes]
+            round_ = raw.get("round", 0)
+            # Under the file's own job id, whatever the message claimed: the coordinator takes
+            # events only under the job id of their run, file and round.
+            events = [FileEvent(kind="errored", job_id=job_id_for(str(raw["run_id"]), index, round_),
+                                run_id=str(raw["run_id"]), tenant_id=str(raw["tenant_id"]), file_index=index,
+                                round=round_, attempt=1, step=raw.get("start_step", 0), error=error)
+                      for index in indexes]
         except Exception:  # not JSON, not an object, no run, an index out of range…: nobody to tell
             events = []
         if events:

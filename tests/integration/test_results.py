@@ -12,7 +12,7 @@ import pytest
 
 from shared import bus
 from shared.messages import FileEvent, job_id_for
-from tests.stack import Stack
+from tests.stack import Stack, drained
 
 
 @pytest.fixture(scope="module")
@@ -41,6 +41,30 @@ async def test_every_step_output_is_kept_when_a_files_events_arrive_in_one_batch
     finally:
         await conn.close()
     assert orjson.loads(outputs) == {"0": {"step": 0}, "1": {"step": 1}, "2": {"step": 2}}
+
+
+async def test_an_event_that_can_never_apply_does_not_take_the_real_ones_message_id(stack):
+    """The inbox recorded every event's id before the tenant and job checks: a garbled or
+    forged event carrying the id of a file's real result made that result a "repeat"."""
+    tenant, stranger = await stack.tenant(monthly=100), await stack.tenant(monthly=100)
+    template = await stack.template(tenant, [{"name": "s", "handler": "noop"}])
+    run = await stack.submit(tenant, template, 2)
+    real = [FileEvent(kind="succeeded", job_id=job_id_for(run["id"], i, 0), run_id=run["id"], tenant_id=tenant,
+                      file_index=i, round=0, attempt=1, step=0, output={"ok": i}) for i in range(2)]
+    never = [
+        real[0].model_copy(update={"tenant_id": stranger, "output": {"forged": True}}),  # another tenant's claim
+        # Another file's job id under file 1 (same message id as file 0's real result).
+        real[1].model_copy(update={"job_id": real[0].job_id, "kind": "errored"}),
+    ]
+    assert never[0].msg_id == real[0].msg_id and never[1].job_id == real[0].job_id
+    await bus.publish_many(stack.js, [bus.Outgoing(stack.names.file_event(e.kind), e.to_bytes(), f"never-{i}")
+                                      for i, e in enumerate(never)])
+    await drained(stack, stack.names.events_stream, stack.names.results_consumer)  # applied (or not) before
+    await bus.publish_many(stack.js, [bus.Outgoing(stack.names.file_event(e.kind), e.to_bytes(), e.msg_id)
+                                      for e in real])
+    done = await stack.wait_run(tenant, run["id"])
+    assert (done["status"], done["counts"]["succeeded"]) == ("COMPLETED", 2)
+    assert [f["output"] for f in done["files"]] == [{"ok": 0}, {"ok": 1}]
 
 
 async def _inbox_ids(stack, prefix: str) -> list[str]:
