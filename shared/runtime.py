@@ -58,10 +58,36 @@ async def serve(name: str, build: Callable[[Settings], Awaitable[Service]], sett
     starting.result()  # a failed start fails the process
     settle_gc()
     log.info("service.started", service=name)
-    await stop_requested.wait()
+    if not await _stop_requested_or_connection_lost(stop_requested, service):
+        # nats-py gave the connection up (the server closed it on a protocol error): the
+        # process would stay up doing nothing. Exit, so that its supervisor starts it again.
+        log.error("service.nats_connection_lost", service=name)
+        try:
+            await asyncio.wait_for(service.stop(), LOST_STOP_TIMEOUT_S)
+        except Exception as exc:
+            log.warning("service.stop_failed", service=name, error=repr(exc))
+        raise SystemExit(1)
     log.info("service.stopping", service=name)
     await service.stop()
     log.info("service.stopped", service=name)
+
+
+LOST_STOP_TIMEOUT_S = 10.0
+LOST_CHECK_S = 1.0
+
+
+async def _stop_requested_or_connection_lost(stop_requested: asyncio.Event, service: Service) -> bool:
+    """True once a stop is requested; False if the service's NATS client closed for good
+    meanwhile (it reconnects forever by itself: closed means it will not)."""
+    while not stop_requested.is_set():
+        nc = getattr(service, "nc", None)
+        if nc is not None and nc.is_closed:
+            return False
+        try:
+            await asyncio.wait_for(stop_requested.wait(), LOST_CHECK_S)
+        except asyncio.TimeoutError:
+            pass
+    return True
 
 
 def run(name: str, build: Callable[[Settings], Awaitable[Service]], settings: Settings) -> None:
