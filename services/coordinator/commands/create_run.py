@@ -45,8 +45,12 @@ async def create_run(deps: Deps, cmd: CreateRun) -> dict:
     trace_id = tracing.current.get()
     async with deps.engine.connect() as conn:
         if cmd.run_id:  # the gateway derives it from an Idempotency-Key: a repeat finds its run
-            existing = (await conn.execute(text("SELECT * FROM coordinator.runs WHERE id = :id AND tenant_id = :t"),
-                                           {"id": run_id, "t": cmd.tenant_id})).mappings().first()
+            existing = (await conn.execute(text("SELECT * FROM coordinator.runs WHERE id = :id"),
+                                           {"id": run_id})).mappings().first()
+            if existing is not None and existing["tenant_id"] != cmd.tenant_id:
+                # Refused before any charge: the insert would fail after it, and the refund
+                # would be looked up under the other run's (already settled) charge key.
+                raise ServiceError("conflict", "this run id is taken; choose another")
             if existing is not None:
                 return await store.run_body(conn, dict(existing))
         template = await store.load_template(conn, cmd.tenant_id, cmd.template_id, include_archived=False)

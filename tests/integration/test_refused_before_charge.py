@@ -1,5 +1,6 @@
-"""Templates and runs naming a handler that no executor offers are refused before anything
-is made or charged (shared/handler_offers.py), and accepted while nothing is known."""
+"""Requests refused before anything is made or charged: templates and runs naming a handler
+that no executor offers (shared/handler_offers.py; accepted while nothing is known), and a
+run id that another tenant's run has."""
 
 from __future__ import annotations
 
@@ -48,3 +49,13 @@ async def test_handlers_are_judged_by_what_executors_offer_and_not_before(stack)
         assert balance["monthly"]["remaining"] == 100
     finally:
         await offer.stop()
+
+
+async def test_a_run_id_of_another_tenant_is_refused_before_any_charge(stack):
+    """Over the bus (the gateway derives run ids per tenant): the charge went through, the
+    insert failed, and the refund was looked up under the other run's settled charge key."""
+    owner, other = await stack.tenant(monthly=10), await stack.tenant(monthly=10)
+    run = await stack.submit(owner, await stack.template(owner, [{"name": "a", "handler": "noop"}]), 1)
+    template = await stack.template(other, [{"name": "a", "handler": "noop"}])
+    await expect_error("conflict", stack.submit(other, template, 1, run_id=run["id"]))
+    assert (await stack.call("billing", "balance", tenant_id=other))["monthly"]["remaining"] == 10
