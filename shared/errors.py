@@ -47,12 +47,23 @@ class DependencyUnavailable(TransientError):
     """A dependency's circuit breaker is open; the job was deferred, not attempted."""
 
 
+# An error's message travels in file events, rows, notifications and webhooks: a handler
+# quoting a whole response (or a 1 MB URL) in its exception must not make them huge.
+MAX_MESSAGE_CHARS = 2000
+
+
 @dataclass(frozen=True, slots=True)
 class Classified:
     transient: bool
     error_class: str
     message: str
     retry_after_s: float | None = None
+
+    def __post_init__(self) -> None:
+        if len(self.message) > MAX_MESSAGE_CHARS:
+            object.__setattr__(self, "message", self.message[:MAX_MESSAGE_CHARS - 1] + "…")
+        if len(self.error_class) > 200:
+            object.__setattr__(self, "error_class", self.error_class[:200])
 
     def as_dict(self) -> dict:
         return {"class": self.error_class, "message": self.message, "transient": self.transient}

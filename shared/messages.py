@@ -10,7 +10,9 @@ from datetime import datetime, timezone
 from typing import Annotated, Any, Literal
 
 import orjson
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+
+from shared.errors import MAX_MESSAGE_CHARS
 
 
 def utcnow() -> datetime:
@@ -148,6 +150,14 @@ class ErrorInfo(BaseModel):
     error_class: str = Field(alias="class")
     message: str
     transient: bool
+
+    @field_validator("error_class", "message")
+    @classmethod
+    def _bounded(cls, v: str, info) -> str:
+        # Whoever sent it (executors cut theirs already: shared/errors.py), a file's error is
+        # stored, listed and notified: cut rather than refuse, the result still counts.
+        limit = 200 if info.field_name == "error_class" else MAX_MESSAGE_CHARS
+        return v if len(v) <= limit else v[:limit - 1] + "…"
 
     def as_dict(self) -> dict[str, Any]:
         return {"class": self.error_class, "message": self.message, "transient": self.transient}

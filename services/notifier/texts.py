@@ -28,10 +28,17 @@ def summary(counts: dict[str, int]) -> str:
     return f"{', '.join(parts) or 'nothing done'} of {_files(total)}"
 
 
+MAX_TEXT_CHARS = 2000  # a notification is a line to read, also in every webhook body
+
+
+def _bounded(text: str) -> str:
+    return text if len(text) <= MAX_TEXT_CHARS else text[:MAX_TEXT_CHARS - 1] + "…"
+
+
 def file_failed_text(event: FileEvent) -> str:
     step = f"step {event.step_name!r}" if event.step_name else f"step {event.step}"
     error = f": {event.error.message}" if event.error and event.error.message else ""
-    return f"{FILE_FAILED} (file {event.file_index}, {step}{error})"
+    return _bounded(f"{FILE_FAILED} (file {event.file_index}, {step}{error})")
 
 
 def run_kind(kind: str) -> str:
@@ -39,6 +46,10 @@ def run_kind(kind: str) -> str:
 
 
 def run_text(kind: str, event: RunEvent) -> str:
+    return _bounded(_run_text(kind, event))
+
+
+def _run_text(kind: str, event: RunEvent) -> str:
     counts = event.counts or {}
     note = event.message
     if kind == "completed":

@@ -97,3 +97,19 @@ def test_delivery_count_is_read_from_both_ack_subject_forms():
         assert deliveries(msg) == expected
         if reply.startswith("$JS"):
             assert msg.metadata.num_delivered == expected  # agrees with nats-py's own parser
+
+
+def test_error_messages_are_cut_not_refused_wherever_they_come_from():
+    """A 1 MB error (a handler quoting a whole response) travelled in events and rows and
+    made a tenant's notification list too large to answer."""
+    from shared.errors import MAX_MESSAGE_CHARS, classify
+    from shared.messages import ErrorInfo
+    from services.notifier.texts import MAX_TEXT_CHARS, file_failed_text
+
+    classified = classify(RuntimeError("x" * 1_000_000))
+    assert len(classified.message) == MAX_MESSAGE_CHARS and classified.message.endswith("…")
+    forged = ErrorInfo.model_validate({"class": "C" * 10_000, "message": "m" * 1_000_000, "transient": False})
+    assert (len(forged.error_class), len(forged.message)) == (200, MAX_MESSAGE_CHARS)
+    event = FileEvent(kind="failed", job_id="r:file:0:r0", run_id="r", tenant_id="t", file_index=0, round=0, attempt=4,
+                      step=0, step_name="s" * 100_000, error=forged)
+    assert len(file_failed_text(event)) == MAX_TEXT_CHARS
