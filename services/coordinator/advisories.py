@@ -25,6 +25,13 @@ def make_advisory_handler(js: JetStreamContext, names):
             advisory = orjson.loads(msg.data)
             seq = int(advisory["stream_seq"])
             deliveries = int(advisory.get("deliveries", 0))
+            # The subject is open to any client of the server: believe only an advisory about
+            # our consumer at its max deliver (else a live job would be failed and deleted).
+            max_deliver = (await js.consumer_info(names.jobs_stream, names.executor_consumer)).config.max_deliver
+            if advisory.get("stream") != names.jobs_stream or advisory.get("consumer") != names.executor_consumer \
+                    or deliveries < max_deliver:
+                log.warning("advisory.not_believed", stream_seq=seq, deliveries=deliveries, max_deliver=max_deliver)
+                return
             raw = await js.get_msg(names.jobs_stream, seq)
             job = Job.model_validate_json(raw.data)
         except Exception as exc:

@@ -21,6 +21,7 @@ import pytest
 from services.billing.bootstrap import VERBS as BILLING_VERBS
 from services.coordinator.endpoints import ROUTES as COORDINATOR_VERBS
 from services.notifier.handlers import VERBS as NOTIFIER_VERBS
+from shared import bus
 from shared.messages import ErrorInfo, FileEvent, RunEvent, ServiceError, job_id_for
 from tests.stack import Stack, drained, expect_error
 
@@ -244,9 +245,22 @@ async def test_garbage_max_deliveries_advisories_are_ignored(stack):
     for data in (b"", b"not json", b"[]", b"null", dumps({"stream_seq": "first"}), dumps({"stream_seq": HUGE}),
                  dumps({"stream_seq": 10**6, "deliveries": 20})):  # no such message
         await stack.nc.publish(stack.names.max_deliveries_advisory, data)
+    # Well-formed but untrue: the subject is open to any client, and a live job was failed
+    # and deleted on such a word.
+    await bus.ensure_consumer(stack.js, stack.names.jobs_stream, stack.names.executor_consumer, stack.names.jobs_all,
+                              ack_wait_s=30, max_deliver=20)  # as an executor would
+    seq = (await stack.js.get_last_msg(stack.names.jobs_stream, stack.names.job(tenant))).seq
+    advisory = {"stream": stack.names.jobs_stream, "consumer": stack.names.executor_consumer, "stream_seq": seq}
+    for lie in ({**advisory, "deliveries": 1}, {**advisory, "consumer": "other", "deliveries": 20},
+                {**advisory, "stream": "OTHER", "deliveries": 20}):
+        await stack.nc.publish(stack.names.max_deliveries_advisory, dumps(lie))
+    # Advisories are handled one after another: the true one comes last, and finds the job
+    # still there only if every lie before it was ignored.
+    await stack.nc.publish(stack.names.max_deliveries_advisory, dumps({**advisory, "deliveries": 20}))
     await stack.nc.flush()
-    # The coordinator still answers, and the run's job is still waiting for an executor.
-    assert (await stack.run(tenant, run))["counts"]["pending"] == 1
+    done = await stack.wait_run(tenant, run, timeout=10)
+    assert (done["counts"]["failed"], done["files"][0]["attempts"]) == (1, 20)
+    assert done["files"][0]["last_error"]["class"] == "PoisonJob"
 
 
 async def test_a_request_without_a_reply_subject_is_ignored_and_the_service_keeps_answering(stack):
