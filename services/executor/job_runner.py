@@ -101,6 +101,12 @@ class JobRunner:
             await self._reject_unreadable(msg, exc)
             return False
         tracing.bind(trace_id or tracing.run_trace_id(job.run_id))
+        if msg.subject != self._names.job(job.tenant_id):
+            # Job subjects are per tenant: a job of tenant A's run on tenant B's subject is
+            # broken or forged. Running it would count on A's run; refusing it touches nothing.
+            log.error("job.wrong_subject", subject=msg.subject[:200], tenant_id=job.tenant_id, run_id=job.run_id)
+            await msg.term()
+            return False
         if self._stops is not None and self._stops.stopped(job.run_id, job.generation):
             await msg.ack()  # the run was stopped (fail_fast, cancel) after this job was queued
             return False

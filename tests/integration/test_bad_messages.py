@@ -238,6 +238,19 @@ async def test_an_unknown_verb_is_told_so_not_that_the_service_is_down(stack):
     assert down.value.code == "service_unavailable"
 
 
+async def job_in_stream(stack: Stack, tenant: str, timeout: float = 10):
+    """The tenant's latest job message, once the outbox relay has published it."""
+    from nats.js.errors import NotFoundError
+
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            return await stack.js.get_last_msg(stack.names.jobs_stream, stack.names.job(tenant))
+        except NotFoundError:
+            assert time.monotonic() < deadline, "the run's job was never published"
+            await asyncio.sleep(0.02)
+
+
 async def test_garbage_max_deliveries_advisories_are_ignored(stack):
     tenant = await stack.tenant()
     template = await stack.template(tenant, [{"name": "a", "handler": "noop"}])
@@ -249,7 +262,7 @@ async def test_garbage_max_deliveries_advisories_are_ignored(stack):
     # and deleted on such a word.
     await bus.ensure_consumer(stack.js, stack.names.jobs_stream, stack.names.executor_consumer, stack.names.jobs_all,
                               ack_wait_s=30, max_deliver=20)  # as an executor would
-    seq = (await stack.js.get_last_msg(stack.names.jobs_stream, stack.names.job(tenant))).seq
+    seq = (await job_in_stream(stack, tenant)).seq
     advisory = {"stream": stack.names.jobs_stream, "consumer": stack.names.executor_consumer, "stream_seq": seq}
     for lie in ({**advisory, "deliveries": 1}, {**advisory, "consumer": "other", "deliveries": 20},
                 {**advisory, "stream": "OTHER", "deliveries": 20}):
@@ -325,3 +338,21 @@ async def test_unreadable_jobs_are_terminated_and_error_the_file_they_name(stack
     # The executor still runs jobs.
     again = (await stack.submit(tenant, await stack.template(tenant, [{"name": "a", "handler": "noop"}]), 2))["id"]
     assert (await stack.wait_run(tenant, again, timeout=10))["status"] == "COMPLETED"
+
+
+async def test_a_job_on_another_tenants_subject_is_refused_and_runs_nowhere(stack, executor):
+    """A job of tenant A's run published on tenant B's subject ran, and counted on A's run."""
+    from structlog.testing import capture_logs
+
+    tenant, other = await stack.tenant(), await stack.tenant()
+    template = await stack.template(tenant, [{"name": "a", "handler": "noop"}])
+    run = (await stack.submit(tenant, template, 1, run_id=run_id()))["id"]
+    await stack.wait_run(tenant, run, timeout=15)  # its own job ran
+    forged = job(run, tenant, template, 0, job_id=job_id_for(run, 0, 0), files=..., file={"index": 0, "name": "f0.txt"})
+    before = await stack.js.consumer_info(stack.names.jobs_stream, stack.names.executor_consumer)
+    with capture_logs() as logs:
+        await publish_raw(stack, stack.names.job(other), dumps(forged))
+        info = await drained(stack, stack.names.jobs_stream, stack.names.executor_consumer)
+    assert [entry["subject"] for entry in logs if entry["event"] == "job.wrong_subject"] == [stack.names.job(other)]
+    assert info.delivered.stream_seq > before.delivered.stream_seq and info.num_redelivered == before.num_redelivered
+    assert (await stack.run(tenant, run))["files"][0]["attempts"] == 1
