@@ -27,8 +27,7 @@ async def inspect_system(settings: Settings) -> dict:
     except (nats.errors.NoServersError, TimeoutError) as exc:
         last = seen[-1] if seen else exc
         why = "no NATS answer within 5 s" if isinstance(last, TimeoutError) else str(last) or type(last).__name__
-        where = ", ".join(urlsplit(u if "://" in u else f"nats://{u}").netloc.rpartition("@")[2]  # no credentials
-                          for u in settings.nats_servers)
+        where = ", ".join(_without_credentials(u) for u in settings.nats_servers)
         raise ConnectionError(f"cannot connect to NATS at {where}: {why}") from None
     try:
         js = nc.jetstream()
@@ -69,6 +68,13 @@ async def inspect_system(settings: Settings) -> dict:
                 services.append({"name": info["name"], "id": info["id"], "version": info.get("version"),
                                  "endpoints": [e["name"] for e in info.get("endpoints", [])]})
         await sub.unsubscribe()
-        return {"streams": streams, "services": sorted(services, key=lambda s: s["name"])}
+        # Where it looked (credentials left out), so that a `nats` CLI can be pointed there too.
+        return {"nats": [_without_credentials(u) for u in settings.nats_servers], "prefix": names.prefix,
+                "streams": streams, "services": sorted(services, key=lambda s: s["name"])}
     finally:
         await nc.close()
+
+
+def _without_credentials(url: str) -> str:
+    """``nats://user:pass@host:4222`` → ``host:4222``."""
+    return urlsplit(url if "://" in url else f"nats://{url}").netloc.rpartition("@")[2]
