@@ -135,13 +135,15 @@ class OutboxRelay:
 
     async def _run(self) -> None:
         while not self._stopping:
+            # Cleared before the passes, not after: a row committed (and kicked) while a pass
+            # runs must not wait for the poll (a run's completed event waited up to 0.5 s).
+            self._wake.clear()
             try:
                 while await self.relay_once() and not self._stopping:
                     pass
             except Exception as exc:  # NATS or Postgres away: the rows wait for the next pass
                 log.warning("outbox.relay_failed", error=repr(exc))
                 await asyncio.sleep(0.5)
-            self._wake.clear()
             try:
                 await asyncio.wait_for(self._wake.wait(), self._poll_s)
             except asyncio.TimeoutError:
