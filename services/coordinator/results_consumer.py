@@ -34,8 +34,9 @@ def _seq(msg: Msg) -> int | None:
 def make_results_handler(deps: Deps):
     async def apply(events: list[FileEvent]) -> None:
         async with transaction(deps.engine) as conn:
-            if await apply_events(conn, deps.names, events):
-                deps.relay.kick()
+            wrote = await apply_events(conn, deps.names, events)
+        if wrote:  # after the commit: kicked before, the relay found nothing yet and waited for its poll
+            deps.relay.kick()
 
     async def one_by_one(events: list[FileEvent], msgs: list[Msg]) -> None:
         for n, (event, msg) in enumerate(zip(events, msgs)):
