@@ -31,20 +31,26 @@ class ApiError(Exception):
 class Api:
     base_url: str
     key: str | None
+    hint: str = ""  # said after "cannot reach": where the URL came from when nothing answers
 
     @classmethod
     def from_settings(cls, settings: Settings) -> "Api":
-        url = os.environ.get("REDRIVE_API_URL")
+        url, hint = os.environ.get("REDRIVE_API_URL"), ""
         if not url:
             try:
                 url = json.loads(settings.runtime_file.read_text())["api_url"]
+            except FileNotFoundError:
+                url = f"http://{settings.host}:{settings.port}"
+                hint = (f" (no `redrive up` has run with the data dir {settings.data_dir}: start one, pass its "
+                        "--data-dir, or set REDRIVE_API_URL)")
             except Exception:
                 url = f"http://{settings.host}:{settings.port}"
+                hint = f" ({settings.runtime_file} is unreadable: run `redrive up` again, or set REDRIVE_API_URL)"
         key = os.environ.get("REDRIVE_API_KEY")
         if not key:
             admin = settings.data_dir / "admin.key"
             key = admin.read_text().strip() if admin.exists() else None
-        return cls(url.rstrip("/"), key)
+        return cls(url.rstrip("/"), key, hint)
 
     def call(self, method: str, path: str, body: Any = None, *, idempotent: bool = False) -> Any:
         if not self.base_url.startswith(("http://", "https://")):
@@ -74,7 +80,7 @@ class Api:
                 parsed = {"error": {"code": "http_error", "message": raw.decode(errors="replace")[:200]}}
             raise ApiError(exc.code, parsed) from None
         except urllib.error.URLError as exc:
-            raise _no_answer(f"cannot reach {self.base_url}: {exc.reason}") from None
+            raise _no_answer(f"cannot reach {self.base_url}: {exc.reason}{self.hint}") from None
         except (http.client.InvalidURL, ValueError) as exc:  # a URL urllib cannot use (bad port, bad host)
             raise _no_answer(f"REDRIVE_API_URL is not a valid URL ({self.base_url!r}): {exc}") from None
         except (http.client.HTTPException, OSError) as exc:  # dropped connection, read timeout

@@ -110,6 +110,12 @@ def test_an_api_that_does_not_answer(cli, args):
     one_line_error(cli(*args), "cannot reach http://127.0.0.1:", "Connection refused")
 
 
+def test_a_data_dir_where_no_system_ever_ran_is_named_when_nothing_answers(cli, monkeypatch, tmp_path):
+    monkeypatch.delenv("REDRIVE_API_URL")
+    monkeypatch.setenv("REDRIVE_PORT", str(_closed_port()))
+    one_line_error(cli("credits"), "cannot reach", f"no `redrive up` has run with the data dir {tmp_path / 'data'}")
+
+
 @pytest.mark.parametrize("mode, expected", [
     ("html", "not JSON: is REDRIVE_API_URL a redrive API?"),
     ("html500", "HTTP 500"),
