@@ -25,6 +25,11 @@ from services.coordinator.undeliverable import report_undeliverable
 from services.coordinator.run_stops import ensure_bucket as ensure_run_stops_bucket
 
 
+# An executor checks a new template's step params (handler_offers.py); none answering
+# within this long, the template is made unchecked, as before any executor ever ran.
+CHECK_STEPS_TIMEOUT_S = 2.0
+
+
 class CoordinatorService:
     def __init__(self, settings: Settings) -> None:
         self.settings = settings
@@ -45,7 +50,8 @@ class CoordinatorService:
                                  partial(report_undeliverable, names=names), batch=s.outbox_batch)
         self.deps = Deps(settings=s, names=names, engine=self.engine,
                          billing=RpcClient(self.nc, names, timeout=s.request_timeout_s), relay=self.relay,
-                         max_payload=self.nc.max_payload, js=self.js, handlers=self.handlers)
+                         max_payload=self.nc.max_payload, js=self.js, handlers=self.handlers,
+                         executors=RpcClient(self.nc, names, timeout=CHECK_STEPS_TIMEOUT_S))
         self.results = PullLoop(self.js, names.events_stream, names.results_consumer, make_results_handler(self.deps),
                                     batch=s.results_fetch_batch, gather_s=s.results_gather_ms / 1000,
                                     name="results")

@@ -25,3 +25,4 @@ class Deps:
     max_payload: int = 1 << 20
     js: JetStreamContext | None = None  # the recovery sweep asks what the jobs stream holds
     handlers: OfferedHandlers | None = None  # what the executors offer (None: not known, accept all)
+    executors: RpcClient | None = None  # asked to check a new template's step params

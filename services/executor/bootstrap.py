@@ -51,11 +51,20 @@ class ExecutorService:
         runner = JobRunner(self.js, names, steps, self.progress, self.keepalive, max_deliver=s.executor_max_deliver,
                            stops=self.stops)
         self.worker = Worker(self.js, names, runner, concurrency=s.executor_concurrency, fetch_batch=s.executor_fetch_batch)
-        self.micro = MicroService(self.nc, names, "executor", {"breakers": self._breakers}, "runs step handlers")
+        self.micro = MicroService(self.nc, names, "executor",
+                                  {"breakers": self._breakers, "check_steps": self._check_steps(registry)},
+                                  "runs step handlers")
         await self.micro.start()
         if s.executor_keepalive:
             self.keepalive.start()
         self.worker.start()
+
+    @staticmethod
+    def _check_steps(registry):
+        async def check(payload: dict) -> dict:
+            steps = payload.get("steps")
+            return {"problems": registry.check_steps(steps if isinstance(steps, list) else [])}
+        return check
 
     async def _breakers(self, payload: dict) -> list[dict]:
         tenant_id = payload.get("tenant_id")

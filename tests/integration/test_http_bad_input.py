@@ -135,6 +135,13 @@ TPL = "{tpl}"  # replaced by the world's template id
     ("POST", "/workflow-runs", "member", {"template_id": TPL, "files": [{"name": "a", "content_b64": "!!"}]},
      "files.0.content_b64"),
     ("POST", "/workflow-runs", "member", {"template_id": "t\x00", "files": [{"name": "a"}]}, "template_id"),
+    # Params a handler can never use: made (201), then charged for and every file ERROR.
+    ("POST", "/templates", "tenant_admin", {"name": "t", "steps": [{"name": "a", "handler": "flaky",
+                                                                     "params": {"poison": "(a+)+$["}}]}, "steps.0.params"),
+    ("POST", "/templates", "tenant_admin", {"name": "t", "steps": [{"name": "a", "handler": "noop"}, {
+        "name": "b", "handler": "flaky", "params": {"sleep_ms": -5}}]}, "steps.1.params"),
+    ("POST", "/templates", "tenant_admin", {"name": "t", "steps": [{"name": "a", "handler": "http_call",
+                                                                     "params": {"url": "ftp://x"}}]}, "steps.0.params"),
     ("POST", "/workflow-runs", "member", {"template_id": TPL, "files": [{"name": "a\x00"}]}, "files.0.name"),
     ("POST", "/workflow-runs", "member", {"template_id": TPL, "files": [{"name": "a", "url": "http://x/\x00"}]},
      "files.0.url"),

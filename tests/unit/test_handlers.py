@@ -413,3 +413,23 @@ async def test_http_call_timeout_is_transient(tmp_path):
     finally:
         release.set()
         await server.close()
+
+
+def test_a_handlers_params_check_names_each_step_it_refuses():
+    from services.executor.handlers.registry import builtin_registry
+
+    registry = builtin_registry()
+    registry.register("boom", noop.run, check_params=lambda params: 1 / 0)  # a broken check is reported, not hidden
+    problems = registry.check_steps([
+        {"handler": "flaky", "params": {"fail_attempts": 2, "poison": r"\.exe$"}},  # fine
+        {"handler": "flaky", "params": {"poison": "(a+)+$["}},
+        {"handler": "flaky", "params": {"p": 2}},
+        {"handler": "noop", "params": {"anything": 1}},  # no check: anything goes
+        {"handler": "http_call", "params": {"url": "https://example.com", "timeout_s": 0}},
+        {"handler": "unknown-here", "params": {}},  # not this registry's to judge
+        {"handler": "boom", "params": {}},
+    ])
+    assert set(problems) == {"steps.1.params", "steps.2.params", "steps.4.params", "steps.6.params"}
+    assert "poison" in problems["steps.1.params"] and "regex" in problems["steps.1.params"]
+    assert "'p'" in problems["steps.2.params"] and "timeout_s" in problems["steps.4.params"]
+    assert problems["steps.6.params"].startswith("the handler's params check failed: ZeroDivisionError")

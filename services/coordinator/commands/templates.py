@@ -5,6 +5,7 @@ from __future__ import annotations
 import uuid
 
 import orjson
+import structlog
 from sqlalchemy import text
 
 from shared.db import transaction
@@ -13,6 +14,8 @@ from services.coordinator import cursor, pages, store
 from services.coordinator.context import Deps
 from services.coordinator.schemas import CreateTemplate, ListTemplates, TemplateRef
 from services.coordinator.views import template_view
+
+log = structlog.get_logger(__name__)
 
 
 def refuse_unoffered(deps: Deps, handlers: list[str]) -> None:
@@ -24,8 +27,25 @@ def refuse_unoffered(deps: Deps, handlers: list[str]) -> None:
                            {"fields": {f"steps.{i}.handler": why for i, why in unknown.items()}})
 
 
+async def refuse_bad_params(deps: Deps, steps: list[dict]) -> None:
+    """A 422 naming each step whose params its handler refuses, asked of an executor (the
+    handlers' own checks). No executor answering, the template is made unchecked: its runs'
+    files would end ERROR with the same reason."""
+    if deps.executors is None:
+        return
+    try:
+        answer = await deps.executors.call("executor", "check_steps", {"steps": steps})
+    except ServiceError as exc:
+        log.info("templates.params_unchecked", reason=exc.code)
+        return
+    problems = answer.get("problems") if isinstance(answer, dict) else None
+    if problems:
+        raise ServiceError("validation_error", "a step's params are refused by its handler", {"fields": problems})
+
+
 async def create_template(deps: Deps, cmd: CreateTemplate) -> dict:
     refuse_unoffered(deps, [s.handler for s in cmd.steps])
+    await refuse_bad_params(deps, [{"handler": s.handler, "params": s.params} for s in cmd.steps])
     async with transaction(deps.engine) as conn:
         row = (await conn.execute(text(
             "INSERT INTO coordinator.templates (id, tenant_id, name, steps, credits_per_file, failure_policy) "

@@ -63,3 +63,6 @@ class RegisteredHandler:
     name: str
     run: Handler
     dependency_of: DependencyOf | None = None
+    # Checks a step's params when a template is made (raises PermanentError saying what is
+    # wrong): refused then, not after a run was charged and its files ended ERROR.
+    check_params: Callable[[dict], None] | None = None

@@ -62,18 +62,28 @@ def _transient(ctx: StepContext) -> TransientError:
     return TransientError(f"flaky: simulated transient failure (attempt {ctx.attempt})")
 
 
-async def run(ctx: StepContext) -> dict:
-    """Crash, poison, sleep, then fail transiently as the params say; output ``{"attempt"}``."""
-    params = ctx.params
+def _parse(params: dict) -> tuple:
+    """Every param, checked (PermanentError naming the first bad one)."""
     # Validate everything first: a typo in one param must not hide behind another's effect.
     crash, poison = _regex(params, "crash"), _regex(params, "poison")
-    sleep_ms = _number(params, "sleep_ms")
+    sleep_ms = _number(params, "sleep_ms", maximum=24 * 3600 * 1000)
     p = _number(params, "p", maximum=1)
     fail_attempts = _number(params, "fail_attempts", whole=True)
     fail_rounds = _number(params, "fail_rounds", whole=True)
     dep = params.get("dependency")
     if dep is not None and not isinstance(dep, str):
         raise PermanentError(f"flaky: param 'dependency' must be a string, got {type(dep).__name__}")
+    return crash, poison, sleep_ms, p, fail_attempts, fail_rounds
+
+
+def check_params(params: dict) -> None:
+    """For a template being made: the same checks as a run's (registry.check_steps)."""
+    _parse(params)
+
+
+async def run(ctx: StepContext) -> dict:
+    """Crash, poison, sleep, then fail transiently as the params say; output ``{"attempt"}``."""
+    crash, poison, sleep_ms, p, fail_attempts, fail_rounds = _parse(ctx.params)
 
     if crash is not None and crash.search(ctx.file.name):
         # No cleanup, no ack: exactly what a segfault or an OOM kill looks like to the broker.

@@ -40,6 +40,12 @@ def _timeout_s(params: dict) -> float:
     return float(value)
 
 
+def check_params(params: dict) -> None:
+    """For a template being made: the same checks as a call's (registry.check_steps)."""
+    _url(params)
+    _timeout_s(params)
+
+
 async def _head(resp: aiohttp.ClientResponse) -> str:
     buf = bytearray()
     while len(buf) < _BODY_BYTES:

@@ -16,23 +16,42 @@ class HandlerRegistry:
     def __init__(self) -> None:
         self._handlers: dict[str, RegisteredHandler] = {}
 
-    def register(self, name: str, run: Handler, *, dependency_of: DependencyOf | None = None) -> None:
+    def register(self, name: str, run: Handler, *, dependency_of: DependencyOf | None = None,
+                 check_params: Callable[[dict], None] | None = None) -> None:
         """Register ``run`` under ``name``; ``dependency_of(params, file)`` names the external
-        dependency a step talks to (for circuit breakers), or returns None."""
+        dependency a step talks to (for circuit breakers), or returns None; ``check_params``
+        raises PermanentError for params no run could use (templates are refused with it)."""
         if not isinstance(name, str) or not name:
             raise ValueError(f"handler name must be a non-empty string, got {name!r}")
         if not callable(run):
             raise ValueError(f"handler {name!r}: run must be an async callable")
-        self._handlers[name] = RegisteredHandler(name, run, dependency_of)
+        self._handlers[name] = RegisteredHandler(name, run, dependency_of, check_params)
 
-    def handler(self, name: str, dependency_of: DependencyOf | None = None) -> Callable[[Handler], Handler]:
+    def handler(self, name: str, dependency_of: DependencyOf | None = None,
+                check_params: Callable[[dict], None] | None = None) -> Callable[[Handler], Handler]:
         """Decorator form of :meth:`register`: ``@registry.handler("ocr")``."""
 
         def decorate(fn: Handler) -> Handler:
-            self.register(name, fn, dependency_of=dependency_of)
+            self.register(name, fn, dependency_of=dependency_of, check_params=check_params)
             return fn
 
         return decorate
+
+    def check_steps(self, steps: list[dict]) -> dict[str, str]:
+        """``{"steps.N.params": why}`` for each step whose handler refuses its params."""
+        problems: dict[str, str] = {}
+        for i, step in enumerate(steps):
+            registered = self._handlers.get(step.get("handler")) if isinstance(step, dict) else None
+            if registered is None or registered.check_params is None:
+                continue
+            params = step.get("params") or {}
+            try:
+                registered.check_params(params if isinstance(params, dict) else {})
+            except PermanentError as exc:
+                problems[f"steps.{i}.params"] = str(exc)[:500]
+            except Exception as exc:  # the check itself is broken: say so rather than hide it
+                problems[f"steps.{i}.params"] = f"the handler's params check failed: {type(exc).__name__}: {exc}"[:500]
+        return problems
 
     def get(self, name: str) -> RegisteredHandler:
         """The handler registered as ``name``; an unknown name is a permanent failure of the step
@@ -70,7 +89,8 @@ def builtin_registry() -> HandlerRegistry:
     registry = HandlerRegistry()
     registry.register("noop", noop.run)
     registry.register("checksum", checksum.run)
-    registry.register("flaky", flaky.run, dependency_of=flaky.dependency_of)
+    registry.register("flaky", flaky.run, dependency_of=flaky.dependency_of, check_params=flaky.check_params)
     registry.register("download", download.run, dependency_of=download.dependency_of)
-    registry.register("http_call", http_call.run, dependency_of=http_call.dependency_of)
+    registry.register("http_call", http_call.run, dependency_of=http_call.dependency_of,
+                      check_params=http_call.check_params)
     return registry
