@@ -23,13 +23,14 @@ from pydantic import ValidationError
 
 from shared import tracing
 from shared.bus import Outgoing, publish_many
-from shared.messages import ErrorInfo, FileEvent, FileSpec, Job, job_id_for
+from shared.messages import ErrorInfo, FileEvent, FileSpec, Job
 from shared.subjects import Names
 from services.executor.isolation import IsolationGate
 from services.executor.keepalive import KeepAlive
 from services.executor.outcome import Outcome
 from services.executor.progress import Progress, ProgressStore
 from services.executor.run_stops import RunStops
+from services.executor import unreadable
 from services.executor.steps import StepRunner
 
 log = structlog.get_logger(__name__)
@@ -265,48 +266,12 @@ class JobRunner:
         self._deferrals_told.add(told)
 
     async def _reject_unreadable(self, msg: Msg, exc: ValidationError) -> None:
-        """A job we cannot parse never runs; every file it names (its ``file_index``, or the
-        indexes in ``files``) becomes ERROR with the cause, otherwise it is only logged.
-        Either way it is terminated: no redelivery can make it readable."""
-        cause = invalid_job_cause(exc)
-        try:
-            raw = orjson.loads(msg.data)
-            indexes = named_files(raw)
-            error = ErrorInfo.model_validate({"class": "InvalidJob", "message": cause, "transient": False})
-            round_ = raw.get("round", 0)
-            # Under the file's own job id, whatever the message claimed: the coordinator takes
-            # events only under the job id of their run, file and round.
-            events = [FileEvent(kind="errored", job_id=job_id_for(str(raw["run_id"]), index, round_),
-                                run_id=str(raw["run_id"]), tenant_id=str(raw["tenant_id"]), file_index=index,
-                                round=round_, attempt=1, step=raw.get("start_step", 0), error=error)
-                      for index in indexes]
-        except Exception:  # not JSON, not an object, no run, an index out of range…: nobody to tell
-            events = []
+        """A job we cannot parse never runs: the files it names become ERROR with the cause
+        (unreadable.py), and it is terminated: no redelivery can make it readable."""
+        cause, events = unreadable.error_events(msg.data, exc)
         if events:
             headers = _headers(events[0].tenant_id, events[0].run_id)
             await publish_many(self._js, [Outgoing(self._names.file_event("errored"), e.to_bytes(), e.msg_id, headers)
                                           for e in events])
         log.error("job.unreadable", subject=msg.subject, files=len(events), error=cause)
         await msg.term()
-
-
-def invalid_job_cause(exc: ValidationError) -> str:
-    """``"steps: Field required; mode: Input should be 'per_file' or 'batch'"``: each bad
-    field and why, without echoing the (possibly large) input back."""
-    parts = [f"{'.'.join(str(p) for p in err['loc']) or 'job'}: {err['msg']}" for err in exc.errors()]
-    return f"the job cannot be read: {'; '.join(parts)}"[:500]
-
-
-def named_files(raw: dict) -> list[int]:
-    """The files an unreadable job is about: never a guess (a job without a readable
-    ``file_index``, ``file`` or ``files`` names none, and errors none)."""
-    if isinstance(raw.get("file_index"), int) and not isinstance(raw["file_index"], bool):
-        return [raw["file_index"]]
-    file = raw.get("file")
-    if isinstance(file, dict) and isinstance(file.get("index"), int) and not isinstance(file["index"], bool):
-        return [file["index"]]
-    files = raw.get("files")
-    if not isinstance(files, list):
-        return []
-    return [f["index"] for f in files if isinstance(f, dict) and isinstance(f.get("index"), int)
-            and not isinstance(f["index"], bool)]
