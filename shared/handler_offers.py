@@ -80,7 +80,10 @@ class OfferedHandlers:
             self._task.cancel()
 
     def _apply(self, entry) -> None:
-        name = bytes.fromhex(entry.key).decode(errors="replace") if _is_hex(entry.key) else entry.key
+        try:
+            name = bytes.fromhex(entry.key).decode(errors="replace")
+        except ValueError:  # not put by an executor of ours: taken as it is
+            name = entry.key
         if entry.value:
             self._offered.add(name)
         else:  # deleted or expired
@@ -94,10 +97,3 @@ class OfferedHandlers:
         return {i: f"no executor offers the handler {h[:100]!r} (offered: {offered})"
                 for i, h in enumerate(handlers) if h not in self._offered}
 
-
-def _is_hex(key: str) -> bool:
-    try:
-        bytes.fromhex(key)
-        return True
-    except ValueError:
-        return False

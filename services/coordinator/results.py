@@ -173,8 +173,8 @@ def _may_apply(event: FileEvent, runs: dict[str, dict], files: dict[tuple[str, i
     if event.tenant_id != run["tenant_id"]:
         log.error("results.tenant_mismatch", msg_id=event.msg_id[:300], run_id=event.run_id, claimed=event.tenant_id)
         return False
-    if event.job_id not in (job_id_for(event.run_id, event.file_index, event.round),
-                            job_id_for(event.run_id, None, event.round)):
+    if (event.job_id != job_id_for(event.run_id, event.file_index, event.round)  # per_file (most)
+            and event.job_id != job_id_for(event.run_id, None, event.round)):  # batch
         log.error("results.foreign_job_id", msg_id=event.msg_id[:300], run_id=event.run_id, job_id=event.job_id)
         return False
     return f.round == event.round  # another round's event is late: ignored
