@@ -95,12 +95,20 @@ def build_app(deps: Deps) -> web.Application:
         middlewares=[trace_middleware, metrics.middleware(), errors_middleware, auth_middleware(who, public_paths())],
         client_max_size=deps.max_body_bytes,
     )
+    # Every GET answers HEAD too (RFC 9110 asks it of general-purpose servers; uptime
+    # checks use it), but the live event stream, which would hold the connection open.
     for route in ROUTES:
-        app.router.add_route(route.method, API + route.path, forwarder(route, deps.rpc, deps.engine,
-                                                                       deps.idempotency_lease_s))
+        handler = forwarder(route, deps.rpc, deps.engine, deps.idempotency_lease_s)
+        if route.method == "GET":
+            app.router.add_get(API + route.path, handler)
+        else:
+            app.router.add_route(route.method, API + route.path, handler)
     handlers = _local_handlers(deps)
     for local in LOCAL_ROUTES:
-        app.router.add_route(local.method, local.path, handlers[local.name])
+        if local.method == "GET":
+            app.router.add_get(local.path, handlers[local.name], allow_head=local.name != "events")
+        else:
+            app.router.add_route(local.method, local.path, handlers[local.name])
     return app
 
 

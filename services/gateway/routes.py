@@ -26,7 +26,7 @@ from services.gateway.auth import asked_tenant, existing_tenant, principal_of, r
 from services.gateway.errors import error_response, from_service_error
 from services.gateway.schemas import (
     DeliveriesQuery, GrantBody, NotificationsQuery, PageQuery, RunFilesQuery, RestoreBody, RunBody, RunsQuery, SettingsBody, TemplateBody, TimelineQuery, WebhookBody,
-    path_params, validate,
+    path_params, single_valued, validate,
 )
 
 API = "/api/v1"
@@ -180,7 +180,7 @@ def forwarder(route: Route, rpc: RpcClient, engine: AsyncEngine, lease_s: float)
         body = await read_json(request) if route.body is not None else None
         payload = validate(route.body, body, "request body", strict=True) if route.body is not None else {}
         if route.query is not None:
-            payload.update(validate(route.query, dict(request.query), "query string"))
+            payload.update(validate(route.query, single_valued(request.query), "query string"))
         all_tenants = route.all_tenants_for_admin and principal.role == "platform_admin" and asked_tenant(request) is None
         payload["tenant_id"] = None if all_tenants else tenant_id
         payload["actor"] = principal.actor

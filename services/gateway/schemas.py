@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from typing import Any, Literal
 
+from multidict import MultiMapping
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from shared.messages import ServiceError
@@ -146,6 +147,16 @@ def validate(model: type[BaseModel], data: Any, what: str, *, strict: bool = Fal
         return model.model_validate(data, strict=strict).model_dump(exclude_none=True)
     except ValidationError as exc:
         raise ServiceError("validation_error", f"the {what} is not valid", field_errors(exc)) from None
+
+
+def single_valued(query: MultiMapping[str]) -> dict[str, str]:
+    """The query string as one value per name; a name given twice (``?limit=5&limit=500``)
+    is a 422 naming it, rather than one of the two taken in silence."""
+    repeated = sorted({name for name in query if len(query.getall(name)) > 1})
+    if repeated:
+        raise ServiceError("validation_error", f"the query string gives {', '.join(repeated)} more than once",
+                           {"fields": {name: "given more than once" for name in repeated}})
+    return dict(query)
 
 
 MAX_PATH_ID = 200

@@ -325,8 +325,29 @@ async def test_wrong_methods_are_405_with_allow(world):
         r = await http.request(method, API + path, headers=member)
         await refused(r, 405, "method_not_allowed")
         assert allowed in r.headers["Allow"]
-    assert (await http.head(f"{API}/workflow-runs", headers=member)).status == 405
     assert (await http.post("/healthz")).status == 405
+    # HEAD is a GET without the body (RFC 9110), but for the live stream, which never ends.
+    assert (await http.head(f"{API}/events", headers=member)).status == 405
+
+
+async def test_every_get_answers_head_without_a_body(world):
+    http, member = world["http"], auth(world["keys"]["member"])
+    for path in (f"{API}/workflow-runs", f"{API}/templates", "/healthz", "/readyz", "/"):
+        got = await http.get(path, headers=member)
+        head = await http.head(path, headers=member)
+        assert got.status == head.status == 200, path
+        assert head.headers["Content-Type"] == got.headers["Content-Type"], path
+        assert await head.read() == b"" and await got.read() != b""
+    # The same checks as its GET: no key, no answer.
+    assert (await http.head(f"{API}/workflow-runs")).status == 401
+
+
+async def test_a_query_parameter_given_twice_is_a_422_naming_it(world):
+    http, member = world["http"], auth(world["keys"]["member"])
+    r = await http.get(f"{API}/workflow-runs?limit=5&limit=500&status=RUNNING", headers=member)
+    error = await refused(r, 422, "validation_error")
+    assert error["details"]["fields"] == {"limit": "given more than once"}
+    assert (await http.get(f"{API}/workflow-runs?limit=5", headers=member)).status == 200
 
 
 async def test_json_nested_deeper_than_anything_of_ours_needs_is_a_422(world):
