@@ -138,6 +138,11 @@ class RpcClient:
         self._names = names
         self._timeout = timeout
 
+    @property
+    def max_payload(self) -> int:
+        """The largest request the bus carries (the server's max payload)."""
+        return self._nc.max_payload
+
     async def call(self, service: str, verb: str, payload: dict[str, Any] | None = None, *, timeout: float | None = None) -> Any:
         subject = self._names.service(service, verb)
         data = orjson.dumps(payload or {}, default=_default)

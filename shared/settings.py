@@ -96,6 +96,9 @@ class Settings(BaseSettings):
     host: str = "127.0.0.1"
     port: int = Field(default=8080, ge=0, le=65535)
     request_timeout_s: float = Field(default=15.0, ge=0.5, le=10 * _MINUTE)
+    # The largest HTTP request body. A run body larger than a bus message is sent on in
+    # parts (services/gateway/staging.py); any other request must fit in one message.
+    max_request_bytes: int = Field(default=64 * 2**20, ge=64 * 1024, le=2**31 - 1)
 
     log_level: str = "INFO"
     log_json: bool = False

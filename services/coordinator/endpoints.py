@@ -7,11 +7,13 @@ from typing import Any, Awaitable, Callable
 
 from pydantic import BaseModel
 
-from services.coordinator.commands import cancel, create_run, file_actions, queries, recover, retry_failed, settings, templates
+from services.coordinator.commands import (
+    cancel, create_run, file_actions, queries, recover, retry_failed, settings, staged_files, templates,
+)
 from services.coordinator.context import Deps
 from services.coordinator.schemas import (
-    Caller, CreateRun, CreateTemplate, FileRef, GetRun, ListRuns, ListTemplates, PutSettings, Restore, RunRef, TemplateRef,
-    TimelinePage,
+    Caller, CreateRun, CreateTemplate, FileRef, GetRun, ListRuns, ListTemplates, PutSettings, Restore, RunRef, StageFiles,
+    TemplateRef, TimelinePage,
 )
 
 ROUTES: dict[str, tuple[type[BaseModel], Callable[[Deps, Any], Awaitable[Any]]]] = {
@@ -19,6 +21,7 @@ ROUTES: dict[str, tuple[type[BaseModel], Callable[[Deps, Any], Awaitable[Any]]]]
     "list_templates": (ListTemplates, templates.list_templates),
     "get_template": (TemplateRef, templates.get_template),
     "archive_template": (TemplateRef, templates.archive_template),
+    "stage_files": (StageFiles, staged_files.stage_files),
     "create_run": (CreateRun, create_run.create_run),
     "get_run": (GetRun, queries.get_run),
     "list_runs": (ListRuns, queries.list_runs),

@@ -21,6 +21,7 @@ from sqlalchemy import text
 
 from shared.db import transaction
 from services.coordinator import credits, inbox, job_queue, outbox, store, timeline
+from services.coordinator.commands import staged_files
 from services.coordinator.commands.cancel import pay_refunds_due
 from services.coordinator.commands.recover import republish_pending
 from services.coordinator.context import Deps
@@ -100,8 +101,9 @@ async def sweep(deps: Deps) -> dict:
 
 
 class RecoverySweeper:
-    """Runs the sweep every ``recovery_interval_s``, and prunes the inbox (inbox.py) on
-    the first pass, then every ``prune_every_s``, and on every pass while it is behind."""
+    """Runs the sweep every ``recovery_interval_s``, and prunes the inbox (inbox.py) and
+    abandoned staged files on the first pass, then every ``prune_every_s``, and on every
+    pass while it is behind."""
 
     def __init__(self, deps: Deps, *, prune_every_s: float = inbox.PRUNE_EVERY_S) -> None:
         self._deps = deps
@@ -137,9 +139,14 @@ class RecoverySweeper:
             return
         try:
             pruned, behind = await inbox.prune(self._deps.engine)
-            self._pruned_at = None if behind else now
+            # Files sent ahead for a run that was never created (its request failed or was
+            # abandoned between the parts and the run).
+            abandoned, staged_behind = await staged_files.prune(self._deps.engine)
+            self._pruned_at = None if behind or staged_behind else now
             if pruned:
                 log.info("inbox.pruned", rows=pruned)
+            if abandoned:
+                log.info("staged_files.pruned", rows=abandoned)
         except Exception as exc:  # database away: the next pass tries again
             log.warning("inbox.prune_failed", error=repr(exc))
         self.prune_passes += 1

@@ -6,7 +6,7 @@ from __future__ import annotations
 from pydantic import BaseModel, ConfigDict, Field
 
 from shared.messages import Count
-from shared.requests import RestoreBody, RunBody, SettingsBody, TemplateBody
+from shared.requests import FileIn, RestoreBody, RunBody, SettingsBody, TemplateBody
 
 
 class Caller(BaseModel):
@@ -30,10 +30,29 @@ class TemplateRef(Caller):
     template_id: str
 
 
+_UPLOAD_ID = r"^[A-Za-z0-9_-]{8,64}$"
+
+
+class StageFiles(Caller):
+    """A part of a run's files sent ahead (commands/staged_files.py)."""
+
+    upload_id: str = Field(pattern=_UPLOAD_ID)
+    offset: Count  # the index of the part's first file in the run
+    files: list[FileIn] = Field(min_length=1, max_length=100_000)
+
+
+class StagedRef(BaseModel):
+    upload_id: str = Field(pattern=_UPLOAD_ID)
+    count: int = Field(ge=1, le=1_000_000)
+
+
 class CreateRun(RunBody, Caller):
     model_config = ConfigDict(extra="ignore")
     # Chosen by the gateway from an Idempotency-Key, so a repeated request finds its run.
     run_id: str | None = Field(default=None, pattern=r"^[A-Za-z0-9_-]{8,64}$")
+    # The files inline, or (a body too large for one message) sent ahead and named here.
+    files: list[FileIn] = Field(default_factory=list, max_length=100_000)
+    staged: StagedRef | None = None  # one or the other: create_run checks
 
 
 class RunRef(Caller):

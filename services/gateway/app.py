@@ -43,7 +43,7 @@ class Deps:
     hub: EventHub | None
     keys: KeyCache = field(default_factory=KeyCache)
     idempotency_lease_s: float = 35.0  # longer than any live request (a few RPC timeouts)
-    max_body_bytes: int = 1024 * 1024  # what one NATS message carries
+    max_body_bytes: int = 64 * 1024 * 1024  # REDRIVE_MAX_REQUEST_BYTES
     registry: CollectorRegistry = field(default_factory=CollectorRegistry)
     system: SystemMetrics | None = None  # breakers and consumer backlogs, read per scrape
 

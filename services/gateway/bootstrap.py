@@ -40,7 +40,7 @@ class GatewayService:
         await self.hub.start()
         self.deps = Deps(
             nc=self.nc, engine=self.engine, rpc=RpcClient(self.nc, names, timeout=s.request_timeout_s), hub=self.hub,
-            idempotency_lease_s=2 * s.request_timeout_s + 5, max_body_bytes=max(self.nc.max_payload, 64 * 1024),
+            idempotency_lease_s=2 * s.request_timeout_s + 5, max_body_bytes=s.max_request_bytes,
         )
         self.deps.system = SystemMetrics(self.deps.registry, self.deps.rpc, self.nc.jetstream(), names)
         self.app = build_app(self.deps)

@@ -65,8 +65,8 @@ def from_http_exception(exc: web.HTTPException) -> web.Response:
     code = _CODE_BY_HTTP_STATUS.get(exc.status, "bad_request" if exc.status < 500 else "internal")
     headers = {"Allow": exc.headers["Allow"]} if "Allow" in exc.headers else None
     message = {404: "no such route", 405: f"{exc.reason}: allowed {exc.headers.get('Allow', '')}".strip(),
-               # aiohttp's text names both sizes; the limit is what the message bus carries.
-               413: f"{exc.text or exc.reason} (bytes: what the message bus carries); "
+               # aiohttp's text names both sizes; the limit is REDRIVE_MAX_REQUEST_BYTES.
+               413: f"{exc.text or exc.reason} (bytes: the largest request this API takes); "
                     "send fewer files per request, or large files by url"}.get(
         exc.status, exc.reason or "request refused")
     return error_response(code, message, status=exc.status, headers=headers)

@@ -21,7 +21,7 @@ from sqlalchemy.ext.asyncio import AsyncEngine
 
 from shared.messages import ServiceError, dumps
 from shared.rpc import RpcClient
-from services.gateway import idempotency
+from services.gateway import idempotency, staging
 from services.gateway.auth import asked_tenant, existing_tenant, principal_of, require_role
 from services.gateway.errors import error_response, from_service_error
 from services.gateway.schemas import (
@@ -159,7 +159,14 @@ async def read_json(request: web.Request) -> Any:
 async def call(rpc: RpcClient, route: Route, payload: dict[str, Any], timeout: float | None = None) -> web.Response:
     """The service's answer as an HTTP response (its refusals included, so they can be stored)."""
     try:
-        data = await rpc.call(route.service, route.verb, payload, timeout=timeout)
+        try:
+            data = await rpc.call(route.service, route.verb, payload, timeout=timeout)
+        except nats.errors.MaxPayloadError:
+            if route.verb != "create_run":
+                raise
+            # Too many files for one message: they go ahead in parts (staging.py).
+            data = await rpc.call(route.service, route.verb, await staging.send_files_ahead(rpc, payload),
+                                  timeout=timeout)
     except ServiceError as exc:
         return from_service_error(exc)
     except nats.errors.MaxPayloadError:

@@ -82,7 +82,7 @@ class Fakes:
 
 @pytest.fixture(scope="module")
 async def gw(make_settings):
-    settings = await make_settings(port=0, request_timeout_s=3)
+    settings = await make_settings(port=0, request_timeout_s=3, max_request_bytes=2 * 2**20)
     names = Names(settings.prefix)
     nc = await bus.connect(settings, "fakes")
     fakes = Fakes()
@@ -233,12 +233,20 @@ async def test_a_body_that_is_not_json_is_400(gw):
     assert r.status == 400 and (await error_of(r))["code"] == "bad_request"
 
 
-async def test_a_body_larger_than_the_bus_carries_is_413(gw):
-    big = {**RUN_BODY, "files": [{"name": "a", "content_b64": "QUFB" * 300_000}]}
+async def test_a_body_larger_than_the_api_takes_is_413(gw):
+    big = {**RUN_BODY, "files": [{"name": f"f{i}", "url": "https://example.com/" + "x" * 1000} for i in range(2100)]}
     r = await gw["http"].post("/api/v1/workflow-runs", json=big, headers=auth(gw["keys"]["member"]))
     error = await error_of(r)
     assert r.status == 413 and error["code"] == "payload_too_large"
     assert "Maximum request body size" in error["message"] and "fewer files" in error["message"]
+
+
+async def test_a_file_larger_than_the_bus_carries_is_413(gw):
+    # Within the API's limit, but one file alone does not fit in a message: nothing can carry it.
+    big = {**RUN_BODY, "files": [{"name": "a", "content_b64": "QUFB" * 300_000}]}
+    r = await gw["http"].post("/api/v1/workflow-runs", json=big, headers=auth(gw["keys"]["member"]))
+    error = await error_of(r)
+    assert r.status == 413 and error["code"] == "payload_too_large" and "by url" in error["message"]
 
 
 async def test_insufficient_credits_is_402_with_needed_and_available(gw):

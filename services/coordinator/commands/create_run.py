@@ -1,5 +1,7 @@
 """Initiate a run: reserve N × credits_per_file all-or-nothing, then write the run, its
-files, the outbox row that stands for its jobs and the timeline in one transaction."""
+files, the outbox row that stands for its jobs and the timeline in one transaction. The
+files come inline, or sent ahead in parts when the body is larger than a bus message
+(staged_files.py): the same transaction then takes them from where they wait."""
 
 from __future__ import annotations
 
@@ -13,6 +15,7 @@ from shared.copy import COPY_THRESHOLD, copy_rows
 from shared.db import transaction
 from shared.messages import ServiceError
 from services.coordinator import credits, jobs, outbox, store, timeline
+from services.coordinator.commands import staged_files
 from services.coordinator.commands.templates import refuse_unoffered
 from services.coordinator.context import Deps
 from services.coordinator.run_events import run_event_row
@@ -36,7 +39,12 @@ _INSERT_FILE = text(
 
 
 async def create_run(deps: Deps, cmd: CreateRun) -> dict:
-    if len(cmd.files) > deps.settings.max_files_per_run:
+    if bool(cmd.files) == (cmd.staged is not None):
+        field, problem = ("staged", "not with files") if cmd.files else ("files", "at least one file")
+        raise ServiceError("validation_error", "a run names its files inline (files) or sent ahead (staged)",
+                           {"fields": {field: problem}})
+    count = cmd.staged.count if cmd.staged else len(cmd.files)
+    if count > deps.settings.max_files_per_run:
         raise ServiceError(
             "validation_error", f"a run takes at most {deps.settings.max_files_per_run} files",
             {"fields": {"files": f"at most {deps.settings.max_files_per_run} files"}},
@@ -56,16 +64,17 @@ async def create_run(deps: Deps, cmd: CreateRun) -> dict:
                 return await store.run_body(conn, dict(existing))
         template = await store.load_template(conn, cmd.tenant_id, cmd.template_id, include_archived=False)
         policy = await store.retry_policy(conn, cmd.tenant_id)
+        incoming = await staged_files.take(conn, cmd.tenant_id, cmd.staged) if cmd.staged else cmd.files
     # A template made before any executor offered its handlers, or whose handler is gone.
     refuse_unoffered(deps, [s["handler"] for s in template["steps"]])
     key = credits.initiate_key(run_id)
     files = [
         {"run_id": run_id, "idx": i, "name": f.name, "url": f.url, "content_b64": f.content_b64,
          "size": f.size, "sha256": f.sha256, "charge_key": key if template["credits_per_file"] else None}
-        for i, f in enumerate(cmd.files)
+        for i, f in enumerate(incoming)
     ]
     job_rows = _first_jobs(deps, cmd, run_id, template, files, policy, trace_id)  # before any charge: may refuse
-    amount = len(cmd.files) * template["credits_per_file"]
+    amount = len(files) * template["credits_per_file"]
     charge = await credits.reserve(
         deps.engine, deps.billing, key=key, run_id=run_id, tenant_id=cmd.tenant_id, amount=amount, actor=cmd.actor
     )
@@ -77,7 +86,7 @@ async def create_run(deps: Deps, cmd: CreateRun) -> dict:
                     {
                         "id": run_id, "tenant_id": cmd.tenant_id, "template_id": template["id"], "mode": cmd.mode,
                         "failure_policy": template["failure_policy"], "credits_per_file": template["credits_per_file"],
-                        "max_retry_count": cmd.max_retry_count, "total": len(cmd.files), "consumed": charge.charged,
+                        "max_retry_count": cmd.max_retry_count, "total": len(files), "consumed": charge.charged,
                         "from_monthly": charge.from_monthly, "from_purchased": charge.from_purchased, "actor": cmd.actor,
                         "trace_id": trace_id,
                     },
@@ -95,6 +104,8 @@ async def create_run(deps: Deps, cmd: CreateRun) -> dict:
             await timeline.append(conn, timeline.entry(run_id, cmd.tenant_id, "run_created", cmd.actor, files=len(files),
                                                        mode=cmd.mode, template_id=template["id"]))
             await credits.apply(conn, charge, run_id=run_id, tenant_id=cmd.tenant_id, actor=cmd.actor)
+            if cmd.staged:
+                await staged_files.forget(conn, cmd.tenant_id, cmd.staged)
     except BaseException:
         await credits.compensate(deps.engine, deps.billing, key=key, tenant_id=cmd.tenant_id, run_id=run_id)
         raise

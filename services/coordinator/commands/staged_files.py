@@ -1,0 +1,70 @@
+"""Files of a run sent ahead in parts: a run body larger than one bus message (the
+gateway splits it, services/gateway/staging.py) arrives as ``stage_files`` parts, then as
+a ``create_run`` naming them (``staged``). The run's transaction takes them (create_run.py);
+parts of a run never created are pruned by the recovery sweeper after a day."""
+
+from __future__ import annotations
+
+from sqlalchemy import text
+from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
+
+from shared.db import delete_in_batches, transaction
+from shared.messages import ServiceError
+from shared.requests import FileIn
+from services.coordinator.context import Deps
+from services.coordinator.schemas import StagedRef, StageFiles
+
+RETENTION_S = 24 * 3600.0
+
+_STAGE = text(
+    "INSERT INTO coordinator.staged_files (upload_id, idx, tenant_id, name, url, content_b64, size, sha256)"
+    " SELECT :upload_id, :offset + o - 1, :tenant_id, f.name, f.url, f.content_b64, f.size, f.sha256"
+    " FROM unnest(CAST(:names AS text[]), CAST(:urls AS text[]), CAST(:contents AS text[]), CAST(:sizes AS bigint[]),"
+    "             CAST(:sha256s AS text[])) WITH ORDINALITY AS f(name, url, content_b64, size, sha256, o)"
+    # A part sent again (the gateway's request timed out after it was stored) changes nothing.
+    " ON CONFLICT (upload_id, idx) DO NOTHING"
+)
+_TAKE = text(
+    "SELECT idx, name, url, content_b64, size, sha256 FROM coordinator.staged_files"
+    " WHERE upload_id = :upload_id AND tenant_id = :tenant_id ORDER BY idx"
+)
+_FORGET = text("DELETE FROM coordinator.staged_files WHERE upload_id = :upload_id AND tenant_id = :tenant_id")
+_PRUNE = text(
+    "DELETE FROM coordinator.staged_files WHERE ctid = ANY(ARRAY("
+    " SELECT ctid FROM coordinator.staged_files WHERE staged_at < now() - make_interval(secs => :age) LIMIT :batch))"
+)
+
+
+async def stage_files(deps: Deps, cmd: StageFiles) -> dict:
+    if cmd.offset + len(cmd.files) > deps.settings.max_files_per_run:
+        raise ServiceError("validation_error", f"a run takes at most {deps.settings.max_files_per_run} files",
+                           {"fields": {"files": f"at most {deps.settings.max_files_per_run} files"}})
+    async with transaction(deps.engine) as conn:
+        await conn.execute(_STAGE, {
+            "upload_id": cmd.upload_id, "offset": cmd.offset, "tenant_id": cmd.tenant_id,
+            "names": [f.name for f in cmd.files], "urls": [f.url for f in cmd.files],
+            "contents": [f.content_b64 for f in cmd.files], "sizes": [f.size for f in cmd.files],
+            "sha256s": [f.sha256 for f in cmd.files],
+        })
+    return {"upload_id": cmd.upload_id, "staged": len(cmd.files)}
+
+
+async def take(conn: AsyncConnection, tenant_id: str, staged: StagedRef) -> list[FileIn]:
+    """The staged files, in order; refused unless every part arrived (indexes 0…count-1)."""
+    rows = (await conn.execute(_TAKE, {"upload_id": staged.upload_id, "tenant_id": tenant_id})).all()
+    if len(rows) != staged.count or (rows and rows[-1].idx != staged.count - 1):
+        raise ServiceError("bad_request", f"{len(rows)} of the run's {staged.count} files were sent ahead; "
+                           "send the request again")
+    # Validated as FileIn when they were staged.
+    return [FileIn.model_construct(name=r.name, url=r.url, content_b64=r.content_b64, size=r.size, sha256=r.sha256)
+            for r in rows]
+
+
+async def forget(conn: AsyncConnection, tenant_id: str, staged: StagedRef) -> None:
+    await conn.execute(_FORGET, {"upload_id": staged.upload_id, "tenant_id": tenant_id})
+
+
+async def prune(engine: AsyncEngine, *, older_than_s: float = RETENTION_S, batch: int = 10_000,
+                max_batches: int = 10) -> tuple[int, bool]:
+    """Forget parts of runs that were never created: (how many rows, whether some are left)."""
+    return await delete_in_batches(engine, _PRUNE, {"age": float(older_than_s)}, batch=batch, max_batches=max_batches)
