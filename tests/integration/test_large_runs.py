@@ -66,8 +66,20 @@ async def test_a_run_larger_than_a_bus_message_is_one_post_charged_once(big):
     assert await staged_rows(big["engine"]) == 0  # taken by the run's transaction
 
 
+async def test_a_batch_run_larger_than_a_message_is_413_before_any_charge(big):
+    # Its one job carries every file: it cannot fit where the body did not.
+    stack, http, tenant = big["stack"], big["http"], big["tenant"]
+    before = await stack.ledger(tenant)
+    n = stack.nc.max_payload // 1000 + 300
+    files = [{"name": f"doc-{i:05d}.pdf", "url": f"https://files.example.com/{'x' * 950}/{i}"} for i in range(n)]
+    r = await http.post(RUNS, json={"template_id": big["template"], "files": files, "mode": "batch"})
+    assert r.status == 413 and (await r.json())["error"]["code"] == "payload_too_large"
+    assert await stack.ledger(tenant) == before
+
+
 async def test_parts_that_never_became_a_run_charge_nothing_and_are_pruned(big):
     stack, tenant = big["stack"], big["tenant"]
+    await staged_files.prune(big["engine"], older_than_s=0)  # what earlier tests left
     before = await stack.ledger(tenant)
     part = {"tenant_id": tenant, "actor": "test", "upload_id": "abandoned-upload"}
     await stack.call("coordinator", "stage_files", **part, offset=0, files=[{"name": "a"}, {"name": "b"}])

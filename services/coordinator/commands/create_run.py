@@ -64,17 +64,25 @@ async def create_run(deps: Deps, cmd: CreateRun) -> dict:
                 return await store.run_body(conn, dict(existing))
         template = await store.load_template(conn, cmd.tenant_id, cmd.template_id, include_archived=False)
         policy = await store.retry_policy(conn, cmd.tenant_id)
-        incoming = await staged_files.take(conn, cmd.tenant_id, cmd.staged) if cmd.staged else cmd.files
+        # Staged files of a per_file run stay in the database: they move in the transaction,
+        # and only the biggest comes here, to check that its job fits a message.
+        moved = cmd.staged is not None and cmd.mode == "per_file"
+        if moved:
+            incoming = [await staged_files.biggest(conn, cmd.tenant_id, cmd.staged)]
+        else:
+            incoming = list(enumerate(await staged_files.take(conn, cmd.tenant_id, cmd.staged) if cmd.staged
+                                      else cmd.files))
     # A template made before any executor offered its handlers, or whose handler is gone.
     refuse_unoffered(deps, [s["handler"] for s in template["steps"]])
     key = credits.initiate_key(run_id)
+    charge_key = key if template["credits_per_file"] else None
     files = [
         {"run_id": run_id, "idx": i, "name": f.name, "url": f.url, "content_b64": f.content_b64,
-         "size": f.size, "sha256": f.sha256, "charge_key": key if template["credits_per_file"] else None}
-        for i, f in enumerate(incoming)
+         "size": f.size, "sha256": f.sha256, "charge_key": charge_key}
+        for i, f in incoming
     ]
     job_rows = _first_jobs(deps, cmd, run_id, template, files, policy, trace_id)  # before any charge: may refuse
-    amount = len(files) * template["credits_per_file"]
+    amount = count * template["credits_per_file"]
     charge = await credits.reserve(
         deps.engine, deps.billing, key=key, run_id=run_id, tenant_id=cmd.tenant_id, amount=amount, actor=cmd.actor
     )
@@ -86,13 +94,15 @@ async def create_run(deps: Deps, cmd: CreateRun) -> dict:
                     {
                         "id": run_id, "tenant_id": cmd.tenant_id, "template_id": template["id"], "mode": cmd.mode,
                         "failure_policy": template["failure_policy"], "credits_per_file": template["credits_per_file"],
-                        "max_retry_count": cmd.max_retry_count, "total": len(files), "consumed": charge.charged,
+                        "max_retry_count": cmd.max_retry_count, "total": count, "consumed": charge.charged,
                         "from_monthly": charge.from_monthly, "from_purchased": charge.from_purchased, "actor": cmd.actor,
                         "trace_id": trace_id,
                     },
                 )
             ).mappings().one()
-            if len(files) >= COPY_THRESHOLD:
+            if moved:
+                await staged_files.move(conn, cmd.tenant_id, cmd.staged, run_id, charge_key)
+            elif len(files) >= COPY_THRESHOLD:
                 # Only the columns some file has a value for: most runs name files and nothing
                 # else, and each column left out is 10,000 values fewer to encode and write.
                 columns = [c for c in _FILE_COLUMNS if c not in _OPTIONAL or any(f[c] is not None for f in files)]
@@ -101,10 +111,10 @@ async def create_run(deps: Deps, cmd: CreateRun) -> dict:
             else:
                 await conn.execute(_INSERT_FILE, files)
             await outbox.add(conn, job_rows + [run_event_row(deps.names, run, "started")])
-            await timeline.append(conn, timeline.entry(run_id, cmd.tenant_id, "run_created", cmd.actor, files=len(files),
+            await timeline.append(conn, timeline.entry(run_id, cmd.tenant_id, "run_created", cmd.actor, files=count,
                                                        mode=cmd.mode, template_id=template["id"]))
             await credits.apply(conn, charge, run_id=run_id, tenant_id=cmd.tenant_id, actor=cmd.actor)
-            if cmd.staged:
+            if cmd.staged and not moved:
                 await staged_files.forget(conn, cmd.tenant_id, cmd.staged)
     except BaseException:
         await credits.compensate(deps.engine, deps.billing, key=key, tenant_id=cmd.tenant_id, run_id=run_id)

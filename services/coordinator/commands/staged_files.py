@@ -28,6 +28,22 @@ _TAKE = text(
     "SELECT idx, name, url, content_b64, size, sha256 FROM coordinator.staged_files"
     " WHERE upload_id = :upload_id AND tenant_id = :tenant_id ORDER BY idx"
 )
+_SURVEY = text(
+    "SELECT count(*) AS n, max(idx) AS last FROM coordinator.staged_files WHERE upload_id = :upload_id AND tenant_id = :tenant_id"
+)
+# The file whose job is the largest (job_messages: name, url and inline content travel in it).
+_BIGGEST = text(
+    "SELECT idx, name, url, content_b64, size, sha256 FROM coordinator.staged_files"
+    " WHERE upload_id = :upload_id AND tenant_id = :tenant_id"
+    " ORDER BY octet_length(name) + coalesce(octet_length(url), 0) + coalesce(octet_length(content_b64), 0) DESC LIMIT 1"
+)
+# Moved in one statement: a 100,000-file run's rows never travel to Python and back.
+_MOVE = text(
+    "WITH taken AS (DELETE FROM coordinator.staged_files WHERE upload_id = :upload_id AND tenant_id = :tenant_id"
+    "  RETURNING idx, name, url, content_b64, size, sha256)"
+    " INSERT INTO coordinator.files (run_id, idx, name, url, content_b64, size, sha256, status, charge_key)"
+    " SELECT :run_id, idx, name, url, content_b64, size, sha256, 'PENDING', :charge_key FROM taken"
+)
 _FORGET = text("DELETE FROM coordinator.staged_files WHERE upload_id = :upload_id AND tenant_id = :tenant_id")
 _PRUNE = text(
     "DELETE FROM coordinator.staged_files WHERE ctid = ANY(ARRAY("
@@ -52,12 +68,35 @@ async def stage_files(deps: Deps, cmd: StageFiles) -> dict:
 async def take(conn: AsyncConnection, tenant_id: str, staged: StagedRef) -> list[FileIn]:
     """The staged files, in order; refused unless every part arrived (indexes 0…count-1)."""
     rows = (await conn.execute(_TAKE, {"upload_id": staged.upload_id, "tenant_id": tenant_id})).all()
-    if len(rows) != staged.count or (rows and rows[-1].idx != staged.count - 1):
-        raise ServiceError("bad_request", f"{len(rows)} of the run's {staged.count} files were sent ahead; "
+    _complete(len(rows), rows[-1].idx if rows else None, staged)
+    return [_file(r) for r in rows]
+
+
+async def biggest(conn: AsyncConnection, tenant_id: str, staged: StagedRef) -> tuple[int, FileIn]:
+    """The staged file with the largest job and its index, once every part is known to have arrived."""
+    params = {"upload_id": staged.upload_id, "tenant_id": tenant_id}
+    survey = (await conn.execute(_SURVEY, params)).one()
+    _complete(survey.n, survey.last, staged)
+    row = (await conn.execute(_BIGGEST, params)).one()
+    return row.idx, _file(row)
+
+
+async def move(conn: AsyncConnection, tenant_id: str, staged: StagedRef, run_id: str, charge_key: str | None) -> None:
+    """Make the staged files the run's (in the run's transaction) and forget them here."""
+    await conn.execute(_MOVE, {"upload_id": staged.upload_id, "tenant_id": tenant_id, "run_id": run_id,
+                               "charge_key": charge_key})
+
+
+def _complete(n: int, last: int | None, staged: StagedRef) -> None:
+    if n != staged.count or last != staged.count - 1:
+        raise ServiceError("bad_request", f"{n} of the run's {staged.count} files were sent ahead; "
                            "send the request again")
+
+
+def _file(row) -> FileIn:
     # Validated as FileIn when they were staged.
-    return [FileIn.model_construct(name=r.name, url=r.url, content_b64=r.content_b64, size=r.size, sha256=r.sha256)
-            for r in rows]
+    return FileIn.model_construct(name=row.name, url=row.url, content_b64=row.content_b64, size=row.size,
+                                  sha256=row.sha256)
 
 
 async def forget(conn: AsyncConnection, tenant_id: str, staged: StagedRef) -> None:
