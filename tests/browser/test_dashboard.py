@@ -1,0 +1,344 @@
+"""The operator dashboard (services/gateway/static/dashboard.html) in a real Chromium against
+a real redrive: what it lists and shows matches the API, its buttons act through the API,
+and it offers no action the API would refuse. Every test also fails on an uncaught script
+error or an unexpected console error (see conftest.py)."""
+
+from __future__ import annotations
+
+import asyncio
+import re
+
+import pytest
+from playwright.async_api import expect
+
+from tests.browser.conftest import FAST, WAIT_MS
+
+pytestmark = pytest.mark.browser
+
+COUNT_KEYS = ("total", "succeeded", "failed", "errored", "pending", "skipped", "cancelled")
+
+
+def counts_line(counts: dict) -> str:
+    """The run detail's counts line, as the API's counts say it should read."""
+    return " · ".join(f"{k} {counts[k]}" for k in COUNT_KEYS)
+
+
+def meta(ui, label: str):
+    """The value shown for one of the run detail's labelled fields."""
+    return ui.detail().locator("dl.meta > div").filter(
+        has=ui.page.locator("dt", has_text=re.compile(f"^{re.escape(label)}$"))).locator("dd")
+
+
+def cell(row, column: int):
+    return row.locator(":scope > td").nth(column)
+
+
+FILE_COLUMNS = {"index": 0, "name": 1, "status": 2, "retry_attempt": 3, "attempts": 4, "last_error": 6}
+
+
+async def test_a_run_from_the_api_is_listed_live_and_opens_with_its_files(system, dashboard):
+    _, key = await system.tenant()
+    ui, page = dashboard, dashboard.page
+    template = await system.template(key, [{"name": "work", "handler": "flaky", "params": {"poison": "bad"}}])
+    await ui.sign_in(key)
+    await expect(page.get_by_test_id("runs-table")).to_contain_text("No runs.")
+
+    submitted = await system.submit(key, template, ["a.txt", "bad.txt", "c.txt"])
+    run_id = submitted["id"]
+    run = await system.finished(key, run_id)
+    c = run["counts"]
+    assert run["status"] == "COMPLETED_WITH_ERRORS" and (c["succeeded"], c["errored"]) == (2, 1)  # the setup
+
+    # Listed without a reload (live events), with the API's status and progress.
+    row = ui.run_row(run_id)
+    await expect(row.locator(".badge")).to_have_text(run["status"], timeout=WAIT_MS)
+    await expect(row.locator(".nums").first).to_have_text(f"{c['succeeded'] + c['skipped']}/{c['total']}")
+    await expect(row.locator(".nums.all")).to_have_text(
+        f"failed {c['failed']} · errored {c['errored']} · pending {c['pending']}")
+    await expect(cell(row, 3)).to_have_text(str(run["round"]))
+
+    await ui.open_run(run_id)
+    assert page.url.endswith(f"#run={run_id}")
+    await expect(row).to_have_class(re.compile(r"\bsel\b"))
+    detail = ui.detail()
+    await expect(detail.locator("h2 .badge")).to_have_text(run["status"])
+    await expect(detail.locator(":scope > div.muted")).to_have_text(counts_line(c))
+    await expect(meta(ui, "round")).to_have_text(str(run["round"]))
+    await expect(meta(ui, "max_retry_count")).to_have_text(str(run["max_retry_count"]))
+    await expect(meta(ui, "credits consumed")).to_have_text(str(run["credits"]["consumed"]))
+
+    rows = page.get_by_test_id("files-table").locator("tbody tr")
+    await expect(rows).to_have_count(len(run["files"]))
+    for f in run["files"]:
+        r = ui.file_row(f["index"])
+        for name in ("index", "name", "status", "retry_attempt", "attempts"):
+            await expect(cell(r, FILE_COLUMNS[name])).to_have_text(str(f[name]))
+        if f["last_error"]:
+            await expect(cell(r, FILE_COLUMNS["last_error"])).to_contain_text(f["last_error"]["message"])
+        else:
+            await expect(cell(r, FILE_COLUMNS["last_error"])).to_have_text("")
+    await expect(ui.file_row(1).locator(".badge")).to_have_text("ERROR")  # bad.txt, the poisoned one
+
+    # The timeline of the selected run is there too.
+    await expect(page.get_by_test_id("timeline").locator("tbody tr").first).to_be_visible()
+    await expect(page.get_by_test_id("error-banner")).to_be_hidden()
+
+
+async def test_retry_file_then_continue_completes_the_run_and_charges_each_rerun_once(system, dashboard):
+    _, key = await system.tenant()
+    ui, page = dashboard, dashboard.page
+    # Every attempt of round 0 fails (1 + auto_retries of them); any later round succeeds.
+    # So the automatic retries are exhausted, and whatever an operator re-runs succeeds.
+    template = await system.template(key, [{"name": "work", "handler": "flaky", "params": {"fail_rounds": 1}}])
+    run_id = (await system.submit(key, template, ["f0", "f1", "f2"], max_retry_count=1))["id"]
+    run = await system.finished(key, run_id)
+    assert run["status"] == "COMPLETED_WITH_ERRORS" and run["counts"]["failed"] == 3  # the setup
+
+    await ui.sign_in(key)
+    await ui.open_run(run_id)
+    detail = ui.detail()
+    await expect(detail.locator("h2 .badge")).to_have_text("COMPLETED_WITH_ERRORS")
+    for i in range(3):
+        await expect(cell(ui.file_row(i), FILE_COLUMNS["status"])).to_have_text("FAILED")
+        await expect(cell(ui.file_row(i), FILE_COLUMNS["attempts"])).to_have_text(str(1 + FAST["auto_retries"]))
+        await expect(page.get_by_test_id(f"retry-file-{i}")).to_be_visible()
+    await expect(page.get_by_test_id("continue-button")).to_be_visible()
+
+    # One file first (a round of its own), then Continue for the other two.
+    await page.get_by_test_id("retry-file-0").click()
+    await expect(page.get_by_test_id("notice")).to_contain_text("Retry file 0: done.")
+    await expect(cell(ui.file_row(0), FILE_COLUMNS["status"])).to_have_text("SUCCEEDED", timeout=WAIT_MS)
+    await expect(detail.locator("h2 .badge")).to_have_text("COMPLETED_WITH_ERRORS", timeout=WAIT_MS)
+    await expect(detail.locator(":scope > div.muted")).to_contain_text("succeeded 1 · failed 2")
+    await expect(page.get_by_test_id("retry-file-0")).to_have_count(0)
+
+    await page.get_by_test_id("continue-button").click()
+    await expect(page.get_by_test_id("notice")).to_contain_text("Continue: done.")
+    await expect(detail.locator("h2 .badge")).to_have_text("COMPLETED", timeout=WAIT_MS)
+    await expect(detail.locator(":scope > div.muted")).to_have_text(
+        counts_line({**dict.fromkeys(COUNT_KEYS, 0), "total": 3, "succeeded": 3}))
+    await expect(meta(ui, "round")).to_have_text("2")
+    await expect(page.get_by_test_id("continue-button")).to_have_count(0)
+    await expect(ui.run_row(run_id).locator(".badge")).to_have_text("COMPLETED", timeout=WAIT_MS)
+    timeline = page.get_by_test_id("timeline")
+    await expect(timeline).to_contain_text("file_retry")
+    await expect(timeline).to_contain_text("retry_failed")
+
+    # The API agrees, and each press charged its files exactly once: 3 at the start, 1 for
+    # the file retry, 2 for Continue (not the file already re-run).
+    done = await system.run(key, run_id)
+    assert done["status"] == "COMPLETED" and done["round"] == 2 and done["counts"]["succeeded"] == 3
+    assert [f["retry_attempt"] for f in done["files"]] == [1, 1, 1]
+    assert done["credits"]["consumed"] == 6 and done["credits"]["refunded"] == 0
+    mine = [e for e in await system.ledger(key) if e.get("run_id") == run_id]
+    assert sorted(e["amount"] for e in mine if e["kind"] == "charge") == [-3, -2, -1]
+    assert [e for e in mine if e["kind"] == "refund"] == []
+    await expect(page.get_by_test_id("error-banner")).to_be_hidden()
+
+
+async def test_retry_settings_form_refuses_keeps_the_input_and_saves(system, dashboard):
+    _, key = await system.tenant()
+    ui, page = dashboard, dashboard.page
+    ui.allow_http_error(422, "/api/v1/settings/retry")
+    await ui.sign_in(key)
+    form = page.get_by_test_id("settings-form")
+    field = lambda name: page.get_by_test_id(f"setting-{name}")  # noqa: E731
+    for name in ("auto_retries", "backoff_base_ms", "backoff_max_ms", "breaker_failure_threshold", "breaker_reset_s"):
+        await expect(field(name)).to_have_value(str(FAST[name]))
+    await expect(field("jitter")).to_be_checked()
+    banner = page.get_by_test_id("error-banner")
+
+    # Out of the form's own range: the browser refuses before any request; the value stays.
+    await field("auto_retries").fill("11")
+    await page.get_by_test_id("settings-save").click()
+    assert await field("auto_retries").evaluate("e => e.validity.rangeOverflow") is True
+    await expect(field("auto_retries")).to_have_value("11")
+    await expect(banner).to_be_hidden()
+    await field("auto_retries").fill(str(FAST["auto_retries"]))
+
+    # Each value in range, but the API refuses the pair: the error shows, the input stays.
+    await field("backoff_base_ms").fill("500")
+    await field("backoff_max_ms").fill("100")
+    async with page.expect_response(lambda r: r.url.endswith("/api/v1/settings/retry")
+                                    and r.request.method == "PUT") as refused:
+        await page.get_by_test_id("settings-save").click()
+    assert (await refused.value).status == 422
+    await expect(banner).to_be_visible()
+    await expect(page.locator("#banner-code")).to_contain_text("422")
+    await expect(page.locator("#banner-msg")).to_contain_text("Retry settings")
+    await expect(page.locator("#banner-details")).to_contain_text("backoff_max_ms")
+    await expect(field("backoff_base_ms")).to_have_value("500")
+    await expect(field("backoff_max_ms")).to_have_value("100")
+    assert await system.call("GET", "/settings/retry", key) == FAST  # nothing saved
+
+    # Mended and saved: the banner goes, the API has exactly what was typed.
+    await field("backoff_max_ms").fill("2000")
+    await field("auto_retries").fill("4")
+    await field("breaker_reset_s").fill("45")
+    await field("jitter").uncheck()
+    await page.get_by_test_id("settings-save").click()
+    await expect(page.get_by_test_id("notice")).to_contain_text("Retry settings saved")
+    await expect(banner).to_be_hidden()
+    saved = {**FAST, "auto_retries": 4, "backoff_base_ms": 500, "backoff_max_ms": 2000, "jitter": False,
+             "breaker_reset_s": 45}
+    assert await system.call("GET", "/settings/retry", key) == saved
+    await expect(form).to_be_visible()
+    await expect(field("backoff_max_ms")).to_have_value("2000")  # the form reloaded shows it
+    await expect(field("jitter")).not_to_be_checked()
+
+
+async def test_no_button_the_api_would_refuse(system, dashboard):
+    _, key = await system.tenant()
+    ui, page = dashboard, dashboard.page
+    noop = await system.template(key, [{"name": "work", "handler": "noop"}])
+    poison = await system.template(key, [{"name": "work", "handler": "flaky", "params": {"poison": "."}}])
+    always = await system.template(key, [{"name": "work", "handler": "flaky", "params": {"fail_rounds": 9}}])
+    completed = (await system.submit(key, noop, ["a", "b"]))["id"]
+    errors_only = (await system.submit(key, poison, ["a", "b"]))["id"]
+    maxed = (await system.submit(key, always, ["a", "b"], max_retry_count=1))["id"]
+    cancelled = (await system.submit(key, always, ["a", "b"], max_retry_count=3))["id"]
+    for run_id in (completed, errors_only, maxed, cancelled):
+        await system.finished(key, run_id)
+    # maxed: one Continue (round 1 fails too) uses its one retry; cancelled: cancelled with FAILED files.
+    await system.call("POST", f"/workflow-runs/{maxed}/retry-failed", key)
+    assert (await system.finished(key, maxed))["counts"]["failed"] == 2
+    assert (await system.call("POST", f"/workflow-runs/{cancelled}/cancel", key))["status"] == "CANCELLED"
+
+    # What the API says to each action on them (the dashboard must not offer these).
+    refusals = {
+        completed: [("retry-failed", 400, "run_completed"), ("recover", 409, "run_not_recoverable"),
+                    ("cancel", 409, "conflict")],
+        errors_only: [("retry-failed", 400, "nothing_to_retry"), ("recover", 409, "run_not_recoverable"),
+                      ("files/0/retry", 400, "file_not_failed")],
+        maxed: [("retry-failed", 400, "max_retry_count_exceeded"), ("files/0/retry", 400, "max_retry_count_exceeded"),
+                ("recover", 409, "run_not_recoverable")],
+        cancelled: [("retry-failed", 409, "conflict"), ("files/0/retry", 409, "conflict"), ("cancel", 409, "conflict")],
+    }
+    for run_id, asks in refusals.items():
+        for action, status, code in asks:
+            body = await system.call("POST", f"/workflow-runs/{run_id}/{action}", key, expect=status)
+            assert body["error"]["code"] == code, (action, body)
+
+    await ui.sign_in(key)
+    shown = {completed: ("COMPLETED", "completed"), errors_only: ("COMPLETED_WITH_ERRORS", "only-ERROR-files"),
+             maxed: ("COMPLETED_WITH_ERRORS", "retries-used-up"), cancelled: ("CANCELLED", "cancelled")}
+    for run_id, (status, label) in shown.items():
+        await ui.open_run(run_id)
+        detail = ui.detail()
+        await expect(detail.locator("h2 .badge")).to_have_text(status)
+        await expect(page.get_by_test_id("files-table").locator("tbody tr")).to_have_count(2)
+        # Not one action button: no Continue / Recover / Cancel, no per-file Retry / Skip.
+        await expect(detail.locator("button"), f"buttons offered on the {label} run").to_have_count(0)
+    await expect(page.get_by_test_id("error-banner")).to_be_hidden()
+
+
+# Records, in the page, each 401 answer the dashboard has read (its handling runs in the
+# microtasks right after, so once a poll sees it recorded, the dashboard has reacted to it).
+RECORD_401 = """
+const read = Response.prototype.text;
+window.__read401 = [];
+Response.prototype.text = async function () {
+  const body = await read.call(this);
+  if (this.status === 401) window.__read401.push(this.url);
+  return body;
+};
+"""
+
+
+async def test_a_refused_key_is_asked_for_again_and_a_good_one_works(system, dashboard):
+    _, key = await system.tenant()
+    ui, page = dashboard, dashboard.page
+    bad = "rk_not_a_key"
+    for path in ("/api/v1/workflow-runs", "/api/v1/admin/attention", "/api/v1/settings/retry",
+                 "/api/v1/admin/breakers", "/api/v1/webhook/deliveries", "/api/v1/events"):
+        ui.allow_http_error(401, path)
+    # One request made with the refused key is held until the good key's session is up:
+    # its late 401 must not sign the good key out.
+    release = asyncio.Event()
+
+    async def hold_refused(route):
+        if bad in (route.request.headers.get("authorization") or ""):
+            await release.wait()
+        await route.continue_()
+
+    await page.add_init_script(RECORD_401)
+    await page.route("**/api/v1/admin/breakers", hold_refused)
+    try:
+        await page.goto(ui.url + "/")
+        await page.get_by_test_id("api-key-input").fill(bad)
+        await page.get_by_test_id("api-key-submit").click()
+        await expect(page.locator("#key-hint")).to_contain_text("The API refused the key")
+        await expect(page.get_by_test_id("key-form")).to_be_visible()
+        await expect(page.locator("#app")).to_be_hidden()
+        await expect(page.get_by_test_id("error-banner")).to_be_hidden()  # the form says it; no banner too
+
+        await page.get_by_test_id("api-key-input").fill(key)
+        await page.get_by_test_id("api-key-submit").click()
+        await expect(page.get_by_test_id("key-form")).to_be_hidden()
+        await expect(page.get_by_test_id("live-indicator")).to_have_text("live", timeout=WAIT_MS)
+        await expect(page.get_by_test_id("breakers")).to_contain_text("No breakers yet")
+    finally:
+        release.set()
+    await page.wait_for_function("() => window.__read401.some((u) => u.includes('/admin/breakers'))")
+    await expect(page.get_by_test_id("key-form")).to_be_hidden()
+    await expect(page.locator("#app")).to_be_visible()
+    await expect(page.get_by_test_id("error-banner")).to_be_hidden()
+    await expect(page.get_by_test_id("settings-form")).to_be_visible()  # a tenant_admin's panel
+    await expect(page.get_by_test_id("runs-table")).to_contain_text("No runs.")
+    await expect(page.locator("#webhook-panel")).to_be_hidden()  # no failed deliveries
+    assert await page.evaluate("localStorage.getItem('redrive.apiKey')") == key
+
+
+async def test_skip_and_cancel_act_through_the_api(system, dashboard):
+    _, key = await system.tenant()
+    ui, page = dashboard, dashboard.page
+    detail = ui.detail()
+    # Skip: a file FAILED on an optional step goes on with the step after it.
+    optional = await system.template(key, [
+        {"name": "enrich", "handler": "flaky", "params": {"fail_rounds": 9}, "optional": True},
+        {"name": "store", "handler": "noop"}])
+    skip_run = (await system.submit(key, optional, ["only"]))["id"]
+    assert (await system.finished(key, skip_run))["files"][0]["skippable"] is True  # the setup
+    # Cancel: a file whose first attempt fails waits a minute for its retry, so the run
+    # stays RUNNING (deterministically) until cancelled.
+    await system.call("PUT", "/settings/retry", key, json={**FAST, "backoff_base_ms": 60000,
+                                                           "backoff_max_ms": 60000, "jitter": False})
+    slow = await system.template(key, [{"name": "work", "handler": "flaky", "params": {"fail_attempts": 1}}])
+    cancel_run = (await system.submit(key, slow, ["waits"]))["id"]
+
+    await ui.sign_in(key)
+    await ui.open_run(skip_run)
+    await expect(page.get_by_test_id("retry-file-0")).to_be_visible()  # FAILED, retries left: both offered
+    await page.get_by_test_id("skip-file-0").click()
+    await expect(page.get_by_test_id("notice")).to_contain_text("Skip file 0: done.")
+    await expect(detail.locator("h2 .badge")).to_have_text("COMPLETED", timeout=WAIT_MS)
+    await expect(cell(ui.file_row(0), FILE_COLUMNS["status"])).to_have_text("SUCCEEDED")
+    await expect(page.get_by_test_id("skip-file-0")).to_have_count(0)
+    assert (await system.run(key, skip_run))["status"] == "COMPLETED"
+
+    await ui.open_run(cancel_run)
+    await expect(detail.locator("h2 .badge")).to_have_text("RUNNING")
+    await expect(page.get_by_test_id("continue-button")).to_have_count(0)
+    await expect(page.get_by_test_id("recover-button")).to_have_count(0)  # running and healthy
+    dialogs: list[str] = []
+
+    async def answer(dialog, accept: bool):
+        dialogs.append(dialog.message)
+        await (dialog.accept() if accept else dialog.dismiss())
+
+    page.once("dialog", lambda d: answer(d, False))
+    await page.get_by_test_id("cancel-button").click()
+    await expect(page.get_by_test_id("cancel-button")).to_be_enabled()
+    assert len(dialogs) == 1 and cancel_run in dialogs[0]
+    assert (await system.run(key, cancel_run))["status"] == "RUNNING"  # dismissed: nothing sent
+
+    page.once("dialog", lambda d: answer(d, True))
+    await page.get_by_test_id("cancel-button").click()
+    await expect(page.get_by_test_id("notice")).to_contain_text("Cancel: done.")
+    await expect(detail.locator("h2 .badge")).to_have_text("CANCELLED")
+    await expect(cell(ui.file_row(0), FILE_COLUMNS["status"])).to_have_text("CANCELLED")
+    await expect(meta(ui, "refunded")).to_have_text("1")
+    await expect(detail.locator("button")).to_have_count(0)
+    cancelled = await system.run(key, cancel_run)
+    assert cancelled["status"] == "CANCELLED" and cancelled["credits"]["refunded"] == 1
+    await expect(page.get_by_test_id("error-banner")).to_be_hidden()
