@@ -15,7 +15,7 @@ from shared.settings import Settings
 
 
 class ApiError(Exception):
-    def __init__(self, status: int, body: dict) -> None:
+    def __init__(self, status: int, body: dict, hint: str = "") -> None:
         err = body.get("error") if isinstance(body, dict) else None
         err = err if isinstance(err, dict) else {}  # a JSON answer, but not the API's error shape
         message = err.get("message", body)
@@ -23,8 +23,19 @@ class ApiError(Exception):
         if isinstance(fields, dict) and fields:  # 422: which field, and why
             message = f"{message}: " + "; ".join(f"{k}: {v}" for k, v in fields.items())
         # status 0: no HTTP answer at all (nothing listens, a bad URL): the message says it all.
-        super().__init__(f"HTTP {status} {err.get('code', '')}: {message}" if status else str(message))
+        super().__init__((f"HTTP {status} {err.get('code', '')}: {message}" if status else str(message)) + hint)
         self.status, self.body = status, body
+        self.code = err.get("code", "")
+
+    @property
+    def transient(self) -> bool:
+        """The API is there but a service behind it is not, for now (restarting)."""
+        return self.status == 503 and self.code in ("service_unavailable", "dependency_unavailable")
+
+    @property
+    def no_answer(self) -> bool:
+        """Nothing answered (refused, dropped, timed out): a gateway restarting, or no API there."""
+        return self.status == 0 and self.code == "unreachable"
 
 
 @dataclass
@@ -32,6 +43,7 @@ class Api:
     base_url: str
     key: str | None
     hint: str = ""  # said after "cannot reach": where the URL came from when nothing answers
+    key_hint: str = ""  # said after a 401: where the key came from (or that none was found), how to give one
 
     @classmethod
     def from_settings(cls, settings: Settings) -> "Api":
@@ -46,23 +58,29 @@ class Api:
             except Exception:
                 url = f"http://{settings.host}:{settings.port}"
                 hint = f" ({settings.runtime_file} is unreadable: run `redrive up` again, or set REDRIVE_API_URL)"
-        key = os.environ.get("REDRIVE_API_KEY")
-        if not key:
-            admin = settings.data_dir / "admin.key"
-            key = admin.read_text().strip() if admin.exists() else None
-        return cls(url.rstrip("/"), key, hint)
+        key, admin = os.environ.get("REDRIVE_API_KEY"), settings.data_dir / "admin.key"
+        from_up = "REDRIVE_DATA_DIR=<dir> where `redrive up` wrote admin.key"
+        if key:
+            key_hint = f" (key from REDRIVE_API_KEY: correct it, or unset it and set {from_up})"
+        elif admin.exists():
+            key = admin.read_text().strip()
+            key_hint = f" (key from {admin}: another system's? Set {from_up} for {url}, or REDRIVE_API_KEY)"
+        else:
+            key_hint = (f" (no API key found: REDRIVE_API_KEY is not set and there is no {admin}; set {from_up}, "
+                        "or REDRIVE_API_KEY)")
+        return cls(url.rstrip("/"), key, hint, key_hint)
 
     def call(self, method: str, path: str, body: Any = None, *, idempotent: bool = False) -> Any:
         if not self.base_url.startswith(("http://", "https://")):
-            raise _no_answer(f"REDRIVE_API_URL must be an http:// or https:// URL, got {self.base_url!r}")
+            raise _no_answer(f"REDRIVE_API_URL must be an http:// or https:// URL, got {self.base_url!r}", "bad_setting")
         if self.key is not None and (not self.key.isprintable() or " " in self.key or not self.key.isascii()):
             raise _no_answer("the API key (REDRIVE_API_KEY, or admin.key in the data dir) holds spaces or "
-                             "characters a key never has")
+                             "characters a key never has", "bad_setting")
         data = None if body is None else json.dumps(body).encode()
         try:
             req = urllib.request.Request(self.base_url + "/api/v1" + path, data=data, method=method)
         except ValueError as exc:  # e.g. "http://[::1": not a URL at all
-            raise _no_answer(f"REDRIVE_API_URL is not a valid URL ({self.base_url!r}): {exc}") from None
+            raise _no_answer(f"REDRIVE_API_URL is not a valid URL ({self.base_url!r}): {exc}", "bad_setting") from None
         req.add_header("Content-Type", "application/json")
         if self.key:
             req.add_header("Authorization", f"Bearer {self.key}")
@@ -78,11 +96,11 @@ class Api:
                 parsed = json.loads(raw)
             except ValueError:
                 parsed = {"error": {"code": "http_error", "message": raw.decode(errors="replace")[:200]}}
-            raise ApiError(exc.code, parsed) from None
+            raise ApiError(exc.code, parsed, self.key_hint if exc.code == 401 else "") from None
         except urllib.error.URLError as exc:
             raise _no_answer(f"cannot reach {self.base_url}: {exc.reason}{self.hint}") from None
         except (http.client.InvalidURL, ValueError) as exc:  # a URL urllib cannot use (bad port, bad host)
-            raise _no_answer(f"REDRIVE_API_URL is not a valid URL ({self.base_url!r}): {exc}") from None
+            raise _no_answer(f"REDRIVE_API_URL is not a valid URL ({self.base_url!r}): {exc}", "bad_setting") from None
         except (http.client.HTTPException, OSError) as exc:  # dropped connection, read timeout
             raise _no_answer(f"no answer from {self.base_url}: {str(exc) or type(exc).__name__}") from None
         try:
@@ -92,5 +110,7 @@ class Api:
                                               "that is not JSON: is REDRIVE_API_URL a redrive API?"}}) from None
 
 
-def _no_answer(message: str) -> ApiError:
-    return ApiError(0, {"error": {"code": "unreachable", "message": message}})
+def _no_answer(message: str, code: str = "unreachable") -> ApiError:
+    """No HTTP answer: ``unreachable`` when nothing answered, ``bad_setting`` when the URL or the
+    key could not even be sent."""
+    return ApiError(0, {"error": {"code": code, "message": message}})

@@ -11,7 +11,8 @@ from pathlib import Path
 from typing import Optional
 
 import typer
-from rich.table import Table
+from rich import box
+from rich.table import Column, Table
 
 from redrive.cli_common import App, DataDir, JsonOut, console, require
 from redrive.cli_common import api_call as _api_call, fail as _fail, print_json as _print, settings_from as _settings
@@ -31,17 +32,22 @@ def up(
     host: str = typer.Option("127.0.0.1", "--host", envvar="REDRIVE_HOST"),
     port: int = typer.Option(8080, "--port", envvar="REDRIVE_PORT", min=1, max=65535),
     executors: int = typer.Option(1, "--executors", min=1, max=32),
+    ready_timeout: float = typer.Option(60.0, "--ready-timeout", min=1, max=3600,
+                                        help="seconds the services have to become ready, else `up` stops everything"),
 ) -> None:
     """Start everything: servers (embedded by default), migrations, the five services."""
     from redrive.bootstrap_admin import ensure_admin_key
-    from redrive.supervisor import Stack
+    from redrive.supervisor import ServiceFailed, Stack
     from shared.migrations import migrate_sync
 
-    settings = _settings(data_dir, host=host, port=port)
+    # Not the prefix of an earlier `up` (runtime.json): this one's environment says.
+    settings = _settings(data_dir, runtime=False, host=host, port=port)
+    _check_handlers(settings)  # as `redrive service executor` would, again and again
     _check_data_dir(settings.data_dir)
     _check_can_listen(host, port)  # before anything starts: the gateway alone would crash, again and again
     stack = Stack(settings, executors=executors)
     stopping = False
+    failure: tuple[str, int] | None = None  # why `up` gives up before the stack is ready, and its exit code
 
     def request_stop(*_):
         nonlocal stopping
@@ -56,18 +62,29 @@ def up(
         api_url = f"http://{host}:{port}"
         stack.write_runtime(api_url)
         stack.start_services()
-        # The URL and key are what a user acts on next: print them once the API answers.
-        if not stack.wait_ready(api_url, lambda: stopping) and not stopping:
-            typer.echo(f"redrive: the API is not ready yet; see {settings.data_dir / 'logs'}", err=True)
-        typer.echo(f"API: {api_url}")
-        typer.echo(f"Dashboard: {api_url}/")
-        typer.echo(f"Admin key: {key}")
-        typer.echo(f"Data: {settings.data_dir} (logs in {settings.data_dir / 'logs'})", err=True)
-        sys.stdout.flush()
-        stack.watch(lambda: stopping)
+        logs = settings.data_dir / "logs"
+        try:
+            ready = stack.wait_ready(api_url, lambda: stopping, timeout=ready_timeout)
+        except ServiceFailed as exc:  # its configuration: restarting it would fail the same way
+            failure = (f"{exc}; everything is stopped; see {exc.log_path}", 2)
+        else:
+            if not ready and not stopping:
+                failure = (f"not ready after {ready_timeout:g} s (--ready-timeout): {stack.not_ready}; everything is "
+                           f"stopped; see {logs}", 1)
+        if failure is None and not stopping:
+            # The URL and key are what a user acts on next: print them once the API answers.
+            typer.echo(f"API: {api_url}")
+            typer.echo(f"Dashboard: {api_url}/")
+            typer.echo(f"Admin key: {key}")
+            typer.echo(f"Data: {settings.data_dir} (logs in {logs})", err=True)
+            sys.stdout.flush()
+            stack.watch(lambda: stopping)
     finally:
-        typer.echo("redrive: stopping", err=True)
+        if failure is None:
+            typer.echo("redrive: stopping", err=True)
         stack.stop()
+    if failure is not None:
+        _fail(*failure)
 
 
 def _check_data_dir(path: Path) -> None:
@@ -208,10 +225,18 @@ def attention(data_dir: Optional[Path] = DataDir, as_json: bool = JsonOut) -> No
     if as_json:
         _print(data, True)
         return
-    table = Table("run", "tenant", "status", "reason", "pending", "failed", "errored")
-    for r in data["items"]:
+    items = data["items"]
+    # Ids are copied into the next command and statuses are read whole: those columns are never
+    # cut (nor wrapped); the others wrap, or fold, in what width is left. Spaces between columns,
+    # not lines: a copied id takes no border along.
+    table = Table(Column("run", no_wrap=True, min_width=max((len(str(r["id"])) for r in items), default=3)),
+                  Column("status", no_wrap=True, min_width=max((len(str(r["status"])) for r in items), default=6)),
+                  Column("reason", overflow="fold"), Column("files", overflow="fold"), Column("tenant", overflow="fold"),
+                  box=box.SIMPLE_HEAD, show_edge=False, collapse_padding=True)
+    for r in items:
         c = r["counts"]
-        table.add_row(r["id"], r["tenant_id"], r["status"], r["reason"], str(c["pending"]), str(c["failed"]), str(c["errored"]))
+        files = ", ".join(f"{c[k]} {k}" for k in ("failed", "errored", "pending") if c.get(k)) or "-"
+        table.add_row(str(r["id"]), str(r["status"]), str(r["reason"]), files, str(r["tenant_id"]))
     console.print(table)
 
 
@@ -255,7 +280,8 @@ def bench(
 
 @app.command()
 def demo(data_dir: Optional[Path] = DataDir, as_json: bool = JsonOut) -> None:
-    """Create a demo tenant, a flaky template and a run that retries, on a running system."""
+    """On a running system: add 10 purchased credits to the platform tenant (the admin key's), create a
+    flaky template, and start a run whose files fail twice, then succeed, to watch the retries."""
     from redrive.demo import run_demo
 
     run_demo(_settings(data_dir), as_json)

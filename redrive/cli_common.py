@@ -14,7 +14,7 @@ from rich.console import Console
 from rich.markup import escape
 
 from redrive.api_client import Api, ApiError
-from shared.settings import Settings, load_settings
+from shared.settings import ConfigurationError, Settings, load_settings
 
 console = Console()
 err = Console(stderr=True, soft_wrap=True)  # soft_wrap: a message stays one line, whatever the width
@@ -37,11 +37,12 @@ def _config_problem(exc: ValidationError) -> str:
     return "; ".join(problems)
 
 
-def settings_from(data_dir: Optional[Path], **overrides) -> Settings:
+def settings_from(data_dir: Optional[Path], *, runtime: bool = True, **overrides) -> Settings:
+    """``runtime``: complete the environment with what a running `redrive up` recorded."""
     if data_dir is not None:
         overrides["data_dir"] = data_dir
     try:
-        return load_settings(**overrides)
+        return load_settings(runtime=runtime, **overrides)
     except ValidationError as exc:  # bad configuration
         err.print(f"[red]invalid configuration:[/red] {escape(_config_problem(exc))}")
         raise typer.Exit(2)
@@ -81,7 +82,7 @@ def describe(exc: BaseException) -> str | None:
     """One line for an expected failure; None for anything else (a bug: let it show)."""
     from shared.embedded import EmbeddedServerError
 
-    if isinstance(exc, (ApiError, EmbeddedServerError)):
+    if isinstance(exc, (ApiError, EmbeddedServerError, ConfigurationError)):
         return str(exc)
     if _from_module(exc, "asyncpg", "sqlalchemy"):
         cause = getattr(exc, "orig", None) or exc
@@ -109,13 +110,14 @@ def _one_line_errors(func):
             message = describe(exc)
             if message is None:
                 raise
-            fail(message)
+            fail(message, code=2 if isinstance(exc, ConfigurationError) else 1)  # 2: as invalid configuration
 
     return wrapper
 
 
 class App(typer.Typer):
-    """A Typer whose commands turn expected failures into one line on stderr and exit 1."""
+    """A Typer whose commands turn expected failures into one line on stderr and exit 1 (2 for
+    a configuration a server refuses)."""
 
     def command(self, *args, **kwargs):
         register = super().command(*args, **kwargs)

@@ -9,6 +9,7 @@ from typing import Optional
 
 import typer
 
+from redrive.api_client import Api, ApiError
 from redrive.cli_common import App, DataDir, JsonOut, api_call as _api_call, fail as _fail, print_json as _print
 from redrive.cli_common import settings_from as _settings
 
@@ -88,23 +89,60 @@ def run_restore(
     _print(_api_call(_settings(data_dir), "POST", f"/admin{_run_path(run_id)}/restore", body), as_json)
 
 
+# A watch outlives a restart of the gateway or of a service behind it: it says so once per
+# outage and asks again, backing off, for at most OUTAGE_LIMIT_S of continuous outage.
+OUTAGE_LIMIT_S = 300.0
+_RETRY_FIRST_S, _RETRY_MAX_S = 0.25, 5.0
+
+
+class _Watch:
+    """Asks for the run until an answer comes through an outage."""
+
+    def __init__(self, api: Api, run_id: str) -> None:
+        self.api, self.path = api, _run_path(run_id)
+        self.answered = False  # then no answer at all is the gateway restarting, not a wrong URL
+
+    def run(self, expect: tuple) -> dict:
+        down_since, delay = None, _RETRY_FIRST_S
+        while True:
+            try:
+                data = self.api.call("GET", self.path)
+            except ApiError as exc:
+                # The API's own 503: a service behind it restarting. No answer, or a proxy's 502/503/504:
+                # only once the API answered this watch (at the first call: a URL where nothing runs).
+                if not (exc.transient or (self.answered and (exc.no_answer or exc.status in (502, 503, 504)))):
+                    _fail(str(exc))
+                if down_since is None:
+                    down_since = time.monotonic()
+                    typer.echo(f"note: the API is unavailable ({' '.join(str(exc).split())}), still watching", err=True)
+                elif time.monotonic() - down_since >= OUTAGE_LIMIT_S:
+                    _fail(f"{exc} (the API was unavailable for {OUTAGE_LIMIT_S:g} s: gave up watching)")
+                time.sleep(delay)
+                delay = min(delay * 2, _RETRY_MAX_S)
+                continue
+            if not (isinstance(data, dict) and all(k in data for k in expect)):
+                _fail(f"unexpected answer from {self.api.base_url}/api/v1{self.path}: is REDRIVE_API_URL a redrive API?")
+            self.answered = True
+            return data
+
+
 @run_app.command("watch")
 def run_watch(run_id: str, data_dir: Optional[Path] = DataDir, interval: float = typer.Option(1.0, "--interval", min=0.1),
               as_json: bool = JsonOut) -> None:
     """Follow a run's progress until it leaves RUNNING (exit 0 if it COMPLETED, else 1).
-    With --json, no progress bar: the finished run, as JSON."""
+    With --json, no progress bar: the finished run, as JSON. Waits out a restart of the API."""
     from rich.progress import BarColumn, Progress, TextColumn
 
-    settings = _settings(data_dir)
+    watch = _Watch(Api.from_settings(_settings(data_dir)), run_id)
     if as_json:
-        while (run := _api_call(settings, "GET", _run_path(run_id), expect=("status",)))["status"] == "RUNNING":
+        while (run := watch.run(("status",)))["status"] == "RUNNING":
             time.sleep(interval)
         _print(run, True)
         raise typer.Exit(0 if run["status"] == "COMPLETED" else 1)
     with Progress(TextColumn("{task.description}"), BarColumn(), TextColumn("{task.completed}/{task.total}")) as bar:
         task = None
         while True:
-            run = _api_call(settings, "GET", _run_path(run_id), expect=("status", "round", "counts"))
+            run = watch.run(("status", "round", "counts"))
             c = run["counts"]
             done = c["total"] - c["pending"]
             label = f"{run['status']} round {run['round']} ok={c['succeeded']} failed={c['failed']} error={c['errored']}"
@@ -115,5 +153,3 @@ def run_watch(run_id: str, data_dir: Optional[Path] = DataDir, interval: float =
                 break
             time.sleep(interval)
     raise typer.Exit(0 if run["status"] == "COMPLETED" else 1)
-
-

@@ -7,6 +7,7 @@ from __future__ import annotations
 import asyncio
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -20,6 +21,19 @@ from shared.settings import Settings
 SERVICES = ("coordinator", "billing", "notifier", "executor", "gateway")
 
 
+# A service's exit code for a configuration it cannot run with (redrive/cli_common.py): before
+# the stack is ready, restarting it would only fail again.
+BAD_CONFIGURATION = 2
+
+
+class ServiceFailed(Exception):
+    """A service stopped at its start on its configuration; the message says which and why."""
+
+    def __init__(self, message: str, log_path: Path) -> None:
+        super().__init__(message)
+        self.log_path = log_path
+
+
 @dataclass
 class Child:
     name: str
@@ -29,12 +43,29 @@ class Child:
     proc: subprocess.Popen | None = None
     restarts: int = 0
     started_at: float = 0.0
+    log_start: int = 0  # where this start's output begins in the (appended) log
 
     def start(self) -> None:
         log = open(self.log_path, "ab")
+        self.log_start = log.tell()
         self.proc = subprocess.Popen(self.args, env=self.env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
         self.started_at = time.monotonic()
         log.close()
+
+    def last_error(self) -> str:
+        """The line of its log that says why it stopped: its last ``error:`` line (one line, as
+        every command writes it), else its last line."""
+        try:
+            with open(self.log_path, "rb") as log:
+                log.seek(self.log_start)
+                lines = [_ANSI.sub("", line).strip() for line in log.read().decode(errors="replace").splitlines()]
+        except OSError as exc:
+            return f"its log {self.log_path} is unreadable: {exc.strerror}"
+        lines = [line for line in lines if line]
+        said = [line for line in lines if line.startswith(("error:", "invalid configuration:"))]
+        if not said and not lines:
+            return "it wrote nothing"
+        return (said or lines)[-1].removeprefix("error:").strip()
 
     def stop(self, timeout: float = 20.0) -> None:
         if self.proc and self.proc.poll() is None:
@@ -52,6 +83,7 @@ class Stack:
     executors: int = 1
     children: list[Child] = field(default_factory=list)
     servers: list = field(default_factory=list)
+    not_ready: str = ""  # what wait_ready still waited for when it gave up
 
     def start_servers(self) -> Settings:
         s = self.settings
@@ -76,8 +108,9 @@ class Stack:
 
     def write_runtime(self, api_url: str) -> None:
         s = self.settings
+        # The prefix too: a command given only the data dir must see this stack's streams.
         s.runtime_file.write_text(json.dumps({"nats_url": s.nats_url, "database_url": s.database_url,
-                                              "api_url": api_url, "pid": os.getpid()}, indent=2))
+                                              "api_url": api_url, "prefix": s.prefix, "pid": os.getpid()}, indent=2))
 
     def start_services(self) -> None:
         env = dict(os.environ)
@@ -103,23 +136,31 @@ class Stack:
         """Wait until the gateway answers /readyz (it and NATS and PostgreSQL are up) and
         every service behind it answers on the bus (a request that reached a service still
         starting was a 503), restarting services that die meanwhile; False after ``timeout``
-        or a stop request."""
+        (``not_ready`` then says what was missing) or a stop request. A service that exits
+        with BAD_CONFIGURATION meanwhile raises ServiceFailed: it would only fail again."""
         deadline = time.monotonic() + timeout
         behind = sorted({child.name.split("-")[0] for child in self.children} - {"gateway"})
+        self.not_ready = "the gateway did not answer /readyz"
         while time.monotonic() < deadline and not stop_requested():
             try:
                 with urllib.request.urlopen(f"{api_url}/readyz", timeout=1):
-                    if asyncio.run(_answering(self.settings, behind)) == set(behind):
+                    answering = asyncio.run(_answering(self.settings, behind))
+                    if answering == set(behind):
                         return True
-            except OSError:  # not listening yet, or 503 (urllib's HTTPError is an OSError)
-                pass
-            self._restart_dead()
+                    silent = ", ".join(name for name in behind if name not in answering)
+                    self.not_ready = f"no answer on NATS from {silent}"
+            except OSError as exc:  # not listening yet, or 503 (urllib's HTTPError is an OSError)
+                self.not_ready = f"the gateway did not answer /readyz ({getattr(exc, 'code', None) or exc})"
+            self._restart_dead(starting=True)
             time.sleep(0.2)
         return False
 
-    def _restart_dead(self) -> None:
+    def _restart_dead(self, starting: bool = False) -> None:
         for child in self.children:
             if child.proc is not None and child.proc.poll() is not None:
+                if starting and child.proc.returncode == BAD_CONFIGURATION:
+                    raise ServiceFailed(f"{child.name} could not start (exit {BAD_CONFIGURATION}): {child.last_error()}",
+                                        child.log_path)
                 quick = time.monotonic() - child.started_at < 5
                 child.restarts += 1
                 delay = min(10.0, 0.5 * (2 ** min(child.restarts, 5))) if quick else 0.2
@@ -135,6 +176,9 @@ class Stack:
                 server.stop()
             except Exception:
                 pass
+
+
+_ANSI = re.compile(r"\x1b\[[0-9;]*[A-Za-z]")
 
 
 def _env_set(name: str) -> bool:

@@ -22,15 +22,16 @@ from nats.js.api import (
     ConsumerConfig,
     DeliverPolicy,
     DiscardPolicy,
+    KeyValueConfig,
     RetentionPolicy,
     StorageType,
     StreamConfig,
 )
-from nats.js.errors import NotFoundError
+from nats.js.errors import APIError, NotFoundError
 
 from shared import tracing
 from shared.jetstream import AckedPublisher
-from shared.settings import Settings
+from shared.settings import ConfigurationError, Settings
 from shared.subjects import Names
 
 log = structlog.get_logger(__name__)
@@ -66,13 +67,41 @@ async def connect(settings: Settings, name: str) -> NatsClient:
     )
 
 
+# JSStreamReplicasNotSupportedErr: more than one replica asked of a server that is not clustered.
+_REPLICAS_NOT_SUPPORTED = 10074
+
+
+def _replicas_refused(exc: APIError, replicas: int | None) -> ConfigurationError | None:
+    """The server's "replicas > 1 not supported in non-clustered mode", told as the setting
+    that asked for them (REDRIVE_STREAM_REPLICAS), not as a NATS connection problem."""
+    if exc.err_code != _REPLICAS_NOT_SUPPORTED:
+        return None
+    return ConfigurationError(f"REDRIVE_STREAM_REPLICAS={replicas} needs a NATS cluster; this server is not "
+                              "clustered (use 1)")
+
+
 async def _add_or_update_stream(js: JetStreamContext, config: StreamConfig) -> None:
     try:
-        await js.stream_info(config.name)
-    except NotFoundError:
-        await js.add_stream(config)
-        return
-    await js.update_stream(config)
+        try:
+            await js.stream_info(config.name)
+        except NotFoundError:
+            await js.add_stream(config)
+            return
+        await js.update_stream(config)
+    except APIError as exc:
+        if (problem := _replicas_refused(exc, config.num_replicas)) is not None:
+            raise problem from None
+        raise
+
+
+async def ensure_kv(js: JetStreamContext, config: KeyValueConfig):
+    """Create (or open) a key-value bucket; its replicas are REDRIVE_STREAM_REPLICAS."""
+    try:
+        return await js.create_key_value(config)
+    except APIError as exc:
+        if (problem := _replicas_refused(exc, config.replicas)) is not None:
+            raise problem from None
+        raise
 
 
 async def ensure_streams(js: JetStreamContext, settings: Settings) -> None:

@@ -19,7 +19,7 @@ import structlog
 from nats.js import JetStreamContext
 from nats.js.api import KeyValueConfig, StorageType
 
-from shared.bus import mirror_kv
+from shared.bus import ensure_kv, mirror_kv
 from shared.subjects import Names
 
 log = structlog.get_logger(__name__)
@@ -29,8 +29,8 @@ REFRESH_S = 12 * 3600
 
 
 async def ensure_bucket(js: JetStreamContext, names: Names, replicas: int = 1):
-    return await js.create_key_value(KeyValueConfig(bucket=names.handlers_bucket, history=1, ttl=TTL_S,
-                                                    storage=StorageType.FILE, replicas=replicas))
+    return await ensure_kv(js, KeyValueConfig(bucket=names.handlers_bucket, history=1, ttl=TTL_S,
+                                              storage=StorageType.FILE, replicas=replicas))
 
 
 class HandlerOffer:

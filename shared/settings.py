@@ -114,7 +114,7 @@ class Settings(BaseSettings):
     @field_validator("prefix")
     @classmethod
     def _prefix_is_a_token(cls, v: str) -> str:
-        if not v or not v.replace("_", "").replace("-", "").isalnum():
+        if not _is_a_token(v):
             raise ValueError("prefix must be letters, digits, '-' or '_'")
         return v
 
@@ -181,6 +181,16 @@ class Settings(BaseSettings):
         return self.data_dir / "runtime.json"
 
 
+def _is_a_token(v: str) -> bool:
+    return bool(v) and v.replace("_", "").replace("-", "").isalnum()
+
+
+class ConfigurationError(Exception):
+    """A setting that passed validation but that a server refuses once reached (e.g. more
+    stream replicas than a single NATS server holds): the process cannot run as configured.
+    The message names the setting, as a user would set it."""
+
+
 def _checked_url(url: str, schemes: tuple[str, ...], example: str, *, host_required: bool = True) -> None:
     """A server URL of one of these schemes, with a numeric port if any. Messages leave the
     URL out: it may hold a password."""
@@ -193,24 +203,33 @@ def _checked_url(url: str, schemes: tuple[str, ...], example: str, *, host_requi
         raise ValueError(f"expected a URL like {example}")
 
 
-def load_settings(**overrides) -> Settings:
-    """Settings from the environment, completed by ``DATA_DIR/runtime.json``.
+def load_settings(*, runtime: bool = True, **overrides) -> Settings:
+    """Settings from the environment, completed by ``DATA_DIR/runtime.json`` (unless not
+    ``runtime``).
 
-    ``redrive up`` writes the URLs of the servers it started into runtime.json so that
-    every other command (and each service process) finds the same system.
+    ``redrive up`` writes the URLs of the servers it started, and its prefix, into
+    runtime.json so that every other command (and each service process) finds the same
+    system. What the environment (or an override) sets wins.
     """
     settings = Settings(**overrides)
-    runtime = settings.runtime_file
-    if (settings.nats_url is None or settings.database_url is None) and runtime.exists():
-        try:
-            found = json.loads(runtime.read_text())
-        except (OSError, ValueError):
-            found = {}
-        updates = {}
-        if settings.nats_url is None and found.get("nats_url"):
-            updates["nats_url"] = found["nats_url"]
-        if settings.database_url is None and found.get("database_url"):
-            updates["database_url"] = found["database_url"]
-        if updates:
-            settings = settings.model_copy(update=updates)
+    path = settings.runtime_file
+    if not runtime or not path.exists():
+        return settings
+    try:
+        found = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return settings
+    found = found if isinstance(found, dict) else {}
+    updates = {}
+    if settings.nats_url is None and found.get("nats_url"):
+        updates["nats_url"] = found["nats_url"]
+    if settings.database_url is None and found.get("database_url"):
+        updates["database_url"] = found["database_url"]
+    # Its prefix names its streams: taken when REDRIVE_PREFIX is unset and the NATS is the stack's.
+    prefix = found.get("prefix")
+    if ("prefix" not in settings.model_fields_set and isinstance(prefix, str) and _is_a_token(prefix)
+            and updates.get("nats_url", settings.nats_url) == found.get("nats_url")):
+        updates["prefix"] = prefix
+    if updates:
+        settings = settings.model_copy(update=updates)
     return settings

@@ -13,6 +13,7 @@ from typing import Any, Mapping
 from nats.js import JetStreamContext
 from nats.js.api import KeyValueConfig, StorageType
 
+from shared.bus import ensure_kv
 from shared.subjects import Names
 from services.coordinator import outbox
 
@@ -20,8 +21,8 @@ TTL_S = 8 * 24 * 3600
 
 
 async def ensure_bucket(js: JetStreamContext, names: Names, replicas: int = 1):
-    return await js.create_key_value(KeyValueConfig(bucket=names.run_stops_bucket, history=1, ttl=TTL_S,
-                                                    storage=StorageType.FILE, replicas=replicas))
+    return await ensure_kv(js, KeyValueConfig(bucket=names.run_stops_bucket, history=1, ttl=TTL_S,
+                                              storage=StorageType.FILE, replicas=replicas))
 
 
 def stop_row(names: Names, run: Mapping[str, Any]) -> dict:

@@ -24,7 +24,7 @@ from nats.js.errors import KeyNotFoundError, KeyWrongLastSequenceError, KeyValue
 
 from shared import breaker
 from shared.breaker import Admission, BreakerState
-from shared.bus import Outgoing, mirror_kv, publish_many
+from shared.bus import Outgoing, ensure_kv, mirror_kv, publish_many
 from shared.messages import BreakerEvent
 from shared.subjects import Names
 
@@ -51,7 +51,8 @@ class BreakerBoard:
         self._watch_task: asyncio.Task | None = None
 
     async def start(self) -> None:
-        self._kv = await self._js.create_key_value(
+        self._kv = await ensure_kv(
+            self._js,
             KeyValueConfig(bucket=self._names.breakers_bucket, history=1, storage=StorageType.FILE, replicas=self._replicas)
         )
         # Breakers already open are known before the first job.

@@ -16,6 +16,7 @@ from nats.js import JetStreamContext
 from nats.js.api import KeyValueConfig, StorageType
 from nats.js.errors import KeyNotFoundError, KeyValueError, KeyWrongLastSequenceError
 
+from shared.bus import ensure_kv
 from shared.subjects import Names
 
 _KEY_SAFE = re.compile(r"[^-/_=.a-zA-Z0-9]")
@@ -55,7 +56,8 @@ class ProgressStore:
         self._kv = None
 
     async def start(self) -> None:
-        self._kv = await self._js.create_key_value(
+        self._kv = await ensure_kv(
+            self._js,
             KeyValueConfig(bucket=self._names.attempts_bucket, history=1, ttl=TTL_S, storage=StorageType.FILE,
                            replicas=self._replicas)
         )

@@ -7,6 +7,8 @@ import os
 import subprocess
 import sys
 
+import pytest
+
 
 def redrive(settings, *args):
     env = {**os.environ, "NATS_URL": settings.nats_url, "DATABASE_URL": settings.database_url,
@@ -31,3 +33,82 @@ async def test_tenant_and_key_creation_and_usage_errors(make_settings):
 
     balance = await open_account_direct(settings, tenant, 0, 0)  # idempotent: the CLI already opened it
     assert balance["monthly"]["allowance"] == 50
+
+
+REPLICAS_REFUSED = "REDRIVE_STREAM_REPLICAS=3 needs a NATS cluster; this server is not clustered (use 1)"
+
+
+async def test_stream_replicas_a_single_nats_server_cannot_hold_are_named(make_settings):
+    """REDRIVE_STREAM_REPLICAS=3 against one nats-server: the message names that setting, not
+    NATS_URL, whichever stream or key-value bucket the server refuses first, new or updated;
+    and the service exits 2 (bad configuration) with that one line. (The tests' NATS is one
+    server, tests/servers.py.)"""
+    from redrive.cli_common import describe
+    from services.coordinator.run_stops import ensure_bucket as ensure_run_stops_bucket
+    from services.executor.breakers import BreakerBoard
+    from services.executor.progress import ProgressStore
+    from shared import bus
+    from shared.handler_offers import ensure_bucket as ensure_handlers_bucket
+    from shared.settings import ConfigurationError
+    from shared.subjects import Names
+
+    settings = await make_settings(migrate=False, stream_replicas=3)
+    names = Names(settings.prefix)
+    nc = await bus.connect(settings, "test-replicas")
+    try:
+        js = nc.jetstream()
+        declarations = {
+            "streams": lambda: bus.ensure_streams(js, settings),
+            "run stops": lambda: ensure_run_stops_bucket(js, names, 3),
+            "handlers": lambda: ensure_handlers_bucket(js, names, 3),
+            "progress": lambda: ProgressStore(js, names, 3).start(),
+            "breakers": lambda: BreakerBoard(js, names, 3).start(),
+        }
+        for what, declare in declarations.items():
+            with pytest.raises(ConfigurationError) as refused:
+                await declare()
+            assert describe(refused.value) == REPLICAS_REFUSED, what
+        await bus.ensure_streams(js, settings.model_copy(update={"stream_replicas": 1}))  # exist: now an update
+        with pytest.raises(ConfigurationError) as refused:
+            await bus.ensure_streams(js, settings)
+        assert describe(refused.value) == REPLICAS_REFUSED
+    finally:
+        await nc.close()
+
+    env = {**os.environ, "NATS_URL": settings.nats_url, "DATABASE_URL": settings.database_url,
+           "REDRIVE_DATA_DIR": str(settings.data_dir), "REDRIVE_PREFIX": settings.prefix, "REDRIVE_STREAM_REPLICAS": "3"}
+    service = subprocess.run([sys.executable, "-m", "redrive", "service", "coordinator"], env=env, capture_output=True,
+                             text=True, timeout=60)
+    assert service.returncode == 2, service.stderr
+    assert service.stderr.strip().splitlines()[-1] == f"error: {REPLICAS_REFUSED}", service.stderr
+    assert "NATS_URL" not in service.stderr and "Traceback" not in service.stderr
+
+
+async def test_commands_given_only_the_data_dir_use_the_prefix_of_its_up(make_settings):
+    """`redrive up` records its REDRIVE_PREFIX in runtime.json: `redrive inspect` with only
+    REDRIVE_DATA_DIR looks at that stack's streams; REDRIVE_PREFIX, when set, still wins."""
+    from redrive.supervisor import Stack
+    from shared import bus
+
+    settings = await make_settings(migrate=False)
+    nc = await bus.connect(settings, "test-prefix")
+    try:
+        await bus.ensure_streams(nc.jetstream(), settings)
+    finally:
+        await nc.close()
+    Stack(settings).write_runtime("http://127.0.0.1:8080")  # as `redrive up` does, with its servers and prefix
+    env = {k: v for k, v in os.environ.items() if k not in ("NATS_URL", "DATABASE_URL", "REDRIVE_NATS_URL",
+                                                           "REDRIVE_DATABASE_URL", "REDRIVE_PREFIX")}
+    env["REDRIVE_DATA_DIR"] = str(settings.data_dir)
+
+    def inspect(**extra) -> dict:
+        seen = subprocess.run([sys.executable, "-m", "redrive", "inspect", "--json"], env=env | extra,
+                              capture_output=True, text=True, timeout=60)
+        assert seen.returncode == 0, seen.stderr
+        return json.loads(seen.stdout)
+
+    found = inspect()
+    assert found["prefix"] == settings.prefix
+    assert all("error" not in stream for stream in found["streams"].values()), found["streams"]  # its streams exist
+    assert inspect(NATS_URL=settings.nats_url)["prefix"] == settings.prefix  # the stack's NATS, named in the environment
+    assert inspect(REDRIVE_PREFIX="other")["prefix"] == "other"

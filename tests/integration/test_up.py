@@ -131,3 +131,85 @@ def test_a_service_waiting_for_nats_at_start_stops_on_sigterm(tmp_path):
         assert proc.wait(10) == 0
     finally:
         proc.kill()
+
+
+# `up` gives up (and stops everything it started) rather than print the URL of a system that
+# will never answer, or restart for ever a service that cannot run as configured.
+
+_REPO = Path(__file__).resolve().parents[2]
+
+
+def _up_that_gives_up(data_dir: Path, *args: str, timeout: float = 90, **env: str) -> subprocess.CompletedProcess:
+    """`redrive up` expected to exit on its own; Ctrl-C'd (and the test failed) if it does not."""
+    command = [sys.executable, "-m", "redrive", "up", "--data-dir", str(data_dir), "--port", str(free_port()), *args]
+    proc = subprocess.Popen(command, env={k: v for k, v in os.environ.items() if k not in _SERVER_VARS} | env, cwd=_REPO,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
+    try:
+        out, err = proc.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        proc.send_signal(signal.SIGINT)
+        out, err = proc.communicate(timeout=60)
+        raise AssertionError(f"`redrive up` was still running after {timeout}s:\n{out}\n{err}") from None
+    return subprocess.CompletedProcess(command, proc.returncode, out, err)
+
+
+def _left_behind(data_dir: Path) -> list[str]:
+    """Live processes of the system in ``data_dir``: its nats-server and PostgreSQL, its services."""
+    from shared.embedded import EmbeddedPostgres
+
+    found = [f"postgres (pid {pid})"] if (pid := EmbeddedPostgres(data_dir).pid) else []
+    for proc in psutil.process_iter(["cmdline", "status"]):
+        try:
+            if proc.info["status"] == psutil.STATUS_ZOMBIE:
+                continue
+            cmdline = " ".join(proc.info["cmdline"] or [])
+            if str(data_dir) in cmdline or proc.environ().get("REDRIVE_DATA_DIR") == str(data_dir):
+                found.append(cmdline)
+        except psutil.Error:  # gone meanwhile, or not ours to look at
+            pass
+    return found
+
+
+def _the_error(result: subprocess.CompletedProcess) -> str:
+    text = result.stderr.strip()
+    assert text.count("\n") == 0 and text.startswith("error: "), text
+    assert "API:" not in result.stdout and "Admin key:" not in result.stdout, result.stdout
+    return text
+
+
+def test_up_with_handler_modules_that_do_not_load_starts_nothing(tmp_path):
+    data_dir = tmp_path / "rd"
+    refused = _up_that_gives_up(data_dir, REDRIVE_HANDLERS="myapp_that_is_not_there.handlers", timeout=60)
+    assert refused.returncode == 2
+    assert "REDRIVE_HANDLERS: cannot import 'myapp_that_is_not_there.handlers'" in _the_error(refused)
+    assert not (data_dir / "runtime.json").exists() and not (data_dir / "logs").exists()
+    assert not _left_behind(data_dir)
+
+
+def test_up_stops_when_a_service_cannot_run_as_configured(tmp_path):
+    """A service that exits 2 (its configuration) before the stack is ready: `up` names it and
+    its error, and stops everything, instead of restarting it for ever. Here one nats-server
+    cannot hold 3 replicas."""
+    data_dir = tmp_path / "rd"
+    data_dir.mkdir()
+    (data_dir / "runtime.json").write_text(json.dumps({"prefix": "stale"}))  # an earlier `up`'s
+    refused = _up_that_gives_up(data_dir, REDRIVE_STREAM_REPLICAS="3")
+    assert refused.returncode == 2
+    said = _the_error(refused)
+    name = said.removeprefix("error: ").split()[0]
+    assert name in ("coordinator", "executor-0", "notifier"), said  # the services that declare streams
+    assert said.startswith(f"error: {name} could not start (exit 2): REDRIVE_STREAM_REPLICAS=3 needs a NATS cluster; "
+                           "this server is not clustered (use 1); everything is stopped; see "
+                           f"{data_dir / 'logs' / name}.log"), said
+    assert not _left_behind(data_dir)
+    assert json.loads((data_dir / "runtime.json").read_text())["prefix"] == "redrive"  # its own, not the stale one
+
+
+def test_up_that_is_not_ready_in_time_stops_everything(tmp_path):
+    data_dir = tmp_path / "rd"
+    late = _up_that_gives_up(data_dir, "--ready-timeout", "5", REDRIVE_HANDLERS="tests.integration.handlers_that_hang")
+    assert late.returncode == 1
+    said = _the_error(late)
+    assert "not ready after 5 s (--ready-timeout): no answer on NATS from executor" in said, said
+    assert f"see {data_dir / 'logs'}" in said
+    assert not _left_behind(data_dir)
