@@ -69,9 +69,11 @@ async def test_stream_replicas_a_single_nats_server_cannot_hold_are_named(make_s
                 await declare()
             assert describe(refused.value) == REPLICAS_REFUSED, what
         await bus.ensure_streams(js, settings.model_copy(update={"stream_replicas": 1}))  # exist: now an update
-        with pytest.raises(ConfigurationError) as refused:
-            await bus.ensure_streams(js, settings)
-        assert describe(refused.value) == REPLICAS_REFUSED
+        version = nc.connected_server_version
+        if (version.major, version.minor) >= (2, 10):  # NATS 2.9 takes such an update without a word
+            with pytest.raises(ConfigurationError) as refused:
+                await bus.ensure_streams(js, settings)
+            assert describe(refused.value) == REPLICAS_REFUSED
     finally:
         await nc.close()
 
