@@ -11,6 +11,7 @@ from pathlib import Path
 
 import pytest
 from aiohttp import web
+from aiohttp.test_utils import TestServer
 
 from services.executor.handlers.registry import HandlerRegistry
 from shared.errors import PermanentError, TransientError, classify
@@ -49,13 +50,10 @@ async def ocr_service():
 
     app = web.Application()
     app.router.add_post("/v1/ocr", ocr)
-    runner = web.AppRunner(app)
-    await runner.setup()
-    site = web.TCPSite(runner, "127.0.0.1", 0)
-    await site.start()
-    port = site._server.sockets[0].getsockname()[1]
-    yield f"http://127.0.0.1:{port}/v1/ocr", answers
-    await runner.cleanup()
+    server = TestServer(app, host="127.0.0.1")
+    await server.start_server()
+    yield str(server.make_url("/v1/ocr")), answers
+    await server.close()
 
 
 def ctx(name: str):
