@@ -23,6 +23,7 @@ def utcnow() -> datetime:
 # consumes the message. Refused here, where it is a clear validation error that terminates
 # the one message, rather than there, where it would fail the whole batch's transaction.
 Count = Annotated[int, Field(ge=0, le=2**31 - 1)]
+FileStatus = Literal["PENDING", "SUCCEEDED", "FAILED", "ERROR", "SKIPPED", "CANCELLED"]
 # Ids on the wire. Ours are short (a run id is at most 64 characters, a job id under 100);
 # a longer one is a broken or forged message, refused where it is read: a 1 MB job id made
 # the executor's event (id in body and header) too large for the server, which then closed

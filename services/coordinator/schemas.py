@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from shared.messages import Count
+from shared.messages import Count, FileStatus
 from shared.requests import FileIn, RestoreBody, RunBody, SettingsBody, TemplateBody
 
 
@@ -62,6 +62,7 @@ class RunRef(Caller):
 class GetRun(RunRef):
     file_offset: Count = 0  # Count: within PostgreSQL integer, or the query fails, not the request
     file_limit: int = Field(default=1000, ge=1, le=1000)
+    file_status: list[FileStatus] | None = Field(default=None, min_length=1, max_length=6)  # only these
 
 
 class TimelinePage(RunRef):

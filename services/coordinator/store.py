@@ -77,21 +77,32 @@ async def load_files(conn: AsyncConnection, run_id: str, *, statuses: tuple[str,
 FILES_PAGE = 1000  # files per run body at most (and at most pages.PAGE_BYTES of them)
 
 
-async def run_body(conn: AsyncConnection, run: dict, *, offset: int = 0, limit: int = FILES_PAGE) -> dict:
-    """The run with one page of its files (api.md's run body, plus ``files_page``)."""
+async def run_body(conn: AsyncConnection, run: dict, *, offset: int = 0, limit: int = FILES_PAGE,
+                   statuses: list[str] | None = None) -> dict:
+    """The run with one page of its files (api.md's run body, plus ``files_page``): those
+    from index ``offset`` on, or only those in ``statuses`` (a 100,000-file run's twelve
+    failures, without paging through the rest)."""
     from services.coordinator.views import optional_steps, run_view
 
-    rows = (await conn.execute(text("SELECT * FROM coordinator.files WHERE run_id = :r AND idx >= :o ORDER BY idx LIMIT :l"),
-                               {"r": run["id"], "o": offset, "l": limit})).mappings().all()
+    sql = "SELECT * FROM coordinator.files WHERE run_id = :r AND idx >= :o"
+    params: dict[str, Any] = {"r": run["id"], "o": offset, "l": limit}
+    if statuses:
+        sql += " AND status = ANY(:s)"
+        params["s"] = list(statuses)
+    rows = (await conn.execute(text(sql + " ORDER BY idx LIMIT :l"), params)).mappings().all()
     steps = (await conn.execute(text("SELECT steps FROM coordinator.templates WHERE id = :t AND tenant_id = :tenant"),
                                 {"t": run["template_id"], "tenant": run["tenant_id"]})).scalar_one_or_none() or []
     body = run_view(run, [dict(r) for r in rows], optional_steps(steps))
     body["files"], cut = pages.within_page(_output_omitted_when_too_large(f) for f in body["files"])
-    if cut:
+    if cut or (statuses and len(rows) == limit):
         next_offset = body["files"][-1]["index"] + 1
+    elif statuses:
+        next_offset = None
     else:
         next_offset = offset + limit if offset + limit < run["total"] else None
     body["files_page"] = {"offset": offset, "limit": limit, "next_offset": next_offset}
+    if statuses:
+        body["files_page"]["status"] = list(statuses)
     return body
 
 

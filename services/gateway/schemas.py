@@ -13,7 +13,7 @@ from typing import Any, Literal
 from multidict import MultiMapping
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
-from shared.messages import ServiceError
+from shared.messages import FileStatus, ServiceError
 from shared.requests import RestoreBody, RunBody, SettingsBody, TemplateBody
 
 __all__ = [
@@ -67,6 +67,13 @@ class RunFilesQuery(_Query):
 
     file_offset: int | None = Field(default=None, ge=0, le=2**31 - 1)  # a PostgreSQL integer: beyond, the query fails
     file_limit: int | None = Field(default=None, ge=1, le=1000)
+    # Only files in these statuses, comma-separated: ?file_status=FAILED,ERROR
+    file_status: list[FileStatus] | None = Field(default=None, min_length=1, max_length=6)
+
+    @field_validator("file_status", mode="before")
+    @classmethod
+    def _comma_separated(cls, v: Any) -> Any:
+        return [part.strip().upper() for part in v.split(",") if part.strip()] if isinstance(v, str) else v
 
 
 class NotificationsQuery(_Query):

@@ -84,6 +84,34 @@ async def test_a_run_from_the_api_is_listed_live_and_opens_with_its_files(system
     await expect(page.get_by_test_id("error-banner")).to_be_hidden()
 
 
+async def test_only_failed_and_error_files_can_be_shown_and_paged(system, dashboard):
+    _, key = await system.tenant(monthly=2000)
+    ui, page = dashboard, dashboard.page
+    template = await system.template(key, [{"name": "work", "handler": "flaky", "params": {"poison": "bad"}}])
+    names = [f"{'bad' if i % 400 == 7 else 'ok'}-{i}.txt" for i in range(1200)]  # bad at 7, 407, 807
+    run_id = (await system.submit(key, template, names))["id"]
+    run = await system.finished(key, run_id)
+    assert run["counts"]["errored"] == 3  # the setup
+    await ui.sign_in(key)
+    await ui.open_run(run_id)
+    rows = page.get_by_test_id("files-table").locator("tbody tr")
+    await expect(rows).to_have_count(1000)  # a page of every status
+    await expect(page.get_by_test_id("files-page")).to_have_text("files 0–999 of 1200")
+
+    await page.get_by_test_id("problems-only").check()
+    await expect(rows).to_have_count(3)
+    for i in (7, 407, 807):
+        await expect(ui.file_row(i).locator(".badge")).to_have_text("ERROR")
+    await expect(page.get_by_test_id("next-files")).to_be_hidden()  # all of them on one page
+
+    await page.get_by_test_id("problems-only").uncheck()
+    await expect(rows).to_have_count(1000)
+    await page.get_by_test_id("next-files").click()
+    await expect(page.get_by_test_id("files-page")).to_have_text("files 1000–1199 of 1200")
+    await page.get_by_test_id("previous-files").click()
+    await expect(page.get_by_test_id("files-page")).to_have_text("files 0–999 of 1200")
+
+
 async def test_retry_file_then_continue_completes_the_run_and_charges_each_rerun_once(system, dashboard):
     _, key = await system.tenant()
     ui, page = dashboard, dashboard.page

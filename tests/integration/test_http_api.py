@@ -372,3 +372,35 @@ async def test_credit_amounts_past_32_bits_are_refused_or_charged_exactly(api):
     assert (await r.json())["credits"]["consumed"] == 2_200_000_000
     after = await (await http.get("/api/v1/credits", headers=admin)).json()
     assert after["monthly"]["remaining"] + after["purchased"]["remaining"] == available + 2_200_000_000 - 2_200_000_000
+
+
+async def test_a_run_body_can_hold_only_the_files_in_some_statuses(api):
+    http, keys = api["http"], api["keys"]
+    admin = auth(keys["tenant_admin"])
+    t = await (await http.post("/api/v1/templates", json={"name": "p", "steps": [
+        {"name": "a", "handler": "flaky", "params": {"poison": "bad"}}]}, headers=admin)).json()
+    names = ["bad-0", "ok-1", "bad-2", "ok-3", "bad-4"]
+    run = await (await http.post("/api/v1/workflow-runs", json={"template_id": t["id"], "files": [{"name": n} for n in names]},
+                                 headers=admin)).json()
+    done = await api["stack"].wait_run(api["tenant"], run["id"])
+    assert done["counts"]["errored"] == 3
+    url = f"/api/v1/workflow-runs/{run['id']}"
+
+    async def page(query: str) -> dict:
+        r = await http.get(url + query, headers=admin)
+        assert r.status == 200, await r.text()
+        return await r.json()
+
+    errors = await page("?file_status=error,FAILED")
+    assert [f["index"] for f in errors["files"]] == [0, 2, 4]
+    assert errors["files_page"] == {"offset": 0, "limit": 1000, "next_offset": None, "status": ["ERROR", "FAILED"]}
+    assert errors["counts"] == done["counts"]  # the run's own counts, whatever the filter
+    first = await page("?file_status=ERROR&file_limit=2")
+    assert [f["index"] for f in first["files"]] == [0, 2] and first["files_page"]["next_offset"] == 3
+    rest = await page("?file_status=ERROR&file_limit=2&file_offset=3")
+    assert [f["index"] for f in rest["files"]] == [4] and rest["files_page"]["next_offset"] is None
+    assert (await page("?file_status=SUCCEEDED"))["files"][0]["name"] == "ok-1"
+    for bad in ("DONE", "", "FAILED,nope"):
+        r = await http.get(f"{url}?file_status={bad}", headers=admin)
+        fields = (await r.json())["error"]["details"]["fields"]
+        assert r.status == 422 and all(f.startswith("file_status") for f in fields), (bad, fields)

@@ -14,7 +14,7 @@ from services.coordinator.views import run_view
 async def get_run(deps: Deps, cmd: GetRun) -> dict:
     async with deps.engine.connect() as conn:
         run = await store.load_run(conn, cmd.tenant_id, cmd.run_id)
-        return await store.run_body(conn, run, offset=cmd.file_offset, limit=cmd.file_limit)
+        return await store.run_body(conn, run, offset=cmd.file_offset, limit=cmd.file_limit, statuses=cmd.file_status)
 
 
 async def list_runs(deps: Deps, cmd: ListRuns) -> dict:
