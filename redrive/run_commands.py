@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import time
 from pathlib import Path
-from urllib.parse import quote
+from urllib.parse import quote, urlencode
 from typing import Optional
 
 import typer
@@ -12,6 +12,7 @@ import typer
 from redrive.api_client import Api, ApiError
 from redrive.cli_common import App, DataDir, JsonOut, api_call as _api_call, fail as _fail, print_json as _print
 from redrive.cli_common import settings_from as _settings
+from redrive.run_view import print_run
 
 run_app = App(no_args_is_help=True, help="Workflow runs.")
 
@@ -40,22 +41,37 @@ def run_submit(
         else:
             files.append({"name": item})
     body = {"template_id": template, "files": files, "max_retry_count": max_retry_count, "mode": mode}
-    _print(_api_call(_settings(data_dir), "POST", "/workflow-runs", body, idempotent=True), as_json)
+    _show(_api_call(_settings(data_dir), "POST", "/workflow-runs", body, idempotent=True), as_json)
 
 
 def _run_path(run_id: str) -> str:
     return f"/workflow-runs/{quote(run_id, safe='')}"  # an id is one path segment, whatever it holds
 
 
-def _run_action(run_id: str, action: str, data_dir, as_json: bool, method="POST", body=None) -> None:
-    path = _run_path(run_id) + (f"/{action}" if action else "")
-    _print(_api_call(_settings(data_dir), method, path, body, idempotent=method == "POST"), as_json)
+def _run_action(run_id: str, action: str, data_dir, as_json: bool, method="POST", body=None, query: str = "") -> None:
+    path = _run_path(run_id) + (f"/{action}" if action else "") + query
+    _show(_api_call(_settings(data_dir), method, path, body, idempotent=method == "POST"), as_json)
+
+
+def _show(answer, as_json: bool) -> None:
+    """A run body for a person (print_run), or with --json as the API gave it."""
+    if as_json or not isinstance(answer, dict) or "counts" not in answer:
+        _print(answer, as_json)
+    else:
+        print_run(answer)
 
 
 @run_app.command("show")
-def run_show(run_id: str, data_dir: Optional[Path] = DataDir, as_json: bool = JsonOut) -> None:
-    """A run with its files."""
-    _run_action(run_id, "", data_dir, as_json, method="GET")
+def run_show(
+    run_id: str,
+    status: Optional[str] = typer.Option(None, "--status", help="only files in these statuses, e.g. FAILED,ERROR"),
+    file_offset: int = typer.Option(0, "--file-offset", min=0, max=2**31 - 1, help="files from this index on"),
+    data_dir: Optional[Path] = DataDir,
+    as_json: bool = JsonOut,
+) -> None:
+    """A run with (a page of) its files."""
+    query = {k: v for k, v in (("file_status", status), ("file_offset", file_offset or None)) if v is not None}
+    _run_action(run_id, "", data_dir, as_json, method="GET", query="?" + urlencode(query) if query else "")
 
 
 @run_app.command("retry-failed")
@@ -86,7 +102,7 @@ def run_restore(
 ) -> None:
     """Rewind files to an earlier checkpoint and resume them (platform admin)."""
     body = {"checkpoint_step": checkpoint_step} | ({"file_index": file_index} if file_index is not None else {})
-    _print(_api_call(_settings(data_dir), "POST", f"/admin{_run_path(run_id)}/restore", body), as_json)
+    _show(_api_call(_settings(data_dir), "POST", f"/admin{_run_path(run_id)}/restore", body), as_json)
 
 
 # A watch outlives a restart of the gateway or of a service behind it: it says so once per

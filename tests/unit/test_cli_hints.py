@@ -34,11 +34,13 @@ class _Scripted(http.server.BaseHTTPRequestHandler):
 
     script: list = []
     served = threading.Event()  # set at each answer
+    paths: list[str] = []  # what was asked, in order
 
     def log_message(self, *args):
         pass
 
     def do_GET(self):
+        type(self).paths.append(self.path)
         step = self.script.pop(0) if len(self.script) > 1 else self.script[0]
         if step == "drop":
             self.close_connection = True
@@ -57,6 +59,7 @@ class _Server:
     def __init__(self, script: list, port: int = 0) -> None:
         _Scripted.script = list(script)
         _Scripted.served = threading.Event()
+        _Scripted.paths = []
         self.http = http.server.ThreadingHTTPServer(("127.0.0.1", port), _Scripted)
         threading.Thread(target=self.http.serve_forever, daemon=True).start()
         self.port = self.http.server_address[1]
@@ -200,3 +203,26 @@ def test_attention_shows_ids_and_statuses_whole_at_80_columns(api):
 def test_demo_help_says_what_it_does(cli):
     text = " ".join(cli("demo", "--help", code=0).stdout.split())
     assert "platform tenant" in text and "10 purchased credits" in text and "demo tenant" not in text
+
+
+# `run show` for a person: the run's state, cost and files as lines and a table (--json: the body).
+
+def test_run_show_prints_the_run_for_a_person_and_asks_for_the_statuses_given(cli, api):
+    run = {**_run("COMPLETED_WITH_ERRORS"), "mode": "per_file", "max_retry_count": 3, "needs_attention": True,
+           "attention_reason": "failed", "credits": {"consumed": 2, "refunded": 0},
+           "counts": {"total": 2, "succeeded": 1, "failed": 1, "errored": 0, "pending": 0, "skipped": 0, "cancelled": 0},
+           "files": [{"index": 1, "name": "b.pdf", "status": "FAILED", "attempts": 4, "retry_attempt": 0,
+                      "last_error": {"class": "TransientError", "message": "rate limited", "transient": True}}],
+           "files_page": {"offset": 0, "limit": 1000, "next_offset": 7, "status": ["FAILED"]}}
+    server = api((200, run))
+    shown = cli("run", "show", RUN_ID, "--status", "FAILED,ERROR", code=0).stdout
+    assert _Scripted.paths[-1] == f"/api/v1/workflow-runs/{RUN_ID}?file_status=FAILED%2CERROR"
+    lines = shown.splitlines()
+    assert lines[0].split() == ["run", RUN_ID, "COMPLETED_WITH_ERRORS", "round", "1", "per_file", "max_retry_count", "3",
+                                "needs", "attention:", "failed"]
+    assert lines[1] == "files 2: 1 succeeded, 1 failed" and lines[2] == "credits consumed 2, refunded 0"
+    row = next(line for line in lines if line.strip().startswith("1 "))
+    assert row.split()[:5] == ["1", "b.pdf", "FAILED", "4", "0"] and "TransientError: rate limited" in row
+    assert lines[-1] == "more files: --file-offset 7"
+    assert json.loads(cli("run", "show", RUN_ID, "--json", code=0).stdout) == run  # as the API gave it
+    server.close()
