@@ -45,9 +45,14 @@ async def create_tenant(settings: Settings, name: str, monthly: int = 0, purchas
 async def create_key(settings: Settings, tenant_id: str, role: str, user: str) -> str:
     from services.gateway.identity import create_key as gateway_create_key
 
+    return await with_gateway_engine(settings, lambda engine: gateway_create_key(engine, tenant_id, role, user))
+
+
+async def with_gateway_engine(settings: Settings, use):
+    """``use(engine)`` with a one-connection engine on the gateway's tables, disposed after."""
     engine = make_engine(settings, pool_size=1)
     try:
-        return await gateway_create_key(engine, tenant_id, role, user)
+        return await use(engine)
     finally:
         await engine.dispose()
 

@@ -187,7 +187,63 @@ def key_create(
         key = asyncio.run(create_key(settings, tenant, role, user))
     except ValueError as exc:
         _fail(str(exc))
-    typer.echo(json.dumps({"key": key}) if as_json else key)
+    if as_json:
+        from redrive.bootstrap_admin import with_gateway_engine
+        from services.gateway.identity import key_id_of
+
+        key_id = asyncio.run(with_gateway_engine(settings, lambda engine: key_id_of(engine, key)))
+        typer.echo(json.dumps({"key": key, "id": key_id}))
+    else:
+        typer.echo(key)
+
+
+@key_app.command("list")
+def key_list(
+    tenant: Optional[str] = typer.Option(None, "--tenant", help="one tenant's keys (default: every tenant's)"),
+    data_dir: Optional[Path] = DataDir,
+    as_json: bool = JsonOut,
+) -> None:
+    """API keys: id, tenant, user, role, when made and revoked (never the key itself)."""
+    from redrive.bootstrap_admin import with_gateway_engine
+    from services.gateway.identity import list_keys
+
+    settings = _settings(data_dir)
+    require(settings, database=True)
+    keys = asyncio.run(with_gateway_engine(settings, lambda engine: list_keys(engine, tenant)))
+    if as_json:
+        _print(keys, True)
+        return
+    table = Table(Column("id", no_wrap=True), Column("tenant", no_wrap=True), Column("user", overflow="fold"),
+                  Column("role", no_wrap=True), Column("created", no_wrap=True), Column("revoked", no_wrap=True),
+                  box=box.SIMPLE_HEAD, show_edge=False, collapse_padding=True)
+    for k in keys:
+        table.add_row(k["id"], k["tenant_id"], k["user"], k["role"], f"{k['created_at']:%Y-%m-%d %H:%M}",
+                      f"{k['revoked_at']:%Y-%m-%d %H:%M}" if k["revoked_at"] else "-")
+    console.print(table)
+
+
+@key_app.command("revoke")
+def key_revoke(
+    key_id: str = typer.Argument(..., help="the key's id (redrive key list), or the key itself (rk_…)"),
+    data_dir: Optional[Path] = DataDir,
+    as_json: bool = JsonOut,
+) -> None:
+    """Revoke an API key: refused from then on (a gateway that checked it in the last 30 s may
+    still take it until its cache entry expires)."""
+    from redrive.bootstrap_admin import with_gateway_engine
+    from services.gateway.identity import KEY_PREFIX, key_id_of, revoke_key
+
+    settings = _settings(data_dir)
+    require(settings, database=True)
+
+    async def revoke(engine) -> str | None:
+        wanted = await key_id_of(engine, key_id) if key_id.startswith(KEY_PREFIX) else key_id
+        return wanted if wanted is not None and await revoke_key(engine, wanted) else None
+
+    revoked = asyncio.run(with_gateway_engine(settings, revoke))
+    if revoked is None:
+        _fail(f"no live key {key_id if not key_id.startswith(KEY_PREFIX) else 'like that'} (see `redrive key list`)")
+    typer.echo(json.dumps({"revoked": revoked}) if as_json else f"revoked {revoked}")
 
 
 @app.command()

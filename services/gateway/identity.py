@@ -81,6 +81,22 @@ async def revoke_key(engine: AsyncEngine, key_id: str) -> bool:
         return done.first() is not None
 
 
+async def list_keys(engine: AsyncEngine, tenant_id: str | None = None) -> list[dict]:
+    """Keys (never their secret: only its hash is kept), newest first; one tenant's or all."""
+    sql = ("SELECT id, tenant_id, user_name AS user, role, created_at, revoked_at FROM gateway.api_keys"
+           + (" WHERE tenant_id = :t" if tenant_id else "") + " ORDER BY created_at DESC, id")
+    async with engine.connect() as conn:
+        return [dict(r) for r in (await conn.execute(text(sql), {"t": tenant_id})).mappings()]
+
+
+async def key_id_of(engine: AsyncEngine, key: str) -> str | None:
+    """The id of a key given in full (to revoke a key one holds without knowing its id)."""
+    async with engine.connect() as conn:
+        row = (await conn.execute(text("SELECT id FROM gateway.api_keys WHERE key_hash = :h"),
+                                  {"h": key_hash(key)})).first()
+    return row[0] if row else None
+
+
 class KeyCache:
     """Positive lookups for a short time, bounded (least recently used leave first), so the
     hot path does not ask PostgreSQL on every request."""

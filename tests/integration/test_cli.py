@@ -35,6 +35,36 @@ async def test_tenant_and_key_creation_and_usage_errors(make_settings):
     assert balance["monthly"]["allowance"] == 50
 
 
+async def test_keys_are_listed_without_their_secret_and_revoked_by_id_or_by_the_key(make_settings):
+    from services.gateway.identity import authenticate
+    from shared.db import make_engine
+
+    settings = await make_settings()
+    tenant = json.loads(redrive(settings, "tenant", "create", "acme", "--json").stdout)["tenant_id"]
+    made = [json.loads(redrive(settings, "key", "create", "--tenant", tenant, "--role", role, "--user", user,
+                               "--json").stdout) for role, user in (("member", "ann"), ("tenant_admin", "bob"))]
+    listed = json.loads(redrive(settings, "key", "list", "--tenant", tenant, "--json").stdout)
+    assert {(k["id"], k["user"], k["role"], k["revoked_at"]) for k in listed} == {
+        (made[0]["id"], "ann", "member", None), (made[1]["id"], "bob", "tenant_admin", None)}
+    assert not any(m["key"] in json.dumps(listed) for m in made)  # never the key itself
+    table = redrive(settings, "key", "list", "--tenant", tenant)
+    assert table.returncode == 0 and made[0]["id"] in table.stdout and "member" in table.stdout
+
+    engine = make_engine(settings, pool_size=1)
+    try:
+        assert await authenticate(engine, made[0]["key"]) is not None
+        by_id = redrive(settings, "key", "revoke", made[0]["id"])
+        assert by_id.returncode == 0 and by_id.stdout.strip() == f"revoked {made[0]['id']}"
+        by_key = redrive(settings, "key", "revoke", made[1]["key"], "--json")
+        assert by_key.returncode == 0 and json.loads(by_key.stdout) == {"revoked": made[1]["id"]}
+        assert await authenticate(engine, made[0]["key"]) is None and await authenticate(engine, made[1]["key"]) is None
+    finally:
+        await engine.dispose()
+    again = redrive(settings, "key", "revoke", made[0]["id"])
+    assert again.returncode == 1 and "no live key" in again.stderr and "Traceback" not in again.stderr
+    assert all(k["revoked_at"] for k in json.loads(redrive(settings, "key", "list", "--tenant", tenant, "--json").stdout))
+
+
 REPLICAS_REFUSED = "REDRIVE_STREAM_REPLICAS=3 needs a NATS cluster; this server is not clustered (use 1)"
 
 
