@@ -12,6 +12,7 @@ too. Anything else is logged with its stack and answered as ``internal`` without
 from __future__ import annotations
 
 import asyncio
+import time
 from collections.abc import Awaitable, Callable, Mapping
 from typing import Any
 
@@ -93,6 +94,12 @@ class MicroService:
     async def _answer(self, verb: str, fn: Verb, request: Request) -> None:
         # Its own task (see _spawn): the caller's trace is bound for this request alone.
         tracing.bind(tracing.trace_id_of(request.headers.get(tracing.HEADER)) if request.headers else None)
+        if _expired(request):
+            # The caller gave up and answered its client "unavailable": a request that NATS
+            # held through an outage and delivered now must not run (it would charge, create
+            # or grant what the client was told had failed, and a retry would do it twice).
+            log.warning("rpc.expired", service=self._service_name, verb=verb)
+            return
         try:
             payload = orjson.loads(request.data) if request.data else {}
             if not isinstance(payload, dict):
@@ -111,9 +118,11 @@ class MicroService:
             if refuses_its_data(exc):  # the request's own value: the caller's to fix, not ours
                 log.warning("rpc.value_refused", service=self._service_name, verb=verb, error=repr(exc)[:300])
                 body = error_reply(ServiceError("bad_request", "a value of the request is out of range or malformed"))
-            elif classify(exc).transient:
-                log.exception("rpc.failed", service=self._service_name, verb=verb, error=repr(exc))
-                body = error_reply(ServiceError("dependency_unavailable", "a dependency is unavailable; try again", {}))
+            elif (classified := classify(exc)).transient:
+                # One line, no stack: during an outage every request lands here.
+                log.warning("rpc.dependency_unavailable", service=self._service_name, verb=verb, error=repr(exc)[:300])
+                body = error_reply(ServiceError("dependency_unavailable", "a dependency is unavailable; try again",
+                                                {"cause": classified.error_class}))
             else:
                 log.exception("rpc.failed", service=self._service_name, verb=verb, error=repr(exc))
                 body = error_reply(ServiceError("internal", f"{self._service_name} could not complete {verb}"))
@@ -146,13 +155,19 @@ class RpcClient:
     async def call(self, service: str, verb: str, payload: dict[str, Any] | None = None, *, timeout: float | None = None) -> Any:
         subject = self._names.service(service, verb)
         data = orjson.dumps(payload or {}, default=_default)
+        if not self._nc.is_connected:
+            # nats-py would hold the request until it reconnects and send it then, after we
+            # told our caller it failed: refuse at once instead.
+            raise ServiceError("service_unavailable", "the message bus is unavailable", {"service": service})
+        timeout = timeout or self._timeout
+        headers = {**tracing.outgoing(), DEADLINE_HEADER: f"{time.time() + timeout:.3f}"}
         try:
-            msg = await self._nc.request(subject, data, timeout=timeout or self._timeout,
-                                         headers=tracing.outgoing() or None)
+            msg = await self._nc.request(subject, data, timeout=timeout, headers=headers)
         except nats.errors.NoRespondersError:
-            # Nobody listens on the verb's subject: either the service is down, or it is up
-            # and has no such verb. Its micro discovery subject tells which.
-            if await self._is_running(service):
+            # Nobody listens on the verb's subject: either the service is down (or still
+            # subscribing again after a reconnect), or it is up and has no such verb. Its micro
+            # discovery subjects tell which.
+            if await self._lacks_verb(service, subject):
                 raise ServiceError("unknown_verb", f"the {service} service has no verb {verb!r}",
                                    {"service": service, "verb": verb})
             raise ServiceError("service_unavailable", f"the {service} service is not running", {"service": service})
@@ -172,12 +187,27 @@ class RpcClient:
         err = reply.get("error") or {}
         raise ServiceError(err.get("code", "internal"), err.get("message", "error"), err.get("details") or {})
 
-    async def _is_running(self, service: str) -> bool:
+    async def _lacks_verb(self, service: str, subject: str) -> bool:
+        """True only when the service answers and lists its endpoints without ``subject``."""
         try:
-            await self._nc.request(f"$SRV.PING.{self._names.prefix}-{service}", b"", timeout=min(1.0, self._timeout))
-            return True
-        except Exception:  # no responders, timeout, connection trouble: not (visibly) running
+            info = await self._nc.request(f"$SRV.INFO.{self._names.prefix}-{service}", b"",
+                                          timeout=min(1.0, self._timeout))
+            endpoints = orjson.loads(info.data).get("endpoints") or []
+        except Exception:  # no responders, timeout, connection trouble, garbled: not (visibly) running
             return False
+        return all(e.get("subject") != subject for e in endpoints if isinstance(e, dict))
+
+
+# When the caller stops waiting (unix seconds): a request still undelivered by then is dropped.
+DEADLINE_HEADER = "Redrive-Deadline"
+
+
+def _expired(request: Request) -> bool:
+    raw = request.headers.get(DEADLINE_HEADER) if request.headers else None
+    try:
+        return raw is not None and time.time() > float(raw)
+    except ValueError:
+        return False  # not ours to judge: answer it
 
 
 def _default(value: Any) -> Any:

@@ -1,0 +1,49 @@
+"""A request the caller stopped waiting for is not run: NATS holds requests through an
+outage and delivers them when it is back, long after the gateway told its client "503"."""
+
+from __future__ import annotations
+
+import time
+
+import nats.errors
+import orjson
+import pytest
+
+from shared.rpc import DEADLINE_HEADER
+from tests.stack import Stack
+
+
+@pytest.fixture(scope="module")
+async def stack(make_settings):
+    s = await Stack(await make_settings()).start("billing")
+    yield s
+    await s.stop()
+
+
+async def grant(stack: Stack, tenant: str, deadline: float) -> bytes:
+    msg = await stack.nc.request(stack.names.service("billing", "grant"),
+                                 orjson.dumps({"tenant_id": tenant, "purchased": 5, "actor": "test"}),
+                                 timeout=1.0, headers={DEADLINE_HEADER: f"{deadline:.3f}"})
+    return msg.data
+
+
+async def test_a_request_past_its_deadline_is_dropped_unrun(stack):
+    tenant = await stack.tenant(monthly=0)
+    with pytest.raises(nats.errors.TimeoutError):  # no answer: the caller is gone
+        await grant(stack, tenant, time.time() - 1)
+    assert [e["kind"] for e in await stack.ledger(tenant)] == ["grant", "grant"]  # the opening entries only
+    assert orjson.loads(await grant(stack, tenant, time.time() + 30))["ok"]
+    assert (await stack.call("billing", "balance", tenant_id=tenant))["purchased"]["remaining"] == 5
+
+
+async def test_a_call_while_the_bus_is_down_fails_at_once(stack):
+    from shared import bus
+    from shared.messages import ServiceError
+    from shared.rpc import RpcClient
+
+    nc = await bus.connect(stack.settings, "test-closed")
+    await nc.close()  # not connected, as during an outage
+    started = time.monotonic()
+    with pytest.raises(ServiceError) as refused:
+        await RpcClient(nc, stack.names, timeout=15).call("billing", "balance", {"tenant_id": "t"})
+    assert refused.value.code == "service_unavailable" and time.monotonic() - started < 1
