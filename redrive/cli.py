@@ -113,7 +113,7 @@ def _check_handlers(settings, handler: Optional[str] = None) -> None:
     """REDRIVE_HANDLERS loads (the executor would stop at its start) and knows ``handler``."""
     from services.executor.handlers.registry import builtin_registry
 
-    registry = builtin_registry()
+    registry = builtin_registry(allow_private_urls=settings.executor_allow_private_urls)
     try:
         registry.load_modules(settings.handlers)
     except ValueError as exc:  # an application module that does not import or register

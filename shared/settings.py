@@ -66,6 +66,13 @@ class Settings(BaseSettings):
     # In-progress acks for long steps; off only to reproduce late acks in chaos tests.
     executor_keepalive: bool = True
     handlers: str = ""  # REDRIVE_HANDLERS: comma-separated modules that register handlers
+    # The built-in download and http_call handlers reach public addresses only (no 127.0.0.1,
+    # 10.x, 169.254.169.254…, judged again at connect time and at each redirect) unless this
+    # is set: a single-tenant install fetching from its own network.
+    executor_allow_private_urls: bool = False
+    # flaky's ``crash`` param exits the executor every tenant shares: only for fault tests,
+    # never on a multi-tenant system (off: templates using it are refused, jobs error).
+    executor_allow_crash: bool = False
 
     # Coordinator.
     results_fetch_batch: int = Field(default=1000, ge=1, le=10_000)
@@ -99,6 +106,14 @@ class Settings(BaseSettings):
     # The largest HTTP request body. A run body larger than a bus message is sent on in
     # parts (services/gateway/staging.py); any other request must fit in one message.
     max_request_bytes: int = Field(default=64 * 2**20, ge=64 * 1024, le=2**31 - 1)
+    # Live-event streams (GET /api/v1/events) open at once per API key and per tenant, in
+    # this gateway process: one more is a 429. Each holds a connection and a queue, and
+    # every event is fanned out to each on the gateway's loop.
+    sse_max_per_key: int = Field(default=10, ge=1, le=10_000)
+    sse_max_per_tenant: int = Field(default=100, ge=1, le=100_000)
+    # GET /metrics is public unless this is set; then it needs Authorization: Bearer <token>.
+    # (Its labels name tenants and their dependencies; each scrape asks the services.)
+    metrics_token: str | None = Field(default=None, max_length=1000)
 
     log_level: str = "INFO"
     log_json: bool = False
@@ -110,6 +125,15 @@ class Settings(BaseSettings):
         if level not in _LOG_LEVELS:
             raise ValueError(f"expected one of {', '.join(_LOG_LEVELS)} (any case)")
         return level
+
+    @field_validator("metrics_token")
+    @classmethod
+    def _metrics_token_is_a_secret(cls, v: str | None) -> str | None:
+        if v is None or not v.strip():
+            return None  # REDRIVE_METRICS_TOKEN= (empty): public, as unset
+        if len(v) < 16 or not (v.isascii() and v.isprintable()) or " " in v:
+            raise ValueError("expected at least 16 printable ASCII characters without spaces")
+        return v
 
     @field_validator("prefix")
     @classmethod

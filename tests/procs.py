@@ -37,7 +37,8 @@ class ProcStack(Stack):
                "REDRIVE_DATA_DIR": str(s.data_dir), "REDRIVE_PORT": str(self.port), "REDRIVE_LOG_LEVEL": "INFO"}
         for field in ("executor_ack_wait_s", "executor_max_deliver", "recovery_interval_s", "recovery_lease_s",
                       "credit_intent_timeout_s", "recovery_max_failures", "executor_keepalive", "handlers",
-                      "executor_concurrency", "request_timeout_s"):
+                      "executor_concurrency", "request_timeout_s", "executor_allow_crash",
+                      "executor_allow_private_urls"):
             env[f"REDRIVE_{field.upper()}"] = str(getattr(s, field))
         env.update(self.extra_env)
         return env

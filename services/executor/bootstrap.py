@@ -26,7 +26,8 @@ class ExecutorService:
 
     async def start(self) -> None:
         s, names = self.settings, self.names
-        registry = builtin_registry()
+        registry = builtin_registry(allow_private_urls=s.executor_allow_private_urls,
+                                    allow_crash=s.executor_allow_crash)
         if s.handlers:
             registry.load_modules(s.handlers)
         self.nc = await bus.connect(s, "executor")

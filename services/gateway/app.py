@@ -9,6 +9,10 @@ the tables in routes.py; nothing here connects to anything.
 from __future__ import annotations
 
 import asyncio
+import base64
+import hashlib
+import hmac
+import re
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -20,8 +24,9 @@ from sqlalchemy.ext.asyncio import AsyncEngine
 
 from shared import tracing
 from shared.db import ping
+from shared.messages import ServiceError
 from shared.rpc import RpcClient
-from services.gateway.auth import auth_middleware, existing_tenant, principal_of
+from services.gateway.auth import auth_middleware, bearer_key, existing_tenant, principal_of
 from services.gateway.errors import errors_middleware
 from services.gateway.events import EventHub
 from services.gateway.identity import KeyCache, Principal, authenticate
@@ -33,6 +38,8 @@ DASHBOARD = Path(__file__).parent / "static" / "dashboard.html"
 PLACEHOLDER = ("<!doctype html><title>redrive</title><h1>redrive</h1>"
                "<p>The dashboard is not installed. The API is at <a href='/api/v1/openapi.json'>/api/v1/openapi.json</a>.</p>")
 READY_TIMEOUT_S = 3.0
+# The page's own inline <script> and <style> blocks (no src: an external script is 'self').
+_INLINE = re.compile(r"<(script|style)(?![^>]*\bsrc\s*=)[^>]*>(.*?)</\1\s*>", re.IGNORECASE | re.DOTALL)
 
 
 @dataclass
@@ -46,6 +53,8 @@ class Deps:
     max_body_bytes: int = 64 * 1024 * 1024  # REDRIVE_MAX_REQUEST_BYTES
     registry: CollectorRegistry = field(default_factory=CollectorRegistry)
     system: SystemMetrics | None = None  # breakers and consumer backlogs, read per scrape
+    # REDRIVE_METRICS_TOKEN: when set, GET /metrics needs "Authorization: Bearer <it>".
+    metrics_token: str | None = None
 
 
 class HttpMetrics:
@@ -112,11 +121,54 @@ def build_app(deps: Deps) -> web.Application:
     return app
 
 
+def inline_hashes(html: str) -> dict[str, list[str]]:
+    """CSP sources (``'sha256-…'``) of each inline ``<script>`` and ``<style>`` of a page, by
+    tag: what a browser hashes is the element's text, its line ends normalised to LF."""
+    found: dict[str, list[str]] = {"script": [], "style": []}
+    for tag, body in _INLINE.findall(html):
+        text = body.replace("\r\n", "\n").replace("\r", "\n")
+        digest = base64.b64encode(hashlib.sha256(text.encode()).digest()).decode()
+        found[tag.lower()].append(f"'sha256-{digest}'")
+    return found
+
+
+def dashboard_headers(html: str) -> dict[str, str]:
+    """What the dashboard is sent with: it may not be framed (its buttons act: Continue,
+    Recover, Cancel…), and runs no script or style but its own inline blocks, by hash."""
+    hashes = inline_hashes(html)
+    policy = "; ".join([
+        "default-src 'self'",
+        "script-src " + (" ".join(hashes["script"]) or "'none'"),
+        "style-src " + (" ".join(hashes["style"]) or "'none'"),
+        "connect-src 'self'",
+        "img-src 'self' data:",  # the page's favicon is data:,
+        "frame-ancestors 'none'",
+        "base-uri 'none'",
+        "object-src 'none'",
+        "form-action 'self'",
+    ])
+    return {"Content-Security-Policy": policy, "X-Frame-Options": "DENY", "X-Content-Type-Options": "nosniff",
+            "Referrer-Policy": "no-referrer", "Cache-Control": "no-cache"}
+
+
+def _metrics_token_matches(request: web.Request, token: str) -> bool:
+    """Compared in constant time (hashes of equal length, whatever was sent)."""
+    sent = bearer_key(request)
+    return hmac.compare_digest(hashlib.sha256(sent.encode("utf-8", "surrogatepass")).digest(),
+                               hashlib.sha256(token.encode()).digest())
+
+
 def _local_handlers(deps: Deps) -> dict:
     document = openapi_document()
+    # Read once, at start: the page served is the page hashed (it is part of the install).
+    page = DASHBOARD.read_bytes() if DASHBOARD.is_file() else PLACEHOLDER.encode()
+    page_headers = dashboard_headers(page.decode())
+    page_etag = hashlib.sha256(page).hexdigest()[:32]
 
     async def events(request: web.Request) -> web.StreamResponse:
-        return await deps.hub.stream(request, await existing_tenant(request, principal_of(request), deps.engine))
+        principal = principal_of(request)
+        tenant_id = await existing_tenant(request, principal, deps.engine)
+        return await deps.hub.stream(request, tenant_id, principal.key_id)
 
     async def openapi(request: web.Request) -> web.Response:
         return web.json_response(document)
@@ -135,14 +187,22 @@ def _local_handlers(deps: Deps) -> dict:
         return web.json_response({"ready": ready, "checks": checks}, status=200 if ready else 503)
 
     async def metrics(request: web.Request) -> web.Response:
+        # Public unless the operator set a token (its labels name tenants and dependencies,
+        # and each scrape asks the services): checked before anything is asked.
+        if deps.metrics_token is not None and not _metrics_token_matches(request, deps.metrics_token):
+            raise ServiceError("unauthorized", "this gateway's /metrics needs its token "
+                                               "(Authorization: Bearer <REDRIVE_METRICS_TOKEN>)")
         if deps.system is not None:
             await deps.system.refresh()
         return web.Response(body=generate_latest(deps.registry), headers={"Content-Type": CONTENT_TYPE_LATEST})
 
     async def dashboard(request: web.Request) -> web.StreamResponse:
-        if DASHBOARD.is_file():
-            return web.FileResponse(DASHBOARD, headers={"Cache-Control": "no-cache"})
-        return web.Response(text=PLACEHOLDER, content_type="text/html")
+        if any(tag.value == page_etag for tag in request.if_none_match or ()):
+            response = web.Response(status=304, headers=page_headers)
+        else:
+            response = web.Response(body=page, content_type="text/html", charset="utf-8", headers=page_headers)
+        response.etag = page_etag
+        return response
 
     return {"events": events, "openapi": openapi, "healthz": healthz, "readyz": readyz, "metrics": metrics,
             "dashboard": dashboard}

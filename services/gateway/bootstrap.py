@@ -36,11 +36,12 @@ class GatewayService:
         self.nc = await bus.connect(s, "gateway")
         # The engine connects lazily: the gateway starts (and /readyz says 503) without a database.
         self.engine = make_engine(s, pool_size=10, application_name="redrive-gateway")
-        self.hub = EventHub(self.nc, names)
+        self.hub = EventHub(self.nc, names, max_per_key=s.sse_max_per_key, max_per_tenant=s.sse_max_per_tenant)
         await self.hub.start()
         self.deps = Deps(
             nc=self.nc, engine=self.engine, rpc=RpcClient(self.nc, names, timeout=s.request_timeout_s), hub=self.hub,
             idempotency_lease_s=2 * s.request_timeout_s + 5, max_body_bytes=s.max_request_bytes,
+            metrics_token=s.metrics_token,
         )
         self.deps.system = SystemMetrics(self.deps.registry, self.deps.rpc, self.nc.jetstream(), names)
         self.app = build_app(self.deps)

@@ -29,6 +29,7 @@ STATUS_BY_CODE = {
     "run_running": 409, "run_not_recoverable": 409, "conflict": 409, "file_pending": 409,
     "idempotency_in_progress": 409,
     "payload_too_large": 413,
+    "too_many_requests": 429,  # a per-key or per-tenant cap (live event streams)
     "response_too_large": 500,
     "validation_error": 422, "idempotency_key_reused": 422,
     "internal": 500,
@@ -36,6 +37,7 @@ STATUS_BY_CODE = {
     "service_unavailable": 503, "dependency_unavailable": 503,
 }
 RETRY_AFTER_S = "2"
+RETRY_AFTER_429_S = "5"  # a capped resource is freed when a holder lets go: try again a little later
 _CODE_BY_HTTP_STATUS = {400: "bad_request", 404: "not_found", 405: "method_not_allowed", 413: "payload_too_large"}
 
 
@@ -49,6 +51,8 @@ def error_response(code: str, message: str, details: dict[str, Any] | None = Non
     headers = dict(headers or {})
     if status == 503:
         headers["Retry-After"] = RETRY_AFTER_S
+    elif status == 429:
+        headers.setdefault("Retry-After", RETRY_AFTER_429_S)
     if status == 401:
         headers["WWW-Authenticate"] = 'Bearer realm="redrive"'
     body = dumps({"error": {"code": code, "message": message, "details": details or {}}})

@@ -13,6 +13,12 @@ open) is disconnected, so it holds no handler, queue or subscription forever.
 
 The subscription exists only while someone listens, so an idle gateway does not receive
 the (high-volume) file events at all.
+
+Streams are capped per API key and per tenant (``REDRIVE_SSE_MAX_PER_KEY``,
+``REDRIVE_SSE_MAX_PER_TENANT``): each one holds a connection, a queue and a share of every
+fan-out on the gateway's loop, so one key opening thousands would slow every tenant's API.
+One more is refused with a 429 before anything is held; a slot is free again as soon as
+its stream ends.
 """
 
 from __future__ import annotations
@@ -25,27 +31,40 @@ import structlog
 from aiohttp import web
 from nats.aio.client import Client as NatsClient
 
+from shared.messages import ServiceError
 from shared.subjects import Names
 
 log = structlog.get_logger(__name__)
 
 KEEPALIVE_S = 15.0
+# How soon a stream whose client went away notices (and frees its slot): aiohttp does not
+# cancel the handler when a GET's connection drops, and nothing is written for up to KEEPALIVE_S.
+LIVENESS_S = 1.0
 WRITE_TIMEOUT_S = 60.0
 QUEUE_SIZE = 1000
+MAX_PER_KEY = 10
+MAX_PER_TENANT = 100
 TENANT_HEADER = "Redrive-Tenant"
 _CLOSE = b""  # sentinel: the hub is stopping
 
 
 class EventHub:
     def __init__(self, nc: NatsClient, names: Names, *, keepalive_s: float = KEEPALIVE_S,
-                 queue_size: int = QUEUE_SIZE, write_timeout_s: float = WRITE_TIMEOUT_S) -> None:
+                 queue_size: int = QUEUE_SIZE, write_timeout_s: float = WRITE_TIMEOUT_S,
+                 max_per_key: int = MAX_PER_KEY, max_per_tenant: int = MAX_PER_TENANT,
+                 liveness_s: float = LIVENESS_S) -> None:
         self._nc = nc
         self._names = names
         self._events_prefix = f"{names.prefix}.events."
         self._keepalive_s = keepalive_s
+        self._liveness_s = min(liveness_s, keepalive_s)
         self._write_timeout_s = write_timeout_s
         self._queue_size = queue_size
         self._by_tenant: dict[str, set[asyncio.Queue]] = {}
+        self._max_per_key = max_per_key
+        self._max_per_tenant = max_per_tenant
+        self._key_of: dict[asyncio.Queue, str] = {}  # the API key each stream was opened with
+        self._by_key: dict[str, int] = {}
         self._clients = 0
         self._sub = None
         self._subscribing = asyncio.Lock()
@@ -69,9 +88,35 @@ class EventHub:
 
     # ---- clients and fan-out -------------------------------------------------------------
 
-    def register(self, tenant_id: str) -> asyncio.Queue[bytes]:
+    def streams_of(self, *, tenant_id: str | None = None, key_id: str | None = None) -> int:
+        """Streams open for this tenant, or with this API key."""
+        if key_id is not None:
+            return self._by_key.get(key_id, 0)
+        return len(self._by_tenant.get(tenant_id, ())) if tenant_id is not None else self._clients
+
+    def admit(self, tenant_id: str, key_id: str | None = None) -> asyncio.Queue[bytes]:
+        """:meth:`register` within the caps: ServiceError ``too_many_requests`` (429) past one.
+        Checked and counted with no await in between, so concurrent requests cannot overshoot."""
+        if key_id is not None and self.streams_of(key_id=key_id) >= self._max_per_key:
+            raise ServiceError(
+                "too_many_requests",
+                f"this API key already has {self._max_per_key} live event streams open, the most allowed "
+                "(REDRIVE_SSE_MAX_PER_KEY); close one before opening another",
+                {"limit": self._max_per_key, "per": "key"})
+        if self.streams_of(tenant_id=tenant_id) >= self._max_per_tenant:
+            raise ServiceError(
+                "too_many_requests",
+                f"this tenant already has {self._max_per_tenant} live event streams open, the most allowed "
+                "(REDRIVE_SSE_MAX_PER_TENANT); close one before opening another",
+                {"limit": self._max_per_tenant, "per": "tenant"})
+        return self.register(tenant_id, key_id)
+
+    def register(self, tenant_id: str, key_id: str | None = None) -> asyncio.Queue[bytes]:
         queue: asyncio.Queue[bytes] = asyncio.Queue(maxsize=self._queue_size)
         self._by_tenant.setdefault(tenant_id, set()).add(queue)
+        if key_id is not None:
+            self._key_of[queue] = key_id
+            self._by_key[key_id] = self._by_key.get(key_id, 0) + 1
         self._clients += 1
         return queue
 
@@ -82,6 +127,13 @@ class EventHub:
             self._clients -= 1
             if not queues:
                 del self._by_tenant[tenant_id]
+            key_id = self._key_of.pop(queue, None)
+            if key_id is not None:
+                left = self._by_key[key_id] - 1
+                if left:
+                    self._by_key[key_id] = left
+                else:
+                    del self._by_key[key_id]
 
     def dispatch(self, subject: str, data: bytes, headers: Mapping[str, str] | None) -> None:
         """Queue one event for its tenant's clients (called once per event)."""
@@ -144,23 +196,31 @@ class EventHub:
 
     # ---- one client ------------------------------------------------------------------------
 
-    async def stream(self, request: web.Request, tenant_id: str) -> web.StreamResponse:
-        """Stream the tenant's events to this request until the client leaves or we stop."""
+    async def stream(self, request: web.Request, tenant_id: str, key_id: str | None = None) -> web.StreamResponse:
+        """Stream the tenant's events to this request until the client leaves or we stop
+        (a 429, ServiceError, when the key or the tenant has all the streams it may)."""
+        queue = self.admit(tenant_id, key_id)  # before any await: the slot is taken at once
         response = web.StreamResponse(headers={"Content-Type": "text/event-stream", "Cache-Control": "no-cache",
                                                "X-Accel-Buffering": "no"})
-        await response.prepare(request)
-        queue = self.register(tenant_id)
         try:
+            await response.prepare(request)
             await self._subscribe()
             await response.write(b": connected\n\n")
+            loop = asyncio.get_running_loop()
+            keepalive_at = loop.time() + self._keepalive_s
             while not self._stopping:
                 try:
-                    frame = await asyncio.wait_for(queue.get(), self._keepalive_s)
+                    frame = await asyncio.wait_for(queue.get(), self._liveness_s)
                 except asyncio.TimeoutError:
+                    if _gone(request):
+                        break  # the client left: its slot is free again
+                    if loop.time() < keepalive_at:
+                        continue
                     frame = b": keepalive\n\n"
                 if frame == _CLOSE:
                     break
                 await asyncio.wait_for(response.write(frame), self._write_timeout_s)
+                keepalive_at = loop.time() + self._keepalive_s
         except ConnectionResetError:
             pass  # the client went away
         except asyncio.TimeoutError:  # the client stopped reading: let it go, and what is buffered for it
@@ -176,6 +236,12 @@ class EventHub:
 def _cut(text: str, limit: int = 100) -> str:
     """A value from the wire, short enough for a log line."""
     return text[:limit]
+
+
+def _gone(request: web.Request) -> bool:
+    """The client's connection is closed or closing."""
+    transport = request.transport
+    return transport is None or transport.is_closing()
 
 
 def _drain(queue: asyncio.Queue) -> None:

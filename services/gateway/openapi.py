@@ -97,5 +97,12 @@ def _local(route: LocalRoute) -> dict[str, Any]:
     }
     if route.name == "readyz":
         op["responses"]["503"] = {"description": "a dependency is unreachable (see checks)"}
+    if route.name == "events":
+        op["responses"]["429"] = {"description": "the key or the tenant has all the live streams it may "
+                                                 "(REDRIVE_SSE_MAX_PER_KEY, REDRIVE_SSE_MAX_PER_TENANT); "
+                                                 "see Retry-After", **_ERROR_REF}
+    if route.name == "metrics":
+        op["responses"]["401"] = {"description": "only when the operator set REDRIVE_METRICS_TOKEN: "
+                                                 "send it as Authorization: Bearer <token>", **_ERROR_REF}
     op["security"] = [] if route.public else [{"bearer": []}]
     return op

@@ -227,7 +227,8 @@ async def test_a_429_and_5xx_storm_from_a_dependency(chaos_settings, tmp_path):
     site = web.TCPSite(runner, "127.0.0.1", 0)
     await site.start()
     port = site._server.sockets[0].getsockname()[1]
-    stack = await start(await chaos_settings())
+    # The dependency listens on 127.0.0.1: the executor may call it as a single-tenant install would.
+    stack = await start(await chaos_settings(executor_allow_private_urls=True))  # its dependency is local
     try:
         tenant = await stack.tenant(monthly=1000)
         await stack.call("coordinator", "put_settings", tenant_id=tenant, auto_retries=10, backoff_base_ms=50,

@@ -82,7 +82,10 @@ class Fakes:
 
 @pytest.fixture(scope="module")
 async def gw(make_settings):
-    settings = await make_settings(port=0, request_timeout_s=3, max_request_bytes=2 * 2**20)
+    # The SSE tests (here, test_sse_tenant_routing, test_notifier_receivers) hold up to 150
+    # streams with one key: past the default caps, which test_gateway_limits covers.
+    settings = await make_settings(port=0, request_timeout_s=3, max_request_bytes=2 * 2**20,
+                                   sse_max_per_key=500, sse_max_per_tenant=500)
     names = Names(settings.prefix)
     nc = await bus.connect(settings, "fakes")
     fakes = Fakes()

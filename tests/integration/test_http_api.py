@@ -404,3 +404,22 @@ async def test_a_run_body_can_hold_only_the_files_in_some_statuses(api):
         r = await http.get(f"{url}?file_status={bad}", headers=admin)
         fields = (await r.json())["error"]["details"]["fields"]
         assert r.status == 422 and all(f.startswith("file_status") for f in fields), (bad, fields)
+
+
+async def test_flaky_crash_and_unbounded_regexes_are_refused_by_a_system_that_does_not_allow_them(api):
+    """REDRIVE_EXECUTOR_ALLOW_CRASH is off (the default): a tenant admin cannot make a
+    template that would exit the executor every tenant shares, nor one with a regex past
+    the limits."""
+    http, keys = api["http"], api["keys"]
+    for params, field, words in (
+            ({"crash": "^poison"}, "steps.1.params",
+             ("'crash' is disabled on this system", "REDRIVE_EXECUTOR_ALLOW_CRASH")),
+            ({"poison": "a" * 201}, "steps.1.params", ("'poison' is too long", "200")),
+            ({"poison": "a{4294967294}"}, "steps.1.params", ("'poison' is too complex",))):
+        steps = [{"name": "a", "handler": "noop"}, {"name": "b", "handler": "flaky", "params": params}]
+        r = await http.post("/api/v1/templates", json={"name": "t", "steps": steps},
+                            headers=auth(keys["tenant_admin"]))
+        body = await r.json()
+        assert r.status == 422 and body["error"]["code"] == "validation_error", body
+        why = body["error"]["details"]["fields"][field]
+        assert all(w in why for w in words), why

@@ -142,6 +142,9 @@ TPL = "{tpl}"  # replaced by the world's template id
         "name": "b", "handler": "flaky", "params": {"sleep_ms": -5}}]}, "steps.1.params"),
     ("POST", "/templates", "tenant_admin", {"name": "t", "steps": [{"name": "a", "handler": "http_call",
                                                                      "params": {"url": "ftp://x"}}]}, "steps.0.params"),
+    # Calls the platform's own network (SSRF): the cloud metadata service.
+    ("POST", "/templates", "tenant_admin", {"name": "t", "steps": [{"name": "a", "handler": "http_call", "params": {
+        "url": "http://169.254.169.254/latest/meta-data/"}}]}, "steps.0.params"),
     ("POST", "/workflow-runs", "member", {"template_id": TPL, "files": [{"name": "a\x00"}]}, "files.0.name"),
     ("POST", "/workflow-runs", "member", {"template_id": TPL, "files": [{"name": "a", "url": "http://x/\x00"}]},
      "files.0.url"),
@@ -161,6 +164,8 @@ TPL = "{tpl}"  # replaced by the world's template id
     ("PUT", "/webhook", "tenant_admin", {"url": "https://example.com/h", "secret": "s\x00" * 16}, "secret"),
     ("PUT", "/webhook", "tenant_admin", {"url": "https://example.com/h", "secret": 10**20}, "secret"),
     ("PUT", "/webhook", "tenant_admin", {"url": "ftp://example.com/h", "secret": "s" * 16}, "url"),
+    # 169.254.169.254 behind the NAT64 prefix: an IPv6 form of a private IPv4 address.
+    ("PUT", "/webhook", "tenant_admin", {"url": "http://[64:ff9b::a9fe:a9fe]/h", "secret": "s" * 16}, "url"),
     # {"purchased": true} granted 1 credit; "5" and 5.0 granted 5.
     ("POST", "/admin/tenants/{other}/credits", "platform_admin", {"purchased": True}, "purchased"),
     ("POST", "/admin/tenants/{other}/credits", "platform_admin", {"purchased": "5"}, "purchased"),

@@ -138,3 +138,33 @@ async def test_setting_a_webhook_at_a_malformed_host_is_a_field_error(url, refus
     with pytest.raises(ServiceError) as refused:
         await put_webhook(None, cmd, Destinations())
     assert refused.value.code == "validation_error" and refused.value.details["fields"]["url"] == refusal
+
+
+@pytest.mark.parametrize("url, address", [
+    ("http://[::127.0.0.1]/x", "::127.0.0.1"),               # IPv4-compatible (::/96)
+    ("http://[::a9fe:a9fe]/x", "::a9fe:a9fe"),               # the same, for 169.254.169.254
+    ("http://[::ffff:0:7f00:1]/x", "::ffff:0:7f00:1"),       # IPv4-translated (::ffff:0:0:0/96)
+    ("http://[::ffff:0:a00:1]/x", "::ffff:0:a00:1"),         # the same, for 10.0.0.1
+    ("http://[64:ff9b::a9fe:a9fe]/x", "64:ff9b::a9fe:a9fe"),  # NAT64 well-known prefix, 169.254.169.254
+    ("http://[64:ff9b::7f00:1]/x", "64:ff9b::7f00:1"),       # the same, for 127.0.0.1
+    ("http://[64:ff9b:1::808:808]/x", "64:ff9b:1::808:808"),  # local-use NAT64 (64:ff9b:1::/48): never public
+    ("http://[2002:7f00:1::1]/x", "2002:7f00:1::1"),         # 6to4 of 127.0.0.1
+])
+async def test_setting_a_webhook_at_an_ipv6_form_of_a_private_ipv4_address_is_a_field_error(url, address):
+    refusal = f"must not point at a private or reserved address ({address})"
+    cmd = PutWebhook(tenant_id="t", url=url, secret="s" * 16)
+    with pytest.raises(ServiceError) as refused:
+        await put_webhook(None, cmd, Destinations())
+    assert refused.value.code == "validation_error" and refused.value.details["fields"]["url"] == refusal
+    assert Destinations(allow_private=True).refusal(url) is None
+
+
+async def test_a_name_resolving_to_ipv6_forms_of_private_ipv4_addresses_is_not_connected_to():
+    forms = ("::127.0.0.1", "::ffff:0:7f00:1", "64:ff9b::a9fe:a9fe", "64:ff9b:1::808:808", "2002:a00:1::1")
+    with pytest.raises(OSError, match="private or reserved"):
+        await PublicOnlyResolver(_Fixed(*forms)).resolve("aaaa.example", 443)
+    mixed = await PublicOnlyResolver(_Fixed(*forms, "64:ff9b::808:808")).resolve("aaaa.example", 443)
+    assert [r["host"] for r in mixed] == ["64:ff9b::808:808"]
+    # The same forms of a public address (8.8.8.8) are public.
+    for url in ("http://[64:ff9b::808:808]/x", "http://[::ffff:0:808:808]/x", "http://[2002:808:808::1]/x"):
+        assert Destinations().refusal(url) is None

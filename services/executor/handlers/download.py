@@ -5,6 +5,11 @@ The bytes on disk are the offset: each chunk is written and flushed before the n
 read. A resumed request sends ``Range: bytes=<offset>-`` with ``If-Range`` (the validator
 of the first response, kept in a sidecar), so a changed resource comes back whole (200) and
 restarts from 0; so does a server that ignores Range.
+
+The url must be a public destination unless the operator allows private ones
+(``REDRIVE_EXECUTOR_ALLOW_PRIVATE_URLS``; see outbound.py): judged before the request, at
+connect time, and at each redirect, which is followed (files are often served from a CDN a
+redirect points to) only after its target is judged like the first URL.
 """
 
 from __future__ import annotations
@@ -18,7 +23,9 @@ from urllib.parse import urlparse
 
 import aiohttp
 
+from shared.destinations import Destinations, redact_url
 from shared.errors import PermanentError, TransientError
+from services.executor.handlers import outbound
 from services.executor.handlers.base import FileRef, StepContext
 from services.executor.handlers.checksum import hash_file
 from services.executor.handlers.http_errors import raise_for_status
@@ -29,6 +36,8 @@ TIMEOUT = aiohttp.ClientTimeout(total=None, sock_connect=10, sock_read=30)
 PART, META = "download.part", "download.json"
 _RANGE_START = re.compile(r"bytes\s+(\d+)-")
 _RANGE_TOTAL = re.compile(r"/(\d+)\s*$")
+# Private destinations refused: what a handler called without the operator's choice gets.
+PUBLIC_ONLY = Destinations()
 
 
 def dependency_of(params: dict, file: FileRef) -> str | None:
@@ -37,12 +46,9 @@ def dependency_of(params: dict, file: FileRef) -> str | None:
     return urlparse(url).hostname if isinstance(url, str) else None
 
 
-def _url(ctx: StepContext) -> str:
-    url = ctx.params.get("url") or ctx.file.url
-    parsed = urlparse(url) if isinstance(url, str) else None
-    if parsed is None or parsed.scheme not in ("http", "https") or not parsed.hostname:
-        raise PermanentError(f"download needs an http(s) url (file.url or params.url), got {url!r}")
-    return url
+def _url(ctx: StepContext, destinations: Destinations) -> str:
+    return outbound.checked_url(ctx.params.get("url") or ctx.file.url, destinations,
+                                needs="download needs an http(s) url (file.url or params.url)", refused="download: url")
 
 
 def _expected(ctx: StepContext) -> tuple[int | None, str | None]:
@@ -84,7 +90,8 @@ def _mismatch(size: int, sha: str, want_size: int | None, want_sha: str | None) 
     return None
 
 
-async def _fetch(session, ctx: StepContext, url: str, part: Path, meta: Path, want_size: int | None) -> int | None:
+async def _fetch(session, ctx: StepContext, url: str, part: Path, meta: Path, want_size: int | None,
+                 destinations: Destinations) -> int | None:
     """Bring ``part`` up to the whole resource; return the offset this request resumed from,
     or None when the part was discarded and the caller should start again from 0."""
     offset = part.stat().st_size if part.exists() else 0
@@ -94,7 +101,7 @@ async def _fetch(session, ctx: StepContext, url: str, part: Path, meta: Path, wa
         headers["Range"] = f"bytes={offset}-"
         if validator := _saved_validator(meta):
             headers["If-Range"] = validator
-    async with session.get(url, headers=headers) as resp:
+    async with outbound.get(session, url, destinations, what="download", headers=headers) as resp:
         if resp.status == 416 and offset:
             total = _RANGE_TOTAL.search(resp.headers.get("Content-Range", ""))
             total_size = int(total.group(1)) if total else want_size
@@ -102,12 +109,12 @@ async def _fetch(session, ctx: StepContext, url: str, part: Path, meta: Path, wa
                 return offset  # the part already holds every byte (size/sha are verified next)
             part.unlink(missing_ok=True)  # larger than the resource: it changed under us
             return None
-        raise_for_status(resp.status, resp.headers.get("Retry-After"), f"download {url}")
+        raise_for_status(resp.status, resp.headers.get("Retry-After"), f"download {redact_url(url)}")
         if resp.status == 206:
             start = _RANGE_START.match(resp.headers.get("Content-Range", ""))
             if start is None or int(start.group(1)) != offset:
                 if not offset:
-                    raise TransientError(f"download {url}: 206 without a usable Content-Range")
+                    raise TransientError(f"download {redact_url(url)}: 206 without a usable Content-Range")
                 part.unlink(missing_ok=True)  # we cannot splice a range we did not ask for
                 return None
         else:
@@ -129,9 +136,10 @@ async def _fetch(session, ctx: StepContext, url: str, part: Path, meta: Path, wa
     return offset
 
 
-async def run(ctx: StepContext) -> dict:
+async def run(ctx: StepContext, *, destinations: Destinations = PUBLIC_ONLY) -> dict:
     """Download (resuming if possible), verify, and output ``{"path", "size", "sha256", "resumed_from"}``."""
-    url = _url(ctx)
+    url = _url(ctx, destinations)
+    shown = redact_url(url)
     want_size, want_sha = _expected(ctx)
     ctx.artifact_dir.mkdir(parents=True, exist_ok=True)
     part, meta = ctx.artifact_dir / PART, ctx.artifact_dir / META
@@ -143,17 +151,15 @@ async def run(ctx: StepContext) -> dict:
             return {"path": str(final), "size": size, "sha256": sha, "resumed_from": size}
         final.unlink()
     try:
-        async with aiohttp.ClientSession(timeout=TIMEOUT, auto_decompress=False) as session:
-            resumed_from = await _fetch(session, ctx, url, part, meta, want_size)
+        async with outbound.client_session(destinations, timeout=TIMEOUT, auto_decompress=False) as session:
+            resumed_from = await _fetch(session, ctx, url, part, meta, want_size, destinations)
             if resumed_from is None:  # the partial was unusable: go again from 0, now
-                resumed_from = await _fetch(session, ctx, url, part, meta, want_size)
+                resumed_from = await _fetch(session, ctx, url, part, meta, want_size, destinations)
             if resumed_from is None:
-                raise TransientError(f"download {url}: server keeps answering a different range")
-    except aiohttp.InvalidURL as exc:
-        raise PermanentError(f"download: invalid url {url!r}: {exc}") from None
-    except (aiohttp.ClientConnectionError, aiohttp.ClientPayloadError, asyncio.TimeoutError) as exc:
-        # The bytes already on disk stay: the next attempt resumes from them.
-        raise TransientError(f"download {url}: {type(exc).__name__}: {exc}".rstrip(": ")) from exc
+                raise TransientError(f"download {shown}: server keeps answering a different range")
+    except (aiohttp.ClientError, asyncio.TimeoutError) as exc:
+        # The bytes already on disk stay: a transient failure's next attempt resumes from them.
+        raise outbound.failure("download", url, exc) from exc
     sha, size = await hash_file(part)
     problem = _mismatch(size, sha, want_size, want_sha)
     if problem:
@@ -161,8 +167,8 @@ async def run(ctx: StepContext) -> dict:
         meta.unlink(missing_ok=True)
         if resumed_from:
             # Maybe the splice was wrong (the resource changed without a validator): retry from 0.
-            raise TransientError(f"download {url}: {problem} after resuming at byte {resumed_from}")
-        raise PermanentError(f"download {url}: {problem}")
+            raise TransientError(f"download {shown}: {problem} after resuming at byte {resumed_from}")
+        raise PermanentError(f"download {shown}: {problem}")
     part.replace(final)
     meta.unlink(missing_ok=True)
     return {"path": str(final), "size": size, "sha256": sha, "resumed_from": resumed_from}

@@ -5,20 +5,44 @@ seeded by job id and attempt), ``fail_attempts`` (attempts 1..k of each round fa
 ``fail_rounds`` (every attempt of rounds < k fails; rounds count from 0), ``poison`` (regex
 on the file name: permanent failure), ``crash`` (regex: the executor process exits at
 once), ``dependency`` (the simulated external dependency, for circuit breakers).
+
+The executor is shared by every tenant, so what a tenant's params can do to it is bounded:
+
+- ``crash`` works only where the operator allowed it (``REDRIVE_EXECUTOR_ALLOW_CRASH``, for
+  fault tests). Elsewhere a template using it is refused, and a job using it anyway
+  errors its file with that reason: the process never exits.
+- The regexes (Python ``re`` syntax) are at most :data:`MAX_PATTERN_CHARS` long, their
+  counted repetitions may not expand past :data:`MAX_PATTERN_SIZE` (compiling
+  ``a{4294967294}`` takes minutes), and a match that takes longer than
+  :data:`MATCH_TIMEOUT_S` (catastrophic backtracking: ``(a+)+$``) fails the file for good
+  instead of holding the event loop, where no step timeout could fire.
 """
 
 from __future__ import annotations
 
 import asyncio
+import functools
 import math
 import os
 import random
 import re
+from dataclasses import dataclass
+from re import _constants as sre_constants, _parser as sre_parser  # parse only: a tree to size
+
+import regex
 
 from shared.errors import PermanentError, TransientError
 from services.executor.handlers.base import FileRef, StepContext
 
 CRASH_EXIT_CODE = 86
+ALLOW_CRASH_SETTING = "REDRIVE_EXECUTOR_ALLOW_CRASH"
+MAX_PATTERN_CHARS = 200
+# Counted repetitions expanded (``(ab){3}`` is 6): compile time grows with it, ~0.4 µs each.
+# A file name is at most 1024 characters: nothing useful needs more.
+MAX_PATTERN_SIZE = 10_000
+# A name is matched in microseconds by any sane pattern; past this it is backtracking.
+MATCH_TIMEOUT_S = 0.1
+_REPEATS = (sre_constants.MAX_REPEAT, sre_constants.MIN_REPEAT, sre_constants.POSSESSIVE_REPEAT)
 
 
 def dependency_of(params: dict, file: FileRef) -> str | None:
@@ -27,16 +51,67 @@ def dependency_of(params: dict, file: FileRef) -> str | None:
     return str(dep) if dep else None
 
 
-def _regex(params: dict, name: str) -> re.Pattern | None:
+def _regex(params: dict, name: str) -> regex.Pattern | None:
     value = params.get(name)
     if value is None:
         return None
     if not isinstance(value, str):
         raise PermanentError(f"flaky: param {name!r} must be a regex string, got {type(value).__name__}")
+    if len(value) > MAX_PATTERN_CHARS:
+        raise PermanentError(f"flaky: param {name!r} is too long: at most {MAX_PATTERN_CHARS} characters, "
+                             f"got {len(value)}")
+    compiled = _compile(value)
+    if isinstance(compiled, str):
+        raise PermanentError(f"flaky: param {name!r} {compiled}")
+    return compiled
+
+
+@functools.lru_cache(maxsize=256)
+def _compile(pattern: str) -> regex.Pattern | str:
+    """The compiled pattern, or why it is refused (cached: every file of a run asks)."""
     try:
-        return re.compile(value)  # re caches compiled patterns, so this is cheap per call
-    except re.error as exc:
-        raise PermanentError(f"flaky: param {name!r} is not a valid regex: {exc}") from None
+        # Parsed by re first: the syntax stays Python's re (that of the contract), and the
+        # tree tells how far its repetitions expand before regex spends time compiling them.
+        size = _expanded_size(sre_parser.parse(pattern))
+        if size > MAX_PATTERN_SIZE:
+            return (f"is too complex: its repetitions expand to more than {MAX_PATTERN_SIZE} items "
+                    "(a file name is at most 1024 characters)")
+        return regex.compile(pattern, regex.VERSION0)
+    except (re.error, regex.error, OverflowError, RecursionError, ValueError) as exc:
+        return f"is not a valid regex: {exc}"
+
+
+def _expanded_size(parsed) -> int:
+    """How many items a parsed pattern holds once its counted repetitions are written out."""
+    total = 0
+    for op, av in parsed:
+        if op in _REPEATS:
+            low, high, sub = av
+            total += max(1, low if high == sre_constants.MAXREPEAT else high) * _expanded_size(sub)
+        else:
+            total += max(1, sum(_expanded_size(child) for child in _subpatterns(av)))
+        if total > MAX_PATTERN_SIZE:
+            break  # enough to refuse it
+    return total
+
+
+def _subpatterns(av):
+    if isinstance(av, sre_parser.SubPattern):
+        yield av
+    elif isinstance(av, (tuple, list)):
+        for item in av:
+            yield from _subpatterns(item)
+
+
+def _matches(pattern: regex.Pattern | None, param: str, file_name: str) -> bool:
+    """Whether ``pattern`` is found in the name, in at most MATCH_TIMEOUT_S (PermanentError past it)."""
+    if pattern is None:
+        return False
+    try:
+        return pattern.search(file_name, timeout=MATCH_TIMEOUT_S) is not None
+    except TimeoutError:
+        raise PermanentError(f"flaky: param {param!r}: pattern took too long (over {MATCH_TIMEOUT_S:g} s) "
+                             "to match this file's name; simplify it") from None
 
 
 def _number(params: dict, name: str, *, whole: bool = False, maximum: float | None = None) -> float:
@@ -62,7 +137,7 @@ def _transient(ctx: StepContext) -> TransientError:
     return TransientError(f"flaky: simulated transient failure (attempt {ctx.attempt})")
 
 
-def _parse(params: dict) -> tuple:
+def _parse(params: dict, *, allow_crash: bool) -> tuple:
     """Every param, checked (PermanentError naming the first bad one)."""
     # Validate everything first: a typo in one param must not hide behind another's effect.
     crash, poison = _regex(params, "crash"), _regex(params, "poison")
@@ -73,28 +148,43 @@ def _parse(params: dict) -> tuple:
     dep = params.get("dependency")
     if dep is not None and not isinstance(dep, str):
         raise PermanentError(f"flaky: param 'dependency' must be a string, got {type(dep).__name__}")
+    if crash is not None and not allow_crash:
+        raise PermanentError("flaky: param 'crash' is disabled on this system: it stops the executor every "
+                             "tenant shares, so it works only where the operator enables it for fault tests "
+                             f"(setting executor_allow_crash, {ALLOW_CRASH_SETTING}=true)")
     return crash, poison, sleep_ms, p, fail_attempts, fail_rounds
 
 
-def check_params(params: dict) -> None:
-    """For a template being made: the same checks as a run's (registry.check_steps)."""
-    _parse(params)
+@dataclass(frozen=True, slots=True)
+class Flaky:
+    """The handler, as the executor's settings allow it (``builtin_registry`` makes it)."""
+
+    allow_crash: bool = False  # REDRIVE_EXECUTOR_ALLOW_CRASH
+
+    def check_params(self, params: dict) -> None:
+        """For a template being made: the same checks as a run's (registry.check_steps)."""
+        _parse(params, allow_crash=self.allow_crash)
+
+    async def run(self, ctx: StepContext) -> dict:
+        """Crash, poison, sleep, then fail transiently as the params say; output ``{"attempt"}``."""
+        crash, poison, sleep_ms, p, fail_attempts, fail_rounds = _parse(ctx.params, allow_crash=self.allow_crash)
+
+        if _matches(crash, "crash", ctx.file.name):
+            # No cleanup, no ack: exactly what a segfault or an OOM kill looks like to the broker.
+            os._exit(CRASH_EXIT_CODE)
+        if _matches(poison, "poison", ctx.file.name):
+            raise PermanentError(f"flaky: {ctx.file.name!r} is poison")
+        if sleep_ms > 0:
+            await asyncio.sleep(sleep_ms / 1000)
+        if ctx.attempt <= fail_attempts or ctx.round < fail_rounds:
+            raise _transient(ctx)
+        # Seeded by job and attempt so a replay of the same attempt decides the same way.
+        if p > 0 and random.Random(f"{ctx.job_id}:{ctx.attempt}").random() < p:
+            raise _transient(ctx)
+        return {"attempt": ctx.attempt}
 
 
-async def run(ctx: StepContext) -> dict:
-    """Crash, poison, sleep, then fail transiently as the params say; output ``{"attempt"}``."""
-    crash, poison, sleep_ms, p, fail_attempts, fail_rounds = _parse(ctx.params)
-
-    if crash is not None and crash.search(ctx.file.name):
-        # No cleanup, no ack: exactly what a segfault or an OOM kill looks like to the broker.
-        os._exit(CRASH_EXIT_CODE)
-    if poison is not None and poison.search(ctx.file.name):
-        raise PermanentError(f"flaky: {ctx.file.name!r} is poison")
-    if sleep_ms > 0:
-        await asyncio.sleep(sleep_ms / 1000)
-    if ctx.attempt <= fail_attempts or ctx.round < fail_rounds:
-        raise _transient(ctx)
-    # Seeded by job and attempt so a replay of the same attempt decides the same way.
-    if p > 0 and random.Random(f"{ctx.job_id}:{ctx.attempt}").random() < p:
-        raise _transient(ctx)
-    return {"attempt": ctx.attempt}
+# The handler as a system that does not allow crashes has it (an immutable instance).
+_DEFAULT = Flaky()
+check_params = _DEFAULT.check_params
+run = _DEFAULT.run

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import importlib
+from functools import partial
 from typing import Callable
 
 from shared.errors import PermanentError
@@ -81,16 +82,30 @@ class HandlerRegistry:
             register(self)
 
 
-def builtin_registry() -> HandlerRegistry:
-    """A registry holding the five built-ins: noop, checksum, flaky, download, http_call."""
+def builtin_registry(*, allow_private_urls: bool = False, allow_crash: bool = False) -> HandlerRegistry:
+    """A registry holding the five built-ins: noop, checksum, flaky, download, http_call.
+
+    ``allow_private_urls`` (``REDRIVE_EXECUTOR_ALLOW_PRIVATE_URLS``) lets download and
+    http_call reach private and reserved addresses (127.0.0.1, 10.x, 169.254.169.254…): only
+    for a single-tenant install fetching from its own network. It is bound into the handlers
+    registered here; each module's own ``run`` refuses private destinations.
+
+    ``allow_crash`` (``REDRIVE_EXECUTOR_ALLOW_CRASH``) lets flaky's ``crash`` param stop the
+    executor, for fault tests; off, a template using it is refused and a job using it anyway
+    errors its file."""
     # Imported here so that importing the registry stays cheap (download pulls in aiohttp).
+    from shared.destinations import Destinations
     from services.executor.handlers import checksum, download, flaky, http_call, noop
 
+    destinations = Destinations(allow_private=allow_private_urls)
     registry = HandlerRegistry()
     registry.register("noop", noop.run)
     registry.register("checksum", checksum.run)
-    registry.register("flaky", flaky.run, dependency_of=flaky.dependency_of, check_params=flaky.check_params)
-    registry.register("download", download.run, dependency_of=download.dependency_of)
-    registry.register("http_call", http_call.run, dependency_of=http_call.dependency_of,
-                      check_params=http_call.check_params)
+    demo = flaky.Flaky(allow_crash=allow_crash)
+    registry.register("flaky", demo.run, dependency_of=flaky.dependency_of, check_params=demo.check_params)
+    registry.register("download", partial(download.run, destinations=destinations),
+                      dependency_of=download.dependency_of)
+    registry.register("http_call", partial(http_call.run, destinations=destinations),
+                      dependency_of=http_call.dependency_of,
+                      check_params=partial(http_call.check_params, destinations=destinations))
     return registry
