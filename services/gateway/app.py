@@ -184,7 +184,10 @@ def _local_handlers(deps: Deps) -> dict:
             db_ok = False
         checks = {"nats": nats_ok, "database": db_ok}
         ready = all(checks.values())
-        return web.json_response({"ready": ready, "checks": checks}, status=200 if ready else 503)
+        if ready:
+            return web.json_response({"ready": True, "checks": checks})
+        # As every 503 of the API: when to ask again (load balancers and clients honour it).
+        return web.json_response({"ready": False, "checks": checks}, status=503, headers={"Retry-After": "2"})
 
     async def metrics(request: web.Request) -> web.Response:
         # Public unless the operator set a token (its labels name tenants and dependencies,

@@ -15,6 +15,7 @@ async def test_readyz_is_503_when_the_database_is_unreachable(make_settings):
         async with aiohttp.ClientSession() as http:
             r = await http.get(f"http://127.0.0.1:{gateway.port}/readyz")
             assert r.status == 503 and (await r.json())["checks"] == {"nats": True, "database": False}
+            assert r.headers["Retry-After"] == "2"
             assert (await http.get(f"http://127.0.0.1:{gateway.port}/healthz")).status == 200
     finally:
         await gateway.stop()
