@@ -3,27 +3,10 @@ safe by default, each read from its REDRIVE_* variable, bad values refused at st
 
 from __future__ import annotations
 
-import os
-
 import pytest
 from pydantic import ValidationError
 
-from shared.settings import Settings
-
-
-@pytest.fixture
-def env(monkeypatch, tmp_path):
-    for name in list(os.environ):
-        if name.startswith("REDRIVE_") or name in ("NATS_URL", "DATABASE_URL"):
-            monkeypatch.delenv(name)
-    monkeypatch.setenv("REDRIVE_DATA_DIR", str(tmp_path))
-
-    def settings(**variables: str) -> Settings:
-        for name, value in variables.items():
-            monkeypatch.setenv(name, value)
-        return Settings()
-
-    return settings
+from tests.unit.test_settings_bounds import env  # noqa: F401  (a fixture: settings from a clean environment)
 
 
 def test_the_defaults_are_the_safe_ones(env):
