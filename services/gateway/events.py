@@ -11,6 +11,10 @@ events rather than slowing anyone else: it can re-read the state from the API. A
 that takes nothing for ``write_timeout_s`` (it stopped reading but keeps the connection
 open) is disconnected, so it holds no handler, queue or subscription forever.
 
+While the gateway's NATS connection is down no event can arrive: each stream says so
+(``event: bus``, ``{"connected": false}``) and says ``{"connected": true}`` when it is back,
+so that a client stops showing "live" and then re-reads what changed from the API.
+
 The subscription exists only while someone listens, so an idle gateway does not receive
 the (high-volume) file events at all.
 
@@ -46,6 +50,8 @@ MAX_PER_KEY = 10
 MAX_PER_TENANT = 100
 TENANT_HEADER = "Redrive-Tenant"
 _CLOSE = b""  # sentinel: the hub is stopping
+BUS_DOWN = b'event: bus\ndata: {"connected":false}\n\n'
+BUS_UP = b'event: bus\ndata: {"connected":true}\n\n'
 
 
 class EventHub:
@@ -206,6 +212,7 @@ class EventHub:
             await response.prepare(request)
             await self._subscribe()
             await response.write(b": connected\n\n")
+            bus_up = True
             loop = asyncio.get_running_loop()
             keepalive_at = loop.time() + self._keepalive_s
             while not self._stopping:
@@ -214,9 +221,15 @@ class EventHub:
                 except asyncio.TimeoutError:
                     if _gone(request):
                         break  # the client left: its slot is free again
-                    if loop.time() < keepalive_at:
+                    if self._nc.is_connected != bus_up:
+                        # Events stop while NATS is away: say so, and say when they flow again
+                        # (the client then re-reads what changed meanwhile from the API).
+                        bus_up = not bus_up
+                        frame = BUS_UP if bus_up else BUS_DOWN
+                    elif loop.time() < keepalive_at:
                         continue
-                    frame = b": keepalive\n\n"
+                    else:
+                        frame = b": keepalive\n\n"
                 if frame == _CLOSE:
                     break
                 await asyncio.wait_for(response.write(frame), self._write_timeout_s)

@@ -1,6 +1,7 @@
 """The SSE hub's fan-out: each event to its tenant's clients only, breakers to all, and a
 slow client loses events instead of holding anyone up."""
 
+import asyncio
 import json
 
 from shared.subjects import Names
@@ -53,3 +54,43 @@ def test_unregistered_clients_get_nothing_and_are_not_counted():
     hub.unregister("acme", a)
     hub.dispatch(names.run_event("started"), b'{"tenant_id": "acme"}', None)
     assert hub.clients == 0 and a.empty()
+
+
+class _Bus:
+    """Just what the hub asks of its NATS connection, with a switch for an outage."""
+
+    is_connected = True
+
+    async def subscribe(self, subject, cb):
+        return self
+
+    async def unsubscribe(self):
+        pass
+
+    async def flush(self, timeout):
+        pass
+
+
+async def test_a_stream_says_when_the_bus_goes_away_and_when_it_is_back():
+    from aiohttp import web
+    from aiohttp.test_utils import TestClient, TestServer
+
+    bus = _Bus()
+    hub = EventHub(nc=bus, names=Names("t"), liveness_s=0.02, keepalive_s=60)
+    async def events(request):
+        return await hub.stream(request, "acme", "k1")
+
+    app = web.Application()
+    app.router.add_get("/events", events)
+    async with TestClient(TestServer(app)) as client:
+        response = await client.get("/events")
+
+        async def frame() -> bytes:
+            return await asyncio.wait_for(response.content.readuntil(b"\n\n"), 5)
+
+        assert await frame() == b": connected\n\n"
+        bus.is_connected = False
+        assert await frame() == b'event: bus\ndata: {"connected":false}\n\n'
+        bus.is_connected = True
+        assert await frame() == b'event: bus\ndata: {"connected":true}\n\n'
+        response.close()
