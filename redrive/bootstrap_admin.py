@@ -43,9 +43,14 @@ async def create_tenant(settings: Settings, name: str, monthly: int = 0, purchas
 
 
 async def create_key(settings: Settings, tenant_id: str, role: str, user: str) -> str:
-    from services.gateway.identity import create_key as gateway_create_key
+    return (await make_key(settings, tenant_id, role, user))[1]
 
-    return await with_gateway_engine(settings, lambda engine: gateway_create_key(engine, tenant_id, role, user))
+
+async def make_key(settings: Settings, tenant_id: str, role: str, user: str) -> tuple[str, str]:
+    """A new key and its id: (id, key)."""
+    from services.gateway.identity import make_key as gateway_make_key
+
+    return await with_gateway_engine(settings, lambda engine: gateway_make_key(engine, tenant_id, role, user))
 
 
 async def with_gateway_engine(settings: Settings, use):

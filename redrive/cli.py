@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import json
 import signal
 import socket
 import sys
@@ -16,11 +15,10 @@ from rich.table import Column, Table
 
 from redrive.cli_common import App, DataDir, JsonOut, console, require
 from redrive.cli_common import api_call as _api_call, fail as _fail, print_json as _print, settings_from as _settings
+from redrive.identity_commands import key_app, tenant_app
 from redrive.run_commands import run_app
 
 app = App(no_args_is_help=True, add_completion=False, help="redrive: batch workflows that make failure boring.")
-tenant_app = App(no_args_is_help=True, help="Tenants.")
-key_app = App(no_args_is_help=True, help="API keys.")
 app.add_typer(tenant_app, name="tenant")
 app.add_typer(key_app, name="key")
 app.add_typer(run_app, name="run")
@@ -147,103 +145,6 @@ def migrate(data_dir: Optional[Path] = DataDir) -> None:
     require(settings, database=True)
     migrate_sync(settings)
     typer.echo("migrations applied")
-
-
-@tenant_app.command("create")
-def tenant_create(
-    name: str,
-    monthly_credits: int = typer.Option(0, "--monthly-credits", min=0, max=2**31 - 1),  # a PostgreSQL integer
-    purchased_credits: int = typer.Option(0, "--purchased-credits", min=0, max=2**31 - 1),
-    data_dir: Optional[Path] = DataDir,
-    as_json: bool = JsonOut,
-) -> None:
-    """Create a tenant with a billing account; prints its id."""
-    from redrive.bootstrap_admin import create_tenant, tenant_name_problem
-
-    if (problem := tenant_name_problem(name)) is not None:
-        _fail(problem, code=2)
-    settings = _settings(data_dir)
-    require(settings, database=True)
-    tenant_id = asyncio.run(create_tenant(settings, name, monthly_credits, purchased_credits))
-    typer.echo(json.dumps({"tenant_id": tenant_id}) if as_json else tenant_id)
-
-
-@key_app.command("create")
-def key_create(
-    tenant: str = typer.Option(..., "--tenant"),
-    role: str = typer.Option(..., "--role", help="platform_admin|tenant_admin|member"),
-    user: str = typer.Option("cli", "--user"),
-    data_dir: Optional[Path] = DataDir,
-    as_json: bool = JsonOut,
-) -> None:
-    """Create an API key (printed once; only its hash is stored)."""
-    from redrive.bootstrap_admin import create_key
-
-    if role not in ("platform_admin", "tenant_admin", "member"):
-        _fail(f"--role must be platform_admin, tenant_admin or member, not {role!r}", code=2)
-    settings = _settings(data_dir)
-    require(settings, database=True)
-    try:
-        key = asyncio.run(create_key(settings, tenant, role, user))
-    except ValueError as exc:
-        _fail(str(exc))
-    if as_json:
-        from redrive.bootstrap_admin import with_gateway_engine
-        from services.gateway.identity import key_id_of
-
-        key_id = asyncio.run(with_gateway_engine(settings, lambda engine: key_id_of(engine, key)))
-        typer.echo(json.dumps({"key": key, "id": key_id}))
-    else:
-        typer.echo(key)
-
-
-@key_app.command("list")
-def key_list(
-    tenant: Optional[str] = typer.Option(None, "--tenant", help="one tenant's keys (default: every tenant's)"),
-    data_dir: Optional[Path] = DataDir,
-    as_json: bool = JsonOut,
-) -> None:
-    """API keys: id, tenant, user, role, when made and revoked (never the key itself)."""
-    from redrive.bootstrap_admin import with_gateway_engine
-    from services.gateway.identity import list_keys
-
-    settings = _settings(data_dir)
-    require(settings, database=True)
-    keys = asyncio.run(with_gateway_engine(settings, lambda engine: list_keys(engine, tenant)))
-    if as_json:
-        _print(keys, True)
-        return
-    table = Table(Column("id", no_wrap=True), Column("tenant", no_wrap=True), Column("user", overflow="fold"),
-                  Column("role", no_wrap=True), Column("created", no_wrap=True), Column("revoked", no_wrap=True),
-                  box=box.SIMPLE_HEAD, show_edge=False, collapse_padding=True)
-    for k in keys:
-        table.add_row(k["id"], k["tenant_id"], k["user"], k["role"], f"{k['created_at']:%Y-%m-%d %H:%M}",
-                      f"{k['revoked_at']:%Y-%m-%d %H:%M}" if k["revoked_at"] else "-")
-    console.print(table)
-
-
-@key_app.command("revoke")
-def key_revoke(
-    key_id: str = typer.Argument(..., help="the key's id (redrive key list), or the key itself (rk_…)"),
-    data_dir: Optional[Path] = DataDir,
-    as_json: bool = JsonOut,
-) -> None:
-    """Revoke an API key: refused from then on (a gateway that checked it in the last 30 s may
-    still take it until its cache entry expires)."""
-    from redrive.bootstrap_admin import with_gateway_engine
-    from services.gateway.identity import KEY_PREFIX, key_id_of, revoke_key
-
-    settings = _settings(data_dir)
-    require(settings, database=True)
-
-    async def revoke(engine) -> str | None:
-        wanted = await key_id_of(engine, key_id) if key_id.startswith(KEY_PREFIX) else key_id
-        return wanted if wanted is not None and await revoke_key(engine, wanted) else None
-
-    revoked = asyncio.run(with_gateway_engine(settings, revoke))
-    if revoked is None:
-        _fail(f"no live key {key_id if not key_id.startswith(KEY_PREFIX) else 'like that'} (see `redrive key list`)")
-    typer.echo(json.dumps({"revoked": revoked}) if as_json else f"revoked {revoked}")
 
 
 @app.command()

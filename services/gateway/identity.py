@@ -60,6 +60,11 @@ async def tenant_exists(engine: AsyncEngine, tenant_id: str) -> bool:
 
 async def create_key(engine: AsyncEngine, tenant_id: str, role: str, user: str) -> str:
     """Make a key for ``user`` of ``tenant_id`` with ``role``; the plaintext is returned once."""
+    return (await make_key(engine, tenant_id, role, user))[1]
+
+
+async def make_key(engine: AsyncEngine, tenant_id: str, role: str, user: str) -> tuple[str, str]:
+    """:func:`create_key`, with the key's id (what ``redrive key revoke`` takes): (id, key)."""
     if role not in ROLES:
         raise ValueError(f"role must be one of {', '.join(ROLES)}")
     key = KEY_PREFIX + secrets.token_urlsafe(32)
@@ -67,10 +72,11 @@ async def create_key(engine: AsyncEngine, tenant_id: str, role: str, user: str) 
         exists = (await conn.execute(text("SELECT 1 FROM gateway.tenants WHERE id = :t"), {"t": tenant_id})).first()
         if exists is None:
             raise ValueError(f"no tenant {tenant_id}")
+        key_id = uuid.uuid4().hex[:12]
         await conn.execute(text("INSERT INTO gateway.api_keys (id, tenant_id, user_name, role, key_hash) "
                                 "VALUES (:id, :t, :u, :r, :h)"),
-                           {"id": uuid.uuid4().hex[:12], "t": tenant_id, "u": user, "r": role, "h": key_hash(key)})
-    return key
+                           {"id": key_id, "t": tenant_id, "u": user, "r": role, "h": key_hash(key)})
+    return key_id, key
 
 
 async def revoke_key(engine: AsyncEngine, key_id: str) -> bool:
