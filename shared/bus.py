@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import weakref
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 
 import nats
@@ -22,7 +22,6 @@ from nats.js.api import (
     ConsumerConfig,
     DeliverPolicy,
     DiscardPolicy,
-    KeyValueConfig,
     RetentionPolicy,
     StorageType,
     StreamConfig,
@@ -71,7 +70,7 @@ async def connect(settings: Settings, name: str) -> NatsClient:
 _REPLICAS_NOT_SUPPORTED = 10074
 
 
-def _replicas_refused(exc: APIError, replicas: int | None) -> ConfigurationError | None:
+def replicas_refused(exc: APIError, replicas: int | None) -> ConfigurationError | None:
     """The server's "replicas > 1 not supported in non-clustered mode", told as the setting
     that asked for them (REDRIVE_STREAM_REPLICAS), not as a NATS connection problem."""
     if exc.err_code != _REPLICAS_NOT_SUPPORTED:
@@ -89,17 +88,7 @@ async def _add_or_update_stream(js: JetStreamContext, config: StreamConfig) -> N
             return
         await js.update_stream(config)
     except APIError as exc:
-        if (problem := _replicas_refused(exc, config.num_replicas)) is not None:
-            raise problem from None
-        raise
-
-
-async def ensure_kv(js: JetStreamContext, config: KeyValueConfig):
-    """Create (or open) a key-value bucket; its replicas are REDRIVE_STREAM_REPLICAS."""
-    try:
-        return await js.create_key_value(config)
-    except APIError as exc:
-        if (problem := _replicas_refused(exc, config.replicas)) is not None:
+        if (problem := replicas_refused(exc, config.num_replicas)) is not None:
             raise problem from None
         raise
 
@@ -276,31 +265,3 @@ async def close(nc: NatsClient) -> None:
     except Exception:
         pass
     await nc.close()
-
-
-async def mirror_kv(kv, apply: Callable, name: str) -> asyncio.Task:
-    """Feed ``apply`` every entry the bucket holds now, then (in the returned task) every
-    update: a local copy that is complete before the caller goes on (a stop or an offer
-    written while this process was down counts from the start)."""
-    watcher = await kv.watchall()
-    while (entry := await watcher.updates(timeout=5)) is not None:
-        apply(entry)
-    return asyncio.create_task(follow_kv(watcher, apply, name), name=f"kv-{name}")
-
-
-async def follow_kv(watcher, apply: Callable, name: str) -> None:
-    """Feed every update of a KV watcher to ``apply`` until cancelled (local caches of
-    shared state: breakers, stopped runs). Survives NATS outages by retrying."""
-    while True:
-        try:
-            entry = await watcher.updates(timeout=5)
-        except asyncio.TimeoutError:
-            continue
-        except asyncio.CancelledError:
-            raise
-        except Exception as exc:
-            log.warning("kv.watch_failed", cache=name, error=repr(exc))
-            await asyncio.sleep(1)
-            continue
-        if entry is not None:
-            apply(entry)

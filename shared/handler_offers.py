@@ -19,7 +19,7 @@ import structlog
 from nats.js import JetStreamContext
 from nats.js.api import KeyValueConfig, StorageType
 
-from shared.bus import ensure_kv, mirror_kv
+from shared.kv import BucketMirror, ensure_kv
 from shared.subjects import Names
 
 log = structlog.get_logger(__name__)
@@ -63,21 +63,17 @@ class HandlerOffer:
                 log.warning("handler_offer.refresh_failed", error=repr(exc))
 
 
-class OfferedHandlers:
+class OfferedHandlers(BucketMirror):
     """The coordinator's side: a watched copy of what the executors offer."""
 
+    label = "handlers"
+
     def __init__(self, js: JetStreamContext, names: Names, replicas: int = 1) -> None:
-        self._js, self._names, self._replicas = js, names, replicas
+        super().__init__(js, names, replicas)
         self._offered: set[str] = set()
-        self._task: asyncio.Task | None = None
 
-    async def start(self) -> None:
-        kv = await ensure_bucket(self._js, self._names, self._replicas)
-        self._task = await mirror_kv(kv, self._apply, "handlers")
-
-    async def stop(self) -> None:
-        if self._task:
-            self._task.cancel()
+    async def _bucket(self):
+        return await ensure_bucket(self._js, self._names, self._replicas)
 
     def _apply(self, entry) -> None:
         try:

@@ -13,7 +13,7 @@ from typing import Any, Mapping
 from nats.js import JetStreamContext
 from nats.js.api import KeyValueConfig, StorageType
 
-from shared.bus import ensure_kv
+from shared.kv import ensure_kv
 from shared.subjects import Names
 from services.coordinator import outbox
 

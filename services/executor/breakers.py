@@ -24,7 +24,8 @@ from nats.js.errors import KeyNotFoundError, KeyWrongLastSequenceError, KeyValue
 
 from shared import breaker
 from shared.breaker import Admission, BreakerState
-from shared.bus import Outgoing, ensure_kv, mirror_kv, publish_many
+from shared.bus import Outgoing, publish_many
+from shared.kv import ensure_kv, mirror_kv
 from shared.messages import BreakerEvent
 from shared.subjects import Names
 

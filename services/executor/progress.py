@@ -16,7 +16,7 @@ from nats.js import JetStreamContext
 from nats.js.api import KeyValueConfig, StorageType
 from nats.js.errors import KeyNotFoundError, KeyValueError, KeyWrongLastSequenceError
 
-from shared.bus import ensure_kv
+from shared.kv import ensure_kv
 from shared.subjects import Names
 
 _KEY_SAFE = re.compile(r"[^-/_=.a-zA-Z0-9]")

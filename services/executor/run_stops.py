@@ -3,32 +3,26 @@ copy of the KV bucket, kept fresh by a watcher, so the check per job is a dict l
 
 from __future__ import annotations
 
-import asyncio
-
 import structlog
 from nats.js import JetStreamContext
 
-from shared.bus import mirror_kv
+from shared.kv import BucketMirror
 from shared.subjects import Names
 from services.coordinator.run_stops import ensure_bucket
 
 log = structlog.get_logger(__name__)
 
 
-class RunStops:
+class RunStops(BucketMirror):
+    # Complete before the executor takes jobs: a stop written while it was down counts.
+    label = "run-stops"
+
     def __init__(self, js: JetStreamContext, names: Names, replicas: int = 1) -> None:
-        self._js, self._names, self._replicas = js, names, replicas
+        super().__init__(js, names, replicas)
         self._stopped: dict[str, int] = {}
-        self._task: asyncio.Task | None = None
 
-    async def start(self) -> None:
-        kv = await ensure_bucket(self._js, self._names, self._replicas)
-        # Read what is there before taking jobs: a stop written while we were down counts.
-        self._task = await mirror_kv(kv, self._apply, "run-stops")
-
-    async def stop(self) -> None:
-        if self._task:
-            self._task.cancel()
+    async def _bucket(self):
+        return await ensure_bucket(self._js, self._names, self._replicas)
 
     def _apply(self, entry) -> None:
         if entry.value:
