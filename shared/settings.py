@@ -70,6 +70,12 @@ class Settings(BaseSettings):
     # 10.x, 169.254.169.254…, judged again at connect time and at each redirect) unless this
     # is set: a single-tenant install fetching from its own network.
     executor_allow_private_urls: bool = False
+    # The most bytes one download may write: an endless or huge response must not fill the
+    # executor's disk (every tenant's artifacts share it). Default 10 GiB.
+    executor_max_download_bytes: int = Field(default=10 * 2**30, ge=1024, le=2**50)
+    # Run directories under DATA_DIR/artifacts untouched this long are removed
+    # (services/executor/artifacts.py); 0 keeps them forever. Default a week.
+    executor_artifact_retention_hours: float = Field(default=168, ge=0, le=100 * 8766)
     # flaky's ``crash`` param exits the executor every tenant shares: only for fault tests,
     # never on a multi-tenant system (off: templates using it are refused, jobs error).
     executor_allow_crash: bool = False

@@ -8,6 +8,7 @@ from shared.rpc import MicroService
 from shared.runtime import run
 from shared.settings import Settings
 from shared.subjects import Names
+from services.executor.artifacts import ArtifactSweeper
 from services.executor.breakers import BreakerBoard
 from services.executor.deadlines import Deadlines
 from services.executor.handlers.registry import builtin_registry
@@ -27,7 +28,8 @@ class ExecutorService:
     async def start(self) -> None:
         s, names = self.settings, self.names
         registry = builtin_registry(allow_private_urls=s.executor_allow_private_urls,
-                                    allow_crash=s.executor_allow_crash)
+                                    allow_crash=s.executor_allow_crash,
+                                    max_download_bytes=s.executor_max_download_bytes)
         if s.handlers:
             registry.load_modules(s.handlers)
         self.nc = await bus.connect(s, "executor")
@@ -41,8 +43,9 @@ class ExecutorService:
         self.progress = ProgressStore(self.js, names, s.stream_replicas)
         await self.progress.start()
         self.deadlines = Deadlines()
-        steps = StepRunner(registry, self.breakers, s.data_dir / "artifacts", self.deadlines,
-                           max_payload=self.nc.max_payload)
+        artifacts = s.data_dir / "artifacts"
+        steps = StepRunner(registry, self.breakers, artifacts, self.deadlines, max_payload=self.nc.max_payload)
+        self.artifacts = ArtifactSweeper(artifacts, retention_hours=s.executor_artifact_retention_hours)
         self.keepalive = KeepAlive(s.executor_ack_wait_s,
                                    publish_alive=lambda body: self.nc.publish(names.runs_alive, body))
         self.stops = RunStops(self.js, names, s.stream_replicas)
@@ -58,6 +61,7 @@ class ExecutorService:
         await self.micro.start()
         if s.executor_keepalive:
             self.keepalive.start()
+        self.artifacts.start()
         self.worker.start()
 
     @staticmethod
@@ -76,6 +80,7 @@ class ExecutorService:
         await self.worker.stop()
         await self.deadlines.close()
         await self.keepalive.stop()
+        await self.artifacts.stop()
         await self.stops.stop()
         await self.offer.stop()
         await self.breakers.stop()

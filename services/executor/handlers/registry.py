@@ -82,13 +82,17 @@ class HandlerRegistry:
             register(self)
 
 
-def builtin_registry(*, allow_private_urls: bool = False, allow_crash: bool = False) -> HandlerRegistry:
+def builtin_registry(*, allow_private_urls: bool = False, allow_crash: bool = False,
+                     max_download_bytes: int | None = None) -> HandlerRegistry:
     """A registry holding the five built-ins: noop, checksum, flaky, download, http_call.
 
     ``allow_private_urls`` (``REDRIVE_EXECUTOR_ALLOW_PRIVATE_URLS``) lets download and
     http_call reach private and reserved addresses (127.0.0.1, 10.x, 169.254.169.254…): only
     for a single-tenant install fetching from its own network. It is bound into the handlers
     registered here; each module's own ``run`` refuses private destinations.
+
+    ``max_download_bytes`` (``REDRIVE_EXECUTOR_MAX_DOWNLOAD_BYTES``) is the most one download
+    may write; None: download's own default (10 GiB).
 
     ``allow_crash`` (``REDRIVE_EXECUTOR_ALLOW_CRASH``) lets flaky's ``crash`` param stop the
     executor, for fault tests; off, a template using it is refused and a job using it anyway
@@ -103,7 +107,8 @@ def builtin_registry(*, allow_private_urls: bool = False, allow_crash: bool = Fa
     registry.register("checksum", checksum.run)
     demo = flaky.Flaky(allow_crash=allow_crash)
     registry.register("flaky", demo.run, dependency_of=flaky.dependency_of, check_params=demo.check_params)
-    registry.register("download", partial(download.run, destinations=destinations),
+    max_bytes = download.DEFAULT_MAX_BYTES if max_download_bytes is None else max_download_bytes
+    registry.register("download", partial(download.run, destinations=destinations, max_bytes=max_bytes),
                       dependency_of=download.dependency_of)
     registry.register("http_call", partial(http_call.run, destinations=destinations),
                       dependency_of=http_call.dependency_of,
