@@ -7,7 +7,7 @@ checks that what is built here parses as :class:`shared.messages.Job`.
 
 from __future__ import annotations
 
-from typing import Any, Iterable, Mapping
+from typing import Any, Iterable, Mapping, NamedTuple
 
 import orjson
 from sqlalchemy import text
@@ -95,18 +95,58 @@ def job_rows(names: Names, run: Mapping[str, Any], template: Mapping[str, Any], 
 
 # ---- expansions: an outbox row that stands for all of a round's jobs -------------------------
 
-def expansion_row(names: Names, run: Mapping[str, Any], policy: RetryPolicy) -> dict:
-    """One outbox row for every PENDING file of ``run``'s current round (per_file mode):
-    the relay builds their jobs a page at a time (:func:`expand_page`)."""
-    spec = {"run_id": run["id"], "round": run["round"], "policy": policy.model_dump(), "after_idx": -1}
+def expansion_row(names: Names, run: Mapping[str, Any], policy: RetryPolicy, *, count: int) -> dict:
+    """One outbox row for the ``count`` PENDING files of ``run``'s current round (per_file
+    mode): the relay builds their jobs a page at a time (:func:`expand_page`)."""
+    spec = {"run_id": run["id"], "round": run["round"], "policy": policy.model_dump(), "after_idx": -1, "published": 0,
+            "count": count}
     row = outbox.row(names.job(run["tenant_id"]), f"{run['id']}:jobs:r{run['round']}", b"")
     row["expand"] = orjson.dumps(spec).decode()
     return row
 
 
+class Page(NamedTuple):
+    """An expansion's next jobs, and its spec to go on with (None: the expansion is done).
+    ``waiting``: nothing built, because the run has its window of jobs out already (see
+    :func:`room`); the expansion stays as it was."""
+
+    messages: list[Outgoing]
+    next_spec: dict[str, Any] | None
+    waiting: bool = False
+
+
+def _published(spec: Mapping[str, Any]) -> int:
+    # Rows from before ``published`` was kept: the index reached stands in (indexes run 0..n-1).
+    return spec.get("published", spec["after_idx"] + 1)
+
+
+def room(spec: Mapping[str, Any], pending: int, total: int, window: int) -> int:
+    """How many more of this run's jobs may be published now: at most ``window`` of them out
+    (published, not yet SUCCEEDED, FAILED or ERROR), so a big run never buries a later run's
+    jobs under all of its own in the one FIFO consumer every executor shares.
+
+    Out = pending − (count − published): of the run's pending files, those the expansion
+    has not published yet are at most the ``count − published`` it never reached (count:
+    the files it was made for; rows from before it was kept were made for all of the run's).
+    Files an operator skipped or cancelled before their job went out make it an
+    underestimate, never an overestimate: the window can let a few too many out, but never
+    waits for jobs that do not exist."""
+    return window - (pending - (spec.get("count", total) - _published(spec)))
+
+
+_DROP_EXPANSIONS = text("DELETE FROM coordinator.outbox WHERE expand IS NOT NULL AND expand->>'run_id' = :run_id")
+
+
+async def drop_expansions(conn: AsyncConnection, run_id: str) -> None:
+    """Forget the run's expansions still in the outbox (waiting for room in its window),
+    when every PENDING file of it is given a job at once (recovery): they would publish
+    those files' jobs again."""
+    await conn.execute(_DROP_EXPANSIONS, {"run_id": run_id})
+
+
 _EXPAND_RUN = text(
-    "SELECT r.id, r.tenant_id, r.template_id, r.mode, r.round, r.generation, r.status, r.trace_id, t.steps "
-    "FROM coordinator.runs r JOIN coordinator.templates t ON t.id = r.template_id WHERE r.id = :run_id"
+    "SELECT r.id, r.tenant_id, r.template_id, r.mode, r.round, r.generation, r.status, r.trace_id, r.pending, r.total, "
+    "t.steps FROM coordinator.runs r JOIN coordinator.templates t ON t.id = r.template_id WHERE r.id = :run_id"
 )
 _EXPAND_FILES = text(
     "SELECT idx, round, name, url, content_b64, size, sha256, checkpoint_step, checkpoint_output FROM coordinator.files "
@@ -114,9 +154,10 @@ _EXPAND_FILES = text(
 )
 
 
-async def expand_page(conn: AsyncConnection, spec: Mapping[str, Any], limit: int, *,
-                      names: Names) -> tuple[list[Outgoing], int | None]:
-    """The next page of an expansion's jobs, and the index to resume after (None: done).
+async def expand_page(conn: AsyncConnection, spec: Mapping[str, Any], limit: int, *, names: Names,
+                      window: int | None = None) -> Page:
+    """The next page of an expansion's jobs: at most ``limit``, and no more than the run's
+    ``window`` allows (None: no window).
 
     Only files still PENDING in the expansion's round of a RUNNING run are published: a
     run cancelled or stopped meanwhile publishes nothing more. A run that moved on to a later
@@ -125,11 +166,17 @@ async def expand_page(conn: AsyncConnection, spec: Mapping[str, Any], limit: int
     """
     run = (await conn.execute(_EXPAND_RUN, {"run_id": spec["run_id"]})).mappings().first()
     if run is None or run["status"] != "RUNNING":
-        return [], None
+        return Page([], None)
+    if window is not None:
+        limit = min(limit, room(spec, run["pending"], run["total"], window))
+        if limit <= 0:
+            return Page([], dict(spec), waiting=True)
     result = await conn.execute(_EXPAND_FILES, {"run_id": spec["run_id"], "round": spec["round"],
                                                 "after": spec["after_idx"], "limit": limit})
     # Plain dicts: RowMapping lookups made up most of building a job (5 → 2 µs a file).
     columns = list(result.keys())
     files = [dict(zip(columns, row)) for row in result]
     messages = job_messages(names, run, {"steps": run["steps"]}, files, RetryPolicy.model_validate(spec["policy"]))
-    return messages, (files[-1]["idx"] if len(files) == limit else None)
+    if len(files) < limit:
+        return Page(messages, None)
+    return Page(messages, {**spec, "after_idx": files[-1]["idx"], "published": _published(spec) + len(messages)})

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import Awaitable, Callable
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import orjson
 import structlog
@@ -23,11 +23,15 @@ from shared.copy import COPY_THRESHOLD, copy_rows
 from shared.db import transaction
 from shared.faults import crash_point
 
+if TYPE_CHECKING:
+    from services.coordinator.jobs import Page
+
 log = structlog.get_logger(__name__)
 
-# An expansion row's next page: (conn, its spec, page size) -> (messages, index to resume
-# after, or None when done). jobs.expand_page, wired in the composition root.
-Expander = Callable[[AsyncConnection, dict[str, Any], int], Awaitable[tuple[list[Outgoing], "int | None"]]]
+# An expansion row's next page: (conn, its spec, page size) -> jobs.Page (messages, the
+# spec to go on with or None when done, waiting for room). jobs.expand_page with the run
+# window, wired in the composition root.
+Expander = Callable[[AsyncConnection, dict[str, Any], int], Awaitable["Page"]]
 # Messages the broker will never take (over its max payload), handed over in the relay's
 # transaction before their rows are deleted: (conn, messages, max payload).
 # undeliverable.report_undeliverable, wired in the composition root.
@@ -39,10 +43,12 @@ _INSERT = text(
 )
 
 # Rows are deleted in the transaction that publishes them; SKIP LOCKED lets several
-# coordinator replicas relay different rows at once.
+# coordinator replicas relay different rows at once. Plain rows first: expansions can
+# wait in the outbox for a long time (their runs' windows), and however many of them
+# there are, they must not keep a run's events out of the pass.
 _TAKE = text(
     "SELECT id, subject, msg_id, payload, headers, expand FROM coordinator.outbox "
-    "ORDER BY id LIMIT :limit FOR UPDATE SKIP LOCKED"
+    "ORDER BY expand IS NOT NULL, id LIMIT :limit FOR UPDATE SKIP LOCKED"
 )
 # An expansion's first page is small, so a new round's first jobs reach the executors at
 # once instead of after a whole page is built and sent (time to first result: bench phases).
@@ -85,6 +91,7 @@ class OutboxRelay:
         self._stopping = False
         self._task: asyncio.Task | None = None
         self.published = 0
+        self.waiting_for_room = False
 
     def kick(self) -> None:
         self._wake.set()
@@ -99,29 +106,40 @@ class OutboxRelay:
             await self._task
 
     async def relay_once(self) -> bool:
-        """Publish the oldest rows (an expansion row: its next page); True if more may wait."""
+        """Publish the oldest rows, and a page of each expansion row among them that has
+        room (its run's window); True if more may wait."""
         async with transaction(self._engine) as conn:
             rows = (await conn.execute(_TAKE, {"limit": self._batch})).mappings().all()
             if not rows:
+                self.waiting_for_room = False
                 return False
             crash_point("before_publish")  # committed upstream, not yet published
-            # Rows go out in id order; an expansion publishes one page per pass, and the
-            # rows after it wait for the next pass.
-            first_expansion = next((r for r in rows if r["expand"] is not None), None)
-            plain = rows if first_expansion is None else [r for r in rows if r["id"] < first_expansion["id"]]
-            messages = [Outgoing(r["subject"], bytes(r["payload"]), r["msg_id"], r["headers"] or None) for r in plain]
-            done = [r["id"] for r in plain]
+            messages = [Outgoing(r["subject"], bytes(r["payload"]), r["msg_id"], r["headers"] or None)
+                        for r in rows if r["expand"] is None]
+            done = [r["id"] for r in rows if r["expand"] is None]
             more = len(rows) >= self._batch
-            if first_expansion is not None:
-                spec = first_expansion["expand"]
-                page, resume_after = await self._expand(conn, spec, page_size(spec, self._batch))
-                messages += page
-                if resume_after is None:
-                    done.append(first_expansion["id"])
+            waiting = advanced = False
+            # Every run being expanded gets a page in turn, up to a pass's worth of jobs: a
+            # run waiting for room in its window holds up neither the rows behind it nor the
+            # other runs. (No row depends on a run's later jobs going out first: the run's
+            # own events come after its files' results, and its later rounds after this one.)
+            for r in rows:
+                if r["expand"] is None:
+                    continue
+                if len(messages) >= self._batch:
+                    more = True
+                    break
+                spec = r["expand"]
+                page = await self._expand(conn, spec, page_size(spec, self._batch))
+                if page.waiting:
+                    waiting = True
+                    continue
+                messages += page.messages
+                if page.next_spec is None:
+                    done.append(r["id"])
                 else:
-                    await conn.execute(_ADVANCE, {"id": first_expansion["id"],
-                                                  "expand": orjson.dumps({**spec, "after_idx": resume_after}).decode()})
-                more = True
+                    await conn.execute(_ADVANCE, {"id": r["id"], "expand": orjson.dumps(page.next_spec).decode()})
+                    more = advanced = True
             max_payload = client_of(self._js).max_payload
             if not all(fits(m, max_payload) for m in messages):
                 # Sent, they would fail this pass and every next one: deal with them now.
@@ -131,6 +149,11 @@ class OutboxRelay:
             await publish_many(self._js, messages)
             await conn.execute(_DONE, {"ids": done})
         self.published += len(messages)
+        if not (done or advanced):
+            more = False  # every row taken waits for room: passes until then would spin
+        # A run's window opens as its results are recorded: the results consumer kicks the
+        # relay while this is set (other coordinators' results reach it by the poll).
+        self.waiting_for_room = waiting
         return more
 
     async def _run(self) -> None:

@@ -35,7 +35,9 @@ def make_results_handler(deps: Deps):
     async def apply(events: list[FileEvent]) -> None:
         async with transaction(deps.engine) as conn:
             wrote = await apply_events(conn, deps.names, events)
-        if wrote:  # after the commit: kicked before, the relay found nothing yet and waited for its poll
+        # After the commit: kicked before, the relay found nothing yet and waited for its poll.
+        # Results also open the window of a run whose jobs wait for room (outbox.py).
+        if wrote or deps.relay.waiting_for_room:
             deps.relay.kick()
 
     async def one_by_one(events: list[FileEvent], msgs: list[Msg]) -> None:

@@ -134,7 +134,8 @@ def _first_jobs(deps: Deps, cmd: CreateRun, run_id: str, template: dict, files: 
            "generation": 0, "trace_id": trace_id}
     if cmd.mode == "per_file":
         biggest = max(files, key=lambda f: len(f["name"]) + len(f["url"] or "") + len(f["content_b64"] or ""))
-        rows = [jobs.expansion_row(deps.names, run, policy)]
+        count = cmd.staged.count if cmd.staged else len(cmd.files)  # files: only the biggest, when staged
+        rows = [jobs.expansion_row(deps.names, run, policy, count=count)]
         checked = jobs.job_messages(deps.names, run, template, [biggest], policy)
     else:
         checked = jobs.job_messages(deps.names, run, template, files, policy)

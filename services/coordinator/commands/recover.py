@@ -35,6 +35,7 @@ async def republish_pending(conn, deps: Deps, run: dict, actor: str) -> int:
     template = await store.load_template(conn, run["tenant_id"], run["template_id"], include_archived=True)
     policy = await store.retry_policy(conn, run["tenant_id"])
     run = dict((await conn.execute(_RESUME, {"r": run["id"]})).mappings().one())
+    await jobs.drop_expansions(conn, run["id"])
     await outbox.add(conn, jobs.job_rows(deps.names, run, template, files, policy, msg_suffix=f":rec{run['generation']}")
                      + [run_event_row(deps.names, run, "recovery_started", "Recovery started", unique=f"g{run['generation']}")])
     await timeline.append(conn, timeline.entry(run["id"], run["tenant_id"], "recovery_started", actor,
@@ -50,6 +51,7 @@ async def stopped_pending_rows(conn, deps: Deps, before: dict, run: dict, templa
     if before["status"] != "FAILED":
         return []
     files = [f for f in await store.load_files(conn, run["id"], statuses=("PENDING",)) if f["idx"] not in reopened]
+    await jobs.drop_expansions(conn, run["id"])
     return jobs.job_rows(deps.names, run, template, files, policy, msg_suffix=f":rec{run['generation']}")
 
 

@@ -1,0 +1,101 @@
+"""One run never buries another under its jobs: every executor pulls from one FIFO
+consumer, so the relay keeps at most ``REDRIVE_JOBS_IN_FLIGHT_PER_RUN`` of a run's jobs
+out at once (services/coordinator/jobs.py: room), and a run submitted later, by any
+tenant, waits behind that many at most, not behind all of an earlier run's files."""
+
+from __future__ import annotations
+
+import pytest
+
+from tests.stack import Stack, counts_add_up
+
+BIG, WINDOW, SLOTS = 400, 8, 4
+
+
+@pytest.fixture(scope="module")
+async def stack(make_settings):
+    # Four slots and 40 ms a file: the big run alone takes 4 s; the small run's 3 files
+    # behind 8 of its jobs, about 0.1 s.
+    s = await Stack(await make_settings(jobs_in_flight_per_run=WINDOW, executor_concurrency=SLOTS,
+                                        executor_fetch_batch=SLOTS)).start("billing", "coordinator", "executor")
+    yield s
+    await s.stop()
+
+
+async def test_a_small_run_submitted_after_a_big_one_does_not_wait_for_all_of_it(stack):
+    big_tenant, small_tenant = await stack.tenant(), await stack.tenant()
+    slow = {"name": "work", "handler": "flaky", "params": {"sleep_ms": 40}}
+    big = await stack.submit(big_tenant, await stack.template(big_tenant, [slow]), BIG)
+    small = await stack.submit(small_tenant, await stack.template(small_tenant, [slow]), 3)
+    done = await stack.wait_run(small_tenant, small["id"], timeout=30)
+    assert done["status"] == "COMPLETED"
+    # Published whole, the big run's 400 jobs were ahead of the small run's: it would have
+    # finished first. With the window, most of it is still to do.
+    still = await stack.run(big_tenant, big["id"])
+    assert still["status"] == "RUNNING" and still["counts"]["pending"] > BIG // 2, still["counts"]
+    await stack.call("coordinator", "cancel", tenant_id=big_tenant, run_id=big["id"])
+
+
+async def test_continue_on_a_big_run_keeps_to_the_window_too(stack):
+    # Round 0 fails every file at once (no automatic retries); Continue reopens all of them.
+    big_tenant, small_tenant = await stack.tenant(), await stack.tenant()
+    await stack.call("coordinator", "put_settings", tenant_id=big_tenant, auto_retries=0, backoff_base_ms=100,
+                     backoff_max_ms=100, jitter=False, breaker_failure_threshold=50, breaker_reset_s=1)
+    failing_once = {"name": "work", "handler": "flaky", "params": {"sleep_ms": 40, "fail_rounds": 1}}
+    big = await stack.submit(big_tenant, await stack.template(big_tenant, [failing_once]), BIG // 4)
+    failed = await stack.wait_run(big_tenant, big["id"], timeout=60)
+    assert failed["counts"]["failed"] == BIG // 4
+    await stack.call("coordinator", "retry_failed", tenant_id=big_tenant, run_id=big["id"])
+    slow = {"name": "work", "handler": "flaky", "params": {"sleep_ms": 40}}
+    small = await stack.submit(small_tenant, await stack.template(small_tenant, [slow]), 3)
+    assert (await stack.wait_run(small_tenant, small["id"], timeout=30))["status"] == "COMPLETED"
+    still = await stack.run(big_tenant, big["id"])
+    assert still["status"] == "RUNNING" and still["counts"]["pending"] > BIG // 8, still["counts"]
+    done = await stack.wait_run(big_tenant, big["id"], timeout=60)
+    assert done["status"] == "COMPLETED" and done["counts"]["succeeded"] == BIG // 4 and counts_add_up(done)
+    await stack.assert_books_balance(big_tenant)
+
+
+async def test_a_run_many_times_its_window_completes_exactly_once_per_file(stack):
+    tenant = await stack.tenant()
+    template = await stack.template(tenant, [{"name": "s", "handler": "noop"}])
+    run = await stack.submit(tenant, template, 300)
+    done = await stack.wait_run(tenant, run["id"], timeout=60)
+    assert done["status"] == "COMPLETED" and done["counts"]["succeeded"] == 300 and counts_add_up(done)
+    assert done["credits"]["consumed"] == 300
+    info = await stack.js.consumer_info(stack.names.jobs_stream, stack.names.executor_consumer)
+    assert info.num_redelivered == 0
+    await stack.assert_books_balance(tenant)
+
+
+async def test_recovery_of_a_run_waiting_for_room_gives_each_file_one_job(make_settings):
+    """Its jobs lost (the stream purged), a run whose expansion waits for room is recovered:
+    every PENDING file is re-published at once, and the waiting expansion is dropped, or it
+    would publish the files it had not reached a second time."""
+    import asyncio
+
+    import asyncpg
+    import orjson
+
+    # No executor: the window's jobs stay out, and the expansion waits.
+    settings = await make_settings(jobs_in_flight_per_run=5, recovery_interval_s=0.2, recovery_lease_s=0.5)
+    stack = await Stack(settings).start("billing", "coordinator")
+    db = await asyncpg.connect(settings.database_url)
+    try:
+        tenant = await stack.tenant()
+        run = await stack.submit(tenant, await stack.template(tenant, [{"name": "s", "handler": "noop"}]), 20)
+        while (await stack.js.stream_info(stack.names.jobs_stream)).state.messages < 5:
+            await asyncio.sleep(0.05)
+        assert await db.fetchval("SELECT count(*) FROM coordinator.outbox WHERE expand IS NOT NULL") == 1
+        await stack.js.purge_stream(stack.names.jobs_stream)  # the jobs are lost
+        await stack.wait_run(tenant, run["id"], until=lambda r: r["attention_reason"] == "stuck", timeout=30)
+        while (await stack.js.stream_info(stack.names.jobs_stream)).state.messages < 20:
+            await asyncio.sleep(0.05)
+        assert await db.fetchval("SELECT count(*) FROM coordinator.outbox") == 0
+        info = await stack.js.stream_info(stack.names.jobs_stream)
+        jobs = [orjson.loads((await stack.js.get_msg(stack.names.jobs_stream, seq)).data)
+                for seq in range(info.state.first_seq, info.state.last_seq + 1)]
+        assert sorted(j["file_index"] for j in jobs) == list(range(20))
+    finally:
+        await db.close()
+        await stack.stop()
