@@ -26,7 +26,7 @@ from nats.js.api import (
     StorageType,
     StreamConfig,
 )
-from nats.js.errors import APIError, NotFoundError
+from nats.js.errors import APIError, NotFoundError, ServiceUnavailableError
 
 from shared import tracing
 from shared.jetstream import AckedPublisher
@@ -79,18 +79,51 @@ def replicas_refused(exc: APIError, replicas: int | None) -> ConfigurationError 
                               "clustered (use 1)")
 
 
+# On a NATS cluster, while a replicated stream is being made (every service declares the
+# streams as it starts), requests about it from other clients (info, update, a second
+# create) may get no answer at all: it has no leader yet. Asked again, it is there.
+_STREAM_ATTEMPTS = 3
+
+
 async def _add_or_update_stream(js: JetStreamContext, config: StreamConfig) -> None:
-    try:
+    for attempt in range(1, _STREAM_ATTEMPTS + 1):
         try:
-            await js.stream_info(config.name)
-        except NotFoundError:
-            await js.add_stream(config)
+            try:
+                info = await js.stream_info(config.name)
+            except NotFoundError:
+                await js.add_stream(config)
+                return
+            if info.cluster is not None and not info.cluster.leader:  # being made right now
+                await wait_for_leader(js, config.name)
+            await js.update_stream(config)
             return
-        await js.update_stream(config)
-    except APIError as exc:
-        if (problem := replicas_refused(exc, config.num_replicas)) is not None:
-            raise problem from None
-        raise
+        except nats.errors.TimeoutError:
+            if attempt == _STREAM_ATTEMPTS:
+                raise
+            log.warning("nats.stream_declare_timeout", stream=config.name, attempt=attempt)
+        except APIError as exc:
+            if (problem := replicas_refused(exc, config.num_replicas)) is not None:
+                raise problem from None
+            raise
+
+
+async def wait_for_leader(js: JetStreamContext, stream: str, timeout: float = 15.0) -> None:
+    """Until a replicated stream has a leader (at once on a single server). Without one it
+    stores nothing (a publish gets "no response from stream") and ignores updates; its info
+    says so (no leader) or does not come at all, so it is asked with a short timeout."""
+    jsm = client_of(js).jsm(prefix=getattr(js, "_prefix", "$JS.API"), timeout=0.5)
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + timeout
+    while True:
+        try:
+            info = await jsm.stream_info(stream)
+            if info.cluster is None or info.cluster.leader:
+                return
+        except (nats.errors.TimeoutError, ServiceUnavailableError):
+            pass
+        if loop.time() > deadline:
+            raise nats.errors.TimeoutError(f"the stream {stream} has no leader after {timeout:g} s")
+        await asyncio.sleep(0.05)
 
 
 async def ensure_streams(js: JetStreamContext, settings: Settings) -> None:

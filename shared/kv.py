@@ -13,20 +13,27 @@ from nats.js import JetStreamContext
 from nats.js.api import KeyValueConfig
 from nats.js.errors import APIError
 
-from shared.bus import replicas_refused
+from shared.bus import replicas_refused, wait_for_leader
 from shared.subjects import Names
 
 log = structlog.get_logger(__name__)
 
 
 async def ensure_kv(js: JetStreamContext, config: KeyValueConfig):
-    """Create (or open) a key-value bucket; its replicas are REDRIVE_STREAM_REPLICAS."""
+    """Create (or open) a key-value bucket; its replicas are REDRIVE_STREAM_REPLICAS. The
+    bucket returned takes puts and watches at once."""
     try:
-        return await js.create_key_value(config)
+        kv = await js.create_key_value(config)
     except APIError as exc:
         if (problem := replicas_refused(exc, config.replicas)) is not None:
             raise problem from None
         raise
+    if (config.replicas or 1) > 1:
+        # On a cluster, a bucket another service is making at the same moment (they share
+        # buckets, and make them as they start) is answered as made before it has a leader:
+        # a put then fails with "no response from stream".
+        await wait_for_leader(js, f"KV_{config.bucket}")
+    return kv
 
 
 async def mirror_kv(kv, apply: Callable, name: str) -> asyncio.Task:
