@@ -30,6 +30,7 @@ from services.executor.keepalive import KeepAlive
 from services.executor.outcome import Outcome
 from services.executor.progress import Progress, ProgressStore
 from services.executor.run_stops import RunStops
+from services.executor.seen import Message, SeenDeliveries, delivery_and_message
 from services.executor import unreadable
 from services.executor.steps import StepRunner
 
@@ -63,17 +64,8 @@ def _headers(tenant_id: str, run_id: str) -> dict[str, str]:
 
 
 def deliveries(msg: Msg) -> int:
-    """How many times JetStream has delivered this message (1 when not from JetStream).
-
-    Read straight from the ack subject (``$JS.ACK.<stream>.<consumer>.<delivered>.…``, or
-    with a domain and account hash in front on newer servers): ``msg.metadata`` parses the
-    whole subject into objects, on every job."""
-    if not msg.reply or not msg.reply.startswith("$JS.ACK."):
-        return 1
-    tokens = msg.reply.split(".")
-    # v1: $JS.ACK.stream.consumer.delivered.sseq.cseq.ts.pending (9 tokens); v2 adds
-    # domain and account hash after ACK (and maybe a random token at the end).
-    return int(tokens[4] if len(tokens) == 9 else tokens[6])
+    """How many times JetStream has delivered this message (1 when not from JetStream)."""
+    return delivery_and_message(msg)[0]
 
 
 class JobRunner:
@@ -89,6 +81,7 @@ class JobRunner:
         self._max_deliver = max_deliver
         self._stops = stops
         self._deferrals_told: set[tuple[str, str, float | None]] = set()
+        self._seen = SeenDeliveries()
 
     async def handle(self, msg: Msg) -> bool:
         """Run the job; True if it was a suspect (redelivered for no reason we know)."""
@@ -111,7 +104,11 @@ class JobRunner:
         if self._stops is not None and self._stops.stopped(job.run_id, job.generation):
             await msg.ack()  # the run was stopped (fail_fast, cancel) after this job was queued
             return False
-        delivered = deliveries(msg)
+        delivered, message = delivery_and_message(msg)
+        seen_before, finished_before = self._seen.previous(message, delivered)
+        if finished_before:
+            await self._ack_again(msg, job, message, delivered)
+            return False
         last_beat = 0.0
 
         async def heartbeat() -> None:  # for handlers: in-progress ack, at most once a second
@@ -124,13 +121,23 @@ class JobRunner:
         self._keepalive.add(msg, job.run_id)
         try:
             if job.mode == "batch":
-                await self._run_batch(job, msg, delivered, heartbeat)
-                return delivered > 1
-            return await self._run_one(job, job.every_file[0], msg, delivered, heartbeat)
+                await self._run_batch(job, msg, delivered, message, heartbeat)
+                return delivered > 1 and not seen_before
+            return await self._run_one(job, job.every_file[0], msg, delivered, message, seen_before, heartbeat)
         finally:
             self._keepalive.remove(msg)
+            self._seen.saw(message, delivered)  # we are alive: whatever became of it, it did not kill us
 
-    async def _run_one(self, job: Job, file: FileSpec, msg: Msg, delivered: int, heartbeat) -> bool:
+    async def _ack_again(self, msg: Msg, job: Job, message: Message | None, delivered: int) -> None:
+        """The delivery before this one finished here: its result was stored (PubAck) before
+        its ack, which never reached the server (a NATS node failed over, a connection
+        dropped) or came too late. Running it again would only repeat its work."""
+        log.info("job.ack_lost", run_id=job.run_id, job_id=job.job_id[:200], delivered=delivered)
+        self._seen.saw(message, delivered, finished=True)
+        await msg.ack()
+
+    async def _run_one(self, job: Job, file: FileSpec, msg: Msg, delivered: int, message: Message | None,
+                       seen_before: bool, heartbeat) -> bool:
         # A single-step job on its first delivery needs nothing but the message. Anything
         # else asks the progress store: a redelivery, a re-published copy, and any job
         # with steps after its first, because a broker restart can hand a job out again
@@ -140,7 +147,8 @@ class JobRunner:
         look = delivered > 1 or refreshed or multi_step
         progress = await self._progress.get(job.job_id, file.index) if look else Progress()
         attempt = progress.failures + 1
-        suspect = delivered - 1 > progress.explained
+        # Redelivered for no reason we know, nor after a delivery this process lived through.
+        suspect = delivered - 1 > progress.explained and not seen_before
         wait_s = (progress.not_before or 0) - time.time()
         if wait_s > 0:  # a re-published copy, early: wait out the backoff it was given
             if wait_s <= EARLY_SLEEP_S:  # nearly due: cheaper to wait here than to go round again
@@ -150,6 +158,11 @@ class JobRunner:
             outcome = Outcome("defer", file.start_step, delay_ms=max(1, int(wait_s * 1000)))
         else:
             async with (self._gate.exclusive() if suspect else self._gate.shared()) as waited:
+                if (suspect or waited) and self._seen.previous(message, delivered)[1]:
+                    # Redelivered while its previous delivery still ran here (an ack wait
+                    # passed without a keepalive), which has finished meanwhile.
+                    await self._ack_again(msg, job, message, delivered)
+                    return False
                 if (suspect or waited) and look:
                     # We waited for other jobs (maybe for this job's other delivery): read
                     # the progress again, or we would redo steps it checkpointed meanwhile.
@@ -166,6 +179,7 @@ class JobRunner:
             await self._come_back_later(job, file, msg, delivered, progress, outcome.delay_ms / 1000)
             return suspect
         await self._publish(job, file.index, outcome, attempt)
+        self._seen.saw(message, delivered, finished=True)
         if outcome.kind == "errored":
             await msg.term()
         else:
@@ -188,7 +202,7 @@ class JobRunner:
         await publish_many(self._js, [Outgoing(msg.subject, msg.data, f"{job.job_id}:refresh:{progress.offset}", headers)])
         await msg.ack()
 
-    async def _run_batch(self, job: Job, msg: Msg, delivered: int, heartbeat) -> None:
+    async def _run_batch(self, job: Job, msg: Msg, delivered: int, message: Message | None, heartbeat) -> None:
         """A batch job carries every file: retries happen in-process (with the same backoff
         and heartbeats); a redelivered batch skips files it already reported."""
         for file in job.every_file:
@@ -212,6 +226,7 @@ class JobRunner:
             progress.done = True
             if delivered > 1 or len(job.every_file) > 1:
                 await self._progress.put(job.job_id, file.index, progress)
+        self._seen.saw(message, delivered, finished=True)
         await msg.ack()
 
     async def _run_file(self, job: Job, file: FileSpec, progress: Progress, attempt: int, heartbeat) -> Outcome:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 from datetime import datetime
 
 import orjson
@@ -143,3 +144,36 @@ async def test_a_step_past_its_timeout_is_cancelled_and_counts_as_transient(stac
     f = done["files"][0]
     assert f["status"] == "FAILED" and f["attempts"] == 2
     assert f["last_error"]["class"] == "StepTimeout" and f["last_error"]["transient"] is True
+
+
+async def test_a_job_whose_ack_was_lost_is_acked_again_not_run_again_nor_a_suspect(stack, monkeypatch):
+    """A NATS node failing over, or a connection dropping, loses acks: every job in flight
+    comes back after the ack wait although this executor ran it and lived. Run again, each
+    would repeat its work; taken for suspects (maybe poison), they ran one at a time."""
+    from nats.aio.msg import Msg
+
+    from services.executor.job_runner import deliveries
+
+    tenant = await tenant_with(stack)
+    events = await EventLog().attach(stack, "file.>")
+    ack, lost, acked = Msg.ack, [], []
+
+    async def first_acks_lost(msg: Msg) -> None:
+        if msg.subject == stack.names.job(tenant):
+            if deliveries(msg) == 1:
+                lost.append(msg.reply)  # the ack never reaches the server
+                return
+            acked.append(deliveries(msg))
+        await ack(msg)
+
+    monkeypatch.setattr(Msg, "ack", first_acks_lost)
+    template = await stack.template(tenant, [{"name": "s", "handler": "flaky", "params": {"sleep_ms": 50}}])
+    run = await stack.submit(tenant, template, 4)
+    done = await stack.wait_run(tenant, run["id"])
+    assert done["status"] == "COMPLETED"
+    deadline = asyncio.get_running_loop().time() + 20
+    while len(acked) < 4 and asyncio.get_running_loop().time() < deadline:  # back after the ack wait
+        await asyncio.sleep(0.05)
+    assert len(lost) == 4 and acked == [2, 2, 2, 2]  # each came back once, and was acked then
+    assert sorted(e["file_index"] for e in events.of("file.succeeded", run["id"])) == [0, 1, 2, 3]  # run once each
+    assert stack.services["executor"][0].worker.cautious is False
