@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import time
+from contextvars import ContextVar
 from collections.abc import Awaitable, Callable, Mapping
 from typing import Any
 
@@ -94,12 +95,14 @@ class MicroService:
     async def _answer(self, verb: str, fn: Verb, request: Request) -> None:
         # Its own task (see _spawn): the caller's trace is bound for this request alone.
         tracing.bind(tracing.trace_id_of(request.headers.get(tracing.HEADER)) if request.headers else None)
-        if _expired(request):
+        deadline = _deadline_of(request)
+        if deadline is not None and time.time() > deadline:
             # The caller gave up and answered its client "unavailable": a request that NATS
             # held through an outage and delivered now must not run (it would charge, create
             # or grant what the client was told had failed, and a retry would do it twice).
             log.warning("rpc.expired", service=self._service_name, verb=verb)
             return
+        _caller_deadline.set(deadline)
         try:
             payload = orjson.loads(request.data) if request.data else {}
             if not isinstance(payload, dict):
@@ -202,12 +205,30 @@ class RpcClient:
 DEADLINE_HEADER = "Redrive-Deadline"
 
 
-def _expired(request: Request) -> bool:
+# The deadline of the request this task answers (each request runs in its own task).
+_caller_deadline: ContextVar[float | None] = ContextVar("caller_deadline", default=None)
+# Time for a commit and the answer's way back.
+COMMIT_MARGIN_S = 1.0
+
+
+def _deadline_of(request: Request) -> float | None:
     raw = request.headers.get(DEADLINE_HEADER) if request.headers else None
     try:
-        return raw is not None and time.time() > float(raw)
+        return float(raw) if raw is not None else None
     except ValueError:
-        return False  # not ours to judge: answer it
+        return None  # not ours to judge: answer it
+
+
+def ensure_caller_waits(margin_s: float = COMMIT_MARGIN_S) -> None:
+    """Refuse (``service_unavailable``) to go on when the caller of the request being
+    answered stops waiting within ``margin_s``. Called just before a commit that creates
+    or charges: slowed down (billing or the database slow to answer), such a request would
+    commit after the gateway told its client 503, and the client's retry would create and
+    charge a second time. Raised inside the transaction, it rolls it back (and the charge
+    is compensated), so the 503 tells the truth."""
+    deadline = _caller_deadline.get()
+    if deadline is not None and time.time() + margin_s > deadline:
+        raise ServiceError("service_unavailable", "the request took too long; nothing was done, send it again")
 
 
 def _default(value: Any) -> Any:

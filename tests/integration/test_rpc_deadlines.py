@@ -47,3 +47,29 @@ async def test_a_call_while_the_bus_is_down_fails_at_once(stack):
     with pytest.raises(ServiceError) as refused:
         await RpcClient(nc, stack.names, timeout=15).call("billing", "balance", {"tenant_id": "t"})
     assert refused.value.code == "service_unavailable" and time.monotonic() - started < 1
+
+
+@pytest.fixture(scope="module")
+async def run_stack(make_settings):
+    s = await Stack(await make_settings()).start("billing", "coordinator")
+    yield s
+    await s.stop()
+
+
+async def test_a_run_that_would_commit_after_its_caller_stopped_waiting_is_rolled_back_and_refunded(run_stack):
+    """Slowed down (billing or PostgreSQL slow to answer), create_run committed after the
+    gateway had answered 503, and the client's retry created and charged a second run. Here
+    the deadline is inside the commit margin when the request arrives: run, it must leave
+    nothing behind."""
+    stack = run_stack
+    tenant = await stack.tenant(monthly=10)
+    template = await stack.template(tenant, [{"name": "s", "handler": "noop"}])
+    msg = await stack.nc.request(
+        stack.names.service("coordinator", "create_run"),
+        orjson.dumps({"tenant_id": tenant, "template_id": template, "files": [{"name": "a"}, {"name": "b"}],
+                      "actor": "test"}),
+        timeout=5.0, headers={DEADLINE_HEADER: f"{time.time() + 0.5:.3f}"})
+    assert orjson.loads(msg.data)["error"]["code"] == "service_unavailable"
+    assert (await stack.call("coordinator", "list_runs", tenant_id=tenant))["items"] == []
+    assert (await stack.call("billing", "balance", tenant_id=tenant))["monthly"]["remaining"] == 10
+    await stack.assert_books_balance(tenant)

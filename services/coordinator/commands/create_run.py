@@ -13,6 +13,7 @@ from shared import tracing
 from shared.bus import fits
 from shared.copy import COPY_THRESHOLD, copy_rows
 from shared.db import transaction
+from shared.rpc import ensure_caller_waits
 from shared.messages import ServiceError
 from services.coordinator import credits, jobs, outbox, store, timeline
 from services.coordinator.commands import staged_files
@@ -116,6 +117,7 @@ async def create_run(deps: Deps, cmd: CreateRun) -> dict:
             await credits.apply(conn, charge, run_id=run_id, tenant_id=cmd.tenant_id, actor=cmd.actor)
             if cmd.staged and not moved:
                 await staged_files.forget(conn, cmd.tenant_id, cmd.staged)
+            ensure_caller_waits()  # else: rolled back, refunded below
     except BaseException:
         await credits.compensate(deps.engine, deps.billing, key=key, tenant_id=cmd.tenant_id, run_id=run_id)
         raise

@@ -5,6 +5,7 @@ from __future__ import annotations
 from sqlalchemy import text
 
 from shared.db import transaction
+from shared.rpc import ensure_caller_waits
 from shared.messages import ServiceError
 from services.coordinator import credits, jobs, outbox, store, timeline
 from services.coordinator.commands.recover import stopped_pending_rows
@@ -72,6 +73,7 @@ async def retry_file(deps: Deps, cmd: FileRef) -> dict:
                 conn, timeline.entry(run["id"], run["tenant_id"], "file_retry", cmd.actor, f["idx"], round=run["round"]))
             await credits.apply(conn, charge, run_id=run["id"], tenant_id=run["tenant_id"], actor=cmd.actor,
                                 file_index=f["idx"])
+            ensure_caller_waits()  # else: rolled back, refunded below
     except BaseException:
         if charge is not None:
             await credits.compensate(deps.engine, deps.billing, key=charge.key, tenant_id=cmd.tenant_id, run_id=cmd.run_id)

@@ -11,6 +11,7 @@ from __future__ import annotations
 from sqlalchemy import text
 
 from shared.db import transaction
+from shared.rpc import ensure_caller_waits
 from shared.messages import ServiceError
 from services.coordinator import credits, jobs, outbox, store, timeline
 from services.coordinator.commands.templates import refuse_unoffered
@@ -97,6 +98,7 @@ async def retry_failed(deps: Deps, cmd: RunRef) -> dict:
                                                        round=new_round, failed_files=len(failed),
                                                        pending_files=len(pending)))
             await credits.apply(conn, charge, run_id=run["id"], tenant_id=run["tenant_id"], actor=cmd.actor)
+            ensure_caller_waits()  # else: rolled back, refunded below
     except BaseException:
         # The run update did not commit: give the credits back (monthly and purchased parts).
         if charge is not None:
