@@ -35,13 +35,17 @@ def up(
 ) -> None:
     """Start everything: servers (embedded by default), migrations, the five services."""
     from redrive.bootstrap_admin import ensure_admin_key
-    from redrive.supervisor import ServiceFailed, Stack
+    from redrive.supervisor import DataDirInUse, ServiceFailed, Stack, lock_data_dir
     from shared.migrations import migrate_sync
 
     # Not the prefix of an earlier `up` (runtime.json): this one's environment says.
     settings = _settings(data_dir, runtime=False, host=host, port=port)
     _check_handlers(settings)  # as `redrive service executor` would, again and again
     _check_data_dir(settings.data_dir)
+    try:
+        lock = lock_data_dir(settings.data_dir)  # noqa: F841 - held until this process ends
+    except DataDirInUse as exc:
+        _fail(str(exc), code=2)
     _check_can_listen(host, port)  # before anything starts: the gateway alone would crash, again and again
     stack = Stack(settings, executors=executors)
     stopping = False

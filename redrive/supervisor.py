@@ -16,6 +16,7 @@ import urllib.request
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from shared.embedded import terminate_with_parent
 from shared.settings import Settings
 
 SERVICES = ("coordinator", "billing", "notifier", "executor", "gateway")
@@ -24,6 +25,31 @@ SERVICES = ("coordinator", "billing", "notifier", "executor", "gateway")
 # A service's exit code for a configuration it cannot run with (redrive/cli_common.py): before
 # the stack is ready, restarting it would only fail again.
 BAD_CONFIGURATION = 2
+
+
+class DataDirInUse(Exception):
+    """Another `redrive up` runs on this data directory."""
+
+
+def lock_data_dir(data_dir: Path):
+    """Hold ``data_dir/up.lock`` for as long as this process lives (the returned file must be
+    kept open): a second `redrive up` on the same directory would start a second nats-server
+    on the live JetStream store, which it then "recovers" under the first one's feet."""
+    import fcntl
+
+    lock = open(data_dir / "up.lock", "a+")
+    try:
+        fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+        lock.seek(0)
+        holder = lock.read().strip() or "unknown"
+        lock.close()
+        raise DataDirInUse(f"{data_dir} is in use by another `redrive up` (pid {holder}); stop it first "
+                           "(Ctrl-C), or give this one another --data-dir") from None
+    lock.truncate(0)
+    lock.write(str(os.getpid()))
+    lock.flush()
+    return lock
 
 
 class ServiceFailed(Exception):
@@ -48,7 +74,8 @@ class Child:
     def start(self) -> None:
         log = open(self.log_path, "ab")
         self.log_start = log.tell()
-        self.proc = subprocess.Popen(self.args, env=self.env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+        self.proc = subprocess.Popen(self.args, env=self.env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
+                                     preexec_fn=terminate_with_parent)
         self.started_at = time.monotonic()
         log.close()
 
@@ -92,7 +119,7 @@ class Stack:
         if not _env_set("NATS_URL"):
             from shared.embedded import EmbeddedNats
 
-            nats = EmbeddedNats(s.data_dir, port=_saved_port(s, "nats_url"))
+            nats = EmbeddedNats(s.data_dir, port=_saved_port(s, "nats_url"), die_with_parent=True)
             nats.start()
             self.servers.append(nats)
             updates["nats_url"] = nats.url

@@ -27,6 +27,18 @@ class EmbeddedServerError(RuntimeError):
     """An embedded server could not be found, started or stopped."""
 
 
+
+def terminate_with_parent() -> None:
+    """In a child between fork and exec (``preexec_fn``): SIGTERM it when the process that
+    started it dies, even by kill -9, so that `redrive up` leaves no server or service
+    running on its data directory behind it (Linux; elsewhere a no-op)."""
+    try:
+        import ctypes
+
+        ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+    except (OSError, AttributeError):
+        pass
+
 def free_port(host: str = "127.0.0.1") -> int:
     with socket.socket() as s:
         s.bind((host, 0))
@@ -64,10 +76,12 @@ class EmbeddedNats(_Managed):
     The port is chosen once, so ``restart()`` comes back on the same URL with the same store.
     """
 
-    def __init__(self, data_dir: Path, port: int | None = None, host: str = "127.0.0.1") -> None:
+    def __init__(self, data_dir: Path, port: int | None = None, host: str = "127.0.0.1", *,
+                 die_with_parent: bool = False) -> None:
         self.data_dir = Path(data_dir)
         self.host = host
         self.port = port or free_port(host)
+        self.die_with_parent = die_with_parent
         self.store_dir = self.data_dir / "nats"
         self.log_path = self.data_dir / "nats.log"
         self.proc: subprocess.Popen | None = None
@@ -103,7 +117,8 @@ class EmbeddedNats(_Managed):
         # Output before the server opens its log (bad flags, ...) goes to the same file.
         with open(self.log_path, "ab") as out:
             self.proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=out, stderr=out,
-                                         start_new_session=True)
+                                         start_new_session=True,
+                                         preexec_fn=terminate_with_parent if self.die_with_parent else None)
         deadline = time.monotonic() + 10
         while time.monotonic() < deadline and self.running:
             if self._ready(log_start):

@@ -18,7 +18,7 @@ from pathlib import Path
 import psutil
 
 from redrive.api_client import Api
-from shared.embedded import free_port
+from shared.embedded import EmbeddedPostgres, free_port
 
 # The embedded default, whatever servers the rest of the suite was given.
 _SERVER_VARS = ("NATS_URL", "DATABASE_URL", "REDRIVE_NATS_URL", "REDRIVE_DATABASE_URL", "REDRIVE_PREFIX")
@@ -113,8 +113,29 @@ def test_up_starts_restarts_stops_and_finds_its_data_again(tmp_path):
         watched = subprocess.run([sys.executable, "-m", "redrive", "run", "watch", shown["run"]["id"], "--json"],
                                  env=env, capture_output=True, text=True, timeout=60)
         assert watched.returncode == 0 and json.loads(watched.stdout)["id"] == shown["run"]["id"]
+        # A third `up` on the same directory would start a second nats-server on the live store.
+        credits = api.call("GET", "/credits")
+        third = subprocess.run([sys.executable, "-m", "redrive", "up", "--data-dir", str(data_dir), "--port",
+                                str(free_port())], env=env, capture_output=True, text=True, timeout=60)
+        assert third.returncode == 2 and f"{data_dir} is in use by another `redrive up` (pid {second.proc.pid})" \
+            in third.stderr, third.stderr
+        assert api.call("GET", "/credits") == credits  # the second goes on, untouched
     finally:
-        second.interrupt()
+        started = psutil.Process(second.proc.pid).children(recursive=True)
+        second.proc.kill()  # kill -9: nothing of it can stop its children
+        try:
+            # They stop with it all the same (SIGTERM from the kernel), but for PostgreSQL, a
+            # daemon of its own, which the next `up` takes over.
+            _until(lambda: not [p for p in started if _alive(p) and "postgres" not in p.name()], timeout=30)
+        finally:
+            EmbeddedPostgres(data_dir).stop()
+
+
+def _alive(process: psutil.Process) -> bool:
+    try:
+        return process.is_running() and process.status() != psutil.STATUS_ZOMBIE
+    except psutil.NoSuchProcess:
+        return False
 
 
 def test_a_service_waiting_for_nats_at_start_stops_on_sigterm(tmp_path):
