@@ -92,6 +92,24 @@ async def test_load_modules_registers_application_handlers(tmp_path, monkeypatch
         registry.load_modules("redrive_app_handlers_noreg")
 
 
+def test_a_handler_module_whose_own_code_fails_is_one_line_saying_where(tmp_path, monkeypatch):
+    """Not a traceback of 70 lines from `redrive up` or the executor: a line naming the module,
+    the error and its place (exit 2 from the CLI, as for a module that is not there)."""
+    (tmp_path / "redrive_app_raises.py").write_text("import os\nraise RuntimeError('OCR_URL is not set')\n")
+    (tmp_path / "redrive_app_syntax.py").write_text("def register(registry:\n")
+    (tmp_path / "redrive_app_badreg.py").write_text("def register(registry):\n    return {}['x']\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    registry = builtin_registry()
+    with pytest.raises(ValueError) as raised:
+        registry.load_modules("redrive_app_raises")
+    assert str(raised.value) == (f"REDRIVE_HANDLERS: cannot import 'redrive_app_raises': RuntimeError: OCR_URL is not "
+                                 f"set ({tmp_path / 'redrive_app_raises.py'}:2)")
+    with pytest.raises(ValueError, match=r"cannot import 'redrive_app_syntax': SyntaxError: .*line 1"):
+        registry.load_modules("redrive_app_syntax")
+    with pytest.raises(ValueError, match=r"redrive_app_badreg.register failed: KeyError: 'x' \(.*redrive_app_badreg.py:2\)"):
+        registry.load_modules("redrive_app_badreg")
+
+
 async def test_noop(tmp_path):
     assert await noop.run(make_ctx(tmp_path)) == {}
 

@@ -74,12 +74,28 @@ class HandlerRegistry:
                 continue
             try:
                 module = importlib.import_module(module_name)
-            except ImportError as exc:
-                raise ValueError(f"REDRIVE_HANDLERS: cannot import {module_name!r}: {exc}") from exc
+            except Exception as exc:  # not found, or its own code failed (a syntax error, a raise at import)
+                raise ValueError(f"REDRIVE_HANDLERS: cannot import {module_name!r}: {_one_line(exc)}") from exc
             register = getattr(module, "register", None)
             if not callable(register):
                 raise ValueError(f"REDRIVE_HANDLERS: module {module_name!r} has no register(registry) function")
-            register(self)
+            try:
+                register(self)
+            except ValueError:  # ours (a bad handler name, one registered twice): says what
+                raise
+            except Exception as exc:
+                raise ValueError(f"REDRIVE_HANDLERS: {module_name}.register failed: {_one_line(exc)}") from exc
+
+
+def _one_line(exc: BaseException) -> str:
+    """What went wrong, on one line: an exception's type, message, and where it was raised
+    when the message does not say (a SyntaxError names its file and line itself)."""
+    said = " ".join(str(exc).split()) or "(no message)"
+    tb = exc.__traceback__
+    while tb is not None and tb.tb_next is not None:
+        tb = tb.tb_next
+    where = f" ({tb.tb_frame.f_code.co_filename}:{tb.tb_lineno})" if tb is not None and not isinstance(exc, SyntaxError) else ""
+    return f"{type(exc).__name__}: {said[:500]}{where}"
 
 
 def builtin_registry(*, allow_private_urls: bool = False, allow_crash: bool = False,
