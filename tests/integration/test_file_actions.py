@@ -72,11 +72,13 @@ async def test_skip_only_when_the_failed_step_is_optional(stack):
     assert done["status"] == "COMPLETED_WITH_ERRORS"
     skipped = await stack.call("coordinator", "skip_file", tenant_id=tenant, run_id=done["id"], file_index=0)
     assert skipped["files"][0]["status"] == "SKIPPED" and skipped["status"] == "COMPLETED_WITH_ERRORS"
+    assert (skipped["needs_attention"], skipped["attention_reason"]) == (True, "failed")
     completed = asyncio.Queue()
     sub = await stack.nc.subscribe(stack.names.run_event("completed"), cb=completed.put)
     try:
         skipped = await stack.call("coordinator", "skip_file", tenant_id=tenant, run_id=done["id"], file_index=1)
         assert skipped["status"] == "COMPLETED" and skipped["counts"]["skipped"] == 2 and counts_add_up(skipped)
+        assert (skipped["needs_attention"], skipped["attention_reason"]) == (False, None)  # not a stale reason
         # Those told "finished with errors" are told it finished after all, once.
         event = RunEvent.model_validate_json((await asyncio.wait_for(completed.get(), 10)).data)
         assert (event.run_id, event.status, event.counts["skipped"]) == (done["id"], "COMPLETED", 2)

@@ -114,7 +114,8 @@ async def _end_skipped(conn, deps: Deps, run: dict, f: dict, counter: str, actor
     before = run["status"]
     run = dict((await conn.execute(text(
         "UPDATE coordinator.runs SET status = CASE WHEN status = 'COMPLETED_WITH_ERRORS' AND failed + errored = 0 "
-        " THEN 'COMPLETED' ELSE status END, needs_attention = needs_attention AND failed > 0 "
+        " THEN 'COMPLETED' ELSE status END, needs_attention = needs_attention AND failed > 0, "
+        " attention_reason = CASE WHEN needs_attention AND failed > 0 THEN attention_reason END "
         "WHERE id = :r RETURNING *"), {"r": run["id"]})).mappings().one())
     await timeline.append(conn, timeline.entry(run["id"], run["tenant_id"], "file_skipped", actor, f["idx"],
                                                step=f["failed_step"]))
