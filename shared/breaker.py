@@ -49,6 +49,13 @@ def admit(s: BreakerState, now: float) -> Admission:
     return Admission("defer", max(0.05, (s.next_probe_at or now) - now), s.opened_at)
 
 
+def shown_state(s: BreakerState, now: float) -> State:
+    """The state as operators should see it: an open breaker whose reset time has passed is
+    half-open (the next call is its probe), though nothing is written until a job claims
+    the probe."""
+    return "half_open" if s.state == "open" and s.next_probe_at is not None and now >= s.next_probe_at else s.state
+
+
 def claim_probe(s: BreakerState, now: float) -> BreakerState:
     return BreakerState("half_open", s.failures, s.opened_at, now + PROBE_LEASE_S)
 

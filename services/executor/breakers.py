@@ -130,10 +130,10 @@ class BreakerBoard:
 
     def snapshot(self, tenant_id: str | None = None) -> list[dict]:
         """Every breaker (``tenant_id`` None: a platform admin's view) or one tenant's."""
-        out = []
+        out, now = [], time.time()
         for state, tenant, dependency in self._local.values():
             if tenant_id is None or tenant == tenant_id:
-                out.append({"tenant_id": tenant, "dependency": dependency, "state": state.state,
+                out.append({"tenant_id": tenant, "dependency": dependency, "state": breaker.shown_state(state, now),
                             "failures": state.failures, "opened_at": _ts(state.opened_at),
                             "next_probe_at": _ts(state.next_probe_at)})
         return sorted(out, key=lambda b: (b["dependency"], b["tenant_id"]))

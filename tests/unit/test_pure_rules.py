@@ -29,6 +29,8 @@ def test_breaker_opens_after_threshold_half_opens_and_closes():
     s = breaker.on_failure(s, now=100, threshold=3, reset_s=10)
     assert s.state == "open" and breaker.admit(s, 105).verdict == "defer"
     assert breaker.admit(s, 105).delay_s == 5
+    # Shown to operators as half-open once its reset time has passed, before any probe.
+    assert (breaker.shown_state(s, 105), breaker.shown_state(s, 110)) == ("open", "half_open")
     assert breaker.admit(s, 110).verdict == "probe"
     probing = breaker.claim_probe(s, 110)
     assert probing.state == "half_open" and breaker.admit(probing, 111).verdict == "defer"
