@@ -18,6 +18,8 @@ ERROR_SCHEMA = {
         "code": {"type": "string"}, "message": {"type": "string"}, "details": {"type": "object"}}}},
 }
 _ERROR_REF = {"content": {"application/json": {"schema": {"$ref": REF.format(model="Error")}}}}
+_TENANT_HEADER = {"name": "X-Tenant-Id", "in": "header", "required": False, "schema": {"type": "string"},
+                  "description": "platform admins: the tenant to act on"}
 _COMMON_ERRORS = {
     "401": "missing or unknown API key",
     "403": "the key's role may not do this, or X-Tenant-Id names another tenant",
@@ -53,8 +55,7 @@ def _forwarded(route: Route, schemas: dict[str, Any]) -> dict[str, Any]:
         query = route.query.model_json_schema(by_alias=True)
         params += [{"name": name, "in": "query", "required": False, "schema": schema}
                    for name, schema in query.get("properties", {}).items()]
-    params.append({"name": "X-Tenant-Id", "in": "header", "required": False, "schema": {"type": "string"},
-                   "description": "platform admins: the tenant to act on"})
+    params.append(_TENANT_HEADER)
     if route.idempotent:
         params.append({"name": "Idempotency-Key", "in": "header", "required": False,
                        "schema": {"type": "string", "maxLength": 255},
@@ -98,9 +99,14 @@ def _local(route: LocalRoute) -> dict[str, Any]:
     if route.name == "readyz":
         op["responses"]["503"] = {"description": "a dependency is unreachable (see checks)"}
     if route.name == "events":
+        op["parameters"] = [{**_TENANT_HEADER, "description": "platform admins: the tenant whose events to "
+                                                              "stream (without it: their own)"}]
+        op["responses"] |= {code: {"description": text, **_ERROR_REF} for code, text in _COMMON_ERRORS.items()}
+        op["responses"]["404"] = {"description": "X-Tenant-Id names no tenant", **_ERROR_REF}
         op["responses"]["429"] = {"description": "the key or the tenant has all the live streams it may "
                                                  "(REDRIVE_SSE_MAX_PER_KEY, REDRIVE_SSE_MAX_PER_TENANT); "
                                                  "see Retry-After", **_ERROR_REF}
+        op["responses"]["default"] = {"description": "error", **_ERROR_REF}
     if route.name == "metrics":
         op["responses"]["401"] = {"description": "only when the operator set REDRIVE_METRICS_TOKEN: "
                                                  "send it as Authorization: Bearer <token>", **_ERROR_REF}
