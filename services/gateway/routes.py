@@ -143,6 +143,10 @@ async def read_json(request: web.Request) -> Any:
         async with asyncio.timeout(BODY_READ_TIMEOUT_S):
             raw = await request.read()
     except RequestPayloadError:  # e.g. Content-Encoding: gzip over bytes that are not gzip
+        # Nothing more of it can be read (errors.py closes the connection after the answer):
+        # said so, aiohttp does not read on after the answer, fail again and log that as a
+        # server error with three tracebacks.
+        request.content.feed_eof()
         raise ServiceError("bad_request", "the request body could not be decoded (check its Content-Encoding)") from None
     except TimeoutError:
         raise ServiceError("request_timeout", f"the request body did not arrive within {BODY_READ_TIMEOUT_S:g} s") from None

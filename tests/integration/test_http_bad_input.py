@@ -417,3 +417,15 @@ async def test_nothing_above_was_answered_with_a_5xx_and_the_gateway_still_serve
     assert not failures, failures
     assert (await world["http"].get("/healthz")).status == 200
     assert await snapshot(world) == world["before"]
+
+
+async def test_an_undecodable_body_is_a_400_and_no_server_error_in_the_log(world, caplog):
+    """aiohttp read the rest of such a body after the answer, failed again and logged
+    "Unhandled exception" with three tracebacks."""
+    http, keys = world["http"], world["keys"]
+    r = await http.post(API + "/templates", data=b"{}",
+                        headers=auth(keys["tenant_admin"], **{"Content-Encoding": "gzip", "Content-Type": "application/json"}))
+    await refused(r, 400, "bad_request")
+    ok = await http.get(API + "/templates", headers=auth(keys["tenant_admin"]))  # the gateway goes on
+    assert ok.status == 200
+    assert not [rec for rec in caplog.records if rec.name.startswith("aiohttp") and rec.levelname == "ERROR"]
