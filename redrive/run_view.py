@@ -34,7 +34,9 @@ def print_run(run: dict[str, Any]) -> None:
                   Column("attempts", no_wrap=True, justify="right"), Column("retry", no_wrap=True, justify="right"),
                   Column("last error", overflow="fold"), box=box.SIMPLE_HEAD, show_edge=False, collapse_padding=True)
     for f in files:
-        error = f.get("last_error") or {}
+        # A file that succeeded in the end keeps its last failure in the API (its history),
+        # but "last error" beside SUCCEEDED reads as if something were wrong.
+        error = (f.get("last_error") or {}) if f.get("status") not in ("SUCCEEDED", "CANCELLED") else {}
         said = f"{error.get('class', '')}: {error.get('message', '')}".strip(": ") if error else ""
         table.add_row(str(f.get("index")), str(f.get("name")), str(f.get("status")), str(f.get("attempts")),
                       str(f.get("retry_attempt")), said)

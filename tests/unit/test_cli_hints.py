@@ -212,7 +212,9 @@ def test_run_show_prints_the_run_for_a_person_and_asks_for_the_statuses_given(cl
            "attention_reason": "failed", "credits": {"consumed": 2, "refunded": 0},
            "counts": {"total": 2, "succeeded": 1, "failed": 1, "errored": 0, "pending": 0, "skipped": 0, "cancelled": 0},
            "files": [{"index": 1, "name": "b.pdf", "status": "FAILED", "attempts": 4, "retry_attempt": 0,
-                      "last_error": {"class": "TransientError", "message": "rate limited", "transient": True}}],
+                      "last_error": {"class": "TransientError", "message": "rate limited", "transient": True}},
+                     {"index": 2, "name": "c.pdf", "status": "SUCCEEDED", "attempts": 2, "retry_attempt": 0,
+                      "last_error": {"class": "TransientError", "message": "timed out", "transient": True}}],
            "files_page": {"offset": 0, "limit": 1000, "next_offset": 7, "status": ["FAILED"]}}
     server = api((200, run))
     shown = cli("run", "show", RUN_ID, "--status", "FAILED,ERROR", code=0).stdout
@@ -223,6 +225,8 @@ def test_run_show_prints_the_run_for_a_person_and_asks_for_the_statuses_given(cl
     assert lines[1] == "files 2: 1 succeeded, 1 failed" and lines[2] == "credits consumed 2, refunded 0"
     row = next(line for line in lines if line.strip().startswith("1 "))
     assert row.split()[:5] == ["1", "b.pdf", "FAILED", "4", "0"] and "TransientError: rate limited" in row
+    succeeded = next(line for line in lines if line.strip().startswith("2 "))
+    assert succeeded.split() == ["2", "c.pdf", "SUCCEEDED", "2", "0"]  # its earlier failure is history, not its state
     assert lines[-1] == "more files: --file-offset 7"
     assert json.loads(cli("run", "show", RUN_ID, "--json", code=0).stdout) == run  # as the API gave it
     server.close()
