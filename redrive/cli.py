@@ -192,7 +192,8 @@ def attention(data_dir: Optional[Path] = DataDir, as_json: bool = JsonOut) -> No
     # not lines: a copied id takes no border along.
     table = Table(Column("run", no_wrap=True, min_width=max((len(str(r["id"])) for r in items), default=3)),
                   Column("status", no_wrap=True, min_width=max((len(str(r["status"])) for r in items), default=6)),
-                  Column("reason", overflow="fold"), Column("files", overflow="fold"), Column("tenant", overflow="fold"),
+                  Column("reason", no_wrap=True, min_width=max((len(str(r["reason"])) for r in items), default=6)),
+                  Column("files", overflow="fold"), Column("tenant", overflow="fold"),
                   box=box.SIMPLE_HEAD, show_edge=False, collapse_padding=True)
     for r in items:
         c = r["counts"]

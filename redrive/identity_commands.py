@@ -76,11 +76,15 @@ def key_list(
     if as_json:
         _print(keys, True)
         return
-    table = Table(Column("id", no_wrap=True), Column("tenant", no_wrap=True), Column("user", overflow="fold"),
-                  Column("role", no_wrap=True), Column("created", no_wrap=True), Column("revoked", no_wrap=True),
+    # The id is what `key revoke` takes: never cut. The rest fold into what width is left
+    # (a tenant id is 32 characters: at 80 columns something must).
+    widest = max((len(k["id"]) for k in keys), default=2)
+    table = Table(Column("id", no_wrap=True, min_width=widest), Column("role", no_wrap=True, min_width=14),
+                  Column("tenant", overflow="fold"), Column("user", overflow="fold", min_width=4),
+                  Column("created", overflow="fold"), Column("revoked", overflow="fold"),
                   box=box.SIMPLE_HEAD, show_edge=False, collapse_padding=True)
     for k in keys:
-        table.add_row(k["id"], k["tenant_id"], k["user"], k["role"], f"{k['created_at']:%Y-%m-%d %H:%M}",
+        table.add_row(k["id"], k["role"], k["tenant_id"], k["user"], f"{k['created_at']:%Y-%m-%d %H:%M}",
                       f"{k['revoked_at']:%Y-%m-%d %H:%M}" if k["revoked_at"] else "-")
     console.print(table)
 

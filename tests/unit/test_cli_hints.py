@@ -196,7 +196,7 @@ def test_attention_shows_ids_and_statuses_whole_at_80_columns(api):
     assert max(len(line) for line in lines) <= 80
     for item in items:
         row = next(line for line in lines if item["id"] in line)  # the whole id, on one line
-        assert item["status"] in row.split()
+        assert item["status"] in row.split() and item["reason"] in row.split()
     assert "…" not in shown.stdout
 
 
