@@ -166,7 +166,7 @@ async def test_a_step_longer_than_the_lease_or_a_long_backoff_is_quiet_not_stuck
 async def test_recover_finishes_a_failed_run_with_nothing_pending_so_continue_can_follow(make_settings):
     """A FAILED run whose files all ended (fail_fast tripped on its last file, or files
     finished after recovery gave up) had no way out of FAILED: Recover finishes it."""
-    stack = await Stack(await make_settings()).start("billing", "coordinator", "executor")
+    stack = await Stack(await make_settings()).start("billing", "coordinator", "notifier", "executor")
     try:
         tenant = await stack.tenant()
         await stack.call("coordinator", "put_settings", tenant_id=tenant, auto_retries=0)
@@ -178,6 +178,8 @@ async def test_recover_finishes_a_failed_run_with_nothing_pending_so_continue_ca
         finished = await stack.call("coordinator", "recover", tenant_id=tenant, run_id=run["id"])
         assert finished["status"] == "COMPLETED_WITH_ERRORS" and finished["needs_attention"]
         assert finished["attention_reason"] == "failed" and finished["credits"]["consumed"] == 1
+        await notes(stack, tenant, run["id"], "run_recovery_started")  # told, as of every recovery
+        await notes(stack, tenant, run["id"], "run_recovered")
         await expect_error("run_not_recoverable", stack.call("coordinator", "recover", tenant_id=tenant, run_id=run["id"]))
         resumed = await stack.call("coordinator", "retry_failed", tenant_id=tenant, run_id=run["id"])
         assert resumed["round"] == 1

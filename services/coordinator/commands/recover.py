@@ -96,7 +96,12 @@ async def _check_recoverable(conn, deps: Deps, run: dict) -> None:
 async def _finish(conn, deps: Deps, run: dict, actor: str) -> dict:
     run = dict((await conn.execute(_FINISH, {"r": run["id"]})).mappings().one())
     kind = run["status"].lower()
-    await outbox.add(conn, [run_event_row(deps.names, run, kind, unique=f"finish{run['generation']}")])
+    # A recovery all the same, as users are told of every one: started, and done at once.
+    await outbox.add(conn, [
+        run_event_row(deps.names, run, "recovery_started", "Recovery started", unique=f"finish{run['generation']}"),
+        run_event_row(deps.names, run, "recovered", "Recovery succeeded: the run finished",
+                      unique=f"finish{run['generation']}"),
+        run_event_row(deps.names, run, kind, unique=f"finish{run['generation']}")])
     await timeline.append(conn, timeline.entry(run["id"], run["tenant_id"], f"run_{kind}", actor, round=run["round"],
                                                by="recover"))
     return run
