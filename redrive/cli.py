@@ -42,11 +42,11 @@ def up(
     settings = _settings(data_dir, runtime=False, host=host, port=port)
     _check_handlers(settings)  # as `redrive service executor` would, again and again
     _check_data_dir(settings.data_dir)
+    _check_can_listen(host, port)  # before anything starts: the gateway alone would crash, again and again
     try:
-        lock = lock_data_dir(settings.data_dir)  # noqa: F841 - held until this process ends
+        lock = lock_data_dir(settings.data_dir)  # until everything it starts has stopped (below)
     except DataDirInUse as exc:
         _fail(str(exc), code=2)
-    _check_can_listen(host, port)  # before anything starts: the gateway alone would crash, again and again
     stack = Stack(settings, executors=executors)
     stopping = False
     failure: tuple[str, int] | None = None  # why `up` gives up before the stack is ready, and its exit code
@@ -85,6 +85,7 @@ def up(
         if failure is None:
             typer.echo("redrive: stopping", err=True)
         stack.stop()
+        lock.close()
     if failure is not None:
         _fail(*failure)
 
