@@ -89,9 +89,13 @@ async def test_recovery_of_a_run_waiting_for_room_gives_each_file_one_job(make_s
         assert await db.fetchval("SELECT count(*) FROM coordinator.outbox WHERE expand IS NOT NULL") == 1
         await stack.js.purge_stream(stack.names.jobs_stream)  # the jobs are lost
         await stack.wait_run(tenant, run["id"], until=lambda r: r["attention_reason"] == "stuck", timeout=30)
-        while (await stack.js.stream_info(stack.names.jobs_stream)).state.messages < 20:
+        # The relay publishes before it commits: wait for the outbox, not for the stream. Without
+        # the fix, the waiting expansion stays in it for good.
+        for _ in range(200):
+            if await db.fetchval("SELECT count(*) FROM coordinator.outbox") == 0:
+                break
             await asyncio.sleep(0.05)
-        assert await db.fetchval("SELECT count(*) FROM coordinator.outbox") == 0
+        assert await db.fetch("SELECT msg_id, expand FROM coordinator.outbox") == []
         info = await stack.js.stream_info(stack.names.jobs_stream)
         jobs = [orjson.loads((await stack.js.get_msg(stack.names.jobs_stream, seq)).data)
                 for seq in range(info.state.first_seq, info.state.last_seq + 1)]
