@@ -86,12 +86,13 @@ class Settings(BaseSettings):
     # a batch costs one transaction whatever its size.
     results_gather_ms: int = Field(default=20, ge=0, le=1000)
     outbox_batch: int = Field(default=2000, ge=1, le=100_000)
-    # At most this many of one run's jobs out at once (queued or running): every executor
-    # pulls from one FIFO consumer, and a run of 100,000 files published whole would make
-    # every run after it, any tenant's, wait for all of them. Keep it above the executors'
-    # slots together (REDRIVE_EXECUTOR_CONCURRENCY × executors), or one run cannot fill
-    # them. 0: no window (a run's jobs are published as fast as they can be built).
-    jobs_in_flight_per_run: int = Field(default=4096, ge=0, le=10_000_000)
+    # At most this many of one tenant's jobs out at once (queued or running), all its runs
+    # together: every executor pulls from one FIFO consumer, and a run of 100,000 files
+    # published whole would make every run after it, any tenant's, wait for all of them.
+    # Keep it above the executors' slots together (REDRIVE_EXECUTOR_CONCURRENCY ×
+    # executors), or one tenant cannot fill them. 0: no window (jobs are published as fast
+    # as they can be built).
+    jobs_in_flight_per_tenant: int = Field(default=4096, ge=0, le=10_000_000)
     recovery_interval_s: float = Field(default=15.0, ge=0.1, le=_WEEK)
     # A PENDING file whose job showed no progress for this long is considered stuck.
     recovery_lease_s: float = Field(default=120.0, ge=0.5, le=_WEEK)

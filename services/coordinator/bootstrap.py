@@ -47,7 +47,7 @@ class CoordinatorService:
         await self.handlers.start()
         self.engine = make_engine(s, pool_size=10, application_name="redrive-coordinator")
         self.relay = OutboxRelay(self.engine, self.js,
-                                 partial(jobs.expand_page, names=names, window=s.jobs_in_flight_per_run or None),
+                                 partial(jobs.expand_page, names=names, window=s.jobs_in_flight_per_tenant or None),
                                  partial(report_undeliverable, names=names), batch=s.outbox_batch)
         self.deps = Deps(settings=s, names=names, engine=self.engine,
                          billing=RpcClient(self.nc, names, timeout=s.request_timeout_s), relay=self.relay,

@@ -107,8 +107,8 @@ def expansion_row(names: Names, run: Mapping[str, Any], policy: RetryPolicy, *, 
 
 class Page(NamedTuple):
     """An expansion's next jobs, and its spec to go on with (None: the expansion is done).
-    ``waiting``: nothing built, because the run has its window of jobs out already (see
-    :func:`room`); the expansion stays as it was."""
+    ``waiting``: nothing built, because the run's tenant has its window of jobs out already
+    (see :func:`room`); the expansion stays as it was."""
 
     messages: list[Outgoing]
     next_spec: dict[str, Any] | None
@@ -120,18 +120,27 @@ def _published(spec: Mapping[str, Any]) -> int:
     return spec.get("published", spec["after_idx"] + 1)
 
 
-def room(spec: Mapping[str, Any], pending: int, total: int, window: int) -> int:
-    """How many more of this run's jobs may be published now: at most ``window`` of them out
-    (published, not yet SUCCEEDED, FAILED or ERROR), so a big run never buries a later run's
-    jobs under all of its own in the one FIFO consumer every executor shares.
+# A tenant's jobs out (published, not yet SUCCEEDED, FAILED or ERROR), estimated from below:
+# the pending files of its RUNNING runs, less those its expansions have not published yet
+# (``count − published`` each; rows from before those were kept: the run's total and the
+# index reached). Files an operator skipped or cancelled before their job went out make it
+# an underestimate, never an overestimate: the window can let a few too many out, but it
+# never waits for jobs that do not exist.
+_TENANT_OUT = text(
+    "SELECT (SELECT coalesce(sum(pending), 0) FROM coordinator.runs WHERE tenant_id = :t AND status = 'RUNNING') "
+    " - (SELECT coalesce(sum(GREATEST(coalesce((o.expand->>'count')::int, r.total) "
+    "        - coalesce((o.expand->>'published')::int, (o.expand->>'after_idx')::int + 1), 0)), 0) "
+    "    FROM coordinator.outbox o JOIN coordinator.runs r ON r.id = o.expand->>'run_id' "
+    "    WHERE o.expand IS NOT NULL AND r.tenant_id = :t AND r.status = 'RUNNING')"
+)
 
-    Out = pending − (count − published): of the run's pending files, those the expansion
-    has not published yet are at most the ``count − published`` it never reached (count:
-    the files it was made for; rows from before it was kept were made for all of the run's).
-    Files an operator skipped or cancelled before their job went out make it an
-    underestimate, never an overestimate: the window can let a few too many out, but never
-    waits for jobs that do not exist."""
-    return window - (pending - (spec.get("count", total) - _published(spec)))
+
+async def room(conn: AsyncConnection, tenant_id: str, window: int) -> int:
+    """How many more of this tenant's jobs may be published now: at most ``window`` of them
+    out at once, whatever runs they belong to, so that neither a big run nor many runs of
+    one tenant bury another tenant's jobs under theirs in the one FIFO consumer every
+    executor shares."""
+    return window - (await conn.execute(_TENANT_OUT, {"t": tenant_id})).scalar_one()
 
 
 _DROP_EXPANSIONS = text("DELETE FROM coordinator.outbox WHERE expand IS NOT NULL AND expand->>'run_id' = :run_id")
@@ -145,7 +154,7 @@ async def drop_expansions(conn: AsyncConnection, run_id: str) -> None:
 
 
 _EXPAND_RUN = text(
-    "SELECT r.id, r.tenant_id, r.template_id, r.mode, r.round, r.generation, r.status, r.trace_id, r.pending, r.total, "
+    "SELECT r.id, r.tenant_id, r.template_id, r.mode, r.round, r.generation, r.status, r.trace_id, "
     "t.steps FROM coordinator.runs r JOIN coordinator.templates t ON t.id = r.template_id WHERE r.id = :run_id"
 )
 _EXPAND_FILES = text(
@@ -156,8 +165,8 @@ _EXPAND_FILES = text(
 
 async def expand_page(conn: AsyncConnection, spec: Mapping[str, Any], limit: int, *, names: Names,
                       window: int | None = None) -> Page:
-    """The next page of an expansion's jobs: at most ``limit``, and no more than the run's
-    ``window`` allows (None: no window).
+    """The next page of an expansion's jobs: at most ``limit``, and no more than its
+    tenant's ``window`` allows (None: no window).
 
     Only files still PENDING in the expansion's round of a RUNNING run are published: a
     run cancelled or stopped meanwhile publishes nothing more. A run that moved on to a later
@@ -168,7 +177,7 @@ async def expand_page(conn: AsyncConnection, spec: Mapping[str, Any], limit: int
     if run is None or run["status"] != "RUNNING":
         return Page([], None)
     if window is not None:
-        limit = min(limit, room(spec, run["pending"], run["total"], window))
+        limit = min(limit, await room(conn, run["tenant_id"], window))
         if limit <= 0:
             return Page([], dict(spec), waiting=True)
     result = await conn.execute(_EXPAND_FILES, {"run_id": spec["run_id"], "round": spec["round"],

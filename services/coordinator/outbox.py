@@ -29,8 +29,8 @@ if TYPE_CHECKING:
 log = structlog.get_logger(__name__)
 
 # An expansion row's next page: (conn, its spec, page size) -> jobs.Page (messages, the
-# spec to go on with or None when done, waiting for room). jobs.expand_page with the run
-# window, wired in the composition root.
+# spec to go on with or None when done, waiting for room). jobs.expand_page with the
+# tenants' window, wired in the composition root.
 Expander = Callable[[AsyncConnection, dict[str, Any], int], Awaitable["Page"]]
 # Messages the broker will never take (over its max payload), handed over in the relay's
 # transaction before their rows are deleted: (conn, messages, max payload).
@@ -44,7 +44,7 @@ _INSERT = text(
 
 # Rows are deleted in the transaction that publishes them; SKIP LOCKED lets several
 # coordinator replicas relay different rows at once. Plain rows first: expansions can
-# wait in the outbox for a long time (their runs' windows), and however many of them
+# wait in the outbox for a long time (their tenants' windows), and however many of them
 # there are, they must not keep a run's events out of the pass.
 _TAKE = text(
     "SELECT id, subject, msg_id, payload, headers, expand FROM coordinator.outbox "
@@ -107,7 +107,7 @@ class OutboxRelay:
 
     async def relay_once(self) -> bool:
         """Publish the oldest rows, and a page of each expansion row among them that has
-        room (its run's window); True if more may wait."""
+        room (its tenant's window); True if more may wait."""
         async with transaction(self._engine) as conn:
             rows = (await conn.execute(_TAKE, {"limit": self._batch})).mappings().all()
             if not rows:
@@ -120,9 +120,10 @@ class OutboxRelay:
             more = len(rows) >= self._batch
             waiting = advanced = False
             # Every run being expanded gets a page in turn, up to a pass's worth of jobs: a
-            # run waiting for room in its window holds up neither the rows behind it nor the
-            # other runs. (No row depends on a run's later jobs going out first: the run's
-            # own events come after its files' results, and its later rounds after this one.)
+            # run waiting for room in its tenant's window holds up neither the rows behind
+            # it nor other tenants' runs. (No row depends on a run's later jobs going out
+            # first: its own events come after its files' results, its later rounds after
+            # this one.)
             for r in rows:
                 if r["expand"] is None:
                     continue
@@ -151,7 +152,7 @@ class OutboxRelay:
         self.published += len(messages)
         if not (done or advanced):
             more = False  # every row taken waits for room: passes until then would spin
-        # A run's window opens as its results are recorded: the results consumer kicks the
+        # A tenant's window opens as its results are recorded: the results consumer kicks the
         # relay while this is set (other coordinators' results reach it by the poll).
         self.waiting_for_room = waiting
         return more

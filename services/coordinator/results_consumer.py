@@ -36,7 +36,7 @@ def make_results_handler(deps: Deps):
         async with transaction(deps.engine) as conn:
             wrote = await apply_events(conn, deps.names, events)
         # After the commit: kicked before, the relay found nothing yet and waited for its poll.
-        # Results also open the window of a run whose jobs wait for room (outbox.py).
+        # Results also open the window of a tenant whose jobs wait for room (outbox.py).
         if wrote or deps.relay.waiting_for_room:
             deps.relay.kick()
 

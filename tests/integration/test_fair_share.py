@@ -1,7 +1,7 @@
-"""One run never buries another under its jobs: every executor pulls from one FIFO
-consumer, so the relay keeps at most ``REDRIVE_JOBS_IN_FLIGHT_PER_RUN`` of a run's jobs
-out at once (services/coordinator/jobs.py: room), and a run submitted later, by any
-tenant, waits behind that many at most, not behind all of an earlier run's files."""
+"""One tenant never buries another under its jobs: every executor pulls from one FIFO
+consumer, so the relay keeps at most ``REDRIVE_JOBS_IN_FLIGHT_PER_TENANT`` of a tenant's
+jobs out at once, all its runs together (services/coordinator/jobs.py: room), and a run
+submitted later waits behind that many at most, not behind all of the earlier runs' files."""
 
 from __future__ import annotations
 
@@ -16,7 +16,7 @@ BIG, WINDOW, SLOTS = 400, 8, 4
 async def stack(make_settings):
     # Four slots and 40 ms a file: the big run alone takes 4 s; the small run's 3 files
     # behind 8 of its jobs, about 0.1 s.
-    s = await Stack(await make_settings(jobs_in_flight_per_run=WINDOW, executor_concurrency=SLOTS,
+    s = await Stack(await make_settings(jobs_in_flight_per_tenant=WINDOW, executor_concurrency=SLOTS,
                                         executor_fetch_batch=SLOTS)).start("billing", "coordinator", "executor")
     yield s
     await s.stop()
@@ -34,6 +34,29 @@ async def test_a_small_run_submitted_after_a_big_one_does_not_wait_for_all_of_it
     still = await stack.run(big_tenant, big["id"])
     assert still["status"] == "RUNNING" and still["counts"]["pending"] > BIG // 2, still["counts"]
     await stack.call("coordinator", "cancel", tenant_id=big_tenant, run_id=big["id"])
+
+
+async def test_a_tenants_runs_share_one_window(stack):
+    """Five runs of one tenant have at most WINDOW jobs out together (in the jobs stream:
+    queued, or delivered and not yet acked), not WINDOW each."""
+    import asyncio
+
+    busy, other = await stack.tenant(), await stack.tenant()
+    slow = {"name": "work", "handler": "flaky", "params": {"sleep_ms": 40}}
+    template = await stack.template(busy, [slow])
+    runs = [await stack.submit(busy, template, 40) for _ in range(5)]
+    subject, seen = stack.names.job(busy), []
+    while len(seen) < 30:  # about 1 s of the 2 s their 200 files take
+        info = await stack.js.stream_info(stack.names.jobs_stream, subjects_filter=subject)
+        seen.append((info.state.subjects or {}).get(subject, 0))
+        await asyncio.sleep(0.02)
+    assert max(seen) > 0 and max(seen) <= WINDOW, seen
+    small = await stack.submit(other, await stack.template(other, [slow]), 2)
+    assert (await stack.wait_run(other, small["id"], timeout=30))["status"] == "COMPLETED"
+    statuses = [(await stack.run(busy, r["id"]))["status"] for r in runs]
+    assert "RUNNING" in statuses, statuses  # it did not wait for them all
+    for r in runs:  # the module's next tests want the slots
+        assert (await stack.wait_run(busy, r["id"], timeout=30))["status"] == "COMPLETED"
 
 
 async def test_continue_on_a_big_run_keeps_to_the_window_too(stack):
@@ -78,7 +101,7 @@ async def test_recovery_of_a_run_waiting_for_room_gives_each_file_one_job(make_s
     import orjson
 
     # No executor: the window's jobs stay out, and the expansion waits.
-    settings = await make_settings(jobs_in_flight_per_run=5, recovery_interval_s=0.2, recovery_lease_s=0.5)
+    settings = await make_settings(jobs_in_flight_per_tenant=5, recovery_interval_s=0.2, recovery_lease_s=0.5)
     stack = await Stack(settings).start("billing", "coordinator")
     db = await asyncpg.connect(settings.database_url)
     try:

@@ -87,11 +87,12 @@ async def test_pages_resume_after_the_last_index_and_stop_when_the_run_stops(sta
         assert (after["after_idx"], after2["after_idx"], done) == (39, 79, None)
         assert (after["published"], after2["published"]) == (40, 80)
         assert [m.msg_id for m in first + second + last] == [f"{run['id']}:file:{i}:r0" for i in range(90)]
-        # With a window, a page stops where the run's jobs out would pass it.
-        page = await expand_page(conn, after, 40, names=stack.names, window=15)
+        # With a window, a page stops where the tenant's jobs out would pass it: all 90 of
+        # this one's are out (published, no executor here).
+        page = await expand_page(conn, after, 40, names=stack.names, window=90)
         assert page.waiting and not page.messages
-        page = await expand_page(conn, spec, 40, names=stack.names, window=15)
-        assert [m.msg_id for m in page.messages] == [f"{run['id']}:file:{i}:r0" for i in range(15)]
+        page = await expand_page(conn, spec, 40, names=stack.names, window=100)
+        assert [m.msg_id for m in page.messages] == [f"{run['id']}:file:{i}:r0" for i in range(10)]
         await conn.execute(text("UPDATE coordinator.runs SET status = 'CANCELLED' WHERE id = :id"), {"id": run["id"]})
         assert await expand_page(conn, spec, 40, names=stack.names) == ([], None, False)
         await conn.rollback()  # leave the run as it was
