@@ -121,13 +121,15 @@ def _published(spec: Mapping[str, Any]) -> int:
 
 
 # A tenant's jobs out (published, not yet SUCCEEDED, FAILED or ERROR), estimated from below:
-# the pending files of its RUNNING runs, less those its expansions have not published yet
-# (``count − published`` each; rows from before those were kept: the run's total and the
-# index reached). Files an operator skipped or cancelled before their job went out make it
-# an underestimate, never an overestimate: the window can let a few too many out, but it
-# never waits for jobs that do not exist.
+# the pending files of its RUNNING per_file runs (a batch run's files are one job), less
+# those its expansions have not published yet (``count − published`` each; rows from
+# before those were kept: the run's total and the index reached). Files an operator
+# skipped or cancelled before their job went out make it an underestimate, never an
+# overestimate: the window can let a few too many out, but it never waits for jobs that do
+# not exist.
 _TENANT_OUT = text(
-    "SELECT (SELECT coalesce(sum(pending), 0) FROM coordinator.runs WHERE tenant_id = :t AND status = 'RUNNING') "
+    "SELECT (SELECT coalesce(sum(pending), 0) FROM coordinator.runs "
+    "        WHERE tenant_id = :t AND status = 'RUNNING' AND mode = 'per_file') "
     " - (SELECT coalesce(sum(GREATEST(coalesce((o.expand->>'count')::int, r.total) "
     "        - coalesce((o.expand->>'published')::int, (o.expand->>'after_idx')::int + 1), 0)), 0) "
     "    FROM coordinator.outbox o JOIN coordinator.runs r ON r.id = o.expand->>'run_id' "

@@ -59,6 +59,16 @@ async def test_a_tenants_runs_share_one_window(stack):
         assert (await stack.wait_run(busy, r["id"], timeout=30))["status"] == "COMPLETED"
 
 
+async def test_a_batch_run_is_one_job_out_not_one_per_file(stack):
+    tenant = await stack.tenant()
+    batch = await stack.submit(tenant, await stack.template(
+        tenant, [{"name": "work", "handler": "flaky", "params": {"sleep_ms": 100}}]), 3 * WINDOW, mode="batch")
+    quick = await stack.submit(tenant, await stack.template(tenant, [{"name": "s", "handler": "noop"}]), 2)
+    assert (await stack.wait_run(tenant, quick["id"], timeout=30))["status"] == "COMPLETED"
+    assert (await stack.run(tenant, batch["id"]))["status"] == "RUNNING"  # its 24 files did not fill the window
+    assert (await stack.wait_run(tenant, batch["id"], timeout=30))["status"] == "COMPLETED"
+
+
 async def test_continue_on_a_big_run_keeps_to_the_window_too(stack):
     # Round 0 fails every file at once (no automatic retries); Continue reopens all of them.
     big_tenant, small_tenant = await stack.tenant(), await stack.tenant()

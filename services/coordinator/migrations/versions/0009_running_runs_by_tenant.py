@@ -15,7 +15,7 @@ depends_on = None
 
 
 def upgrade() -> None:
-    op.execute("CREATE INDEX runs_running_by_tenant ON coordinator.runs (tenant_id) INCLUDE (pending) "
+    op.execute("CREATE INDEX runs_running_by_tenant ON coordinator.runs (tenant_id) INCLUDE (mode, pending) "
                "WHERE status = 'RUNNING'")
 
 
