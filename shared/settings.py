@@ -85,6 +85,12 @@ class Settings(BaseSettings):
     # A results batch smaller than that waits this long for more before it is applied:
     # a batch costs one transaction whatever its size.
     results_gather_ms: int = Field(default=20, ge=0, le=1000)
+    # How long file events handed to a coordinator may go unacknowledged before JetStream
+    # hands them to another (a coordinator killed while applying a batch): the results it
+    # held wait this long. Keep it below REDRIVE_RECOVERY_LEASE_S: the sweep re-publishes
+    # the jobs of files whose results are only waiting for it, their events are dropped
+    # as repeats, and it would give a run up for stuck that is not.
+    results_ack_wait_s: float = Field(default=30.0, ge=1.0, le=_HOUR)
     outbox_batch: int = Field(default=2000, ge=1, le=100_000)
     # At most this many of one tenant's jobs out at once (queued or running), all its runs
     # together: every executor pulls from one FIFO consumer, and a run of 100,000 files

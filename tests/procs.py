@@ -38,7 +38,7 @@ class ProcStack(Stack):
         for field in ("executor_ack_wait_s", "executor_max_deliver", "recovery_interval_s", "recovery_lease_s",
                       "credit_intent_timeout_s", "recovery_max_failures", "executor_keepalive", "handlers",
                       "executor_concurrency", "request_timeout_s", "executor_allow_crash",
-                      "executor_allow_private_urls"):
+                      "executor_allow_private_urls", "results_ack_wait_s"):
             env[f"REDRIVE_{field.upper()}"] = str(getattr(s, field))
         env.update(self.extra_env)
         return env

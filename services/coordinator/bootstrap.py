@@ -41,7 +41,7 @@ class CoordinatorService:
         self.js = self.nc.jetstream()
         await bus.ensure_streams(self.js, s)
         await bus.ensure_consumer(self.js, names.events_stream, names.results_consumer, names.file_events_all,
-                                  ack_wait_s=30)
+                                  ack_wait_s=s.results_ack_wait_s)
         await ensure_run_stops_bucket(self.js, names, s.stream_replicas)
         self.handlers = OfferedHandlers(self.js, names, s.stream_replicas)
         await self.handlers.start()

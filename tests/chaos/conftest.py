@@ -39,7 +39,9 @@ def chaos_servers(tmp_path_factory):
 async def chaos_settings(chaos_servers, tmp_path):
     async def make(**overrides) -> Settings:
         url = await create_database(chaos_servers.pg.admin_url)
-        base = dict(recovery_interval_s=0.5, recovery_lease_s=4.0, credit_intent_timeout_s=1.0, executor_ack_wait_s=2.0,
+        # Results held by a killed coordinator come back within the lease (as with the defaults).
+        base = dict(recovery_interval_s=0.5, recovery_lease_s=4.0, results_ack_wait_s=2.0,
+                    credit_intent_timeout_s=1.0, executor_ack_wait_s=2.0,
                     handlers="tests.chaos.handlers", request_timeout_s=5,
                     executor_concurrency=8)  # work spread over seconds, so faults land mid-run
         settings = Settings(nats_url=chaos_servers.nats.url, database_url=url, data_dir=tmp_path, prefix=new_prefix(),
