@@ -60,7 +60,9 @@ class ProcStack(Stack):
 
         self.nc = await bus.connect(self.settings, "test-client")
         self.js = self.nc.jetstream()
-        self.rpc = RpcClient(self.nc, self.names, timeout=30)
+        # A question sent as a service is killed gets no answer: the polls that follow a kill
+        # (wait_run) must not wait 30 s for it, which the scenarios' figures took for recovery.
+        self.rpc = RpcClient(self.nc, self.names, timeout=5)
         await self.wait_services(*(n for n in (names or ALL) if n != "gateway"))
         if self.restart_dead:
             self._watch = asyncio.create_task(self._restart_dead())
