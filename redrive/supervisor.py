@@ -16,7 +16,7 @@ import urllib.request
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from shared.embedded import terminate_with_parent
+from shared.child_process import terminate_with_parent
 from shared.settings import Settings
 
 SERVICES = ("coordinator", "billing", "notifier", "executor", "gateway")

@@ -20,24 +20,14 @@ from pathlib import Path
 
 import psutil
 
+from shared.child_process import terminate_with_parent
+
 PG_FALLBACK_ROOT = Path("/var/lib/redrive/pg")
 
 
 class EmbeddedServerError(RuntimeError):
     """An embedded server could not be found, started or stopped."""
 
-
-
-def terminate_with_parent() -> None:
-    """In a child between fork and exec (``preexec_fn``): SIGTERM it when the process that
-    started it dies, even by kill -9, so that `redrive up` leaves no server or service
-    running on its data directory behind it (Linux; elsewhere a no-op)."""
-    try:
-        import ctypes
-
-        ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
-    except (OSError, AttributeError):
-        pass
 
 def free_port(host: str = "127.0.0.1") -> int:
     with socket.socket() as s:

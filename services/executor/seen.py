@@ -63,9 +63,12 @@ class SeenDeliveries:
         """This process came through ``delivered`` alive (``finished``: its result stored)."""
         if message is None:
             return
-        known = self._seen.pop(message, None)
+        known = self._seen.get(message)
         if known is not None and known >> 1 == delivered:
-            finished = finished or bool(known & 1)
+            if known & 1 or not finished:
+                return  # already known as much (the handler's finally, after the finish)
+            finished = True
+        self._seen.pop(message, None)  # to the end: the newest are kept
         self._seen[message] = delivered << 1 | finished
         if len(self._seen) > self._limit:
             self._seen.popitem(last=False)
