@@ -262,6 +262,11 @@ class JobRunner:
         told = (job.run_id, outcome.dependency, outcome.opened_at)
         if told in self._deferrals_told:
             return
+        if len(self._deferrals_told) >= 10_000:
+            self._deferrals_told.clear()  # forgetting costs at most one repeated notice per run
+        # Before the publish, not after: jobs of the run deferred at the same moment would
+        # each pass the check while the first one's publish is on its way.
+        self._deferrals_told.add(told)
         event = FileEvent(
             kind="deferred", job_id=job.job_id, run_id=job.run_id, tenant_id=job.tenant_id, file_index=file_index,
             round=job.round, attempt=attempt, step=outcome.step, step_name=job.steps[outcome.step].name,
@@ -275,10 +280,7 @@ class JobRunner:
                                                    headers)])
         except Exception as exc:  # only a notice: the deferral itself goes on; the next one tells again
             log.warning("job.deferral_not_told", run_id=job.run_id, error=repr(exc))
-            return
-        if len(self._deferrals_told) >= 10_000:
-            self._deferrals_told.clear()  # forgetting costs at most one repeated notice per run
-        self._deferrals_told.add(told)
+            self._deferrals_told.discard(told)
 
     async def _reject_unreadable(self, msg: Msg, exc: ValidationError) -> None:
         """A job we cannot parse never runs: the files it names become ERROR with the cause
