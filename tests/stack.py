@@ -29,9 +29,10 @@ class Stack:
                 service = await importlib.import_module(f"services.{name}.bootstrap").build(self.settings)
                 await service.start()
                 self.services.setdefault(name, []).append(service)
-        self.nc = await bus.connect(self.settings, "test-client")
-        self.js = self.nc.jetstream()
-        self.rpc = RpcClient(self.nc, self.names, timeout=30)
+        if not hasattr(self, "nc"):  # a second start() adds services to the same stack
+            self.nc = await bus.connect(self.settings, "test-client")
+            self.js = self.nc.jetstream()
+            self.rpc = RpcClient(self.nc, self.names, timeout=30)
         return self
 
     async def stop(self) -> None:

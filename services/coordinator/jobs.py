@@ -95,14 +95,29 @@ def job_rows(names: Names, run: Mapping[str, Any], template: Mapping[str, Any], 
 
 # ---- expansions: an outbox row that stands for all of a round's jobs -------------------------
 
-def expansion_row(names: Names, run: Mapping[str, Any], policy: RetryPolicy, *, count: int) -> dict:
-    """One outbox row for the ``count`` PENDING files of ``run``'s current round (per_file
-    mode): the relay builds their jobs a page at a time (:func:`expand_page`)."""
-    spec = {"run_id": run["id"], "round": run["round"], "policy": policy.model_dump(), "after_idx": -1, "published": 0,
-            "count": count}
-    row = outbox.row(names.job(run["tenant_id"]), f"{run['id']}:jobs:r{run['round']}", b"")
+def expansion_row(names: Names, run: Mapping[str, Any], policy: RetryPolicy, *, count: int,
+                  rounds: tuple[int, int] | None = None, msg_suffix: str = "") -> dict:
+    """One outbox row for the ``count`` PENDING files of ``run`` (per_file mode) in its
+    current round, or in ``rounds`` (first, last): the relay builds their jobs a page at a
+    time (:func:`expand_page`). ``msg_suffix`` as for :func:`job_messages`."""
+    first, last = rounds if rounds is not None else (run["round"], run["round"])
+    spec = {"run_id": run["id"], "round": last, "first_round": first, "policy": policy.model_dump(), "after_idx": -1,
+            "published": 0, "count": count, "msg_suffix": msg_suffix}
+    row = outbox.row(names.job(run["tenant_id"]), f"{run['id']}:jobs:r{last}{msg_suffix}", b"")
     row["expand"] = orjson.dumps(spec).decode()
     return row
+
+
+def pending_rows(names: Names, run: Mapping[str, Any], template: Mapping[str, Any], files: list[Mapping[str, Any]],
+                 policy: RetryPolicy, *, rounds: tuple[int, int], msg_suffix: str) -> list[dict]:
+    """Jobs for ``files``, the PENDING files of ``run`` in ``rounds``: those Continue reopened,
+    or those whose jobs may be lost or were stopped (recovery, a FAILED run reopened).
+    per_file, one expansion row, so that they go out within the tenant's window (a stuck run
+    of 100,000 files re-published at once would bury every other tenant's jobs); batch,
+    the one job."""
+    if run["mode"] == "batch" or not files:
+        return job_rows(names, run, template, files, policy, msg_suffix=msg_suffix)
+    return [expansion_row(names, run, policy, count=len(files), rounds=rounds, msg_suffix=msg_suffix)]
 
 
 class Page(NamedTuple):
@@ -161,7 +176,8 @@ _EXPAND_RUN = text(
 )
 _EXPAND_FILES = text(
     "SELECT idx, round, name, url, content_b64, size, sha256, checkpoint_step, checkpoint_output FROM coordinator.files "
-    "WHERE run_id = :run_id AND round = :round AND status = 'PENDING' AND idx > :after ORDER BY idx LIMIT :limit"
+    "WHERE run_id = :run_id AND round BETWEEN :first AND :last AND status = 'PENDING' AND idx > :after "
+    "ORDER BY idx LIMIT :limit"
 )
 
 
@@ -170,7 +186,7 @@ async def expand_page(conn: AsyncConnection, spec: Mapping[str, Any], limit: int
     """The next page of an expansion's jobs: at most ``limit``, and no more than its
     tenant's ``window`` allows (None: no window).
 
-    Only files still PENDING in the expansion's round of a RUNNING run are published: a
+    Only files still PENDING in the expansion's round(s) of a RUNNING run are published: a
     run cancelled or stopped meanwhile publishes nothing more. A run that moved on to a later
     round meanwhile (a single-file retry or restore) still needs the jobs of the files left in
     this round: they are published with this round (the files' own, see job_messages).
@@ -182,12 +198,13 @@ async def expand_page(conn: AsyncConnection, spec: Mapping[str, Any], limit: int
         limit = min(limit, await room(conn, run["tenant_id"], window))
         if limit <= 0:
             return Page([], dict(spec), waiting=True)
-    result = await conn.execute(_EXPAND_FILES, {"run_id": spec["run_id"], "round": spec["round"],
-                                                "after": spec["after_idx"], "limit": limit})
+    result = await conn.execute(_EXPAND_FILES, {"run_id": spec["run_id"], "first": spec.get("first_round", spec["round"]),
+                                                "last": spec["round"], "after": spec["after_idx"], "limit": limit})
     # Plain dicts: RowMapping lookups made up most of building a job (5 → 2 µs a file).
     columns = list(result.keys())
     files = [dict(zip(columns, row)) for row in result]
-    messages = job_messages(names, run, {"steps": run["steps"]}, files, RetryPolicy.model_validate(spec["policy"]))
+    messages = job_messages(names, run, {"steps": run["steps"]}, files, RetryPolicy.model_validate(spec["policy"]),
+                            msg_suffix=spec.get("msg_suffix", ""))
     if len(files) < limit:
         return Page(messages, None)
     return Page(messages, {**spec, "after_idx": files[-1]["idx"], "published": _published(spec) + len(messages)})

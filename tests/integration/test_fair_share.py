@@ -101,38 +101,49 @@ async def test_a_run_many_times_its_window_completes_exactly_once_per_file(stack
     await stack.assert_books_balance(tenant)
 
 
-async def test_recovery_of_a_run_waiting_for_room_gives_each_file_one_job(make_settings):
-    """Its jobs lost (the stream purged), a run whose expansion waits for room is recovered:
-    every PENDING file is re-published at once, and the waiting expansion is dropped, or it
-    would publish the files it had not reached a second time."""
+async def test_recovery_keeps_to_the_window_and_gives_each_file_one_job(make_settings):
+    """Its jobs lost (the stream purged), a run whose expansion waits for room is recovered
+    within its tenant's window: a stuck run of 100,000 files re-published at once would bury
+    every other tenant's jobs. The waiting expansion is dropped, or it would publish the
+    files it had not reached a second time: each file gets one job after the loss."""
     import asyncio
 
     import asyncpg
-    import orjson
 
-    # No executor: the window's jobs stay out, and the expansion waits.
+    # No executor at first: the window's jobs stay out, and the expansion waits.
     settings = await make_settings(jobs_in_flight_per_tenant=5, recovery_interval_s=0.2, recovery_lease_s=0.5)
     stack = await Stack(settings).start("billing", "coordinator")
     db = await asyncpg.connect(settings.database_url)
+
+    async def stream_state():
+        return (await stack.js.stream_info(stack.names.jobs_stream)).state
+
     try:
         tenant = await stack.tenant()
         run = await stack.submit(tenant, await stack.template(tenant, [{"name": "s", "handler": "noop"}]), 20)
-        while (await stack.js.stream_info(stack.names.jobs_stream)).state.messages < 5:
+        while (await stream_state()).messages < 5:
             await asyncio.sleep(0.05)
         assert await db.fetchval("SELECT count(*) FROM coordinator.outbox WHERE expand IS NOT NULL") == 1
         await stack.js.purge_stream(stack.names.jobs_stream)  # the jobs are lost
         await stack.wait_run(tenant, run["id"], until=lambda r: r["attention_reason"] == "stuck", timeout=30)
-        # The relay publishes before it commits: wait for the outbox, not for the stream. Without
-        # the fix, the waiting expansion stays in it for good.
+        # The relay publishes before it commits: wait for the recovery's expansion to have
+        # published its first page.
         for _ in range(200):
-            if await db.fetchval("SELECT count(*) FROM coordinator.outbox") == 0:
+            spec = await db.fetchval("SELECT expand->>'published' FROM coordinator.outbox WHERE msg_id LIKE '%:rec%'")
+            if spec == "5":
                 break
             await asyncio.sleep(0.05)
-        assert await db.fetch("SELECT msg_id, expand FROM coordinator.outbox") == []
-        info = await stack.js.stream_info(stack.names.jobs_stream)
-        jobs = [orjson.loads((await stack.js.get_msg(stack.names.jobs_stream, seq)).data)
-                for seq in range(info.state.first_seq, info.state.last_seq + 1)]
-        assert sorted(j["file_index"] for j in jobs) == list(range(20))
+        rows = await db.fetch("SELECT msg_id FROM coordinator.outbox")
+        assert [r["msg_id"] for r in rows] == [f"{run['id']}:jobs:r0:rec1"], rows
+        assert (await stream_state()).messages == 5  # the window, not the run's 20 files
+
+        await stack.start("executor")
+        done = await stack.wait_run(tenant, run["id"], timeout=60)
+        assert done["status"] == "COMPLETED" and done["counts"]["succeeded"] == 20 and counts_add_up(done)
+        assert done["credits"]["consumed"] == 20
+        # 5 jobs before the loss, then one per file.
+        assert (await stream_state()).last_seq == 5 + 20
+        await stack.assert_books_balance(tenant)
     finally:
         await db.close()
         await stack.stop()

@@ -36,7 +36,8 @@ async def republish_pending(conn, deps: Deps, run: dict, actor: str) -> int:
     policy = await store.retry_policy(conn, run["tenant_id"])
     run = dict((await conn.execute(_RESUME, {"r": run["id"]})).mappings().one())
     await jobs.drop_expansions(conn, run["id"])
-    await outbox.add(conn, jobs.job_rows(deps.names, run, template, files, policy, msg_suffix=f":rec{run['generation']}")
+    await outbox.add(conn, jobs.pending_rows(deps.names, run, template, files, policy, rounds=(0, run["round"]),
+                                             msg_suffix=f":rec{run['generation']}")
                      + [run_event_row(deps.names, run, "recovery_started", "Recovery started", unique=f"g{run['generation']}")])
     await timeline.append(conn, timeline.entry(run["id"], run["tenant_id"], "recovery_started", actor,
                                                pending_files=len(files), generation=run["generation"]))
@@ -52,7 +53,10 @@ async def stopped_pending_rows(conn, deps: Deps, before: dict, run: dict, templa
         return []
     files = [f for f in await store.load_files(conn, run["id"], statuses=("PENDING",)) if f["idx"] not in reopened]
     await jobs.drop_expansions(conn, run["id"])
-    return jobs.job_rows(deps.names, run, template, files, policy, msg_suffix=f":rec{run['generation']}")
+    # The reopened files are in the run's new round, with jobs of their own: the rest are in
+    # the rounds before it.
+    return jobs.pending_rows(deps.names, run, template, files, policy, rounds=(0, run["round"] - 1),
+                             msg_suffix=f":rec{run['generation']}")
 
 
 # A FAILED run with nothing pending (its last files finished after recovery gave up, or

@@ -89,10 +89,8 @@ async def retry_failed(deps: Deps, cmd: RunRef) -> dict:
             # per_file: one expansion row, as for a new run, so the relay publishes the round's
             # jobs within the run's window (a Continue after an outage can reopen most of a
             # big run); batch: the one job.
-            if run["mode"] == "per_file":
-                job_rows = [jobs.expansion_row(deps.names, run, policy, count=len(reopened))]
-            else:
-                job_rows = jobs.job_rows(deps.names, run, template, reopened, policy)
+            job_rows = jobs.pending_rows(deps.names, run, template, reopened, policy, rounds=(new_round, new_round),
+                                         msg_suffix="")
             await outbox.add(conn, job_rows + [run_event_row(deps.names, run, "retrying")])
             await timeline.append(conn, timeline.entry(run["id"], run["tenant_id"], "retry_failed", cmd.actor,
                                                        round=new_round, failed_files=len(failed),
