@@ -36,6 +36,8 @@ log = structlog.get_logger(__name__)
 Verb = Callable[[dict[str, Any]], Awaitable[Any]]
 
 VERSION = "0.1.0"
+# The ``v`` of every request body (messaging.md).
+REQUEST_VERSION = 1
 
 
 def _has_nul(value: Any) -> bool:
@@ -107,6 +109,12 @@ class MicroService:
             payload = orjson.loads(request.data) if request.data else {}
             if not isinstance(payload, dict):
                 raise ServiceError("bad_request", "the request body must be a JSON object")
+            # Every body carries its schema version (messaging.md); a caller from before it was
+            # sent speaks the first.
+            version = payload.pop("v", REQUEST_VERSION)
+            if version != REQUEST_VERSION:
+                raise ServiceError("bad_request", f"request version {str(version)[:20]} is not supported "
+                                                  f"(this service speaks {REQUEST_VERSION})")
             # JSON can carry NUL only escaped: look closer only then (PostgreSQL stores none).
             if b"\\u0000" in request.data and _has_nul(payload):
                 raise ServiceError("bad_request", "the request holds a NUL character, which no field accepts")
@@ -157,13 +165,14 @@ class RpcClient:
 
     async def call(self, service: str, verb: str, payload: dict[str, Any] | None = None, *, timeout: float | None = None) -> Any:
         subject = self._names.service(service, verb)
-        data = orjson.dumps(payload or {}, default=_default)
+        payload = payload or {}
+        data = orjson.dumps({"v": REQUEST_VERSION, **payload}, default=_default)
         if not self._nc.is_connected:
             # nats-py would hold the request until it reconnects and send it then, after we
             # told our caller it failed: refuse at once instead.
             raise ServiceError("service_unavailable", "the message bus is unavailable", {"service": service})
         timeout = timeout or self._timeout
-        headers = {**tracing.outgoing(), DEADLINE_HEADER: f"{time.time() + timeout:.3f}"}
+        headers = {**tracing.outgoing(), DEADLINE_HEADER: f"{time.time() + timeout:.3f}", **_about(payload)}
         try:
             msg = await self._nc.request(subject, data, timeout=timeout, headers=headers)
         except nats.errors.NoRespondersError:
@@ -229,6 +238,17 @@ def ensure_caller_waits(margin_s: float = COMMIT_MARGIN_S) -> None:
     deadline = _caller_deadline.get()
     if deadline is not None and time.time() + margin_s > deadline:
         raise ServiceError("service_unavailable", "the request took too long; nothing was done, send it again")
+
+
+def _about(payload: dict[str, Any]) -> dict[str, str]:
+    """The Redrive-Tenant and Redrive-Run headers of a request about a tenant or a run
+    (messaging.md), so that tooling sees whose it is without reading the body."""
+    headers = {}
+    for header, field in (("Redrive-Tenant", "tenant_id"), ("Redrive-Run", "run_id")):
+        value = payload.get(field)
+        if isinstance(value, str) and value.isascii() and value.isprintable() and 0 < len(value) <= 200:
+            headers[header] = value
+    return headers
 
 
 def _default(value: Any) -> Any:

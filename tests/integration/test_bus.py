@@ -188,3 +188,37 @@ async def test_a_request_carries_its_callers_trace_and_each_answer_runs_in_its_o
         assert await ask(None) is None  # no trace sent, none made up
     finally:
         await service.stop()
+
+
+async def test_a_request_carries_its_version_and_whose_it_is_and_another_version_is_refused(client):
+    """messaging.md: every body has a ``v``; headers carry Redrive-Tenant and Redrive-Run.
+    The verb sees the body without ``v``; a version the service does not speak is refused."""
+    import orjson
+
+    from shared.rpc import MicroService, RpcClient
+
+    seen: list[dict] = []
+
+    async def echo(payload: dict):
+        seen.append(payload)
+        return payload
+
+    service = MicroService(client.nc, client.names, "versioned", {"echo": echo}, "test")
+    await service.start()
+    wire = await client.nc.subscribe(client.names.service("versioned", "echo"))  # beside the service: sees it all
+    rpc = RpcClient(client.nc, client.names, timeout=5)
+    try:
+        assert await rpc.call("versioned", "echo", {"tenant_id": "ten_a", "run_id": "run_1", "x": 1}) == {
+            "tenant_id": "ten_a", "run_id": "run_1", "x": 1}
+        sent = await wire.next_msg(timeout=5)
+        assert orjson.loads(sent.data)["v"] == 1
+        assert sent.headers["Redrive-Tenant"] == "ten_a" and sent.headers["Redrive-Run"] == "run_1"
+        reply = await client.nc.request(client.names.service("versioned", "echo"), orjson.dumps({"v": 2, "x": 1}),
+                                        timeout=5)
+        assert orjson.loads(reply.data) == {"ok": False, "error": {
+            "code": "bad_request", "message": "request version 2 is not supported (this service speaks 1)",
+            "details": {}}}
+        assert seen == [{"tenant_id": "ten_a", "run_id": "run_1", "x": 1}]
+    finally:
+        await wire.unsubscribe()
+        await service.stop()
