@@ -95,8 +95,8 @@ def key_revoke(
     data_dir: Optional[Path] = DataDir,
     as_json: bool = JsonOut,
 ) -> None:
-    """Revoke an API key: refused from then on (a gateway that checked it in the last 30 s may
-    still take it until its cache entry expires)."""
+    """Revoke an API key: every gateway refuses it from then on (each hears of it from
+    PostgreSQL and forgets the key at once)."""
     from redrive.bootstrap_admin import with_gateway_engine
     from services.gateway.identity import KEY_PREFIX, key_id_of, revoke_key
 

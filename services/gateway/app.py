@@ -48,7 +48,7 @@ class Deps:
     engine: AsyncEngine | None
     rpc: RpcClient | None
     hub: EventHub | None
-    keys: KeyCache = field(default_factory=KeyCache)
+    keys: KeyCache = field(default_factory=KeyCache)  # serves nothing until a KeyRevocations trusts it
     idempotency_lease_s: float = 35.0  # longer than any live request (a few RPC timeouts)
     max_body_bytes: int = 64 * 1024 * 1024  # REDRIVE_MAX_REQUEST_BYTES
     registry: CollectorRegistry = field(default_factory=CollectorRegistry)

@@ -17,6 +17,8 @@ from shared.subjects import Names
 from services.gateway import idempotency
 from services.gateway.app import Deps, build_app
 from services.gateway.events import EventHub
+from services.gateway.identity import KeyCache
+from services.gateway.key_revocations import KeyRevocations, dedicated_connection
 from services.gateway.system_metrics import SystemMetrics
 
 log = structlog.get_logger(__name__)
@@ -36,10 +38,14 @@ class GatewayService:
         self.nc = await bus.connect(s, "gateway")
         # The engine connects lazily: the gateway starts (and /readyz says 503) without a database.
         self.engine = make_engine(s, pool_size=10, application_name="redrive-gateway")
+        # The key cache serves only while its revocations are heard (key_revocations.py).
+        keys = KeyCache()
+        self.key_revocations = KeyRevocations(keys, dedicated_connection(self.engine))
         self.hub = EventHub(self.nc, names, max_per_key=s.sse_max_per_key, max_per_tenant=s.sse_max_per_tenant)
         await self.hub.start()
         self.deps = Deps(
             nc=self.nc, engine=self.engine, rpc=RpcClient(self.nc, names, timeout=s.request_timeout_s), hub=self.hub,
+            keys=keys,
             idempotency_lease_s=2 * s.request_timeout_s + 5, max_body_bytes=s.max_request_bytes,
             metrics_token=s.metrics_token,
         )
@@ -50,6 +56,7 @@ class GatewayService:
         site = web.TCPSite(self.runner, s.host, s.port)
         await site.start()
         self.port = self.runner.addresses[0][1]
+        self.key_revocations.start()
         self._purge = asyncio.create_task(self._purge_expired_keys(), name="gateway-idempotency-purge")
         log.info("gateway.listening", host=s.host, port=self.port)
 
@@ -60,6 +67,7 @@ class GatewayService:
                 await self._purge
         await self.hub.stop()  # ends the SSE streams, so the runner need not wait for them
         await self.runner.cleanup()
+        await self.key_revocations.stop()
         await bus.close(self.nc)
         await self.engine.dispose()
 

@@ -80,7 +80,8 @@ async def make_key(engine: AsyncEngine, tenant_id: str, role: str, user: str) ->
 
 
 async def revoke_key(engine: AsyncEngine, key_id: str) -> bool:
-    """Revoke a key by id. Gateways that cached it keep accepting it for at most the cache TTL."""
+    """Revoke a key by id. Every gateway refuses it as soon as this commits: a trigger on
+    gateway.api_keys notifies them, and they evict it from their caches (key_revocations.py)."""
     async with engine.begin() as conn:
         done = await conn.execute(text("UPDATE gateway.api_keys SET revoked_at = now() "
                                        "WHERE id = :id AND revoked_at IS NULL RETURNING id"), {"id": key_id})
@@ -104,15 +105,31 @@ async def key_id_of(engine: AsyncEngine, key: str) -> str | None:
 
 
 class KeyCache:
-    """Positive lookups for a short time, bounded (least recently used leave first), so the
-    hot path does not ask PostgreSQL on every request."""
+    """Positive lookups, bounded (least recently used leave first), so the hot path does not
+    ask PostgreSQL on every request.
+
+    It answers only while revocations are being heard (key_revocations.py LISTENs for the
+    gateway): :meth:`trust` once listening, :meth:`evict` for each key that changed,
+    :meth:`distrust` as soon as the listening connection is lost, since a revocation may
+    then go unheard. A new cache is distrusted: it serves nothing until someone listens for
+    it. The TTL is only a backstop.
+    """
 
     def __init__(self, ttl_s: float = 30.0, max_entries: int = 10_000) -> None:
         self.ttl_s = ttl_s
         self.max_entries = max_entries
         self._entries: OrderedDict[str, tuple[float, Principal]] = OrderedDict()
+        self._trusted = False
+        self._generation = 0  # bumped by every eviction: see put()
+
+    @property
+    def generation(self) -> int:
+        """Read it before a lookup and give it to :meth:`put`."""
+        return self._generation
 
     def get(self, digest: str) -> Principal | None:
+        if not self._trusted:
+            return None
         hit = self._entries.get(digest)
         if hit is None:
             return None
@@ -122,11 +139,35 @@ class KeyCache:
         self._entries.move_to_end(digest)
         return hit[1]
 
-    def put(self, digest: str, principal: Principal) -> None:
+    def put(self, digest: str, principal: Principal, generation: int) -> None:
+        """Keep the result of a lookup begun at ``generation``, unless anything was evicted
+        since: a revocation heard while the lookup was on its way may be the one that makes
+        its answer stale, and caching it would outlive the eviction."""
+        if not self._trusted or generation != self._generation:
+            return
         self._entries[digest] = (time.monotonic() + self.ttl_s, principal)
         self._entries.move_to_end(digest)
         while len(self._entries) > self.max_entries:
             self._entries.popitem(last=False)
+
+    def evict(self, digest: str) -> None:
+        self._generation += 1
+        self._entries.pop(digest, None)
+
+    def clear(self) -> None:
+        self._generation += 1
+        self._entries.clear()
+
+    def trust(self) -> None:
+        """Revocations are heard from now on. What was kept before may have been revoked
+        unheard, so it starts empty."""
+        self.clear()
+        self._trusted = True
+
+    def distrust(self) -> None:
+        """Revocations may go unheard: forget everything, answer nothing."""
+        self.clear()
+        self._trusted = False
 
     def __len__(self) -> int:
         return len(self._entries)
@@ -141,6 +182,7 @@ async def authenticate(engine: AsyncEngine, key: str, cache: KeyCache | None = N
     digest = key_hash(key)
     if cache is not None and (hit := cache.get(digest)) is not None:
         return hit
+    generation = cache.generation if cache is not None else 0  # before the lookup: see KeyCache.put
     async with engine.connect() as conn:
         row = (await conn.execute(text("SELECT id, tenant_id, user_name, role, key_hash FROM gateway.api_keys "
                                        "WHERE key_hash = :h AND revoked_at IS NULL"), {"h": digest})).first()
@@ -149,5 +191,5 @@ async def authenticate(engine: AsyncEngine, key: str, cache: KeyCache | None = N
         return None
     principal = Principal(row.tenant_id, row.role, row.user_name, row.id)
     if cache is not None:
-        cache.put(digest, principal)
+        cache.put(digest, principal, generation)
     return principal
