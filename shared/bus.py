@@ -126,8 +126,13 @@ async def wait_for_leader(js: JetStreamContext, stream: str, timeout: float = 15
         await asyncio.sleep(0.05)
 
 
+# A poison job's advisory is kept this long for a coordinator to come and fail the job.
+ADVISORIES_MAX_AGE_S = 7 * 24 * 3600
+
+
 async def ensure_streams(js: JetStreamContext, settings: Settings) -> None:
-    """Create or update both streams of the contract; safe to call from every process."""
+    """Create or update both streams of the contract, and the one that keeps the jobs
+    consumer's max-deliveries advisories; safe to call from every process."""
     names = Names(settings.prefix)
     await _add_or_update_stream(
         js,
@@ -153,6 +158,21 @@ async def ensure_streams(js: JetStreamContext, settings: Settings) -> None:
             num_replicas=settings.stream_replicas,
             duplicate_window=float(settings.duplicate_window_s),
             description="redrive file, run and breaker events",
+        ),
+    )
+    # Every process declares it, not just the coordinator that reads it: an advisory sent
+    # while no coordinator runs must find it there (an executor dies on a poison job while
+    # the coordinator restarts). A work queue: what the coordinator acks is gone.
+    await _add_or_update_stream(
+        js,
+        StreamConfig(
+            name=names.advisories_stream,
+            subjects=[names.max_deliveries_advisory],
+            retention=RetentionPolicy.WORK_QUEUE,
+            storage=StorageType.FILE,
+            max_age=float(ADVISORIES_MAX_AGE_S),
+            num_replicas=settings.stream_replicas,
+            description="redrive poison jobs: max-deliveries advisories of the jobs consumer, until handled",
         ),
     )
 

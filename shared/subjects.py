@@ -28,9 +28,16 @@ class Names:
     def events_stream(self) -> str:
         return f"{self.prefix.upper().replace('-', '_')}_EVENTS"
 
+    @property
+    def advisories_stream(self) -> str:
+        """Where the jobs consumer's max-deliveries advisories are kept until the coordinator
+        has dealt with them (they are core NATS messages: sent while it is down, lost)."""
+        return f"{self.prefix.upper().replace('-', '_')}_ADVISORIES"
+
     executor_consumer = "executor"
     results_consumer = "coordinator-results"
     notifier_consumer = "notifier"
+    advisories_consumer = "coordinator-advisories"
 
     @property
     def breakers_bucket(self) -> str:

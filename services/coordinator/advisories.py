@@ -1,7 +1,13 @@
 """Poison jobs: JetStream gave up redelivering a job (max deliver reached, the executor
 died on every delivery). The job stays in the work-queue stream; we read it, publish a
 ``failed`` file event for each of its files (so the normal results path and the notifier
-see it), then delete the message."""
+see it), then delete the message.
+
+The advisory is a core NATS message, which nobody would get while every coordinator is
+down or restarting; the advisories stream keeps it (shared/bus.py), and a durable consumer
+hands it to us here. Lost, it would leave its run RUNNING for good, and its tenant's
+stuck runs unrecovered (a job message in the stream counts as alive: recovery.py).
+"""
 
 from __future__ import annotations
 
@@ -9,6 +15,7 @@ import orjson
 import structlog
 from nats.aio.msg import Msg
 from nats.js import JetStreamContext
+from nats.js.errors import NotFoundError
 
 from shared import tracing
 from shared.bus import Outgoing, headers_for, publish_many
@@ -17,26 +24,29 @@ from shared.messages import ErrorInfo, FileEvent, Job
 log = structlog.get_logger(__name__)
 
 POISON_MESSAGE = "the executor died on every delivery of this job (max deliveries reached)"
+# An advisory we could not deal with (NATS busy or failing over) comes back after this.
+RETRY_DELAY_S = 2.0
 
 
 def make_advisory_handler(js: JetStreamContext, names):
-    async def handle(msg: Msg) -> None:
-        try:
-            advisory = orjson.loads(msg.data)
-            seq = int(advisory["stream_seq"])
-            deliveries = int(advisory.get("deliveries", 0))
-            # The subject is open to any client of the server: believe only an advisory about
-            # our consumer at its max deliver (else a live job would be failed and deleted).
-            max_deliver = (await js.consumer_info(names.jobs_stream, names.executor_consumer)).config.max_deliver
-            if advisory.get("stream") != names.jobs_stream or advisory.get("consumer") != names.executor_consumer \
-                    or deliveries < max_deliver:
-                log.warning("advisory.not_believed", stream_seq=seq, deliveries=deliveries, max_deliver=max_deliver)
-                return
-            raw = await js.get_msg(names.jobs_stream, seq)
-            job = Job.model_validate_json(raw.data)
-        except Exception as exc:
-            log.warning("advisory.unreadable", error=repr(exc))
+    """A batch handler for the advisories consumer (shared/pull_loop.py)."""
+
+    async def fail_poison_job(advisory: dict) -> None:
+        seq = int(advisory["stream_seq"])
+        deliveries = int(advisory.get("deliveries", 0))
+        # The subject is open to any client of the server: believe only an advisory about
+        # our consumer at its max deliver (else a live job would be failed and deleted).
+        max_deliver = (await js.consumer_info(names.jobs_stream, names.executor_consumer)).config.max_deliver
+        if advisory.get("stream") != names.jobs_stream or advisory.get("consumer") != names.executor_consumer \
+                or deliveries < max_deliver:
+            log.warning("advisory.not_believed", stream_seq=seq, deliveries=deliveries, max_deliver=max_deliver)
             return
+        try:
+            raw = await js.get_msg(names.jobs_stream, seq)
+        except NotFoundError:  # dealt with already (this advisory came again), or purged
+            log.info("advisory.job_gone", stream_seq=seq)
+            return
+        job = Job.model_validate_json(raw.data)
         error = ErrorInfo.model_validate({"class": "PoisonJob", "message": POISON_MESSAGE, "transient": True})
         events = [
             FileEvent(kind="failed", job_id=job.job_id, run_id=job.run_id, tenant_id=job.tenant_id, file_index=f.index,
@@ -45,13 +55,30 @@ def make_advisory_handler(js: JetStreamContext, names):
         ]
         trace_id = (tracing.trace_id_of((raw.headers or {}).get(tracing.HEADER))
                     or tracing.run_trace_id(job.run_id))
+        # Published before the job is deleted, with ids of their own: done twice (a crash in
+        # between), the second copy is a duplicate JetStream or the inbox drops.
         await publish_many(js, [Outgoing(names.file_event("failed"), e.to_bytes(), msg_id,
                                          headers_for(msg_id, job.tenant_id, job.run_id, trace_id))
                                 for e in events for msg_id in [f"{e.job_id}:{e.file_index}:poison"]])
         try:
             await js.delete_msg(names.jobs_stream, seq)
-        except Exception as exc:  # already gone: fine
-            log.info("advisory.delete_failed", seq=seq, error=repr(exc))
+        except NotFoundError:  # already gone: fine
+            pass
         log.warning("job.poison", job_id=job.job_id, deliveries=deliveries)
+
+    async def handle(msgs: list[Msg]) -> None:
+        for msg in msgs:
+            try:
+                advisory = orjson.loads(msg.data)
+                if not isinstance(advisory, dict):
+                    raise ValueError("an advisory is a JSON object")
+                await fail_poison_job(advisory)
+            except (ValueError, KeyError, TypeError) as exc:  # garbled or forged, or an unreadable job: never better
+                log.warning("advisory.unreadable", error=repr(exc)[:300])
+            except Exception as exc:  # NATS away or failing over: try again shortly
+                log.warning("advisory.failed", error=repr(exc)[:300])
+                await msg.nak(delay=RETRY_DELAY_S)
+                continue
+            await msg.ack()
 
     return handle

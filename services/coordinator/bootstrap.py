@@ -42,6 +42,8 @@ class CoordinatorService:
         await bus.ensure_streams(self.js, s)
         await bus.ensure_consumer(self.js, names.events_stream, names.results_consumer, names.file_events_all,
                                   ack_wait_s=s.results_ack_wait_s)
+        await bus.ensure_consumer(self.js, names.advisories_stream, names.advisories_consumer,
+                                  names.max_deliveries_advisory, ack_wait_s=s.results_ack_wait_s)
         await ensure_run_stops_bucket(self.js, names, s.stream_replicas)
         self.handlers = OfferedHandlers(self.js, names, s.stream_replicas)
         await self.handlers.start()
@@ -56,7 +58,8 @@ class CoordinatorService:
         self.results = PullLoop(self.js, names.events_stream, names.results_consumer, make_results_handler(self.deps),
                                     batch=s.results_fetch_batch, gather_s=s.results_gather_ms / 1000,
                                     name="results")
-        self.advisories = await self.nc.subscribe(names.max_deliveries_advisory, cb=make_advisory_handler(self.js, names))
+        self.advisories = PullLoop(self.js, names.advisories_stream, names.advisories_consumer,
+                                   make_advisory_handler(self.js, names), batch=16, name="advisories")
         # One replica records each heartbeat (a queue group).
         self.alive = await self.nc.subscribe(names.runs_alive, queue=f"{names.prefix}-coordinator-alive",
                                              cb=make_alive_handler(self.engine))
@@ -65,6 +68,7 @@ class CoordinatorService:
         self.sweeper = RecoverySweeper(self.deps)
         self.relay.start()
         self.results.start()
+        self.advisories.start()
         await self.micro.start()
         self.sweeper.start()  # its first pass runs now: recovery on every start
 
@@ -72,7 +76,7 @@ class CoordinatorService:
         await self.micro.stop()
         await self.sweeper.stop()
         await self.results.stop()
-        await self.advisories.unsubscribe()
+        await self.advisories.stop()
         await self.alive.unsubscribe()
         await self.relay.stop()
         await self.handlers.stop()

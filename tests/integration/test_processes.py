@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import asyncio
+import time
 
 from tests.procs import ProcStack
 from tests.stack import counts_add_up
@@ -38,6 +40,38 @@ async def test_a_job_that_kills_its_executor_every_time_ends_failed_while_the_re
         assert poison["status"] == "FAILED" and poison["last_error"]["class"] == "PoisonJob"
         assert all(f["status"] == "SUCCEEDED" for f in done["files"][1:])
         assert stack.deaths["executor"] >= 3
+    finally:
+        await stack.stop()
+
+
+async def test_a_poison_jobs_advisory_sent_while_no_coordinator_runs_is_kept_and_fails_the_job(make_settings):
+    """The max-deliveries advisory is a core NATS message: sent while the coordinator was
+    down, it was lost, and the run stayed RUNNING for good (its dead job in the stream made
+    its tenant look busy to recovery). The advisories stream keeps it until handled."""
+    settings = await make_settings(executor_ack_wait_s=1.0, executor_max_deliver=3, executor_allow_crash=True)
+    stack = await ProcStack(settings).start("billing", "coordinator", "notifier", "executor")
+    try:
+        tenant = await stack.tenant()
+        template = await stack.template(tenant, [{"name": "a", "handler": "flaky", "params": {"crash": "^poison"}}])
+        files = [{"name": "poison.pdf"}] + [{"name": f"ok{i}.pdf"} for i in range(5)]
+        run = await stack.submit(tenant, template, 0, files=files)
+        deadline = time.monotonic() + 30
+        while not stack.deaths.get("executor"):  # the job is out: its first delivery killed an executor
+            assert time.monotonic() < deadline, "the poison job never reached an executor"
+            await asyncio.sleep(0.05)
+        stack.kill("coordinator")
+        stack.procs["coordinator"].clear()  # and it stays down
+        while (await stack.js.stream_info(stack.names.advisories_stream)).state.messages < 1:
+            assert time.monotonic() < deadline + 60, "no advisory was kept"
+            await asyncio.sleep(0.1)
+        stack.spawn("coordinator")
+        await stack.wait_services("coordinator")
+        done = await stack.wait_run(tenant, run["id"], timeout=60)
+        assert done["status"] == "COMPLETED_WITH_ERRORS" and counts_add_up(done)
+        assert done["files"][0]["status"] == "FAILED" and done["files"][0]["last_error"]["class"] == "PoisonJob"
+        assert all(f["status"] == "SUCCEEDED" for f in done["files"][1:])
+        assert (await stack.js.stream_info(stack.names.advisories_stream)).state.messages == 0  # handled: gone
+        assert (await stack.js.stream_info(stack.names.jobs_stream)).state.messages == 0  # and the dead job with it
     finally:
         await stack.stop()
 
