@@ -79,6 +79,13 @@ class Names:
         return f"{self.prefix}.events.file.{kind}"
 
     @property
+    def notifications_live(self) -> str:
+        """Core NATS, no stream: each notification as the notifier stores it, for the
+        gateways' live streams (the stored list is the record; a client that missed one
+        reads the list)."""
+        return f"{self.prefix}.notifications"
+
+    @property
     def run_events_all(self) -> str:
         return f"{self.prefix}.events.run.>"
 

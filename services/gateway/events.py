@@ -1,6 +1,7 @@
 """Live events for browsers (Server-Sent Events).
 
-One core NATS subscription per process on ``<prefix>.events.>``, fanned out to connected
+Core NATS subscriptions per process on ``<prefix>.events.>`` and on the notifier's new
+notifications (``<prefix>.notifications``, sent as ``event: notification``), fanned out to connected
 clients through bounded queues. Each event is parsed once, whatever the number of
 clients, and goes to the clients of exactly one tenant: its body's ``tenant_id`` (the
 coordinator trusts the body, so the body is the truth). An event whose body is not a JSON
@@ -62,6 +63,7 @@ class EventHub:
         self._nc = nc
         self._names = names
         self._events_prefix = f"{names.prefix}.events."
+        self._notifications = names.notifications_live
         self._keepalive_s = keepalive_s
         self._liveness_s = min(liveness_s, keepalive_s)
         self._write_timeout_s = write_timeout_s
@@ -72,7 +74,7 @@ class EventHub:
         self._key_of: dict[asyncio.Queue, str] = {}  # the API key each stream was opened with
         self._by_key: dict[str, int] = {}
         self._clients = 0
-        self._sub = None
+        self._subs: list = []
         self._subscribing = asyncio.Lock()
         self._stopping = False
         self.dropped = 0
@@ -167,7 +169,10 @@ class EventHub:
             return
         if b"\n" in data or b"\r" in data:  # an SSE data field is one line: re-encode compactly
             data = orjson.dumps(body)
-        kind = subject[len(self._events_prefix):] if subject.startswith(self._events_prefix) else subject
+        if subject == self._notifications:
+            kind = "notification"
+        else:
+            kind = subject[len(self._events_prefix):] if subject.startswith(self._events_prefix) else subject
         frame = b"event: " + kind.encode() + b"\ndata: " + data + b"\n\n"
         for queue in targets:
             try:
@@ -182,9 +187,10 @@ class EventHub:
 
     async def _subscribe(self) -> None:
         async with self._subscribing:
-            if self._sub is not None or self._stopping:
+            if self._subs or self._stopping:
                 return
-            self._sub = await self._nc.subscribe(self._names.events_all, cb=self._on_msg)
+            self._subs = [await self._nc.subscribe(subject, cb=self._on_msg)
+                          for subject in (self._names.events_all, self._notifications)]
             try:  # the SUB reaches the server before we tell the client it is connected
                 await self._nc.flush(timeout=2)
             except Exception as exc:
@@ -192,13 +198,14 @@ class EventHub:
 
     async def _unsubscribe(self, only_if_idle: bool = False) -> None:
         async with self._subscribing:
-            if self._sub is None or (only_if_idle and self._clients):
+            if not self._subs or (only_if_idle and self._clients):
                 return
-            sub, self._sub = self._sub, None
-            try:
-                await sub.unsubscribe()
-            except Exception as exc:  # connection closing: the subscription goes with it
-                log.debug("events.unsubscribe_failed", error=repr(exc))
+            subs, self._subs = self._subs, []
+            for sub in subs:
+                try:
+                    await sub.unsubscribe()
+                except Exception as exc:  # connection closing: the subscription goes with it
+                    log.debug("events.unsubscribe_failed", error=repr(exc))
 
     # ---- one client ------------------------------------------------------------------------
 

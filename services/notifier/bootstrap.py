@@ -16,6 +16,7 @@ from shared.runtime import run
 from shared.settings import Settings
 from shared.subjects import Names
 from services.notifier.consumer import make_handler
+from services.notifier.live import announcer
 from services.notifier.destinations import Destinations
 from services.notifier.handlers import VERBS, put_webhook
 from services.notifier.retention import RetentionSweeper
@@ -61,7 +62,7 @@ class NotifierService:
         destinations = Destinations(allow_private=s.webhook_allow_private)
         self.sender = WebhookSender(self.engine, timeout_s=s.webhook_timeout_s, max_attempts=s.webhook_max_attempts,
                                     base_ms=self.webhook_base_ms, destinations=destinations)
-        self.handle = make_handler(self.engine, names, self.sender.kick)
+        self.handle = make_handler(self.engine, names, self.sender.kick, announce=announcer(self.nc, names))
         self.loop = PullLoop(js, names.events_stream, names.notifier_consumer, self.handle, batch=FETCH_BATCH,
                                  name="notifier")
         self.micro = MicroService(self.nc, names, "notifier", bind_verbs(self.engine, destinations, self.sender.kick),

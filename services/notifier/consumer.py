@@ -15,10 +15,11 @@ import structlog
 from nats.aio.msg import Msg
 from sqlalchemy.ext.asyncio import AsyncEngine
 
+from shared import tracing
 from shared.errors import TransientError, refuses_its_data
 from shared.messages import FileEvent, RunEvent
 from shared.subjects import Names
-from services.notifier import repository, texts
+from services.notifier import live, repository, texts
 
 log = structlog.get_logger(__name__)
 
@@ -27,7 +28,7 @@ log = structlog.get_logger(__name__)
 # at once when the database refuses a value of the event itself (refuses_its_data).
 POISON_AFTER_DELIVERIES = 5
 
-Record = Callable[[AsyncEngine, Sequence[dict]], Awaitable[int]]
+Record = Callable[[AsyncEngine, Sequence[dict]], Awaitable[repository.Recorded]]
 
 
 class Decoder:
@@ -67,9 +68,11 @@ def _deliveries(msg: Msg) -> int:
         return 1
 
 
-def make_handler(engine: AsyncEngine, names: Names, on_deliveries: Callable[[], None], record: Record = repository.record):
+def make_handler(engine: AsyncEngine, names: Names, on_deliveries: Callable[[], None], record: Record = repository.record,
+                 announce: live.Announce = live.nobody):
     """The batch function of the ``notifier`` PullLoop. A transient database error escapes:
-    the batch stays unacked and comes back after the ack wait."""
+    the batch stays unacked and comes back after the ack wait. What was stored is pushed
+    live (``announce``) after the commit, before the acks."""
     decoder = Decoder(names)
 
     async def handle(msgs: list[Msg]) -> None:
@@ -88,28 +91,32 @@ def make_handler(engine: AsyncEngine, names: Names, on_deliveries: Callable[[], 
                 rows.setdefault(row["dedupe_key"], (row, []))[1].append(msg)
         if rows:
             try:
-                queued = await record(engine, [row for row, _ in rows.values()])
+                recorded = await record(engine, [row for row, _ in rows.values()])
                 to_ack += [m for _, batch in rows.values() for m in batch]
             except TransientError:
                 raise
             except Exception as exc:
                 log.error("notifier.batch_refused", error=repr(exc)[:500], rows=len(rows))
-                queued, recorded = await _one_by_one(engine, record, rows.values())
-                to_ack += recorded
-            if queued:
+                recorded, acked = await _one_by_one(engine, record, rows.values())
+                to_ack += acked
+            if recorded.queued:
                 on_deliveries()
+            await announce(recorded.created, {key: trace for key, (_, batch) in rows.items()
+                                              if (trace := (batch[0].headers or {}).get(tracing.HEADER))})
         for msg in to_ack:
             await msg.ack()
 
     return handle
 
 
-async def _one_by_one(engine: AsyncEngine, record: Record, rows) -> tuple[int, list[Msg]]:
+async def _one_by_one(engine: AsyncEngine, record: Record, rows) -> tuple[repository.Recorded, list[Msg]]:
     """Isolate the row the database refuses so that the rest of the batch is not held back."""
-    queued, recorded = 0, []
+    created, queued, recorded = [], 0, []
     for row, msgs in rows:
         try:
-            queued += await record(engine, [row])
+            one = await record(engine, [row])
+            created += one.created
+            queued += one.queued
             recorded += msgs
         except TransientError:
             raise
@@ -120,4 +127,4 @@ async def _one_by_one(engine: AsyncEngine, record: Record, rows) -> tuple[int, l
                     await msg.term()
                 else:  # left unacked: redelivered after the ack wait
                     log.error("notifier.event_refused", dedupe_key=row["dedupe_key"], error=repr(exc)[:500])
-    return queued, recorded
+    return repository.Recorded(created, queued), recorded

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
 from datetime import datetime
-from typing import Any
+from typing import Any, NamedTuple
 
 import orjson
 from sqlalchemy import (BigInteger, Boolean, Column, DateTime, Integer, LargeBinary, MetaData, Table, Text, delete,
@@ -30,29 +30,45 @@ _N = notifications.c
 _VIEW = (_N.id, _N.at, _N.kind, _N.run_id, _N.file_index, _N.message, _N.read)
 
 
+def _fields(n: Mapping[str, Any]) -> dict[str, Any]:
+    return {"id": n["id"], "tenant_id": n["tenant_id"], "at": n["at"].isoformat(), "kind": n["kind"],
+            "run_id": n["run_id"], "file_index": n["file_index"], "message": n["message"]}
+
+
 def webhook_body(n: Mapping[str, Any]) -> bytes:
     """What a webhook receives: the notification, as JSON."""
-    return orjson.dumps({"id": n["id"], "tenant_id": n["tenant_id"], "at": n["at"].isoformat(), "kind": n["kind"],
-                         "run_id": n["run_id"], "file_index": n["file_index"], "message": n["message"]})
+    return orjson.dumps(_fields(n))
 
 
-async def record(engine: AsyncEngine, rows: Sequence[dict]) -> int:
+def live_body(n: Mapping[str, Any]) -> bytes:
+    """What a live stream (SSE ``event: notification``) carries: a new notification, as
+    ``GET /notifications`` lists it, with its tenant."""
+    return orjson.dumps({**_fields(n), "read": False})
+
+
+class Recorded(NamedTuple):
+    created: list[Mapping[str, Any]]  # the notifications that were new (not a redelivered event's)
+    queued: int  # webhook deliveries queued for them
+
+
+async def record(engine: AsyncEngine, rows: Sequence[dict]) -> Recorded:
     """Insert the notifications whose dedupe key is new, and for those of tenants with a
-    webhook their deliveries, in one transaction (outbox). Returns the deliveries queued."""
+    webhook their deliveries, in one transaction (outbox)."""
     async with transaction(engine) as conn:
         stmt = pg_insert(notifications).values(list(rows)).on_conflict_do_nothing(index_elements=["dedupe_key"])
         created = (await conn.execute(stmt.returning(_N.id, _N.tenant_id, _N.at, _N.kind, _N.run_id, _N.file_index,
+                                                     _N.dedupe_key,
                                                      _N.message))).mappings().all()
         tenants = {n["tenant_id"] for n in created}
         if not tenants:
-            return 0
+            return Recorded([], 0)
         hooks = dict((await conn.execute(select(webhooks.c.tenant_id, webhooks.c.url)
                                          .where(webhooks.c.tenant_id.in_(tenants)))).all())
         queued = [{"notification_id": n["id"], "tenant_id": n["tenant_id"], "url": hooks[n["tenant_id"]],
                    "body": webhook_body(n)} for n in created if n["tenant_id"] in hooks]
         if queued:
             await conn.execute(insert(deliveries), queued)
-        return len(queued)
+        return Recorded(list(created), len(queued))
 
 
 async def page(engine: AsyncEngine, tenant_id: str, *, unread_only: bool, limit: int,

@@ -210,6 +210,51 @@ async def test_short_credits_are_a_402_with_needed_and_available(api):
     assert body["error"]["details"]["needed"] == 1000
 
 
+async def test_a_new_notification_is_pushed_live_to_its_tenant_as_stored(api):
+    """product.md: notifications are stored, listed and pushed live (SSE ``notification``)."""
+    http, keys = api["http"], api["keys"]
+    streams = {"member": [], "other": []}
+
+    async def frames(who: str):
+        async with http.get("/api/v1/events", headers=auth(keys[who])) as resp:
+            event = None
+            async for raw in resp.content:
+                line = raw.decode().rstrip("\n")
+                if line == ": connected":
+                    streams[who].append(("connected", {}))
+                elif line.startswith("event: "):
+                    event = line[7:]
+                elif line.startswith("data: ") and event:
+                    streams[who].append((event, json.loads(line[6:])))
+
+    tasks = [asyncio.create_task(frames(who)) for who in streams]
+    try:
+        while not all(streams.values()):
+            await asyncio.sleep(0.02)
+        r = await http.post("/api/v1/templates", json={"name": "t", "steps": [{"name": "a", "handler": "noop"}]},
+                            headers=auth(keys["tenant_admin"]))
+        run = await (await http.post("/api/v1/workflow-runs", json={"template_id": (await r.json())["id"],
+                                                                    "files": [{"name": "a"}]},
+                                     headers=auth(keys["member"]))).json()
+        deadline = asyncio.get_running_loop().time() + 20
+
+        def pushed():
+            return [e for k, e in streams["member"] if k == "notification" and e["run_id"] == run["id"]]
+
+        while not pushed():
+            assert asyncio.get_running_loop().time() < deadline, f"no notification pushed in {streams['member']}"
+            await asyncio.sleep(0.02)
+    finally:
+        for task in tasks:
+            task.cancel()
+    [live] = pushed()
+    assert live["kind"] == "run_completed" and live["read"] is False and live["tenant_id"] == api["tenant"]
+    listed = await (await http.get("/api/v1/notifications", headers=auth(keys["member"]))).json()
+    [stored] = [n for n in listed["items"] if n["id"] == live["id"]]
+    assert {k: live[k] for k in stored} == stored  # what is pushed is what is listed (and its tenant)
+    assert not [e for k, e in streams["other"] if k == "notification"]
+
+
 async def test_every_message_of_a_run_carries_the_trace_of_the_request_that_created_it(api):
     """messaging.md: headers carry traceparent, so that one run's logs and traces join up."""
     http, stack, key = api["http"], api["stack"], api["keys"]["other"]
