@@ -8,6 +8,7 @@ that is neither is classified by :func:`classify` and the decision is written th
 from __future__ import annotations
 
 import asyncio
+import math
 import socket
 from dataclasses import dataclass
 
@@ -75,8 +76,13 @@ class Classified:
 _TRANSIENT_SQLSTATE_PREFIXES = ("08", "53", "57")
 _TRANSIENT_SQLSTATES = {"40001", "40P01"}
 
-# HTTP statuses that mean "try again": request timeout, too many requests, server errors.
-_TRANSIENT_HTTP = {408, 429}
+# HTTP statuses that mean "try again": request timeout, too early (RFC 8470: the server
+# asks for the same request again later), too many requests, server errors. Any other 4xx
+# says the request itself is wrong (credentials, permission, not found, validation), and
+# sending it again changes nothing. 409 stays permanent on purpose: most APIs answer it for
+# "already exists" or a stale version, and the SDKs that do retry it (openai, anthropic)
+# have already done so before their error reaches a handler.
+_TRANSIENT_HTTP = {408, 425, 429}
 
 
 def is_transient_http_status(status: int) -> bool:
@@ -98,8 +104,84 @@ def _sqlstate_of(exc: BaseException) -> str | None:
     return None
 
 
+# Errors of HTTP clients that carry no status yet mean "no answer came": a timeout, a
+# refused or dropped connection. Recognised by (top-level package, class name) anywhere in
+# the exception's MRO, so that none of these libraries is imported (or a dependency) here.
+# The package is compared, not the whole module, because httpx, openai and anthropic
+# rewrite ``__module__`` of what they export to the package ("httpx._exceptions.ReadTimeout"
+# is "httpx.ReadTimeout" at runtime). Subclasses count: httpx's ReadTimeout is a
+# TimeoutException, the SDKs' APITimeoutError an APIConnectionError.
+_TRANSIENT_CLIENT_ERRORS = frozenset({
+    # httpx: every timeout, a connection refused or cut (NetworkError), a server that hung
+    # up mid-answer, an unreachable proxy. Its other TransportErrors (UnsupportedProtocol,
+    # LocalProtocolError) are our own request's fault and stay permanent.
+    ("httpx", "TimeoutException"), ("httpx", "NetworkError"), ("httpx", "RemoteProtocolError"),
+    ("httpx", "ProxyError"),
+    # requests (ConnectTimeout, ReadTimeout, SSLError, ProxyError are subclasses); a body cut
+    # short; RetryError: urllib3 ran out of retries on a status of the session's
+    # status_forcelist, which callers fill with 429 and 5xx.
+    ("requests", "ConnectionError"), ("requests", "Timeout"), ("requests", "ChunkedEncodingError"),
+    ("requests", "RetryError"),
+    # aiohttp: its connection errors are not all OSErrors (ServerDisconnectedError is not).
+    ("aiohttp", "ClientConnectionError"), ("aiohttp", "ClientPayloadError"),
+    # The openai and anthropic SDKs; their status errors carry .status_code, decided by it.
+    ("openai", "APIConnectionError"), ("anthropic", "APIConnectionError"),
+})
+
+# requests' errors are OSErrors (RequestException subclasses IOError), which the builtin
+# rule would retry; a malformed URL, too many redirects or a body that is not JSON is no
+# outage. Those of its errors not recognised above are permanent.
+_PERMANENT_CLIENT_ERROR_ROOTS = frozenset({("requests", "RequestException")})
+
+
+def _attr(obj: object, name: str) -> object:
+    try:
+        return getattr(obj, name, None)
+    except Exception:  # a property that raises (httpx's .request before it is set) tells nothing
+        return None
+
+
+def _http_status_of(exc: BaseException) -> int | None:
+    # aiohttp's ClientResponseError has .status, the SDKs' errors .status_code, httpx's
+    # HTTPStatusError and requests' HTTPError only the .response they were raised for.
+    response = _attr(exc, "response")
+    for holder, name in ((exc, "status"), (exc, "status_code"), (response, "status_code"), (response, "status")):
+        value = _attr(holder, name)
+        # bool is an int; anything outside 100-599 is some other library's "status".
+        if isinstance(value, int) and not isinstance(value, bool) and 100 <= value <= 599:
+            return int(value)
+    return None
+
+
+def _retry_after_of(exc: BaseException) -> float | None:
+    # Read as the executor's own HTTP handlers read it (handlers/http_errors.py): seconds
+    # only; an HTTP date falls back to our backoff, and nan, inf or a negative would poison
+    # the retry scheduler.
+    headers = _attr(_attr(exc, "response"), "headers") or _attr(exc, "headers")
+    try:
+        seconds = float(headers.get("Retry-After") or headers.get("retry-after"))  # type: ignore[union-attr]
+    except Exception:  # no headers, no such header, or not a number
+        return None
+    return seconds if math.isfinite(seconds) and seconds >= 0 else None
+
+
+def _client_error_verdict(exc: BaseException) -> bool | None:
+    # True: transient, False: permanent, None: not a client error we know.
+    names = {((k.__module__ or "").partition(".")[0], k.__qualname__) for k in type(exc).__mro__}
+    if names & _TRANSIENT_CLIENT_ERRORS:
+        return True
+    if names & _PERMANENT_CLIENT_ERROR_ROOTS:
+        return False
+    return None
+
+
 def classify(exc: BaseException) -> Classified:
     """Decide whether ``exc`` is worth retrying.
+
+    In order: our own two roots; an HTTP status the error carries (408, 425, 429 and 5xx
+    transient, with a numeric ``Retry-After``; any other 4xx permanent); builtin timeouts
+    and connection errors, then those of httpx, requests, aiohttp and the openai/anthropic
+    SDKs (transient; requests' other errors permanent); SQLSTATE; other OSErrors (transient).
 
     Decision for the unknown: an exception we do not recognise is **permanent**. A handler
     that wants retries raises :class:`TransientError` (or lets a timeout or connection error
@@ -110,24 +192,24 @@ def classify(exc: BaseException) -> Classified:
         return Classified(True, name, exc.message or name, exc.retry_after_s)
     if isinstance(exc, PermanentError):
         return Classified(False, name, exc.message or name)
+    # A status the dependency answered decides before the error's class: requests' HTTPError
+    # is an OSError whatever the status, and an SDK's RateLimitError is no builtin at all.
+    status = _http_status_of(exc)
+    if status is not None and 400 <= status <= 599:
+        if is_transient_http_status(status):
+            return Classified(True, name, f"HTTP {status}: {exc}", _retry_after_of(exc))
+        return Classified(False, name, f"HTTP {status}: {exc}")
     if isinstance(exc, (asyncio.TimeoutError, TimeoutError)):
         return Classified(True, name, str(exc) or "timed out")
     if isinstance(exc, (ConnectionError, socket.gaierror)):
         return Classified(True, name, str(exc) or "connection error")
-    status = getattr(exc, "status", None)
-    if isinstance(status, int) and 400 <= status <= 599:
-        transient = is_transient_http_status(status)
-        return Classified(transient, name, f"HTTP {status}: {exc}")
+    # Before the OSError rule below, which would retry every error of requests.
+    verdict = _client_error_verdict(exc)
+    if verdict is not None:
+        return Classified(verdict, name, str(exc) or name)
     sqlstate = _sqlstate_of(exc)
     if sqlstate is not None:
         return Classified(is_transient_sqlstate(sqlstate), name, f"SQLSTATE {sqlstate}: {exc}")
-    try:  # aiohttp's connection-level errors are OSErrors underneath, but not all.
-        import aiohttp
-
-        if isinstance(exc, (aiohttp.ClientConnectionError, aiohttp.ClientPayloadError)):
-            return Classified(True, name, str(exc) or name)
-    except ImportError:  # pragma: no cover - aiohttp is a dependency
-        pass
     if isinstance(exc, OSError):
         return Classified(True, name, str(exc) or name)
     return Classified(False, name, str(exc) or name)

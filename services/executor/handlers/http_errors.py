@@ -18,7 +18,7 @@ def retry_after_s(value: str | None) -> float | None:
 
 
 def raise_for_status(status: int, retry_after: str | None, what: str) -> None:
-    """Return for 2xx; TransientError for 408/429/5xx; PermanentError for anything else."""
+    """Return for 2xx; TransientError for 408/425/429/5xx; PermanentError for anything else."""
     if 200 <= status < 300:
         return
     if is_transient_http_status(status):
