@@ -3,15 +3,24 @@ response; another request under that key is 422 ``idempotency_key_reused``; a du
 while the first is still in flight is 409 ``idempotency_in_progress``.
 
 The ``in_progress`` row is inserted before the work (INSERT … ON CONFLICT DO NOTHING
-decides who goes ahead) and the response stored after it. 5xx answers are not stored: the
-row is deleted so that a retry can go ahead. A row left ``in_progress`` by a gateway that
-died mid-request is taken over after a lease, so a crash does not lock the key for 24 h.
+decides who goes ahead) and the response stored after it. A row left ``in_progress`` by a
+gateway that died mid-request is taken over after a lease, so a crash does not lock the key
+for 24 h.
+
+The row carries a random ``nonce``, drawn when the key is first recorded: what the request
+makes is named by tenant, key and nonce (routes.py), never by the key alone. So a retry
+while the row lives reaches what the first attempt made, even one whose answer was lost,
+and the same key after its window (the row expired: a new nonce) makes something new
+rather than finding the old run. For the same reason a 5xx does not delete the row: it is
+``released``, and the same request may go ahead at once, under the same nonce, to find
+what the failed attempt may have made.
 """
 
 from __future__ import annotations
 
 import asyncio
 import hashlib
+import secrets
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 
@@ -47,46 +56,54 @@ def check_key(key: str) -> str:
 @dataclass(frozen=True, slots=True)
 class Begun:
     """Either ``replay`` (status, body) to send back, or go ahead (``taken_over``: an earlier
-    attempt under this key died mid-request, so its effect may already exist)."""
+    attempt under this key died or failed mid-request, so its effect may already exist).
+    ``nonce`` names this use of the key; None for a row recorded before nonces existed,
+    whose effect is named by the key alone."""
 
     replay: tuple[int, bytes] | None = None
     taken_over: bool = False
+    nonce: str | None = None
 
 
-_CLAIM = text("INSERT INTO gateway.idempotency (tenant_id, key, request_hash, state) "
-              "VALUES (:t, :k, :h, 'in_progress') ON CONFLICT DO NOTHING RETURNING key")
+_CLAIM = text("INSERT INTO gateway.idempotency (tenant_id, key, request_hash, state, nonce) "
+              "VALUES (:t, :k, :h, 'in_progress', :n) ON CONFLICT DO NOTHING RETURNING key")
 _EXPIRE = text("DELETE FROM gateway.idempotency WHERE tenant_id = :t AND key = :k "
                "AND created_at < now() - make_interval(secs => :window)")
-_READ = text("SELECT request_hash, state, status, body, created_at < now() - make_interval(secs => :lease) AS stale "
+_READ = text("SELECT request_hash, state, status, body, nonce, "
+             "created_at < now() - make_interval(secs => :lease) AS stale "
              "FROM gateway.idempotency WHERE tenant_id = :t AND key = :k FOR UPDATE")
-_TAKE_OVER = text("UPDATE gateway.idempotency SET created_at = now() WHERE tenant_id = :t AND key = :k")
+_TAKE_OVER = text("UPDATE gateway.idempotency SET state = 'in_progress', created_at = now() "
+                  "WHERE tenant_id = :t AND key = :k")
 
 
 async def begin(engine: AsyncEngine, tenant_id: str, key: str, digest: str, lease_s: float) -> Begun:
     ids = {"t": tenant_id, "k": key}
     async with engine.begin() as conn:
         await conn.execute(_EXPIRE, {**ids, "window": WINDOW_S})
-        if (await conn.execute(_CLAIM, {**ids, "h": digest})).first() is not None:
-            return Begun()
+        nonce = secrets.token_hex(16)
+        if (await conn.execute(_CLAIM, {**ids, "h": digest, "n": nonce})).first() is not None:
+            return Begun(nonce=nonce)
         row = (await conn.execute(_READ, {**ids, "lease": lease_s})).first()
-        if row is None:  # deleted between our insert and read (a 5xx released it): ask again
+        if row is None:  # purged as expired between our insert and read: ask again
             raise ServiceError("idempotency_in_progress", "a request with this Idempotency-Key is in progress")
         if row.request_hash != digest:
+            # Released rows too: the failed attempt may have made something under this key.
             raise ServiceError("idempotency_key_reused", "this Idempotency-Key was used with a different request")
         if row.state == "done":
             return Begun(replay=(row.status, bytes(row.body)))
-        if not row.stale:
+        if row.state == "in_progress" and not row.stale:
             raise ServiceError("idempotency_in_progress", "a request with this Idempotency-Key is in progress")
         await conn.execute(_TAKE_OVER, ids)
-        log.warning("idempotency.taken_over", tenant_id=tenant_id, key=key)
-        return Begun(taken_over=True)
+        log.warning("idempotency.taken_over", tenant_id=tenant_id, key=key, after=row.state)
+        return Begun(taken_over=True, nonce=row.nonce)
 
 
 async def finish(engine: AsyncEngine, tenant_id: str, key: str, status: int, body: bytes) -> None:
     ids = {"t": tenant_id, "k": key}
     async with engine.begin() as conn:
-        if status >= 500:  # not an answer worth replaying: let a retry go ahead
-            await conn.execute(text("DELETE FROM gateway.idempotency WHERE tenant_id = :t AND key = :k"), ids)
+        if status >= 500:  # not an answer worth replaying: a retry may go ahead, under the same nonce
+            await conn.execute(text("UPDATE gateway.idempotency SET state = 'released' "
+                                    "WHERE tenant_id = :t AND key = :k AND state = 'in_progress'"), ids)
         else:
             await conn.execute(text("UPDATE gateway.idempotency SET state = 'done', status = :s, body = :b "
                                     "WHERE tenant_id = :t AND key = :k"), {**ids, "s": status, "b": body})
@@ -104,13 +121,13 @@ def replay_response(status: int, body: bytes) -> web.Response:
 
 
 async def once(engine: AsyncEngine, tenant_id: str, key: str, digest: str, lease_s: float,
-               work: Callable[[bool], Awaitable[web.Response]]) -> web.Response:
-    """Run ``work(taken_over)`` at most once per (tenant, key) and request, replaying its answer."""
+               work: Callable[[Begun], Awaitable[web.Response]]) -> web.Response:
+    """Run ``work(begun)`` at most once per (tenant, key) and request, replaying its answer."""
     begun = await begin(engine, tenant_id, key, digest, lease_s)
     if begun.replay is not None:
         return replay_response(*begun.replay)
     try:
-        response = await work(begun.taken_over)
+        response = await work(begun)
     except BaseException:
         await _shielded(finish(engine, tenant_id, key, 500, b""))
         raise

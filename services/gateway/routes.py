@@ -127,10 +127,23 @@ def public_paths() -> frozenset[str]:
 
 # ---- the forwarding handler: authorise, validate, ask the owning service --------------------
 
-def run_id_for(tenant_id: str, idempotency_key: str) -> str:
-    """The run an Idempotency-Key names: a gateway that dies mid-request and a client that
-    retries reach the same run, never a second one."""
-    return hashlib.sha256(f"{tenant_id}:{idempotency_key}".encode()).hexdigest()[:32]
+def run_id_for(tenant_id: str, idempotency_key: str, nonce: str | None) -> str:
+    """The run one use of an Idempotency-Key names: a gateway that dies mid-request and a
+    client that retries reach the same run, never a second one. The nonce is drawn when the
+    gateway first records the key and kept for the record's 24 h (idempotency.py), so the
+    same key after its window names a new run, not the old one. None: a record from before
+    nonces, whose run was named by the key alone."""
+    return hashlib.sha256(_use_of(f"{tenant_id}:{idempotency_key}", nonce).encode()).hexdigest()[:32]
+
+
+def grant_key_for(idempotency_key: str, nonce: str | None) -> str:
+    """The ledger key of a grant, as run_id_for: once per use of the Idempotency-Key.
+    Namespaced so an admin's key can never collide with the coordinator's charge keys."""
+    return _use_of(f"grant:{idempotency_key}", nonce)
+
+
+def _use_of(name: str, nonce: str | None) -> str:
+    return name if nonce is None else f"{name}:{nonce}"
 
 
 # A client that announces a body and sends it slowly, or never (a 1-byte body with
@@ -202,8 +215,8 @@ def forwarder(route: Route, rpc: RpcClient, engine: AsyncEngine, lease_s: float)
         key = idempotency.check_key(key)
         digest = idempotency.request_hash(request.method, request.path, body)
 
-        async def work(taken_over: bool) -> web.Response:
-            return await _keyed_call(rpc, route, payload, tenant_id, key, taken_over)
+        async def work(begun: idempotency.Begun) -> web.Response:
+            return await _keyed_call(rpc, route, payload, tenant_id, key, begun)
 
         return await idempotency.once(engine, tenant_id, key, digest, lease_s, work)
 
@@ -212,14 +225,15 @@ def forwarder(route: Route, rpc: RpcClient, engine: AsyncEngine, lease_s: float)
 
 
 async def _keyed_call(rpc: RpcClient, route: Route, payload: dict[str, Any], tenant_id: str, key: str,
-                      taken_over: bool) -> web.Response:
+                      begun: idempotency.Begun) -> web.Response:
+    # The other keyed verbs (create_template, retry_failed, retry_file) pass nothing derived
+    # from the key on: the gateway's record alone keeps them once per use.
     if route.verb == "grant":
-        # Namespaced so an admin's key can never collide with the coordinator's charge keys.
-        payload["idempotency_key"] = f"grant:{key}"
+        payload["idempotency_key"] = grant_key_for(key, begun.nonce)
     if route.verb != "create_run":
         return await call(rpc, route, payload)
-    payload["run_id"] = run_id_for(tenant_id, key)
-    if taken_over and (found := await _existing_run(rpc, payload)) is not None:
+    payload["run_id"] = run_id_for(tenant_id, key, begun.nonce)
+    if begun.taken_over and (found := await _existing_run(rpc, payload)) is not None:
         return found
     response = await call(rpc, route, payload)
     if response.status >= 500 and (found := await _existing_run(rpc, payload)) is not None:

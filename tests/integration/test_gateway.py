@@ -54,6 +54,9 @@ class Fakes:
                "template_id": template, "status": "RUNNING"}
         if template == "boom":
             raise RuntimeError("a bug in the coordinator")
+        if template == "late":  # made, but only after the caller gave up on the answer
+            asyncio.get_running_loop().call_later(0.3, self.runs.__setitem__, run["id"], run)
+            raise RuntimeError("timed out")
         self.runs[run["id"]] = run
         if template == "lost":  # made, but the answer never comes back
             raise RuntimeError("crashed after commit")
@@ -111,6 +114,14 @@ async def gw(make_settings):
 
 def auth(key: str, **headers: str) -> dict[str, str]:
     return {"Authorization": f"Bearer {key}", **headers}
+
+
+async def nonce_of(gw, key: str) -> str:
+    """The nonce the gateway drew for a key (idempotency.py): a keyed run's id comes from it."""
+    async with gw["engine"].connect() as conn:
+        (nonce,) = (await conn.execute(text("SELECT nonce FROM gateway.idempotency WHERE key = :k"), {"k": key})).one()
+    assert nonce
+    return nonce
 
 
 async def error_of(response: aiohttp.ClientResponse) -> dict:
@@ -188,7 +199,7 @@ async def test_a_grant_goes_to_the_tenant_in_the_path_under_a_namespaced_key(gw)
     r = await http.post(path, json={"purchased": 5}, headers=auth(keys["platform_admin"], **{"Idempotency-Key": "g-1"}))
     sent = await r.json()
     assert r.status == 200 and sent["tenant_id"] == other and sent["purchased"] == 5
-    assert sent["idempotency_key"] == "grant:g-1"
+    assert sent["idempotency_key"] == f"grant:g-1:{await nonce_of(gw, 'g-1')}"
     r = await http.post(path, json={"purchased": 0}, headers=auth(keys["platform_admin"]))
     assert r.status == 422 and "purchased" in (await error_of(r))["details"]["fields"]
 
@@ -324,8 +335,9 @@ async def test_the_same_idempotency_key_and_body_replays_the_first_response_once
     again = await http.post("/api/v1/workflow-runs", data=json.dumps(RUN_BODY, indent=2), headers=headers)
     assert first.status == again.status == 201 and await first.read() == await again.read()
     assert again.headers["Idempotent-Replayed"] == "true"
-    made = [c for c in fakes.calls["create_run"] if c.get("run_id") == run_id_for(acme, "same-1")]
-    assert len(made) == 1 and (await first.json())["id"] == run_id_for(acme, "same-1")
+    run_id = run_id_for(acme, "same-1", await nonce_of(gw, "same-1"))
+    made = [c for c in fakes.calls["create_run"] if c.get("run_id") == run_id]
+    assert len(made) == 1 and (await first.json())["id"] == run_id
 
 
 async def test_the_same_key_with_another_body_is_422_idempotency_key_reused(gw):
@@ -345,29 +357,58 @@ async def test_a_duplicate_while_the_first_is_in_flight_is_409(gw):
     assert (await first).status == 201
 
 
-async def test_a_5xx_is_not_stored_so_a_retry_runs_again(gw):
+async def test_a_5xx_is_not_stored_so_a_retry_runs_again_under_the_same_run_id(gw):
     headers = auth(gw["keys"]["member"], **{"Idempotency-Key": "boom-1"})
     body = {**RUN_BODY, "template_id": "boom"}
     for _ in range(2):
         assert (await gw["http"].post("/api/v1/workflow-runs", json=body, headers=headers)).status == 500
-    tries = [c for c in gw["fakes"].calls["create_run"] if c.get("run_id") == run_id_for(gw["acme"], "boom-1")]
+    tries = [c for c in gw["fakes"].calls["create_run"]
+             if c.get("run_id") == run_id_for(gw["acme"], "boom-1", await nonce_of(gw, "boom-1"))]
     assert len(tries) == 2
+
+
+async def test_after_a_5xx_the_same_key_with_another_body_is_still_422(gw):
+    """The failed attempt may have made its run: the key stays that request's."""
+    headers = auth(gw["keys"]["member"], **{"Idempotency-Key": "boom-2"})
+    body = {**RUN_BODY, "template_id": "boom"}
+    assert (await gw["http"].post("/api/v1/workflow-runs", json=body, headers=headers)).status == 500
+    r = await gw["http"].post("/api/v1/workflow-runs", json=RUN_BODY, headers=headers)
+    assert r.status == 422 and (await error_of(r))["code"] == "idempotency_key_reused"
+
+
+async def test_a_run_made_after_its_attempt_got_a_5xx_is_found_by_the_retry(gw):
+    """The coordinator answered too late (the gateway had given up and said 500), but made
+    the run: the retry under the same key must find it, not make and charge another."""
+    acme, fakes = gw["acme"], gw["fakes"]
+    headers = auth(gw["keys"]["member"], **{"Idempotency-Key": "late-1"})
+    body = {**RUN_BODY, "template_id": "late"}
+    assert (await gw["http"].post("/api/v1/workflow-runs", json=body, headers=headers)).status == 500
+    run_id = run_id_for(acme, "late-1", await nonce_of(gw, "late-1"))
+    for _ in range(100):
+        if run_id in fakes.runs:
+            break
+        await asyncio.sleep(0.05)
+    r = await gw["http"].post("/api/v1/workflow-runs", json=body, headers=headers)
+    assert r.status == 201 and (await r.json())["id"] == run_id
+    assert len([c for c in fakes.calls["create_run"] if c.get("run_id") == run_id]) == 1
 
 
 async def test_a_run_made_whose_answer_was_lost_is_found_by_its_key(gw):
     headers = auth(gw["keys"]["member"], **{"Idempotency-Key": "lost-1"})
     r = await gw["http"].post("/api/v1/workflow-runs", json={**RUN_BODY, "template_id": "lost"}, headers=headers)
-    assert r.status == 201 and (await r.json())["id"] == run_id_for(gw["acme"], "lost-1")
+    assert r.status == 201 and (await r.json())["id"] == run_id_for(gw["acme"], "lost-1", await nonce_of(gw, "lost-1"))
 
 
-async def test_a_key_left_in_progress_by_a_dead_gateway_is_taken_over_and_finds_its_run(gw):
-    acme, fakes, key = gw["acme"], gw["fakes"], "crashed-1"
-    run_id = run_id_for(acme, key)
+@pytest.mark.parametrize("nonce", ["0f" * 16, None], ids=["nonce", "recorded-before-nonces"])
+async def test_a_key_left_in_progress_by_a_dead_gateway_is_taken_over_and_finds_its_run(gw, nonce):
+    acme, fakes, key = gw["acme"], gw["fakes"], f"crashed-{nonce}"
+    run_id = run_id_for(acme, key, nonce)
     fakes.runs[run_id] = {"id": run_id, "tenant_id": acme, "template_id": "tpl", "status": "RUNNING"}
     async with gw["engine"].begin() as conn:
-        await conn.execute(text("INSERT INTO gateway.idempotency (tenant_id, key, request_hash, state, created_at) "
-                                "VALUES (:t, :k, :h, 'in_progress', now() - interval '10 minutes')"),
-                           {"t": acme, "k": key, "h": request_hash("POST", "/api/v1/workflow-runs", RUN_BODY)})
+        await conn.execute(text("INSERT INTO gateway.idempotency (tenant_id, key, request_hash, state, nonce, created_at) "
+                                "VALUES (:t, :k, :h, 'in_progress', :n, now() - interval '10 minutes')"),
+                           {"t": acme, "k": key, "n": nonce,
+                            "h": request_hash("POST", "/api/v1/workflow-runs", RUN_BODY)})
     r = await gw["http"].post("/api/v1/workflow-runs", json=RUN_BODY,
                               headers=auth(gw["keys"]["member"], **{"Idempotency-Key": key}))
     assert r.status == 201 and (await r.json())["id"] == run_id

@@ -1,10 +1,12 @@
 """What the gateway accepts before it forwards anything (no servers needed)."""
 
+import hashlib
+
 import pytest
 
 from shared.messages import ServiceError
 from services.gateway.idempotency import check_key, request_hash
-from services.gateway.routes import run_id_for
+from services.gateway.routes import grant_key_for, run_id_for
 from services.gateway.schemas import NotificationsQuery, RunBody, RunsQuery, SettingsBody, path_params, validate
 
 
@@ -55,10 +57,14 @@ def test_the_request_hash_ignores_key_order_and_spacing_but_not_values():
     assert request_hash("POST", "/p", None) != request_hash("POST", "/p", {})
 
 
-def test_idempotency_keys_are_bounded_and_run_ids_derive_from_tenant_and_key():
+def test_idempotency_keys_are_bounded_and_run_ids_derive_from_tenant_key_and_nonce():
     assert check_key(" k ") == "k"
     for bad in ("", "x" * 256, "a\nb"):
         with pytest.raises(ServiceError):
             check_key(bad)
-    rid = run_id_for("t1", "k")
-    assert len(rid) == 32 and rid == run_id_for("t1", "k") != run_id_for("t2", "k")
+    rid = run_id_for("t1", "k", "n1")
+    assert len(rid) == 32 and rid == run_id_for("t1", "k", "n1") != run_id_for("t2", "k", "n1")
+    assert rid != run_id_for("t1", "k", "n2")  # the same key in another window: another run
+    # A record from before nonces keeps naming its run by tenant and key alone.
+    assert run_id_for("t1", "k", None) == hashlib.sha256(b"t1:k").hexdigest()[:32] != rid
+    assert grant_key_for("g", None) == "grant:g" and grant_key_for("g", "n1") == "grant:g:n1"
