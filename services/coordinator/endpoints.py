@@ -12,8 +12,8 @@ from services.coordinator.commands import (
 )
 from services.coordinator.context import Deps
 from services.coordinator.schemas import (
-    Caller, CreateRun, CreateTemplate, FileRef, GetRun, ListRuns, ListTemplates, PutSettings, Restore, RunRef, StageFiles,
-    TemplateRef, TimelinePage,
+    Caller, CreateRun, CreateTemplate, FileRef, GetRun, ListRuns, ListTemplates, PutSettings, Restore, RetryFailed,
+    RetryFile, RunRef, StageFiles, TemplateRef, TimelinePage,
 )
 
 ROUTES: dict[str, tuple[type[BaseModel], Callable[[Deps, Any], Awaitable[Any]]]] = {
@@ -27,10 +27,10 @@ ROUTES: dict[str, tuple[type[BaseModel], Callable[[Deps, Any], Awaitable[Any]]]]
     "list_runs": (ListRuns, queries.list_runs),
     "timeline": (TimelinePage, queries.get_timeline),
     "attention": (ListRuns, queries.attention),
-    "retry_failed": (RunRef, retry_failed.retry_failed),
+    "retry_failed": (RetryFailed, retry_failed.retry_failed),
     "recover": (RunRef, recover.recover),
     "restore": (Restore, recover.restore),
-    "retry_file": (FileRef, file_actions.retry_file),
+    "retry_file": (RetryFile, file_actions.retry_file),
     "skip_file": (FileRef, file_actions.skip_file),
     "cancel": (RunRef, cancel.cancel),
     "get_settings": (Caller, settings.get_settings),

@@ -20,7 +20,7 @@ import structlog
 from sqlalchemy import text
 
 from shared.db import transaction
-from services.coordinator import credits, inbox, job_queue, outbox, store, timeline
+from services.coordinator import credits, inbox, job_queue, outbox, requests_applied, store, timeline
 from services.coordinator.commands import staged_files
 from services.coordinator.commands.cancel import pay_refunds_due
 from services.coordinator.commands.recover import republish_pending
@@ -142,11 +142,14 @@ class RecoverySweeper:
             # Files sent ahead for a run that was never created (its request failed or was
             # abandoned between the parts and the run).
             abandoned, staged_behind = await staged_files.prune(self._deps.engine)
-            self._pruned_at = None if behind or staged_behind else now
+            forgotten, requests_behind = await requests_applied.prune(self._deps.engine)
+            self._pruned_at = None if behind or staged_behind or requests_behind else now
             if pruned:
                 log.info("inbox.pruned", rows=pruned)
             if abandoned:
                 log.info("staged_files.pruned", rows=abandoned)
+            if forgotten:
+                log.info("requests_applied.pruned", rows=forgotten)
         except Exception as exc:  # database away: the next pass tries again
             log.warning("inbox.prune_failed", error=repr(exc))
         self.prune_passes += 1

@@ -59,6 +59,17 @@ class RunRef(Caller):
     run_id: str
 
 
+class Keyed(BaseModel):
+    """A command applied once per use of an Idempotency-Key: the gateway's name for that
+    use (requests_applied.py). None: no key was given."""
+
+    request_id: str | None = Field(default=None, min_length=1, max_length=400)
+
+
+class RetryFailed(RunRef, Keyed):
+    pass
+
+
 class GetRun(RunRef):
     file_offset: Count = 0  # Count: within PostgreSQL integer, or the query fails, not the request
     file_limit: int = Field(default=1000, ge=1, le=1000)
@@ -72,6 +83,10 @@ class TimelinePage(RunRef):
 
 class FileRef(RunRef):
     file_index: Count
+
+
+class RetryFile(FileRef, Keyed):
+    pass
 
 
 class Restore(RestoreBody, RunRef):

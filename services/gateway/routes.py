@@ -142,6 +142,12 @@ def grant_key_for(idempotency_key: str, nonce: str | None) -> str:
     return _use_of(f"grant:{idempotency_key}", nonce)
 
 
+def request_id_for(verb: str, idempotency_key: str, nonce: str | None) -> str:
+    """The name of one use of an Idempotency-Key for a command the coordinator applies once
+    (Continue, file retry), as run_id_for."""
+    return _use_of(f"{verb}:{idempotency_key}", nonce)
+
+
 def _use_of(name: str, nonce: str | None) -> str:
     return name if nonce is None else f"{name}:{nonce}"
 
@@ -226,10 +232,14 @@ def forwarder(route: Route, rpc: RpcClient, engine: AsyncEngine, lease_s: float)
 
 async def _keyed_call(rpc: RpcClient, route: Route, payload: dict[str, Any], tenant_id: str, key: str,
                       begun: idempotency.Begun) -> web.Response:
-    # The other keyed verbs (create_template, retry_failed, retry_file) pass nothing derived
-    # from the key on: the gateway's record alone keeps them once per use.
+    # create_template passes nothing derived from the key on: the gateway's record alone
+    # keeps it once per use (a second template after a lost answer charges nothing).
     if route.verb == "grant":
         payload["idempotency_key"] = grant_key_for(key, begun.nonce)
+    if route.verb in ("retry_failed", "retry_file"):
+        # The coordinator applies this use of the key once (requests_applied.py): retried
+        # after a gateway died with it applied, it answers with the run, not a second charge.
+        payload["request_id"] = request_id_for(route.verb, key, begun.nonce)
     if route.verb != "create_run":
         return await call(rpc, route, payload)
     payload["run_id"] = run_id_for(tenant_id, key, begun.nonce)

@@ -12,7 +12,7 @@ from sqlalchemy import text
 from shared.db import make_engine
 from services.gateway import idempotency
 from services.gateway.identity import create_key, create_tenant
-from services.gateway.routes import run_id_for
+from services.gateway.routes import request_id_for, run_id_for
 from tests.stack import Stack
 
 RUNS = "/api/v1/workflow-runs"
@@ -26,7 +26,7 @@ async def env(make_settings):
     engine = make_engine(settings, pool_size=1)
     tenant = await create_tenant(engine, "acme")
     await stack.call("billing", "open_account", tenant_id=tenant, monthly_allowance=100)
-    keys = {role: await create_key(engine, tenant, role, role) for role in ("member", "platform_admin")}
+    keys = {role: await create_key(engine, tenant, role, role) for role in ("member", "tenant_admin", "platform_admin")}
     template = await stack.template(tenant, [{"name": "a", "handler": "noop"}])
     async with aiohttp.ClientSession(base_url=f"http://127.0.0.1:{gateway.port}") as http:
         yield {"http": http, "keys": keys, "tenant": tenant, "template": template, "stack": stack, "engine": engine,
@@ -107,6 +107,30 @@ async def test_a_run_made_by_a_gateway_that_died_before_storing_its_answer_is_fo
     replay = await http.post(RUNS, json=body, headers=keyed(env, key))
     assert replay.headers["Idempotent-Replayed"] == "true" and (await replay.json())["id"] == run_id
     assert await charges_of(env, run_id) == [-2]
+    await stack.assert_books_balance(tenant)
+
+
+async def test_a_continue_applied_by_a_gateway_that_died_is_not_applied_again_by_a_retry(env):
+    """The coordinator applied (and charged) a keyed Continue, then the gateway died before
+    storing its answer; the run's files failed again meanwhile, so another Continue would be
+    allowed. The client's retry of the same request is answered with the run, not charged."""
+    http, stack, tenant, key = env["http"], env["stack"], env["tenant"], "continue-once"
+    template = await stack.template(tenant, [{"name": "s", "handler": "flaky", "params": {"fail_rounds": 2}}])
+    run = await stack.submit(tenant, template, 1)
+    assert (await stack.wait_run(tenant, run["id"]))["counts"]["failed"] == 1
+    path = f"{RUNS}/{run['id']}/retry-failed"
+    begun = await idempotency.begin(env["engine"], tenant, key, idempotency.request_hash("POST", path, None),
+                                    lease_s=env["lease_s"])
+    await stack.call("coordinator", "retry_failed", tenant_id=tenant, actor="tenant_admin", run_id=run["id"],
+                     request_id=request_id_for("retry_failed", key, begun.nonce))
+    # …and the gateway is gone. The Continue's round fails too: the run could be continued again.
+    again = await stack.wait_run(tenant, run["id"], until=lambda r: r["status"] != "RUNNING" and r["round"] == 1)
+    assert again["status"] == "COMPLETED_WITH_ERRORS" and again["counts"]["failed"] == 1
+    await age(env, key, 600)  # past the lease
+    retry = await http.post(path, headers=keyed(env, key, "tenant_admin"))
+    assert retry.status == 200, await retry.text()
+    assert (await retry.json())["round"] == 1  # the run as it is: not continued a second time
+    assert await charges_of(env, run["id"]) == [-1, -1]  # the run, and the one Continue
     await stack.assert_books_balance(tenant)
 
 

@@ -7,12 +7,12 @@ from sqlalchemy import text
 from shared.db import transaction
 from shared.rpc import ensure_caller_waits
 from shared.messages import ServiceError
-from services.coordinator import credits, jobs, outbox, store, timeline
+from services.coordinator import credits, jobs, outbox, requests_applied, store, timeline
 from services.coordinator.commands.recover import stopped_pending_rows
 from services.coordinator.commands.templates import refuse_unoffered
 from services.coordinator.context import Deps
 from services.coordinator.run_events import run_event_row
-from services.coordinator.schemas import FileRef
+from services.coordinator.schemas import FileRef, RetryFile
 from services.coordinator.views import optional_steps, skippable
 
 _REOPEN_FILE = text(
@@ -40,11 +40,13 @@ async def _locked_file(conn, cmd: FileRef) -> tuple[dict, dict]:
     return run, dict(row)
 
 
-async def retry_file(deps: Deps, cmd: FileRef) -> dict:
+async def retry_file(deps: Deps, cmd: RetryFile) -> dict:
     charge: credits.Charge | None = None
     try:
         async with transaction(deps.engine) as conn:
             run, f = await _locked_file(conn, cmd)
+            if await requests_applied.applied(conn, cmd.tenant_id, cmd.request_id):
+                return await store.run_body(conn, run)  # this very retry was applied: not again
             if run["status"] == "CANCELLED":
                 # Cancel is final (it refunded what never ran): nothing of the run is charged again.
                 raise ServiceError("conflict", "the run was cancelled; its files cannot be retried")
@@ -73,6 +75,7 @@ async def retry_file(deps: Deps, cmd: FileRef) -> dict:
                 conn, timeline.entry(run["id"], run["tenant_id"], "file_retry", cmd.actor, f["idx"], round=run["round"]))
             await credits.apply(conn, charge, run_id=run["id"], tenant_id=run["tenant_id"], actor=cmd.actor,
                                 file_index=f["idx"])
+            await requests_applied.record(conn, cmd.tenant_id, cmd.request_id, run["id"])
             ensure_caller_waits()  # else: rolled back, refunded below
     except BaseException:
         if charge is not None:

@@ -13,11 +13,11 @@ from sqlalchemy import text
 from shared.db import transaction
 from shared.rpc import ensure_caller_waits
 from shared.messages import ServiceError
-from services.coordinator import credits, jobs, outbox, store, timeline
+from services.coordinator import credits, jobs, outbox, requests_applied, store, timeline
 from services.coordinator.commands.templates import refuse_unoffered
 from services.coordinator.context import Deps
 from services.coordinator.run_events import run_event_row
-from services.coordinator.schemas import RunRef
+from services.coordinator.schemas import RetryFailed
 
 _REOPEN_FILES = text(
     "UPDATE coordinator.files SET status = 'PENDING', round = :round, retry_attempt = retry_attempt + 1, "
@@ -60,11 +60,13 @@ def check_retryable(run: dict, files: list[dict]) -> tuple[list[dict], list[dict
     return failed, pending
 
 
-async def retry_failed(deps: Deps, cmd: RunRef) -> dict:
+async def retry_failed(deps: Deps, cmd: RetryFailed) -> dict:
     charge: credits.Charge | None = None
     try:
         async with transaction(deps.engine) as conn:
             run = await store.load_run(conn, cmd.tenant_id, cmd.run_id, lock=True, nowait=True)
+            if await requests_applied.applied(conn, cmd.tenant_id, cmd.request_id):
+                return await store.run_body(conn, run)  # this very Continue was applied: not again
             files = await store.load_files(conn, run["id"], statuses=("FAILED", "PENDING"))
             failed, pending = check_retryable(run, files)
             # Archived templates still count: the run exists and was paid for (AC15).
@@ -96,6 +98,7 @@ async def retry_failed(deps: Deps, cmd: RunRef) -> dict:
                                                        round=new_round, failed_files=len(failed),
                                                        pending_files=len(pending)))
             await credits.apply(conn, charge, run_id=run["id"], tenant_id=run["tenant_id"], actor=cmd.actor)
+            await requests_applied.record(conn, cmd.tenant_id, cmd.request_id, run["id"])
             ensure_caller_waits()  # else: rolled back, refunded below
     except BaseException:
         # The run update did not commit: give the credits back (monthly and purchased parts).
