@@ -1,7 +1,7 @@
 """How long a run's artifacts are kept, and removing them after.
 
-Steps keep files under ``DATA_DIR/artifacts/<tenant>/<run>/<file_index>/`` (a download's
-bytes, what the next step reads); kept forever, they fill the executor's disk. A run
+Steps keep files under ``DATA_DIR/artifacts/<tenant>/<run>/<file_index>/<step_index>/`` (a
+download's bytes, what the next step reads); kept forever, they fill the executor's disk. A run
 directory in which nothing was modified for ``REDRIVE_EXECUTOR_ARTIFACT_RETENTION_HOURS``
 (default 168; 0 keeps everything) is removed whole. Its age is the newest mtime in it, not
 the run directory's own: a download still being resumed deep inside keeps its run. A file

@@ -146,7 +146,7 @@ class JobRunner:
         multi_step = len(job.steps) - file.start_step > 1
         look = delivered > 1 or refreshed or multi_step
         progress = await self._progress.get(job.job_id, file.index) if look else Progress()
-        attempt = progress.failures + 1
+        attempt = progress.attempt
         # Redelivered for no reason we know, nor after a delivery this process lived through.
         suspect = delivered - 1 > progress.explained and not seen_before
         wait_s = (progress.not_before or 0) - time.time()
@@ -167,8 +167,9 @@ class JobRunner:
                     # We waited for other jobs (maybe for this job's other delivery): read
                     # the progress again, or we would redo steps it checkpointed meanwhile.
                     progress = await self._progress.get(job.job_id, file.index)
-                    attempt = progress.failures + 1
+                    attempt = progress.attempt
                 outcome = await self._run_file(job, file, progress, attempt, heartbeat)
+                attempt = progress.attempt  # after its checkpoints, if any: that of the outcome's step
         if outcome.kind in ("defer", "retry"):
             if outcome.kind == "defer":
                 progress.deferrals += 1
@@ -211,8 +212,8 @@ class JobRunner:
             if progress.done:
                 continue
             while True:
-                attempt = progress.failures + 1
-                outcome = await self._run_file(job, file, progress, attempt, heartbeat)
+                outcome = await self._run_file(job, file, progress, progress.attempt, heartbeat)
+                attempt = progress.attempt  # after the checkpoints: the attempt of the outcome's step
                 if outcome.kind == "defer":
                     await self._announce_deferral(job, file.index, outcome, attempt)
                     await asyncio.sleep(outcome.delay_ms / 1000)
@@ -236,9 +237,13 @@ class JobRunner:
 
         async def on_checkpoint(step: int, output: dict) -> None:
             # Remember locally first (a redelivery resumes here), then tell the coordinator.
-            progress.step, progress.output = step, output
+            # The step's attempt is told with it; the next step starts a fresh retry budget
+            # (as StepRunner does for a step it goes on to in this same delivery).
+            done_attempt = progress.attempt
+            progress.step, progress.output, progress.failures_before_step = step, output, progress.failures
             await self._progress.put(job.job_id, file.index, progress)
-            await self._publish(job, file.index, Outcome("succeeded", step, output=output), attempt, kind="checkpoint")
+            await self._publish(job, file.index, Outcome("succeeded", step, output=output), done_attempt,
+                                kind="checkpoint")
 
         return await self._steps.run_file(job, file, attempt=attempt, start_step=start, previous_output=previous,
                                           heartbeat=heartbeat, on_checkpoint=on_checkpoint)

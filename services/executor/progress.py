@@ -1,6 +1,6 @@
-"""Per-job progress that must survive a redelivery: failed attempts (the retry budget),
-breaker deferrals (which must not spend it), and the last completed step with its output
-(so a redelivered job resumes after its checkpoint instead of redoing steps).
+"""Per-job progress that must survive a redelivery: failed attempts (each step's retry
+budget), breaker deferrals (which must not spend it), and the last completed step with its
+output (so a redelivered job resumes after its checkpoint instead of redoing steps).
 
 Kept in a JetStream KV bucket and touched only off the fast path: a first delivery that
 succeeds never reads or writes it."""
@@ -25,15 +25,26 @@ TTL_S = 8 * 24 * 3600  # longer than any job can live in the stream
 
 @dataclass
 class Progress:
-    failures: int = 0
+    failures: int = 0  # every failed attempt of the job, all steps together
     deferrals: int = 0
     step: int | None = None  # last completed step
     output: dict[str, Any] | None = None
+    # ``failures`` when ``step`` was checkpointed: the retry budget is per step, so the
+    # current step's attempts count from here. A base rather than a count reset at each
+    # checkpoint, because ``failures`` must stay whole: it also counts the deliveries we
+    # caused (``explained``, ``offset``), and the store merges it by max. A record written
+    # before this field loads with 0 (the whole job's failures count, as they used to).
+    failures_before_step: int = 0
     done: bool = False  # batch mode: this file's terminal event was published
     # Set when the job message was re-published to reset its delivery count (see
     # job_runner): the explained deliveries up to then, and when it may run again.
     offset: int = 0
     not_before: float | None = None
+
+    @property
+    def attempt(self) -> int:
+        """The 1-based number of the current step's next attempt (retry_decision's ``attempt``)."""
+        return self.failures - self.failures_before_step + 1
 
     @property
     def explained(self) -> int:
@@ -96,8 +107,14 @@ class ProgressStore:
 def _merge(stored: Progress, new: Progress) -> Progress:
     newer_step = new.step if (stored.step is None or (new.step is not None and new.step >= stored.step)) else stored.step
     output = new.output if newer_step == new.step else stored.output
+    # The base belongs to its checkpoint: it goes with the newer step (the later of two at the same step).
+    if new.step == stored.step:
+        base = max(stored.failures_before_step, new.failures_before_step)
+    else:
+        base = new.failures_before_step if newer_step == new.step else stored.failures_before_step
     return Progress(
         failures=max(stored.failures, new.failures), deferrals=max(stored.deferrals, new.deferrals), step=newer_step,
         output=output, done=stored.done or new.done, offset=max(stored.offset, new.offset),
         not_before=new.not_before if new.offset >= stored.offset else stored.not_before,
+        failures_before_step=base,
     )

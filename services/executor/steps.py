@@ -1,10 +1,12 @@
 """Run one file's steps from its start step; decide retry / fail / error / defer.
 
-The retry decision is made here, once: transient failures are retried while the attempt
-number is within the tenant's ``auto_retries`` (with exponential backoff and full jitter,
-or the dependency's Retry-After), and become FAILED after that; permanent failures are
-ERROR at once. A dependency whose breaker is open is not called at all: the job is
-deferred, which does not count as an attempt.
+The retry decision is made here, once: transient failures are retried while the step's
+attempt number is within its ``auto_retries`` (the step's own, else the tenant's; with
+exponential backoff and full jitter, or the dependency's Retry-After), and become FAILED
+after that; permanent failures are ERROR at once. The budget is per step: attempts are
+counted from the step's first, so a step after a checkpoint starts at attempt 1. A
+dependency whose breaker is open is not called at all: the job is deferred, which does not
+count as an attempt.
 """
 
 from __future__ import annotations
@@ -35,7 +37,7 @@ EVENT_ROOM = 4096
 
 
 def retry_decision(error: Classified, attempt: int, job: Job, step: int) -> Outcome:
-    """Retry, FAILED or ERROR for a failed ``attempt`` (1-based). Pure and cheap (bench/)."""
+    """Retry, FAILED or ERROR for a failed ``attempt`` (1-based, of ``step``). Pure and cheap (bench/)."""
     if not error.transient:
         return Outcome("errored", step, error=error)
     limit = job.steps[step].auto_retries
@@ -67,6 +69,9 @@ class StepRunner:
         heartbeat: Callable[[], Awaitable[None]],
         on_checkpoint: OnCheckpoint,
     ) -> Outcome:
+        """Run the steps from ``start_step``, whose attempt this is, to the end or the first
+        that does not succeed. ``attempt`` is that of ``start_step`` alone: each step has its
+        own retry budget, so a step reached after a checkpoint runs its attempt 1."""
         output = previous_output
         ref = FileRef(name=file.name, url=file.url, content_b64=file.content_b64, size=file.size, sha256=file.sha256)
         for index in range(start_step, len(job.steps)):
@@ -112,6 +117,7 @@ class StepRunner:
                 return Outcome("errored", index, error=classify(InvalidOutput(problem)))
             if index < len(job.steps) - 1:
                 await on_checkpoint(index, output)
+                attempt = 1  # the next step's budget is its own (job_runner's Progress counts it from here too)
         return Outcome("succeeded", len(job.steps) - 1, output=output or {})
 
     def _output_problem(self, step: StepSpec, output: dict[str, Any]) -> str | None:

@@ -31,7 +31,7 @@ class StepContext:
     tenant_id: str
     file_index: int
     round: int
-    attempt: int  # 1-based attempt within this round (automatic retries)
+    attempt: int  # 1-based attempt of this step within this round (automatic retries are per step)
     step_index: int
     step_name: str
     params: dict[str, Any]
@@ -44,10 +44,13 @@ class StepContext:
 
     @property
     def artifact_dir(self) -> Path:
-        """A directory private to this (run, file): survives retries and executor restarts
-        on the same machine, so handlers can keep partial work (e.g. a download's bytes).
-        Not created until a handler does; built on use (a Path per job costs microseconds)."""
-        return self.artifact_root / str(self.file_index)
+        """A directory private to this (run, file, step): survives retries and executor
+        restarts on the same machine, so handlers can keep partial work (e.g. a download's
+        bytes), which no other step of the file ever takes for its own (two ``download``
+        steps fetch two files). A later step reads an earlier one's files by the path its
+        output names. Not created until a handler does; built on use (a Path per job costs
+        microseconds)."""
+        return self.artifact_root / str(self.file_index) / str(self.step_index)
 
 
 class Handler(Protocol):

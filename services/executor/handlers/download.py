@@ -1,5 +1,6 @@
-"""Resumable download (seed 003): fetch ``url`` into the file's artifact directory and
-resume from the exact byte reached after a failure or a killed executor.
+"""Resumable download (seed 003): fetch ``url`` into the step's artifact directory (one per
+run, file and step: two download steps of a template keep two files) and resume from the
+exact byte reached after a failure or a killed executor.
 
 The bytes on disk are the offset: each chunk is written and flushed before the next is
 read. A resumed request sends ``Range: bytes=<offset>-`` with ``If-Range`` (the validator
@@ -210,7 +211,8 @@ async def run(ctx: StepContext, *, destinations: Destinations = PUBLIC_ONLY,
     part, meta = ctx.artifact_dir / PART, ctx.artifact_dir / META
     final = ctx.artifact_dir / safe_name(ctx.file.name)
     if final.is_file() and not part.exists():
-        # A previous attempt finished but its output was never recorded (killed before the ack).
+        # A previous attempt of this step finished but its output was never recorded (killed
+        # before the ack). The directory is this step's own: another step's file is never here.
         sha, size = await hash_file(final)
         if _mismatch(size, sha, want_size, want_sha) is None:
             return {"path": str(final), "size": size, "sha256": sha, "resumed_from": size}

@@ -1,10 +1,11 @@
 """A handler for demos and tests that fails on purpose, deterministically where it can.
 
 Params (all optional): ``sleep_ms``, ``p`` (transient failure probability per attempt,
-seeded by job id and attempt), ``fail_attempts`` (attempts 1..k of each round fail),
-``fail_rounds`` (every attempt of rounds < k fails; rounds count from 0), ``poison`` (regex
-on the file name: permanent failure), ``crash`` (regex: the executor process exits at
-once), ``dependency`` (the simulated external dependency, for circuit breakers).
+seeded by job id, step and attempt), ``fail_attempts`` (attempts 1..k of the step fail, in
+each round: attempts are counted per step), ``fail_rounds`` (every attempt of rounds < k
+fails; rounds count from 0), ``poison`` (regex on the file name: permanent failure),
+``crash`` (regex: the executor process exits at once), ``dependency`` (the simulated
+external dependency, for circuit breakers).
 
 The executor is shared by every tenant, so what a tenant's params can do to it is bounded:
 
@@ -178,8 +179,9 @@ class Flaky:
             await asyncio.sleep(sleep_ms / 1000)
         if ctx.attempt <= fail_attempts or ctx.round < fail_rounds:
             raise _transient(ctx)
-        # Seeded by job and attempt so a replay of the same attempt decides the same way.
-        if p > 0 and random.Random(f"{ctx.job_id}:{ctx.attempt}").random() < p:
+        # Seeded by job, step and attempt so a replay of the same attempt decides the same way
+        # (and two steps, whose attempts are both counted from 1, do not decide alike).
+        if p > 0 and random.Random(f"{ctx.job_id}:{ctx.step_index}:{ctx.attempt}").random() < p:
             raise _transient(ctx)
         return {"attempt": ctx.attempt}
 
