@@ -94,7 +94,8 @@ ROUTES: list[Route] = [
     _R("GET", "/notifications", "notifier", "list", query=NotificationsQuery, summary="Notifications"),
     _R("POST", "/notifications/{id}/read", "notifier", "mark_read", summary="Mark a notification read"),
     _R("PUT", "/webhook", "notifier", "put_webhook", "tenant_admin", WebhookBody, summary="Set the webhook"),
-    _R("GET", "/webhook", "notifier", "get_webhook", summary="The webhook (without its secret)"),
+    # tenant_admin: a webhook's URL is often a secret itself (Slack's, Zapier's, user:pass@…).
+    _R("GET", "/webhook", "notifier", "get_webhook", "tenant_admin", summary="The webhook (without its secret)"),
     _R("DELETE", "/webhook", "notifier", "delete_webhook", "tenant_admin", summary="Stop sending notifications to the webhook"),
     _R("GET", "/webhook/deliveries", "notifier", "list_deliveries", query=DeliveriesQuery,
        summary="The webhook's deliveries, newest first: attempts, last error, pending / delivered / failed"),

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 from typing import Any
+from urllib.parse import urlsplit
 
 from sqlalchemy.ext.asyncio import AsyncEngine
 
@@ -57,12 +58,27 @@ async def delete_webhook(engine: AsyncEngine, cmd: TenantCmd) -> dict:
     return {"deleted": await repository.delete_webhook(engine, cmd.tenant_id)}
 
 
+def origin_of(url: str) -> str:
+    """Where a delivery went, for anyone who may list deliveries (members too): scheme, host
+    and port. The rest of a webhook URL is often a secret (Slack's path, a token in the query,
+    user:pass@), shown only to tenant admins (GET /webhook)."""
+    try:
+        parts = urlsplit(url)
+        host, port = parts.hostname, parts.port
+    except ValueError:
+        return "(not a valid URL)"
+    if not host:
+        return "(a URL without a host)"
+    netloc = f"[{host}]" if ":" in host else host
+    return f"{parts.scheme}://{netloc}" + (f":{port}" if port is not None else "")
+
+
 def _delivery(d: Mapping[str, Any]) -> dict:
     def iso(value):
         return value.isoformat() if value is not None else None
 
     return {"id": d["id"], "notification_id": d["notification_id"], "kind": d["kind"], "run_id": d["run_id"],
-            "at": iso(d["at"]), "status": d["status"], "attempts": d["attempts"], "url": d["url"],
+            "at": iso(d["at"]), "status": d["status"], "attempts": d["attempts"], "url": origin_of(d["url"]),
             "last_error": d["last_error"], "delivered_at": iso(d["delivered_at"]),
             "next_attempt_at": iso(d["next_attempt_at"]) if d["status"] == "pending" else None}
 

@@ -305,6 +305,14 @@ async def test_removing_the_webhook_is_for_tenant_admins(gw):
     assert r.status == 200 and gw["fakes"].calls["delete_webhook"][-1]["tenant_id"] == gw["acme"]
 
 
+async def test_the_webhook_itself_is_shown_to_tenant_admins_only(gw):
+    """Its URL is often a secret of its own (a Slack hook's path, a token, user:pass@)."""
+    r = await gw["http"].get("/api/v1/webhook", headers=auth(gw["keys"]["member"]))
+    assert r.status == 403 and not gw["fakes"].calls["get_webhook"]
+    r = await gw["http"].get("/api/v1/webhook", headers=auth(gw["keys"]["tenant_admin"]))
+    assert r.status == 200 and gw["fakes"].calls["get_webhook"][-1]["tenant_id"] == gw["acme"]
+
+
 async def test_webhook_deliveries_are_read_by_members_and_sent_again_by_tenant_admins(gw):
     http, member, admin = gw["http"], auth(gw["keys"]["member"]), auth(gw["keys"]["tenant_admin"])
     r = await http.get("/api/v1/webhook/deliveries?status=failed&limit=5&cursor=12", headers=member)

@@ -384,7 +384,9 @@ async def test_failed_deliveries_are_listed_with_their_cause_and_sent_again_once
         assert {d["run_id"] for d in failed} == {first.run_id, second.run_id}
         assert {d["kind"] for d in failed} == {"run_completed", "run_failed"}
         for d in failed:
-            assert (d["attempts"], d["last_error"], d["url"], d["next_attempt_at"]) == (4, "HTTP 503", hook.url, None)
+            # Where it went, not the whole URL (a secret, often): members list deliveries too.
+            origin = hook.url[:hook.url.index("/", len("http://"))]
+            assert (d["attempts"], d["last_error"], d["url"], d["next_attempt_at"]) == (4, "HTTP 503", origin, None)
         # Newest first, a page at a time.
         page = await notifier.call("list_deliveries", tenant_id=t, limit=1)
         rest = await notifier.call("list_deliveries", tenant_id=t, limit=1, cursor=page["next_cursor"])
