@@ -170,6 +170,13 @@ def _local_handlers(deps: Deps) -> dict:
         tenant_id = await existing_tenant(request, principal, deps.engine)
         return await deps.hub.stream(request, tenant_id, principal.key_id)
 
+    async def me(request: web.Request) -> web.Response:
+        # What a client (the dashboard) offers depends on the role; the API decides every action again.
+        principal = principal_of(request)
+        tenant_id = await existing_tenant(request, principal, deps.engine)
+        return web.json_response({"tenant_id": tenant_id, "key_tenant_id": principal.tenant_id, "role": principal.role,
+                                  "user": principal.user, "key_id": principal.key_id})
+
     async def openapi(request: web.Request) -> web.Response:
         return web.json_response(document)
 
@@ -207,5 +214,5 @@ def _local_handlers(deps: Deps) -> dict:
         response.etag = page_etag
         return response
 
-    return {"events": events, "openapi": openapi, "healthz": healthz, "readyz": readyz, "metrics": metrics,
+    return {"events": events, "me": me, "openapi": openapi, "healthz": healthz, "readyz": readyz, "metrics": metrics,
             "dashboard": dashboard}

@@ -103,8 +103,9 @@ ROUTES: list[Route] = [
        summary="Send every failed delivery again"),
     _R("POST", "/webhook/deliveries/{delivery_id}/redeliver", "notifier", "redeliver", "tenant_admin",
        summary="Send one delivery again"),
-    _R("GET", "/admin/attention", "coordinator", "attention", "tenant_admin", all_tenants_for_admin=True,
-       summary="Runs needing attention (platform admin: every tenant unless X-Tenant-Id)"),
+    _R("GET", "/admin/attention", "coordinator", "attention", "tenant_admin", query=PageQuery, all_tenants_for_admin=True,
+       summary="Runs needing attention, a page at a time, and how many per tenant "
+               "(platform admin: every tenant unless X-Tenant-Id)"),
     _R("GET", "/admin/breakers", "executor", "breakers", all_tenants_for_admin=True,
        summary="Circuit breakers, per tenant and dependency (platform admin: every tenant unless X-Tenant-Id)"),
     _R("POST", "/admin/workflow-runs/{run_id}/restore", "coordinator", "restore", "platform_admin", RestoreBody,
@@ -114,6 +115,8 @@ ROUTES: list[Route] = [
 LOCAL_ROUTES: list[LocalRoute] = [
     LocalRoute("GET", API + "/events", "events", "Server-Sent Events for the caller's tenant", public=False,
                content_type="text/event-stream"),
+    LocalRoute("GET", API + "/me", "me", "Who the key is: its tenant, role and user (and the tenant acted on)",
+               public=False),
     LocalRoute("GET", API + "/openapi.json", "openapi", "This document"),
     LocalRoute("GET", "/healthz", "healthz", "The process is up"),
     LocalRoute("GET", "/readyz", "readyz", "NATS and PostgreSQL are reachable (503 otherwise)"),

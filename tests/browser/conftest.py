@@ -69,6 +69,10 @@ class System:
             await self.call("PUT", "/settings/retry", key, json=FAST)
         return tenant, key
 
+    async def key(self, tenant: str, role: str, user: str = "browser") -> str:
+        """Another key of ``tenant``, with ``role``."""
+        return await create_key(self.engine, tenant, role, user)
+
     async def call(self, method: str, path: str, key: str, expect: int | None = 200, **kw):
         headers = {"Authorization": f"Bearer {key}", **kw.pop("headers", {})}
         async with self.http.request(method, "/api/v1" + path, headers=headers, **kw) as r:

@@ -6,7 +6,9 @@ error or an unexpected console error (see conftest.py)."""
 from __future__ import annotations
 
 import asyncio
+import json
 import re
+from urllib.parse import urlsplit
 
 import pytest
 from playwright.async_api import expect
@@ -278,7 +280,8 @@ async def test_a_refused_key_is_asked_for_again_and_a_good_one_works(system, das
     ui, page = dashboard, dashboard.page
     bad = "rk_not_a_key"
     for path in ("/api/v1/workflow-runs", "/api/v1/admin/attention", "/api/v1/settings/retry",
-                 "/api/v1/admin/breakers", "/api/v1/webhook/deliveries", "/api/v1/events"):
+                 "/api/v1/admin/breakers", "/api/v1/webhook/deliveries", "/api/v1/events",
+                 "/api/v1/notifications", "/api/v1/me"):
         ui.allow_http_error(401, path)
     # One request made with the refused key is held until the good key's session is up:
     # its late 401 must not sign the good key out.
@@ -370,3 +373,251 @@ async def test_skip_and_cancel_act_through_the_api(system, dashboard):
     cancelled = await system.run(key, cancel_run)
     assert cancelled["status"] == "CANCELLED" and cancelled["credits"]["refunded"] == 1
     await expect(page.get_by_test_id("error-banner")).to_be_hidden()
+
+
+async def notifications(system, key: str, count: int, query: str = "") -> list[dict]:
+    """The tenant's notifications, newest first, once the notifier stored ``count`` of them."""
+    deadline = asyncio.get_running_loop().time() + 20
+    while len(items := (await system.call("GET", "/notifications" + query, key))["items"]) < count:
+        assert asyncio.get_running_loop().time() < deadline, f"{len(items)} notifications, not {count}: {items}"
+        await asyncio.sleep(0.05)
+    return items
+
+
+def note_row(ui, notification_id: str):
+    return ui.page.get_by_test_id("notifications").locator(f'tr[data-notification-id="{notification_id}"]')
+
+
+NOTE_COLUMNS = {"run": 1, "file": 2, "message": 3}
+
+
+def note_text(row, part: str):
+    """A notification's message ("text") or kind ("kind"), both in its message column."""
+    return cell(row, NOTE_COLUMNS["message"]).locator("." + part)
+
+
+async def test_notifications_arrive_live_link_to_their_run_and_are_marked_read(system, dashboard):
+    _, key = await system.tenant()
+    ui, page = dashboard, dashboard.page
+    template = await system.template(key, [{"name": "work", "handler": "flaky", "params": {"fail_rounds": 9}}])
+    await ui.sign_in(key)
+    listed = page.get_by_test_id("notifications")
+    await expect(listed).to_have_text("No notifications.")
+    await expect(page.get_by_test_id("unread-count")).to_be_hidden()
+    await expect(page.get_by_test_id("notifications-unread")).to_have_text("(0 unread)")
+
+    # Its one file fails after its retries: "Step failed after multiple attempts", then the
+    # run finishes with errors. Both are told while the page is open.
+    run_id = (await system.submit(key, template, ["doomed.txt"], max_retry_count=1))["id"]
+    assert (await system.finished(key, run_id))["status"] == "COMPLETED_WITH_ERRORS"  # the setup
+    stored = await notifications(system, key, 2)
+    assert {n["kind"] for n in stored} == {"file_failed", "run_completed_with_errors"}  # the setup
+
+    # Listed without a reload (pushed live as `event: notification`; the list is polled only every 30 s).
+    await expect(listed.locator("tbody tr")).to_have_count(2, timeout=WAIT_MS)
+    for n in stored:
+        r = note_row(ui, n["id"])
+        await expect(r).to_have_class(re.compile(r"\bunread\b"))
+        await expect(note_text(r, "kind")).to_have_text(n["kind"])
+        await expect(note_text(r, "text")).to_have_text(n["message"])
+        await expect(cell(r, NOTE_COLUMNS["run"]).get_by_role("link")).to_have_attribute("href", f"#run={run_id}")
+    failed = next(n for n in stored if n["kind"] == "file_failed")
+    assert failed["message"].startswith("Step failed after multiple attempts")
+    await expect(cell(note_row(ui, failed["id"]), NOTE_COLUMNS["file"])).to_have_text("0")
+    await expect(page.get_by_test_id("unread-count")).to_have_text("2")
+    await expect(page.get_by_test_id("notifications-unread")).to_have_text("(2 unread)")
+
+    # Marked read: the count drops, the row is read, and the API agrees.
+    await note_row(ui, failed["id"]).get_by_test_id("mark-read").click()
+    await expect(page.get_by_test_id("unread-count")).to_have_text("1")
+    await expect(page.get_by_test_id("notifications-unread")).to_have_text("(1 unread)")
+    await expect(note_row(ui, failed["id"])).not_to_have_class(re.compile(r"\bunread\b"))
+    await expect(note_row(ui, failed["id"]).get_by_test_id("mark-read")).to_have_count(0)
+    unread = (await system.call("GET", "/notifications?unread=true", key))["items"]
+    assert [n["id"] for n in unread] == [n["id"] for n in stored if n["id"] != failed["id"]]
+
+    # Unread only: the one left. Its link opens the run.
+    await page.get_by_test_id("notifications-unread-only").check()
+    await expect(listed.locator("tbody tr")).to_have_count(1)
+    await expect(note_row(ui, unread[0]["id"])).to_be_visible()
+    await note_row(ui, unread[0]["id"]).get_by_role("link").click()
+    await expect(ui.detail().locator("h2 .mono")).to_have_text(run_id)
+
+    # A reload shows what the API keeps, newest first.
+    await page.get_by_test_id("notifications-unread-only").uncheck()
+    await page.reload()
+    await expect(listed.locator("tbody tr")).to_have_count(2)
+    ids = await listed.locator("tbody tr").evaluate_all("rows => rows.map((r) => r.dataset.notificationId)")
+    assert ids == [n["id"] for n in stored]
+    await expect(page.get_by_test_id("unread-count")).to_have_text("1")
+    await expect(page.get_by_test_id("error-banner")).to_be_hidden()
+
+
+def sse(event: str, data: dict) -> str:
+    return f"event: {event}\ndata: {json.dumps(data)}\n\n"
+
+
+async def test_a_pushed_notification_is_shown_once_and_escaped(system, dashboard):
+    tenant, key = await system.tenant()
+    ui, page = dashboard, dashboard.page
+    noop = await system.template(key, [{"name": "work", "handler": "noop"}])
+    run_id = (await system.submit(key, noop, ["a"]))["id"]
+    await system.finished(key, run_id)
+    [done] = await notifications(system, key, 1)
+    # The event stream, faked once: the stored notification pushed again (twice), and one not
+    # listed yet whose words are markup. Then the stream is held, so nothing refetches the list.
+    hostile = {"id": "n-pushed", "at": "2999-01-01T00:00:00+00:00", "kind": "<b>file_failed</b>", "run_id": run_id,
+               "file_index": 0, "message": '<img src=x onerror="window.__xss=1">Step failed', "read": False,
+               "tenant_id": tenant}
+    pushed = sse("notification", {**done, "tenant_id": tenant}) + sse("notification", hostile) \
+        + sse("notification", {**done, "tenant_id": tenant}) + sse("notification", hostile)
+    faked, release = False, asyncio.Event()
+
+    async def events(route):
+        nonlocal faked
+        if faked:
+            await release.wait()
+            await route.continue_()
+            return
+        faked = True
+        await route.fulfill(status=200, headers={"Content-Type": "text/event-stream", "Cache-Control": "no-cache"},
+                            body=": connected\n\n" + pushed)
+
+    await page.route("**/api/v1/events", events)
+    try:
+        await page.goto(ui.url + "/")
+        await page.get_by_test_id("api-key-input").fill(key)
+        await page.get_by_test_id("api-key-submit").click()
+        rows = page.get_by_test_id("notifications").locator("tbody tr")
+        await expect(rows).to_have_count(2)
+        ids = await rows.evaluate_all("rows => rows.map((r) => r.dataset.notificationId)")
+        assert ids == ["n-pushed", done["id"]]  # prepended, each once
+        await expect(page.get_by_test_id("unread-count")).to_have_text("2")
+        new = note_row(ui, "n-pushed")
+        await expect(note_text(new, "text")).to_have_text(hostile["message"])
+        await expect(note_text(new, "kind")).to_have_text(hostile["kind"])
+        await expect(new.locator("img, b")).to_have_count(0)
+        assert await page.evaluate("window.__xss") is None
+        await expect(page.get_by_test_id("events-feed")).to_contain_text("notification")
+
+        await note_row(ui, done["id"]).get_by_test_id("mark-read").click()
+        await expect(page.get_by_test_id("unread-count")).to_have_text("1")
+        assert (await system.call("GET", "/notifications?unread=true", key))["items"] == []
+    finally:
+        release.set()
+    # Connected for real: the list is fetched again, and is what the API keeps.
+    await expect(page.get_by_test_id("live-indicator")).to_have_text("live", timeout=WAIT_MS)
+    await expect(rows).to_have_count(1)
+    await expect(page.get_by_test_id("unread-count")).to_be_hidden()
+    await expect(page.get_by_test_id("error-banner")).to_be_hidden()
+
+
+async def test_restore_is_offered_to_support_only_and_resumes_from_the_checkpoint(system, dashboard):
+    tenant, admin = await system.tenant()
+    support = await system.key(tenant, "platform_admin", "support")
+    member = await system.key(tenant, "member")
+    ui, page = dashboard, dashboard.page
+    detail = ui.detail()
+    for path in ("/api/v1/admin/attention", "/api/v1/settings/retry"):  # refused to the member: their panels hide
+        ui.allow_http_error(403, path)
+    # Step 0 succeeds; step 1 fails in round 0 and succeeds in any later one. So both files
+    # end FAILED with their checkpoint at step 0, and whatever is restored then succeeds.
+    template = await system.template(admin, [{"name": "fetch", "handler": "noop"},
+                                             {"name": "parse", "handler": "flaky", "params": {"fail_rounds": 1}}])
+    run_id = (await system.submit(admin, template, ["a", "b"], max_retry_count=1))["id"]
+    run = await system.finished(admin, run_id)
+    assert run["status"] == "COMPLETED_WITH_ERRORS"  # the setup
+    assert [(f["status"], f["checkpoint_step"]) for f in run["files"]] == [("FAILED", 0), ("FAILED", 0)]
+
+    # Restore is support's (platform_admin): a member and a tenant admin are not offered it.
+    for key, who in ((member, "member"), (admin, "tenant_admin")):
+        await ui.sign_in(key)
+        await ui.open_run(run_id)
+        await expect(detail.locator("h2 .badge")).to_have_text("COMPLETED_WITH_ERRORS")
+        await expect(ui.file_row(1)).to_be_visible()
+        await expect(detail.locator('[data-testid^="restore-"]'), f"restore offered to a {who}").to_have_count(0)
+        body = await system.call("POST", f"/admin/workflow-runs/{run_id}/restore", key, expect=403,
+                                 json={"checkpoint_step": 0})
+        assert body["error"]["code"] == "forbidden"  # as the API says
+        await page.get_by_test_id("sign-out").click()
+
+    await ui.sign_in(support)
+    # First a view that is out of date (it says the files reached step 1): the API refuses
+    # the restore, and the dashboard shows why, as it does for every button.
+    ui.allow_http_error(400, f"/api/v1/admin/workflow-runs/{run_id}/restore")
+
+    stale_view = True
+
+    async def stale(route):
+        if not stale_view:
+            await route.continue_()
+            return
+        response = await route.fetch()
+        body = await response.json()
+        for f in body["files"]:
+            f["checkpoint_step"] = 1
+        await route.fulfill(response=response, json=body)
+
+    def run_url(url: str) -> bool:
+        return urlsplit(url).path == f"/api/v1/workflow-runs/{run_id}"
+
+    await page.route(run_url, stale)
+    await ui.open_run(run_id)
+    picker = page.get_by_test_id("restore-file-0-step")
+    await expect(picker.locator("option")).to_have_text(["from the start", "after step 0 (fetch)", "after step 1 (parse)"])
+    await expect(picker).to_have_value("1")  # the latest checkpoint
+    dialogs: list[str] = []
+
+    async def answer(dialog, accept: bool):
+        dialogs.append(dialog.message)
+        await (dialog.accept() if accept else dialog.dismiss())
+
+    page.once("dialog", lambda d: answer(d, True))
+    await page.get_by_test_id("restore-file-0").click()
+    banner = page.get_by_test_id("error-banner")
+    await expect(banner).to_be_visible()
+    await expect(page.locator("#banner-code")).to_have_text("400 bad_request")
+    await expect(page.locator("#banner-msg")).to_have_text("Restore file 0: file 0 has no checkpoint at step 1")
+    assert (await system.run(admin, run_id))["round"] == 0  # nothing restored
+    stale_view = False  # (not unrouted: a handler still running would then answer a request handled)
+    await page.locator("#banner-close").click()
+
+    # The view as it is: each file's checkpoints, up to step 0. Dismissed: nothing sent.
+    await expect(picker.locator("option")).to_have_text(["from the start", "after step 0 (fetch)"], timeout=WAIT_MS)
+    await expect(page.get_by_test_id("restore-file-1")).to_be_visible()
+    await expect(page.get_by_test_id("restore-run-step").locator("option")).to_have_count(2)
+    page.once("dialog", lambda d: answer(d, False))
+    await page.get_by_test_id("restore-file-0").click()
+    await expect(page.get_by_test_id("restore-file-0")).to_be_enabled()
+    assert "file 0 of run " + run_id in dialogs[-1] and "after step 0 (fetch)" in dialogs[-1]
+    assert (await system.run(admin, run_id))["round"] == 0
+
+    # Restore file 0 from its checkpoint: it is PENDING again and the run RUNNING (what the
+    # API answered), then file 0 succeeds.
+    page.once("dialog", lambda d: answer(d, True))
+    async with page.expect_response(lambda r: r.url.endswith(f"/workflow-runs/{run_id}/restore")) as answered:
+        await page.get_by_test_id("restore-file-0").click()
+    restored = await (await answered.value).json()
+    assert restored["status"] == "RUNNING" and restored["files"][0]["status"] == "PENDING"
+    assert restored["files"][1]["status"] == "FAILED"
+    assert json.loads((await answered.value).request.post_data) == {"checkpoint_step": 0, "file_index": 0}
+    await expect(page.get_by_test_id("notice")).to_contain_text(f"Restore file 0: done. Run {run_id[:8]} is RUNNING")
+    await expect(cell(ui.file_row(0), FILE_COLUMNS["status"])).to_have_text("SUCCEEDED", timeout=WAIT_MS)
+    await expect(detail.locator("h2 .badge")).to_have_text("COMPLETED_WITH_ERRORS", timeout=WAIT_MS)
+    await expect(cell(ui.file_row(1), FILE_COLUMNS["status"])).to_have_text("FAILED")
+    await expect(page.get_by_test_id("timeline")).to_contain_text("restored")
+
+    # The whole run, from the start: every file runs every step again, and all succeed.
+    await page.get_by_test_id("restore-run-step").select_option("-1")
+    page.once("dialog", lambda d: answer(d, True))
+    await page.get_by_test_id("restore-run").click()
+    assert f"every file of run {run_id} from the start" in dialogs[-1]
+    await expect(page.get_by_test_id("notice")).to_contain_text("Restore run: done.")
+    await expect(detail.locator("h2 .badge")).to_have_text("COMPLETED", timeout=WAIT_MS)
+    done = await system.run(admin, run_id)
+    assert done["status"] == "COMPLETED" and done["round"] == 2
+    assert [f["status"] for f in done["files"]] == ["SUCCEEDED", "SUCCEEDED"]
+    timeline = (await system.call("GET", f"/workflow-runs/{run_id}/timeline", admin))["items"]
+    assert [(e.get("file_index"), e["details"]["checkpoint_step"]) for e in timeline if e["kind"] == "restored"] \
+        == [(0, 0), (None, -1)]
+    await expect(banner).to_be_hidden()

@@ -146,3 +146,26 @@ async def test_an_interrupted_run_with_only_pending_files_continues_free(stack):
     finished = await stack.wait_run(tenant, done["id"])
     assert finished["status"] == "COMPLETED" and counts_add_up(finished)
     await stack.assert_books_balance(tenant)
+
+
+async def test_the_attention_list_pages_and_counts_each_tenants_runs(stack):
+    """A platform admin's list is every tenant's: one tenant's many flagged runs must not hide
+    another's. It pages (next_cursor), and says how many each tenant has."""
+    busy, quiet = await stack.tenant(), await stack.tenant()
+    failing = [{"name": "s", "handler": "flaky", "params": {"fail_rounds": 1}}]
+    runs = {busy: [(await failed_run(stack, busy, failing, n=1))[0]["id"] for _ in range(3)],
+            quiet: [(await failed_run(stack, quiet, failing, n=1))[0]["id"]]}
+    mine = {run_id for ids in runs.values() for run_id in ids}
+    seen, page, pages = [], {"next_cursor": None}, 0
+    while True:  # every tenant's (this module's other tests' runs too): keep ours
+        page = await stack.call("coordinator", "attention", tenant_id=None, limit=2, cursor=page["next_cursor"])
+        assert len(page["items"]) <= 2
+        seen += [r["id"] for r in page["items"]]
+        pages += 1
+        if page["next_cursor"] is None:
+            break
+    assert pages >= 2 and mine <= set(seen) and len(seen) == len(set(seen)) == page["total"]
+    assert page["by_tenant"][busy] == 3 and page["by_tenant"][quiet] == 1
+    one = await stack.call("coordinator", "attention", tenant_id=quiet)
+    assert [r["id"] for r in one["items"]] == runs[quiet] and one["by_tenant"] == {quiet: 1} and one["total"] == 1
+    await expect_error("validation_error", stack.call("coordinator", "attention", tenant_id=None, cursor="x"))

@@ -192,6 +192,17 @@ async def test_attention_covers_every_tenant_only_for_a_platform_admin_without_x
     assert (await http.get("/api/v1/admin/attention", headers=auth(keys["member"]))).status == 403
 
 
+async def test_me_says_who_the_key_is_and_which_tenant_it_acts_on(gw):
+    http, keys = gw["http"], gw["keys"]
+    member = await (await http.get("/api/v1/me", headers=auth(keys["member"]))).json()
+    assert (member["tenant_id"], member["key_tenant_id"], member["role"]) == (gw["acme"], gw["acme"], "member")
+    r = await http.get("/api/v1/me", headers=auth(keys["platform_admin"], **{"X-Tenant-Id": gw["other"]}))
+    admin = await r.json()
+    assert (admin["tenant_id"], admin["role"]) == (gw["other"], "platform_admin") and admin["key_tenant_id"] != gw["other"]
+    assert (await http.get("/api/v1/me", headers=auth(keys["member"], **{"X-Tenant-Id": gw["other"]}))).status == 403
+    assert (await http.get("/api/v1/me")).status == 401
+
+
 async def test_a_grant_goes_to_the_tenant_in_the_path_under_a_namespaced_key(gw):
     http, keys, other = gw["http"], gw["keys"], gw["other"]
     path = f"/api/v1/admin/tenants/{other}/credits"

@@ -52,11 +52,27 @@ async def get_timeline(deps: Deps, cmd: TimelinePage) -> dict:
 
 
 async def attention(deps: Deps, cmd: ListRuns) -> dict:
-    params = {}
-    sql = "SELECT * FROM coordinator.runs WHERE needs_attention"
+    """Runs needing attention, most recently changed first, a page at a time, with how many
+    each tenant has: a platform admin's list is every tenant's, and one tenant with many
+    flagged runs must not hide the others' (the counts say whose they are; X-Tenant-Id
+    lists one tenant's). Ordered by a column that changes, the pages are a live view: a
+    run changed meanwhile can move between them."""
+    where, params = ["needs_attention"], {"limit": cmd.limit + 1}
     if cmd.tenant_id is not None:
-        sql += " AND tenant_id = :t"
+        where.append("tenant_id = :t")
         params["t"] = cmd.tenant_id
+    counts_sql = f"SELECT tenant_id, count(*) AS n FROM coordinator.runs WHERE {' AND '.join(where)} GROUP BY tenant_id"
+    if cmd.cursor:
+        params["c_at"], params["c_id"] = cursor.decode(cmd.cursor)
+        where.append("(updated_at, id) < (:c_at, :c_id)")
     async with deps.engine.connect() as conn:
-        rows = (await conn.execute(text(sql + " ORDER BY updated_at DESC LIMIT 500"), params)).mappings().all()
-    return {"items": [{**run_view(r), "reason": r["attention_reason"] or "failed"} for r in rows]}
+        rows = (await conn.execute(text(
+            f"SELECT * FROM coordinator.runs WHERE {' AND '.join(where)} ORDER BY updated_at DESC, id DESC LIMIT :limit"),
+            params)).mappings().all()
+        counts = {r["tenant_id"]: r["n"] for r in (await conn.execute(text(counts_sql), params)).mappings()}
+    items = [{**run_view(r), "reason": r["attention_reason"] or "failed"} for r in rows[: cmd.limit]]
+    next_cursor = None
+    if len(rows) > cmd.limit:
+        last = rows[cmd.limit - 1]
+        next_cursor = cursor.encode(last["updated_at"], last["id"])
+    return {"items": items, "next_cursor": next_cursor, "total": sum(counts.values()), "by_tenant": counts}
