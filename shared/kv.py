@@ -19,21 +19,43 @@ from shared.subjects import Names
 log = structlog.get_logger(__name__)
 
 
+# JetStream's answer to a stream made again with another configuration.
+_CONFIG_DIFFERS = 10058
+
+
 async def ensure_kv(js: JetStreamContext, config: KeyValueConfig):
     """Create (or open) a key-value bucket; its replicas are REDRIVE_STREAM_REPLICAS. The
-    bucket returned takes puts and watches at once."""
+    bucket returned takes puts and watches at once. A bucket made before with another TTL
+    (its entries' max age) takes this one: a new release may change it."""
     try:
         kv = await js.create_key_value(config)
     except APIError as exc:
         if (problem := replicas_refused(exc, config.replicas)) is not None:
             raise problem from None
-        raise
+        if exc.err_code != _CONFIG_DIFFERS or not await _retime(js, config):
+            raise
+        kv = await js.create_key_value(config)
     if (config.replicas or 1) > 1:
         # On a cluster, a bucket another service is making at the same moment (they share
         # buckets, and make them as they start) is answered as made before it has a leader:
         # a put then fails with "no response from stream".
         await wait_for_leader(js, f"KV_{config.bucket}")
     return kv
+
+
+async def _retime(js: JetStreamContext, config: KeyValueConfig) -> bool:
+    """Give an existing bucket ``config``'s TTL, as create_key_value would have made it;
+    False when the TTL is not what differs."""
+    stream = (await js.stream_info(f"KV_{config.bucket}")).config
+    max_age = config.ttl or 0.0
+    if stream.max_age == max_age:
+        return False
+    stream.max_age = max_age
+    # create_key_value's rule: the window for duplicate puts is at most the TTL.
+    stream.duplicate_window = min(config.ttl, 120.0) if config.ttl else 120.0
+    await js.update_stream(stream)
+    log.info("kv.ttl_changed", bucket=config.bucket, ttl_s=max_age)
+    return True
 
 
 async def mirror_kv(kv, apply: Callable, name: str) -> asyncio.Task:

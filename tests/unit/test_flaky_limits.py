@@ -3,6 +3,7 @@ where the operator allows it, and regexes bounded in length, in size and in matc
 
 from __future__ import annotations
 
+import asyncio
 import subprocess
 import sys
 import textwrap
@@ -105,9 +106,11 @@ def test_a_pattern_whose_repetitions_would_take_long_to_compile_is_refused_at_on
         flaky.check_params({"poison": ordinary})
 
 
-def test_a_catastrophic_pattern_errors_the_file_within_a_bound_instead_of_holding_the_loop():
+def test_a_catastrophic_pattern_errors_the_file_within_a_bound_and_never_holds_the_loop():
     # In a process of its own: without the limit, re backtracks for seconds on the short
     # name and for ever on the long one, with the GIL held (nothing in-process could stop it).
+    # With it, but matched on the loop, the loop stalled for the whole MATCH_TIMEOUT_S (and
+    # more under load): every other tenant's jobs waited.
     proc = _in_a_process(f"""
         import asyncio, time
         from pathlib import Path
@@ -146,7 +149,9 @@ def test_a_catastrophic_pattern_errors_the_file_within_a_bound_instead_of_holdin
     kind, elapsed, why = long_.split(" ", 2)
     assert kind == "permanent" and float(elapsed) < 1.0, long_
     assert "flaky: param 'poison': pattern took too long" in why
-    assert float(gap.split()[1]) < 1.0, gap  # the loop was held at most about MATCH_TIMEOUT_S
+    # The loop turned all along: the match ran in a thread, without the GIL. On the loop, it
+    # would have been held for at least MATCH_TIMEOUT_S of the process's CPU time.
+    assert float(gap.split()[1]) < flaky.MATCH_TIMEOUT_S, gap
 
 
 async def test_a_pattern_that_times_out_is_a_permanent_error_not_a_step_timeout(monkeypatch):
@@ -160,3 +165,63 @@ async def test_a_pattern_that_times_out_is_a_permanent_error_not_a_step_timeout(
     assert await flaky.run(ctx({"poison": r"^bad"}, "good.csv")) == {"attempt": 1}
     with pytest.raises(PermanentError, match="is poison"):  # the audit's pattern, on a name it matches
         await flaky.run(ctx({"poison": CATASTROPHIC}, "a" * 40))
+
+
+def test_a_crash_pattern_is_matched_off_the_loop_too():
+    proc = _in_a_process(f"""
+        import asyncio, time
+        from pathlib import Path
+        from shared.errors import PermanentError
+        from services.executor.handlers import flaky
+        from services.executor.handlers.base import FileRef, StepContext
+
+        async def main():
+            ticks = []
+
+            async def ticker():
+                while True:
+                    ticks.append(time.perf_counter())
+                    await asyncio.sleep(0.01)
+
+            task = asyncio.create_task(ticker())
+            await asyncio.sleep(0.05)
+            ctx = StepContext(job_id="j", run_id="r", tenant_id="t", file_index=0, round=0, attempt=1,
+                              step_index=0, step_name="s", params={{"crash": {CATASTROPHIC!r}}},
+                              file=FileRef({LONG!r}), previous_output=None, artifact_root=Path("."))
+            try:
+                await flaky.Flaky(allow_crash=True).run(ctx)
+            except PermanentError as exc:
+                print("permanent", exc, flush=True)
+            await asyncio.sleep(0.05)
+            task.cancel()
+            print("longest_gap", round(max(b - a for a, b in zip(ticks, ticks[1:])), 3), flush=True)
+
+        asyncio.run(main())
+    """, timeout=30)
+    assert proc.returncode == 0, (proc.returncode, proc.stderr)  # timed out: no crash
+    why, gap = proc.stdout.splitlines()
+    assert why.startswith("permanent flaky: param 'crash': pattern took too long"), why
+    assert float(gap.split()[1]) < flaky.MATCH_TIMEOUT_S, gap
+
+
+async def test_many_catastrophic_matches_at_once_all_end_and_the_loop_keeps_turning():
+    ticks: list[float] = []
+
+    async def ticker():
+        while True:
+            ticks.append(time.perf_counter())
+            await asyncio.sleep(0.005)
+
+    task = asyncio.create_task(ticker())
+    await asyncio.sleep(0.02)
+    started = time.perf_counter()
+    results = await asyncio.gather(*(flaky.run(ctx({"poison": CATASTROPHIC}, LONG)) for _ in range(8)),
+                                   return_exceptions=True)
+    elapsed = time.perf_counter() - started
+    await asyncio.sleep(0.02)  # a tick after the last match too
+    task.cancel()
+    assert all(isinstance(r, PermanentError) and "took too long" in str(r) for r in results), results
+    # They queue for the matcher threads (regex's limit is CPU time of the whole process, so
+    # matches side by side time out sooner): at most 8 x MATCH_TIMEOUT_S, and then some.
+    assert elapsed < 8 * flaky.MATCH_TIMEOUT_S + 1, elapsed
+    assert max(b - a for a, b in zip(ticks, ticks[1:])) < flaky.MATCH_TIMEOUT_S

@@ -12,11 +12,15 @@ The executor is shared by every tenant, so what a tenant's params can do to it i
 - ``crash`` works only where the operator allowed it (``REDRIVE_EXECUTOR_ALLOW_CRASH``, for
   fault tests). Elsewhere a template using it is refused, and a job using it anyway
   errors its file with that reason: the process never exits.
-- The regexes (Python ``re`` syntax) are at most :data:`MAX_PATTERN_CHARS` long, their
+- The regexes (Python ``re`` syntax) are at most :data:`MAX_PATTERN_CHARS` long, and their
   counted repetitions may not expand past :data:`MAX_PATTERN_SIZE` (compiling
-  ``a{4294967294}`` takes minutes), and a match that takes longer than
-  :data:`MATCH_TIMEOUT_S` (catastrophic backtracking: ``(a+)+$``) fails the file for good
-  instead of holding the event loop, where no step timeout could fire.
+  ``a{4294967294}`` takes minutes).
+- A match never runs on the event loop: every tenant's jobs share it, and a backtracking
+  pattern (``(a+)+$`` on ``aaa…!``) would hold it, where no step timeout could fire. It
+  runs in a thread of a small pool (:data:`MATCH_THREADS`, shared by every tenant) with the
+  GIL released, and one that takes longer than :data:`MATCH_TIMEOUT_S` fails the file for
+  good. (A linear-time engine such as RE2 would need no limit, but refuses lookarounds and
+  backreferences, which the contract's "regex" allows.)
 """
 
 from __future__ import annotations
@@ -27,6 +31,7 @@ import math
 import os
 import random
 import re
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from re import _constants as sre_constants, _parser as sre_parser  # parse only: a tree to size
 
@@ -42,7 +47,14 @@ MAX_PATTERN_CHARS = 200
 # A file name is at most 1024 characters: nothing useful needs more.
 MAX_PATTERN_SIZE = 10_000
 # A name is matched in microseconds by any sane pattern; past this it is backtracking.
+# regex counts it in CPU time of the whole process (measured): matches side by side, or a
+# busy loop, spend it sooner; a process starved of CPU takes longer than this to spend it.
 MATCH_TIMEOUT_S = 0.1
+# Matches run here, not on the event loop nor in asyncio's default pool (DNS lookups of
+# downloads wait there): a flood of backtracking patterns queues behind its own kind, and
+# takes at most this many cores from the loop.
+MATCH_THREADS = 2
+_MATCHERS = ThreadPoolExecutor(max_workers=MATCH_THREADS, thread_name_prefix="flaky-match")
 _REPEATS = (sre_constants.MAX_REPEAT, sre_constants.MIN_REPEAT, sre_constants.POSSESSIVE_REPEAT)
 
 
@@ -104,12 +116,17 @@ def _subpatterns(av):
             yield from _subpatterns(item)
 
 
-def _matches(pattern: regex.Pattern | None, param: str, file_name: str) -> bool:
-    """Whether ``pattern`` is found in the name, in at most MATCH_TIMEOUT_S (PermanentError past it)."""
+async def _matches(pattern: regex.Pattern | None, param: str, file_name: str) -> bool:
+    """Whether ``pattern`` is found in the name, in at most MATCH_TIMEOUT_S (PermanentError past it),
+    matched in a thread: the event loop goes on serving every other job meanwhile."""
     if pattern is None:
         return False
+    # regex holds the GIL while matching unless told otherwise (measured: a match in a thread
+    # still stalls the loop for its whole length); a str cannot change meanwhile, so it is safe.
+    search = functools.partial(pattern.search, file_name, timeout=MATCH_TIMEOUT_S, concurrent=True)
     try:
-        return pattern.search(file_name, timeout=MATCH_TIMEOUT_S) is not None
+        # Time queued behind other matches is not this pattern's: the limit starts with the match.
+        return await asyncio.get_running_loop().run_in_executor(_MATCHERS, search) is not None
     except TimeoutError:
         raise PermanentError(f"flaky: param {param!r}: pattern took too long (over {MATCH_TIMEOUT_S:g} s) "
                              "to match this file's name; simplify it") from None
@@ -170,10 +187,10 @@ class Flaky:
         """Crash, poison, sleep, then fail transiently as the params say; output ``{"attempt"}``."""
         crash, poison, sleep_ms, p, fail_attempts, fail_rounds = _parse(ctx.params, allow_crash=self.allow_crash)
 
-        if _matches(crash, "crash", ctx.file.name):
+        if await _matches(crash, "crash", ctx.file.name):
             # No cleanup, no ack: exactly what a segfault or an OOM kill looks like to the broker.
             os._exit(CRASH_EXIT_CODE)
-        if _matches(poison, "poison", ctx.file.name):
+        if await _matches(poison, "poison", ctx.file.name):
             raise PermanentError(f"flaky: {ctx.file.name!r} is poison")
         if sleep_ms > 0:
             await asyncio.sleep(sleep_ms / 1000)
