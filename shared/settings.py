@@ -106,6 +106,11 @@ class Settings(BaseSettings):
     # A credit intent still pending after this long was abandoned by a crash: compensate it.
     credit_intent_timeout_s: float = Field(default=60.0, ge=0.5, le=_WEEK)
     max_files_per_run: int = Field(default=100_000, ge=1, le=1_000_000)
+    # The most bytes a tenant's files sent ahead may hold while they are not yet a run
+    # (commands/staged_files.py): counted as the files' fields plus what PostgreSQL spends on
+    # each row. Every tenant's parts share the database's disk. A part past it is a 429
+    # (413 when the request alone is larger); a refused run's parts are deleted at once.
+    max_staged_bytes_per_tenant: int = Field(default=2**30, ge=64 * 1024, le=2**50)
 
     # Notifier.
     webhook_timeout_s: float = Field(default=10.0, ge=0.5, le=5 * _MINUTE)
@@ -125,6 +130,11 @@ class Settings(BaseSettings):
     # The largest HTTP request body. A run body larger than a bus message is sent on in
     # parts (services/gateway/staging.py); any other request must fit in one message.
     max_request_bytes: int = Field(default=64 * 2**20, ge=64 * 1024, le=2**31 - 1)
+    # Request bodies larger than one bus message (or of unknown or encoded size) this gateway
+    # process reads and holds at once: aiohttp reads a body whole, and such a request holds a
+    # few times its size until answered. One more waits a few seconds for a slot, then is a
+    # 503 with Retry-After. Memory is about this × REDRIVE_MAX_REQUEST_BYTES × 3.
+    max_concurrent_large_bodies: int = Field(default=4, ge=1, le=1000)
     # Live-event streams (GET /api/v1/events) open at once per API key and per tenant, in
     # this gateway process: one more is a 429. Each holds a connection and a queue, and
     # every event is fanned out to each on the gateway's loop.

@@ -31,7 +31,7 @@ from services.gateway.errors import errors_middleware
 from services.gateway.events import EventHub
 from services.gateway.identity import KeyCache, Principal, authenticate
 from services.gateway.openapi import openapi_document
-from services.gateway.routes import LOCAL_ROUTES, ROUTES, API, forwarder, public_paths
+from services.gateway.routes import LOCAL_ROUTES, ROUTES, API, LargeBodies, forwarder, public_paths
 from services.gateway.system_metrics import SystemMetrics
 
 DASHBOARD = Path(__file__).parent / "static" / "dashboard.html"
@@ -51,6 +51,8 @@ class Deps:
     keys: KeyCache = field(default_factory=KeyCache)  # serves nothing until a KeyRevocations trusts it
     idempotency_lease_s: float = 35.0  # longer than any live request (a few RPC timeouts)
     max_body_bytes: int = 64 * 1024 * 1024  # REDRIVE_MAX_REQUEST_BYTES
+    # How many bodies larger than a bus message are read at once (REDRIVE_MAX_CONCURRENT_LARGE_BODIES).
+    large_bodies: LargeBodies = field(default_factory=LargeBodies)
     registry: CollectorRegistry = field(default_factory=CollectorRegistry)
     system: SystemMetrics | None = None  # breakers and consumer backlogs, read per scrape
     # REDRIVE_METRICS_TOKEN: when set, GET /metrics needs "Authorization: Bearer <it>".
@@ -107,7 +109,7 @@ def build_app(deps: Deps) -> web.Application:
     # Every GET answers HEAD too (RFC 9110 asks it of general-purpose servers; uptime
     # checks use it), but the live event stream, which would hold the connection open.
     for route in ROUTES:
-        handler = forwarder(route, deps.rpc, deps.engine, deps.idempotency_lease_s)
+        handler = forwarder(route, deps.rpc, deps.engine, deps.idempotency_lease_s, deps.large_bodies)
         if route.method == "GET":
             app.router.add_get(API + route.path, handler)
         else:

@@ -19,6 +19,7 @@ from services.gateway.app import Deps, build_app
 from services.gateway.events import EventHub
 from services.gateway.identity import KeyCache
 from services.gateway.key_revocations import KeyRevocations, dedicated_connection
+from services.gateway.routes import LargeBodies
 from services.gateway.system_metrics import SystemMetrics
 
 log = structlog.get_logger(__name__)
@@ -47,6 +48,7 @@ class GatewayService:
             nc=self.nc, engine=self.engine, rpc=RpcClient(self.nc, names, timeout=s.request_timeout_s), hub=self.hub,
             keys=keys,
             idempotency_lease_s=2 * s.request_timeout_s + 5, max_body_bytes=s.max_request_bytes,
+            large_bodies=LargeBodies(s.max_concurrent_large_bodies),
             metrics_token=s.metrics_token,
         )
         self.deps.system = SystemMetrics(self.deps.registry, self.deps.rpc, self.nc.jetstream(), names)

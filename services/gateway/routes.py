@@ -8,7 +8,9 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import hashlib
+from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -23,7 +25,8 @@ from shared.messages import ServiceError, dumps
 from shared.rpc import RpcClient
 from services.gateway import idempotency, staging
 from services.gateway.auth import asked_tenant, existing_tenant, principal_of, require_role
-from services.gateway.errors import error_response, from_service_error
+from services.gateway.errors import error_response, from_http_exception, from_service_error
+from services.gateway.identity import Principal
 from services.gateway.schemas import (
     DeliveriesQuery, GrantBody, NotificationsQuery, PageQuery, RunFilesQuery, RestoreBody, RunBody, RunsQuery, SettingsBody, TemplateBody, TimelineQuery, WebhookBody,
     path_params, single_valued, validate,
@@ -159,6 +162,57 @@ def _use_of(name: str, nonce: str | None) -> str:
 # A client that announces a body and sends it slowly, or never (a 1-byte body with
 # Content-Length: 1000), would otherwise hold a connection and a handler forever.
 BODY_READ_TIMEOUT_S = 30.0
+# How long a large body waits for a slot (LargeBodies) before it is a 503: a burst (a client
+# sending a few large runs at once) goes through one after another, while a gateway that
+# stays full answers soon enough for the client to back off.
+LARGE_BODY_WAIT_S = 5.0
+
+
+class LargeBodies:
+    """At most ``limit`` large request bodies read and held at once by this gateway process
+    (REDRIVE_MAX_CONCURRENT_LARGE_BODIES). aiohttp reads a body whole, and the request holds
+    a few times its size (the bytes, the parsed JSON, the message sent on) until answered,
+    so the slot is held that long. Large: more than one bus message (a run sent ahead in
+    parts, up to REDRIVE_MAX_REQUEST_BYTES); smaller ones cost what any request costs. A body
+    whose size is not known before it is read (chunked, or Content-Encoding: gzip, which
+    inflates up to that limit) counts as large.
+
+    One more waits up to ``wait_s`` for a slot, its body unread (TCP holds the client back),
+    then is a 503 with Retry-After: the gateway as a whole is busy, not this caller over a
+    quota of its own (that would be a 429)."""
+
+    def __init__(self, limit: int = 4, wait_s: float = LARGE_BODY_WAIT_S) -> None:
+        self.limit = limit
+        self.wait_s = wait_s
+        self.in_use = 0
+        self.waiting = 0
+        self._slots = asyncio.Semaphore(limit)
+
+    @staticmethod
+    def is_large(request: web.Request, threshold: int) -> bool:
+        if not request.body_exists:
+            return False
+        encoding = request.headers.get("Content-Encoding", "").strip().lower()
+        return encoding not in ("", "identity") or request.content_length is None or request.content_length > threshold
+
+    @contextlib.asynccontextmanager
+    async def slot(self) -> AsyncIterator[None]:
+        self.waiting += 1
+        try:
+            async with asyncio.timeout(self.wait_s):
+                await self._slots.acquire()
+        except TimeoutError:
+            raise ServiceError("service_unavailable", f"this gateway is reading as many large request bodies as it "
+                               f"reads at once ({self.limit}, REDRIVE_MAX_CONCURRENT_LARGE_BODIES); send it again "
+                               "shortly", {"limit": self.limit}) from None
+        finally:
+            self.waiting -= 1
+        self.in_use += 1
+        try:
+            yield
+        finally:
+            self.in_use -= 1
+            self._slots.release()
 
 
 async def read_json(request: web.Request) -> Any:
@@ -204,14 +258,34 @@ async def call(rpc: RpcClient, route: Route, payload: dict[str, Any], timeout: f
     return web.Response(status=route.status, body=dumps(data), content_type="application/json")
 
 
-def forwarder(route: Route, rpc: RpcClient, engine: AsyncEngine, lease_s: float):
+def forwarder(route: Route, rpc: RpcClient, engine: AsyncEngine, lease_s: float, large_bodies: LargeBodies):
     """The aiohttp handler of one forwarded route."""
 
     async def handle(request: web.Request) -> web.Response:
         principal = principal_of(request)
         require_role(principal, route.role)
         tenant_id = await existing_tenant(request, principal, engine)
-        body = await read_json(request) if route.body is not None else None
+        if route.body is None:
+            return await forward(request, principal, tenant_id, None)
+        if not large_bodies.is_large(request, rpc.max_payload):
+            return await forward(request, principal, tenant_id, await read_json(request))
+        try:
+            async with large_bodies.slot():  # taken by a known caller, before a byte is read; kept until answered
+                response = await forward(request, principal, tenant_id, await read_json(request))
+        except ServiceError as exc:
+            response = from_service_error(exc)
+        except web.HTTPException as exc:  # 413: past REDRIVE_MAX_REQUEST_BYTES
+            if exc.status < 400:
+                raise
+            response = from_http_exception(exc)
+        # aiohttp keeps a connection's last request, and the body it read, until the next
+        # request comes or the connection closes: ended with its answer, a large body is let
+        # go at once, not held by each idle connection beyond the slots (a new connection
+        # costs nothing next to a body over a message).
+        response.force_close()
+        return response
+
+    async def forward(request: web.Request, principal: Principal, tenant_id: str, body: Any) -> web.Response:
         payload = validate(route.body, body, "request body", strict=True) if route.body is not None else {}
         if route.query is not None:
             payload.update(validate(route.query, single_valued(request.query), "query string"))

@@ -80,25 +80,34 @@ async def test_a_batch_run_larger_than_a_message_is_413_before_any_charge(big):
 async def test_parts_that_never_became_a_run_charge_nothing_and_are_pruned(big):
     stack, tenant = big["stack"], big["tenant"]
     await staged_files.prune(big["engine"], older_than_s=0)  # what earlier tests left
-    before = await stack.ledger(tenant)
     part = {"tenant_id": tenant, "actor": "test", "upload_id": "abandoned-upload"}
     await stack.call("coordinator", "stage_files", **part, offset=0, files=[{"name": "a"}, {"name": "b"}])
     await stack.call("coordinator", "stage_files", **part, offset=0, files=[{"name": "a"}])  # a repeat: no change
-    # The run names three files but only two arrived: refused before any charge.
-    err = await expect_error("bad_request", stack.call(
-        "coordinator", "create_run", tenant_id=tenant, actor="test", template_id=big["template"],
-        staged={"upload_id": "abandoned-upload", "count": 3}))
-    assert "2 of the run's 3 files" in err.message
-    assert await stack.ledger(tenant) == before
-    # Another tenant cannot take them.
+    # Another tenant can neither take them nor, refused, delete them.
     other = await stack.tenant()
     await expect_error("bad_request", stack.call(
         "coordinator", "create_run", tenant_id=other, actor="test",
         template_id=await stack.template(other, [{"name": "a", "handler": "noop"}]),
         staged={"upload_id": "abandoned-upload", "count": 2}))
     assert await staged_rows(big["engine"]) == 2
+    # Parts whose run never came (a gateway that died mid-upload) go after a day.
     assert await staged_files.prune(big["engine"], older_than_s=3600) == (0, False)  # young: kept
     assert await staged_files.prune(big["engine"], older_than_s=0) == (2, False)
+    assert await staged_rows(big["engine"]) == 0
+
+
+async def test_a_run_refused_deletes_the_parts_it_names_at_once(big):
+    stack, tenant = big["stack"], big["tenant"]
+    before = await stack.ledger(tenant)
+    part = {"tenant_id": tenant, "actor": "test", "upload_id": "incomplete-upload"}
+    await stack.call("coordinator", "stage_files", **part, offset=0, files=[{"name": "a"}, {"name": "b"}])
+    # The run names three files but only two arrived: refused before any charge, and its
+    # upload is of no use to anything any more.
+    err = await expect_error("bad_request", stack.call(
+        "coordinator", "create_run", tenant_id=tenant, actor="test", template_id=big["template"],
+        staged={"upload_id": "incomplete-upload", "count": 3}))
+    assert "2 of the run's 3 files" in err.message
+    assert await stack.ledger(tenant) == before
     assert await staged_rows(big["engine"]) == 0
 
 

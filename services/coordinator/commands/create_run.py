@@ -1,7 +1,8 @@
 """Initiate a run: reserve N × credits_per_file all-or-nothing, then write the run, its
 files, the outbox row that stands for its jobs and the timeline in one transaction. The
 files come inline, or sent ahead in parts when the body is larger than a bus message
-(staged_files.py): the same transaction then takes them from where they wait."""
+(staged_files.py): the same transaction then takes them from where they wait, and none
+is left behind whatever the answer (see create_run)."""
 
 from __future__ import annotations
 
@@ -40,6 +41,22 @@ _INSERT_FILE = text(
 
 
 async def create_run(deps: Deps, cmd: CreateRun) -> dict:
+    """The run, made or (its run id taken by the same tenant: the request again) found.
+
+    The upload it names (``staged``) is this request's alone, so once answered it is gone,
+    whatever the answer: a run made took it in its transaction; a refusal (unknown template,
+    credits, 422, a failure) deletes it now, so that a refused request holds nothing of the
+    shared disk. That never touches a retry's files: the gateway names each attempt's upload
+    anew (services/gateway/staging.py); only the run id carries over from the
+    Idempotency-Key. A run found already made does not need the upload either."""
+    try:
+        return await _create_run(deps, cmd)
+    finally:
+        if cmd.staged is not None:
+            await staged_files.discard(deps.engine, cmd.tenant_id, cmd.staged.upload_id)
+
+
+async def _create_run(deps: Deps, cmd: CreateRun) -> dict:
     if bool(cmd.files) == (cmd.staged is not None):
         field, problem = ("staged", "not with files") if cmd.files else ("files", "at least one file")
         raise ServiceError("validation_error", "a run names its files inline (files) or sent ahead (staged)",
