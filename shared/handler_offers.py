@@ -8,24 +8,48 @@ executor has ever started, e.g. templates made before the first deploy) nothing 
 judged and every handler is accepted.
 
 Keys are the names hex-encoded (KV keys allow few characters; handler names allow any).
+
+Each executor also puts its slots (``REDRIVE_EXECUTOR_CONCURRENCY``) under
+``executors.<its id>`` when it starts and again every ``ALIVE_S``, and deletes it when it
+stops; the coordinator counts the slots of the executors heard from within ``LIVE_S``
+(a crashed executor stops counting then: the bucket's TTL is a week). The tenants' windows
+follow them (services/coordinator/jobs.py: Window). An entry without ``slots`` counts as the
+default concurrency; no live entry at all (executors of a release before this one, or none
+started), the slots are unknown. Coordinators of that release take such a key for a
+handler's name: harmless (one more name offered).
 """
 
 from __future__ import annotations
 
 import asyncio
+import datetime
+import time
+import uuid
 from collections.abc import Iterable
+
+import orjson
 
 import structlog
 from nats.js import JetStreamContext
 from nats.js.api import KeyValueConfig, StorageType
 
 from shared.kv import BucketMirror, ensure_kv
+from shared.settings import Settings
 from shared.subjects import Names
 
 log = structlog.get_logger(__name__)
 
 TTL_S = 7 * 24 * 3600
 REFRESH_S = 12 * 3600
+# An executor's slots: put every ALIVE_S, counted until LIVE_S after the last put was seen.
+ALIVE_S = 10.0
+LIVE_S = 3 * ALIVE_S
+# An entry found already this old (by the server's clock) when the coordinator starts is
+# an executor gone; the margin is for the clocks of the coordinator and the server.
+_STALE_S = LIVE_S + 60.0
+EXECUTOR_KEY_PREFIX = "executors."
+# An executor's entry without ``slots``.
+DEFAULT_SLOTS: int = Settings.model_fields["executor_concurrency"].default
 
 
 async def ensure_bucket(js: JetStreamContext, names: Names, replicas: int = 1):
@@ -34,25 +58,41 @@ async def ensure_bucket(js: JetStreamContext, names: Names, replicas: int = 1):
 
 
 class HandlerOffer:
-    """An executor's side: offer ``handler_names`` now and every REFRESH_S."""
+    """An executor's side: offer ``handler_names`` now and every REFRESH_S, and its ``slots``
+    (None: not announced) now and every ALIVE_S until ``stop``."""
 
-    def __init__(self, js: JetStreamContext, names: Names, handler_names: Iterable[str], replicas: int = 1) -> None:
+    def __init__(self, js: JetStreamContext, names: Names, handler_names: Iterable[str], replicas: int = 1,
+                 *, slots: int | None = None) -> None:
         self._js, self._names, self._replicas = js, names, replicas
         self._handler_names = sorted(handler_names)
-        self._task: asyncio.Task | None = None
+        self._slots = slots
+        self._key = f"{EXECUTOR_KEY_PREFIX}{uuid.uuid4().hex}"
+        self._kv = None
+        self._tasks: list[asyncio.Task] = []
 
     async def start(self) -> None:
-        kv = await ensure_bucket(self._js, self._names, self._replicas)
+        self._kv = kv = await ensure_bucket(self._js, self._names, self._replicas)
         await self._put(kv)
-        self._task = asyncio.create_task(self._refresh(kv), name="handler-offer")
+        self._tasks.append(asyncio.create_task(self._refresh(kv), name="handler-offer"))
+        if self._slots is not None:
+            await self._put_slots(kv)
+            self._tasks.append(asyncio.create_task(self._heartbeat(kv), name="handler-offer-slots"))
 
     async def stop(self) -> None:
-        if self._task:
-            self._task.cancel()
+        for task in self._tasks:
+            task.cancel()
+        if self._slots is not None and self._kv is not None:
+            try:  # gone now, not LIVE_S from now; failing that, it stops counting then
+                await asyncio.wait_for(self._kv.delete(self._key), 2.0)
+            except Exception as exc:
+                log.warning("handler_offer.slots_not_withdrawn", error=repr(exc))
 
     async def _put(self, kv) -> None:
         for name in self._handler_names:
             await kv.put(name.encode().hex(), name.encode())
+
+    async def _put_slots(self, kv) -> None:
+        await kv.put(self._key, orjson.dumps({"slots": self._slots}))
 
     async def _refresh(self, kv) -> None:
         while True:
@@ -62,20 +102,44 @@ class HandlerOffer:
             except Exception as exc:  # NATS away: the entries live a week; next time
                 log.warning("handler_offer.refresh_failed", error=repr(exc))
 
+    async def _heartbeat(self, kv) -> None:
+        while True:
+            await asyncio.sleep(ALIVE_S)
+            try:
+                await self._put_slots(kv)
+            except Exception as exc:  # NATS away: not counted for a while; next time
+                log.warning("handler_offer.slots_refresh_failed", error=repr(exc))
+
+
+def _slots_of(value: bytes) -> int:
+    try:
+        slots = orjson.loads(value).get("slots")
+    except (orjson.JSONDecodeError, AttributeError):
+        slots = None
+    if not isinstance(slots, int) or isinstance(slots, bool) or slots < 1:
+        return DEFAULT_SLOTS
+    return min(slots, 1_000_000)
+
 
 class OfferedHandlers(BucketMirror):
-    """The coordinator's side: a watched copy of what the executors offer."""
+    """The coordinator's side: a watched copy of what the executors offer, and of the slots
+    of those alive (:meth:`slots`)."""
 
     label = "handlers"
 
-    def __init__(self, js: JetStreamContext, names: Names, replicas: int = 1) -> None:
+    def __init__(self, js: JetStreamContext, names: Names, replicas: int = 1, *, clock=time.monotonic) -> None:
         super().__init__(js, names, replicas)
         self._offered: set[str] = set()
+        self._clock = clock
+        self._executors: dict[str, tuple[int, float]] = {}  # key: (slots, when last heard of)
 
     async def _bucket(self):
         return await ensure_bucket(self._js, self._names, self._replicas)
 
     def _apply(self, entry) -> None:
+        if entry.key.startswith(EXECUTOR_KEY_PREFIX):
+            self._apply_executor(entry)
+            return
         try:
             name = bytes.fromhex(entry.key).decode(errors="replace")
         except ValueError:  # not put by an executor of ours: taken as it is
@@ -84,6 +148,26 @@ class OfferedHandlers(BucketMirror):
             self._offered.add(name)
         else:  # deleted or expired
             self._offered.discard(name)
+
+    def _apply_executor(self, entry) -> None:
+        created = getattr(entry, "created", None)
+        if isinstance(created, datetime.datetime):
+            age = (datetime.datetime.now(datetime.timezone.utc) - created).total_seconds()
+            if age > _STALE_S:  # put before this process started, by an executor gone since
+                self._executors.pop(entry.key, None)
+                return
+        if entry.value:
+            self._executors[entry.key] = (_slots_of(entry.value), self._clock())
+        else:  # the executor stopped
+            self._executors.pop(entry.key, None)
+
+    def slots(self) -> int | None:
+        """The slots of the executors alive now (heard from within LIVE_S), together; None
+        while none is known."""
+        cutoff = self._clock() - LIVE_S
+        for key in [k for k, (_, seen) in self._executors.items() if seen < cutoff]:
+            del self._executors[key]
+        return sum(slots for slots, _ in self._executors.values()) or None
 
     def unknown(self, handlers: Iterable[str]) -> dict[int, str]:
         """{position: why} for each of ``handlers`` no executor offers (none while nothing is known)."""

@@ -92,12 +92,13 @@ class Settings(BaseSettings):
     # as repeats, and it would give a run up for stuck that is not.
     results_ack_wait_s: float = Field(default=30.0, ge=1.0, le=_HOUR)
     outbox_batch: int = Field(default=2000, ge=1, le=100_000)
-    # At most this many of one tenant's jobs out at once (queued or running), all its runs
-    # together: every executor pulls from one FIFO consumer, and a run of 100,000 files
-    # published whole would make every run after it, any tenant's, wait for all of them.
-    # Keep it above the executors' slots together (REDRIVE_EXECUTOR_CONCURRENCY ×
-    # executors), or one tenant cannot fill them. 0: no window (jobs are published as fast
-    # as they can be built).
+    # The most of one tenant's jobs out at once (queued or running), all its runs together:
+    # every executor pulls from one FIFO consumer, and a run of 100,000 files published
+    # whole would make every run after it, any tenant's, wait for all of them. A cap: each
+    # tenant's window is 2 × the slots of the executors alive (REDRIVE_EXECUTOR_CONCURRENCY
+    # each, as they announce them) shared among the tenants with files waiting, at least 16
+    # (services/coordinator/jobs.py: Window), and this while no executor has announced its
+    # slots. 0: no window (jobs are published as fast as they can be built).
     jobs_in_flight_per_tenant: int = Field(default=4096, ge=0, le=10_000_000)
     recovery_interval_s: float = Field(default=15.0, ge=0.1, le=_WEEK)
     # A PENDING file whose job showed no progress for this long is considered stuck.

@@ -48,8 +48,9 @@ class CoordinatorService:
         self.handlers = OfferedHandlers(self.js, names, s.stream_replicas)
         await self.handlers.start()
         self.engine = make_engine(s, pool_size=10, application_name="redrive-coordinator")
-        self.relay = OutboxRelay(self.engine, self.js,
-                                 partial(jobs.expand_page, names=names, window=s.jobs_in_flight_per_tenant or None),
+        # Each tenant's window follows the slots of the executors alive, up to the setting (0: none).
+        window = jobs.Window(s.jobs_in_flight_per_tenant, self.handlers.slots) if s.jobs_in_flight_per_tenant else None
+        self.relay = OutboxRelay(self.engine, self.js, partial(jobs.expand_page, names=names, window=window),
                                  partial(report_undeliverable, names=names), batch=s.outbox_batch)
         self.deps = Deps(settings=s, names=names, engine=self.engine,
                          billing=RpcClient(self.nc, names, timeout=s.request_timeout_s), relay=self.relay,

@@ -7,7 +7,9 @@ checks that what is built here parses as :class:`shared.messages.Job`.
 
 from __future__ import annotations
 
-from typing import Any, Iterable, Mapping, NamedTuple
+import math
+import time
+from typing import Any, Callable, Iterable, Mapping, NamedTuple
 
 import orjson
 from sqlalchemy import text
@@ -160,6 +162,59 @@ async def room(conn: AsyncConnection, tenant_id: str, window: int) -> int:
     return window - (await conn.execute(_TENANT_OUT, {"t": tenant_id})).scalar_one()
 
 
+# ---- the window adapts to the executors' slots -----------------------------------------------
+
+# A tenant's window is HEADROOM × the fleet's slots shared among the tenants with work waiting:
+# a slot's worth running and three queued, so that no executor starves between a result
+# and the next publication (results gathered and applied, then a page published: some
+# 50 ms, in which one executor runs ~350 noop jobs). 2 cost the noop bench ~20% of its
+# throughput, 4 about 5% (within its noise). A tenant alone can keep every slot busy; a
+# newcomer waits behind at most ~3 slots' worth of another tenant's queued jobs each.
+HEADROOM = 4
+# However many tenants share the slots, each has at least this many jobs out.
+MIN_WINDOW = 16
+# The tenants with work waiting are counted at most this often (the relay asks before each
+# page of each run it expands).
+ACTIVE_TENANTS_TTL_S = 0.5
+
+# Tenants with a RUNNING per_file run that has PENDING files: an index-only scan of the
+# partial index on RUNNING runs (runs_running_by_tenant: tenant_id, INCLUDE mode, pending).
+_ACTIVE_TENANTS = text(
+    "SELECT count(DISTINCT tenant_id) FROM coordinator.runs "
+    "WHERE status = 'RUNNING' AND mode = 'per_file' AND pending > 0"
+)
+
+
+def window_size(cap: int, slots: int | None, active_tenants: int) -> int:
+    """A tenant's window: HEADROOM × the executors' ``slots`` shared among the
+    ``active_tenants``, at least MIN_WINDOW, at most ``cap`` (REDRIVE_JOBS_IN_FLIGHT_PER_TENANT);
+    the cap while the slots are unknown (no executor has announced them)."""
+    if slots is None:
+        return cap
+    return min(cap, max(MIN_WINDOW, math.ceil(HEADROOM * slots / max(1, active_tenants))))
+
+
+class Window:
+    """Each tenant's window now (:func:`window_size`): ``slots`` gives the slots of the
+    executors alive (None: unknown; OfferedHandlers.slots)."""
+
+    def __init__(self, cap: int, slots: Callable[[], int | None], *, clock=time.monotonic) -> None:
+        self.cap, self._slots, self._clock = cap, slots, clock
+        self._active: tuple[int, float] | None = None  # (count, when counted)
+
+    async def size(self, conn: AsyncConnection) -> int:
+        slots = self._slots()
+        if slots is None or self.cap <= MIN_WINDOW:
+            return self.cap  # whatever the tenants: no need to count them
+        return window_size(self.cap, slots, await self.active_tenants(conn))
+
+    async def active_tenants(self, conn: AsyncConnection) -> int:
+        now = self._clock()
+        if self._active is None or now - self._active[1] >= ACTIVE_TENANTS_TTL_S:
+            self._active = ((await conn.execute(_ACTIVE_TENANTS)).scalar_one(), now)
+        return self._active[0]
+
+
 _DROP_EXPANSIONS = text("DELETE FROM coordinator.outbox WHERE expand IS NOT NULL AND expand->>'run_id' = :run_id")
 
 
@@ -182,9 +237,10 @@ _EXPAND_FILES = text(
 
 
 async def expand_page(conn: AsyncConnection, spec: Mapping[str, Any], limit: int, *, names: Names,
-                      window: int | None = None) -> Page:
+                      window: int | Window | None = None) -> Page:
     """The next page of an expansion's jobs: at most ``limit``, and no more than its
-    tenant's ``window`` allows (None: no window).
+    tenant's ``window`` allows (a fixed size, one that follows the executors' slots, or
+    None: no window).
 
     Only files still PENDING in the expansion's round(s) of a RUNNING run are published: a
     run cancelled or stopped meanwhile publishes nothing more. A run that moved on to a later
@@ -195,7 +251,8 @@ async def expand_page(conn: AsyncConnection, spec: Mapping[str, Any], limit: int
     if run is None or run["status"] != "RUNNING":
         return Page([], None)
     if window is not None:
-        limit = min(limit, await room(conn, run["tenant_id"], window))
+        size = window if isinstance(window, int) else await window.size(conn)
+        limit = min(limit, await room(conn, run["tenant_id"], size))
         if limit <= 0:
             return Page([], dict(spec), waiting=True)
     result = await conn.execute(_EXPAND_FILES, {"run_id": spec["run_id"], "first": spec.get("first_round", spec["round"]),

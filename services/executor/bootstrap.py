@@ -50,7 +50,7 @@ class ExecutorService:
                                    publish_alive=lambda body: self.nc.publish(names.runs_alive, body))
         self.stops = RunStops(self.js, names, s.stream_replicas)
         await self.stops.start()
-        self.offer = HandlerOffer(self.js, names, registry.names(), s.stream_replicas)
+        self.offer = HandlerOffer(self.js, names, registry.names(), s.stream_replicas, slots=s.executor_concurrency)
         await self.offer.start()
         runner = JobRunner(self.js, names, steps, self.progress, self.keepalive, max_deliver=s.executor_max_deliver,
                            stops=self.stops)
