@@ -136,8 +136,13 @@ class Stack:
     def write_runtime(self, api_url: str) -> None:
         s = self.settings
         # The prefix too: a command given only the data dir must see this stack's streams.
-        s.runtime_file.write_text(json.dumps({"nats_url": s.nats_url, "database_url": s.database_url,
-                                              "api_url": api_url, "prefix": s.prefix, "pid": os.getpid()}, indent=2))
+        body = json.dumps({"nats_url": s.nats_url, "database_url": s.database_url,
+                           "api_url": api_url, "prefix": s.prefix, "pid": os.getpid()}, indent=2)
+        # Readable by its owner only, as admin.key: a DATABASE_URL may carry a password.
+        fd = os.open(s.runtime_file, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        os.fchmod(fd, 0o600)  # a file left by an earlier `up` keeps its mode otherwise
+        with os.fdopen(fd, "w") as out:
+            out.write(body)
 
     def start_services(self) -> None:
         env = dict(os.environ)

@@ -9,6 +9,7 @@ import json
 import os
 import queue
 import signal
+import stat
 import subprocess
 import sys
 import threading
@@ -83,6 +84,8 @@ def test_up_starts_restarts_stops_and_finds_its_data_again(tmp_path):
         key = first.line_starting("Admin key: ")
         api = Api(url, key)
         assert "purchased" in api.call("GET", "/credits")  # at once: the URL is printed once the API answers
+        for secret in ("admin.key", "runtime.json"):  # a DATABASE_URL may carry a password
+            assert stat.S_IMODE((data_dir / secret).stat().st_mode) == 0o600, secret
         api.call("POST", "/admin/tenants/platform/credits", {"purchased": 10})
         template = api.call("POST", "/templates", {"name": "t", "steps": [{"name": "s", "handler": "noop"}]})
         done = _run_to_the_end(api, template["id"], 3)
