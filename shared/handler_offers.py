@@ -72,11 +72,14 @@ class HandlerOffer:
 
     async def start(self) -> None:
         self._kv = kv = await ensure_bucket(self._js, self._names, self._replicas)
+        # Put again and again: the handler entries live a week (TTL_S), the slots are counted
+        # only LIVE_S after they were last put.
         await self._put(kv)
-        self._tasks.append(asyncio.create_task(self._refresh(kv), name="handler-offer"))
+        self._tasks.append(asyncio.create_task(self._again(self._put, kv, REFRESH_S), name="handler-offer"))
         if self._slots is not None:
             await self._put_slots(kv)
-            self._tasks.append(asyncio.create_task(self._heartbeat(kv), name="handler-offer-slots"))
+            self._tasks.append(asyncio.create_task(self._again(self._put_slots, kv, ALIVE_S),
+                                                   name="handler-offer-slots"))
 
     async def stop(self) -> None:
         for task in self._tasks:
@@ -94,21 +97,14 @@ class HandlerOffer:
     async def _put_slots(self, kv) -> None:
         await kv.put(self._key, orjson.dumps({"slots": self._slots}))
 
-    async def _refresh(self, kv) -> None:
+    @staticmethod
+    async def _again(put, kv, every_s: float) -> None:
         while True:
-            await asyncio.sleep(REFRESH_S)
+            await asyncio.sleep(every_s)
             try:
-                await self._put(kv)
-            except Exception as exc:  # NATS away: the entries live a week; next time
-                log.warning("handler_offer.refresh_failed", error=repr(exc))
-
-    async def _heartbeat(self, kv) -> None:
-        while True:
-            await asyncio.sleep(ALIVE_S)
-            try:
-                await self._put_slots(kv)
-            except Exception as exc:  # NATS away: not counted for a while; next time
-                log.warning("handler_offer.slots_refresh_failed", error=repr(exc))
+                await put(kv)
+            except Exception as exc:  # NATS away: next time
+                log.warning("handler_offer.put_failed", what=put.__name__, error=repr(exc))
 
 
 def _slots_of(value: bytes) -> int:

@@ -31,7 +31,8 @@ from services.gateway.errors import errors_middleware
 from services.gateway.events import EventHub
 from services.gateway.identity import KeyCache, Principal, authenticate
 from services.gateway.openapi import openapi_document
-from services.gateway.routes import LOCAL_ROUTES, ROUTES, API, LargeBodies, forwarder, public_paths
+from services.gateway.large_bodies import LargeBodies
+from services.gateway.routes import LOCAL_ROUTES, ROUTES, API, forwarder, public_paths
 from services.gateway.system_metrics import SystemMetrics
 
 DASHBOARD = Path(__file__).parent / "static" / "dashboard.html"

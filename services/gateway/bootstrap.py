@@ -19,7 +19,7 @@ from services.gateway.app import Deps, build_app
 from services.gateway.events import EventHub
 from services.gateway.identity import KeyCache
 from services.gateway.key_revocations import KeyRevocations, dedicated_connection
-from services.gateway.routes import LargeBodies
+from services.gateway.large_bodies import LargeBodies
 from services.gateway.system_metrics import SystemMetrics
 
 log = structlog.get_logger(__name__)

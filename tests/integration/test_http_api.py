@@ -109,25 +109,26 @@ async def test_service_endpoints_and_openapi(api):
     assert page.status == 200 and "redrive — operations" in await page.text()
 
 
+async def sse_frames(http, key: str, out: list) -> None:
+    """Read GET /events with ``key`` into ``out`` as (event, data) pairs, ("connected", {}) first."""
+    async with http.get("/api/v1/events", headers=auth(key)) as resp:
+        assert resp.status == 200 and resp.headers["Content-Type"].startswith("text/event-stream")
+        event = None
+        async for raw in resp.content:
+            line = raw.decode().rstrip("\n")
+            if line.startswith("event: "):
+                event = line[7:]
+            elif line.startswith("data: ") and event:
+                out.append((event, json.loads(line[6:])))
+            elif line == ": connected":
+                out.append(("connected", {}))
+
+
 async def test_live_events_reach_their_tenant_only(api):
     http, keys = api["http"], api["keys"]
-
-    async def frames(key, out: list):
-        async with http.get("/api/v1/events", headers=auth(key)) as resp:
-            assert resp.status == 200 and resp.headers["Content-Type"].startswith("text/event-stream")
-            event = None
-            async for raw in resp.content:
-                line = raw.decode().rstrip("\n")
-                if line.startswith("event: "):
-                    event = line[7:]
-                elif line.startswith("data: ") and event:
-                    out.append((event, json.loads(line[6:])))
-                elif line == ": connected":
-                    out.append(("connected", {}))
-
     mine, theirs = [], []
-    mine_task = asyncio.create_task(frames(keys["member"], mine))
-    theirs_task = asyncio.create_task(frames(keys["other"], theirs))
+    mine_task = asyncio.create_task(sse_frames(http, keys["member"], mine))
+    theirs_task = asyncio.create_task(sse_frames(http, keys["other"], theirs))
     for _ in range(100):
         if mine and theirs:
             break
@@ -215,20 +216,7 @@ async def test_a_new_notification_is_pushed_live_to_its_tenant_as_stored(api):
     """product.md: notifications are stored, listed and pushed live (SSE ``notification``)."""
     http, keys = api["http"], api["keys"]
     streams = {"member": [], "other": []}
-
-    async def frames(who: str):
-        async with http.get("/api/v1/events", headers=auth(keys[who])) as resp:
-            event = None
-            async for raw in resp.content:
-                line = raw.decode().rstrip("\n")
-                if line == ": connected":
-                    streams[who].append(("connected", {}))
-                elif line.startswith("event: "):
-                    event = line[7:]
-                elif line.startswith("data: ") and event:
-                    streams[who].append((event, json.loads(line[6:])))
-
-    tasks = [asyncio.create_task(frames(who)) for who in streams]
+    tasks = [asyncio.create_task(sse_frames(http, keys[who], frames)) for who, frames in streams.items()]
     try:
         while not all(streams.values()):
             await asyncio.sleep(0.02)

@@ -1,5 +1,5 @@
 """Which request bodies the gateway counts as large, and how many it reads at once
-(routes.LargeBodies, REDRIVE_MAX_CONCURRENT_LARGE_BODIES)."""
+(large_bodies.LargeBodies, REDRIVE_MAX_CONCURRENT_LARGE_BODIES)."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ import pytest
 from aiohttp import streams
 from aiohttp.test_utils import make_mocked_request
 
-from services.gateway.routes import LargeBodies
+from services.gateway.large_bodies import LargeBodies
 from shared.messages import ServiceError
 
 MESSAGE = 1024 * 1024
