@@ -1,0 +1,63 @@
+"""The pool pings a connection that sat idle before handing it out, and replaces it when
+its server side is gone (a PostgreSQL restart, an admin's pg_terminate_backend): the caller
+never sees the dead connection. A connection given back a moment ago is not pinged."""
+
+import asyncpg
+from sqlalchemy import text
+from sqlalchemy.dialects.postgresql.asyncpg import AsyncAdapt_asyncpg_connection
+
+from shared import db
+from shared.db import make_engine, transaction
+
+
+async def _backend_pid(engine) -> int:
+    async with transaction(engine) as conn:
+        return (await conn.execute(text("SELECT pg_backend_pid()"))).scalar_one()
+
+
+async def _terminate(settings, pid: int) -> None:
+    admin = await asyncpg.connect(settings.database_url)
+    try:
+        assert await admin.fetchval("SELECT pg_terminate_backend($1)", pid)
+        # Gone from pg_stat_activity: the pooled connection's socket is closed by now.
+        while await admin.fetchval("SELECT count(*) FROM pg_stat_activity WHERE pid = $1", pid):
+            pass
+    finally:
+        await admin.close()
+
+
+async def test_an_idle_connection_whose_backend_died_is_replaced_before_use(make_settings, monkeypatch):
+    settings = await make_settings()
+    engine = make_engine(settings, pool_size=1)
+    try:
+        first = await _backend_pid(engine)
+        await _terminate(settings, first)
+        monkeypatch.setattr(db, "PING_AFTER_IDLE_S", 0.0)  # idle "long enough" at once
+        second = await _backend_pid(engine)  # no error: pinged, found dead, replaced
+        assert second != first
+    finally:
+        await engine.dispose()
+
+
+async def test_a_connection_given_back_a_moment_ago_is_used_without_a_ping(make_settings, monkeypatch):
+    settings = await make_settings()
+    engine = make_engine(settings, pool_size=1)
+    pings = 0
+    real_ping = AsyncAdapt_asyncpg_connection.ping
+
+    def counting_ping(self):
+        nonlocal pings
+        pings += 1
+        return real_ping(self)
+
+    monkeypatch.setattr(AsyncAdapt_asyncpg_connection, "ping", counting_ping)
+    try:
+        await _backend_pid(engine)
+        for _ in range(5):
+            await _backend_pid(engine)
+        assert pings == 0
+        monkeypatch.setattr(db, "PING_AFTER_IDLE_S", 0.0)
+        await _backend_pid(engine)
+        assert pings == 1
+    finally:
+        await engine.dispose()
