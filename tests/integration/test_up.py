@@ -32,11 +32,13 @@ class _Up:
                                      env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                                      start_new_session=True)
         self.lines: queue.Queue[str] = queue.Queue()
+        self.printed: list[str] = []  # every line, for what must never be shown
         threading.Thread(target=self._read, daemon=True).start()
 
     def _read(self) -> None:
         for line in self.proc.stdout:
             self.lines.put(line.rstrip("\n"))
+            self.printed.append(line)
 
     def line_starting(self, prefix: str, timeout: float = 90) -> str:
         deadline = time.monotonic() + timeout
@@ -84,7 +86,8 @@ def test_up_starts_restarts_stops_and_finds_its_data_again(tmp_path):
         key = first.line_starting("Admin key: ")
         api = Api(url, key)
         assert "purchased" in api.call("GET", "/credits")  # at once: the URL is printed once the API answers
-        for secret in ("admin.key", "runtime.json"):  # a DATABASE_URL may carry a password
+        # runtime.json: the URLs carry the embedded servers' credentials, generated in the data dir.
+        for secret in ("admin.key", "runtime.json", "nats.token", "postgres.password"):
             assert stat.S_IMODE((data_dir / secret).stat().st_mode) == 0o600, secret
         api.call("POST", "/admin/tenants/platform/credits", {"purchased": 10})
         template = api.call("POST", "/templates", {"name": "t", "steps": [{"name": "s", "handler": "noop"}]})
@@ -99,6 +102,7 @@ def test_up_starts_restarts_stops_and_finds_its_data_again(tmp_path):
         started = first.interrupt()
     assert first.proc.returncode == 0
     assert not [p for p in started if p.is_running() and p.status() != psutil.STATUS_ZOMBIE], "Ctrl-C left processes"
+    _assert_credentials_never_shown(data_dir, "".join(first.printed))
 
     second = _Up(data_dir, port)
     try:
@@ -132,6 +136,16 @@ def test_up_starts_restarts_stops_and_finds_its_data_again(tmp_path):
             _until(lambda: not [p for p in started if _alive(p) and "postgres" not in p.name()], timeout=30)
         finally:
             EmbeddedPostgres(data_dir).stop()
+
+
+def _assert_credentials_never_shown(data_dir: Path, printed: str) -> None:
+    """Neither `up`'s output nor any log of the stack holds the embedded servers' credentials."""
+    credentials = [(data_dir / name).read_text().strip() for name in ("nats.token", "postgres.password")]
+    runtime = json.loads((data_dir / "runtime.json").read_text())
+    assert credentials[0] in runtime["nats_url"] and credentials[1] in runtime["database_url"]
+    logs = [*(data_dir / "logs").glob("*.log"), data_dir / "nats.log", EmbeddedPostgres(data_dir).log_path]
+    for where, text in [("output", printed), *((str(log), log.read_text(errors="replace")) for log in logs)]:
+        assert not [c for c in credentials if c in text], f"a credential in {where}"
 
 
 def _alive(process: psutil.Process) -> bool:

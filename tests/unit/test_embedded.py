@@ -1,12 +1,17 @@
-"""The servers from the wheels really start, keep their data across restarts, and crash."""
+"""The servers from the wheels really start, keep their data across restarts, and crash;
+no one without the credentials kept in their data directory gets in."""
 
 from __future__ import annotations
 
+import asyncio
+import os
 import shutil
+import stat
 from pathlib import Path
 
 import asyncpg
 import nats
+import psutil
 import pytest
 
 from shared.embedded import PG_FALLBACK_ROOT, EmbeddedNats, EmbeddedPostgres, EmbeddedServerError
@@ -80,7 +85,7 @@ async def test_postgres_keeps_data_across_instances_and_restarts_after_kill(tmp_
     await first.astart()
     assert first.running and first.pid
     url = first.url
-    assert url.startswith("postgresql://postgres@127.0.0.1:") and url.endswith("/redrive")
+    assert url.startswith(f"postgresql://postgres:{first.password}@127.0.0.1:") and url.endswith("/redrive")
     if first.user is not None:  # root: tmp_path sits under 0700 /tmp/pytest-of-root
         assert (data_dir / "postgres").is_symlink()
         assert first.pgdata.parent == PG_FALLBACK_ROOT
@@ -118,3 +123,139 @@ async def test_postgres_keeps_data_across_instances_and_restarts_after_kill(tmp_
         await admin.close()
     finally:
         await conn.close()
+
+
+def _private(path: Path) -> str:
+    """The secret in ``path``, checked to be readable by its owner only."""
+    assert stat.S_IMODE(path.stat().st_mode) == 0o600, path
+    return path.read_text().strip()
+
+
+async def test_nats_refuses_a_client_without_the_token(tmp_path, cleanup):
+    server = EmbeddedNats(tmp_path)
+    cleanup.append(server)
+    server.start()
+    for anonymous in (f"nats://{server.host}:{server.port}", f"nats://not-the-token@{server.host}:{server.port}"):
+        with pytest.raises(nats.errors.Error, match="Authorization Violation"):
+            await _connect_nats(anonymous)
+    nc = await _connect_nats(server.url)
+    await nc.close()
+
+
+async def test_nats_token_is_private_off_the_command_line_and_kept_across_restarts(tmp_path, cleanup):
+    server = EmbeddedNats(tmp_path)
+    cleanup.append(server)
+    server.start()
+    token = _private(tmp_path / "nats.token")
+    assert server.url == f"nats://{token}@127.0.0.1:{server.port}"
+    assert token in _private(tmp_path / "nats.conf")
+    assert not [arg for arg in psutil.Process(server.pid).cmdline() if token in arg]  # ps shows every argument
+    reconnected = asyncio.Event()
+
+    async def on_reconnect() -> None:
+        reconnected.set()
+
+    nc = await nats.connect(server.url, reconnect_time_wait=0.1, max_reconnect_attempts=-1,
+                            reconnected_cb=on_reconnect)
+    try:
+        sub = await nc.subscribe("emb.token")
+        url = server.url
+        await asyncio.to_thread(server.restart)
+        assert server.url == url and _private(tmp_path / "nats.token") == token
+        await asyncio.wait_for(reconnected.wait(), 10)  # the client sends the token again
+        await nc.publish("emb.token", b"again")
+        assert (await sub.next_msg(timeout=2)).data == b"again"
+    finally:
+        await nc.close()
+    server.stop()
+
+    again = EmbeddedNats(tmp_path, port=server.port)  # a later `redrive up` on the same data dir
+    cleanup.append(again)
+    again.start()
+    assert again.url == url
+    await (await _connect_nats(url)).close()
+
+
+async def test_postgres_refuses_a_client_without_the_password(tmp_path, cleanup):
+    server = EmbeddedPostgres(tmp_path / "data")
+    cleanup.append(server)
+    await server.astart()
+    for anonymous in (f"postgresql://postgres@{server.host}:{server.port}/redrive",
+                      f"postgresql://postgres:not-the-password@{server.host}:{server.port}/postgres"):
+        with pytest.raises(asyncpg.InvalidAuthorizationSpecificationError):
+            await asyncpg.connect(anonymous, timeout=5)
+    for url in (server.url, server.admin_url):
+        conn = await asyncpg.connect(url, timeout=5)
+        await conn.close()
+
+
+async def test_postgres_password_is_private_and_kept_across_restarts(tmp_path, cleanup):
+    data_dir = tmp_path / "data"
+    server = EmbeddedPostgres(data_dir)
+    cleanup.append(server)
+    await server.astart()
+    password = _private(data_dir / "postgres.password")
+    url = server.url
+    assert url == f"postgresql://postgres:{password}@127.0.0.1:{server.port}/redrive"
+    await asyncio.to_thread(server.restart)
+    assert server.url == url and _private(data_dir / "postgres.password") == password
+    server.stop()
+
+    again = EmbeddedPostgres(data_dir)
+    cleanup.append(again)
+    assert again.url == url
+    await again.astart()
+    conn = await asyncpg.connect(url, timeout=5)
+    await conn.close()
+
+
+def _cluster_of_an_earlier_version(server: EmbeddedPostgres) -> None:
+    """initdb as redrive did before the embedded servers had credentials: trust, no password."""
+    server.pgdata.mkdir(parents=True)
+    if server.user is not None:
+        os.chown(server.pgdata, server.user.pw_uid, server.user.pw_gid)
+    server.pgdata.chmod(0o700)
+    done = server._run("initdb", "-D", str(server.pgdata), "-U", "postgres", "--auth=trust", "-E", "UTF8",
+                       "--locale=C", "--no-sync")
+    assert done.returncode == 0, done.stderr
+
+
+@pytest.mark.parametrize("left_running", [False, True], ids=["stopped", "left-running"])
+async def test_postgres_cluster_of_an_earlier_version_is_secured_at_start(tmp_path, cleanup, left_running):
+    data_dir = tmp_path / "data"
+    server = EmbeddedPostgres(data_dir)
+    cleanup.append(server)
+    _cluster_of_an_earlier_version(server)
+    anonymous = f"postgresql://postgres@{server.host}:{server.port}/postgres"
+    if left_running:  # as a killed `redrive up` leaves it, for the next `up` to take over
+        opts = f"-p {server.port} -h {server.host} -k ''"
+        done = server._run("pg_ctl", "-D", str(server.pgdata), "-l", str(server.log_path), "-o", opts, "-w", "start")
+        assert done.returncode == 0, done.stderr
+        conn = await asyncpg.connect(anonymous, timeout=5)  # trust: anyone on the machine gets in
+        await conn.execute("CREATE TABLE kept (v text); INSERT INTO kept VALUES ('before')")
+        await conn.close()
+    assert not (data_dir / "postgres.password").exists()
+
+    await server.astart()
+    password = _private(data_dir / "postgres.password")
+    assert password in server.url
+    with pytest.raises(asyncpg.InvalidAuthorizationSpecificationError):
+        await asyncpg.connect(anonymous, timeout=5)
+    records = [line.split() for line in (server.pgdata / "pg_hba.conf").read_text().splitlines()
+               if line.strip() and not line.lstrip().startswith("#")]
+    assert records and all(record[-1] == "scram-sha-256" for record in records)
+    conn = await asyncpg.connect(server.admin_url, timeout=5)
+    try:
+        if left_running:
+            assert await conn.fetchval("SELECT v FROM kept") == "before"
+    finally:
+        await conn.close()
+
+    # The next start finds it secured: same password, no second conversion.
+    server.stop()
+    again = EmbeddedPostgres(data_dir)
+    cleanup.append(again)
+    await again.astart()
+    assert again.url == server.url and _private(data_dir / "postgres.password") == password
+    conn = await asyncpg.connect(again.url, timeout=5)
+    await conn.close()
