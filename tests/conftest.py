@@ -1,10 +1,25 @@
 from __future__ import annotations
 
+import shutil
+
 import asyncpg
 import pytest
 
+from shared.embedded import PG_FALLBACK_ROOT
 from shared.settings import Settings
 from tests.servers import Servers, create_database, new_prefix, start_servers
+
+
+@pytest.fixture(scope="session", autouse=True)
+def no_clusters_left_behind():
+    """As root, an embedded PostgreSQL whose data dir lies under pytest's 0700 temp dirs keeps
+    its cluster in PG_FALLBACK_ROOT (shared/embedded.py), outside them: ~50 MB a test of
+    `redrive up` or the chaos stacks. Remove the clusters this session made, once stopped."""
+    before = set(PG_FALLBACK_ROOT.iterdir()) if PG_FALLBACK_ROOT.is_dir() else set()
+    yield
+    for cluster in set(PG_FALLBACK_ROOT.iterdir()) - before if PG_FALLBACK_ROOT.is_dir() else ():
+        if not (cluster / "postmaster.pid").exists():
+            shutil.rmtree(cluster, ignore_errors=True)
 
 
 @pytest.fixture(scope="session")
