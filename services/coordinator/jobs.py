@@ -226,14 +226,47 @@ async def drop_expansions(conn: AsyncConnection, run_id: str) -> None:
 
 
 _EXPAND_RUN = text(
-    "SELECT r.id, r.tenant_id, r.template_id, r.mode, r.round, r.generation, r.status, r.trace_id, "
+    "SELECT r.id, r.tenant_id, r.template_id, r.mode, r.round, r.generation, r.status, r.trace_id, r.total, "
     "t.steps FROM coordinator.runs r JOIN coordinator.templates t ON t.id = r.template_id WHERE r.id = :run_id"
 )
-_EXPAND_FILES = text(
-    "SELECT idx, round, name, url, content_b64, size, sha256, checkpoint_step, checkpoint_output FROM coordinator.files "
-    "WHERE run_id = :run_id AND round BETWEEN :first AND :last AND status = 'PENDING' AND idx > :after "
-    "ORDER BY idx LIMIT :limit"
-)
+_FILE_COLUMNS = ("SELECT idx, round, name, url, content_b64, size, sha256, checkpoint_step, checkpoint_output "
+                 "FROM coordinator.files WHERE run_id = :run_id AND round BETWEEN :first AND :last "
+                 "AND status = 'PENDING' AND idx > :after")
+# A page is read a span of indexes at a time (through the primary key: run_id, idx). Asked
+# for "the next PENDING files after :after" alone, PostgreSQL judges from a table of mostly
+# finished files that the run has few PENDING ones, and reads all of them to sort them (a
+# 100,000-file run in a table of 20 million: 20-28 ms a page, instead of ~2).
+_EXPAND_FILES_IN_SPAN = text(_FILE_COLUMNS + " AND idx <= :upto ORDER BY idx LIMIT :limit")
+# Past the run's last index (indexes run 0..total-1): whatever is left, which is nothing
+# unless a file was given an index beyond them; bounded by the primary key all the same.
+_EXPAND_FILES_AFTER = text(_FILE_COLUMNS + " ORDER BY idx LIMIT :limit")
+# Indexes per span at least: where PENDING files are few (a Continue of 10 failed files in
+# 100,000), a page walks the run in spans of this many rows.
+SPAN = 4096
+
+
+async def _pending_files(conn: AsyncConnection, spec: Mapping[str, Any], total: int, limit: int) -> list[dict]:
+    """Up to ``limit`` PENDING files of the expansion's round(s) after its ``after_idx``,
+    in index order; fewer only when there are no more."""
+    files: list[dict] = []
+    params = {"run_id": spec["run_id"], "first": spec.get("first_round", spec["round"]), "last": spec["round"],
+              "after": spec["after_idx"]}
+    while len(files) < limit:
+        wanted = limit - len(files)
+        last_span = params["after"] >= total - 1
+        if last_span:
+            result = await conn.execute(_EXPAND_FILES_AFTER, {**params, "limit": wanted})
+        else:
+            upto = params["after"] + max(wanted, SPAN)
+            result = await conn.execute(_EXPAND_FILES_IN_SPAN, {**params, "upto": upto, "limit": wanted})
+        # Plain dicts: RowMapping lookups made up most of building a job (5 → 2 µs a file).
+        columns = list(result.keys())
+        found = [dict(zip(columns, row)) for row in result]
+        files += found
+        if last_span:
+            break
+        params["after"] = found[-1]["idx"] if len(found) == wanted else upto
+    return files
 
 
 async def expand_page(conn: AsyncConnection, spec: Mapping[str, Any], limit: int, *, names: Names,
@@ -255,11 +288,7 @@ async def expand_page(conn: AsyncConnection, spec: Mapping[str, Any], limit: int
         limit = min(limit, await room(conn, run["tenant_id"], size))
         if limit <= 0:
             return Page([], dict(spec), waiting=True)
-    result = await conn.execute(_EXPAND_FILES, {"run_id": spec["run_id"], "first": spec.get("first_round", spec["round"]),
-                                                "last": spec["round"], "after": spec["after_idx"], "limit": limit})
-    # Plain dicts: RowMapping lookups made up most of building a job (5 → 2 µs a file).
-    columns = list(result.keys())
-    files = [dict(zip(columns, row)) for row in result]
+    files = await _pending_files(conn, spec, run["total"], limit)
     messages = job_messages(names, run, {"steps": run["steps"]}, files, RetryPolicy.model_validate(spec["policy"]),
                             msg_suffix=spec.get("msg_suffix", ""))
     if len(files) < limit:

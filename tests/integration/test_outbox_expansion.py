@@ -96,3 +96,31 @@ async def test_pages_resume_after_the_last_index_and_stop_when_the_run_stops(sta
         await conn.execute(text("UPDATE coordinator.runs SET status = 'CANCELLED' WHERE id = :id"), {"id": run["id"]})
         assert await expand_page(conn, spec, 40, names=stack.names) == ([], None, False)
         await conn.rollback()  # leave the run as it was
+
+
+async def test_a_page_walks_the_run_in_spans_past_files_that_are_done(stack, monkeypatch):
+    """Pages are read a span of indexes at a time (jobs.SPAN): sparse PENDING files (a
+    Continue of a few failed files in a big run) are all found, in order, across spans, and
+    so are files past the run's last index (the unbounded read at the end)."""
+    from services.coordinator import jobs
+
+    monkeypatch.setattr(jobs, "SPAN", 8)
+    _, run = await noop_run(stack, 90)
+    await outbox_drained(stack)
+    engine = stack.services["coordinator"][0].engine
+    pending = [3, 4, 30, 31, 32, 77, 89]
+    spec = {"run_id": run["id"], "round": 0, "policy": {}, "after_idx": -1}
+    async with engine.begin() as conn:
+        await conn.execute(text("UPDATE coordinator.files SET status = 'SUCCEEDED' WHERE run_id = :id "
+                                "AND NOT idx = ANY(:keep)"), {"id": run["id"], "keep": pending})
+        seen, pages, page_spec = [], 0, spec
+        while page_spec is not None:
+            page = await jobs.expand_page(conn, page_spec, 2, names=stack.names)
+            seen += [int(m.msg_id.split(":")[2]) for m in page.messages]
+            page_spec, pages = page.next_spec, pages + 1
+        assert seen == pending and pages == 4
+        # A run whose total says 60 (indexes 0..59) still gets its files 77 and 89.
+        await conn.execute(text("UPDATE coordinator.runs SET total = 60, pending = 60 WHERE id = :id"), {"id": run["id"]})
+        page = await jobs.expand_page(conn, {**spec, "after_idx": 32}, 5, names=stack.names)
+        assert [int(m.msg_id.split(":")[2]) for m in page.messages] == [77, 89] and page.next_spec is None
+        await conn.rollback()  # leave the run as it was
