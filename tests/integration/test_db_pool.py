@@ -61,3 +61,12 @@ async def test_a_connection_given_back_a_moment_ago_is_used_without_a_ping(make_
         assert pings == 1
     finally:
         await engine.dispose()
+
+
+async def test_the_services_connections_run_without_jit(make_settings):
+    engine = make_engine(await make_settings(), pool_size=1)
+    try:
+        async with transaction(engine) as conn:
+            assert (await conn.execute(text("SHOW jit"))).scalar_one() == "off"
+    finally:
+        await engine.dispose()
