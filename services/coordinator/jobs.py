@@ -144,13 +144,19 @@ def _published(spec: Mapping[str, Any]) -> int:
 # skipped or cancelled before their job went out make it an underestimate, never an
 # overestimate: the window can let a few too many out, but it never waits for jobs that do
 # not exist.
+# Runs flagged ``breaker_open`` do not count: their jobs out wait for a dependency, deferred
+# by the executors (nak'd with a delay, not at the head of the queue), and counted they held
+# the window until the breaker closed, so that none of the tenant's other runs started
+# (a soak test: a 10-file run waited 4 minutes). Such a run publishes no more of its jobs
+# until it progresses again (expand_page), which clears the flag.
+_NOT_WAITING_ON_A_BREAKER = "attention_reason IS DISTINCT FROM 'breaker_open'"
 _TENANT_OUT = text(
     "SELECT (SELECT coalesce(sum(pending), 0) FROM coordinator.runs "
-    "        WHERE tenant_id = :t AND status = 'RUNNING' AND mode = 'per_file') "
+    "        WHERE tenant_id = :t AND status = 'RUNNING' AND mode = 'per_file' AND " + _NOT_WAITING_ON_A_BREAKER + ") "
     " - (SELECT coalesce(sum(GREATEST(coalesce((o.expand->>'count')::int, r.total) "
     "        - coalesce((o.expand->>'published')::int, (o.expand->>'after_idx')::int + 1), 0)), 0) "
     "    FROM coordinator.outbox o JOIN coordinator.runs r ON r.id = o.expand->>'run_id' "
-    "    WHERE o.expand IS NOT NULL AND r.tenant_id = :t AND r.status = 'RUNNING')"
+    "    WHERE o.expand IS NOT NULL AND r.tenant_id = :t AND r.status = 'RUNNING' AND r." + _NOT_WAITING_ON_A_BREAKER + ")"
 )
 
 
@@ -227,6 +233,7 @@ async def drop_expansions(conn: AsyncConnection, run_id: str) -> None:
 
 _EXPAND_RUN = text(
     "SELECT r.id, r.tenant_id, r.template_id, r.mode, r.round, r.generation, r.status, r.trace_id, r.total, "
+    "r.attention_reason, "
     "t.steps FROM coordinator.runs r JOIN coordinator.templates t ON t.id = r.template_id WHERE r.id = :run_id"
 )
 _FILE_COLUMNS = ("SELECT idx, round, name, url, content_b64, size, sha256, checkpoint_step, checkpoint_output "
@@ -284,6 +291,8 @@ async def expand_page(conn: AsyncConnection, spec: Mapping[str, Any], limit: int
     if run is None or run["status"] != "RUNNING":
         return Page([], None)
     if window is not None:
+        if run["attention_reason"] == "breaker_open":  # not counted in the window: see _TENANT_OUT
+            return Page([], dict(spec), waiting=True)
         size = window if isinstance(window, int) else await window.size(conn)
         limit = min(limit, await room(conn, run["tenant_id"], size))
         if limit <= 0:

@@ -147,3 +147,26 @@ async def test_recovery_keeps_to_the_window_and_gives_each_file_one_job(make_set
     finally:
         await db.close()
         await stack.stop()
+
+
+async def test_a_run_waiting_on_an_open_breaker_does_not_hold_its_tenants_window(stack):
+    """The jobs of a run whose dependency's breaker is open wait, deferred by the executors:
+    counted in the window, they kept every other run of the tenant from starting until the
+    breaker closed (never, for a dependency that stays down)."""
+    tenant = await stack.tenant()
+    # Retries enough to keep the files PENDING; the breaker opens after 2 failures and
+    # probes again after a minute, longer than this test.
+    await stack.call("coordinator", "put_settings", tenant_id=tenant, auto_retries=10, backoff_base_ms=50,
+                     backoff_max_ms=50, jitter=False, breaker_failure_threshold=2, breaker_reset_s=60)
+    down = {"name": "call", "handler": "flaky", "params": {"p": 1.0, "dependency": "down-for-good"}}
+    blocked = await stack.submit(tenant, await stack.template(tenant, [down]), 5 * WINDOW)
+    flagged = await stack.wait_run(tenant, blocked["id"], until=lambda r: r.get("attention_reason") == "breaker_open",
+                                   timeout=30)
+    assert flagged["status"] == "RUNNING" and flagged["counts"]["pending"] == 5 * WINDOW
+    other = await stack.submit(tenant, await stack.template(tenant, [{"name": "s", "handler": "noop"}]), 3)
+    assert (await stack.wait_run(tenant, other["id"], timeout=20))["status"] == "COMPLETED"
+    # The blocked run published no more of its jobs meanwhile: at most a window of them.
+    subject = stack.names.job(tenant)
+    info = await stack.js.stream_info(stack.names.jobs_stream, subjects_filter=subject)
+    assert (info.state.subjects or {}).get(subject, 0) <= WINDOW
+    await stack.call("coordinator", "cancel", tenant_id=tenant, run_id=blocked["id"])
