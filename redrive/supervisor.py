@@ -16,11 +16,16 @@ import urllib.request
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from redrive.service_log import Output, ServiceLog
 from shared.child_process import terminate_with_parent
 from shared.settings import Settings
 
 SERVICES = ("coordinator", "billing", "notifier", "executor", "gateway")
 
+
+# How long a dead service's output may take to reach its log: its pipe ends once every process
+# holding it is gone (one it started could hold it longer; then the rest follows when it ends).
+OUTPUT_DRAIN_S = 5.0
 
 # A service's exit code for a configuration it cannot run with (redrive/cli_common.py): before
 # the stack is ready, restarting it would only fail again.
@@ -65,29 +70,34 @@ class Child:
     name: str
     args: list[str]
     env: dict[str, str]
-    log_path: Path
+    log: ServiceLog
     proc: subprocess.Popen | None = None
+    output: Output | None = None  # this start's, being copied into the log
     restarts: int = 0
     started_at: float = 0.0
-    log_start: int = 0  # where this start's output begins in the (appended) log
+
+    @property
+    def log_path(self) -> Path:
+        return self.log.path
 
     def start(self) -> None:
-        log = open(self.log_path, "ab")
-        self.log_start = log.tell()
-        self.proc = subprocess.Popen(self.args, env=self.env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
-                                     preexec_fn=terminate_with_parent)
+        # Into a pipe that this process copies into the log, rather than the log file itself:
+        # a file the service held open could not be rotated under it.
+        self.proc = subprocess.Popen(self.args, env=self.env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                                     start_new_session=True, preexec_fn=terminate_with_parent)
+        self.output = self.log.follow(self.proc.stdout, self.name)
         self.started_at = time.monotonic()
-        log.close()
+
+    def ended(self) -> None:
+        """Wait (a little) until what the dead process wrote is all in the log."""
+        if self.output is not None:
+            self.output.wait(OUTPUT_DRAIN_S)
 
     def last_error(self) -> str:
-        """The line of its log that says why it stopped: its last ``error:`` line (one line, as
-        every command writes it), else its last line."""
-        try:
-            with open(self.log_path, "rb") as log:
-                log.seek(self.log_start)
-                lines = [_ANSI.sub("", line).strip() for line in log.read().decode(errors="replace").splitlines()]
-        except OSError as exc:
-            return f"its log {self.log_path} is unreadable: {exc.strerror}"
+        """The line of this start's output that says why it stopped: its last ``error:`` line
+        (one line, as every command writes it), else its last line."""
+        tail = tuple(self.output.tail) if self.output else ()  # at once: its copier may still append
+        lines = [_ANSI.sub("", line).strip() for line in tail]
         lines = [line for line in lines if line]
         said = [line for line in lines if line.startswith(("error:", "invalid configuration:"))]
         if not said and not lines:
@@ -102,6 +112,7 @@ class Child:
             except subprocess.TimeoutExpired:
                 self.proc.kill()
                 self.proc.wait()
+        self.ended()
 
 
 @dataclass
@@ -149,14 +160,22 @@ class Stack:
         env.update({"NATS_URL": self.settings.nats_url, "DATABASE_URL": self.settings.database_url,
                     "REDRIVE_DATA_DIR": str(self.settings.data_dir), "REDRIVE_PREFIX": self.settings.prefix,
                     "REDRIVE_HOST": self.settings.host, "REDRIVE_PORT": str(self.settings.port)})
-        logs = self.settings.data_dir / "logs"
-        logs.mkdir(exist_ok=True)
         for name in SERVICES:
             for i in range(self.executors if name == "executor" else 1):
                 label = f"{name}-{i}" if name == "executor" else name
-                child = Child(label, [sys.executable, "-m", "redrive", "service", name], env, logs / f"{label}.log")
-                child.start()
-                self.children.append(child)
+                self.start_child(label, [sys.executable, "-m", "redrive", "service", name], env)
+
+    def start_child(self, label: str, args: list[str], env: dict[str, str]) -> Child:
+        """Start ``args`` as a child watched by this stack, its output in DATA_DIR/logs/<label>.log
+        rotated at REDRIVE_LOG_MAX_MB into REDRIVE_LOG_BACKUPS older files."""
+        s = self.settings
+        logs = s.data_dir / "logs"
+        logs.mkdir(exist_ok=True)
+        log = ServiceLog(logs / f"{label}.log", int(s.log_max_mb * 2**20), s.log_backups)
+        child = Child(label, args, env, log)
+        self.children.append(child)  # first: stop() closes its log even if it did not start
+        child.start()
+        return child
 
     def watch(self, stop_requested) -> None:
         """Restart a service that died (with a short backoff if it keeps dying)."""
@@ -190,6 +209,7 @@ class Stack:
     def _restart_dead(self, starting: bool = False) -> None:
         for child in self.children:
             if child.proc is not None and child.proc.poll() is not None:
+                child.ended()
                 if starting and child.proc.returncode == BAD_CONFIGURATION:
                     raise ServiceFailed(f"{child.name} could not start (exit {BAD_CONFIGURATION}): {child.last_error()}",
                                         child.log_path)
@@ -203,6 +223,7 @@ class Stack:
     def stop(self) -> None:
         for child in reversed(self.children):
             child.stop()
+            child.log.close()
         for server in reversed(self.servers):
             try:
                 server.stop()

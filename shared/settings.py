@@ -147,6 +147,11 @@ class Settings(BaseSettings):
 
     log_level: str = "INFO"
     log_json: bool = False
+    # `redrive up` writes each service's output to DATA_DIR/logs/<service>.log and rotates it
+    # at this size (MiB) into <service>.log.1 … .N, the oldest dropped: a retry-heavy load
+    # logs gigabytes a day. At least one backup: with none, the stdlib's rotation never rotates.
+    log_max_mb: float = Field(default=50, ge=0.01, le=1_000_000)
+    log_backups: int = Field(default=5, ge=1, le=1000)
 
     @field_validator("log_level")
     @classmethod
