@@ -11,9 +11,36 @@ from shared import tracing
 from shared.settings import Settings
 
 
+class _Stderr:
+    """stderr for the logs, that drops them once nobody reads it any more. Under `redrive up`
+    it is a pipe to the supervisor (redrive/service_log.py); a supervisor killed -9 leaves
+    its services a pipe with no reader, and a BrokenPipeError from a log line would end a
+    service's graceful shutdown (finish in-flight jobs, drain) half way."""
+
+    def __init__(self, stream) -> None:
+        self._stream = stream
+        self._broken = False
+
+    def write(self, text: str) -> int:
+        if not self._broken:
+            try:
+                return self._stream.write(text)
+            except (BrokenPipeError, ValueError):  # ValueError: the stream was closed
+                self._broken = True
+        return len(text)
+
+    def flush(self) -> None:
+        if not self._broken:
+            try:
+                self._stream.flush()
+            except (BrokenPipeError, ValueError):
+                self._broken = True
+
+
 def configure_logging(settings: Settings, service: str) -> None:
     level = getattr(logging, settings.log_level.upper(), logging.INFO)
-    logging.basicConfig(stream=sys.stderr, level=level, format="%(message)s")
+    stderr = _Stderr(sys.stderr)
+    logging.basicConfig(stream=stderr, level=level, format="%(message)s")
     renderer = structlog.processors.JSONRenderer() if settings.log_json else structlog.dev.ConsoleRenderer(colors=False)
     structlog.configure(
         processors=[
@@ -25,7 +52,7 @@ def configure_logging(settings: Settings, service: str) -> None:
             renderer,
         ],
         wrapper_class=structlog.make_filtering_bound_logger(level),
-        logger_factory=structlog.PrintLoggerFactory(file=sys.stderr),
+        logger_factory=structlog.PrintLoggerFactory(file=stderr),
         cache_logger_on_first_use=True,
     )
     structlog.contextvars.bind_contextvars(service=service)
