@@ -22,7 +22,7 @@ from sqlalchemy import text
 from shared.db import transaction
 from services.coordinator import credits, inbox, job_queue, outbox, requests_applied, store, timeline
 from services.coordinator.commands import staged_files
-from services.coordinator.commands.cancel import pay_refunds_due
+from services.coordinator.commands.cancel import pay_refunds_due, prune_paid_refunds
 from services.coordinator.commands.recover import republish_pending
 from services.coordinator.context import Deps
 from services.coordinator.run_events import run_event_row
@@ -101,9 +101,9 @@ async def sweep(deps: Deps) -> dict:
 
 
 class RecoverySweeper:
-    """Runs the sweep every ``recovery_interval_s``, and prunes the inbox (inbox.py) and
-    abandoned staged files on the first pass, then every ``prune_every_s``, and on every
-    pass while it is behind."""
+    """Runs the sweep every ``recovery_interval_s``, and prunes the inbox (inbox.py),
+    abandoned staged files, applied requests' ids and paid refunds on the first pass, then
+    every ``prune_every_s``, and on every pass while it is behind."""
 
     def __init__(self, deps: Deps, *, prune_every_s: float = inbox.PRUNE_EVERY_S) -> None:
         self._deps = deps
@@ -143,13 +143,16 @@ class RecoverySweeper:
             # abandoned between the parts and the run).
             abandoned, staged_behind = await staged_files.prune(self._deps.engine)
             forgotten, requests_behind = await requests_applied.prune(self._deps.engine)
-            self._pruned_at = None if behind or staged_behind or requests_behind else now
+            refunds, refunds_behind = await prune_paid_refunds(self._deps.engine)
+            self._pruned_at = None if behind or staged_behind or requests_behind or refunds_behind else now
             if pruned:
                 log.info("inbox.pruned", rows=pruned)
             if abandoned:
                 log.info("staged_files.pruned", rows=abandoned)
             if forgotten:
                 log.info("requests_applied.pruned", rows=forgotten)
+            if refunds:
+                log.info("refunds_due.pruned", rows=refunds)
         except Exception as exc:  # database away: the next pass tries again
             log.warning("inbox.prune_failed", error=repr(exc))
         self.prune_passes += 1

@@ -1,6 +1,13 @@
 """Cancel a run: PENDING files become CANCELLED and the credits they were charged and never
 used are refunded. The refund is owed in the same transaction (refunds_due) and paid
-after commit, so neither a crash nor billing being down loses it."""
+after commit, so neither a crash nor billing being down loses it.
+
+A paid refund is kept ``PAID_REFUNDS_RETENTION_S``, then pruned: nothing reads it again.
+Paying is idempotent in billing's ledger (the refund's key, kept there for good), and a
+refund key (``<charge key>:cancel``) is owed at most once: only a cancel owes one, and a
+CANCELLED run is never cancelled, resumed or charged again. The run keeps the sum refunded
+(``credits_refunded``) and its timeline each refund.
+"""
 
 from __future__ import annotations
 
@@ -8,8 +15,9 @@ from collections import Counter
 
 import structlog
 from sqlalchemy import text
+from sqlalchemy.ext.asyncio import AsyncEngine
 
-from shared.db import transaction
+from shared.db import delete_in_batches, transaction
 from shared.messages import ServiceError
 from services.coordinator import credits, outbox, store, timeline
 from services.coordinator.context import Deps
@@ -18,6 +26,16 @@ from services.coordinator.run_stops import stop_row
 from services.coordinator.schemas import RunRef
 
 log = structlog.get_logger(__name__)
+
+PAID_REFUNDS_RETENTION_S = 30 * 24 * 3600.0
+
+# Those paid before paid_at existed (c0012) go by when they were owed. ``created_at``, never
+# later than the payment, is what the BRIN index finds old rows by.
+_PRUNE_PAID = text(
+    "DELETE FROM coordinator.refunds_due WHERE ctid = ANY(ARRAY("
+    " SELECT ctid FROM coordinator.refunds_due WHERE paid AND created_at < now() - make_interval(secs => :age) "
+    " AND coalesce(paid_at, created_at) < now() - make_interval(secs => :age) LIMIT :batch))"
+)
 
 
 async def cancel(deps: Deps, cmd: RunRef) -> dict:
@@ -73,7 +91,8 @@ async def pay_refunds_due(deps: Deps, run_id: str | None = None) -> int:
             log.warning("refund.failed", key=row["key"], error=exc.message)
             continue
         async with transaction(deps.engine) as conn:
-            done = await conn.execute(text("UPDATE coordinator.refunds_due SET paid = true WHERE key = :k AND NOT paid"),
+            done = await conn.execute(text("UPDATE coordinator.refunds_due SET paid = true, paid_at = now() "
+                                           "WHERE key = :k AND NOT paid"),
                                       {"k": row["key"]})
             if done.rowcount == 1:
                 await conn.execute(text("UPDATE coordinator.runs SET credits_refunded = credits_refunded + :n WHERE id = :r"),
@@ -83,3 +102,11 @@ async def pay_refunds_due(deps: Deps, run_id: str | None = None) -> int:
                                                            to_purchased=reply.get("to_purchased"), key=row["key"]))
                 paid += 1
     return paid
+
+
+async def prune_paid_refunds(engine: AsyncEngine, *, older_than_s: float = PAID_REFUNDS_RETENTION_S,
+                             batch: int = 10_000, max_batches: int = 10) -> tuple[int, bool]:
+    """Forget refunds paid more than ``older_than_s`` ago: (how many, whether some are left).
+    Unpaid ones stay, however old, until paid."""
+    return await delete_in_batches(engine, _PRUNE_PAID, {"age": float(older_than_s)}, batch=batch,
+                                   max_batches=max_batches)
