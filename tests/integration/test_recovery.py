@@ -220,3 +220,33 @@ async def test_runs_waiting_in_the_queue_are_left_alone_and_do_not_crowd_out_a_l
         assert await published(busy) == 55  # no second copies
     finally:
         await stack.stop()
+
+
+async def test_recovering_a_per_file_run_counts_its_pending_files_without_loading_them(make_settings, monkeypatch):
+    """Recovery gives a per_file run's PENDING files their jobs through one expansion row,
+    which builds them from the table a page at a time: the files are counted, never all
+    loaded into the coordinator (100,000 rows, in the sweep's transaction)."""
+    from services.coordinator import store
+
+    stack = await Stack(await make_settings(executor_concurrency=1)).start("billing", "coordinator", "executor")
+    try:
+        tenant = await stack.tenant()
+        template = await stack.template(
+            tenant, [{"name": "a", "handler": "flaky", "params": {"poison": "^bad", "sleep_ms": 300}}],
+            failure_policy="fail_fast")
+        run = await stack.submit(tenant, template, 0, files=[{"name": "bad.pdf"}] + [{"name": f"ok{i}.pdf"} for i in range(5)])
+        failed = await stack.wait_run(tenant, run["id"], until=lambda r: r["status"] == "FAILED")
+        pending = failed["counts"]["pending"]
+        assert pending > 0
+
+        async def not_for_per_file(*args, **kwargs):
+            raise AssertionError("a per_file run's files were loaded to recover it")
+
+        monkeypatch.setattr(store, "load_files", not_for_per_file)
+        await stack.call("coordinator", "recover", tenant_id=tenant, run_id=run["id"])
+        done = await stack.wait_run(tenant, run["id"], timeout=30)
+        assert done["status"] == "COMPLETED_WITH_ERRORS" and done["counts"]["succeeded"] == 5 and counts_add_up(done)
+        timeline = (await stack.call("coordinator", "timeline", tenant_id=tenant, run_id=run["id"]))["items"]
+        assert [e["details"]["pending_files"] for e in timeline if e["kind"] == "recovery_started"] == [pending]
+    finally:
+        await stack.stop()

@@ -31,17 +31,38 @@ _RESUME = text(
 
 async def republish_pending(conn, deps: Deps, run: dict, actor: str) -> int:
     """Re-publish every PENDING file's job of ``run`` (already locked) and mark it recovering."""
-    files = await store.load_files(conn, run["id"], statuses=("PENDING",))
     template = await store.load_template(conn, run["tenant_id"], run["template_id"], include_archived=True)
     policy = await store.retry_policy(conn, run["tenant_id"])
     run = dict((await conn.execute(_RESUME, {"r": run["id"]})).mappings().one())
     await jobs.drop_expansions(conn, run["id"])
-    await outbox.add(conn, jobs.pending_rows(deps.names, run, template, files, policy, rounds=(0, run["round"]),
-                                             msg_suffix=f":rec{run['generation']}")
-                     + [run_event_row(deps.names, run, "recovery_started", "Recovery started", unique=f"g{run['generation']}")])
+    rows, pending = await _pending_job_rows(conn, deps, run, template, policy, rounds=(0, run["round"]))
+    await outbox.add(conn, rows + [run_event_row(deps.names, run, "recovery_started", "Recovery started",
+                                                 unique=f"g{run['generation']}")])
     await timeline.append(conn, timeline.entry(run["id"], run["tenant_id"], "recovery_started", actor,
-                                               pending_files=len(files), generation=run["generation"]))
-    return len(files)
+                                               pending_files=pending, generation=run["generation"]))
+    return pending
+
+
+_COUNT_PENDING = text(
+    "SELECT count(*) FROM coordinator.files WHERE run_id = :r AND status = 'PENDING' AND round BETWEEN :first AND :last "
+    "AND NOT idx = ANY(CAST(:reopened AS int[]))"
+)
+
+
+async def _pending_job_rows(conn, deps: Deps, run: dict, template: dict, policy, *, rounds: tuple[int, int],
+                            reopened: frozenset[int] = frozenset()) -> tuple[list[dict], int]:
+    """The outbox rows that give the run's PENDING files in ``rounds`` (but ``reopened``) their
+    jobs again, and how many files they are. per_file: one expansion row, which builds the
+    jobs from the table a page at a time; so the files are only counted here (loaded, a
+    stuck run of 100,000 files was 100,000 rows in memory, in the sweep's transaction)."""
+    suffix = f":rec{run['generation']}"
+    if run["mode"] == "per_file":
+        count = (await conn.execute(_COUNT_PENDING, {"r": run["id"], "first": rounds[0], "last": rounds[1],
+                                                     "reopened": sorted(reopened)})).scalar_one()
+        return ([jobs.expansion_row(deps.names, run, policy, count=count, rounds=rounds, msg_suffix=suffix)]
+                if count else []), count
+    files = [f for f in await store.load_files(conn, run["id"], statuses=("PENDING",)) if f["idx"] not in reopened]
+    return jobs.pending_rows(deps.names, run, template, files, policy, rounds=rounds, msg_suffix=suffix), len(files)
 
 
 async def stopped_pending_rows(conn, deps: Deps, before: dict, run: dict, template: dict, policy,
@@ -51,12 +72,12 @@ async def stopped_pending_rows(conn, deps: Deps, before: dict, run: dict, templa
     RUNNING run whose other files can never run would wait for the sweep's lease to end."""
     if before["status"] != "FAILED":
         return []
-    files = [f for f in await store.load_files(conn, run["id"], statuses=("PENDING",)) if f["idx"] not in reopened]
     await jobs.drop_expansions(conn, run["id"])
     # The reopened files are in the run's new round, with jobs of their own: the rest are in
     # the rounds before it.
-    return jobs.pending_rows(deps.names, run, template, files, policy, rounds=(0, run["round"] - 1),
-                             msg_suffix=f":rec{run['generation']}")
+    rows, _ = await _pending_job_rows(conn, deps, run, template, policy, rounds=(0, run["round"] - 1),
+                                      reopened=frozenset(reopened))
+    return rows
 
 
 # A FAILED run with nothing pending (its last files finished after recovery gave up, or
