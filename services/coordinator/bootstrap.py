@@ -22,6 +22,7 @@ from services.coordinator.outbox import OutboxRelay
 from services.coordinator.recovery import RecoverySweeper
 from services.coordinator.results_consumer import make_results_handler
 from services.coordinator.undeliverable import report_undeliverable
+from services.coordinator.window import Window
 from services.coordinator.run_stops import ensure_bucket as ensure_run_stops_bucket
 
 
@@ -49,7 +50,7 @@ class CoordinatorService:
         await self.handlers.start()
         self.engine = make_engine(s, pool_size=10, application_name="redrive-coordinator")
         # Each tenant's window follows the slots of the executors alive, up to the setting (0: none).
-        window = jobs.Window(s.jobs_in_flight_per_tenant, self.handlers.slots) if s.jobs_in_flight_per_tenant else None
+        window = Window(s.jobs_in_flight_per_tenant, self.handlers.slots) if s.jobs_in_flight_per_tenant else None
         self.relay = OutboxRelay(self.engine, self.js, partial(jobs.expand_page, names=names, window=window),
                                  partial(report_undeliverable, names=names), batch=s.outbox_batch)
         self.deps = Deps(settings=s, names=names, engine=self.engine,

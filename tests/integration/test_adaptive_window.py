@@ -31,7 +31,7 @@ async def jobs_out(stack: Stack, tenant_id: str) -> int:
 
 
 async def test_a_tenant_alone_has_twice_the_fleets_slots_out_and_completes(make_settings):
-    from services.coordinator.jobs import HEADROOM, MIN_WINDOW
+    from services.coordinator.window import HEADROOM, MIN_WINDOW
 
     slots = 16  # HEADROOM × slots above MIN_WINDOW: the slots bind, not the floor
     stack = await Stack(await make_settings(executor_concurrency=slots, executor_fetch_batch=slots)).start(

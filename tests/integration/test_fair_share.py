@@ -1,6 +1,6 @@
 """One tenant never buries another under its jobs: every executor pulls from one FIFO
 consumer, so the relay keeps at most ``REDRIVE_JOBS_IN_FLIGHT_PER_TENANT`` of a tenant's
-jobs out at once, all its runs together (services/coordinator/jobs.py: room), and a run
+jobs out at once, all its runs together (services/coordinator/window.py: room), and a run
 submitted later waits behind that many at most, not behind all of the earlier runs' files."""
 
 from __future__ import annotations

@@ -58,15 +58,20 @@ ANALYZE notifier.notifications;
 """
 
 
-@pytest.fixture(scope="module")
-async def db(make_settings):
+async def seeded_engine(make_settings, seed: str) -> AsyncEngine:
+    """An engine on a fresh, migrated database that ``seed`` (SQL) filled."""
     settings = await make_settings()
     conn = await asyncpg.connect(settings.database_url)
     try:
-        await conn.execute(_SEED)
+        await conn.execute(seed)
     finally:
         await conn.close()
-    engine = create_async_engine(settings.sqlalchemy_url)
+    return create_async_engine(settings.sqlalchemy_url)
+
+
+@pytest.fixture(scope="module")
+async def db(make_settings):
+    engine = await seeded_engine(make_settings, _SEED)
     yield engine
     await engine.dispose()
 
@@ -97,9 +102,12 @@ def _literal(value) -> str:
 
 
 async def plans(engine: AsyncEngine, statement: str, parameters: tuple) -> dict[str, dict]:
-    """The custom plan of ``statement`` and the generic plan PostgreSQL would cache for it."""
+    """The custom plan of ``statement`` and the generic plan PostgreSQL would cache for it
+    (a statement without parameters has the one plan)."""
     async with engine.connect() as conn:
         custom = (await conn.exec_driver_sql("EXPLAIN (FORMAT JSON) " + statement, parameters)).scalar()
+        if not parameters:
+            return {"custom": _loaded(custom)[0]["Plan"]}
         raw = (await conn.get_raw_connection()).driver_connection
         await raw.execute("PREPARE audited AS " + statement)
         try:

@@ -5,7 +5,6 @@ refund ever owed, every 15 s), and paid ones are pruned once past their retentio
 from __future__ import annotations
 
 import asyncio
-import json
 import types
 
 import asyncpg
@@ -15,7 +14,7 @@ from sqlalchemy.ext.asyncio import create_async_engine
 from shared.messages import ServiceError
 from services.coordinator.commands.cancel import PAID_REFUNDS_RETENTION_S, pay_refunds_due, prune_paid_refunds
 from services.coordinator.recovery import RecoverySweeper
-from tests.integration.test_query_plans import indexes, plans, sent
+from tests.integration.test_query_plans import indexes, plans, seeded_engine, sent
 from tests.stack import Stack
 
 # 200,000 refunds paid over the last 30 days and 40 owed, some to the run 'cancelled-now'.
@@ -43,24 +42,9 @@ class _BillingAway:
         raise ServiceError("unavailable", "billing is away")
 
 
-async def _plans(engine, statement: str, parameters: tuple) -> dict[str, dict]:
-    """test_query_plans.plans; a statement without parameters has the one plan."""
-    if parameters:
-        return await plans(engine, statement, parameters)
-    async with engine.connect() as conn:
-        plan = (await conn.exec_driver_sql("EXPLAIN (FORMAT JSON) " + statement)).scalar()
-    return {"custom": (json.loads(plan) if isinstance(plan, str) else plan)[0]["Plan"]}
-
-
 @pytest.fixture(scope="module")
 async def db(make_settings):
-    settings = await make_settings()
-    conn = await asyncpg.connect(settings.database_url)
-    try:
-        await conn.execute(_SEED)
-    finally:
-        await conn.close()
-    engine = create_async_engine(settings.sqlalchemy_url)
+    engine = await seeded_engine(make_settings, _SEED)
     yield engine
     await engine.dispose()
 
@@ -73,7 +57,7 @@ async def test_owed_refunds_are_found_through_the_unpaid_index_not_among_the_pai
     owed = [f"owed-{g}" for g in range(40, 0, -1)]  # oldest first
     assert billing.asked == (owed if run_id is None else [k for k in owed if int(k[5:]) % 4 == 0])
     [(statement, parameters)] = [(s, p) for s, p in seen if "FROM coordinator.refunds_due" in s]
-    for mode, plan in (await _plans(db, statement, parameters)).items():
+    for mode, plan in (await plans(db, statement, parameters)).items():
         assert indexes(plan) == {"refunds_due_unpaid"}, (mode, plan)
 
 

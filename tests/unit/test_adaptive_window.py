@@ -8,7 +8,7 @@ from types import SimpleNamespace
 
 import orjson
 
-from services.coordinator.jobs import HEADROOM, MIN_WINDOW, Window, window_size
+from services.coordinator.window import HEADROOM, MIN_WINDOW, Window, window_size
 from shared.handler_offers import DEFAULT_SLOTS, LIVE_S, OfferedHandlers
 from shared.subjects import Names
 

@@ -1,7 +1,7 @@
 """coordinator: a tenant's RUNNING runs, found without reading all of its runs
 
 The outbox relay sums a tenant's pending files over its RUNNING runs before each page of
-jobs it publishes (jobs.room: the tenant's window); ``runs_by_tenant`` would have it
+jobs it publishes (window.room: the tenant's window); ``runs_by_tenant`` would have it
 read every run the tenant ever made.
 
 Revision ID: c0009
