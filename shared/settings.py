@@ -107,6 +107,9 @@ class Settings(BaseSettings):
     # A credit intent still pending after this long was abandoned by a crash: compensate it.
     credit_intent_timeout_s: float = Field(default=60.0, ge=0.5, le=_WEEK)
     max_files_per_run: int = Field(default=100_000, ge=1, le=1_000_000)
+    # How long a finished run (with its files and timeline) is kept after it finished
+    # (services/coordinator/run_retention.py); then it is deleted and its id is a 404.
+    run_retention_days: float = Field(default=90, ge=0.01, le=36_500)
     # The most bytes a tenant's files sent ahead may hold while they are not yet a run
     # (commands/staged_files.py): counted as the files' fields plus what PostgreSQL spends on
     # each row. Every tenant's parts share the database's disk. A part past it is a 429

@@ -20,7 +20,7 @@ import structlog
 from sqlalchemy import text
 
 from shared.db import transaction
-from services.coordinator import credits, inbox, job_queue, outbox, requests_applied, store, timeline
+from services.coordinator import credits, inbox, job_queue, outbox, requests_applied, run_retention, store, timeline
 from services.coordinator.commands import staged_files
 from services.coordinator.commands.cancel import pay_refunds_due, prune_paid_refunds
 from services.coordinator.commands.recover import republish_pending
@@ -102,7 +102,8 @@ async def sweep(deps: Deps) -> dict:
 
 class RecoverySweeper:
     """Runs the sweep every ``recovery_interval_s``, and prunes the inbox (inbox.py),
-    abandoned staged files, applied requests' ids and paid refunds on the first pass, then
+    abandoned staged files, applied requests' ids, paid refunds and finished runs past
+    their retention (run_retention.py) on the first pass, then
     every ``prune_every_s``, and on every pass while it is behind."""
 
     def __init__(self, deps: Deps, *, prune_every_s: float = inbox.PRUNE_EVERY_S) -> None:
@@ -137,22 +138,25 @@ class RecoverySweeper:
         now = time.monotonic()
         if self._pruned_at is not None and now - self._pruned_at < self._prune_every_s:
             return
-        try:
-            pruned, behind = await inbox.prune(self._deps.engine)
+        engine, retention_s = self._deps.engine, self._deps.settings.run_retention_days * run_retention.DAY_S
+        prunes = (
+            ("inbox", lambda: inbox.prune(engine)),
             # Files sent ahead for a run that was never created (its request failed or was
             # abandoned between the parts and the run).
-            abandoned, staged_behind = await staged_files.prune(self._deps.engine)
-            forgotten, requests_behind = await requests_applied.prune(self._deps.engine)
-            refunds, refunds_behind = await prune_paid_refunds(self._deps.engine)
-            self._pruned_at = None if behind or staged_behind or requests_behind or refunds_behind else now
-            if pruned:
-                log.info("inbox.pruned", rows=pruned)
-            if abandoned:
-                log.info("staged_files.pruned", rows=abandoned)
-            if forgotten:
-                log.info("requests_applied.pruned", rows=forgotten)
-            if refunds:
-                log.info("refunds_due.pruned", rows=refunds)
-        except Exception as exc:  # database away: the next pass tries again
-            log.warning("inbox.prune_failed", error=repr(exc))
+            ("staged_files", lambda: staged_files.prune(engine)),
+            ("requests_applied", lambda: requests_applied.prune(engine)),
+            ("refunds_due", lambda: prune_paid_refunds(engine)),
+            ("runs", lambda: run_retention.prune(engine, older_than_s=retention_s)),
+        )
+        behind = False
+        for name, prune in prunes:
+            try:
+                rows, left = await prune()
+            except Exception as exc:  # database away: the next pass tries again
+                log.warning("prune_failed", table=name, error=repr(exc)[:500])
+                rows, left = 0, True
+            behind = behind or left
+            if rows:
+                log.info("pruned", table=name, rows=rows)
+        self._pruned_at = None if behind else now
         self.prune_passes += 1

@@ -98,6 +98,8 @@ def _literal(value) -> str:
         return str(value)
     if isinstance(value, datetime):
         value = value.isoformat()
+    if isinstance(value, (list, tuple)):
+        return "ARRAY[" + ", ".join(_literal(v) for v in value) + "]"
     return "'" + str(value).replace("'", "''") + "'"
 
 
