@@ -134,6 +134,14 @@ async def ensure_streams(js: JetStreamContext, settings: Settings) -> None:
     """Create or update both streams of the contract, and the one that keeps the jobs
     consumer's max-deliveries advisories; safe to call from every process."""
     names = Names(settings.prefix)
+    # A max age below the run-stops bucket's TTL (services/executor/run_stops.py): a job
+    # no executor was handed for that long is dropped, never outliving the stop that
+    # covers it; a RUNNING run's dropped jobs are re-published by the recovery sweep.
+    # Applied to a stream made without one, too (an update: NATS lets MaxAge change).
+    # JetStream refuses a dedupe window longer than the max age; a job past its max age
+    # is gone anyway, so the window is cut to it (only a max age set below the window,
+    # in tests, is affected).
+    jobs_max_age_s = float(settings.jobs_max_age_s)
     await _add_or_update_stream(
         js,
         StreamConfig(
@@ -141,8 +149,9 @@ async def ensure_streams(js: JetStreamContext, settings: Settings) -> None:
             subjects=[names.jobs_all],
             retention=RetentionPolicy.WORK_QUEUE,
             storage=StorageType.FILE,
+            max_age=jobs_max_age_s,
             num_replicas=settings.stream_replicas,
-            duplicate_window=float(settings.duplicate_window_s),
+            duplicate_window=min(float(settings.duplicate_window_s), jobs_max_age_s),
             description="redrive jobs: one message per file (or per batch) per round",
         ),
     )

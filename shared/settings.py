@@ -61,6 +61,12 @@ class Settings(BaseSettings):
     # ack wait each time. Only crashes and lost acks wait it: retries and breaker deferrals
     # nak with their own delays.
     executor_redelivery_backoff_s: Annotated[list[float], NoDecode] = Field(default_factory=list, max_length=100)
+    # The oldest a job may get in the jobs stream before JetStream drops it (its max age).
+    # Below the run-stops bucket's TTL (8 days), so no job outlives the stop that covers
+    # it; a RUNNING run whose job was dropped is re-published by recovery.
+    # (Its bound is checked against that TTL in tests/unit/test_jobs_max_age.py, settings not
+    # importing services. Declared after the consumer's settings: its validator reads them.)
+    jobs_max_age_s: float = Field(default=_WEEK, ge=1, le=_WEEK)
     executor_concurrency: int = Field(default=256, ge=1, le=10_000)
     executor_fetch_batch: int = Field(default=256, ge=1, le=10_000)
     # In-progress acks for long steps; off only to reproduce late acks in chaos tests.
@@ -198,6 +204,22 @@ class Settings(BaseSettings):
             raise ValueError(f"every value must lie between the ack wait ({ack_wait:g} s) and 86400 s")
         if max_deliver is not None and len(v) >= max_deliver:
             raise ValueError(f"at most {max_deliver - 1} values (fewer than REDRIVE_EXECUTOR_MAX_DELIVER)")
+        return v
+
+    @field_validator("jobs_max_age_s")
+    @classmethod
+    def _jobs_outlive_their_waits(cls, v: float, info: ValidationInfo) -> float:
+        # A job waiting out its ack wait or a redelivery backoff is alive: a max age no longer
+        # than that would have JetStream drop it while it waits (and recovery re-publish it).
+        ack_wait = info.data.get("executor_ack_wait_s")
+        backoff = info.data.get("executor_redelivery_backoff_s") or []
+        if ack_wait is not None and v <= ack_wait:
+            raise ValueError(f"REDRIVE_JOBS_MAX_AGE_S ({v:g} s) must be longer than REDRIVE_EXECUTOR_ACK_WAIT_S "
+                             f"({ack_wait:g} s): a job waiting for its redelivery would be dropped")
+        if backoff and v <= max(backoff):
+            raise ValueError(f"REDRIVE_JOBS_MAX_AGE_S ({v:g} s) must be longer than the largest "
+                             f"REDRIVE_EXECUTOR_REDELIVERY_BACKOFF_S value ({max(backoff):g} s): a job waiting "
+                             "for its redelivery would be dropped")
         return v
 
     @field_validator("nats_url")

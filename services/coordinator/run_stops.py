@@ -17,6 +17,9 @@ from shared.kv import ensure_kv
 from shared.subjects import Names
 from services.coordinator import outbox
 
+# Longer than the jobs stream's max age (REDRIVE_JOBS_MAX_AGE_S, at most 7 days), so no job
+# outlives the stop that covers it (services/executor/run_stops.py). Kept so by
+# tests/unit/test_jobs_max_age.py: lower this only with that setting's upper bound.
 TTL_S = 8 * 24 * 3600
 
 

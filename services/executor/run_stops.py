@@ -18,16 +18,15 @@ has waited in the jobs stream, handed to no executor, for about as long:
   handed it (acked, unrun). It is handed out again within a retry's delay (an hour at
   most), a breaker's deferral (an hour and a half) or a redelivery backoff (a day at
   most); a re-published copy is a new message, checked the same way.
-* So it is still there after 8 days only if the jobs consumer handed it to no executor
-  for about a week: every executor down that long, or a backlog a week deep. The jobs
-  stream has no max age (a work queue; its duplicate window, a day at most, only drops
-  repeated publishes), so that is not impossible. But by then the bucket has let the
-  stop go, and any executor starting then runs the job whatever this process keeps:
-  forgetting by the bucket's clock leaves this process exactly as safe as a new one,
-  never less. (A cancelled run ignores the job's result, its files being CANCELLED; a run
-  stopped by fail_fast keeps its other files PENDING and would record it.) Only a jobs
-  stream max age below the bucket's TTL would rule it out; recovery would then
-  re-publish the jobs of RUNNING runs that the stream dropped.
+* So it would still be there after 8 days only if the jobs consumer handed it to no
+  executor for about a week: every executor down that long, or a backlog a week deep.
+  The jobs stream rules that out: its max age (REDRIVE_JOBS_MAX_AGE_S, at most 7 days,
+  below the bucket's 8-day TTL) has JetStream drop a job older than that, handed out or
+  not, so no covered job outlives its stop, and this process may forget a stop with the
+  bucket. (Its duplicate window, a day at most, only drops repeated publishes.) A dropped
+  job of a stopped run is simply gone; one of a RUNNING run leaves the run quiet with no
+  job in the stream, and the recovery sweep (services/coordinator/recovery.py)
+  re-publishes it (a new message, of a higher generation).
 """
 
 from __future__ import annotations
