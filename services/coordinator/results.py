@@ -55,8 +55,12 @@ _UPDATE_FILES = text(
     "UPDATE coordinator.files f SET status = u.status, attempts = u.attempts, checkpoint_step = u.cp, "
     " checkpoint_output = COALESCE(CAST(u.cpo AS jsonb), f.checkpoint_output), "
     " step_outputs = CASE WHEN u.outs IS NULL THEN f.step_outputs ELSE f.step_outputs || CAST(u.outs AS jsonb) END, "
-    " output = COALESCE(CAST(u.output AS jsonb), f.output), last_error = COALESCE(CAST(u.err AS jsonb), f.last_error), "
-    " failed_step = COALESCE(u.fs, f.failed_step), updated_at = now() "
+    " output = COALESCE(CAST(u.output AS jsonb), f.output), "
+    # A success clears the error of an earlier attempt or round (the timeline keeps it):
+    # a SUCCEEDED file shows no error.
+    " last_error = CASE WHEN u.status = 'SUCCEEDED' THEN NULL ELSE COALESCE(CAST(u.err AS jsonb), f.last_error) END, "
+    " failed_step = CASE WHEN u.status = 'SUCCEEDED' THEN NULL ELSE COALESCE(u.fs, f.failed_step) END, "
+    " updated_at = now() "
     "FROM unnest(CAST(:run_ids AS text[]), CAST(:idxs AS int[]), CAST(:statuses AS text[]), CAST(:attempts AS int[]), "
     " CAST(:cps AS int[]), CAST(:cpos AS text[]), CAST(:outputs AS text[]), CAST(:errs AS text[]), CAST(:fss AS int[]), "
     " CAST(:outs AS text[])) AS u(run_id, idx, status, attempts, cp, cpo, output, err, fs, outs) "

@@ -41,9 +41,12 @@ async def test_a_file_failing_its_first_two_attempts_succeeds_on_the_third(stack
     done = await stack.wait_run(tenant, run["id"])
     assert done["status"] == "COMPLETED"
     assert [f["attempts"] for f in done["files"]] == [3, 3, 3]
+    # A success shows no error; the failed attempts' errors are in the timeline.
+    assert [(f["last_error"], f["skippable"]) for f in done["files"]] == [(None, False)] * 3
     timeline = (await stack.call("coordinator", "timeline", tenant_id=tenant, run_id=run["id"]))["items"]
     retries = [e for e in timeline if e["kind"] == "file_retrying"]
     assert len(retries) == 6
+    assert all(e["details"]["error"]["class"] == "TransientError" for e in retries)
     assert all(0 <= e["details"]["next_delay_ms"] <= FAST["backoff_max_ms"] for e in retries)
 
 
