@@ -9,7 +9,8 @@ import binascii
 from typing import Any, Literal
 
 import orjson
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, create_model, field_validator, model_validator
+from pydantic.fields import FieldInfo
 
 from shared.messages import RetryPolicy
 
@@ -76,18 +77,43 @@ class RunBody(_Body):
     mode: Literal["per_file", "batch"] = "per_file"
 
 
-class SettingsBody(RetryPolicy):
-    # validate_default: the check below must also see a default backoff_max_ms, or
-    # {"backoff_base_ms": 40000} alone stores a base above the default maximum (30000).
-    model_config = ConfigDict(extra="forbid", validate_default=True)
+def _each_optional(model: type[BaseModel]) -> dict[str, Any]:
+    """``model``'s fields, each with its type and bounds but None when left out."""
+    return {name: (field.annotation | None, FieldInfo.merge_field_infos(field, default=None))
+            for name, field in model.model_fields.items()}
 
-    @field_validator("backoff_max_ms")
+
+class _SettingsFields(_Body):
+    """PUT /settings/retry: the settings given replace the tenant's; those left out keep
+    their current values (services/coordinator/commands/settings.py merges them and checks
+    the whole: backoff_max_ms at least backoff_base_ms). Ranges: RetryPolicy's."""
+
+    @field_validator("*", mode="before")
     @classmethod
-    def _max_at_least_base(cls, v: int, info) -> int:
+    def _not_null(cls, v: Any) -> Any:
+        if v is None:
+            raise ValueError("must not be null: leave a setting out to keep its value")
+        return v
+
+    @field_validator("backoff_max_ms", check_fields=False)
+    @classmethod
+    def _max_at_least_base(cls, v: int | None, info: ValidationInfo) -> int | None:
         base = info.data.get("backoff_base_ms")
-        if base is not None and v < base:
+        if v is not None and base is not None and v < base:
             raise ValueError(f"must be >= backoff_base_ms ({base})")
         return v
+
+    @model_validator(mode="after")
+    def _some_setting(self) -> "_SettingsFields":
+        if not self.given():
+            raise ValueError(f"give at least one of {', '.join(RetryPolicy.model_fields)}")
+        return self
+
+    def given(self) -> dict[str, Any]:
+        return {name: value for name in RetryPolicy.model_fields if (value := getattr(self, name)) is not None}
+
+
+SettingsBody = create_model("SettingsBody", __base__=_SettingsFields, **_each_optional(RetryPolicy))
 
 
 class RestoreBody(_Body):

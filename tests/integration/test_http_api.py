@@ -457,3 +457,38 @@ async def test_flaky_crash_and_unbounded_regexes_are_refused_by_a_system_that_do
         assert r.status == 422 and body["error"]["code"] == "validation_error", body
         why = body["error"]["details"]["fields"][field]
         assert all(w in why for w in words), why
+
+
+async def test_a_settings_put_changes_the_settings_it_names_and_keeps_the_others(api):
+    http, stack = api["http"], api["stack"]
+    engine = make_engine(stack.settings, pool_size=1)
+    try:
+        tenant = await create_tenant(engine, "settings")
+    finally:
+        await engine.dispose()
+    admin = auth(api["keys"]["platform_admin"], **{"X-Tenant-Id": tenant})
+
+    async def put(body):
+        r = await http.put("/api/v1/settings/retry", headers=admin, json=body)
+        return r.status, await r.json()
+
+    defaults = await (await http.get("/api/v1/settings/retry", headers=admin)).json()
+    status, saved = await put({"breaker_failure_threshold": 10, "backoff_base_ms": 2000})
+    assert status == 200 and saved == {**defaults, "breaker_failure_threshold": 10, "backoff_base_ms": 2000}
+    status, saved = await put({"auto_retries": 5})
+    assert status == 200 and saved == {**defaults, "breaker_failure_threshold": 10, "backoff_base_ms": 2000,
+                                       "auto_retries": 5}
+    # Checked against what is stored, not against the defaults: 1,500 is below the stored
+    # base (2,000), though above the default one (500).
+    status, body = await put({"backoff_max_ms": 1500})
+    assert status == 422 and body["error"]["details"]["fields"] == {
+        "backoff_max_ms": "backoff_base_ms 2000 is above backoff_max_ms 1500"}
+    for bad, field in (({}, "body"), ({"auto_retries": None}, "auto_retries"), ({"jitter": None}, "jitter")):
+        status, body = await put(bad)
+        assert status == 422 and field in body["error"]["details"]["fields"], (bad, body)
+    assert await (await http.get("/api/v1/settings/retry", headers=admin)).json() == saved  # nothing changed
+    # Two PUTs at once, of different settings: both hold.
+    results = await asyncio.gather(put({"jitter": False}), put({"breaker_reset_s": 99}))
+    assert [status for status, _ in results] == [200, 200]
+    assert await (await http.get("/api/v1/settings/retry", headers=admin)).json() == {
+        **saved, "jitter": False, "breaker_reset_s": 99}

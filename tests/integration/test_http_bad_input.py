@@ -159,8 +159,8 @@ TPL = "{tpl}"  # replaced by the world's template id
         ("auto_retries", 11), ("backoff_base_ms", 9), ("backoff_base_ms", 60_001), ("backoff_max_ms", 3_600_001),
         ("breaker_failure_threshold", 0), ("breaker_failure_threshold", 101), ("breaker_reset_s", 0),
         ("breaker_reset_s", 3601))],
-    # A base above the default maximum, the maximum left out.
-    ("PUT", "/settings/retry", "tenant_admin", {"backoff_base_ms": 40_000}, "backoff_max_ms"),
+    # A base above the stored maximum (1,000), the maximum left out: the base is named.
+    ("PUT", "/settings/retry", "tenant_admin", {"backoff_base_ms": 40_000}, "backoff_base_ms"),
     ("PUT", "/webhook", "tenant_admin", {"url": "https://example.com/h", "secret": "s\x00" * 16}, "secret"),
     ("PUT", "/webhook", "tenant_admin", {"url": "https://example.com/h", "secret": 10**20}, "secret"),
     ("PUT", "/webhook", "tenant_admin", {"url": "ftp://example.com/h", "secret": "s" * 16}, "url"),
