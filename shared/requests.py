@@ -62,6 +62,17 @@ class TemplateBody(_Body):
 
     @field_validator("steps")
     @classmethod
+    def _step_names_differ(cls, v: list[StepIn]) -> list[StepIn]:
+        # Operators, the timeline and the dashboard tell steps apart by name.
+        seen: set[str] = set()
+        for step in v:
+            if step.name in seen:
+                raise ValueError(f"two steps are named {step.name[:100]!r}: each step needs its own name")
+            seen.add(step.name)
+        return v
+
+    @field_validator("steps")
+    @classmethod
     def _steps_fit_a_job(cls, v: list[StepIn]) -> list[StepIn]:
         size = len(orjson.dumps([s.model_dump() for s in v]))
         if size > MAX_STEPS_BYTES:

@@ -114,6 +114,11 @@ TPL = "{tpl}"  # replaced by the world's template id
                                                                      "params": {"k": ["v\x00"]}}]}, "steps.0.params.k.0"),
     ("POST", "/templates", "tenant_admin", {"name": "t", "steps": [{"name": "a", "handler": "noop",
                                                                      "params": {"k\x00": 1}}]}, "steps.0.params.k\\0"),
+    # A typo in a param would be ignored: a template that never does what it says.
+    ("POST", "/templates", "tenant_admin", {"name": "t", "steps": [{"name": "a", "handler": "flaky",
+                                                                     "params": {"fail_attempt": 2}}]}, "steps.0.params"),
+    ("POST", "/templates", "tenant_admin", {"name": "t", "steps": [{"name": "a", "handler": "noop"},
+                                                                    {"name": "a", "handler": "noop"}]}, "steps"),
     # Stored as jsonb, a number this large read back as an int nobody could encode: the
     # create was a 500 after the commit, and every later GET /templates of the tenant too.
     ("POST", "/templates", "tenant_admin", {"name": "t", "steps": [{"name": "a", "handler": "noop",

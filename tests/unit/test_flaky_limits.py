@@ -249,3 +249,9 @@ async def test_a_match_starved_of_the_gil_is_tried_again_not_failed():
     with pytest.raises(PermanentError, match="pattern took too long"):
         await flaky._matches(always, "poison", "ok-1.txt")
     assert always.calls == flaky._STARVED_ATTEMPTS
+
+
+def test_an_unknown_param_is_refused_naming_it_and_the_known_ones():
+    with pytest.raises(PermanentError, match=r"flaky: unknown param 'fail_attempt' \(its params: sleep_ms, p, "):
+        flaky.check_params({"fail_attempts": 1, "fail_attempt": 2})
+    flaky.check_params({"sleep_ms": 1, "p": 0.5, "fail_attempts": 1, "fail_rounds": 1, "poison": "x", "dependency": "d"})

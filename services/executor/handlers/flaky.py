@@ -174,9 +174,16 @@ def _transient(ctx: StepContext) -> TransientError:
     return TransientError(f"flaky: simulated transient failure (attempt {ctx.attempt})")
 
 
+_PARAMS = ("sleep_ms", "p", "fail_attempts", "fail_rounds", "poison", "crash", "dependency")
+
+
 def _parse(params: dict, *, allow_crash: bool) -> tuple:
     """Every param, checked (PermanentError naming the first bad one)."""
-    # Validate everything first: a typo in one param must not hide behind another's effect.
+    # Validate everything first: a typo in one param must not hide behind another's effect,
+    # nor be ignored (``fail_attempt`` would make a template that never fails).
+    unknown = sorted(str(name) for name in params if name not in _PARAMS)
+    if unknown:
+        raise PermanentError(f"flaky: unknown param {unknown[0][:100]!r} (its params: {', '.join(_PARAMS)})")
     crash, poison = _regex(params, "crash"), _regex(params, "poison")
     sleep_ms = _number(params, "sleep_ms", maximum=24 * 3600 * 1000)
     p = _number(params, "p", maximum=1)
