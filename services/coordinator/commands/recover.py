@@ -110,7 +110,9 @@ async def _check_recoverable(conn, deps: Deps, run: dict) -> None:
     if run["status"] not in ("FAILED", "RUNNING") or run["pending"] == 0:
         raise ServiceError("run_not_recoverable",
                            f"a {run['status']} run with {run['pending']} pending file(s) has nothing to recover"
-                           + ("; use Continue (retry-failed) for FAILED files" if run["failed"] else ""))
+                           # Continue takes a finished run's FAILED files, never a cancelled run's.
+                           + ("; use Continue (retry-failed) for FAILED files"
+                              if run["failed"] and run["status"] != "CANCELLED" else ""))
     if run["status"] == "RUNNING":
         stale = (await conn.execute(text(f"SELECT {store.STUCK_SQL} FROM coordinator.runs WHERE id = :r"),
                                     {"lease": deps.settings.recovery_lease_s, "r": run["id"]})).scalar_one()
