@@ -8,6 +8,7 @@ import os
 import urllib.error
 import urllib.request
 import uuid
+from contextvars import ContextVar
 from dataclasses import dataclass
 from typing import Any
 
@@ -38,12 +39,20 @@ class ApiError(Exception):
         return self.status == 0 and self.code == "unreachable"
 
 
+# The tenant a command acts for (X-Tenant-Id), set while a command that has the --tenant
+# option runs (redrive/cli_common.py): (the tenant or None, where it came from). None: the
+# command has no such option (nor does code that is not a command).
+TENANT_OPTION: ContextVar[tuple[str | None, str] | None] = ContextVar("redrive_tenant_option", default=None)
+
+
 @dataclass
 class Api:
     base_url: str
     key: str | None
     hint: str = ""  # said after "cannot reach": where the URL came from when nothing answers
     key_hint: str = ""  # said after a 401: where the key came from (or that none was found), how to give one
+    tenant: str | None = None  # sent as X-Tenant-Id: the tenant a platform admin acts for (None: the key's own)
+    tenant_hint: str = ""  # said after a 404 (and a 403 when a tenant was named): which tenant, or how to name one
 
     @classmethod
     def from_settings(cls, settings: Settings) -> "Api":
@@ -68,7 +77,13 @@ class Api:
         else:
             key_hint = (f" (no API key found: REDRIVE_API_KEY is not set and there is no {admin}; set {from_up}, "
                         "or REDRIVE_API_KEY)")
-        return cls(url.rstrip("/"), key, hint, key_hint)
+        tenant, tenant_hint = None, ""
+        if (option := TENANT_OPTION.get()) is not None:
+            tenant, source = option
+            tenant_hint = (f" (acting for tenant {tenant}, from {source})" if tenant is not None else
+                           " (another tenant's? With a platform admin's key, name the tenant: --tenant ID or "
+                           "REDRIVE_TENANT; `redrive attention` shows a run's tenant)")
+        return cls(url.rstrip("/"), key, hint, key_hint, tenant, tenant_hint)
 
     def call(self, method: str, path: str, body: Any = None, *, idempotent: bool = False) -> Any:
         if not self.base_url.startswith(("http://", "https://")):
@@ -76,6 +91,10 @@ class Api:
         if self.key is not None and (not self.key.isprintable() or " " in self.key or not self.key.isascii()):
             raise _no_answer("the API key (REDRIVE_API_KEY, or admin.key in the data dir) holds spaces or "
                              "characters a key never has", "bad_setting")
+        if self.tenant is not None and (not self.tenant or not self.tenant.isprintable() or " " in self.tenant
+                                        or not self.tenant.isascii()):
+            raise _no_answer(f"the tenant (--tenant, or REDRIVE_TENANT) {self.tenant!r} is empty or holds spaces or "
+                             "characters a tenant id never has", "bad_setting")
         data = None if body is None else json.dumps(body).encode()
         try:
             req = urllib.request.Request(self.base_url + "/api/v1" + path, data=data, method=method)
@@ -84,6 +103,8 @@ class Api:
         req.add_header("Content-Type", "application/json")
         if self.key:
             req.add_header("Authorization", f"Bearer {self.key}")
+        if self.tenant is not None:
+            req.add_header("X-Tenant-Id", self.tenant)
         if idempotent:
             req.add_header("Idempotency-Key", uuid.uuid4().hex)
         try:
@@ -96,7 +117,7 @@ class Api:
                 parsed = json.loads(raw)
             except ValueError:
                 parsed = {"error": {"code": "http_error", "message": raw.decode(errors="replace")[:200]}}
-            raise ApiError(exc.code, parsed, self.key_hint if exc.code == 401 else "") from None
+            raise ApiError(exc.code, parsed, self._hint(exc.code)) from None
         except urllib.error.URLError as exc:
             raise _no_answer(f"cannot reach {self.base_url}: {exc.reason}{self.hint}") from None
         except (http.client.InvalidURL, ValueError) as exc:  # a URL urllib cannot use (bad port, bad host)
@@ -108,6 +129,13 @@ class Api:
         except ValueError:
             raise ApiError(status, {"error": {"code": "not_json", "message": f"{self.base_url} answered with something "
                                               "that is not JSON: is REDRIVE_API_URL a redrive API?"}}) from None
+
+    def _hint(self, status: int) -> str:
+        if status == 401:
+            return self.key_hint
+        if status == 404 or (status == 403 and self.tenant is not None):
+            return self.tenant_hint
+        return ""
 
 
 def _no_answer(message: str, code: str = "unreachable") -> ApiError:

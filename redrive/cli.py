@@ -152,13 +152,13 @@ def migrate(data_dir: Optional[Path] = DataDir) -> None:
     typer.echo("migrations applied")
 
 
-@app.command()
+@app.command(api=True)
 def credits(data_dir: Optional[Path] = DataDir, as_json: bool = JsonOut) -> None:
     """The tenant's credit balance."""
     _print(_api_call(_settings(data_dir), "GET", "/credits"), as_json)
 
 
-@app.command()
+@app.command(api=True)
 def settings(
     auto_retries: Optional[int] = typer.Option(None, "--auto-retries"),
     backoff_base_ms: Optional[int] = typer.Option(None, "--backoff-base-ms"),
@@ -180,27 +180,41 @@ def settings(
     _print(current, as_json)
 
 
-@app.command()
+@app.command(api=True)
 def attention(data_dir: Optional[Path] = DataDir, as_json: bool = JsonOut) -> None:
-    """Runs that need an operator."""
+    """Runs that need an operator: the key's tenant's (a platform admin: every tenant's, or those of --tenant)."""
     data = _api_call(_settings(data_dir), "GET", "/admin/attention", expect=("items",))
     if as_json:
         _print(data, True)
         return
     items = data["items"]
+    if not items:
+        console.print(_attention_table([], []))
+        return
+    # A platform admin's list holds every tenant's runs, and a command on one of them names its
+    # tenant (--tenant): runs are shown under their tenant, whose id is whole on its line.
+    tenants: dict[str, list] = {}
+    for r in items:
+        tenants.setdefault(str(r.get("tenant_id")), []).append(r)
+    for i, (tenant, runs) in enumerate(tenants.items()):
+        console.print(("\n" if i else "") + f"tenant {tenant}  (its runs: --tenant {tenant})", highlight=False,
+                      soft_wrap=True, markup=False)
+        console.print(_attention_table(runs, items))  # the columns of every tenant's table line up
+
+
+def _attention_table(runs: list, items: list) -> Table:
     # Ids are copied into the next command and statuses are read whole: those columns are never
     # cut (nor wrapped); the others wrap, or fold, in what width is left. Spaces between columns,
     # not lines: a copied id takes no border along.
     table = Table(Column("run", no_wrap=True, min_width=max((len(str(r["id"])) for r in items), default=3)),
                   Column("status", no_wrap=True, min_width=max((len(str(r["status"])) for r in items), default=6)),
                   Column("reason", no_wrap=True, min_width=max((len(str(r["reason"])) for r in items), default=6)),
-                  Column("files", overflow="fold"), Column("tenant", overflow="fold"),
-                  box=box.SIMPLE_HEAD, show_edge=False, collapse_padding=True)
-    for r in items:
+                  Column("files", overflow="fold"), box=box.SIMPLE_HEAD, show_edge=False, collapse_padding=True)
+    for r in runs:
         c = r["counts"]
         files = ", ".join(f"{c[k]} {k}" for k in ("failed", "errored", "pending") if c.get(k)) or "-"
-        table.add_row(str(r["id"]), str(r["status"]), str(r["reason"]), files, str(r["tenant_id"]))
-    console.print(table)
+        table.add_row(str(r["id"]), str(r["status"]), str(r["reason"]), files)
+    return table
 
 
 @app.command()

@@ -4,16 +4,17 @@ place where expected failures (bad input, a server that does not answer) become 
 from __future__ import annotations
 
 import functools
+import inspect
 import json
 from pathlib import Path
-from typing import Optional
+from typing import Optional, get_type_hints
 
 import typer
 from pydantic import ValidationError
 from rich.console import Console
 from rich.markup import escape
 
-from redrive.api_client import Api, ApiError
+from redrive.api_client import TENANT_OPTION, Api, ApiError
 from shared.settings import ConfigurationError, Settings, load_settings
 
 console = Console()
@@ -21,6 +22,10 @@ err = Console(stderr=True, soft_wrap=True)  # soft_wrap: a message stays one lin
 
 DataDir = typer.Option(None, "--data-dir", envvar="REDRIVE_DATA_DIR", help="Where redrive keeps its data.")
 JsonOut = typer.Option(False, "--json", help="Machine-readable output.")
+# Every command that calls the API has it (App.command(api=True)): not a parameter of each.
+Tenant = typer.Option(None, "--tenant", envvar="REDRIVE_TENANT", show_envvar=True, metavar="ID",
+                      help="Act for this tenant (sent as X-Tenant-Id): a platform admin's key may name any tenant, "
+                           "another key only its own. Default: the key's tenant.")
 
 # Where a setting comes from, for messages: the environment variable a user would set.
 _ENV_NAMES = {"nats_url": "NATS_URL", "database_url": "DATABASE_URL"}
@@ -115,15 +120,41 @@ def _one_line_errors(func):
     return wrapper
 
 
+def _with_tenant_option(func):
+    """``func`` with a ``--tenant`` option (:data:`Tenant`) added: while it runs, every
+    :class:`Api` it makes sends that tenant as X-Tenant-Id (TENANT_OPTION)."""
+    signature = inspect.signature(func, eval_str=True)
+    if {"tenant", "tenant_ctx"} & set(signature.parameters):
+        raise TypeError(f"{func.__name__} has its own `tenant` parameter: it cannot also get --tenant")
+
+    @functools.wraps(func)
+    def wrapper(*args, tenant: Optional[str] = None, tenant_ctx: Optional[typer.Context] = None, **kwargs):
+        from_env = tenant_ctx is not None and getattr(tenant_ctx.get_parameter_source("tenant"), "name", "") == "ENVIRONMENT"
+        token = TENANT_OPTION.set((tenant, "REDRIVE_TENANT" if from_env else "--tenant"))
+        try:
+            return func(*args, **kwargs)
+        finally:
+            TENANT_OPTION.reset(token)
+
+    added = [inspect.Parameter("tenant", inspect.Parameter.KEYWORD_ONLY, default=Tenant, annotation=Optional[str]),
+             # typer passes its context (where --tenant came from: the line, or REDRIVE_TENANT)
+             inspect.Parameter("tenant_ctx", inspect.Parameter.KEYWORD_ONLY, annotation=typer.Context)]
+    wrapper.__signature__ = signature.replace(parameters=[*signature.parameters.values(), *added])
+    # Resolved annotations: typer reads these.
+    wrapper.__annotations__ = {**get_type_hints(func), "tenant": Optional[str], "tenant_ctx": typer.Context}
+    return wrapper
+
+
 class App(typer.Typer):
     """A Typer whose commands turn expected failures into one line on stderr and exit 1 (2 for
-    a configuration a server refuses)."""
+    a configuration a server refuses). ``api=True``: the command calls the HTTP API, and gets
+    the ``--tenant`` option (env REDRIVE_TENANT) a platform admin acts for another tenant with."""
 
-    def command(self, *args, **kwargs):
+    def command(self, *args, api: bool = False, **kwargs):
         register = super().command(*args, **kwargs)
 
         def decorator(func):
-            register(_one_line_errors(func))
+            register(_one_line_errors(_with_tenant_option(func) if api else func))
             return func
 
         return decorator

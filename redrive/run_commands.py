@@ -17,7 +17,7 @@ from redrive.run_view import print_run
 run_app = App(no_args_is_help=True, help="Workflow runs.")
 
 
-@run_app.command("submit")
+@run_app.command("submit", api=True)
 def run_submit(
     template: str = typer.Option(..., "--template"),
     file: list[str] = typer.Option(..., "--file", help="a file name (repeat), or @path to send a local file's bytes"),
@@ -61,7 +61,7 @@ def _show(answer, as_json: bool) -> None:
         print_run(answer)
 
 
-@run_app.command("show")
+@run_app.command("show", api=True)
 def run_show(
     run_id: str,
     status: Optional[str] = typer.Option(None, "--status", help="only files in these statuses, e.g. FAILED,ERROR"),
@@ -74,25 +74,25 @@ def run_show(
     _run_action(run_id, "", data_dir, as_json, method="GET", query="?" + urlencode(query) if query else "")
 
 
-@run_app.command("retry-failed")
+@run_app.command("retry-failed", api=True)
 def run_retry_failed(run_id: str, data_dir: Optional[Path] = DataDir, as_json: bool = JsonOut) -> None:
     """Continue: retry FAILED (charged) and PENDING (free) files."""
     _run_action(run_id, "retry-failed", data_dir, as_json)
 
 
-@run_app.command("recover")
+@run_app.command("recover", api=True)
 def run_recover(run_id: str, data_dir: Optional[Path] = DataDir, as_json: bool = JsonOut) -> None:
     """Resume a FAILED or stuck run from its checkpoints (free)."""
     _run_action(run_id, "recover", data_dir, as_json)
 
 
-@run_app.command("cancel")
+@run_app.command("cancel", api=True)
 def run_cancel(run_id: str, data_dir: Optional[Path] = DataDir, as_json: bool = JsonOut) -> None:
     """Cancel a run; unused credits are refunded."""
     _run_action(run_id, "cancel", data_dir, as_json)
 
 
-@run_app.command("restore")
+@run_app.command("restore", api=True)
 def run_restore(
     run_id: str,
     checkpoint_step: int = typer.Option(..., "--checkpoint-step", min=-1),
@@ -100,7 +100,7 @@ def run_restore(
     data_dir: Optional[Path] = DataDir,
     as_json: bool = JsonOut,
 ) -> None:
-    """Rewind files to an earlier checkpoint and resume them (platform admin)."""
+    """Rewind files to an earlier checkpoint and resume them (platform admin; another tenant's run: --tenant)."""
     body = {"checkpoint_step": checkpoint_step} | ({"file_index": file_index} if file_index is not None else {})
     _show(_api_call(_settings(data_dir), "POST", f"/admin{_run_path(run_id)}/restore", body), as_json)
 
@@ -142,7 +142,7 @@ class _Watch:
             return data
 
 
-@run_app.command("watch")
+@run_app.command("watch", api=True)
 def run_watch(run_id: str, data_dir: Optional[Path] = DataDir, interval: float = typer.Option(1.0, "--interval", min=0.1),
               as_json: bool = JsonOut) -> None:
     """Follow a run's progress until it leaves RUNNING (exit 0 if it COMPLETED, else 1).
@@ -155,10 +155,11 @@ def run_watch(run_id: str, data_dir: Optional[Path] = DataDir, interval: float =
             time.sleep(interval)
         _print(run, True)
         raise typer.Exit(0 if run["status"] == "COMPLETED" else 1)
+    expect = ("status", "round", "counts")
+    run = watch.run(expect)  # a refusal (no such run, another tenant's) is said before a progress bar shows
     with Progress(TextColumn("{task.description}"), BarColumn(), TextColumn("{task.completed}/{task.total}")) as bar:
         task = None
         while True:
-            run = watch.run(("status", "round", "counts"))
             c = run["counts"]
             done = c["total"] - c["pending"]
             label = f"{run['status']} round {run['round']} ok={c['succeeded']} failed={c['failed']} error={c['errored']}"
@@ -168,4 +169,5 @@ def run_watch(run_id: str, data_dir: Optional[Path] = DataDir, interval: float =
             if run["status"] != "RUNNING":
                 break
             time.sleep(interval)
+            run = watch.run(expect)
     raise typer.Exit(0 if run["status"] == "COMPLETED" else 1)
