@@ -129,6 +129,8 @@ ROUTE_ERRORS: dict[str, list[Reason]] = {
     "coordinator.restore": [
         ("bad_request", "checkpoint_step is past the template's steps, or a file has no checkpoint there"),
         ("not_found", "no such run in the tenant, or no such file in it"), ("conflict", "the run was cancelled"),
+        ("file_pending", "the file named is PENDING in a run making progress: its job is out"),
+        ("run_running", "the run is making progress and has PENDING files, and no file is named"),
     ],
     "billing.balance": [_NO_ACCOUNT],
     "billing.grant": [_NO_ACCOUNT],

@@ -52,6 +52,24 @@ async def balance(stack, tenant) -> int:
     return b["monthly"]["remaining"] + b["purchased"]["remaining"]
 
 
+async def test_restore_refuses_files_whose_jobs_are_out_unless_the_run_is_stuck(stack):
+    tenant = await stack.tenant(monthly=100)
+    await stack.call("coordinator", "put_settings", tenant_id=tenant, **FAST)
+    slow = await stack.template(tenant, [{"name": "a", "handler": "flaky", "params": {"sleep_ms": 5_000}}])
+    run = await stack.submit(tenant, slow, 2)
+    # Restored now, a file whose job is out would run twice: refused, and nothing changes.
+    refused = await expect_error("file_pending", call(stack, "restore", tenant, run["id"], file_index=0, checkpoint_step=-1))
+    assert "file 0 is still running" in refused.message
+    await expect_error("run_running", call(stack, "restore", tenant, run["id"], checkpoint_step=-1))
+    assert (await stack.run(tenant, run["id"]))["round"] == 0
+    # A stuck run (no progress for the recovery lease) is what a restore is for.
+    await sql(stack, ("UPDATE coordinator.runs SET last_progress_at = now() - interval '1 day' WHERE id = $1", run["id"]))
+    restored = await call(stack, "restore", tenant, run["id"], file_index=1, checkpoint_step=-1)
+    assert restored["status"] == "RUNNING" and restored["round"] == 1 and counts_add_up(restored)
+    await call(stack, "cancel", tenant, run["id"])
+    await stack.assert_books_balance(tenant)
+
+
 async def test_cancel_and_continue_at_once_leave_the_run_cancelled_and_the_books_even(stack):
     tenant = await stack.tenant(monthly=100)
     done, _ = await failed_run(stack, tenant, {"fail_rounds": 1, "sleep_ms": 1500})
@@ -236,3 +254,4 @@ async def test_the_sweep_resumes_files_left_in_an_earlier_round_by_a_single_file
         await stack.assert_books_balance(tenant)
     finally:
         await stack.stop()
+

@@ -113,11 +113,14 @@ async def _check_recoverable(conn, deps: Deps, run: dict) -> None:
                            # Continue takes a finished run's FAILED files, never a cancelled run's.
                            + ("; use Continue (retry-failed) for FAILED files"
                               if run["failed"] and run["status"] != "CANCELLED" else ""))
-    if run["status"] == "RUNNING":
-        stale = (await conn.execute(text(f"SELECT {store.STUCK_SQL} FROM coordinator.runs WHERE id = :r"),
-                                    {"lease": deps.settings.recovery_lease_s, "r": run["id"]})).scalar_one()
-        if not stale:
-            raise ServiceError("run_not_recoverable", "the run is running and making progress")
+    if run["status"] == "RUNNING" and not await _stuck(conn, deps, run):
+        raise ServiceError("run_not_recoverable", "the run is running and making progress")
+
+
+async def _stuck(conn, deps: Deps, run: dict) -> bool:
+    """Whether a RUNNING run made no progress for the recovery lease (the sweep's rule)."""
+    return (await conn.execute(text(f"SELECT {store.STUCK_SQL} FROM coordinator.runs WHERE id = :r"),
+                               {"lease": deps.settings.recovery_lease_s, "r": run["id"]})).scalar_one()
 
 
 async def _finish(conn, deps: Deps, run: dict, actor: str) -> dict:
@@ -132,6 +135,19 @@ async def _finish(conn, deps: Deps, run: dict, actor: str) -> dict:
     await timeline.append(conn, timeline.entry(run["id"], run["tenant_id"], f"run_{kind}", actor, round=run["round"],
                                                by="recover"))
     return run
+
+
+async def _refuse_live_jobs(conn, deps: Deps, run: dict, files: list[dict], file_index: int | None) -> None:
+    """A PENDING file of a RUNNING run that is making progress has its job out: restored,
+    it would run twice (the old job to its end, its results ignored as an older round's).
+    A stuck run's are what a restore is for; a FAILED run's were stopped."""
+    if run["status"] != "RUNNING" or not any(f["status"] == "PENDING" for f in files) or await _stuck(conn, deps, run):
+        return
+    if file_index is not None:
+        raise ServiceError("file_pending", f"file {file_index} is still running: restored now, it would run twice; "
+                                           "restore it once it has ended")
+    raise ServiceError("run_running", "the run is running and making progress: its PENDING files would run twice; "
+                                      "restore once it has ended, or name a file that has ended (file_index)")
 
 
 async def restore(deps: Deps, cmd: Restore) -> dict:
@@ -150,6 +166,7 @@ async def restore(deps: Deps, cmd: Restore) -> dict:
             if not files:
                 raise store.not_found("file", f"{cmd.run_id}/{cmd.file_index}")
         files = [f for f in files if f["status"] != "CANCELLED"]
+        await _refuse_live_jobs(conn, deps, run, files, cmd.file_index)
         for f in files:
             if cmd.checkpoint_step >= 0 and str(cmd.checkpoint_step) not in (f["step_outputs"] or {}):
                 raise ServiceError("bad_request", f"file {f['idx']} has no checkpoint at step {cmd.checkpoint_step}")
