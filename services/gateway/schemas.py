@@ -77,7 +77,9 @@ class RunFilesQuery(_Query):
 
 
 class NotificationsQuery(_Query):
-    unread_only: bool | None = Field(default=None, validation_alias="unread")
+    # Sent on as unread_only: true, the unread ones only; false, the read ones only; unset, all.
+    unread_only: bool | None = Field(default=None, validation_alias="unread",
+                                     description="true: unread ones only; false: read ones only; unset: all")
     limit: int | None = Field(default=None, ge=1, le=200)
     cursor: str | None = Field(default=None, max_length=500)
 
@@ -90,11 +92,12 @@ class TimelineQuery(_Query):
 class DeliveriesQuery(_Query):
     status: Literal["pending", "delivered", "failed"] | None = None
     limit: int | None = Field(default=None, ge=1, le=200)
-    cursor: str | None = Field(default=None, max_length=30)
+    cursor: str | None = Field(default=None, max_length=200)  # (created_at, public id) of the last one, base64
 
 
 # Path parameters that are not plain strings, with their largest value (the column's type).
-INT_PATH_PARAMS = {"file_index": 2**31 - 1, "delivery_id": 2**63 - 1}
+# Not delivery_id: a delivery's public id is a UUID string (the notifier's 404 for any other).
+INT_PATH_PARAMS = {"file_index": 2**31 - 1}
 
 
 def field_errors(exc: ValidationError) -> dict[str, Any]:

@@ -16,7 +16,7 @@ from shared.messages import ServiceError
 from services.notifier import repository
 from services.notifier.destinations import Destinations
 from services.notifier.schemas import (DeliveryRef, ListDeliveries, ListNotifications, MarkRead, PutWebhook, TenantCmd,
-                                       decode_cursor, encode_cursor)
+                                       decode_cursor, decode_delivery_cursor, encode_cursor)
 
 
 def _item(n: Mapping[str, Any]) -> dict:
@@ -27,7 +27,7 @@ def _item(n: Mapping[str, Any]) -> dict:
 async def list_notifications(engine: AsyncEngine, cmd: ListNotifications) -> dict:
     """``{"items": [...], "next_cursor"}``, newest first; ``next_cursor`` is None on the last page."""
     after = decode_cursor(cmd.cursor) if cmd.cursor else None
-    rows = await repository.page(engine, cmd.tenant_id, unread_only=cmd.unread_only, limit=cmd.limit + 1, after=after)
+    rows = await repository.page(engine, cmd.tenant_id, unread=cmd.unread, limit=cmd.limit + 1, after=after)
     more, rows = len(rows) > cmd.limit, rows[: cmd.limit]
     return {"items": [_item(r) for r in rows],
             "next_cursor": encode_cursor(rows[-1]["at"], rows[-1]["id"]) if more else None}
@@ -77,7 +77,8 @@ def _delivery(d: Mapping[str, Any]) -> dict:
     def iso(value):
         return value.isoformat() if value is not None else None
 
-    return {"id": d["id"], "notification_id": d["notification_id"], "kind": d["kind"], "run_id": d["run_id"],
+    # The public id (a random UUID), never the bigserial: that one counts every tenant's deliveries.
+    return {"id": str(d["public_id"]), "notification_id": d["notification_id"], "kind": d["kind"], "run_id": d["run_id"],
             "at": iso(d["at"]), "status": d["status"], "attempts": d["attempts"], "url": origin_of(d["url"]),
             "last_error": d["last_error"], "delivered_at": iso(d["delivered_at"]),
             "next_attempt_at": iso(d["next_attempt_at"]) if d["status"] == "pending" else None}
@@ -86,18 +87,20 @@ def _delivery(d: Mapping[str, Any]) -> dict:
 async def list_deliveries(engine: AsyncEngine, cmd: ListDeliveries) -> dict:
     """The webhook's deliveries, newest first: what was sent, what is still trying, what gave up and why."""
     rows = await repository.delivery_page(engine, cmd.tenant_id, status=cmd.status, limit=cmd.limit + 1,
-                                          before_id=int(cmd.cursor) if cmd.cursor else None)
+                                          after=decode_delivery_cursor(cmd.cursor) if cmd.cursor else None)
     more, rows = len(rows) > cmd.limit, rows[: cmd.limit]
-    return {"items": [_delivery(r) for r in rows], "next_cursor": str(rows[-1]["id"]) if more else None}
+    return {"items": [_delivery(r) for r in rows],
+            "next_cursor": encode_cursor(rows[-1]["created_at"], str(rows[-1]["public_id"])) if more else None}
 
 
 async def redeliver(engine: AsyncEngine, cmd: DeliveryRef, on_queued=lambda: None) -> dict:
     """Send one delivered or failed delivery again (e.g. after mending the receiver)."""
+    public_id = cmd.public_id()
     try:
-        row = await repository.redeliver(engine, cmd.tenant_id, cmd.delivery_id)
+        row = await repository.redeliver(engine, cmd.tenant_id, public_id) if public_id is not None else None
     except repository.RedeliveryRefused as exc:
         raise ServiceError("conflict", str(exc), {"delivery_id": cmd.delivery_id}) from None
-    if row is None:  # another tenant's id looks exactly like a missing one
+    if row is None:  # another tenant's id (or one that is no id of ours) looks exactly like a missing one
         raise ServiceError("not_found", f"delivery {cmd.delivery_id} was not found", {"delivery_id": cmd.delivery_id})
     on_queued()
     return _delivery(row)

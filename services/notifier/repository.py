@@ -5,10 +5,11 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 from datetime import datetime
 from typing import Any, NamedTuple
+from uuid import UUID
 
 import orjson
-from sqlalchemy import (BigInteger, Boolean, Column, DateTime, Integer, LargeBinary, MetaData, Table, Text, delete,
-                        insert, select, text, tuple_, update)
+from sqlalchemy import (BigInteger, Boolean, Column, DateTime, Integer, LargeBinary, MetaData, Table, Text, Uuid,
+                        delete, insert, select, text, tuple_, update)
 from sqlalchemy.dialects.postgresql import insert as pg_insert
 from sqlalchemy.ext.asyncio import AsyncEngine
 
@@ -21,7 +22,13 @@ notifications = Table(
     Column("read", Boolean), Column("dedupe_key", Text))
 webhooks = Table("webhooks", _meta, Column("tenant_id", Text, primary_key=True), Column("url", Text),
                  Column("secret", Text), Column("updated_at", DateTime(True)))
-deliveries = Table("deliveries", _meta, Column("id", BigInteger, primary_key=True), Column("notification_id", Text),
+# A delivery's ``id`` (bigserial) is ours alone: shared by every tenant, its values would tell
+# one tenant how many deliveries the others got. Tenants see ``public_id`` (a random UUID,
+# drawn by PostgreSQL at insert, migration n0005): the X-Redrive-Delivery header, the id in
+# GET /webhook/deliveries and in POST …/{id}/redeliver.
+deliveries = Table("deliveries", _meta, Column("id", BigInteger, primary_key=True),
+                   Column("public_id", Uuid(as_uuid=True)), Column("created_at", DateTime(True)),
+                   Column("notification_id", Text),
                    Column("tenant_id", Text), Column("url", Text), Column("body", LargeBinary),
                    Column("attempts", Integer), Column("next_attempt_at", DateTime(True)), Column("status", Text),
                    Column("last_error", Text), Column("delivered_at", DateTime(True)))
@@ -71,12 +78,20 @@ async def record(engine: AsyncEngine, rows: Sequence[dict]) -> Recorded:
         return Recorded(list(created), len(queued))
 
 
-async def page(engine: AsyncEngine, tenant_id: str, *, unread_only: bool, limit: int,
-               after: tuple[datetime, str] | None) -> list[Mapping[str, Any]]:
-    """Up to ``limit`` notifications of the tenant, newest first, after the position ``after``."""
-    query = select(*_VIEW).where(_N.tenant_id == tenant_id)
+async def page(engine: AsyncEngine, tenant_id: str, *, limit: int, after: tuple[datetime, str] | None,
+               unread: bool | None = None, unread_only: bool = False) -> list[Mapping[str, Any]]:
+    """Up to ``limit`` notifications of the tenant, newest first, after the position ``after``:
+    all of them (``unread`` None), the unread ones only (True) or the read ones only (False).
+    ``unread_only=True`` is ``unread=True``."""
     if unread_only:
+        unread = True
+    query = select(*_VIEW).where(_N.tenant_id == tenant_id)
+    if unread is True:
+        # ``read IS false``, as the partial index notifications_unread_by_tenant (n0004) is
+        # written: PostgreSQL matches it in any plan, the generic one of a prepared statement too.
         query = query.where(_N.read.is_(False))
+    elif unread is False:
+        query = query.where(_N.read.is_(True))
     if after is not None:
         query = query.where(tuple_(_N.at, _N.id) < tuple_(*after))
     async with database_errors(), engine.connect() as conn:
@@ -125,7 +140,7 @@ WITH due AS (
     ORDER BY d.id LIMIT :limit FOR UPDATE OF d SKIP LOCKED)
 UPDATE notifier.deliveries d SET attempts = d.attempts + 1, next_attempt_at = now() + make_interval(secs => :lease)
 FROM due WHERE d.id = due.id
-RETURNING d.id, d.tenant_id, d.attempts, d.body, due.url, due.secret""")
+RETURNING d.id, d.public_id, d.tenant_id, d.attempts, d.body, due.url, due.secret""")
 _DELIVERED = text("UPDATE notifier.deliveries SET status = 'delivered', delivered_at = now(), url = :url, "
                   "last_error = NULL WHERE id = :id AND attempts = :attempts AND status = 'pending'")
 _NOT_DELIVERED = text("UPDATE notifier.deliveries SET status = :status, last_error = :error, url = coalesce(:url, url), "
@@ -156,21 +171,24 @@ async def finish(engine: AsyncEngine, delivered: list[dict], not_delivered: list
 # ---- deliveries as the tenant sees them: listed, and sent again on request ----------------
 
 _D = deliveries.c
-_DELIVERY_VIEW = (_D.id, _D.notification_id, _D.status, _D.attempts, _D.url, _D.last_error, _D.next_attempt_at,
-                  _D.delivered_at, _N.kind, _N.run_id, _N.at)
+_DELIVERY_VIEW = (_D.public_id, _D.created_at, _D.notification_id, _D.status, _D.attempts, _D.url, _D.last_error,
+                  _D.next_attempt_at, _D.delivered_at, _N.kind, _N.run_id, _N.at)
 _WITH_NOTIFICATION = deliveries.outerjoin(notifications, _N.id == _D.notification_id)
 
 
 async def delivery_page(engine: AsyncEngine, tenant_id: str, *, status: str | None, limit: int,
-                        before_id: int | None) -> list[Mapping[str, Any]]:
-    """Up to ``limit`` of the tenant's deliveries, newest first, with ids below ``before_id``."""
+                        after: tuple[datetime, UUID] | None) -> list[Mapping[str, Any]]:
+    """Up to ``limit`` of the tenant's deliveries, newest first, after the position ``after``
+    ((created_at, public_id) of the last one of the page before: nothing in it is ours alone),
+    along the index deliveries_by_tenant_created (n0005)."""
     query = select(*_DELIVERY_VIEW).select_from(_WITH_NOTIFICATION).where(_D.tenant_id == tenant_id)
     if status is not None:
         query = query.where(_D.status == status)
-    if before_id is not None:
-        query = query.where(_D.id < before_id)
+    if after is not None:
+        query = query.where(tuple_(_D.created_at, _D.public_id) < tuple_(*after))
     async with database_errors(), engine.connect() as conn:
-        return list((await conn.execute(query.order_by(_D.id.desc()).limit(limit))).mappings().all())
+        return list((await conn.execute(query.order_by(_D.created_at.desc(), _D.public_id.desc()).limit(limit)))
+                    .mappings().all())
 
 
 class RedeliveryRefused(Exception):
@@ -187,19 +205,20 @@ async def _webhook_set(conn, tenant_id: str) -> None:
 _AGAIN = {"status": "pending", "attempts": 0, "next_attempt_at": text("now()"), "delivered_at": None}
 
 
-async def redeliver(engine: AsyncEngine, tenant_id: str, delivery_id: int) -> Mapping[str, Any] | None:
-    """Queue one delivered or failed delivery again; None when the tenant has no such delivery."""
+async def redeliver(engine: AsyncEngine, tenant_id: str, public_id: UUID) -> Mapping[str, Any] | None:
+    """Queue one delivered or failed delivery again (its public id unchanged); None when the
+    tenant has no such delivery."""
     async with transaction(engine) as conn:
-        row = (await conn.execute(select(_D.status).where(_D.id == delivery_id, _D.tenant_id == tenant_id)
+        row = (await conn.execute(select(_D.id, _D.status).where(_D.public_id == public_id, _D.tenant_id == tenant_id)
                                   .with_for_update())).first()
         if row is None:
             return None
         if row.status == "pending":
-            raise RedeliveryRefused(f"delivery {delivery_id} is still pending: it is being sent")
+            raise RedeliveryRefused(f"delivery {public_id} is still pending: it is being sent")
         await _webhook_set(conn, tenant_id)
-        await conn.execute(update(deliveries).where(_D.id == delivery_id).values(**_AGAIN))
+        await conn.execute(update(deliveries).where(_D.id == row.id).values(**_AGAIN))
         return (await conn.execute(select(*_DELIVERY_VIEW).select_from(_WITH_NOTIFICATION)
-                                   .where(_D.id == delivery_id))).mappings().one()
+                                   .where(_D.id == row.id))).mappings().one()
 
 
 async def redeliver_failed(engine: AsyncEngine, tenant_id: str) -> int:

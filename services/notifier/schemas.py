@@ -7,8 +7,9 @@ import binascii
 from datetime import datetime
 from typing import Literal
 from urllib.parse import urlsplit
+from uuid import UUID
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import AliasChoices, BaseModel, ConfigDict, Field, field_validator
 
 MAX_URL_LENGTH = 2000
 
@@ -19,7 +20,10 @@ class TenantCmd(BaseModel):
 
 
 class ListNotifications(TenantCmd):
-    unread_only: bool = False
+    # None: every notification; True: the unread ones only; False: the read ones only
+    # (GET /notifications?unread=, as ?needs_attention= of runs). The gateway sends it as
+    # ``unread_only``.
+    unread: bool | None = Field(default=None, validation_alias=AliasChoices("unread", "unread_only"))
     limit: int = Field(default=50, ge=1, le=200)
     cursor: str | None = Field(default=None, max_length=500)
 
@@ -38,18 +42,26 @@ class MarkRead(TenantCmd):
 class ListDeliveries(TenantCmd):
     status: Literal["pending", "delivered", "failed"] | None = None
     limit: int = Field(default=50, ge=1, le=200)
-    cursor: str | None = Field(default=None, max_length=30)
+    cursor: str | None = Field(default=None, max_length=200)
 
     @field_validator("cursor")
     @classmethod
     def _cursor_is_ours(cls, value: str | None) -> str | None:
-        if value is not None and not (value.isascii() and value.isdigit() and 0 < int(value) < 2**63):
-            raise ValueError("is not a cursor this service returned")
+        if value is not None:
+            decode_delivery_cursor(value)
         return value
 
 
 class DeliveryRef(TenantCmd):
-    delivery_id: int = Field(ge=1, lt=2**63)
+    # A delivery's public id (a UUID). Anything else names no delivery: a 404 like another
+    # tenant's, not a 422 (an integer id of before included).
+    delivery_id: str = Field(min_length=1, max_length=200)
+
+    def public_id(self) -> UUID | None:
+        try:
+            return UUID(self.delivery_id)
+        except ValueError:
+            return None
 
 
 class PutWebhook(TenantCmd):
@@ -85,3 +97,14 @@ def decode_cursor(cursor: str) -> tuple[datetime, str]:
     if not sep or not notification_id or parsed.tzinfo is None:
         raise ValueError("is not a cursor this service returned")
     return parsed, notification_id
+
+
+# A page of deliveries ends at (created_at, public_id) of its last one, written the same way:
+# the bigserial id is never in it (it would tell how many deliveries every tenant got).
+
+def decode_delivery_cursor(cursor: str) -> tuple[datetime, UUID]:
+    at, public_id = decode_cursor(cursor)
+    try:
+        return at, UUID(public_id)
+    except ValueError:
+        raise ValueError("is not a cursor this service returned") from None

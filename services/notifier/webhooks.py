@@ -9,7 +9,7 @@ with ``PER_TENANT`` posts in flight is not claimed from until some end, and at m
 last post (timed out, refused the connection) gets one post at a time until it answers
 again: a few dead receivers with backlogs cannot take every slot, timeout after timeout.
 A crash mid-post means the delivery is posted again after its lease: receivers dedupe on
-``X-Redrive-Delivery``.
+``X-Redrive-Delivery`` (the delivery's public id, a random UUID: repository.py).
 """
 
 from __future__ import annotations
@@ -120,7 +120,7 @@ class WebhookSender:
             if not ok and outcome["status"] == "pending":
                 asyncio.get_running_loop().call_later(max(outcome["delay_s"], 0.01), self._wake.set)
         except Exception as exc:  # database down: the lease brings the delivery back
-            log.warning("webhooks.finish_failed", delivery=d["id"], error=repr(exc)[:500])
+            log.warning("webhooks.finish_failed", delivery=str(d["public_id"]), error=repr(exc)[:500])
         finally:
             self._posts.discard(asyncio.current_task())
             self._by_tenant[d["tenant_id"]] -= 1
@@ -136,8 +136,10 @@ class WebhookSender:
         if refusal is not None:  # set before the rule, or the operator changed it: never post
             return False, {**outcome, "status": "failed", "error": f"url {refusal}", "delay_s": 0.0}
         body = bytes(d["body"])
+        # The public id (a random UUID, the same on every attempt and redelivery), never the
+        # bigserial: its values would tell the receiver how many deliveries other tenants got.
         headers = {"Content-Type": "application/json", HEADER: sign(d["secret"], body, int(time.time())),
-                   "X-Redrive-Delivery": str(d["id"])}
+                   "X-Redrive-Delivery": str(d["public_id"])}
         retry_after_s = None
         try:
             # No redirects: a signed body goes only where the tenant said.
@@ -151,7 +153,7 @@ class WebhookSender:
         final = d["attempts"] >= self._max_attempts
         delay_ms = 0 if final else backoff_delay_ms(d["attempts"], base_ms=self._base_ms, max_ms=self._max_ms,
                                                     retry_after_s=retry_after_s)
-        log.info("webhooks.not_delivered", delivery=d["id"], attempt=d["attempts"], error=error, final=final)
+        log.info("webhooks.not_delivered", delivery=str(d["public_id"]), attempt=d["attempts"], error=error, final=final)
         return False, {**outcome, "status": "failed" if final else "pending", "error": error, "delay_s": delay_ms / 1000}
 
 

@@ -318,9 +318,9 @@ async def test_a_webhook_receives_each_notification_signed(notifier):
     sent = orjson.loads(body)
     assert sent["id"] == item["id"] and sent["tenant_id"] == t and sent["kind"] == "file_failed"
     assert sent["message"] == item["message"] and sent["at"] == item["at"]
-    [delivery] = await notifier.sql("SELECT id, status, attempts, delivered_at FROM notifier.deliveries "
+    [delivery] = await notifier.sql("SELECT public_id, status, attempts, delivered_at FROM notifier.deliveries "
                                     "WHERE tenant_id = :t", t=t)
-    assert headers["X-Redrive-Delivery"] == str(delivery["id"])
+    assert headers["X-Redrive-Delivery"] == str(delivery["public_id"])
 
 
 async def test_a_failing_webhook_is_retried_with_backoff_until_delivered(notifier):
@@ -390,7 +390,7 @@ async def test_failed_deliveries_are_listed_with_their_cause_and_sent_again_once
         # Newest first, a page at a time.
         page = await notifier.call("list_deliveries", tenant_id=t, limit=1)
         rest = await notifier.call("list_deliveries", tenant_id=t, limit=1, cursor=page["next_cursor"])
-        assert [page["items"][0]["id"], rest["items"][0]["id"]] == sorted((d["id"] for d in failed), reverse=True)
+        assert [page["items"][0]["id"], rest["items"][0]["id"]] == [d["id"] for d in failed]
         assert rest["next_cursor"] is None
         assert await notifier.call("list_deliveries", tenant_id=tenant()) == {"items": [], "next_cursor": None}
 
@@ -400,7 +400,7 @@ async def test_failed_deliveries_are_listed_with_their_cause_and_sent_again_once
         delivered = await wait_for(lambda: listed("delivered"))
         assert all(d["attempts"] == 1 and d["last_error"] is None and d["delivered_at"] for d in delivered)
         # Each sent again as the same delivery, signed: a receiver that got it before drops it.
-        assert sorted(int(h["X-Redrive-Delivery"]) for h, _ in hook.requests) == sorted(d["id"] for d in failed)
+        assert sorted(h["X-Redrive-Delivery"] for h, _ in hook.requests) == sorted(d["id"] for d in failed)
         assert all(verify(SECRET, body, h["X-Redrive-Signature"]) for h, body in hook.requests)
 
         # One delivered delivery, sent again on request.
@@ -408,11 +408,11 @@ async def test_failed_deliveries_are_listed_with_their_cause_and_sent_again_once
         assert again["status"] == "pending" and again["attempts"] == 0
 
         async def resent():
-            return [h for h, _ in hook.requests if h["X-Redrive-Delivery"] == str(failed[0]["id"])][1:]
+            return [h for h, _ in hook.requests if h["X-Redrive-Delivery"] == failed[0]["id"]][1:]
 
         await wait_for(resent)
     await expect_error("not_found", notifier.call("redeliver", tenant_id=tenant(), delivery_id=failed[0]["id"]))
-    await expect_error("not_found", notifier.call("redeliver", tenant_id=t, delivery_id=2**62))
+    await expect_error("not_found", notifier.call("redeliver", tenant_id=t, delivery_id=str(uuid.uuid4())))
     await expect_error("validation_error", notifier.call("list_deliveries", tenant_id=t, cursor="x"))
     await notifier.call("delete_webhook", tenant_id=t)
     await expect_error("conflict", notifier.call("redeliver_failed", tenant_id=t))

@@ -262,6 +262,8 @@ async def test_credits_settings_notifications_and_operators_are_documented(api):
     assert await api.ask("GET", "/webhook", 200, "poor") is None
     await api.ask("GET", "/webhook/deliveries", 200, "poor")
     await api.ask("POST", "/webhook/deliveries/redeliver-failed", 409, "poor", code="conflict")
+    # A delivery's id is an opaque string (a UUID): an integer names none.
+    await api.ask("POST", "/webhook/deliveries/{delivery_id}/redeliver", 404, "poor", code="not_found", delivery_id="1")
     await api.ask("GET", "/api/v1/me", 200, "poor")
     await api.ask("GET", "/api/v1/me", 404, "platform_admin", code="not_found", headers={"X-Tenant-Id": "nobody"})
     await api.ask("GET", "/healthz", 200, None)
