@@ -30,7 +30,9 @@ from collections.abc import Iterable
 import orjson
 
 import structlog
+import nats.errors
 from nats.js import JetStreamContext
+from nats.js.errors import NoStreamResponseError
 from nats.js.api import KeyValueConfig, StorageType
 
 from shared.kv import BucketMirror, ensure_kv
@@ -74,10 +76,10 @@ class HandlerOffer:
         self._kv = kv = await ensure_bucket(self._js, self._names, self._replicas)
         # Put again and again: the handler entries live a week (TTL_S), the slots are counted
         # only LIVE_S after they were last put.
-        await self._put(kv)
+        await put_until_answered(self._put, kv)
         self._tasks.append(asyncio.create_task(self._again(self._put, kv, REFRESH_S), name="handler-offer"))
         if self._slots is not None:
-            await self._put_slots(kv)
+            await put_until_answered(self._put_slots, kv)
             self._tasks.append(asyncio.create_task(self._again(self._put_slots, kv, ALIVE_S),
                                                    name="handler-offer-slots"))
 
@@ -105,6 +107,23 @@ class HandlerOffer:
                 await put(kv)
             except Exception as exc:  # NATS away: next time
                 log.warning("handler_offer.put_failed", what=put.__name__, error=repr(exc))
+
+
+async def put_until_answered(put, kv, *, attempts: int = 20, delay_s: float = 0.5) -> None:
+    """``put(kv)`` at start, again while the bucket's stream cannot answer. On a cluster a
+    bucket that has a leader can lose it for a moment (an election while the nodes are
+    busy), and a put then gets "no response from stream": the executor must not die of
+    that at start (seen under load, tests/chaos/test_nats_cluster.py). Anything else, or
+    no answer for ``attempts`` tries, is raised."""
+    for attempt in range(1, attempts + 1):
+        try:
+            return await put(kv)
+        except (NoStreamResponseError, nats.errors.TimeoutError) as exc:
+            if attempt == attempts:
+                raise
+            log.warning("handler_offer.put_unanswered", what=getattr(put, "__name__", "put"), attempt=attempt,
+                        error=repr(exc))
+            await asyncio.sleep(delay_s)
 
 
 def _slots_of(value: bytes) -> int:
