@@ -20,7 +20,7 @@ _PER_RUN = {table: f"SELECT count(*) FROM coordinator.{table} WHERE run_id = $1"
             for table in ("files", "timeline", "credit_intents", "refunds_due")}
 
 
-@pytest.fixture(scope="module")  # the tests run in order: each prunes all it made
+@pytest.fixture  # its own per test: an executor one test starts would hold run locks in the next
 async def stack(make_settings):
     s = await Stack(await make_settings()).start("billing", "coordinator")
     yield s
