@@ -28,6 +28,15 @@ def _run(status: str) -> dict:
                        "failed": 0, "errored": 0, "skipped": 0, "cancelled": 0}}
 
 
+def send_json(handler: http.server.BaseHTTPRequestHandler, status: int, body) -> None:
+    """A fake API's answer: ``body`` as JSON with ``status``."""
+    raw = json.dumps(body).encode()
+    handler.send_response(status)
+    handler.send_header("Content-Type", "application/json")
+    handler.send_header("Content-Length", str(len(raw)))
+    handler.end_headers()
+    handler.wfile.write(raw)
+
 class _Scripted(http.server.BaseHTTPRequestHandler):
     """Answers each request with the next step of ``script`` (the last one repeats):
     (status, body) or "drop" (the connection closes with no answer)."""
@@ -46,12 +55,7 @@ class _Scripted(http.server.BaseHTTPRequestHandler):
             self.close_connection = True
             return
         status, body = step
-        raw = json.dumps(body).encode()
-        self.send_response(status)
-        self.send_header("Content-Type", "application/json")
-        self.send_header("Content-Length", str(len(raw)))
-        self.end_headers()
-        self.wfile.write(raw)
+        send_json(self, status, body)
         type(self).served.set()
 
 

@@ -5,7 +5,6 @@ fake API that records what it was sent (the real gateway: tests/integration/test
 from __future__ import annotations
 
 import http.server
-import json
 import os
 import subprocess
 import sys
@@ -14,6 +13,7 @@ import threading
 import pytest
 
 from tests.unit.test_cli_bad_input import cli, one_line_error  # noqa: F401 (cli: a fixture)
+from tests.unit.test_cli_hints import send_json
 
 RUN = {"id": "ef59bab3c3c14d0e9f1a2b3c4d5e6f70", "tenant_id": "0123456789abcdef", "status": "COMPLETED", "round": 0,
        "counts": {"total": 1, "pending": 0, "succeeded": 1, "failed": 0, "errored": 0, "skipped": 0, "cancelled": 0},
@@ -35,12 +35,7 @@ class _Recording(http.server.BaseHTTPRequestHandler):
         type(self).seen.append((self.command, self.path, self.headers.get("X-Tenant-Id")))
         self.rfile.read(int(self.headers.get("Content-Length") or 0))
         status, body = self.answer
-        raw = json.dumps(body).encode()
-        self.send_response(status)
-        self.send_header("Content-Type", "application/json")
-        self.send_header("Content-Length", str(len(raw)))
-        self.end_headers()
-        self.wfile.write(raw)
+        send_json(self, status, body)
 
     do_GET = do_POST = do_PUT = _reply
 
