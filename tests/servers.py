@@ -30,6 +30,9 @@ def docker_available() -> bool:
 class Servers:
     nats_url: str
     admin_database_url: str  # a database we may CREATE DATABASE from
+    # True when PostgreSQL is ours (embedded or a container): it goes when the session ends,
+    # and the test databases with it, so there is no need to drop them one by one (~10 s).
+    owns_postgres: bool = False
     _stops: list = field(default_factory=list)
 
     def close(self) -> None:
@@ -44,6 +47,7 @@ def start_servers(workdir: Path) -> Servers:
     stops = []
     nats_url = os.environ.get("NATS_URL")
     db_url = os.environ.get("DATABASE_URL")
+    owns_postgres = not db_url
     use_docker = (not nats_url or not db_url) and docker_available()
     if not nats_url:
         if use_docker:
@@ -79,7 +83,7 @@ def start_servers(workdir: Path) -> Servers:
             pg.start()
             stops.append(pg.stop)
             db_url = pg.url
-    return Servers(nats_url=nats_url, admin_database_url=db_url, _stops=stops)
+    return Servers(nats_url=nats_url, admin_database_url=db_url, owns_postgres=owns_postgres, _stops=stops)
 
 
 def _replace_database(url: str, database: str) -> str:
