@@ -8,9 +8,10 @@ that is neither is classified by :func:`classify` and the decision is written th
 from __future__ import annotations
 
 import asyncio
-import math
 import socket
 from dataclasses import dataclass
+
+from shared.backoff import parse_retry_after
 
 
 class RedriveError(Exception):
@@ -154,15 +155,13 @@ def _http_status_of(exc: BaseException) -> int | None:
 
 
 def _retry_after_of(exc: BaseException) -> float | None:
-    # Read as the executor's own HTTP handlers read it (handlers/http_errors.py): seconds
-    # only; an HTTP date falls back to our backoff, and nan, inf or a negative would poison
-    # the retry scheduler.
+    # Read as the executor's own HTTP handlers read it (shared/backoff.parse_retry_after).
     headers = _attr(_attr(exc, "response"), "headers") or _attr(exc, "headers")
     try:
-        seconds = float(headers.get("Retry-After") or headers.get("retry-after"))  # type: ignore[union-attr]
-    except Exception:  # no headers, no such header, or not a number
+        value = headers.get("Retry-After") or headers.get("retry-after")  # type: ignore[union-attr]
+    except Exception:  # no headers, or headers of a shape we do not know
         return None
-    return seconds if math.isfinite(seconds) and seconds >= 0 else None
+    return parse_retry_after(value) if isinstance(value, str) else None
 
 
 def _client_error_verdict(exc: BaseException) -> bool | None:

@@ -18,14 +18,13 @@ import asyncio
 import time
 from collections import Counter
 from collections.abc import Mapping
-from email.utils import parsedate_to_datetime
 from typing import Any
 
 import aiohttp
 import structlog
 from sqlalchemy.ext.asyncio import AsyncEngine
 
-from shared.backoff import backoff_delay_ms
+from shared.backoff import backoff_delay_ms, parse_retry_after
 from services.notifier import repository
 from services.notifier.destinations import Destinations
 from services.notifier.signing import HEADER, sign
@@ -146,7 +145,7 @@ class WebhookSender:
             async with session.post(d["url"], data=body, headers=headers, allow_redirects=False) as resp:
                 if 200 <= resp.status < 300:
                     return True, outcome
-                error, retry_after_s = f"HTTP {resp.status}", _retry_after(resp.headers.get("Retry-After"))
+                error, retry_after_s = f"HTTP {resp.status}", parse_retry_after(resp.headers.get("Retry-After"))
         except Exception as exc:  # refused, timed out, DNS…: all worth another attempt
             error = _said(exc, self._timeout_s)
             outcome["answered"] = False
@@ -164,17 +163,3 @@ def _said(exc: Exception, timeout_s: float) -> str:
         return f"no answer within {timeout_s:g} s"
     text = str(exc) or "no detail"
     return f"{type(exc).__name__}: {text}"[:300]
-
-
-def _retry_after(value: str | None) -> float | None:
-    """``Retry-After`` in seconds: delay-seconds or an HTTP-date (RFC 9110 10.2.3)."""
-    if not value:
-        return None
-    try:
-        return float(value)
-    except ValueError:
-        pass
-    try:
-        return parsedate_to_datetime(value).timestamp() - time.time()
-    except (TypeError, ValueError, IndexError, OverflowError):
-        return None

@@ -11,6 +11,8 @@ installed, so their real classes are used too.
 
 from __future__ import annotations
 
+import email.utils
+from datetime import datetime, timedelta, timezone
 from types import SimpleNamespace
 
 import aiohttp
@@ -215,7 +217,13 @@ def test_a_transient_status_carries_the_dependencys_retry_after(exc, seconds):
     assert classified.transient and classified.retry_after_s == seconds
 
 
-@pytest.mark.parametrize("value", ["Wed, 21 Oct 2015 07:28:00 GMT", "nan", "inf", "-1", ""])
+def test_a_retry_after_given_as_an_http_date_is_read_too():
+    when = email.utils.format_datetime(datetime.now(timezone.utc) + timedelta(seconds=120), usegmt=True)
+    classified = classify(status_error(ANTHROPIC.RateLimitError, 429, **{"retry-after": when}))
+    assert classified.transient and 100 < classified.retry_after_s <= 120
+
+
+@pytest.mark.parametrize("value", ["nan", "inf", "-1", "", "soon"])
 def test_a_retry_after_that_is_no_usable_number_falls_back_to_our_backoff(value):
     classified = classify(status_error(ANTHROPIC.RateLimitError, 429, **{"retry-after": value}))
     assert classified.transient and classified.retry_after_s is None

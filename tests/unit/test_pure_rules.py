@@ -4,7 +4,7 @@ import random
 
 from services.billing.rules import split_charge, split_refund
 from shared import breaker
-from shared.backoff import backoff_delay_ms
+from shared.backoff import RETRY_AFTER_CEILING_S, backoff_delay_ms, parse_retry_after
 from shared.errors import PermanentError, TransientError, classify
 
 
@@ -16,9 +16,22 @@ def test_backoff_is_full_jitter_within_exponential_bounds():
         assert 0 <= min(delays) and max(delays) <= ceiling and max(delays) > ceiling / 2
 
 
-def test_retry_after_wins_when_longer_but_is_capped():
+def test_retry_after_wins_when_longer_even_past_the_tenants_maximum_up_to_an_hour():
     assert backoff_delay_ms(1, base_ms=10, max_ms=5000, jitter=False, retry_after_s=3) == 3000
-    assert backoff_delay_ms(1, base_ms=10, max_ms=5000, jitter=False, retry_after_s=3600) == 5000
+    # The dependency knows when it will be ready: retrying at max_ms would only meet another 429.
+    assert backoff_delay_ms(1, base_ms=10, max_ms=5000, jitter=False, retry_after_s=45) == 45_000
+    assert backoff_delay_ms(1, base_ms=10, max_ms=5000, retry_after_s=86_400) == RETRY_AFTER_CEILING_S * 1000
+    # Shorter than our own schedule: ours stands.
+    assert backoff_delay_ms(4, base_ms=1000, max_ms=60_000, jitter=False, retry_after_s=1) == 8000
+
+
+def test_retry_after_is_read_in_seconds_or_as_an_http_date():
+    now = 1_445_412_480.0  # Wed, 21 Oct 2015 07:28:00 GMT
+    assert parse_retry_after("120") == 120.0 and parse_retry_after(" 1.5 ") == 1.5
+    assert parse_retry_after("Wed, 21 Oct 2015 07:29:30 GMT", now=now) == 90.0
+    assert parse_retry_after("Wed, 21 Oct 2015 07:00:00 GMT", now=now) == 0.0  # past: at once
+    for unusable in (None, "", "  ", "nan", "inf", "-1", "soon", "Wed, 99 Foo 2015"):
+        assert parse_retry_after(unusable, now=now) is None, unusable
 
 
 def test_breaker_opens_after_threshold_half_opens_and_closes():

@@ -2,19 +2,8 @@
 
 from __future__ import annotations
 
-import math
-
+from shared.backoff import parse_retry_after
 from shared.errors import PermanentError, TransientError, is_transient_http_status
-
-
-def retry_after_s(value: str | None) -> float | None:
-    """Seconds from a numeric ``Retry-After``; None when absent or not a usable number."""
-    try:
-        seconds = float(value) if value is not None else None
-    except ValueError:
-        return None  # an HTTP date: fall back to our own backoff
-    # "nan", "inf" and negatives parse as floats but would poison the retry scheduler.
-    return seconds if seconds is not None and math.isfinite(seconds) and seconds >= 0 else None
 
 
 def raise_for_status(status: int, retry_after: str | None, what: str) -> None:
@@ -22,5 +11,5 @@ def raise_for_status(status: int, retry_after: str | None, what: str) -> None:
     if 200 <= status < 300:
         return
     if is_transient_http_status(status):
-        raise TransientError(f"{what}: HTTP {status}", retry_after_s=retry_after_s(retry_after))
+        raise TransientError(f"{what}: HTTP {status}", retry_after_s=parse_retry_after(retry_after))
     raise PermanentError(f"{what}: HTTP {status}")
