@@ -205,6 +205,8 @@ async def apply_events(conn: AsyncConnection, names: Names, events: list[FileEve
 
     deltas: dict[str, _RunDelta] = {}
     waiting: dict[str, int] = {}  # run → the longest deferral announced
+    # An entry's ``at`` is when it was recorded here; what the executor saw carries its own
+    # time too (``occurred_at``), which is what a reader wants when the results fell behind.
     log_entries: list[dict] = []
     for event in events:
         f = files[(event.run_id, event.file_index)]
@@ -215,7 +217,7 @@ async def apply_events(conn: AsyncConnection, names: Names, events: list[FileEve
             waiting[event.run_id] = max(waiting.get(event.run_id, 0), event.next_delay_ms or 0)
             log_entries.append(timeline.entry(
                 event.run_id, tenant_id, "file_deferred", "system:executor", event.file_index, step=event.step,
-                dependency=event.dependency, next_delay_ms=event.next_delay_ms))
+                dependency=event.dependency, next_delay_ms=event.next_delay_ms, occurred_at=event.at))
             continue
         f.attempts = max(f.attempts, event.attempt)
         f.changed = True
@@ -231,7 +233,7 @@ async def apply_events(conn: AsyncConnection, names: Names, events: list[FileEve
             log_entries.append(timeline.entry(
                 event.run_id, tenant_id, "file_retrying", "system:executor", event.file_index,
                 attempt=event.attempt, step=event.step, next_delay_ms=event.next_delay_ms,
-                error=_error_of(event)))
+                error=_error_of(event), occurred_at=event.at))
             continue
         f.status = TERMINAL_BY_KIND[event.kind]
         delta.done += 1
@@ -249,7 +251,7 @@ async def apply_events(conn: AsyncConnection, names: Names, events: list[FileEve
                 delta.e += 1
             log_entries.append(timeline.entry(
                 event.run_id, tenant_id, f"file_{event.kind}", "system:executor", event.file_index,
-                attempt=event.attempt, step=event.step, error=_error_of(event)))
+                attempt=event.attempt, step=event.step, error=_error_of(event), occurred_at=event.at))
 
     # Successes go to the timeline one entry per run and batch, not per file: every state
     # change is logged, without a row per file on the hot path.
