@@ -38,7 +38,8 @@ _CANDIDATE_TENANTS = text(f"SELECT tenant_id FROM coordinator.runs WHERE {_STUCK
 _LOCK_LOST = text(f"SELECT * FROM coordinator.runs WHERE tenant_id = ANY(CAST(:tenants AS text[])) AND {_STUCK} "
                   "ORDER BY last_progress_at LIMIT 50 FOR UPDATE SKIP LOCKED")
 _FLAG_STUCK = text("UPDATE coordinator.runs SET needs_attention = true, attention_reason = 'stuck' "
-                   f"WHERE tenant_id = ANY(CAST(:tenants AS text[])) AND NOT needs_attention AND {_STUCK}")
+                   f"WHERE tenant_id = ANY(CAST(:tenants AS text[])) AND NOT needs_attention AND {_STUCK} "
+                   "RETURNING id, tenant_id")
 
 
 async def _lost_and_waiting(deps: Deps, tenants: list[str]) -> tuple[list[str], list[str]] | None:
@@ -71,7 +72,13 @@ async def sweep(deps: Deps) -> dict:
     lost, waiting = split
     async with transaction(deps.engine) as conn:
         if waiting:
-            await conn.execute(_FLAG_STUCK, {"tenants": waiting, **lease})
+            flagged = (await conn.execute(_FLAG_STUCK, {"tenants": waiting, **lease})).all()
+            # Nothing is re-published (its jobs are out with an executor that says nothing):
+            # the entry tells whoever opens the run why it is listed.
+            await timeline.append(conn, *(timeline.entry(
+                run_id, tenant_id, "run_stuck", "system:recovery",
+                reason="no progress past the recovery lease while its jobs are out with an executor")
+                for run_id, tenant_id in flagged))
         for run in (await conn.execute(_LOCK_LOST, {"tenants": lost, **lease})).mappings().all():
             run = dict(run)
             if run["recovering"] and run["recovery_failures"] + 1 >= deps.settings.recovery_max_failures:
@@ -111,6 +118,7 @@ class RecoverySweeper:
         self._prune_every_s = prune_every_s
         self._pruned_at: float | None = None
         self.prune_passes = 0  # how many prunes were tried (tests wait for the first)
+        self.passes = 0  # how many sweeps were tried (tests wait for more)
         self._task: asyncio.Task | None = None
         self._stopping = asyncio.Event()
 
@@ -128,6 +136,7 @@ class RecoverySweeper:
                 await sweep(self._deps)
             except Exception as exc:  # database or billing away: next pass
                 log.warning("recovery.sweep_failed", error=repr(exc))
+            self.passes += 1
             await self._prune_when_due()
             try:
                 await asyncio.wait_for(self._stopping.wait(), self._deps.settings.recovery_interval_s)

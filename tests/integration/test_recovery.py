@@ -7,7 +7,7 @@ import asyncio
 import contextlib
 import json
 
-
+from shared import bus
 from tests.stack import Stack, counts_add_up, expect_error
 
 
@@ -248,5 +248,39 @@ async def test_recovering_a_per_file_run_counts_its_pending_files_without_loadin
         assert done["status"] == "COMPLETED_WITH_ERRORS" and done["counts"]["succeeded"] == 5 and counts_add_up(done)
         timeline = (await stack.call("coordinator", "timeline", tenant_id=tenant, run_id=run["id"]))["items"]
         assert [e["details"]["pending_files"] for e in timeline if e["kind"] == "recovery_started"] == [pending]
+    finally:
+        await stack.stop()
+
+
+async def test_a_run_whose_job_is_out_with_a_silent_executor_is_flagged_stuck_once_not_republished(make_settings):
+    """An executor took the job and says nothing (no result, no heartbeat, its ack wait not
+    yet over): re-publishing would run a second copy, so the sweep only lists the run for
+    operators, and says why in its timeline, once."""
+    settings = await make_settings(recovery_interval_s=0.2, recovery_lease_s=0.5)
+    stack = await Stack(settings).start("billing", "coordinator")  # the silent executor is this test
+    try:
+        tenant = await stack.tenant()
+        template = await stack.template(tenant, [{"name": "a", "handler": "noop"}])
+        run = await stack.submit(tenant, template, 1)
+        await bus.ensure_consumer(stack.js, stack.names.jobs_stream, stack.names.executor_consumer, stack.names.jobs_all,
+                                  ack_wait_s=settings.executor_ack_wait_s, max_deliver=settings.executor_max_deliver,
+                                  backoff_s=settings.executor_redelivery_backoff_s)  # as an executor would
+        taken = await stack.js.pull_subscribe_bind(stack.names.executor_consumer, stack.names.jobs_stream)
+        [job] = await taken.fetch(1, timeout=10)
+        flagged = await stack.wait_run(tenant, run["id"], until=lambda r: r["needs_attention"], timeout=30)
+        assert (flagged["attention_reason"], flagged["recovering"], flagged["round"]) == ("stuck", False, 0)
+        sweeper = stack.services["coordinator"][0].sweeper
+        passes = sweeper.passes
+        while sweeper.passes < passes + 3:  # passes go on: still one job in the stream, still one entry
+            await asyncio.sleep(0.05)
+        info = await stack.js.stream_info(stack.names.jobs_stream)
+        assert info.state.messages == 1
+        entries = (await stack.call("coordinator", "timeline", tenant_id=tenant, run_id=run["id"]))["items"]
+        assert [(e["kind"], e["actor"]) for e in entries if e["kind"] == "run_stuck"] == [("run_stuck", "system:recovery")]
+        await job.nak()  # the executor lets go; a live one takes it and the run moves on
+        await taken.unsubscribe()
+        await stack.start("executor")
+        done = await stack.wait_run(tenant, run["id"])
+        assert done["status"] == "COMPLETED" and not done["needs_attention"] and counts_add_up(done)
     finally:
         await stack.stop()
