@@ -37,9 +37,10 @@ _CANDIDATE_TENANTS = text(f"SELECT tenant_id FROM coordinator.runs WHERE {_STUCK
                           "GROUP BY tenant_id ORDER BY min(last_progress_at) LIMIT 200")
 _LOCK_LOST = text(f"SELECT * FROM coordinator.runs WHERE tenant_id = ANY(CAST(:tenants AS text[])) AND {_STUCK} "
                   "ORDER BY last_progress_at LIMIT 50 FOR UPDATE SKIP LOCKED")
-_FLAG_STUCK = text("UPDATE coordinator.runs SET needs_attention = true, attention_reason = 'stuck' "
+_FLAG_STUCK = text("UPDATE coordinator.runs SET needs_attention = true, attention_reason = 'stuck', recovering = true "
                    f"WHERE tenant_id = ANY(CAST(:tenants AS text[])) AND NOT needs_attention AND {_STUCK} "
-                   "RETURNING id, tenant_id")
+                   "RETURNING *")
+WAITING_NOTE = "no progress; its jobs come back from the executor that held them"
 
 
 async def _lost_and_waiting(deps: Deps, tenants: list[str]) -> tuple[list[str], list[str]] | None:
@@ -72,13 +73,15 @@ async def sweep(deps: Deps) -> dict:
     lost, waiting = split
     async with transaction(deps.engine) as conn:
         if waiting:
-            flagged = (await conn.execute(_FLAG_STUCK, {"tenants": waiting, **lease})).all()
-            # Nothing is re-published (its jobs are out with an executor that says nothing):
-            # the entry tells whoever opens the run why it is listed.
-            await timeline.append(conn, *(timeline.entry(
-                run_id, tenant_id, "run_stuck", "system:recovery",
-                reason="no progress past the recovery lease while its jobs are out with an executor")
-                for run_id, tenant_id in flagged))
+            # Its jobs are out with an executor that says nothing (one that died: the ack
+            # wait brings them back). Re-publishing would run second copies; the run is
+            # listed for operators and its users are told, once per quiet spell.
+            for run in (await conn.execute(_FLAG_STUCK, {"tenants": waiting, **lease})).mappings().all():
+                await outbox.add(conn, [run_event_row(deps.names, run, "recovery_started", WAITING_NOTE,
+                                                      unique=f"q{run['last_progress_at'].timestamp():.6f}")])
+                await timeline.append(conn, timeline.entry(run["id"], run["tenant_id"], "recovery_started",
+                                                           "system:recovery", pending_files=run["pending"],
+                                                           reason=WAITING_NOTE))
         for run in (await conn.execute(_LOCK_LOST, {"tenants": lost, **lease})).mappings().all():
             run = dict(run)
             if run["recovering"] and run["recovery_failures"] + 1 >= deps.settings.recovery_max_failures:
@@ -88,7 +91,7 @@ async def sweep(deps: Deps) -> dict:
                     " fanin_round = round, finished_at = now(), updated_at = now() WHERE id = :r RETURNING *"),
                     {"r": run["id"]})).mappings().one())
                 await outbox.add(conn, [run_event_row(deps.names, failed, "recovery_failed",
-                                                      "Recovery failed: the run made no progress after repeated recoveries")])
+                                                      "the run made no progress after repeated recoveries")])
                 await timeline.append(conn, timeline.entry(run["id"], run["tenant_id"], "recovery_failed", "system:recovery",
                                                            attempts=failed["recovery_failures"]))
                 stats["given_up"] += 1

@@ -31,7 +31,7 @@ def run_view(run: Mapping[str, Any], files: list[Mapping[str, Any]] | None = Non
             "refunded": run["credits_refunded"],
         },
         "needs_attention": run["needs_attention"],
-        "recovering": run["recovering"],  # re-published by a recovery, not yet finished
+        "recovering": run["recovering"],  # in a recovery (re-published, or its jobs coming back), not yet finished
         "attention_reason": run["attention_reason"],
         "created_at": _iso(run["created_at"]),
         "updated_at": _iso(run["updated_at"]),

@@ -80,7 +80,7 @@ async def test_the_sweep_recovers_runs_whose_jobs_are_lost_then_gives_up_and_fla
         assert failed["attention_reason"] == "recovery_failed" and failed["counts"]["pending"] == 3
         await notes(stack, tenant, run["id"], "run_recovery_started")
         [note] = await notes(stack, tenant, run["id"], "run_recovery_failed")
-        assert note["message"].startswith("Recovery failed")
+        assert note["message"] == "Recovery failed: the run made no progress after repeated recoveries"
         kinds = [e["kind"] for e in (await stack.call("coordinator", "timeline", tenant_id=tenant, run_id=run["id"]))["items"]]
         assert kinds.count("recovery_started") == 2 and kinds.count("recovery_failed") == 1
         # An operator brings an executor back and recovers by hand: free of charge.
@@ -252,12 +252,13 @@ async def test_recovering_a_per_file_run_counts_its_pending_files_without_loadin
         await stack.stop()
 
 
-async def test_a_run_whose_job_is_out_with_a_silent_executor_is_flagged_stuck_once_not_republished(make_settings):
+async def test_a_run_whose_job_is_out_with_a_silent_executor_is_flagged_and_told_once_not_republished(make_settings):
     """An executor took the job and says nothing (no result, no heartbeat, its ack wait not
-    yet over): re-publishing would run a second copy, so the sweep only lists the run for
-    operators, and says why in its timeline, once."""
+    yet over: it died, say, with the rest of the system). Re-publishing would run a second
+    copy, so the sweep only lists the run for operators and tells its users that recovery
+    started, once; the job comes back from the broker and the recovery succeeds."""
     settings = await make_settings(recovery_interval_s=0.2, recovery_lease_s=0.5)
-    stack = await Stack(settings).start("billing", "coordinator")  # the silent executor is this test
+    stack = await Stack(settings).start("billing", "coordinator", "notifier")  # the silent executor is this test
     try:
         tenant = await stack.tenant()
         template = await stack.template(tenant, [{"name": "a", "handler": "noop"}])
@@ -268,7 +269,7 @@ async def test_a_run_whose_job_is_out_with_a_silent_executor_is_flagged_stuck_on
         taken = await stack.js.pull_subscribe_bind(stack.names.executor_consumer, stack.names.jobs_stream)
         [job] = await taken.fetch(1, timeout=10)
         flagged = await stack.wait_run(tenant, run["id"], until=lambda r: r["needs_attention"], timeout=30)
-        assert (flagged["attention_reason"], flagged["recovering"], flagged["round"]) == ("stuck", False, 0)
+        assert (flagged["attention_reason"], flagged["recovering"], flagged["round"]) == ("stuck", True, 0)
         sweeper = stack.services["coordinator"][0].sweeper
         passes = sweeper.passes
         while sweeper.passes < passes + 3:  # passes go on: still one job in the stream, still one entry
@@ -276,11 +277,17 @@ async def test_a_run_whose_job_is_out_with_a_silent_executor_is_flagged_stuck_on
         info = await stack.js.stream_info(stack.names.jobs_stream)
         assert info.state.messages == 1
         entries = (await stack.call("coordinator", "timeline", tenant_id=tenant, run_id=run["id"]))["items"]
-        assert [(e["kind"], e["actor"]) for e in entries if e["kind"] == "run_stuck"] == [("run_stuck", "system:recovery")]
+        started = [e for e in entries if e["kind"] == "recovery_started"]
+        assert [(e["actor"], e["details"]["pending_files"]) for e in started] == [("system:recovery", 1)]
+        [note] = await notes(stack, tenant, run["id"], "run_recovery_started")
+        assert note["message"] == "Recovery started (no progress; its jobs come back from the executor that held them)"
         await job.nak()  # the executor lets go; a live one takes it and the run moves on
         await taken.unsubscribe()
         await stack.start("executor")
         done = await stack.wait_run(tenant, run["id"])
-        assert done["status"] == "COMPLETED" and not done["needs_attention"] and counts_add_up(done)
+        assert done["status"] == "COMPLETED" and not done["needs_attention"] and not done["recovering"]
+        assert counts_add_up(done)
+        await notes(stack, tenant, run["id"], "run_recovered")
+        assert len(await notes(stack, tenant, run["id"], "run_recovery_started")) == 1
     finally:
         await stack.stop()
