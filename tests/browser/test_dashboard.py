@@ -621,3 +621,91 @@ async def test_restore_is_offered_to_support_only_and_resumes_from_the_checkpoin
     assert [(e.get("file_index"), e["details"]["checkpoint_step"]) for e in timeline if e["kind"] == "restored"] \
         == [(0, 0), (None, -1)]
     await expect(banner).to_be_hidden()
+
+
+async def flagged_runs(system, key: str, count: int) -> list[str]:
+    """``count`` runs that need attention, reason ``failed``: the one file of each failed
+    after its retries (quick ones: FAST), so each finished COMPLETED_WITH_ERRORS."""
+    doomed = await system.template(key, [{"name": "work", "handler": "flaky", "params": {"fail_rounds": 9}}])
+    ids = [r["id"] for r in await asyncio.gather(
+        *(system.submit(key, doomed, [f"doomed-{i}.txt"], max_retry_count=1) for i in range(count)))]
+    for run in await asyncio.gather(*(system.finished(key, run_id) for run_id in ids)):
+        assert (run["status"], run["needs_attention"], run["attention_reason"]) \
+            == ("COMPLETED_WITH_ERRORS", True, "failed"), run  # the setup
+    return ids
+
+
+def attention_rows(page):
+    return page.get_by_test_id("attention").locator("tbody tr")
+
+
+async def attention_shown(page) -> list[tuple[str, str, str]]:
+    """(run id, status, reason) of each run the panel lists, in its order."""
+    return [tuple(r) for r in await attention_rows(page).evaluate_all(
+        "rows => rows.map((r) => [r.querySelector('a').title, r.querySelector('.badge').textContent,"
+        " r.querySelector('.tag').textContent])")]
+
+
+async def test_an_operator_sees_what_needs_attention_with_its_reason_and_the_true_total(system, dashboard):
+    tenant, key = await system.tenant()
+    ui, page = dashboard, dashboard.page
+    noop = await system.template(key, [{"name": "work", "handler": "noop"}])
+    fine = (await system.submit(key, noop, ["fine.txt"]))["id"]
+    flagged = await flagged_runs(system, key, 51)  # one more than the dashboard reads at first (50)
+    assert (await system.finished(key, fine))["needs_attention"] is False  # the setup
+    first = await system.call("GET", "/admin/attention?limit=50", key)
+    assert (first["total"], len(first["items"]), first["by_tenant"]) == (51, 50, {tenant: 51})  # the setup
+    assert first["next_cursor"] and {r["id"] for r in first["items"]} < set(flagged)
+
+    await ui.sign_in(key)
+    await expect(attention_rows(page)).to_have_count(50)
+    # The count is how many need attention (the API's total), not how many one page holds.
+    await expect(page.locator("#attention-count")).to_have_text(f"({first['total']})")
+    # The runs of the API's first page, newest change first, each with its status and reason.
+    assert await attention_shown(page) == [(r["id"], r["status"], r["reason"]) for r in first["items"]]
+    assert {reason for _, _, reason in await attention_shown(page)} == {"failed"}
+    await expect(page.get_by_test_id("attention-shown")).to_have_text("50 of 51 shown")
+    await expect(page.get_by_test_id("attention-more")).to_be_visible()
+    await expect(page.get_by_test_id("attention-tenants")).to_be_hidden()  # one tenant's runs
+    await expect(page.get_by_test_id("error-banner")).to_be_hidden()
+
+
+async def test_more_pages_through_what_needs_attention_and_the_count_stays_the_total(system, dashboard):
+    _, key = await system.tenant()
+    ui, page = dashboard, dashboard.page
+    await flagged_runs(system, key, 5)
+    every = await system.call("GET", "/admin/attention?limit=500", key)
+    assert every["total"] == 5 and every["next_cursor"] is None  # the setup
+    expected = [(r["id"], r["status"], r["reason"]) for r in every["items"]]
+
+    await ui.sign_in(key)
+    pages: list[dict] = []
+    page.on("request", lambda r: "/api/v1/admin/attention" in r.url and pages.append(
+        dict(p.split("=", 1) for p in urlsplit(r.url).query.split("&") if p)))
+    await page.goto(ui.url + "/?attention_page=2")  # two runs a page
+    rows, more, shown = attention_rows(page), page.get_by_test_id("attention-more"), page.get_by_test_id("attention-shown")
+    count = page.locator("#attention-count")
+    await expect(rows).to_have_count(2)
+    await expect(count).to_have_text("(5)")
+    await expect(shown).to_have_text("2 of 5 shown")
+    await more.click()
+    await expect(rows).to_have_count(4)
+    await expect(shown).to_have_text("4 of 5 shown")
+    await expect(count).to_have_text("(5)")
+    await more.click()
+    await expect(rows).to_have_count(5)
+    await expect(more).to_be_hidden()  # no next_cursor: nothing more to read
+    await expect(shown).to_have_text("")
+    await expect(count).to_have_text("(5)")
+    assert await attention_shown(page) == expected  # each once, in the API's order
+    # Each More asked for a page of two, from where the one before ended.
+    assert [p["limit"] for p in pages if "cursor" in p] == ["2", "2"]
+
+    # A run flagged meanwhile: the list is read again live, as far as it had been paged.
+    [late] = await flagged_runs(system, key, 1)
+    await expect(count).to_have_text("(6)", timeout=WAIT_MS)
+    await expect(rows).to_have_count(5)
+    await expect(shown).to_have_text("5 of 6 shown")
+    await expect(more).to_be_visible()
+    assert [r[0] for r in await attention_shown(page)] == [late] + [r[0] for r in expected[:4]]
+    await expect(page.get_by_test_id("error-banner")).to_be_hidden()
