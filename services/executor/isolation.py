@@ -1,10 +1,11 @@
 """Run suspect jobs alone.
 
 A job redelivered for no reason we know of (not a retry we asked for, not a breaker
-deferral) most likely died with its executor: maybe it killed it. Such a job runs alone,
-after the jobs in flight finish and before new ones start, so that if it is poison it
-kills only itself and the innocent jobs fetched next to it do not spend their deliveries
-with it (the consumer's max deliver would otherwise fail them too).
+deferral) died with its executor. Once is the common crash, and the job runs as any other;
+a job that died with two executors (job_runner's SUSPECT_AFTER) may be what killed them. It
+runs alone, after the jobs in flight finish and before new ones start, so that if it is
+poison it kills only itself and the innocent jobs fetched next to it do not spend their
+deliveries with it (the consumer's max deliver would otherwise fail them too).
 """
 
 from __future__ import annotations

@@ -7,12 +7,22 @@ ignores the repeat):
   retry → nak(delay)     defer (breaker open) → nak(delay), not counted as an attempt
 Near the consumer's max deliver, retry and defer re-publish the job instead of nak-ing it
 (``_come_back_later``), so only deliveries we cannot explain (crashes) reach that limit.
+
+Suspects: a delivery we cannot explain (not a retry or deferral of ours, nor after a
+delivery this process lived through: seen.py) means the job was in flight when an executor
+died. One such delivery is the common crash (a deploy's kill, an OOM, a node lost): every
+job in flight comes back once, and they run again side by side. A job in flight at a second
+death (``SUSPECT_AFTER``) is a suspect: maybe it is what kills them. It runs alone
+(isolation.py) and the worker fetches nothing beside it (worker.py), so a poison job costs
+the jobs beside it at most two deliveries (one per death) and then dies alone until max
+deliver fails it.
 """
 
 from __future__ import annotations
 
 import asyncio
 import time
+from collections.abc import Callable
 from datetime import datetime, timezone
 
 import orjson
@@ -39,6 +49,14 @@ log = structlog.get_logger(__name__)
 REFRESHED_HEADER = "Redrive-Refreshed"
 # A re-published copy due within this long is held here until due, not deferred again.
 EARLY_SLEEP_S = 0.05
+# Unexplained deliveries (deaths it was in flight at) that make a job a suspect.
+SUSPECT_AFTER = 2
+
+
+def suspect_after(max_deliver: int) -> int:
+    """SUSPECT_AFTER, but below max deliver: with a max deliver of 2 the second delivery is
+    the last, and the jobs beside a poison job would spend it with it."""
+    return max(1, min(SUSPECT_AFTER, max_deliver - 1))
 
 
 def file_event_body(job: Job, file_index: int, outcome: Outcome, attempt: int, kind: str) -> tuple[str, bytes]:
@@ -63,6 +81,10 @@ def _headers(tenant_id: str, run_id: str) -> dict[str, str]:
     return {"Redrive-Tenant": tenant_id, "Redrive-Run": run_id, **tracing.outgoing()}
 
 
+def _no_verdict(suspect: bool) -> None:
+    pass
+
+
 def deliveries(msg: Msg) -> int:
     """How many times JetStream has delivered this message (1 when not from JetStream)."""
     return delivery_and_message(msg)[0]
@@ -79,12 +101,16 @@ class JobRunner:
         self._keepalive = keepalive
         self._gate = gate or IsolationGate()
         self._max_deliver = max_deliver
+        self._suspect_after = suspect_after(max_deliver)
         self._stops = stops
         self._deferrals_told: set[tuple[str, str, float | None]] = set()
         self._seen = SeenDeliveries()
 
-    async def handle(self, msg: Msg) -> bool:
-        """Run the job; True if it was a suspect (redelivered for no reason we know)."""
+    async def handle(self, msg: Msg, verdict: Callable[[bool], None] | None = None) -> bool:
+        """Run the job; True if it was a suspect (see the module's docstring). ``verdict`` is
+        told whether it is one as soon as that is known, before the job runs (not at all if
+        the job does not run: rejected, or acked again)."""
+        verdict = verdict or _no_verdict
         # This task works for the job's run: its logs and the events it publishes carry
         # the run's trace (from the job's traceparent; shared/tracing.py).
         trace_id = tracing.trace_id_of(msg.headers.get(tracing.HEADER)) if msg.headers else None
@@ -121,9 +147,14 @@ class JobRunner:
         self._keepalive.add(msg, job.run_id)
         try:
             if job.mode == "batch":
-                await self._run_batch(job, msg, delivered, message, heartbeat)
-                return delivered > 1 and not seen_before
-            return await self._run_one(job, job.every_file[0], msg, delivered, message, seen_before, heartbeat)
+                # Its retries happen in-process: every redelivery of a batch job is unexplained.
+                suspect = delivered - 1 >= self._suspect_after and not seen_before
+                verdict(suspect)
+                async with (self._gate.exclusive() if suspect else self._gate.shared()):
+                    await self._run_batch(job, msg, delivered, message, heartbeat)
+                return suspect
+            return await self._run_one(job, job.every_file[0], msg, delivered, message, seen_before, heartbeat,
+                                       verdict)
         finally:
             self._keepalive.remove(msg)
             self._seen.saw(message, delivered)  # we are alive: whatever became of it, it did not kill us
@@ -137,7 +168,7 @@ class JobRunner:
         await msg.ack()
 
     async def _run_one(self, job: Job, file: FileSpec, msg: Msg, delivered: int, message: Message | None,
-                       seen_before: bool, heartbeat) -> bool:
+                       seen_before: bool, heartbeat, verdict: Callable[[bool], None]) -> bool:
         # A single-step job on its first delivery needs nothing but the message. Anything
         # else asks the progress store: a redelivery, a re-published copy, and any job
         # with steps after its first, because a broker restart can hand a job out again
@@ -147,8 +178,10 @@ class JobRunner:
         look = delivered > 1 or refreshed or multi_step
         progress = await self._progress.get(job.job_id, file.index) if look else Progress()
         attempt = progress.attempt
-        # Redelivered for no reason we know, nor after a delivery this process lived through.
-        suspect = delivered - 1 > progress.explained and not seen_before
+        # In flight at SUSPECT_AFTER deaths: redelivered that often for no reason we know,
+        # and not after a delivery this process lived through.
+        suspect = delivered - 1 - progress.explained >= self._suspect_after and not seen_before
+        verdict(suspect)
         wait_s = (progress.not_before or 0) - time.time()
         if wait_s > 0:  # a re-published copy, early: wait out the backoff it was given
             if wait_s <= EARLY_SLEEP_S:  # nearly due: cheaper to wait here than to go round again

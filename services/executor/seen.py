@@ -1,11 +1,12 @@
 """Deliveries this executor process saw through, so that it can tell a job that comes back
 because an ack was lost from one that may have killed an executor.
 
-A job redelivered for no reason the progress store knows is a suspect: it runs alone
-(isolation.py), and the worker turns cautious, fetching one job at a time. That is right
-after a crash, and wrong after a NATS node failover or a dropped connection, when every
-job in flight comes back although this process ran each of them and lived: the acks were
-lost, not the executor. So, when the delivery before this one was seen through here:
+A job redelivered for no reason the progress store knows was in flight when an executor
+died; at the second such delivery it is a suspect (job_runner): it runs alone
+(isolation.py), and the worker fetches nothing beside it. That is right after crashes, and
+wrong after a NATS node failover or a dropped connection, when every job in flight comes
+back although this process ran each of them and lived: the acks were lost, not the
+executor. So, when the delivery before this one was seen through here:
 
 * it is no suspect;
 * if it finished (its terminal event published and its PubAck received before the ack
@@ -14,8 +15,8 @@ lost, not the executor. So, when the delivery before this one was seen through h
 Keyed by the message's stream sequence and timestamp (the executor reads one stream; the
 timestamp tells a message apart from one of a stream made again, whose sequences start
 over), not by the job id: a copy re-published by recovery is another message, with
-deliveries of its own. Bounded, oldest forgotten first: a forgotten one is judged as
-before (a suspect), which costs time, never a result.
+deliveries of its own. Bounded, oldest forgotten first: a forgotten one is judged on its
+unexplained deliveries (maybe a suspect), which costs time, never a result.
 """
 
 from __future__ import annotations

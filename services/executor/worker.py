@@ -4,11 +4,17 @@ Fetches are sized by free slots, so a slow job never holds messages it cannot st
 would sit unacked until the ack wait and be redelivered elsewhere for nothing). Stopping
 stops pulling, lets in-flight jobs finish (bounded by the grace period), then returns.
 
-Cautious mode: after a start, and whenever a suspect job shows up (redelivered for no
-reason we know: see job_runner), jobs are fetched one at a time with nothing else in
-flight, until one turns out not to be a suspect. A job that
-kills its executor is redelivered first after the restart; fetched alone, it kills only
-itself, and the jobs that died with it the first time spend one delivery, not all of them.
+Suspects (jobs in flight at two executor deaths: see job_runner) run alone, and nothing is
+fetched while one waits or runs: a job fetched beside it would die with it.
+
+Cautious mode: after a start, and after a suspect, jobs are fetched one at a time, each
+once the one before is judged (suspect or not: a progress read, before it runs), until a
+job fetched alone is on its first delivery. JetStream hands out due redeliveries before
+new messages, so that first delivery says no redelivery was waiting. After a start the
+redelivered jobs come first: after a common crash none is a suspect, and they start side
+by side, as fast as they are judged; after a poison job's second kill it and the jobs that
+died with it twice are suspects, each fetched and run alone, so a poison job is not
+fetched in one batch with the jobs it would kill.
 """
 
 from __future__ import annotations
@@ -38,8 +44,9 @@ class Worker:
         self._inflight: set[asyncio.Task] = set()
         self._stopping = asyncio.Event()
         self._task: asyncio.Task | None = None
-        self._idle = asyncio.Event()
-        self._idle.set()
+        self._suspects = 0  # in flight
+        self._no_suspect = asyncio.Event()
+        self._no_suspect.set()
         self.cautious = True
         self.completed = 0
 
@@ -56,8 +63,8 @@ class Worker:
     async def _run(self) -> None:
         puller = Puller(client_of(self._js), self._names.jobs_stream, self._names.executor_consumer)
         while not self._stopping.is_set():
-            if self.cautious and self._inflight:
-                await self._idle.wait()
+            if self._suspects:
+                await self._no_suspect.wait()
                 continue
             free = self._concurrency - len(self._inflight)
             if free <= 0:
@@ -71,22 +78,32 @@ class Worker:
                 continue
             alone = self.cautious
             for msg in msgs:
-                task = asyncio.create_task(self._one(msg, alone))
+                judged = asyncio.get_running_loop().create_future()
+                task = asyncio.create_task(self._one(msg, alone, judged))
                 self._inflight.add(task)
-                self._idle.clear()
-                task.add_done_callback(self._done)
+                task.add_done_callback(self._inflight.discard)
+                if alone:  # one message: fetch the next once this one is judged
+                    await asyncio.wait((judged, task), return_when=asyncio.FIRST_COMPLETED)
         await puller.stop()
 
-    def _done(self, task: asyncio.Task) -> None:
-        self._inflight.discard(task)
-        if not self._inflight:
-            self._idle.set()
+    async def _one(self, msg, alone: bool, judged: asyncio.Future) -> None:
+        suspect = False
 
-    async def _one(self, msg, alone: bool) -> None:
+        def verdict(is_suspect: bool) -> None:
+            nonlocal suspect
+            if judged.done():
+                return
+            judged.set_result(is_suspect)
+            if is_suspect:
+                suspect = True
+                self._suspects += 1
+                self._no_suspect.clear()
+                self.cautious = True
+            elif alone and deliveries(msg) == 1:
+                self.cautious = False  # no redelivery was waiting when it was fetched
+
         try:
-            suspect = await self._runner.handle(msg)
-            # Fetched alone (cautious), the job's verdict decides; otherwise only a suspect turns it on.
-            self.cautious = suspect if alone else (suspect or self.cautious)
+            await self._runner.handle(msg, verdict)
             self.completed += 1
         except BUS_TROUBLE as exc:
             # Publishing or acking failed (NATS away): leave the message unacked; it comes
@@ -102,6 +119,12 @@ class Worker:
                 await msg.nak(delay=bug_backoff_s(deliveries(msg)))
             except BUS_TROUBLE:
                 pass  # then the ack wait brings it back
+        finally:
+            verdict(False)  # not judged: it did not run (rejected, acked again, or failed first)
+            if suspect:
+                self._suspects -= 1
+                if not self._suspects:
+                    self._no_suspect.set()
 
 
 # What a job's publish, ack or progress write raises when NATS is away or slow.

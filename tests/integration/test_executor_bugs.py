@@ -20,11 +20,11 @@ async def test_a_job_that_met_a_bug_comes_back_before_the_ack_wait_and_runs(stac
     runner = stack.services["executor"][0].worker._runner
     handle, calls = runner.handle, []
 
-    async def buggy_once(msg):
+    async def buggy_once(msg, *args):
         calls.append(msg)
         if len(calls) == 1:
             raise RuntimeError("a bug of ours")
-        return await handle(msg)
+        return await handle(msg, *args)
 
     monkeypatch.setattr(runner, "handle", buggy_once)
     tenant = await stack.tenant()

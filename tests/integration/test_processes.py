@@ -44,6 +44,30 @@ async def test_a_job_that_kills_its_executor_every_time_ends_failed_while_the_re
         await stack.stop()
 
 
+async def test_the_jobs_in_flight_beside_a_job_that_kills_its_executor_survive_a_max_deliver_of_3(make_settings):
+    """The jobs in flight with a poison job die with it at its first delivery, and again at
+    its second (after one crash, redelivered jobs run side by side); from then on each of
+    them is a suspect and runs alone, fetched alone: their third and last delivery is never
+    spent beside the poison job."""
+    settings = await make_settings(executor_ack_wait_s=1.0, executor_max_deliver=3, executor_allow_crash=True)
+    stack = await ProcStack(settings).start("billing", "coordinator", "notifier", "executor")
+    try:
+        tenant = await stack.tenant()
+        warm = await stack.submit(tenant, await stack.template(tenant, [{"name": "a", "handler": "noop"}]), 1)
+        await stack.wait_run(tenant, warm["id"])  # at full speed: the jobs below are fetched together
+        template = await stack.template(
+            tenant, [{"name": "a", "handler": "flaky", "params": {"crash": "^poison", "sleep_ms": 800}}])
+        files = [{"name": f"ok{i}.pdf"} for i in range(3)] + [{"name": "poison.pdf"}]
+        run = await stack.submit(tenant, template, 0, files=files)
+        done = await stack.wait_run(tenant, run["id"], timeout=60)
+        assert done["status"] == "COMPLETED_WITH_ERRORS" and counts_add_up(done)
+        assert [f["status"] for f in done["files"][:3]] == ["SUCCEEDED"] * 3
+        assert done["files"][3]["status"] == "FAILED" and done["files"][3]["last_error"]["class"] == "PoisonJob"
+        assert stack.deaths["executor"] == 3  # one per delivery of the poison job
+    finally:
+        await stack.stop()
+
+
 async def test_a_poison_jobs_advisory_sent_while_no_coordinator_runs_is_kept_and_fails_the_job(make_settings):
     """The max-deliveries advisory is a core NATS message: sent while the coordinator was
     down, it was lost, and the run stayed RUNNING for good (its dead job in the stream made
@@ -126,4 +150,43 @@ async def test_a_tenant_cannot_crash_or_freeze_the_shared_executor_by_default(ma
             assert "'crash' is disabled on this system" in why and "REDRIVE_EXECUTOR_ALLOW_CRASH" in why
     finally:
         await engine.dispose()
+        await stack.stop()
+
+
+async def test_the_jobs_in_flight_at_one_executor_crash_run_again_side_by_side(make_settings, tmp_path):
+    """A crash that has nothing to do with the jobs (a deploy's kill, an OOM, a node lost)
+    redelivers every job that was in flight, each once unexplained. Taken for suspects, they
+    ran one after another (N step times of recovery instead of one); a job becomes a suspect
+    only when it was in flight at a second death (test above: a poison job is still failed)."""
+    import json
+
+    step_s = 1.5
+    log = tmp_path / "starts.log"
+    settings = await make_settings(executor_ack_wait_s=1.0, handlers="tests.chaos.handlers")
+    stack = await ProcStack(settings).start("billing", "coordinator", "executor")
+    try:
+        tenant = await stack.tenant()
+        warm = await stack.submit(tenant, await stack.template(tenant, [{"name": "a", "handler": "noop"}]), 1)
+        await stack.wait_run(tenant, warm["id"])  # a started executor is at full speed once it ran a job
+        template = await stack.template(tenant, [{"name": "slow", "handler": "chaos_step",
+                                                  "params": {"log": str(log), "sleep_ms": int(step_s * 1000)}}])
+        n = 4
+        run = await stack.submit(tenant, template, n)
+
+        def starts() -> list[dict]:
+            return [json.loads(line) for line in log.read_text().splitlines()] if log.exists() else []
+
+        deadline = time.monotonic() + 20
+        while len(starts()) < n:  # every job is in its step
+            assert time.monotonic() < deadline, "the jobs never started"
+            await asyncio.sleep(0.02)
+        stack.kill("executor")  # kill -9 mid-step; the watcher starts another
+        killed_at = time.time()
+        done = await stack.wait_run(tenant, run["id"], timeout=30)
+        assert done["status"] == "COMPLETED" and counts_add_up(done)
+        again = [s["t"] for s in starts() if s["t"] > killed_at]
+        assert sorted(s["file"] for s in starts() if s["t"] > killed_at) == list(range(n))  # each ran again once
+        # Side by side: the last one started before the first one could have finished.
+        assert max(again) - min(again) < step_s, f"one after another: started {[round(t - min(again), 2) for t in sorted(again)]}"
+    finally:
         await stack.stop()
