@@ -12,7 +12,7 @@ import pytest
 from sqlalchemy.ext.asyncio import create_async_engine
 
 from shared.messages import ServiceError
-from services.coordinator.commands.cancel import PAID_REFUNDS_RETENTION_S, pay_refunds_due, prune_paid_refunds
+from services.coordinator.commands.cancel import PAID_REFUNDS_RETENTION_S, REFUND_WAIT_S, pay_refunds_due, prune_paid_refunds
 from services.coordinator.recovery import RecoverySweeper
 from tests.integration.test_query_plans import indexes, plans, seeded_engine, sent
 from tests.stack import Stack
@@ -156,3 +156,35 @@ async def test_a_cancels_refund_is_paid_with_its_time_and_the_sweeper_prunes_old
         assert await conn.fetchval("SELECT count(*) FROM coordinator.refunds_due WHERE run_id = $1", run["id"]) == 1
     finally:
         await conn.close()
+
+
+async def test_a_cancel_answers_though_billing_does_not_and_the_sweep_pays_its_refund(make_settings, monkeypatch):
+    """Billing frozen (a GC pause, a stopped process): the cancel has committed, so it must
+    answer, not hold the caller until a 503 that says nothing was done."""
+    from services.coordinator import credits
+
+    billing_back, real_refund = asyncio.Event(), credits.refund
+    stack = await Stack(await make_settings(recovery_interval_s=0.2)).start("billing", "coordinator")
+    try:
+        tenant = await stack.tenant(monthly=100)
+        template = await stack.template(tenant, [{"name": "s", "handler": "noop"}], credits_per_file=2)
+        run = await stack.submit(tenant, template, 3)  # no executor: its files stay PENDING
+
+        async def frozen_billing(*args, **kwargs):
+            await billing_back.wait()
+            return await real_refund(*args, **kwargs)
+
+        monkeypatch.setattr(credits, "refund", frozen_billing)
+        loop = asyncio.get_running_loop()
+        asked = loop.time()
+        cancelled = await stack.call("coordinator", "cancel", tenant_id=tenant, run_id=run["id"], actor="test")
+        assert loop.time() - asked < REFUND_WAIT_S + 1.0
+        assert (cancelled["status"], cancelled["credits"]["refunded"]) == ("CANCELLED", 0)
+        billing_back.set()  # billing is back: the sweep pays what the cancel owed, once
+        paid = await stack.wait_run(tenant, run["id"], until=lambda r: r["credits"]["refunded"] == 6, timeout=10)
+        assert paid["status"] == "CANCELLED"
+        await stack.assert_books_balance(tenant)
+        assert sum(e["amount"] for e in await stack.ledger(tenant) if e["kind"] == "refund") == 6
+    finally:
+        billing_back.set()
+        await stack.stop()

@@ -1,6 +1,7 @@
 """Cancel a run: PENDING files become CANCELLED and the credits they were charged and never
 used are refunded. The refund is owed in the same transaction (refunds_due) and paid
-after commit, so neither a crash nor billing being down loses it.
+after commit, so neither a crash nor billing being down loses it; a cancel answers within
+``REFUND_WAIT_S`` of its commit, and the sweep pays what billing was too slow to take.
 
 A paid refund is kept ``PAID_REFUNDS_RETENTION_S``, then pruned: nothing reads it again.
 Paying is idempotent in billing's ledger (the refund's key, kept there for good), and a
@@ -11,6 +12,7 @@ CANCELLED run is never cancelled, resumed or charged again. The run keeps the su
 
 from __future__ import annotations
 
+import asyncio
 from collections import Counter
 
 import structlog
@@ -28,6 +30,8 @@ from services.coordinator.schemas import RunRef
 log = structlog.get_logger(__name__)
 
 PAID_REFUNDS_RETENTION_S = 30 * 24 * 3600.0
+# How long a cancel waits for billing to take its refund before answering anyway.
+REFUND_WAIT_S = 2.0
 
 # Those paid before paid_at existed (c0012) go by when they were owed. ``created_at``, never
 # later than the payment, is what the BRIN index finds old rows by.
@@ -67,7 +71,12 @@ async def cancel(deps: Deps, cmd: RunRef) -> dict:
                                                    files_cancelled=len(cancelled),
                                                    refund_owed=sum(o["amount"] for o in owed)))
     deps.relay.kick()
-    await pay_refunds_due(deps, run_id=run["id"])
+    # Committed: the answer must reach the caller, whatever billing does. A refund billing is
+    # slow to take is left to the sweep (it is owed above; paying is idempotent per key).
+    try:
+        await asyncio.wait_for(pay_refunds_due(deps, run_id=run["id"]), timeout=REFUND_WAIT_S)
+    except TimeoutError:
+        log.warning("cancel.refund_left_to_sweep", run_id=run["id"])
     async with deps.engine.connect() as conn:
         run = await store.load_run(conn, cmd.tenant_id, cmd.run_id)
         return await store.run_body(conn, run)
