@@ -34,7 +34,7 @@ def _bench_messages() -> tuple[bytes, bytes, dict[str, str]]:
     """A job and its succeeded event as the bench's run sends them (one noop step, ids of
     real length), and their headers but for the message id."""
     from services.coordinator.jobs import job_messages
-    from services.executor.job_runner import file_event_body
+    from services.executor.file_events import file_event_body
     from services.executor.outcome import Outcome
 
     run = {"id": uuid.uuid4().hex, "tenant_id": uuid.uuid4().hex, "template_id": uuid.uuid4().hex,

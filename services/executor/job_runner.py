@@ -5,17 +5,12 @@ ack: a crash in between redelivers a job whose result the coordinator already ha
 ignores the repeat):
   succeeded → ack        failed (retries spent) → ack        errored (permanent) → term
   retry → nak(delay)     defer (breaker open) → nak(delay), not counted as an attempt
+  stopped (its run stopped while it ran) → ack, at the next checkpoint
+  overtaken (another delivery checkpointed as far first) → nothing: the job is that one's
 Near the consumer's max deliver, retry and defer re-publish the job instead of nak-ing it
 (``_come_back_later``), so only deliveries we cannot explain (crashes) reach that limit.
 
-Suspects: a delivery we cannot explain (not a retry or deferral of ours, nor after a
-delivery this process lived through: seen.py) means the job was in flight when an executor
-died. One such delivery is the common crash (a deploy's kill, an OOM, a node lost): every
-job in flight comes back once, and they run again side by side. A job in flight at a second
-death (``SUSPECT_AFTER``) is a suspect: maybe it is what kills them. It runs alone
-(isolation.py) and the worker fetches nothing beside it (worker.py), so a poison job costs
-the jobs beside it at most two deliveries (one per death) and then dies alone until max
-deliver fails it.
+Suspects (redelivered for no reason we know, too often): deliveries.py.
 """
 
 from __future__ import annotations
@@ -25,7 +20,6 @@ import time
 from collections.abc import Callable
 from datetime import datetime, timezone
 
-import orjson
 import structlog
 from nats.aio.msg import Msg
 from nats.js import JetStreamContext
@@ -35,6 +29,8 @@ from shared import tracing
 from shared.bus import Outgoing, publish_many
 from shared.messages import ErrorInfo, FileEvent, FileSpec, Job
 from shared.subjects import Names
+from services.executor.deliveries import delivery_name, suspect_after
+from services.executor.file_events import file_event_body, headers as event_headers
 from services.executor.isolation import IsolationGate
 from services.executor.keepalive import KeepAlive
 from services.executor.outcome import Outcome
@@ -49,45 +45,8 @@ log = structlog.get_logger(__name__)
 REFRESHED_HEADER = "Redrive-Refreshed"
 # A re-published copy due within this long is held here until due, not deferred again.
 EARLY_SLEEP_S = 0.05
-# Unexplained deliveries (deaths it was in flight at) that make a job a suspect.
-SUSPECT_AFTER = 2
-
-
-def suspect_after(max_deliver: int) -> int:
-    """SUSPECT_AFTER, but below max deliver: with a max deliver of 2 the second delivery is
-    the last, and the jobs beside a poison job would spend it with it."""
-    return max(1, min(SUSPECT_AFTER, max_deliver - 1))
-
-
-def file_event_body(job: Job, file_index: int, outcome: Outcome, attempt: int, kind: str) -> tuple[str, bytes]:
-    """A FileEvent's (msg id, JSON), built without a pydantic round trip: this runs once
-    per file on the hot path. tests/unit checks it parses back as a FileEvent."""
-    body: dict = {"v": 1, "kind": kind, "job_id": job.job_id, "run_id": job.run_id, "tenant_id": job.tenant_id,
-                  "file_index": file_index, "round": job.round, "attempt": attempt, "step": outcome.step,
-                  "step_name": job.steps[outcome.step].name, "at": datetime.now(timezone.utc)}
-    if outcome.error is not None:
-        body["error"] = outcome.error.as_dict()
-    if kind == "retrying":
-        body["next_delay_ms"] = outcome.delay_ms
-    if outcome.output is not None:
-        body["output"] = outcome.output
-    prefix = job.job_id if job.mode == "per_file" else f"{job.job_id}:{file_index}"
-    return f"{prefix}:{kind}:{outcome.step}:{attempt}", orjson.dumps(body)
-
-
-def _headers(tenant_id: str, run_id: str) -> dict[str, str]:
-    """What the executor publishes carries its tenant, run and this job's trace (messaging.md);
-    publish_many adds the message id."""
-    return {"Redrive-Tenant": tenant_id, "Redrive-Run": run_id, **tracing.outgoing()}
-
-
 def _no_verdict(suspect: bool) -> None:
     pass
-
-
-def deliveries(msg: Msg) -> int:
-    """How many times JetStream has delivered this message (1 when not from JetStream)."""
-    return delivery_and_message(msg)[0]
 
 
 class JobRunner:
@@ -201,8 +160,15 @@ class JobRunner:
                     # the progress again, or we would redo steps it checkpointed meanwhile.
                     progress = await self._progress.get(job.job_id, file.index)
                     attempt = progress.attempt
-                outcome = await self._run_file(job, file, progress, attempt, heartbeat)
+                outcome = await self._run_file(job, file, progress, attempt, heartbeat,
+                                               delivery_name(message, delivered))
                 attempt = progress.attempt  # after its checkpoints, if any: that of the outcome's step
+        if outcome.kind == "overtaken":  # the job is another delivery's now, and so is its ack
+            return suspect
+        if outcome.kind == "stopped":  # as a stopped run's job that had not started
+            self._seen.saw(message, delivered, finished=True)
+            await msg.ack()
+            return suspect
         if outcome.kind in ("defer", "retry"):
             if outcome.kind == "defer":
                 progress.deferrals += 1
@@ -232,7 +198,7 @@ class JobRunner:
         progress.offset = progress.failures + progress.deferrals
         progress.not_before = time.time() + delay_s
         await self._progress.put(job.job_id, file.index, progress)
-        headers = {REFRESHED_HEADER: "1", **_headers(job.tenant_id, job.run_id)}
+        headers = {REFRESHED_HEADER: "1", **event_headers(job.tenant_id, job.run_id)}
         await publish_many(self._js, [Outgoing(msg.subject, msg.data, f"{job.job_id}:refresh:{progress.offset}", headers)])
         await msg.ack()
 
@@ -245,8 +211,15 @@ class JobRunner:
             if progress.done:
                 continue
             while True:
-                outcome = await self._run_file(job, file, progress, progress.attempt, heartbeat)
+                outcome = await self._run_file(job, file, progress, progress.attempt, heartbeat,
+                                               delivery_name(message, delivered))
                 attempt = progress.attempt  # after the checkpoints: the attempt of the outcome's step
+                if outcome.kind == "overtaken":  # see _run_one
+                    return
+                if outcome.kind == "stopped":
+                    self._seen.saw(message, delivered, finished=True)
+                    await msg.ack()
+                    return
                 if outcome.kind == "defer":
                     await self._announce_deferral(job, file.index, outcome, attempt)
                     await asyncio.sleep(outcome.delay_ms / 1000)
@@ -263,20 +236,32 @@ class JobRunner:
         self._seen.saw(message, delivered, finished=True)
         await msg.ack()
 
-    async def _run_file(self, job: Job, file: FileSpec, progress: Progress, attempt: int, heartbeat) -> Outcome:
+    async def _run_file(self, job: Job, file: FileSpec, progress: Progress, attempt: int, heartbeat,
+                        writer: str) -> Outcome:
         start, previous = file.start_step, file.previous_output
         if progress.step is not None and progress.step + 1 > start:
             start, previous = progress.step + 1, progress.output
 
-        async def on_checkpoint(step: int, output: dict) -> None:
+        async def on_checkpoint(step: int, output: dict) -> str | None:
             # Remember locally first (a redelivery resumes here), then tell the coordinator.
             # The step's attempt is told with it; the next step starts a fresh retry budget
             # (as StepRunner does for a step it goes on to in this same delivery).
             done_attempt = progress.attempt
             progress.step, progress.output, progress.failures_before_step = step, output, progress.failures
-            await self._progress.put(job.job_id, file.index, progress)
+            progress.writer = writer
+            if not await self._progress.put(job.job_id, file.index, progress, unless_overtaken=True):
+                # Another delivery got this far first (this executor froze, or its ack wait
+                # passed unnoticed, and the job went elsewhere): going on would run its steps twice.
+                log.info("job.overtaken", run_id=job.run_id, file_index=file.index, step=step)
+                return "overtaken"
             await self._publish(job, file.index, Outcome("succeeded", step, output=output), done_attempt,
                                 kind="checkpoint")
+            # Checked at every checkpoint, not only at the job's start: a Continue or Recover
+            # of a run stopped meanwhile would otherwise run this file's next steps twice.
+            if self._stops is not None and self._stops.stopped(job.run_id, job.generation):
+                log.info("job.stopped_midway", run_id=job.run_id, file_index=file.index, step=step)
+                return "stopped"
+            return None
 
         return await self._steps.run_file(job, file, attempt=attempt, start_step=start, previous_output=previous,
                                           heartbeat=heartbeat, on_checkpoint=on_checkpoint)
@@ -287,7 +272,7 @@ class JobRunner:
             log.info("job.retrying", run_id=job.run_id, file_index=file_index, attempt=attempt,
                      delay_ms=outcome.delay_ms, error=outcome.error.message if outcome.error else None)
         msg_id, body = file_event_body(job, file_index, outcome, attempt, kind)
-        headers = _headers(job.tenant_id, job.run_id)
+        headers = event_headers(job.tenant_id, job.run_id)
         await publish_many(self._js, [Outgoing(self._names.file_event(kind), body, msg_id, headers)])
 
     async def _announce_deferral(self, job: Job, file_index: int, outcome: Outcome, attempt: int) -> None:
@@ -312,7 +297,7 @@ class JobRunner:
             breaker_opened_at=datetime.fromtimestamp(outcome.opened_at, timezone.utc) if outcome.opened_at else None,
             error=ErrorInfo.model_validate({"class": "DependencyUnavailable", "transient": True, "message":
                                             f"{outcome.dependency!r} is unavailable: its circuit breaker is open"}))
-        headers = _headers(job.tenant_id, job.run_id)
+        headers = event_headers(job.tenant_id, job.run_id)
         try:
             await publish_many(self._js, [Outgoing(self._names.file_event("deferred"), event.to_bytes(), event.msg_id,
                                                    headers)])
@@ -325,7 +310,7 @@ class JobRunner:
         (unreadable.py), and it is terminated: no redelivery can make it readable."""
         cause, events = unreadable.error_events(msg.data, exc)
         if events:
-            headers = _headers(events[0].tenant_id, events[0].run_id)
+            headers = event_headers(events[0].tenant_id, events[0].run_id)
             await publish_many(self._js, [Outgoing(self._names.file_event("errored"), e.to_bytes(), e.msg_id, headers)
                                           for e in events])
         log.error("job.unreadable", subject=msg.subject, files=len(events), error=cause)

@@ -40,6 +40,9 @@ class Progress:
     # job_runner): the explained deliveries up to then, and when it may run again.
     offset: int = 0
     not_before: float | None = None
+    # The delivery that checkpointed ``step`` (job_runner's ``writer``): another delivery
+    # finding a step this far written by someone else knows it was overtaken.
+    writer: str | None = None
 
     @property
     def attempt(self) -> int:
@@ -81,10 +84,13 @@ class ProgressStore:
         data = orjson.loads(entry.value)
         return Progress(**{k: v for k, v in data.items() if k in _FIELDS})
 
-    async def put(self, job_id: str, file_index: int, progress: Progress) -> None:
+    async def put(self, job_id: str, file_index: int, progress: Progress, *, unless_overtaken: bool = False) -> bool:
         """Write ``progress``, merged with what is stored (compare-and-set on the entry's
-        revision): two deliveries of one job may run at once (a late ack), and the slower
-        one must not put back an older checkpoint or a smaller retry count."""
+        revision): two deliveries of one job may run at once (a late ack, a frozen executor
+        whose job went elsewhere), and the slower one must not put back an older checkpoint
+        or a smaller retry count. With ``unless_overtaken`` (a checkpoint), write nothing and
+        return False when another writer has checkpointed this step or a later one: the
+        caller's delivery is stale and must stop before its next step."""
         key = progress_key(job_id, file_index)
         for _ in range(10):
             try:
@@ -92,16 +98,25 @@ class ProgressStore:
                 current, revision = Progress(**{k: v for k, v in orjson.loads(entry.value).items() if k in _FIELDS}), entry.revision
             except KeyNotFoundError:
                 current, revision = None, None
+            if unless_overtaken and current and overtaken(current, progress):
+                return False
             merged = _merge(current, progress) if current else progress
             try:
                 if revision is None:
                     await self._kv.create(key, orjson.dumps(asdict(merged)))
                 else:
                     await self._kv.update(key, orjson.dumps(asdict(merged)), last=revision)
-                return
+                return True
             except (KeyWrongLastSequenceError, KeyValueError):
                 continue  # changed under us: merge again
         await self._kv.put(key, orjson.dumps(asdict(progress)))
+        return True
+
+
+def overtaken(stored: Progress, new: Progress) -> bool:
+    """Whether another delivery has checkpointed ``new.step`` or a later step already."""
+    return (stored.step is not None and new.step is not None and stored.step >= new.step
+            and stored.writer is not None and stored.writer != new.writer)
 
 
 def _merge(stored: Progress, new: Progress) -> Progress:
@@ -117,4 +132,7 @@ def _merge(stored: Progress, new: Progress) -> Progress:
         output=output, done=stored.done or new.done, offset=max(stored.offset, new.offset),
         not_before=new.not_before if new.offset >= stored.offset else stored.not_before,
         failures_before_step=base,
+        # Goes with its checkpoint: the newer step's, or the one stored for the same step.
+        writer=(new.writer if newer_step == new.step and (new.step != stored.step or stored.writer is None)
+                else stored.writer),
     )

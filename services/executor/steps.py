@@ -28,8 +28,9 @@ from services.executor.handlers.base import FileRef, StepContext
 from services.executor.handlers.registry import HandlerRegistry
 from services.executor.outcome import Outcome
 
-# Called after each intermediate step completes, before the next one starts.
-OnCheckpoint = Callable[[int, dict[str, Any]], Awaitable[None]]
+# Called after each intermediate step completes, before the next one starts; what it returns
+# ("stopped" or "overtaken", see Outcome) ends the file there, None lets it go on.
+OnCheckpoint = Callable[[int, dict[str, Any]], Awaitable[str | None]]
 
 # Room for an event's own fields and headers around a step's output: the output travels in
 # a file event (and in the next round's job), and the broker refuses bigger messages.
@@ -116,7 +117,9 @@ class StepRunner:
             if problem is not None:  # it would fail to publish on every delivery: ERROR now
                 return Outcome("errored", index, error=classify(InvalidOutput(problem)))
             if index < len(job.steps) - 1:
-                await on_checkpoint(index, output)
+                halt = await on_checkpoint(index, output)
+                if halt:
+                    return Outcome(halt, index)
                 attempt = 1  # the next step's budget is its own (job_runner's Progress counts it from here too)
         return Outcome("succeeded", len(job.steps) - 1, output=output or {})
 

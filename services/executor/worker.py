@@ -28,7 +28,8 @@ from nats.js import JetStreamContext
 from shared.bus import client_of
 from shared.jetstream import Puller
 from shared.subjects import Names
-from services.executor.job_runner import JobRunner, deliveries
+from services.executor.deliveries import deliveries
+from services.executor.job_runner import JobRunner
 
 log = structlog.get_logger(__name__)
 

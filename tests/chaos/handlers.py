@@ -1,5 +1,6 @@
 """A step handler for chaos tests: it records every start of every step (a side-effect
-counter, like DBOS's recovery tests), then works for ``sleep_ms``."""
+counter, like DBOS's recovery tests, with the pid of the executor process that ran it),
+then works for ``sleep_ms``."""
 
 from __future__ import annotations
 
@@ -13,7 +14,7 @@ def register(registry) -> None:
     @registry.handler("chaos_step")
     async def chaos_step(ctx) -> dict:
         line = json.dumps({"run": ctx.run_id, "file": ctx.file_index, "step": ctx.step_index, "round": ctx.round,
-                           "t": time.time()}) + "\n"
+                           "t": time.time(), "pid": os.getpid()}) + "\n"
         fd = os.open(ctx.params["log"], os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
         try:
             os.write(fd, line.encode())

@@ -152,7 +152,7 @@ async def test_a_job_whose_ack_was_lost_is_acked_again_not_run_again_nor_a_suspe
     would repeat its work; taken for suspects (maybe poison), they ran one at a time."""
     from nats.aio.msg import Msg
 
-    from services.executor.job_runner import deliveries
+    from services.executor.deliveries import deliveries
 
     tenant = await tenant_with(stack)
     events = await EventLog().attach(stack, "file.>")

@@ -33,7 +33,7 @@ async def test_a_suspect_runs_alone_after_the_jobs_in_flight_and_before_new_ones
 
 
 def test_a_job_is_a_suspect_at_its_second_unexplained_delivery_but_never_at_its_last():
-    from services.executor.job_runner import suspect_after
+    from services.executor.deliveries import suspect_after
 
     assert suspect_after(20) == 2 and suspect_after(3) == 2  # one crash is not enough
     assert suspect_after(2) == 1  # the second delivery is the last: it must run alone

@@ -6,7 +6,7 @@ from pydantic import ValidationError
 
 from shared.errors import TransientError, classify
 from shared.messages import FileEvent, FileSpec, Job, StepSpec
-from services.executor.job_runner import file_event_body
+from services.executor.file_events import file_event_body
 from services.executor.outcome import Outcome
 
 
@@ -88,7 +88,7 @@ def test_progress_merge_never_goes_back():
 def test_delivery_count_is_read_from_both_ack_subject_forms():
     from nats.aio.msg import Msg
 
-    from services.executor.job_runner import deliveries
+    from services.executor.deliveries import deliveries
 
     v1 = "$JS.ACK.REDRIVE_JOBS.executor.3.120.118.1764400000000000000.7"
     v2 = "$JS.ACK.hub.ACCHASH.REDRIVE_JOBS.executor.4.120.118.1764400000000000000.7.tok"

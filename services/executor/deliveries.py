@@ -1,0 +1,42 @@
+"""One delivery of a job message: how many times JetStream has delivered it, its name
+across executors, and how many unexplained deliveries make it a suspect.
+
+Suspects: a delivery we cannot explain (not a retry or deferral of ours, nor after a
+delivery this process lived through: seen.py) means the job was in flight when an executor
+died. One such delivery is the common crash (a deploy's kill, an OOM, a node lost): every
+job in flight comes back once, and they run again side by side. A job in flight at a second
+death (``SUSPECT_AFTER``) is a suspect: maybe it is what kills them. It runs alone
+(isolation.py) and the worker fetches nothing beside it (worker.py), so a poison job costs
+the jobs beside it at most two deliveries (one per death) and then dies alone until max
+deliver fails it.
+"""
+
+from __future__ import annotations
+
+import uuid
+
+from nats.aio.msg import Msg
+
+from services.executor.seen import Message, delivery_and_message
+
+# Unexplained deliveries (deaths it was in flight at) that make a job a suspect.
+SUSPECT_AFTER = 2
+# This process, in the name of each delivery that writes a checkpoint (Progress.writer).
+_PROCESS = uuid.uuid4().hex[:12]
+
+
+def delivery_name(message: Message | None, delivered: int) -> str:
+    """Names one delivery of one message, across executors: a checkpoint found written by
+    another name for this step or a later one means this delivery was overtaken."""
+    return f"{_PROCESS}/{message[0] if message else '-'}/{delivered}"
+
+
+def suspect_after(max_deliver: int) -> int:
+    """SUSPECT_AFTER, but below max deliver: with a max deliver of 2 the second delivery is
+    the last, and the jobs beside a poison job would spend it with it."""
+    return max(1, min(SUSPECT_AFTER, max_deliver - 1))
+
+
+def deliveries(msg: Msg) -> int:
+    """How many times JetStream has delivered this message (1 when not from JetStream)."""
+    return delivery_and_message(msg)[0]
