@@ -1,6 +1,7 @@
 """`redrive up`: servers (embedded unless NATS_URL / DATABASE_URL say otherwise),
 migrations, a platform admin key, and the five services, each its own OS process,
-restarted when one dies. Ctrl-C stops everything, services first, servers last."""
+restarted when one dies, as is an embedded server (on its port, with its data: the
+services reconnect by themselves). Ctrl-C stops everything, services first, servers last."""
 
 from __future__ import annotations
 
@@ -116,11 +117,42 @@ class Child:
 
 
 @dataclass
+class Server:
+    """An embedded server `up` started (EmbeddedNats or EmbeddedPostgres) and watches as it
+    does its services: started again, on the same port and data, when it is gone."""
+
+    name: str
+    server: object
+    pid: int | None = None  # of the start watched
+    restarts: int = 0
+    started_at: float = 0.0
+    retry_at: float | None = None  # when it is down: when to start it again
+
+    def started(self) -> None:
+        self.pid = self.server.pid
+        self.started_at = time.monotonic()
+        self.retry_at = None
+
+    def gone(self) -> str | None:
+        """How it ended ("exited (-9)", "stopped (pid N is gone)"), once, when it is no longer running."""
+        if self.retry_at is not None or self.server.running:
+            return None
+        proc = getattr(self.server, "proc", None)  # nats-server is our child, PostgreSQL a daemon
+        if proc is not None and proc.returncode is not None:
+            return f"exited ({proc.returncode})"
+        return f"stopped (pid {self.pid} is gone)"
+
+    def restart(self) -> None:
+        self.server.start()
+        self.started()
+
+
+@dataclass
 class Stack:
     settings: Settings
     executors: int = 1
     children: list[Child] = field(default_factory=list)
-    servers: list = field(default_factory=list)
+    servers: list[Server] = field(default_factory=list)  # the embedded ones: those `up` owns
     not_ready: str = ""  # what wait_ready still waited for when it gave up
 
     def start_servers(self) -> Settings:
@@ -131,18 +163,22 @@ class Stack:
             from shared.embedded import EmbeddedNats
 
             nats = EmbeddedNats(s.data_dir, port=_saved_port(s, "nats_url"), die_with_parent=True)
-            nats.start()
-            self.servers.append(nats)
+            self._add_server("nats-server", nats)
             updates["nats_url"] = nats.url
         if not _env_set("DATABASE_URL"):
             from shared.embedded import EmbeddedPostgres
 
             pg = EmbeddedPostgres(s.data_dir)
-            pg.start()
-            self.servers.append(pg)
+            self._add_server("postgres", pg)
             updates["database_url"] = pg.url
         self.settings = s.model_copy(update=updates)
         return self.settings
+
+    def _add_server(self, name: str, server) -> None:
+        watched = Server(name, server)
+        self.servers.append(watched)  # first: stop() stops it even if its start failed half-way
+        server.start()
+        watched.started()
 
     def write_runtime(self, api_url: str) -> None:
         s = self.settings
@@ -178,8 +214,9 @@ class Stack:
         return child
 
     def watch(self, stop_requested) -> None:
-        """Restart a service that died (with a short backoff if it keeps dying)."""
+        """Restart a service or embedded server that died (with a short backoff if it keeps dying)."""
         while not stop_requested():
+            self._restart_dead_servers()
             self._restart_dead()
             time.sleep(0.2)
 
@@ -202,6 +239,7 @@ class Stack:
                     self.not_ready = f"no answer on NATS from {silent}"
             except OSError as exc:  # not listening yet, or 503 (urllib's HTTPError is an OSError)
                 self.not_ready = f"the gateway did not answer /readyz ({getattr(exc, 'code', None) or exc})"
+            self._restart_dead_servers()
             self._restart_dead(starting=True)
             time.sleep(0.2)
         return False
@@ -220,18 +258,53 @@ class Stack:
                 time.sleep(delay)
                 child.start()
 
+    def _restart_dead_servers(self) -> None:
+        """Start again, on its port and with its data, an embedded server that is gone (kill -9,
+        OOM, ...): the services wait for it and reconnect. Backoff as for services; a start
+        that fails (its port taken meanwhile, ...) is said and tried again later, `up` goes on."""
+        for watched in self.servers:
+            if (how := watched.gone()) is not None:
+                quick = time.monotonic() - watched.started_at < 5
+                watched.restarts += 1
+                delay = min(10.0, 0.5 * (2 ** min(watched.restarts, 5))) if quick else 0.2
+                print(f"redrive: {watched.name} {how}; restarting in {delay:.1f}s", flush=True)
+                watched.retry_at = time.monotonic() + delay
+            if watched.retry_at is None or time.monotonic() < watched.retry_at:
+                continue  # not before its delay: the services' restarts go on meanwhile
+            try:
+                watched.restart()
+            except Exception as exc:  # noqa: BLE001 - whatever it was, `up` keeps the rest running
+                watched.restarts += 1
+                delay = min(10.0, 0.5 * (2 ** min(watched.restarts, 5)))
+                print(f"redrive: {watched.name} could not be restarted: {_why(exc)}; trying again in {delay:.1f}s",
+                      flush=True)
+                watched.retry_at = time.monotonic() + delay
+            else:
+                print(f"redrive: {watched.name} restarted (pid {watched.pid})", flush=True)
+
     def stop(self) -> None:
         for child in reversed(self.children):
             child.stop()
             child.log.close()
-        for server in reversed(self.servers):
+        for watched in reversed(self.servers):
             try:
-                server.stop()
+                watched.server.stop()
             except Exception:
                 pass
 
 
 _ANSI = re.compile(r"\x1b\[[0-9;]*[A-Za-z]")
+
+
+def _why(exc: Exception) -> str:
+    """One line from a server's start error (its first line, then the tail of its log): the
+    first line and the last that says why ("address already in use" first, else a FATAL...)."""
+    lines = [_ANSI.sub("", line).strip() for line in str(exc).splitlines()]
+    lines = [line for line in lines if line] or [type(exc).__name__]
+    for pattern in (r"in use", r"FATAL|FTL|PANIC|ERROR|[Ee]rror"):
+        if said := [line for line in lines[1:] if re.search(pattern, line)]:
+            return f"{lines[0].rstrip(':')}: {said[-1]}"
+    return lines[0]
 
 
 def _env_set(name: str) -> bool:

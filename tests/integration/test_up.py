@@ -1,7 +1,7 @@
 """`redrive up` as the README's first command runs it: embedded NATS and PostgreSQL in the
 data directory, the five services as their own processes, the URL and key printed once the
-API answers, a service that dies restarted, Ctrl-C stops everything, and a second `up` on
-the same data directory finds its data again."""
+API answers, a service or embedded server that dies restarted, Ctrl-C stops everything, and
+a second `up` on the same data directory finds its data again."""
 
 from __future__ import annotations
 
@@ -14,6 +14,9 @@ import subprocess
 import sys
 import threading
 import time
+import urllib.error
+import urllib.request
+import uuid
 from pathlib import Path
 
 import psutil
@@ -57,6 +60,10 @@ class _Up:
                 return child.pid
         raise AssertionError(f"no {name} process")
 
+    def nats_pid(self) -> int | None:
+        found = [p.pid for p in psutil.Process(self.proc.pid).children() if p.name() == "nats-server" and _alive(p)]
+        return found[0] if found else None
+
     def interrupt(self, timeout: float = 60) -> list[psutil.Process]:
         """Ctrl-C; returns what `up` had started (all of which must be gone)."""
         started = psutil.Process(self.proc.pid).children(recursive=True)
@@ -73,9 +80,46 @@ def _until(check, timeout: float = 60):
     return found
 
 
+def _ready(url: str) -> bool:
+    try:
+        with urllib.request.urlopen(f"{url}/readyz", timeout=2) as resp:
+            return resp.status == 200
+    except OSError:  # 503 (HTTPError), or no answer
+        return False
+
+
 def _run_to_the_end(api: Api, template_id: str, files: int) -> dict:
     run = api.call("POST", "/workflow-runs", {"template_id": template_id, "files": [{"name": f"f{i}"} for i in range(files)]})
-    return _until(lambda: (r := api.call("GET", f"/workflow-runs/{run['id']}"))["status"] != "RUNNING" and r)
+    return _finished(api, run["id"])
+
+
+def _finished(api: Api, run_id: str) -> dict:
+    return _until(lambda: (r := api.call("GET", f"/workflow-runs/{run_id}"))["status"] != "RUNNING" and r)
+
+
+def _submit_through_503(api: Api, template_id: str, files: int, timeout: float = 20) -> str:
+    """A run submitted as a client rides out a dependency coming back: again after a 503 (a
+    service's pooled connection that died with PostgreSQL fails once) under the same
+    Idempotency-Key, under a new one once told the first attempt was refunded (the API's
+    contract), so that it is made (and charged) once."""
+    body = json.dumps({"template_id": template_id, "files": [{"name": f"f{i}"} for i in range(files)]}).encode()
+    headers = {"Authorization": f"Bearer {api.key}", "Content-Type": "application/json",
+               "Idempotency-Key": uuid.uuid4().hex}
+
+    def attempt() -> str | None:
+        request = urllib.request.Request(f"{api.base_url}/api/v1/workflow-runs", body, headers, method="POST")
+        try:
+            with urllib.request.urlopen(request, timeout=30) as resp:
+                return json.loads(resp.read())["id"]
+        except urllib.error.HTTPError as exc:
+            said = exc.read()
+            if exc.code == 400 and json.loads(said)["error"]["code"] == "reservation_voided":
+                headers["Idempotency-Key"] = uuid.uuid4().hex
+            elif exc.code != 503:
+                raise AssertionError(f"HTTP {exc.code}: {said[:300]!r}") from None
+            return None
+
+    return _until(attempt, timeout=timeout)
 
 
 def test_up_starts_restarts_stops_and_finds_its_data_again(tmp_path):
@@ -98,17 +142,33 @@ def test_up_starts_restarts_stops_and_finds_its_data_again(tmp_path):
         first.line_starting("executor-0 exited")
         again = _run_to_the_end(api, template["id"], 2)  # the restarted executor runs it
         assert again["status"] == "COMPLETED" and again["counts"]["succeeded"] == 2
+
+        # Its own servers too: each, killed -9, is started again on its port with its data, and
+        # the services (not restarted) find it again. PostgreSQL is a daemon: no child of `up`.
+        pg = EmbeddedPostgres(data_dir)
+        for name, pid_of, ended in (("nats-server", first.nats_pid, "exited (-9)"), ("postgres", lambda: pg.pid, None)):
+            services = {s: first.service_pid(s) for s in ("coordinator", "billing", "notifier", "executor", "gateway")}
+            old = pid_of()
+            os.kill(old, signal.SIGKILL)
+            first.line_starting(f"redrive: {name} {ended or f'stopped (pid {old} is gone)'}; restarting in ", timeout=10)
+            new = int(first.line_starting(f"redrive: {name} restarted (pid ", timeout=20).rstrip(")"))
+            assert new != old and pid_of() == new, name
+            _until(lambda: _ready(url), timeout=20)
+            after = _finished(api, _submit_through_503(api, template["id"], 1))
+            assert after["status"] == "COMPLETED" and after["counts"]["succeeded"] == 1, name
+            assert {s: first.service_pid(s) for s in services} == services, f"a service was restarted ({name})"
     finally:
         started = first.interrupt()
     assert first.proc.returncode == 0
     assert not [p for p in started if p.is_running() and p.status() != psutil.STATUS_ZOMBIE], "Ctrl-C left processes"
+    assert EmbeddedPostgres(data_dir).pid is None, "Ctrl-C left PostgreSQL (restarted) running"
     _assert_credentials_never_shown(data_dir, "".join(first.printed))
 
     second = _Up(data_dir, port)
     try:
         assert second.line_starting("API: ") == url and second.line_starting("Admin key: ") == key
         assert api.call("GET", f"/workflow-runs/{done['id']}")["counts"]["succeeded"] == 3
-        assert api.call("GET", "/credits")["purchased"]["remaining"] == 5
+        assert api.call("GET", "/credits")["purchased"]["remaining"] == 3  # 10 - (3 + 2 + 1 + 1) files
         # The README's `redrive demo`, and `run watch`, for scripts (--json), finding the system from its data dir.
         env = {**{k: v for k, v in os.environ.items() if k not in _SERVER_VARS}, "REDRIVE_DATA_DIR": str(data_dir)}
         demo = subprocess.run([sys.executable, "-m", "redrive", "demo", "--json"], env=env, capture_output=True,
