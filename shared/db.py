@@ -23,7 +23,16 @@ from shared.settings import Settings
 PING_AFTER_IDLE_S = 1.0
 
 
-def make_engine(settings: Settings, *, pool_size: int = 10, application_name: str = "redrive") -> AsyncEngine:
+def make_engine(settings: Settings, *, pool_size: int = 10, application_name: str = "redrive",
+                command_timeout_s: float | None = None) -> AsyncEngine:
+    """``command_timeout_s``: the longest a statement, or the wait for a pooled connection,
+    may take before it fails as a TransientError. For a process that answers people (the
+    gateway): a PostgreSQL that is frozen, not down, would otherwise hold every request."""
+    connect_args: dict = {"server_settings": {"application_name": application_name, "jit": "off"}, "timeout": 10}
+    limits: dict = {}
+    if command_timeout_s is not None:
+        connect_args["command_timeout"] = command_timeout_s
+        limits["pool_timeout"] = command_timeout_s
     engine = create_async_engine(
         settings.sqlalchemy_url,
         pool_size=pool_size,
@@ -32,7 +41,8 @@ def make_engine(settings: Settings, *, pool_size: int = 10, application_name: st
         # jit off: our statements are short OLTP ones, and PostgreSQL's JIT, which starts on
         # plans its estimates call costly (reading a big run's files in a big table), added
         # 2.5-33 ms to statements that run in a few (scale audit, 20M file rows).
-        connect_args={"server_settings": {"application_name": application_name, "jit": "off"}, "timeout": 10},
+        connect_args=connect_args,
+        **limits,
     )
     _ping_when_idle(engine)
     return engine

@@ -38,7 +38,9 @@ class GatewayService:
         names = Names(s.prefix)
         self.nc = await bus.connect(s, "gateway")
         # The engine connects lazily: the gateway starts (and /readyz says 503) without a database.
-        self.engine = make_engine(s, pool_size=10, application_name="redrive-gateway")
+        # Bounded like the request itself: a frozen database makes a 503, not a hang.
+        self.engine = make_engine(s, pool_size=10, application_name="redrive-gateway",
+                                  command_timeout_s=s.request_timeout_s)
         # The key cache serves only while its revocations are heard (key_revocations.py).
         keys = KeyCache()
         self.key_revocations = KeyRevocations(keys, dedicated_connection(self.engine))

@@ -3,11 +3,13 @@ its server side is gone (a PostgreSQL restart, an admin's pg_terminate_backend):
 never sees the dead connection. A connection given back a moment ago is not pinged."""
 
 import asyncpg
+import pytest
 from sqlalchemy import text
 from sqlalchemy.dialects.postgresql.asyncpg import AsyncAdapt_asyncpg_connection
 
 from shared import db
 from shared.db import make_engine, transaction
+from shared.errors import TransientError
 
 
 async def _backend_pid(engine) -> int:
@@ -68,5 +70,19 @@ async def test_the_services_connections_run_without_jit(make_settings):
     try:
         async with transaction(engine) as conn:
             assert (await conn.execute(text("SHOW jit"))).scalar_one() == "off"
+    finally:
+        await engine.dispose()
+
+
+async def test_a_statement_past_the_command_timeout_fails_as_transient_instead_of_hanging(make_settings):
+    """The gateway's engine is bounded like its requests: a database that hangs (frozen,
+    or a lock held) makes a TransientError (a 503), and the pool goes on serving."""
+    settings = await make_settings()
+    engine = make_engine(settings, pool_size=1, command_timeout_s=0.3)
+    try:
+        with pytest.raises(TransientError):
+            async with transaction(engine) as conn:
+                await conn.execute(text("SELECT pg_sleep(30)"))
+        assert await _backend_pid(engine)  # and the next statement is served
     finally:
         await engine.dispose()
