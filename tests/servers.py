@@ -81,7 +81,7 @@ def start_servers(workdir: Path) -> Servers:
             if PG_FALLBACK_ROOT in Path(pg.pgdata).parents:  # outside the test's temp dir: remove it after
                 stops.append(lambda: shutil.rmtree(pg.pgdata, ignore_errors=True))
             pg.start()
-            stops.append(pg.stop)
+            stops.append(lambda: pg.stop(mode="immediate"))  # its data goes with the session
             db_url = pg.url
     return Servers(nats_url=nats_url, admin_database_url=db_url, owns_postgres=owns_postgres, _stops=stops)
 

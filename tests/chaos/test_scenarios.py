@@ -214,9 +214,11 @@ async def test_a_429_and_5xx_storm_from_a_dependency(chaos_settings, tmp_path):
 
     async def flaky_dependency(request: web.Request) -> web.Response:
         calls["n"] += 1
-        if calls["n"] <= 15:
+        # After the breaker opens (5 failures) it lets one probe through a reset period
+        # (1 s): each failing call past the fifth is a second of the test.
+        if calls["n"] <= 8:
             return web.Response(status=429, headers={"Retry-After": "0.2"})
-        if calls["n"] <= 25:
+        if calls["n"] <= 12:
             return web.Response(status=503)
         return web.json_response({"ok": True})
 
