@@ -87,8 +87,8 @@ def main(files: int = 10_000, handler: str = "noop", executors: int = 1, data_di
         stop.set()
         stack.stop()
         if scratch:  # a throwaway system: leave nothing behind (PostgreSQL may live outside it)
-            for server in stack.servers:
-                pgdata = getattr(server, "pgdata", None)
+            for watched in stack.servers:
+                pgdata = getattr(watched.server, "pgdata", None)
                 if pgdata is not None and data_dir.resolve() not in Path(pgdata).resolve().parents:
                     shutil.rmtree(pgdata, ignore_errors=True)
             shutil.rmtree(data_dir, ignore_errors=True)
@@ -169,9 +169,9 @@ def _cpu(stack: Stack, servers_only: bool = False) -> dict[str, float]:
     """CPU seconds so far of each service process and of the embedded servers (with their
     children: PostgreSQL's backends)."""
     procs = {} if servers_only else {child.name: child.proc.pid for child in stack.children if child.proc}
-    for server in stack.servers:
-        if server.pid:
-            procs[type(server).__name__.removeprefix("Embedded").lower()] = server.pid
+    for watched in stack.servers:  # "nats-server", "postgres"
+        if watched.server.pid:
+            procs[watched.name] = watched.server.pid
     out = {}
     for name, pid in procs.items():
         try:
