@@ -31,6 +31,12 @@ def delivery_name(message: Message | None, delivered: int) -> str:
     return f"{_PROCESS}/{message[0] if message else '-'}/{delivered}"
 
 
+def same_message(name: str, other: str) -> bool:
+    """Whether two delivery names are of one message (else one is a copy: re-published by
+    a recovery or to reset its delivery count, carrying the same job)."""
+    return name.split("/")[1] == other.split("/")[1]
+
+
 def suspect_after(max_deliver: int) -> int:
     """SUSPECT_AFTER, but below max deliver: with a max deliver of 2 the second delivery is
     the last, and the jobs beside a poison job would spend it with it."""

@@ -7,6 +7,7 @@ ignores the repeat):
   retry → nak(delay)     defer (breaker open) → nak(delay), not counted as an attempt
   stopped (its run stopped while it ran) → ack, at the next checkpoint
   overtaken (another delivery checkpointed as far first) → nothing: the job is that one's
+  superseded (a copy of the job, another message, did) → ack
 Near the consumer's max deliver, retry and defer re-publish the job instead of nak-ing it
 (``_come_back_later``), so only deliveries we cannot explain (crashes) reach that limit.
 
@@ -29,7 +30,7 @@ from shared import tracing
 from shared.bus import Outgoing, publish_many
 from shared.messages import ErrorInfo, FileEvent, FileSpec, Job
 from shared.subjects import Names
-from services.executor.deliveries import delivery_name, suspect_after
+from services.executor.deliveries import delivery_name, same_message, suspect_after
 from services.executor.file_events import file_event_body, headers as event_headers
 from services.executor.isolation import IsolationGate
 from services.executor.keepalive import KeepAlive
@@ -86,7 +87,7 @@ class JobRunner:
             log.error("job.wrong_subject", subject=msg.subject[:200], tenant_id=job.tenant_id, run_id=job.run_id)
             await msg.term()
             return False
-        if self._stops is not None and self._stops.stopped(job.run_id, job.generation):
+        if self._stopped(job):
             await msg.ack()  # the run was stopped (fail_fast, cancel) after this job was queued
             return False
         delivered, message = delivery_and_message(msg)
@@ -165,7 +166,7 @@ class JobRunner:
                 attempt = progress.attempt  # after its checkpoints, if any: that of the outcome's step
         if outcome.kind == "overtaken":  # the job is another delivery's now, and so is its ack
             return suspect
-        if outcome.kind == "stopped":  # as a stopped run's job that had not started
+        if outcome.kind in ("stopped", "superseded"):  # as a stopped run's job that had not started
             self._seen.saw(message, delivered, finished=True)
             await msg.ack()
             return suspect
@@ -211,12 +212,15 @@ class JobRunner:
             if progress.done:
                 continue
             while True:
-                outcome = await self._run_file(job, file, progress, progress.attempt, heartbeat,
-                                               delivery_name(message, delivered))
+                # Its run may have been stopped meanwhile (a batch waits out its retries and
+                # deferrals here, in-process): then nothing more runs.
+                outcome = (Outcome("stopped", file.start_step) if self._stopped(job) else
+                           await self._run_file(job, file, progress, progress.attempt, heartbeat,
+                                                delivery_name(message, delivered)))
                 attempt = progress.attempt  # after the checkpoints: the attempt of the outcome's step
                 if outcome.kind == "overtaken":  # see _run_one
                     return
-                if outcome.kind == "stopped":
+                if outcome.kind in ("stopped", "superseded"):
                     self._seen.saw(message, delivered, finished=True)
                     await msg.ack()
                     return
@@ -236,6 +240,9 @@ class JobRunner:
         self._seen.saw(message, delivered, finished=True)
         await msg.ack()
 
+    def _stopped(self, job: Job) -> bool:
+        return self._stops is not None and self._stops.stopped(job.run_id, job.generation)
+
     async def _run_file(self, job: Job, file: FileSpec, progress: Progress, attempt: int, heartbeat,
                         writer: str) -> Outcome:
         start, previous = file.start_step, file.previous_output
@@ -248,17 +255,23 @@ class JobRunner:
             # (as StepRunner does for a step it goes on to in this same delivery).
             done_attempt = progress.attempt
             progress.step, progress.output, progress.failures_before_step = step, output, progress.failures
-            progress.writer = writer
-            if not await self._progress.put(job.job_id, file.index, progress, unless_overtaken=True):
+            # Checked at every checkpoint, not only at the job's start: a Continue or Recover
+            # of a run stopped meanwhile would otherwise run this file's next steps twice. A
+            # stopped delivery still records its step (a Recover resumes after it), but
+            # nameless: it must not make the copy a Recover started look overtaken.
+            stopped = self._stopped(job)
+            progress.writer = None if stopped else writer
+            winner = await self._progress.put(job.job_id, file.index, progress, unless_overtaken=not stopped)
+            if winner is not None:
                 # Another delivery got this far first (this executor froze, or its ack wait
-                # passed unnoticed, and the job went elsewhere): going on would run its steps twice.
-                log.info("job.overtaken", run_id=job.run_id, file_index=file.index, step=step)
-                return "overtaken"
+                # passed unnoticed, and the job went elsewhere): going on would run its steps
+                # twice. Another delivery of this message will ack it; a copy's makes ours moot.
+                kind = "overtaken" if same_message(winner, writer) else "superseded"
+                log.info(f"job.{kind}", run_id=job.run_id, file_index=file.index, step=step)
+                return kind
             await self._publish(job, file.index, Outcome("succeeded", step, output=output), done_attempt,
                                 kind="checkpoint")
-            # Checked at every checkpoint, not only at the job's start: a Continue or Recover
-            # of a run stopped meanwhile would otherwise run this file's next steps twice.
-            if self._stops is not None and self._stops.stopped(job.run_id, job.generation):
+            if stopped:
                 log.info("job.stopped_midway", run_id=job.run_id, file_index=file.index, step=step)
                 return "stopped"
             return None

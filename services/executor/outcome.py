@@ -11,9 +11,10 @@ from shared.errors import Classified
 @dataclass(frozen=True, slots=True)
 class Outcome:
     # stopped: its run was stopped (cancel, fail_fast) while it ran; overtaken: another
-    # delivery of the job checkpointed this far first. Both end at a checkpoint, before the
-    # next step, and neither is a result: nothing is published for them.
-    kind: Literal["succeeded", "retry", "failed", "errored", "defer", "stopped", "overtaken"]
+    # delivery of this message checkpointed this far first; superseded: a copy of the job
+    # (another message) did. Each ends at a checkpoint, before the next step, and none is a
+    # result: nothing is published for them.
+    kind: Literal["succeeded", "retry", "failed", "errored", "defer", "stopped", "overtaken", "superseded"]
     step: int
     output: dict[str, Any] | None = None
     error: Classified | None = None

@@ -84,13 +84,14 @@ class ProgressStore:
         data = orjson.loads(entry.value)
         return Progress(**{k: v for k, v in data.items() if k in _FIELDS})
 
-    async def put(self, job_id: str, file_index: int, progress: Progress, *, unless_overtaken: bool = False) -> bool:
+    async def put(self, job_id: str, file_index: int, progress: Progress, *,
+                  unless_overtaken: bool = False) -> str | None:
         """Write ``progress``, merged with what is stored (compare-and-set on the entry's
         revision): two deliveries of one job may run at once (a late ack, a frozen executor
         whose job went elsewhere), and the slower one must not put back an older checkpoint
         or a smaller retry count. With ``unless_overtaken`` (a checkpoint), write nothing and
-        return False when another writer has checkpointed this step or a later one: the
-        caller's delivery is stale and must stop before its next step."""
+        return the name of the other writer that has checkpointed this step or a later one:
+        the caller's delivery is stale and must stop before its next step. None: written."""
         key = progress_key(job_id, file_index)
         for _ in range(10):
             try:
@@ -99,18 +100,18 @@ class ProgressStore:
             except KeyNotFoundError:
                 current, revision = None, None
             if unless_overtaken and current and overtaken(current, progress):
-                return False
+                return current.writer
             merged = _merge(current, progress) if current else progress
             try:
                 if revision is None:
                     await self._kv.create(key, orjson.dumps(asdict(merged)))
                 else:
                     await self._kv.update(key, orjson.dumps(asdict(merged)), last=revision)
-                return True
+                return None
             except (KeyWrongLastSequenceError, KeyValueError):
                 continue  # changed under us: merge again
         await self._kv.put(key, orjson.dumps(asdict(progress)))
-        return True
+        return None
 
 
 def overtaken(stored: Progress, new: Progress) -> bool:

@@ -29,7 +29,7 @@ from services.executor.handlers.registry import HandlerRegistry
 from services.executor.outcome import Outcome
 
 # Called after each intermediate step completes, before the next one starts; what it returns
-# ("stopped" or "overtaken", see Outcome) ends the file there, None lets it go on.
+# ("stopped", "overtaken" or "superseded", see Outcome) ends the file there, None lets it go on.
 OnCheckpoint = Callable[[int, dict[str, Any]], Awaitable[str | None]]
 
 # Room for an event's own fields and headers around a step's output: the output travels in
