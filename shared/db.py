@@ -13,6 +13,7 @@ from contextlib import asynccontextmanager
 
 from sqlalchemy import event, text
 from sqlalchemy.exc import DBAPIError, DisconnectionError, InterfaceError, OperationalError
+from sqlalchemy.exc import TimeoutError as PoolTimeout
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine, create_async_engine
 
 from shared.errors import TransientError, is_transient_sqlstate
@@ -87,7 +88,7 @@ def _sqlstate(exc: BaseException) -> str | None:
 
 
 def is_transient_db_error(exc: BaseException) -> bool:
-    if isinstance(exc, (OSError, ConnectionError)):
+    if isinstance(exc, (OSError, ConnectionError, PoolTimeout)):  # PoolTimeout: no connection free in time
         return True
     if isinstance(exc, DBAPIError):
         if exc.connection_invalidated or isinstance(exc, (InterfaceError,)):

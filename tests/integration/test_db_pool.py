@@ -86,3 +86,18 @@ async def test_a_statement_past_the_command_timeout_fails_as_transient_instead_o
         assert await _backend_pid(engine)  # and the next statement is served
     finally:
         await engine.dispose()
+
+
+async def test_a_wait_for_a_pooled_connection_past_the_timeout_fails_as_transient(make_settings):
+    """Every connection busy (a frozen database holds them all): the next request is a 503
+    within the timeout, not a 500 from the pool's own TimeoutError."""
+    settings = await make_settings()
+    engine = make_engine(settings, pool_size=1, command_timeout_s=0.3)  # 1 + 1 overflow
+    try:
+        async with engine.connect() as first, engine.connect() as second:
+            assert first is not second
+            with pytest.raises(TransientError):
+                async with transaction(engine):
+                    pass
+    finally:
+        await engine.dispose()
