@@ -30,6 +30,7 @@ from aiohttp import web
 from sqlalchemy import text
 from sqlalchemy.ext.asyncio import AsyncEngine
 
+from shared.db import delete_in_batches
 from shared.messages import ServiceError
 
 log = structlog.get_logger(__name__)
@@ -109,11 +110,17 @@ async def finish(engine: AsyncEngine, tenant_id: str, key: str, status: int, bod
                                     "WHERE tenant_id = :t AND key = :k"), {**ids, "s": status, "b": body})
 
 
-async def purge_expired(engine: AsyncEngine) -> int:
-    async with engine.begin() as conn:
-        done = await conn.execute(text("DELETE FROM gateway.idempotency WHERE created_at < now() - make_interval(secs => :w)"),
-                                  {"w": WINDOW_S})
-        return done.rowcount or 0
+_PURGE_BATCH = text(
+    "DELETE FROM gateway.idempotency WHERE ctid = ANY(ARRAY("
+    " SELECT ctid FROM gateway.idempotency WHERE created_at < now() - make_interval(secs => :w) LIMIT :batch))"
+)
+
+
+async def purge_expired(engine: AsyncEngine, *, batch: int = 5_000, max_batches: int = 100) -> int:
+    """Forget records past the window, a batch per transaction: each is short, inside the
+    gateway's statement timeout, however many have piled up (the rest go next time)."""
+    removed, _ = await delete_in_batches(engine, _PURGE_BATCH, {"w": WINDOW_S}, batch=batch, max_batches=max_batches)
+    return removed
 
 
 def replay_response(status: int, body: bytes) -> web.Response:

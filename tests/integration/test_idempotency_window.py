@@ -147,3 +147,17 @@ async def test_a_grant_key_used_again_after_its_window_grants_again(env):
     assert r.status == 200 and (await r.json())["purchased"]["remaining"] == start + 10
     grants = [e for e in await env["stack"].ledger(tenant) if e["idempotency_key"].startswith("grant:monthly-top-up")]
     assert [e["amount"] for e in grants] == [5, 5] and len({e["idempotency_key"] for e in grants}) == 2
+
+
+async def test_records_past_the_window_are_purged_a_batch_at_a_time_and_fresh_ones_kept(env):
+    engine, tenant = env["engine"], env["tenant"]
+    async with engine.begin() as conn:
+        await conn.execute(text(
+            "INSERT INTO gateway.idempotency (tenant_id, key, request_hash, state, created_at) "
+            "SELECT :t, 'purge-' || g || CASE WHEN g <= 12 THEN '-old' ELSE '-fresh' END, 'h', 'done', "
+            " CASE WHEN g <= 12 THEN now() - interval '25 hours' ELSE now() - interval '23 hours' END "
+            "FROM generate_series(1, 14) g"), {"t": tenant})
+    assert await idempotency.purge_expired(engine, batch=5) >= 12  # three batches (and any other test's expired)
+    async with engine.connect() as conn:
+        left = set((await conn.execute(text("SELECT key FROM gateway.idempotency WHERE key LIKE 'purge-%'"))).scalars())
+    assert left == {"purge-13-fresh", "purge-14-fresh"}
