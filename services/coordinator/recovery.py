@@ -37,7 +37,7 @@ _CANDIDATE_TENANTS = text(f"SELECT tenant_id FROM coordinator.runs WHERE {_STUCK
                           "GROUP BY tenant_id ORDER BY min(last_progress_at) LIMIT 200")
 _LOCK_LOST = text(f"SELECT * FROM coordinator.runs WHERE tenant_id = ANY(CAST(:tenants AS text[])) AND {_STUCK} "
                   "ORDER BY last_progress_at LIMIT 50 FOR UPDATE SKIP LOCKED")
-_FLAG_STUCK = text("UPDATE coordinator.runs SET needs_attention = true, attention_reason = 'stuck', recovering = true "
+_FLAG_STUCK = text("UPDATE coordinator.runs SET needs_attention = true, attention_reason = 'stuck', recovery_noticed = true "
                    f"WHERE tenant_id = ANY(CAST(:tenants AS text[])) AND NOT needs_attention AND {_STUCK} "
                    "RETURNING *")
 WAITING_NOTE = "no progress; its jobs come back from the executor that held them"

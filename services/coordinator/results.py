@@ -100,9 +100,9 @@ _FAN_IN = text(
     " status = CASE WHEN failed + errored > 0 THEN 'COMPLETED_WITH_ERRORS' ELSE 'COMPLETED' END, "
     " fanin_round = round, finished_at = now(), updated_at = now(), "
     " needs_attention = failed > 0, attention_reason = CASE WHEN failed > 0 THEN 'failed' END, "
-    " recovering = false, recovery_failures = 0 "
+    " recovering = false, recovery_noticed = false, recovery_failures = 0 "
     "WHERE id = ANY(CAST(:ids AS text[])) AND status = 'RUNNING' AND pending = 0 AND fanin_round < round "
-    "RETURNING *, (SELECT recovering FROM coordinator.runs o WHERE o.id = runs.id) AS was_recovering"
+    "RETURNING *, (SELECT recovering OR recovery_noticed FROM coordinator.runs o WHERE o.id = runs.id) AS was_recovering"
 )
 
 TERMINAL_BY_KIND = {"succeeded": "SUCCEEDED", "failed": "FAILED", "errored": "ERROR"}

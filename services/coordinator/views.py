@@ -31,7 +31,8 @@ def run_view(run: Mapping[str, Any], files: list[Mapping[str, Any]] | None = Non
             "refunded": run["credits_refunded"],
         },
         "needs_attention": run["needs_attention"],
-        "recovering": run["recovering"],  # in a recovery (re-published, or its jobs coming back), not yet finished
+        # In a recovery, not yet finished: re-published, or (noticed) its jobs coming back from a dead executor.
+        "recovering": run["recovering"] or run.get("recovery_noticed", False),
         "attention_reason": run["attention_reason"],
         "created_at": _iso(run["created_at"]),
         "updated_at": _iso(run["updated_at"]),

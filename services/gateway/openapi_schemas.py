@@ -63,7 +63,7 @@ RUN_PROPERTIES: dict[str, Schema] = {
                                                 "cancelled")}),
     "credits": obj(consumed=INTEGER, from_monthly=INTEGER, from_purchased=INTEGER, refunded=INTEGER),
     "needs_attention": BOOLEAN,
-    "recovering": {**BOOLEAN, "description": "re-published by a recovery, not yet finished"},
+    "recovering": {**BOOLEAN, "description": "in a recovery (its jobs re-published, or coming back from an executor that died), not yet finished"},
     "attention_reason": nullable({"type": "string", "description": "failed, recovery_failed, stuck, breaker_open"}),
     "created_at": TIME, "updated_at": TIME, "finished_at": nullable(TIME),
     "trace_id": {**STRING, "description": "the W3C trace id every message of the run carries"},
