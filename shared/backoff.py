@@ -7,6 +7,7 @@ from __future__ import annotations
 import math
 import random
 import time
+from datetime import timezone
 from email.utils import parsedate_to_datetime
 
 # The longest a dependency's Retry-After may make us wait: the longest backoff a tenant may
@@ -49,7 +50,10 @@ def parse_retry_after(value: str | None, *, now: float | None = None) -> float |
         seconds = float(value)
     except ValueError:
         try:
-            seconds = max(0.0, parsedate_to_datetime(value).timestamp() - (time.time() if now is None else now))
+            when = parsedate_to_datetime(value)
+            if when.tzinfo is None:  # asctime form, or "-0000": an HTTP-date is GMT whatever it says
+                when = when.replace(tzinfo=timezone.utc)
+            seconds = max(0.0, when.timestamp() - (time.time() if now is None else now))
         except (TypeError, ValueError, IndexError, OverflowError):
             return None
     return seconds if math.isfinite(seconds) and seconds >= 0 else None

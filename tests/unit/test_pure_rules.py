@@ -30,6 +30,8 @@ def test_retry_after_is_read_in_seconds_or_as_an_http_date():
     assert parse_retry_after("120") == 120.0 and parse_retry_after(" 1.5 ") == 1.5
     assert parse_retry_after("Wed, 21 Oct 2015 07:29:30 GMT", now=now) == 90.0
     assert parse_retry_after("Wed, 21 Oct 2015 07:00:00 GMT", now=now) == 0.0  # past: at once
+    assert parse_retry_after("Wed Oct 21 07:29:30 2015", now=now) == 90.0  # asctime form: GMT too
+    assert parse_retry_after("Wed, 21 Oct 2015 07:29:30 -0000", now=now) == 90.0
     for unusable in (None, "", "  ", "nan", "inf", "-1", "soon", "Wed, 99 Foo 2015"):
         assert parse_retry_after(unusable, now=now) is None, unusable
 
