@@ -19,7 +19,6 @@ from __future__ import annotations
 import asyncio
 import time
 from collections.abc import Callable
-from datetime import datetime, timezone
 
 import structlog
 from nats.aio.msg import Msg
@@ -28,8 +27,9 @@ from pydantic import ValidationError
 
 from shared import tracing
 from shared.bus import Outgoing, publish_many
-from shared.messages import ErrorInfo, FileEvent, FileSpec, Job
+from shared.messages import FileSpec, Job
 from shared.subjects import Names
+from services.executor.deferrals import DeferralNotices
 from services.executor.deliveries import delivery_name, same_message, suspect_after
 from services.executor.file_events import file_event_body, headers as event_headers
 from services.executor.isolation import IsolationGate
@@ -63,7 +63,7 @@ class JobRunner:
         self._max_deliver = max_deliver
         self._suspect_after = suspect_after(max_deliver)
         self._stops = stops
-        self._deferrals_told: set[tuple[str, str, float | None]] = set()
+        self._deferrals = DeferralNotices(js, names)
         self._seen = SeenDeliveries()
 
     async def handle(self, msg: Msg, verdict: Callable[[bool], None] | None = None) -> bool:
@@ -173,7 +173,7 @@ class JobRunner:
         if outcome.kind in ("defer", "retry"):
             if outcome.kind == "defer":
                 progress.deferrals += 1
-                await self._announce_deferral(job, file.index, outcome, attempt)
+                await self._deferrals.tell(job, file.index, outcome, attempt)
             else:
                 progress.failures += 1
                 await self._publish(job, file.index, outcome, attempt)
@@ -225,7 +225,7 @@ class JobRunner:
                     await msg.ack()
                     return
                 if outcome.kind == "defer":
-                    await self._announce_deferral(job, file.index, outcome, attempt)
+                    await self._deferrals.tell(job, file.index, outcome, attempt)
                     await asyncio.sleep(outcome.delay_ms / 1000)
                     continue
                 await self._publish(job, file.index, outcome, attempt)
@@ -287,36 +287,6 @@ class JobRunner:
         msg_id, body = file_event_body(job, file_index, outcome, attempt, kind)
         headers = event_headers(job.tenant_id, job.run_id)
         await publish_many(self._js, [Outgoing(self._names.file_event(kind), body, msg_id, headers)])
-
-    async def _announce_deferral(self, job: Job, file_index: int, outcome: Outcome, attempt: int) -> None:
-        """Tell the coordinator once per run and open period that the run waits for an open
-        breaker (its run is flagged ``breaker_open`` for operators until it progresses). Every
-        deferral would be a message per file per probe interval: this process remembers what
-        it told, and the event's id (run, dependency, open period) dedupes other executors'."""
-        if outcome.dependency is None:
-            return
-        told = (job.run_id, outcome.dependency, outcome.opened_at)
-        if told in self._deferrals_told:
-            return
-        if len(self._deferrals_told) >= 10_000:
-            self._deferrals_told.clear()  # forgetting costs at most one repeated notice per run
-        # Before the publish, not after: jobs of the run deferred at the same moment would
-        # each pass the check while the first one's publish is on its way.
-        self._deferrals_told.add(told)
-        event = FileEvent(
-            kind="deferred", job_id=job.job_id, run_id=job.run_id, tenant_id=job.tenant_id, file_index=file_index,
-            round=job.round, attempt=attempt, step=outcome.step, step_name=job.steps[outcome.step].name,
-            next_delay_ms=outcome.delay_ms, dependency=outcome.dependency[:500],
-            breaker_opened_at=datetime.fromtimestamp(outcome.opened_at, timezone.utc) if outcome.opened_at else None,
-            error=ErrorInfo.model_validate({"class": "DependencyUnavailable", "transient": True, "message":
-                                            f"{outcome.dependency!r} is unavailable: its circuit breaker is open"}))
-        headers = event_headers(job.tenant_id, job.run_id)
-        try:
-            await publish_many(self._js, [Outgoing(self._names.file_event("deferred"), event.to_bytes(), event.msg_id,
-                                                   headers)])
-        except Exception as exc:  # only a notice: the deferral itself goes on; the next one tells again
-            log.warning("job.deferral_not_told", run_id=job.run_id, error=repr(exc))
-            self._deferrals_told.discard(told)
 
     async def _reject_unreadable(self, msg: Msg, exc: ValidationError) -> None:
         """A job we cannot parse never runs: the files it names become ERROR with the cause
