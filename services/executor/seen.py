@@ -65,6 +65,8 @@ class SeenDeliveries:
         if message is None:
             return
         known = self._seen.get(message)
+        if known is not None and known >> 1 > delivered:
+            return  # a later delivery finished first (this one was overtaken): it is what counts
         if known is not None and known >> 1 == delivered:
             if known & 1 or not finished:
                 return  # already known as much (the handler's finally, after the finish)

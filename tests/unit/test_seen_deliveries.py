@@ -39,3 +39,13 @@ def test_the_oldest_are_forgotten_past_the_limit():
     for sequence in (1, 2, 3):
         seen.saw((sequence, 0), 1, finished=True)
     assert [seen.previous((s, 0), 2)[0] for s in (1, 2, 3)] == [False, True, True]
+
+
+def test_an_older_delivery_ending_after_a_newer_one_does_not_hide_it():
+    # Delivery 2 ran here and finished while delivery 1 (overtaken, a frozen moment) was
+    # still at its step; 1 ends after it. Delivery 3 must still find 2 finished: ack again.
+    seen = SeenDeliveries()
+    m = (41, 1)
+    seen.saw(m, 2, finished=True)
+    seen.saw(m, 1)
+    assert seen.previous(m, 3) == (True, True)
