@@ -76,12 +76,13 @@ async def sweep(deps: Deps) -> dict:
             # Its jobs are out with an executor that says nothing (one that died: the ack
             # wait brings them back). Re-publishing would run second copies; the run is
             # listed for operators and its users are told, once per quiet spell.
-            for run in (await conn.execute(_FLAG_STUCK, {"tenants": waiting, **lease})).mappings().all():
-                await outbox.add(conn, [run_event_row(deps.names, run, "recovery_started", WAITING_NOTE,
-                                                      unique=f"q{run['last_progress_at'].timestamp():.6f}")])
-                await timeline.append(conn, timeline.entry(run["id"], run["tenant_id"], "recovery_started",
-                                                           "system:recovery", pending_files=run["pending"],
-                                                           reason=WAITING_NOTE))
+            flagged = (await conn.execute(_FLAG_STUCK, {"tenants": waiting, **lease})).mappings().all()
+            await outbox.add(conn, [run_event_row(deps.names, run, "recovery_started", WAITING_NOTE,
+                                                  unique=f"q{run['last_progress_at'].timestamp():.6f}")
+                                    for run in flagged])
+            await timeline.append(conn, *(timeline.entry(run["id"], run["tenant_id"], "recovery_started",
+                                                         "system:recovery", pending_files=run["pending"],
+                                                         reason=WAITING_NOTE) for run in flagged))
         for run in (await conn.execute(_LOCK_LOST, {"tenants": lost, **lease})).mappings().all():
             run = dict(run)
             if run["recovering"] and run["recovery_failures"] + 1 >= deps.settings.recovery_max_failures:
