@@ -79,7 +79,8 @@ class Worker:
                 continue
             alone = self.cautious
             for msg in msgs:
-                judged = asyncio.get_running_loop().create_future()
+                # Only a job fetched alone is waited for until judged: no future on the fast path.
+                judged = asyncio.get_running_loop().create_future() if alone else None
                 task = asyncio.create_task(self._one(msg, alone, judged))
                 self._inflight.add(task)
                 task.add_done_callback(self._inflight.discard)
@@ -87,14 +88,16 @@ class Worker:
                     await asyncio.wait((judged, task), return_when=asyncio.FIRST_COMPLETED)
         await puller.stop()
 
-    async def _one(self, msg, alone: bool, judged: asyncio.Future) -> None:
-        suspect = False
+    async def _one(self, msg, alone: bool, judged: asyncio.Future | None) -> None:
+        suspect = told = False
 
         def verdict(is_suspect: bool) -> None:
-            nonlocal suspect
-            if judged.done():
+            nonlocal suspect, told
+            if told:
                 return
-            judged.set_result(is_suspect)
+            told = True
+            if judged is not None:
+                judged.set_result(is_suspect)
             if is_suspect:
                 suspect = True
                 self._suspects += 1
