@@ -100,7 +100,11 @@ async def sweep(deps: Deps) -> dict:
             if run["recovering"]:
                 await conn.execute(text("UPDATE coordinator.runs SET recovery_failures = recovery_failures + 1 WHERE id = :r"),
                                    {"r": run["id"]})
-            await republish_pending(conn, deps, run, "system:recovery")
+            # Its users hear "Recovery started" once per recovery: not again for the sweep's
+            # next attempt, nor when its jobs were first awaited (the waiting path) and then
+            # found lost.
+            await republish_pending(conn, deps, run, "system:recovery",
+                                    announce=not (run["recovering"] or run["recovery_noticed"]))
             # Shown to operators as "stuck" until it progresses (results.py clears it).
             await conn.execute(text("UPDATE coordinator.runs SET needs_attention = true, attention_reason = 'stuck' "
                                     "WHERE id = :r"), {"r": run["id"]})

@@ -29,15 +29,18 @@ _RESUME = text(
 )
 
 
-async def republish_pending(conn, deps: Deps, run: dict, actor: str) -> int:
-    """Re-publish every PENDING file's job of ``run`` (already locked) and mark it recovering."""
+async def republish_pending(conn, deps: Deps, run: dict, actor: str, *, announce: bool = True) -> int:
+    """Re-publish every PENDING file's job of ``run`` (already locked) and mark it recovering.
+    ``announce``: tell the run's users that recovery started (not when they were told
+    already and it has not ended since: the sweep's next attempt, or jobs first awaited,
+    then found lost); the timeline records every attempt."""
     template = await store.load_template(conn, run["tenant_id"], run["template_id"], include_archived=True)
     policy = await store.retry_policy(conn, run["tenant_id"])
     run = dict((await conn.execute(_RESUME, {"r": run["id"]})).mappings().one())
     await jobs.drop_expansions(conn, run["id"])
     rows, pending = await _pending_job_rows(conn, deps, run, template, policy, rounds=(0, run["round"]))
-    await outbox.add(conn, rows + [run_event_row(deps.names, run, "recovery_started", "Recovery started",
-                                                 unique=f"g{run['generation']}")])
+    told = [run_event_row(deps.names, run, "recovery_started", "Recovery started", unique=f"g{run['generation']}")]
+    await outbox.add(conn, rows + (told if announce else []))
     await timeline.append(conn, timeline.entry(run["id"], run["tenant_id"], "recovery_started", actor,
                                                pending_files=pending, generation=run["generation"]))
     return pending
