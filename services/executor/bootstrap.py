@@ -68,7 +68,8 @@ class ExecutorService:
     def _check_steps(registry):
         async def check(payload: dict) -> dict:
             steps = payload.get("steps")
-            return {"problems": registry.check_steps(steps if isinstance(steps, list) else [])}
+            steps = steps if isinstance(steps, list) else []
+            return {"problems": registry.check_steps(steps), "file_needs": registry.file_needs(steps)}
         return check
 
     async def _breakers(self, payload: dict) -> list[dict]:

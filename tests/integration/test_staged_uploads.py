@@ -171,6 +171,38 @@ async def test_a_refused_run_discards_its_upload_and_a_retry_under_the_same_run_
     assert [e["amount"] for e in await stack.ledger(tenant) if e["kind"] == "charge"] == [-2]
 
 
+async def test_a_run_whose_files_lack_a_url_its_download_step_needs_is_422_and_charges_nothing(system):
+    """Inline and sent ahead: refused before the charge, naming the files; a download step
+    with its own params.url needs no file's url."""
+    http, stack = system["http"], system["stack"]
+    t = await new_tenant(system)
+    r = await http.post("/api/v1/templates", headers=t["headers"], json={
+        "name": "fetch", "steps": [{"name": "get", "handler": "download"}, {"name": "sum", "handler": "checksum"}]})
+    assert r.status == 201, await r.text()
+    fetch = (await r.json())["id"]
+    small = files(3)
+    del small[1]["url"]
+    r = await http.post(RUNS, headers=t["headers"], json={"template_id": fetch, "files": small})
+    error = await error_of(r, 422, "validation_error")
+    assert error["details"]["fields"] == {"files.1.url": "step 0 ('get', handler 'download') needs each file's url"}
+    assert error["details"]["files_lacking"] == 1
+    big = files(large(system))
+    for i in (7, len(big) - 1):
+        del big[i]["url"]
+    r = await http.post(RUNS, headers=t["headers"], json={"template_id": fetch, "files": big})
+    error = await error_of(r, 422, "validation_error")
+    assert set(error["details"]["fields"]) == {"files.7.url", f"files.{len(big) - 1}.url"}
+    assert await staged(system["engine"], t["id"]) == 0
+    assert [e for e in await stack.ledger(t["id"]) if e["kind"] == "charge"] == []
+    listed = await (await http.get(RUNS, headers=t["headers"])).json()
+    assert listed["items"] == []
+    r = await http.post("/api/v1/templates", headers=t["headers"], json={
+        "name": "one", "steps": [{"name": "get", "handler": "download", "params": {"url": "https://example.com/x"}}]})
+    r = await http.post(RUNS, headers=t["headers"], json={"template_id": (await r.json())["id"],
+                                                         "files": [{"name": "no-url"}]})
+    assert r.status == 201, await r.text()
+
+
 # ---- a tenant's parts not yet a run are capped ----------------------------------------------
 
 

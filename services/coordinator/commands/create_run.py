@@ -16,7 +16,7 @@ from shared.copy import COPY_THRESHOLD, copy_rows
 from shared.db import transaction
 from shared.rpc import ensure_caller_waits
 from shared.messages import ServiceError
-from services.coordinator import credits, jobs, outbox, store, timeline
+from services.coordinator import credits, file_needs, jobs, outbox, store, timeline
 from services.coordinator.commands import staged_files
 from services.coordinator.commands.templates import refuse_unoffered
 from services.coordinator.context import Deps
@@ -86,10 +86,12 @@ async def _create_run(deps: Deps, cmd: CreateRun) -> dict:
         # and only the biggest comes here, to check that its job fits a message.
         moved = cmd.staged is not None and cmd.mode == "per_file"
         if moved:
+            await file_needs.refuse_lacking_staged(conn, cmd.tenant_id, cmd.staged.upload_id, template)
             incoming = [await staged_files.biggest(conn, cmd.tenant_id, cmd.staged)]
         else:
             incoming = list(enumerate(await staged_files.take(conn, cmd.tenant_id, cmd.staged) if cmd.staged
                                       else cmd.files))
+            file_needs.refuse_lacking(template, incoming)
     # A template made before any executor offered its handlers, or whose handler is gone.
     refuse_unoffered(deps, [s["handler"] for s in template["steps"]])
     key = credits.initiate_key(run_id)

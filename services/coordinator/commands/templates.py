@@ -10,7 +10,7 @@ from sqlalchemy import text
 
 from shared.db import transaction
 from shared.messages import ServiceError
-from services.coordinator import cursor, pages, store
+from services.coordinator import cursor, file_needs, pages, store
 from services.coordinator.context import Deps
 from services.coordinator.schemas import CreateTemplate, ListTemplates, TemplateRef
 from services.coordinator.views import template_view
@@ -27,32 +27,34 @@ def refuse_unoffered(deps: Deps, handlers: list[str]) -> None:
                            {"fields": {f"steps.{i}.handler": why for i, why in unknown.items()}})
 
 
-async def refuse_bad_params(deps: Deps, steps: list[dict]) -> None:
+async def refuse_bad_params(deps: Deps, steps: list[dict]) -> dict[str, list[str]]:
     """A 422 naming each step whose params its handler refuses, asked of an executor (the
-    handlers' own checks). No executor answering, the template is made unchecked: its runs'
-    files would end ERROR with the same reason."""
+    handlers' own checks). Else what the steps need of every file (file_needs.py), as the
+    executor answered. No executor answering, the template is made unchecked and needs
+    nothing: its runs' files would end ERROR with the same reasons."""
     if deps.executors is None:
-        return
+        return {}
     try:
         answer = await deps.executors.call("executor", "check_steps", {"steps": steps})
     except ServiceError as exc:
         log.info("templates.params_unchecked", reason=exc.code)
-        return
-    problems = answer.get("problems") if isinstance(answer, dict) else None
-    if problems:
-        raise ServiceError("validation_error", "a step's params are refused by its handler", {"fields": problems})
+        return {}
+    answer = answer if isinstance(answer, dict) else {}
+    if answer.get("problems"):
+        raise ServiceError("validation_error", "a step's params are refused by its handler", {"fields": answer["problems"]})
+    return file_needs.readable(answer.get("file_needs"), len(steps))
 
 
 async def create_template(deps: Deps, cmd: CreateTemplate) -> dict:
     refuse_unoffered(deps, [s.handler for s in cmd.steps])
-    await refuse_bad_params(deps, [{"handler": s.handler, "params": s.params} for s in cmd.steps])
+    needs = await refuse_bad_params(deps, [{"handler": s.handler, "params": s.params} for s in cmd.steps])
     async with transaction(deps.engine) as conn:
         row = (await conn.execute(text(
-            "INSERT INTO coordinator.templates (id, tenant_id, name, steps, credits_per_file, failure_policy) "
-            "VALUES (:id, :tenant_id, :name, CAST(:steps AS jsonb), :cpf, :policy) RETURNING *"),
+            "INSERT INTO coordinator.templates (id, tenant_id, name, steps, credits_per_file, failure_policy, file_needs) "
+            "VALUES (:id, :tenant_id, :name, CAST(:steps AS jsonb), :cpf, :policy, CAST(:needs AS jsonb)) RETURNING *"),
             {"id": uuid.uuid4().hex, "tenant_id": cmd.tenant_id, "name": cmd.name,
              "steps": orjson.dumps([s.model_dump() for s in cmd.steps]).decode(), "cpf": cmd.credits_per_file,
-             "policy": cmd.failure_policy})).mappings().one()
+             "policy": cmd.failure_policy, "needs": orjson.dumps(needs).decode()})).mappings().one()
     return template_view(row)
 
 

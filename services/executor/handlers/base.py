@@ -57,6 +57,11 @@ class Handler(Protocol):
     async def __call__(self, ctx: StepContext) -> dict[str, Any]: ...
 
 
+# The FileRef fields (url, content_b64, size, sha256) a step with these params needs of
+# every file.
+FileNeeds = Callable[[dict[str, Any]], "tuple[str, ...]"]
+FILE_FIELDS = ("url", "content_b64", "size", "sha256")
+
 # Which external dependency a step talks to (for circuit breakers), or None.
 DependencyOf = Callable[[dict[str, Any], FileRef], "str | None"]
 
@@ -69,3 +74,7 @@ class RegisteredHandler:
     # Checks a step's params when a template is made (raises PermanentError saying what is
     # wrong): refused then, not after a run was charged and its files ended ERROR.
     check_params: Callable[[dict], None] | None = None
+    # The fields every file of a run needs for a step with these params (e.g. download
+    # without params.url: each file's ``url``): a run whose files lack one is refused when
+    # submitted (422), before it is charged, rather than those files ending ERROR.
+    file_needs: FileNeeds | None = None

@@ -65,6 +65,11 @@ def dependency_of(params: dict, file: FileRef) -> str | None:
     return urlparse(url).hostname if isinstance(url, str) else None
 
 
+def file_needs(params: dict) -> tuple[str, ...]:
+    """Without ``params.url``, each file names what to fetch."""
+    return () if params.get("url") else ("url",)
+
+
 def _url(ctx: StepContext, destinations: Destinations) -> str:
     return outbound.checked_url(ctx.params.get("url") or ctx.file.url, destinations,
                                 needs="download needs an http(s) url (file.url or params.url)", refused="download: url")

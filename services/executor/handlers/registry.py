@@ -7,7 +7,7 @@ from functools import partial
 from typing import Callable
 
 from shared.errors import PermanentError
-from services.executor.handlers.base import DependencyOf, Handler, RegisteredHandler
+from services.executor.handlers.base import FILE_FIELDS, DependencyOf, FileNeeds, Handler, RegisteredHandler
 
 
 class HandlerRegistry:
@@ -18,25 +18,46 @@ class HandlerRegistry:
         self._handlers: dict[str, RegisteredHandler] = {}
 
     def register(self, name: str, run: Handler, *, dependency_of: DependencyOf | None = None,
-                 check_params: Callable[[dict], None] | None = None) -> None:
+                 check_params: Callable[[dict], None] | None = None, file_needs: FileNeeds | None = None) -> None:
         """Register ``run`` under ``name``; ``dependency_of(params, file)`` names the external
         dependency a step talks to (for circuit breakers), or returns None; ``check_params``
-        raises PermanentError for params no run could use (templates are refused with it)."""
+        raises PermanentError for params no run could use (templates are refused with it);
+        ``file_needs(params)`` names the fields (url, content_b64, size, sha256) every file
+        must have for such a step (runs whose files lack one are refused with it)."""
         if not isinstance(name, str) or not name:
             raise ValueError(f"handler name must be a non-empty string, got {name!r}")
         if not callable(run):
             raise ValueError(f"handler {name!r}: run must be an async callable")
-        self._handlers[name] = RegisteredHandler(name, run, dependency_of, check_params)
+        self._handlers[name] = RegisteredHandler(name, run, dependency_of, check_params, file_needs)
 
     def handler(self, name: str, dependency_of: DependencyOf | None = None,
-                check_params: Callable[[dict], None] | None = None) -> Callable[[Handler], Handler]:
+                check_params: Callable[[dict], None] | None = None,
+                file_needs: FileNeeds | None = None) -> Callable[[Handler], Handler]:
         """Decorator form of :meth:`register`: ``@registry.handler("ocr")``."""
 
         def decorate(fn: Handler) -> Handler:
-            self.register(name, fn, dependency_of=dependency_of, check_params=check_params)
+            self.register(name, fn, dependency_of=dependency_of, check_params=check_params, file_needs=file_needs)
             return fn
 
         return decorate
+
+    def file_needs(self, steps: list[dict]) -> dict[str, list[str]]:
+        """``{"N": [field, ...]}``: what every file needs of step N (see :meth:`register`).
+        A needs function that fails, or names no file field, asks for nothing: a run's files
+        are then judged when they run, as before there was such a check."""
+        needs: dict[str, list[str]] = {}
+        for i, step in enumerate(steps):
+            registered = self._handlers.get(step.get("handler")) if isinstance(step, dict) else None
+            if registered is None or registered.file_needs is None:
+                continue
+            params = step.get("params") if isinstance(step.get("params"), dict) else {}
+            try:
+                fields = [f for f in registered.file_needs(params) if f in FILE_FIELDS]
+            except Exception:
+                continue
+            if fields:
+                needs[str(i)] = fields
+        return needs
 
     def check_steps(self, steps: list[dict]) -> dict[str, str]:
         """``{"steps.N.params": why}`` for each step whose handler refuses its params."""
@@ -125,7 +146,7 @@ def builtin_registry(*, allow_private_urls: bool = False, allow_crash: bool = Fa
     registry.register("flaky", demo.run, dependency_of=flaky.dependency_of, check_params=demo.check_params)
     max_bytes = download.DEFAULT_MAX_BYTES if max_download_bytes is None else max_download_bytes
     registry.register("download", partial(download.run, destinations=destinations, max_bytes=max_bytes),
-                      dependency_of=download.dependency_of)
+                      dependency_of=download.dependency_of, file_needs=download.file_needs)
     registry.register("http_call", partial(http_call.run, destinations=destinations),
                       dependency_of=http_call.dependency_of,
                       check_params=partial(http_call.check_params, destinations=destinations))
