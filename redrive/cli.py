@@ -233,11 +233,16 @@ def bench(
     handler: str = typer.Option("noop", "--handler"),
     executors: int = typer.Option(1, "--executors", min=1, max=32),
     repeat: int = typer.Option(3, "--repeat", min=1, max=100, help="rounds (run + limit); the summary takes the median"),
-    data_dir: Optional[Path] = DataDir,
+    # Not REDRIVE_DATA_DIR: that names a system's data (the tour exports it), and the bench
+    # starts servers and services of its own; on a live system's directory its nats-server
+    # would open the live JetStream store.
+    data_dir: Optional[Path] = typer.Option(None, "--data-dir", help="Where the bench keeps its own servers' data "
+                                            "(default: a scratch directory, removed after)."),
 ) -> None:
     """End-to-end throughput through the real services, and the hand-written limit."""
     from bench.e2e import main as bench_main
     from redrive.api_client import ApiError
+    from redrive.supervisor import DataDirInUse, lock_data_dir
 
     settings = _settings(data_dir)  # the bench builds its own, from the same environment: check it first
     if files > settings.max_files_per_run:
@@ -245,12 +250,19 @@ def bench(
     _check_handlers(settings, handler)  # else every file fails and the figures measure nothing
     if data_dir is not None:
         _check_data_dir(data_dir)
+        try:
+            held = lock_data_dir(data_dir)  # while the bench runs, as `redrive up` holds it
+        except DataDirInUse as exc:
+            _fail(f"{exc}. The bench starts servers of its own: give it a directory of its own, or none "
+                  "(a scratch one)", code=2)
     try:
         result = bench_main(files=files, handler=handler, executors=executors, data_dir=data_dir, repeat=repeat)
     except ApiError as exc:  # e.g. 413: the run's files do not fit in one request
         _fail(f"the system refused the benchmark's request: {exc}")
     except RuntimeError as exc:
         _fail(f"the benchmark could not run: {exc}")
+    if data_dir is not None:
+        held.close()
     if not result["exact"]:  # figures of a run that lost or double-counted files mean nothing
         _fail("a round was not exact (counts or credits): see its line above")
 

@@ -253,6 +253,27 @@ def test_bench_with_silly_values_starts_nothing(cli, tmp_path, args, code):
     assert not (tmp_path / "bench").exists()
 
 
+def test_bench_never_runs_on_a_live_systems_data(cli, tmp_path, monkeypatch):
+    """A directory a `redrive up` holds is refused (its nats-server would open the live
+    store); REDRIVE_DATA_DIR, which the tour exports for the CLI, is not the bench's."""
+    from redrive.supervisor import lock_data_dir
+    import bench.e2e
+
+    live = tmp_path / "live"
+    live.mkdir()
+    held = lock_data_dir(live)
+    try:
+        refused = cli("bench", "--files", "1", "--data-dir", str(live), code=2)
+        one_line_error(refused, f"{live} is in use by another `redrive up`", "a directory of its own")
+        assert sorted(p.name for p in live.iterdir()) == ["up.lock"]
+        given = []
+        monkeypatch.setattr(bench.e2e, "main", lambda **kw: given.append(kw["data_dir"]) or {"exact": True})
+        cli("bench", "--files", "1", env={"REDRIVE_DATA_DIR": str(live)}, code=0)
+        assert given == [None]  # a scratch directory of its own
+    finally:
+        held.close()
+
+
 async def test_against_real_servers(make_settings):
     """A database without redrive's tables; NATS without any service (no responders)."""
     settings = await make_settings(migrate=False)
