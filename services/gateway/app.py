@@ -39,6 +39,25 @@ DASHBOARD = Path(__file__).parent / "static" / "dashboard.html"
 PLACEHOLDER = ("<!doctype html><title>redrive</title><h1>redrive</h1>"
                "<p>The dashboard is not installed. The API is at <a href='/api/v1/openapi.json'>/api/v1/openapi.json</a>.</p>")
 READY_TIMEOUT_S = 3.0
+
+
+async def _nats_answers(nc) -> bool:
+    """A round trip (PING, PONG), not only a connection: a hung server (stopped, its disk
+    stalled) keeps the socket open while every request to it times out."""
+    if nc is None or not nc.is_connected:
+        return False
+    try:
+        await nc.flush(timeout=READY_TIMEOUT_S)
+    except Exception:  # FlushTimeoutError, or the connection gone meanwhile
+        return False
+    return True
+
+
+async def _db_answers(engine) -> bool:
+    try:
+        return await asyncio.wait_for(ping(engine), READY_TIMEOUT_S)
+    except asyncio.TimeoutError:
+        return False
 # The page's own inline <script> and <style> blocks (no src: an external script is 'self').
 _INLINE = re.compile(r"<(script|style)(?![^>]*\bsrc\s*=)[^>]*>(.*?)</\1\s*>", re.IGNORECASE | re.DOTALL)
 
@@ -187,11 +206,7 @@ def _local_handlers(deps: Deps) -> dict:
         return web.json_response({"status": "ok"})
 
     async def readyz(request: web.Request) -> web.Response:
-        nats_ok = deps.nc is not None and deps.nc.is_connected
-        try:
-            db_ok = await asyncio.wait_for(ping(deps.engine), READY_TIMEOUT_S)
-        except asyncio.TimeoutError:
-            db_ok = False
+        nats_ok, db_ok = await asyncio.gather(_nats_answers(deps.nc), _db_answers(deps.engine))
         checks = {"nats": nats_ok, "database": db_ok}
         ready = all(checks.values())
         if ready:

@@ -1,9 +1,14 @@
-"""/readyz answers 503 when PostgreSQL is unreachable (and says which dependency)."""
+"""/readyz answers 503 when PostgreSQL is unreachable or NATS does not answer (and says
+which dependency)."""
+
+import os
+import signal
 
 import aiohttp
 
+from services.gateway import app
 from services.gateway.bootstrap import build
-from shared.embedded import free_port
+from shared.embedded import EmbeddedNats, free_port
 
 
 async def test_readyz_is_503_when_the_database_is_unreachable(make_settings):
@@ -19,3 +24,25 @@ async def test_readyz_is_503_when_the_database_is_unreachable(make_settings):
             assert (await http.get(f"http://127.0.0.1:{gateway.port}/healthz")).status == 200
     finally:
         await gateway.stop()
+
+
+async def test_readyz_is_503_while_nats_is_hung_and_200_once_it_answers(make_settings, tmp_path, monkeypatch):
+    """A stopped server keeps its connections open: only a round trip shows it is gone."""
+    monkeypatch.setattr(app, "READY_TIMEOUT_S", 0.5)
+    nats = EmbeddedNats(tmp_path / "nats").start()
+    settings = (await make_settings(port=0)).model_copy(update={"nats_url": nats.url})
+    gateway = await build(settings)
+    await gateway.start()
+    try:
+        async with aiohttp.ClientSession(base_url=f"http://127.0.0.1:{gateway.port}") as http:
+            assert (await http.get("/readyz")).status == 200
+            os.kill(nats.pid, signal.SIGSTOP)
+            try:
+                r = await http.get("/readyz")
+                assert r.status == 503 and (await r.json())["checks"] == {"nats": False, "database": True}
+            finally:
+                os.kill(nats.pid, signal.SIGCONT)
+            assert (await http.get("/readyz")).status == 200
+    finally:
+        await gateway.stop()
+        nats.stop()
