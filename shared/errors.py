@@ -96,7 +96,7 @@ def is_transient_sqlstate(sqlstate: str | None) -> bool:
     return sqlstate in _TRANSIENT_SQLSTATES or sqlstate.startswith(_TRANSIENT_SQLSTATE_PREFIXES)
 
 
-def _sqlstate_of(exc: BaseException) -> str | None:
+def sqlstate_of(exc: BaseException) -> str | None:
     # asyncpg errors carry .sqlstate; SQLAlchemy wraps them in .orig (DBAPIError).
     for candidate in (exc, getattr(exc, "orig", None), getattr(getattr(exc, "orig", None), "__cause__", None)):
         code = getattr(candidate, "sqlstate", None) or getattr(candidate, "pgcode", None)
@@ -206,7 +206,7 @@ def classify(exc: BaseException) -> Classified:
     verdict = _client_error_verdict(exc)
     if verdict is not None:
         return Classified(verdict, name, str(exc) or name)
-    sqlstate = _sqlstate_of(exc)
+    sqlstate = sqlstate_of(exc)
     if sqlstate is not None:
         return Classified(is_transient_sqlstate(sqlstate), name, f"SQLSTATE {sqlstate}: {exc}")
     if isinstance(exc, OSError):
@@ -220,7 +220,7 @@ def refuses_its_data(exc: BaseException) -> bool:
     date…), or asyncpg refusing to encode an argument (its client-side ``DataError``, a
     ValueError under SQLAlchemy's wrapper). Sending it again changes nothing, so consumers
     terminate such a message at once and request handlers answer ``bad_request``."""
-    sqlstate = _sqlstate_of(exc)
+    sqlstate = sqlstate_of(exc)
     if sqlstate is not None:
         return sqlstate.startswith("22")
     orig = getattr(exc, "orig", None)

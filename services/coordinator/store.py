@@ -7,8 +7,10 @@ from typing import Any, get_args
 
 import orjson
 from sqlalchemy import text
+from sqlalchemy.exc import DBAPIError
 from sqlalchemy.ext.asyncio import AsyncConnection
 
+from shared.errors import sqlstate_of
 from shared.messages import FileStatus, RetryPolicy, ServiceError
 from services.coordinator import pages
 
@@ -36,18 +38,24 @@ async def load_template(conn: AsyncConnection, tenant_id: str, template_id: str,
 
 
 _CLAIM_RUN = text("SELECT pg_try_advisory_xact_lock(hashtextextended('coordinator.run:' || :id, 0))")
+_AWAIT_RUN = text("SELECT pg_advisory_xact_lock(hashtextextended('coordinator.run:' || :id, 0))")
+_LOCK_NOT_AVAILABLE = "55P03"
 
 
 async def load_run(conn: AsyncConnection, tenant_id: str | None, run_id: str, *, lock: bool = False,
-                   nowait: bool = False) -> dict:
+                   nowait: bool = False, wait_s: float | None = None) -> dict:
     """``nowait``: a run another *command* is changing right now is refused with 409 at once
     instead of queueing (concurrent "Continue" presses: one wins, the rest are told).
+    ``wait_s``: queue behind it for that long instead, then 409 (actions on one file each:
+    retries of two FAILED files of a run, pressed together, are both meant).
 
     Commands claim the run with a transaction-scoped advisory lock, then wait for the row
     lock as usual: the results consumer holds that row lock for milliseconds while it
     applies events, and a user's press must not be refused because a file just finished.
     """
-    if nowait and not (await conn.execute(_CLAIM_RUN, {"id": run_id})).scalar():
+    if wait_s is not None:
+        await _await_claim(conn, run_id, wait_s)
+    elif nowait and not (await conn.execute(_CLAIM_RUN, {"id": run_id})).scalar():
         raise ServiceError("run_running", "another request is changing this run right now")
     sql = "SELECT * FROM coordinator.runs WHERE id = :id"
     params: dict[str, Any] = {"id": run_id}
@@ -60,6 +68,17 @@ async def load_run(conn: AsyncConnection, tenant_id: str | None, run_id: str, *,
     if row is None:
         raise not_found("run", run_id)
     return dict(row)
+
+
+async def _await_claim(conn: AsyncConnection, run_id: str, wait_s: float) -> None:
+    await conn.execute(text(f"SET LOCAL lock_timeout = {max(1, int(wait_s * 1000))}"))
+    try:
+        await conn.execute(_AWAIT_RUN, {"id": run_id})
+    except DBAPIError as exc:
+        if sqlstate_of(exc) == _LOCK_NOT_AVAILABLE:
+            raise ServiceError("run_running", "another request is changing this run right now") from None
+        raise
+    await conn.execute(text("SET LOCAL lock_timeout = DEFAULT"))
 
 
 async def load_files(conn: AsyncConnection, run_id: str, *, statuses: tuple[str, ...] | None = None, lock: bool = False) -> list[dict]:

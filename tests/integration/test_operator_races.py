@@ -105,6 +105,20 @@ async def test_cancel_twice_at_once_cancels_and_refunds_once(stack):
     await stack.assert_books_balance(tenant)
 
 
+async def test_retries_of_several_failed_files_of_a_run_pressed_together_all_take(stack):
+    """Each is meant (api.md: 409 only while that file is PENDING): they queue on the run,
+    each is charged once, and each file runs again."""
+    tenant = await stack.tenant(monthly=100)
+    done, _ = await failed_run(stack, tenant, {"fail_rounds": 1}, n=4, credits_per_file=2)
+    retried = await asyncio.gather(*(call(stack, "retry_file", tenant, done["id"], file_index=i) for i in range(4)),
+                                   return_exceptions=True)
+    assert all(isinstance(r, dict) for r in retried), retried
+    finished = await stack.wait_run(tenant, done["id"])
+    assert finished["status"] == "COMPLETED" and finished["counts"]["succeeded"] == 4 and counts_add_up(finished)
+    assert finished["credits"]["consumed"] == 16 and await balance(stack, tenant) == 100 - 16
+    await stack.assert_books_balance(tenant)
+
+
 async def test_retry_file_skip_and_continue_on_one_file_at_once_one_wins(stack):
     tenant = await stack.tenant(monthly=100)
     await stack.call("coordinator", "put_settings", tenant_id=tenant, **FAST)

@@ -30,8 +30,13 @@ _REOPEN_RUN = text(
 )
 
 
+# How long an action on one file queues behind another request changing its run (another
+# file's retry: milliseconds; a Continue of a large run: seconds) before it is a 409.
+QUEUE_S = 5.0
+
+
 async def _locked_file(conn, cmd: FileRef) -> tuple[dict, dict]:
-    run = await store.load_run(conn, cmd.tenant_id, cmd.run_id, lock=True, nowait=True)
+    run = await store.load_run(conn, cmd.tenant_id, cmd.run_id, lock=True, wait_s=QUEUE_S)
     row = (
         await conn.execute(text("SELECT * FROM coordinator.files WHERE run_id = :r AND idx = :i"), {"r": run["id"], "i": cmd.file_index})
     ).mappings().first()
