@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any
 
 import orjson
+import structlog
 
 from shared.backoff import backoff_delay_ms
 from shared.errors import Classified, InvalidOutput, PermanentError, StepTimeout, classify
@@ -27,6 +28,8 @@ from services.executor.deadlines import Deadlines
 from services.executor.handlers.base import FileRef, StepContext
 from services.executor.handlers.registry import HandlerRegistry
 from services.executor.outcome import Outcome
+
+log = structlog.get_logger(__name__)
 
 # Called after each intermediate step completes, before the next one starts; what it returns
 # ("stopped", "overtaken" or "superseded", see Outcome) ends the file there, None lets it go on.
@@ -81,7 +84,13 @@ class StepRunner:
                 handler = self._registry.get(step.handler)
             except PermanentError as exc:
                 return Outcome("errored", index, error=classify(exc))
-            dependency = handler.dependency_of(step.params, ref) if handler.dependency_of else None
+            try:
+                dependency = handler.dependency_of(step.params, ref) if handler.dependency_of else None
+            except Exception as exc:
+                # Input it cannot read (or a bug of its own): no breaker for this attempt, and
+                # the handler, which checks its input, says what is wrong as the step's error.
+                log.warning("step.dependency_unknown", handler=step.handler, error=repr(exc)[:300])
+                dependency = None
             if dependency and self._breakers is not None:
                 admission = self._breakers.admit(job.tenant_id, dependency)
                 if admission.verdict == "defer" or (

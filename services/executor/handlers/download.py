@@ -25,7 +25,6 @@ import json
 import re
 import time
 from pathlib import Path
-from urllib.parse import urlparse
 
 import aiohttp
 
@@ -61,13 +60,19 @@ class _Overrun(Exception):
 
 def dependency_of(params: dict, file: FileRef) -> str | None:
     """The URL's host: one circuit breaker per origin server."""
-    url = params.get("url") or file.url
-    return urlparse(url).hostname if isinstance(url, str) else None
+    return outbound.host_of(params.get("url") or file.url)
 
 
 def file_needs(params: dict) -> tuple[str, ...]:
     """Without ``params.url``, each file names what to fetch."""
     return () if params.get("url") else ("url",)
+
+
+def check_params(params: dict, *, destinations: Destinations = PUBLIC_ONLY) -> None:
+    """For a template being made: its own url, when it names one, checked as a run's is."""
+    if params.get("url") is not None:
+        outbound.checked_url(params["url"], destinations, needs="download: params.url must be an http(s) url",
+                             refused="download: params.url")
 
 
 def _url(ctx: StepContext, destinations: Destinations) -> str:

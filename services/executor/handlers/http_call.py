@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import asyncio
 import math
-from urllib.parse import urlparse
 
 import aiohttp
 
@@ -34,7 +33,7 @@ _BODY_BYTES = 4 * BODY_CHARS
 
 def dependency_of(params: dict, file: FileRef) -> str | None:
     """The host of ``params["url"]``: one circuit breaker per remote service."""
-    return urlparse(str(params.get("url") or "")).hostname
+    return outbound.host_of(params.get("url"))
 
 
 def _url(params: dict, destinations: Destinations) -> str:

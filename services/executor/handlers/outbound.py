@@ -36,6 +36,15 @@ REDIRECT_STATUSES = frozenset({301, 302, 303, 307, 308})
 EXCERPT_CHARS = 200
 
 
+def host_of(url: object) -> str | None:
+    """The URL's host, for its circuit breaker; None for what is no URL (the handler's own
+    check then says what is wrong with it: this runs before it)."""
+    try:
+        return urlsplit(url).hostname if isinstance(url, str) else None
+    except ValueError:  # an unclosed IPv6 bracket, a netloc that NFKC normalisation changes…
+        return None
+
+
 def checked_url(url: object, destinations: Destinations, *, needs: str, refused: str) -> str:
     """``url`` when it is an http(s) URL that may be requested; PermanentError saying why not.
     ``needs`` opens the message for a URL that is none (``"http_call needs params.url …"``),

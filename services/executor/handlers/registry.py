@@ -146,7 +146,8 @@ def builtin_registry(*, allow_private_urls: bool = False, allow_crash: bool = Fa
     registry.register("flaky", demo.run, dependency_of=flaky.dependency_of, check_params=demo.check_params)
     max_bytes = download.DEFAULT_MAX_BYTES if max_download_bytes is None else max_download_bytes
     registry.register("download", partial(download.run, destinations=destinations, max_bytes=max_bytes),
-                      dependency_of=download.dependency_of, file_needs=download.file_needs)
+                      dependency_of=download.dependency_of, file_needs=download.file_needs,
+                      check_params=partial(download.check_params, destinations=destinations))
     registry.register("http_call", partial(http_call.run, destinations=destinations),
                       dependency_of=http_call.dependency_of,
                       check_params=partial(http_call.check_params, destinations=destinations))
