@@ -6,9 +6,9 @@ from __future__ import annotations
 
 import asyncio
 import os
-import unicodedata
 
 from shared.db import make_engine
+from shared.requests import control_character
 from shared.settings import Settings
 
 PLATFORM_TENANT = "platform"
@@ -21,9 +21,8 @@ def tenant_name_problem(name: str) -> str | None:
         return "the tenant name must not be empty"
     if len(name) > MAX_TENANT_NAME:
         return f"the tenant name is {len(name)} characters long: at most {MAX_TENANT_NAME}"
-    for i, ch in enumerate(name):
-        if unicodedata.category(ch) == "Cc" or ch in "\u2028\u2029":
-            return f"the tenant name must not contain control characters (U+{ord(ch):04X} at position {i + 1})"
+    if (problem := control_character(name)) is not None:
+        return f"the tenant name {problem}"
     return None
 
 

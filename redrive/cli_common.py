@@ -13,6 +13,7 @@ import typer
 from pydantic import ValidationError
 from rich.console import Console
 from rich.markup import escape
+from rich.text import Text
 
 from redrive.api_client import TENANT_OPTION, Api, ApiError
 from shared.settings import ConfigurationError, Settings, load_settings
@@ -170,6 +171,17 @@ def api_call(settings: Settings, method: str, path: str, body=None, *, idempoten
     if expect and not (isinstance(data, dict) and all(k in data for k in expect)):
         fail(f"unexpected answer from {api.base_url}/api/v1{path}: is REDRIVE_API_URL a redrive API?")
     return data
+
+
+_CONTROL = str.maketrans({c: "?" for c in [*range(0x20), *range(0x7F, 0xA0), 0x2028, 0x2029]})
+
+
+def shown(value: object) -> Text:
+    """A value of the system's (a name someone typed) as a table cell or a line: as text,
+    never as rich markup ("[/b]" in a file name would raise), and with each control
+    character as '?' (a terminal obeys escape sequences; names made before the API refused
+    them may hold some)."""
+    return Text(str(value).translate(_CONTROL))
 
 
 def print_json(data, as_json: bool) -> None:

@@ -12,7 +12,7 @@ import typer
 from rich import box
 from rich.table import Column, Table
 
-from redrive.cli_common import App, DataDir, JsonOut, console, require
+from redrive.cli_common import App, DataDir, JsonOut, console, require, shown
 from redrive.cli_common import fail as _fail, print_json as _print, settings_from as _settings
 
 tenant_app = App(no_args_is_help=True, help="Tenants.")
@@ -84,7 +84,7 @@ def key_list(
                   Column("created", overflow="fold"), Column("revoked", overflow="fold"),
                   box=box.SIMPLE_HEAD, show_edge=False, collapse_padding=True)
     for k in keys:
-        table.add_row(k["id"], k["role"], k["tenant_id"], k["user"], f"{k['created_at']:%Y-%m-%d %H:%M}",
+        table.add_row(k["id"], k["role"], k["tenant_id"], shown(k["user"]), f"{k['created_at']:%Y-%m-%d %H:%M}",
                       f"{k['revoked_at']:%Y-%m-%d %H:%M}" if k["revoked_at"] else "-")
     console.print(table)
 

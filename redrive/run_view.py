@@ -8,7 +8,7 @@ from typing import Any
 from rich import box
 from rich.table import Column, Table
 
-from redrive.cli_common import console
+from redrive.cli_common import console, shown
 
 _COUNTS = ("succeeded", "failed", "errored", "pending", "skipped", "cancelled")
 
@@ -38,8 +38,8 @@ def print_run(run: dict[str, Any]) -> None:
         # but "last error" beside SUCCEEDED reads as if something were wrong.
         error = (f.get("last_error") or {}) if f.get("status") not in ("SUCCEEDED", "CANCELLED") else {}
         said = f"{error.get('class', '')}: {error.get('message', '')}".strip(": ") if error else ""
-        table.add_row(str(f.get("index")), str(f.get("name")), str(f.get("status")), str(f.get("attempts")),
-                      str(f.get("retry_attempt")), said)
+        table.add_row(str(f.get("index")), shown(f.get("name")), str(f.get("status")), str(f.get("attempts")),
+                      str(f.get("retry_attempt")), shown(said))
     console.print(table)
     page = run.get("files_page") or {}
     if page.get("next_offset") is not None:

@@ -6,13 +6,44 @@ from __future__ import annotations
 
 import base64
 import binascii
+import re
 from typing import Any, Literal
 
 import orjson
-from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, create_model, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, create_model, field_validator, model_validator
 from pydantic.fields import FieldInfo
 
 from shared.messages import RetryPolicy
+
+
+# Unicode's Cc category is exactly these two ranges; with the line and paragraph separators.
+_CONTROLS = "\\x00-\\x1F\\x7F-\\x9F\\u2028\\u2029"
+_CONTROL = re.compile(f"[{_CONTROLS}]")
+# Names people read (a template's, a step's, a file's, and its url): shown one line each in
+# listings, logs and operators' terminals, where an escape sequence would be obeyed. A
+# pattern, checked in pydantic's own (Rust) code: a 100,000-file run pays nothing for it.
+ONE_LINE = f"^[^{_CONTROLS}]*$"
+ONE_LINE_MESSAGE = "must not contain control characters"
+
+
+def control_character(text: str) -> str | None:
+    """Why ``text`` cannot be a name shown one line each, or None (see ONE_LINE): where its
+    first control character is."""
+    found = _CONTROL.search(text)
+    if found is None:
+        return None
+    return f"{ONE_LINE_MESSAGE} (U+{ord(found.group()):04X} at position {found.start() + 1})"
+
+
+def field_errors(exc: ValidationError) -> dict[str, str]:
+    """``{"files.3.name": why}`` for each error of a body (a 422's ``details.fields``)."""
+    return {".".join(str(p) for p in e["loc"]) or "body": _said(e) for e in exc.errors()}
+
+
+def _said(error: dict) -> str:
+    if error["type"] == "string_pattern_mismatch" and (error.get("ctx") or {}).get("pattern") == ONE_LINE:
+        return ONE_LINE_MESSAGE
+    return error["msg"]
 
 
 class _Body(BaseModel):
@@ -20,8 +51,8 @@ class _Body(BaseModel):
 
 
 class StepIn(_Body):
-    name: str = Field(min_length=1, max_length=100)
-    handler: str = Field(min_length=1, max_length=100)
+    name: str = Field(min_length=1, max_length=100, pattern=ONE_LINE)
+    handler: str = Field(min_length=1, max_length=100, pattern=ONE_LINE)
     optional: bool = False
     timeout_s: float = Field(default=300, gt=0, le=24 * 3600)
     params: dict[str, Any] = Field(default_factory=dict)
@@ -31,8 +62,8 @@ class StepIn(_Body):
 
 
 class FileIn(_Body):
-    name: str = Field(min_length=1, max_length=1024)
-    url: str | None = Field(default=None, max_length=4096)
+    name: str = Field(min_length=1, max_length=1024, pattern=ONE_LINE)
+    url: str | None = Field(default=None, max_length=4096, pattern=ONE_LINE)
     content_b64: str | None = None
     size: int | None = Field(default=None, ge=0)
     sha256: str | None = Field(default=None, pattern=r"^[0-9a-fA-F]{64}$")
@@ -55,7 +86,7 @@ MAX_STEPS_BYTES = 64 * 1024
 
 
 class TemplateBody(_Body):
-    name: str = Field(min_length=1, max_length=200)
+    name: str = Field(min_length=1, max_length=200, pattern=ONE_LINE)
     steps: list[StepIn] = Field(min_length=1, max_length=50)
     credits_per_file: int = Field(default=1, ge=0, le=1_000_000)
     failure_policy: Literal["continue", "fail_fast"] = "continue"

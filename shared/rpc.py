@@ -29,6 +29,7 @@ from pydantic import ValidationError
 from shared import tracing
 from shared.errors import classify, refuses_its_data
 from shared.messages import ServiceError, error_reply, ok_reply
+from shared.requests import field_errors
 from shared.subjects import Names
 
 log = structlog.get_logger(__name__)
@@ -51,8 +52,7 @@ def _has_nul(value: Any) -> bool:
 
 
 def validation_error(exc: ValidationError) -> ServiceError:
-    fields = {".".join(str(p) for p in err["loc"]) or "body": err["msg"] for err in exc.errors()}
-    return ServiceError("validation_error", "the request is not valid", {"fields": fields})
+    return ServiceError("validation_error", "the request is not valid", {"fields": field_errors(exc)})
 
 
 class MicroService:

@@ -18,6 +18,8 @@ from dataclasses import dataclass
 from sqlalchemy import text
 from sqlalchemy.ext.asyncio import AsyncEngine
 
+from shared.requests import control_character
+
 ROLES = ("member", "tenant_admin", "platform_admin")  # weakest first
 KEY_PREFIX = "rk_"
 _MAX_KEY_LENGTH = 200
@@ -58,6 +60,9 @@ async def tenant_exists(engine: AsyncEngine, tenant_id: str) -> bool:
         return found.first() is not None
 
 
+MAX_USER = 200  # characters
+
+
 async def create_key(engine: AsyncEngine, tenant_id: str, role: str, user: str) -> str:
     """Make a key for ``user`` of ``tenant_id`` with ``role``; the plaintext is returned once."""
     return (await make_key(engine, tenant_id, role, user))[1]
@@ -67,6 +72,10 @@ async def make_key(engine: AsyncEngine, tenant_id: str, role: str, user: str) ->
     """:func:`create_key`, with the key's id (what ``redrive key revoke`` takes): (id, key)."""
     if role not in ROLES:
         raise ValueError(f"role must be one of {', '.join(ROLES)}")
+    if not user.strip() or len(user) > MAX_USER:
+        raise ValueError(f"the user name must be 1 to {MAX_USER} characters, not {len(user)}")
+    if (problem := control_character(user)) is not None:
+        raise ValueError(f"the user name {problem}")  # listed one key a line, in operators' terminals
     key = KEY_PREFIX + secrets.token_urlsafe(32)
     async with engine.begin() as conn:
         exists = (await conn.execute(text("SELECT 1 FROM gateway.tenants WHERE id = :t"), {"t": tenant_id})).first()

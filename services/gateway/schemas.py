@@ -14,7 +14,7 @@ from multidict import MultiMapping
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from shared.messages import FileStatus, ServiceError
-from shared.requests import RestoreBody, RunBody, SettingsBody, TemplateBody
+from shared.requests import RestoreBody, RunBody, SettingsBody, TemplateBody, field_errors
 
 __all__ = [
     "TemplateBody", "RunBody", "SettingsBody", "RestoreBody", "GrantBody", "WebhookBody",
@@ -100,10 +100,6 @@ class DeliveriesQuery(_Query):
 INT_PATH_PARAMS = {"file_index": 2**31 - 1}
 
 
-def field_errors(exc: ValidationError) -> dict[str, Any]:
-    return {"fields": {".".join(str(p) for p in e["loc"]) or "body": e["msg"] for e in exc.errors()}}
-
-
 # Beyond 64 bits a number cannot be sent on by orjson, and once jsonb has stored one (any
 # float that large reads back as an int) every later read of that row fails: a template
 # whose params held 1e30 broke its tenant's template list.
@@ -156,7 +152,7 @@ def validate(model: type[BaseModel], data: Any, what: str, *, strict: bool = Fal
     try:
         return model.model_validate(data, strict=strict).model_dump(exclude_none=True)
     except ValidationError as exc:
-        raise ServiceError("validation_error", f"the {what} is not valid", field_errors(exc)) from None
+        raise ServiceError("validation_error", f"the {what} is not valid", {"fields": field_errors(exc)}) from None
 
 
 def single_valued(query: MultiMapping[str]) -> dict[str, str]:

@@ -27,6 +27,9 @@ async def test_tenant_and_key_creation_and_usage_errors(make_settings):
     assert bad_role.returncode == 2 and "Traceback" not in bad_role.stderr
     no_tenant = redrive(settings, "key", "create", "--tenant", "nope", "--role", "member")
     assert no_tenant.returncode == 1 and "no tenant nope" in no_tenant.stderr and "Traceback" not in no_tenant.stderr
+    escape = redrive(settings, "key", "create", "--tenant", tenant, "--role", "member", "--user", "\x1b]0;x\x07ann")
+    assert escape.returncode == 1 and "the user name must not contain control characters (U+001B at position 1)" \
+        in escape.stderr, escape.stderr
     unknown = redrive(settings, "service", "nonsense")
     assert unknown.returncode == 2
     from services.billing.admin import open_account_direct

@@ -151,6 +151,13 @@ TPL = "{tpl}"  # replaced by the world's template id
     ("POST", "/templates", "tenant_admin", {"name": "t", "steps": [{"name": "a", "handler": "http_call", "params": {
         "url": "http://169.254.169.254/latest/meta-data/"}}]}, "steps.0.params"),
     ("POST", "/workflow-runs", "member", {"template_id": TPL, "files": [{"name": "a\x00"}]}, "files.0.name"),
+    # Names are shown in operators' terminals, where an escape sequence would be obeyed.
+    ("POST", "/workflow-runs", "member", {"template_id": TPL, "files": [{"name": "\x1b]0;pwned\x07"}]}, "files.0.name"),
+    ("POST", "/workflow-runs", "member", {"template_id": TPL, "files": [{"name": "a", "url": "https://e.com/\u2028"}]},
+     "files.0.url"),
+    ("POST", "/templates", "tenant_admin", {"name": "t\x1b[31m", "steps": [{"name": "a", "handler": "noop"}]}, "name"),
+    ("POST", "/templates", "tenant_admin", {"name": "t", "steps": [{"name": "a\x85", "handler": "noop"}]},
+     "steps.0.name"),
     ("POST", "/workflow-runs", "member", {"template_id": TPL, "files": [{"name": "a", "url": "http://x/\x00"}]},
      "files.0.url"),
     ("PUT", "/settings/retry", "tenant_admin", {**SETTINGS, "jitter": "yes"}, "jitter"),
