@@ -208,10 +208,20 @@ def classify(exc: BaseException) -> Classified:
         return Classified(verdict, name, str(exc) or name)
     sqlstate = sqlstate_of(exc)
     if sqlstate is not None:
-        return Classified(is_transient_sqlstate(sqlstate), name, f"SQLSTATE {sqlstate}: {exc}")
+        transient = is_transient_sqlstate(sqlstate) or _prepared_before_a_migration(exc)
+        return Classified(transient, name, f"SQLSTATE {sqlstate}: {exc}")
     if isinstance(exc, OSError):
         return Classified(True, name, str(exc) or name)
     return Classified(False, name, str(exc) or name)
+
+
+def _prepared_before_a_migration(exc: BaseException) -> bool:
+    """A statement asyncpg prepared before a migration changed its table ("cached plan must
+    not change result type", met by a ``SELECT *`` in a transaction while `redrive migrate`
+    adds a column under running services): the driver has dropped its cached statements,
+    and the same request again works."""
+    orig = getattr(exc, "orig", None)
+    return any(type(c).__name__ == "InvalidCachedStatementError" for c in (exc, orig, getattr(orig, "__cause__", None)))
 
 
 def refuses_its_data(exc: BaseException) -> bool:

@@ -101,3 +101,32 @@ async def test_a_wait_for_a_pooled_connection_past_the_timeout_fails_as_transien
                     pass
     finally:
         await engine.dispose()
+
+
+async def test_a_statement_prepared_before_a_migration_changed_its_table_is_transient_and_works_again(make_settings):
+    """`redrive migrate` under running services (compose does it on deploy): a cached
+    ``SELECT *`` meets the new column. One request fails as retryable (a 503, a nak), the
+    next works: the driver has dropped its statements."""
+    from shared.errors import classify
+
+    settings = await make_settings()
+    engine = make_engine(settings, pool_size=1)
+    try:
+        async with transaction(engine) as conn:
+            await conn.execute(text("CREATE TABLE migrated (id int)"))
+        for _ in range(2):  # prepared and cached
+            async with transaction(engine) as conn:
+                await conn.execute(text("SELECT * FROM migrated"))
+        admin = await asyncpg.connect(settings.database_url)
+        try:
+            await admin.execute("ALTER TABLE migrated ADD COLUMN added int")
+        finally:
+            await admin.close()
+        with pytest.raises(Exception) as failed:
+            async with transaction(engine) as conn:
+                await conn.execute(text("SELECT * FROM migrated"))
+        assert classify(failed.value).transient, repr(failed.value)
+        async with transaction(engine) as conn:
+            assert list((await conn.execute(text("SELECT * FROM migrated"))).keys()) == ["id", "added"]
+    finally:
+        await engine.dispose()
