@@ -89,6 +89,8 @@ async def test_bad_file_events_in_a_batch_are_dropped_and_the_good_ones_applied_
         ("failed", dumps(event(run, tenant, 2, "failed", round=HUGE))),
         ("failed", dumps(event(run, tenant, 3, "failed", attempt=HUGE))),
         ("succeeded", dumps(event(run, tenant, 4, file_index="four"))),
+        # A schema version this release does not know, claiming file 5 (which fails below).
+        ("succeeded", dumps(event(run, tenant, 5, v=99, output={"forged": True}))),
         ("failed", dumps(event(run, tenant, 5, kind="exploded"))),
         ("succeeded", b""), ("succeeded", b"not json"), ("succeeded", b"[1, 2]"), ("failed", b'"failed"'),
         ("failed", b"null"), ("succeeded", dumps({"v": 1, "kind": "succeeded"})),
@@ -301,7 +303,7 @@ async def test_unreadable_jobs_are_terminated_and_error_the_file_they_name(stack
     tenant, stranger = await stack.tenant(), await stack.tenant()
     # Slow real jobs: the hand-made ones below are read (and their files decided) first.
     template = await stack.template(tenant, [{"name": "slow", "handler": "flaky", "params": {"sleep_ms": 1500}}])
-    run = (await stack.submit(tenant, template, 7, run_id=run_id()))["id"]
+    run = (await stack.submit(tenant, template, 8, run_id=run_id()))["id"]
     before = await stack.js.consumer_info(stack.names.jobs_stream, stack.names.executor_consumer)
     subject = stack.names.job(tenant)
     unreadable = {
@@ -311,6 +313,7 @@ async def test_unreadable_jobs_are_terminated_and_error_the_file_they_name(stack
         4: job(run, tenant, template, 4, steps=[]),  # nothing to run
         5: job(run, tenant, template, 5, files=[{"index": 5, "name": "f5.txt", "start_step": -1}]),
         6: job(run, tenant, template, 6, retry={"auto_retries": 999}),
+        7: job(run, tenant, template, 7, v=99),  # a schema version this release does not know
     }
     garbage = [b"", b"not json", b"[]", b'"job"', b"null", dumps({"job_id": 5}),
                dumps(job("no-such-run", tenant, template, 0, steps=...)),
@@ -324,7 +327,7 @@ async def test_unreadable_jobs_are_terminated_and_error_the_file_they_name(stack
 
     done = await stack.wait_run(tenant, run, timeout=15)
     assert done["status"] == "COMPLETED_WITH_ERRORS"
-    assert (done["counts"]["succeeded"], done["counts"]["errored"]) == (1, 6)
+    assert (done["counts"]["succeeded"], done["counts"]["errored"]) == (1, 7)
     files = {f["index"]: f for f in done["files"]}
     assert files[0]["status"] == "SUCCEEDED"
     for index in unreadable:
@@ -333,6 +336,7 @@ async def test_unreadable_jobs_are_terminated_and_error_the_file_they_name(stack
         assert error["class"] == "InvalidJob" and error["transient"] is False and error["message"], error
     assert "steps" in files[1]["last_error"]["message"] and "mode" in files[2]["last_error"]["message"]
     assert "files" in files[3]["last_error"]["message"]
+    assert "v: Input should be 1" in files[7]["last_error"]["message"]
     info = await drained(stack, stack.names.jobs_stream, stack.names.executor_consumer)
     assert info.num_redelivered == before.num_redelivered
     # The executor still runs jobs.
