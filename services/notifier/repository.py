@@ -49,8 +49,9 @@ def webhook_body(n: Mapping[str, Any]) -> bytes:
 
 def live_body(n: Mapping[str, Any]) -> bytes:
     """What a live stream (SSE ``event: notification``) carries: a new notification, as
-    ``GET /notifications`` lists it, with its tenant."""
-    return orjson.dumps({**_fields(n), "read": False})
+    ``GET /notifications`` lists it, with its tenant and, as every body on the bus, its
+    schema version."""
+    return orjson.dumps({"v": 1, **_fields(n), "read": False})
 
 
 class Recorded(NamedTuple):

@@ -238,6 +238,7 @@ async def test_a_new_notification_is_pushed_live_to_its_tenant_as_stored(api):
             task.cancel()
     [live] = pushed()
     assert live["kind"] == "run_completed" and live["read"] is False and live["tenant_id"] == api["tenant"]
+    assert live["v"] == 1  # as every body on the bus
     listed = await (await http.get("/api/v1/notifications", headers=auth(keys["member"]))).json()
     [stored] = [n for n in listed["items"] if n["id"] == live["id"]]
     assert {k: live[k] for k in stored} == stored  # what is pushed is what is listed (and its tenant)
