@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import re
 import sys
 
 import structlog
@@ -59,16 +60,22 @@ def configure_logging(settings: Settings, service: str) -> None:
     logging.getLogger("aiohttp.server").addFilter(_one_line_for_malformed_requests)
 
 
+# What aiohttp's parser errors quote of the request: b'…', '…' or "…" (cut short or not).
+_QUOTED = re.compile(r"""b?'[^']*'?|b?"[^"]*"?""")
+
+
 def _one_line_for_malformed_requests(record: logging.LogRecord) -> bool:
     """aiohttp logs every request its HTTP parser refuses (an oversized header, a bad
     Content-Length, a method that is no method…) with a full traceback at ERROR: anyone
     who can reach the port could fill the log with them. They are the client's mistake, a
-    warning line each; real errors keep their traceback."""
+    warning line each; real errors keep their traceback. What aiohttp quotes of the request
+    is left out: the start of an oversized header line is someone's Authorization or Cookie."""
     from aiohttp.http_exceptions import HttpProcessingError
 
     exc = record.exc_info[1] if record.exc_info else None
     if isinstance(exc, HttpProcessingError):
-        record.msg = f"{record.getMessage()}: {type(exc).__name__}: {' '.join(str(exc).split())}"
+        said = _QUOTED.sub("<…>", " ".join(str(exc).split()))
+        record.msg = f"{record.getMessage()}: {type(exc).__name__}: {said}"
         record.args = None
         record.exc_info = record.exc_text = None
         record.levelno, record.levelname = logging.WARNING, "WARNING"

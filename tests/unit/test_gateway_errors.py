@@ -83,7 +83,14 @@ def test_requests_the_http_parser_refuses_are_one_warning_line_not_a_traceback()
     assert _one_line_for_malformed_requests(refused)
     assert (refused.levelno, refused.exc_info) == (logging.WARNING, None)
     assert refused.getMessage().startswith("Error handling request from 127.0.0.1: BadHttpMessage: 400")
-    assert "\n" not in refused.getMessage()
+    assert "\n" not in refused.getMessage() and "abc" not in refused.getMessage()
+    # The start of an oversized header line is not logged: it is someone's credentials.
+    from aiohttp.http_exceptions import LineTooLong
+
+    long_line = record_of(LineTooLong(b"Authorization: Bearer rk_secret" + b"x" * 100, 8190))
+    assert _one_line_for_malformed_requests(long_line)
+    said = long_line.getMessage()
+    assert "LineTooLong" in said and "rk_secret" not in said and "Bearer" not in said, said
     bug = record_of(RuntimeError("ours"))
     assert _one_line_for_malformed_requests(bug)
     assert bug.levelno == logging.ERROR and bug.exc_info is not None  # our own errors keep their traceback
