@@ -90,6 +90,16 @@ async def test_a_body_that_is_not_a_json_object_is_refused_on_every_body_route(w
     assert await snapshot(world) == world["before"]
 
 
+async def test_a_body_that_is_not_json_is_told_where_and_why_without_quoting_it(world):
+    headers = auth(world["keys"]["tenant_admin"], **{"Content-Type": "application/json"})
+    for raw, why in ((b'{"name": 1e400}', "number is infinity when parsed as double: line 1 column"),
+                     (b'{"name": "secret-ish', "unexpected end of data: line 1 column")):
+        r = await world["http"].post(API + "/templates", data=raw, headers=headers)
+        error = await refused(r, 400, "bad_request")
+        assert error["message"].startswith(f"the request body is not valid JSON: {why}"), error
+        assert "secret" not in error["message"]
+
+
 TPL = "{tpl}"  # replaced by the world's template id
 
 
