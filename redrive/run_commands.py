@@ -29,19 +29,27 @@ def run_submit(
     """Start a run over the given files."""
     import base64
 
+    settings = _settings(data_dir)
+    # What fits in a request once in base64 (4 bytes for 3): more is refused before it is
+    # read, rather than read whole (@/dev/zero never ends) and then refused by the API.
+    most = settings.max_request_bytes * 3 // 4
     files = []
     for item in file:
         if item.startswith("@"):
             path = Path(item[1:])
             try:
-                content = path.read_bytes()
+                with path.open("rb") as f:
+                    content = f.read(most + 1)
             except OSError as exc:
                 _fail(f"--file {item}: cannot read {path}: {exc.strerror}")
+            if len(content) > most:
+                _fail(f"--file {item}: more than {most} bytes, the most a request carries (REDRIVE_MAX_REQUEST_BYTES); "
+                      "name the file by url instead")
             files.append({"name": path.name, "content_b64": base64.b64encode(content).decode()})
         else:
             files.append({"name": item})
     body = {"template_id": template, "files": files, "max_retry_count": max_retry_count, "mode": mode}
-    _show(_api_call(_settings(data_dir), "POST", "/workflow-runs", body, idempotent=True), as_json)
+    _show(_api_call(settings, "POST", "/workflow-runs", body, idempotent=True), as_json)
 
 
 def _run_path(run_id: str) -> str:

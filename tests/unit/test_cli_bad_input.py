@@ -164,6 +164,13 @@ def test_submit_a_file_that_cannot_be_read(cli, tmp_path):
     one_line_error(cli("run", "submit", "--template", "t", "--file", f"@{tmp_path}"), "Is a directory")
 
 
+def test_submit_a_file_larger_than_a_request_carries_reads_no_more_of_it(cli):
+    # /dev/zero never ends: read whole, it was a hang until memory ran out.
+    one_line_error(cli("run", "submit", "--template", "t", "--file", "@/dev/zero",
+                       env={"REDRIVE_MAX_REQUEST_BYTES": "65536"}),
+                   "--file @/dev/zero: more than 49152 bytes, the most a request carries (REDRIVE_MAX_REQUEST_BYTES)")
+
+
 @pytest.mark.parametrize("env, expected", [
     ({"REDRIVE_PORT": "abc"}, "REDRIVE_PORT='abc': Input should be a valid integer"),
     ({"REDRIVE_PORT": "70000"}, "REDRIVE_PORT='70000'"),
