@@ -108,6 +108,13 @@ def test_a_handler_module_whose_own_code_fails_is_one_line_saying_where(tmp_path
         registry.load_modules("redrive_app_syntax")
     with pytest.raises(ValueError, match=r"redrive_app_badreg.register failed: KeyError: 'x' \(.*redrive_app_badreg.py:2\)"):
         registry.load_modules("redrive_app_badreg")
+    # A script's sys.exit() ended the executor with status 0 and not a word.
+    (tmp_path / "redrive_app_exits.py").write_text("import sys\nsys.exit(0)\n")
+    (tmp_path / "redrive_app_exits_late.py").write_text("import sys\ndef register(registry):\n    sys.exit('no')\n")
+    with pytest.raises(ValueError, match=r"^REDRIVE_HANDLERS: importing 'redrive_app_exits' called sys.exit\(0\)$"):
+        registry.load_modules("redrive_app_exits")
+    with pytest.raises(ValueError, match=r"^REDRIVE_HANDLERS: redrive_app_exits_late.register called sys.exit\('no'\)$"):
+        registry.load_modules("redrive_app_exits_late")
 
 
 async def test_noop(tmp_path):

@@ -95,6 +95,8 @@ class HandlerRegistry:
                 continue
             try:
                 module = importlib.import_module(module_name)
+            except SystemExit as exc:  # a script's sys.exit(): it would end the executor without a word
+                raise ValueError(f"REDRIVE_HANDLERS: importing {module_name!r} called sys.exit({exc.code!r})") from None
             except Exception as exc:  # not found, or its own code failed (a syntax error, a raise at import)
                 raise ValueError(f"REDRIVE_HANDLERS: cannot import {module_name!r}: {_one_line(exc)}") from exc
             register = getattr(module, "register", None)
@@ -102,6 +104,8 @@ class HandlerRegistry:
                 raise ValueError(f"REDRIVE_HANDLERS: module {module_name!r} has no register(registry) function")
             try:
                 register(self)
+            except SystemExit as exc:
+                raise ValueError(f"REDRIVE_HANDLERS: {module_name}.register called sys.exit({exc.code!r})") from None
             except ValueError:  # ours (a bad handler name, one registered twice): says what
                 raise
             except Exception as exc:
