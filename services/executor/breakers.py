@@ -225,7 +225,9 @@ class BreakerBoard:
         """Until cancelled: rewrite the open and half-open breakers that still matter before
         the bucket lets them go, and forget locally what it has let go."""
         while True:
-            await asyncio.sleep(self._idle_ttl_s / 4)
+            # Rewritten a third of the TTL after the last write, checked every sixth: two
+            # thirds of it are left for a late round (a busy event loop, a slow server).
+            await asyncio.sleep(self._idle_ttl_s / 6)
             try:
                 await self._keep_once(time.time())
             except asyncio.CancelledError:
@@ -240,7 +242,7 @@ class BreakerBoard:
                 continue
             s, tenant_id, dependency = found
             revision, written = self._written.get(key, (None, now))
-            if (s.state == "closed" or revision is None or now - written < self._idle_ttl_s / 2
+            if (s.state == "closed" or revision is None or now - written < self._idle_ttl_s / 3
                     or now >= (s.next_probe_at or 0) + PROBE_GRACE_S):
                 continue
             try:
