@@ -319,6 +319,26 @@ def chunks(items: Sequence, size: int) -> Iterable[Sequence]:
         yield items[start : start + size]
 
 
+async def answers(nc: NatsClient | None, names: Names, timeout: float) -> bool:
+    """Whether the server answers a round trip within ``timeout`` (and this connection still
+    reads): a request to a subject nobody serves, which a live server refuses at once.
+
+    Not ``nc.flush(timeout)``: when it times out (a hung server), nats-py cancels the PING's
+    future but leaves it queued, and the PONG that comes later raises InvalidStateError in
+    its read loop, which ends: the connection then looks connected and reads nothing (no
+    replies, no events) until its ping check gives up on it minutes later. A request's
+    future leaves nats-py's map when it times out; a late reply finds nothing."""
+    if nc is None or not nc.is_connected:
+        return False
+    try:
+        await nc.request(names.probe, b"", timeout=timeout)
+    except nats.errors.NoRespondersError:
+        return True
+    except Exception:  # timed out, or the connection went meanwhile
+        return False
+    return True  # someone serves it after all: an answer is an answer
+
+
 async def close(nc: NatsClient) -> None:
     """Flush what we published, then close. (``drain()`` waits out its full timeout on
     pull subscriptions, and by now every consumer loop has already stopped.)"""

@@ -22,10 +22,11 @@ from nats.aio.client import Client as NatsClient
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 from sqlalchemy.ext.asyncio import AsyncEngine
 
-from shared import tracing
+from shared import bus, tracing
 from shared.db import ping
 from shared.messages import ServiceError
 from shared.rpc import RpcClient
+from shared.subjects import Names
 from services.gateway.auth import auth_middleware, bearer_key, existing_tenant, principal_of
 from services.gateway.errors import errors_middleware
 from services.gateway.events import EventHub
@@ -39,18 +40,6 @@ DASHBOARD = Path(__file__).parent / "static" / "dashboard.html"
 PLACEHOLDER = ("<!doctype html><title>redrive</title><h1>redrive</h1>"
                "<p>The dashboard is not installed. The API is at <a href='/api/v1/openapi.json'>/api/v1/openapi.json</a>.</p>")
 READY_TIMEOUT_S = 3.0
-
-
-async def _nats_answers(nc) -> bool:
-    """A round trip (PING, PONG), not only a connection: a hung server (stopped, its disk
-    stalled) keeps the socket open while every request to it times out."""
-    if nc is None or not nc.is_connected:
-        return False
-    try:
-        await nc.flush(timeout=READY_TIMEOUT_S)
-    except Exception:  # FlushTimeoutError, or the connection gone meanwhile
-        return False
-    return True
 
 
 async def _db_answers(engine) -> bool:
@@ -77,6 +66,7 @@ class Deps:
     system: SystemMetrics | None = None  # breakers and consumer backlogs, read per scrape
     # REDRIVE_METRICS_TOKEN: when set, GET /metrics needs "Authorization: Bearer <it>".
     metrics_token: str | None = None
+    names: Names = field(default_factory=Names)  # the subjects (REDRIVE_PREFIX)
 
 
 class HttpMetrics:
@@ -206,7 +196,10 @@ def _local_handlers(deps: Deps) -> dict:
         return web.json_response({"status": "ok"})
 
     async def readyz(request: web.Request) -> web.Response:
-        nats_ok, db_ok = await asyncio.gather(_nats_answers(deps.nc), _db_answers(deps.engine))
+        # A round trip, not only a connection: a hung server (stopped, its disk stalled)
+        # keeps the socket open while every request to it times out.
+        nats_ok, db_ok = await asyncio.gather(bus.answers(deps.nc, deps.names, READY_TIMEOUT_S),
+                                              _db_answers(deps.engine))
         checks = {"nats": nats_ok, "database": db_ok}
         ready = all(checks.values())
         if ready:

@@ -36,6 +36,7 @@ import structlog
 from aiohttp import web
 from nats.aio.client import Client as NatsClient
 
+from shared import bus
 from shared.messages import ServiceError
 from shared.subjects import Names
 
@@ -191,10 +192,10 @@ class EventHub:
                 return
             self._subs = [await self._nc.subscribe(subject, cb=self._on_msg)
                           for subject in (self._names.events_all, self._notifications)]
-            try:  # the SUB reaches the server before we tell the client it is connected
-                await self._nc.flush(timeout=2)
-            except Exception as exc:
-                log.warning("events.flush_failed", error=repr(exc))
+            # The SUB reaches the server before we tell the client it is connected: a round
+            # trip after it (not flush(timeout): bus.answers says why).
+            if not await bus.answers(self._nc, self._names, 2.0):
+                log.warning("events.subscribe_unconfirmed")
 
     async def _unsubscribe(self, only_if_idle: bool = False) -> None:
         async with self._subscribing:

@@ -7,6 +7,7 @@ import signal
 import aiohttp
 
 from services.gateway import app
+from shared import bus
 from services.gateway.bootstrap import build
 from shared.embedded import EmbeddedNats, free_port
 
@@ -42,7 +43,11 @@ async def test_readyz_is_503_while_nats_is_hung_and_200_once_it_answers(make_set
                 assert r.status == 503 and (await r.json())["checks"] == {"nats": False, "database": True}
             finally:
                 os.kill(nats.pid, signal.SIGCONT)
+            # Answered again, and by a connection that still reads: a probe that timed out
+            # must not have killed nats-py's read loop (flush(timeout) did: InvalidStateError
+            # on the late PONG, then a connection that looked connected and read nothing).
             assert (await http.get("/readyz")).status == 200
+            assert await bus.answers(gateway.nc, gateway.deps.names, 2.0)
     finally:
         await gateway.stop()
         nats.stop()
