@@ -37,9 +37,11 @@ _CANDIDATE_TENANTS = text(f"SELECT tenant_id FROM coordinator.runs WHERE {_STUCK
                           "GROUP BY tenant_id ORDER BY min(last_progress_at) LIMIT 200")
 _LOCK_LOST = text(f"SELECT * FROM coordinator.runs WHERE tenant_id = ANY(CAST(:tenants AS text[])) AND {_STUCK} "
                   "ORDER BY last_progress_at LIMIT 50 FOR UPDATE SKIP LOCKED")
-_FLAG_STUCK = text("UPDATE coordinator.runs SET needs_attention = true, attention_reason = 'stuck', recovery_noticed = true "
+_FLAG_STUCK = text("UPDATE coordinator.runs SET needs_attention = true, attention_reason = 'stuck', recovery_noticed = true, "
+                   " recovery_told = true "
                    f"WHERE tenant_id = ANY(CAST(:tenants AS text[])) AND NOT needs_attention AND {_STUCK} "
-                   "RETURNING *")
+                   # Told already (an operator's Recover since the last progress): not again.
+                   "RETURNING *, (SELECT recovery_told FROM coordinator.runs o WHERE o.id = runs.id) AS told_before")
 WAITING_NOTE = "no progress; its jobs come back from the executor that held them"
 
 
@@ -79,7 +81,7 @@ async def sweep(deps: Deps) -> dict:
             flagged = (await conn.execute(_FLAG_STUCK, {"tenants": waiting, **lease})).mappings().all()
             await outbox.add(conn, [run_event_row(deps.names, run, "recovery_started", WAITING_NOTE,
                                                   unique=f"q{run['last_progress_at'].timestamp():.6f}")
-                                    for run in flagged])
+                                    for run in flagged if not run["told_before"]])
             await timeline.append(conn, *(timeline.entry(run["id"], run["tenant_id"], "recovery_started",
                                                          "system:recovery", pending_files=run["pending"],
                                                          reason=WAITING_NOTE) for run in flagged))
@@ -87,7 +89,8 @@ async def sweep(deps: Deps) -> dict:
             run = dict(run)
             if run["recovering"] and run["recovery_failures"] + 1 >= deps.settings.recovery_max_failures:
                 failed = dict((await conn.execute(text(
-                    "UPDATE coordinator.runs SET status = 'FAILED', recovering = false, needs_attention = true, "
+                    "UPDATE coordinator.runs SET status = 'FAILED', recovering = false, recovery_told = false, "
+                    " needs_attention = true, "
                     " attention_reason = 'recovery_failed', recovery_failures = recovery_failures + 1, "
                     " fanin_round = round, finished_at = now(), updated_at = now() WHERE id = :r RETURNING *"),
                     {"r": run["id"]})).mappings().one())
@@ -100,11 +103,10 @@ async def sweep(deps: Deps) -> dict:
             if run["recovering"]:
                 await conn.execute(text("UPDATE coordinator.runs SET recovery_failures = recovery_failures + 1 WHERE id = :r"),
                                    {"r": run["id"]})
-            # Its users hear "Recovery started" once per recovery: not again for the sweep's
-            # next attempt, nor when its jobs were first awaited (the waiting path) and then
-            # found lost.
-            await republish_pending(conn, deps, run, "system:recovery",
-                                    announce=not (run["recovering"] or run["recovery_noticed"]))
+            # Its users hear "Recovery started" once per stall (recovery_told, which progress
+            # clears): not again for the sweep's next attempt, nor when its jobs were first
+            # awaited (the waiting path) and then found lost.
+            await republish_pending(conn, deps, run, "system:recovery", announce=not run["recovery_told"])
             # Shown to operators as "stuck" until it progresses (results.py clears it).
             await conn.execute(text("UPDATE coordinator.runs SET needs_attention = true, attention_reason = 'stuck' "
                                     "WHERE id = :r"), {"r": run["id"]})

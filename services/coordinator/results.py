@@ -74,9 +74,10 @@ _UPDATE_COUNTS = text(
     " needs_attention = CASE WHEN r.attention_reason IN ('breaker_open', 'stuck') THEN false ELSE r.needs_attention END, "
     " attention_reason = CASE WHEN r.attention_reason IN ('breaker_open', 'stuck') THEN NULL ELSE r.attention_reason END, "
     # A retry's announced backoff: quiet until then is not stuck (recovery.py). A recovery
-    # followed by progress worked: it does not count towards giving the run up.
+    # followed by progress worked: it does not count towards giving the run up, and the
+    # next stall is a new one, told anew.
     " quiet_until = CASE WHEN u.q > 0 THEN GREATEST(r.quiet_until, now() + make_interval(secs => u.q / 1000.0)) "
-    "  ELSE r.quiet_until END, recovery_failures = 0 "
+    "  ELSE r.quiet_until END, recovery_failures = 0, recovery_told = false "
     "FROM unnest(CAST(:ids AS text[]), CAST(:done AS int[]), CAST(:s AS int[]), CAST(:f AS int[]), CAST(:e AS int[]), "
     " CAST(:q AS bigint[])) AS u(id, done, s, f, e, q) WHERE r.id = u.id"
 )
@@ -90,7 +91,9 @@ _WAITING_ON_BREAKER = text(
 )
 _FAIL_FAST = text(
     "UPDATE coordinator.runs SET status = 'FAILED', fanin_round = round, finished_at = now(), updated_at = now(), "
-    " needs_attention = true, attention_reason = 'failed' "
+    # A recovery under way ends with the run: a Continue's fan-in is no "Recovery succeeded".
+    " needs_attention = true, attention_reason = 'failed', recovering = false, recovery_noticed = false, "
+    " recovery_told = false "
     "WHERE id = ANY(CAST(:ids AS text[])) AND status = 'RUNNING' AND failure_policy = 'fail_fast' RETURNING *"
 )
 # Fan-in: fires once per round because it moves the run out of RUNNING and records the
@@ -100,7 +103,7 @@ _FAN_IN = text(
     " status = CASE WHEN failed + errored > 0 THEN 'COMPLETED_WITH_ERRORS' ELSE 'COMPLETED' END, "
     " fanin_round = round, finished_at = now(), updated_at = now(), "
     " needs_attention = failed > 0, attention_reason = CASE WHEN failed > 0 THEN 'failed' END, "
-    " recovering = false, recovery_noticed = false, recovery_failures = 0 "
+    " recovering = false, recovery_noticed = false, recovery_told = false, recovery_failures = 0 "
     "WHERE id = ANY(CAST(:ids AS text[])) AND status = 'RUNNING' AND pending = 0 AND fanin_round < round "
     "RETURNING *, (SELECT recovering OR recovery_noticed FROM coordinator.runs o WHERE o.id = runs.id) AS was_recovering"
 )

@@ -95,6 +95,45 @@ async def test_the_sweep_recovers_runs_whose_jobs_are_lost_then_gives_up_and_fla
         await stack.stop()
 
 
+async def test_a_stall_after_progress_is_told_anew_and_each_stall_once(make_settings):
+    """Users hear "Recovery started" once per stall: not for the sweep's later attempts at
+    it, but again for a new stall after the run moved."""
+    from shared.messages import FileEvent, job_id_for
+
+    settings = await make_settings(recovery_interval_s=0.2, recovery_lease_s=0.5, recovery_max_failures=1000)
+    stack = await Stack(settings).start("billing", "coordinator", "notifier")  # no executor: nothing moves by itself
+    try:
+        tenant = await stack.tenant()
+        template = await stack.template(tenant, [{"name": "a", "handler": "noop"}])
+        sweeper = stack.services["coordinator"][0].sweeper
+
+        async def attempts() -> int:
+            items = (await stack.call("coordinator", "timeline", tenant_id=tenant, run_id=run["id"]))["items"]
+            return sum(e["kind"] == "recovery_started" for e in items)
+
+        async def until_attempts(n: int) -> None:
+            while await attempts() < n:
+                await asyncio.sleep(0.05)
+
+        async with jobs_lost(stack):
+            run = await stack.submit(tenant, template, 3)
+            await until_attempts(2)  # the first stall, recovered twice
+            # The run moves (a file's result), then stalls again.
+            done = FileEvent(kind="succeeded", job_id=job_id_for(run["id"], 0, 0), run_id=run["id"], tenant_id=tenant,
+                             file_index=0, round=0, attempt=1, step=0, output={})
+            await stack.js.publish(stack.names.file_event("succeeded"), done.to_bytes(), headers={"Nats-Msg-Id": done.msg_id})
+            await stack.wait_run(tenant, run["id"], until=lambda r: r["counts"]["succeeded"] == 1)
+            seen = await attempts()
+            await until_attempts(seen + 2)  # the second stall, recovered twice
+            passes = sweeper.passes
+            while sweeper.passes < passes + 2:
+                await asyncio.sleep(0.05)
+        told = await notes(stack, tenant, run["id"], "run_recovery_started", n=2)
+        assert len(told) == 2, told
+    finally:
+        await stack.stop()
+
+
 async def test_a_stuck_run_is_listed_for_operators_until_it_progresses(make_settings):
     settings = await make_settings(recovery_interval_s=0.2, recovery_lease_s=0.5, recovery_max_failures=1000)
     stack = await Stack(settings).start("billing", "coordinator")  # no executor yet: nothing progresses

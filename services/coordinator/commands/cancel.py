@@ -64,7 +64,7 @@ async def cancel(deps: Deps, cmd: RunRef) -> dict:
         run = dict((await conn.execute(text(
             "UPDATE coordinator.runs SET status = 'CANCELLED', pending = 0, cancelled = cancelled + :n, "
             " fanin_round = round, finished_at = now(), updated_at = now(), needs_attention = false, "
-            " attention_reason = NULL, recovering = false, recovery_noticed = false, generation = generation + 1 WHERE id = :r RETURNING *"),
+            " attention_reason = NULL, recovering = false, recovery_noticed = false, recovery_told = false, generation = generation + 1 WHERE id = :r RETURNING *"),
             {"r": run["id"], "n": len(cancelled)})).mappings().one())
         await outbox.add(conn, [run_event_row(deps.names, run, "cancelled"), stop_row(deps.names, run)])
         await timeline.append(conn, timeline.entry(run["id"], run["tenant_id"], "run_cancelled", cmd.actor,

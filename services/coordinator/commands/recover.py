@@ -22,7 +22,7 @@ from services.coordinator.schemas import Restore, RunRef
 _RESUME = text(
     # A FAILED run (fail_fast, recovery gave up) left RUNNING in this round already; reopen
     # the round's fan-in so that finishing it completes the run.
-    "UPDATE coordinator.runs SET status = 'RUNNING', recovering = true, generation = generation + 1, "
+    "UPDATE coordinator.runs SET status = 'RUNNING', recovering = true, recovery_told = true, generation = generation + 1, "
     " fanin_round = LEAST(fanin_round, round - 1), "
     " needs_attention = false, attention_reason = NULL, finished_at = NULL, updated_at = now(), last_progress_at = now() "
     "WHERE id = :r RETURNING *"
@@ -90,7 +90,8 @@ _FINISH = text(
     "UPDATE coordinator.runs SET "
     " status = CASE WHEN failed + errored > 0 THEN 'COMPLETED_WITH_ERRORS' ELSE 'COMPLETED' END, "
     " needs_attention = failed > 0, attention_reason = CASE WHEN failed > 0 THEN 'failed' END, "
-    " recovering = false, recovery_failures = 0, finished_at = now(), updated_at = now() "
+    " recovering = false, recovery_noticed = false, recovery_told = false, recovery_failures = 0, "
+    " finished_at = now(), updated_at = now() "
     "WHERE id = :r RETURNING *"
 )
 
