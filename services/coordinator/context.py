@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from nats.js import JetStreamContext
 from sqlalchemy.ext.asyncio import AsyncEngine
@@ -12,6 +12,7 @@ from shared.rpc import RpcClient
 from shared.settings import Settings
 from shared.subjects import Names
 from services.coordinator.outbox import OutboxRelay
+from services.coordinator.run_turns import RunTurns
 
 
 @dataclass
@@ -26,3 +27,4 @@ class Deps:
     js: JetStreamContext | None = None  # the recovery sweep asks what the jobs stream holds
     handlers: OfferedHandlers | None = None  # what the executors offer (None: not known, accept all)
     executors: RpcClient | None = None  # asked to check a new template's step params
+    turns: RunTurns = field(default_factory=RunTurns)  # actions on one file queue here (run_turns.py)

@@ -31,7 +31,8 @@ _REOPEN_RUN = text(
 
 
 # How long an action on one file queues behind another request changing its run (another
-# file's retry: milliseconds; a Continue of a large run: seconds) before it is a 409.
+# file's retry: milliseconds; a Continue of a large run: seconds) before it is a 409: first
+# in this process (run_turns.py, holding no connection), then for the run's claim.
 QUEUE_S = 5.0
 
 
@@ -46,6 +47,11 @@ async def _locked_file(conn, cmd: FileRef) -> tuple[dict, dict]:
 
 
 async def retry_file(deps: Deps, cmd: RetryFile) -> dict:
+    async with deps.turns.turn(cmd.run_id, QUEUE_S):
+        return await _retry_file(deps, cmd)
+
+
+async def _retry_file(deps: Deps, cmd: RetryFile) -> dict:
     charge: credits.Charge | None = None
     try:
         async with transaction(deps.engine) as conn:
@@ -96,6 +102,11 @@ async def skip_file(deps: Deps, cmd: FileRef) -> dict:
     SKIPPED; otherwise the file goes on with the steps after it (free of charge, in a new
     round of the run), from the output of the step before: skipping an optional step never
     skips the required ones that follow it."""
+    async with deps.turns.turn(cmd.run_id, QUEUE_S):
+        return await _skip_file(deps, cmd)
+
+
+async def _skip_file(deps: Deps, cmd: FileRef) -> dict:
     async with transaction(deps.engine) as conn:
         run, f = await _locked_file(conn, cmd)
         if f["status"] not in ("FAILED", "ERROR"):

@@ -1,0 +1,59 @@
+"""Turns at one run for the actions on one file (retry, skip): they queue here, in this
+process, before they take a database connection, and only a few may wait per run.
+
+Each is meant (two FAILED files retried together: both), so they wait for each other
+rather than be refused; but a waiting request that held a pooled connection would let 20
+clicks on one run starve the results consumer, the relay and every other tenant of the
+pool. Here a waiter holds nothing; across coordinator replicas the run's claim in the
+database still orders them (store.load_run's ``wait_s``).
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+
+from shared.messages import ServiceError
+
+# Waiting for one run at once, per process: more are refused at once (409).
+MAX_WAITING = 8
+
+
+def _busy() -> ServiceError:
+    return ServiceError("run_running", "another request is changing this run right now")
+
+
+class RunTurns:
+    def __init__(self, max_waiting: int = MAX_WAITING) -> None:
+        self._max_waiting = max_waiting
+        self._locks: dict[str, asyncio.Lock] = {}
+        self._holders: dict[str, int] = {}  # waiting or in turn, per run: its lock goes with the last
+
+    @asynccontextmanager
+    async def turn(self, run_id: str, wait_s: float) -> AsyncIterator[None]:
+        """This request's turn at ``run_id``, waited for at most ``wait_s`` (then 409)."""
+        lock = self._locks.get(run_id)
+        if lock is not None and self._holders[run_id] > self._max_waiting:  # one in turn, the rest waiting
+            raise _busy()
+        if lock is None:
+            lock = self._locks[run_id] = asyncio.Lock()
+        self._holders[run_id] = self._holders.get(run_id, 0) + 1
+        try:
+            try:
+                async with asyncio.timeout(wait_s):
+                    await lock.acquire()
+            except TimeoutError:
+                raise _busy() from None
+            try:
+                yield
+            finally:
+                lock.release()
+        finally:
+            self._holders[run_id] -= 1
+            if not self._holders[run_id]:
+                del self._holders[run_id], self._locks[run_id]
+
+    def waiting(self, run_id: str) -> int:
+        """Requests holding or waiting for a turn at ``run_id`` (for tests and metrics)."""
+        return self._holders.get(run_id, 0)
