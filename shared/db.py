@@ -16,7 +16,7 @@ from sqlalchemy.exc import DBAPIError, DisconnectionError, InterfaceError, Opera
 from sqlalchemy.exc import TimeoutError as PoolTimeout
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine, create_async_engine
 
-from shared.errors import TransientError, is_transient_sqlstate
+from shared.errors import TransientError, is_transient_sqlstate, prepared_before_a_migration, sqlstate_of
 from shared.settings import Settings
 
 
@@ -78,25 +78,16 @@ def _ping_when_idle(engine: AsyncEngine) -> None:
             raise DisconnectionError(f"pooled connection is dead: {type(exc).__name__}") from exc
 
 
-def _sqlstate(exc: BaseException) -> str | None:
-    orig = getattr(exc, "orig", None)
-    for candidate in (orig, getattr(orig, "__cause__", None)):
-        code = getattr(candidate, "sqlstate", None)
-        if code:
-            return code
-    return None
-
-
 def is_transient_db_error(exc: BaseException) -> bool:
     if isinstance(exc, (OSError, ConnectionError, PoolTimeout)):  # PoolTimeout: no connection free in time
         return True
     if isinstance(exc, DBAPIError):
         if exc.connection_invalidated or isinstance(exc, (InterfaceError,)):
             return True
-        state = _sqlstate(exc)
+        state = sqlstate_of(exc)
         if state is None:
             return isinstance(exc, OperationalError)
-        return is_transient_sqlstate(state)
+        return is_transient_sqlstate(state) or prepared_before_a_migration(exc)
     return False
 
 

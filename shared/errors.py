@@ -208,14 +208,14 @@ def classify(exc: BaseException) -> Classified:
         return Classified(verdict, name, str(exc) or name)
     sqlstate = sqlstate_of(exc)
     if sqlstate is not None:
-        transient = is_transient_sqlstate(sqlstate) or _prepared_before_a_migration(exc)
+        transient = is_transient_sqlstate(sqlstate) or prepared_before_a_migration(exc)
         return Classified(transient, name, f"SQLSTATE {sqlstate}: {exc}")
     if isinstance(exc, OSError):
         return Classified(True, name, str(exc) or name)
     return Classified(False, name, str(exc) or name)
 
 
-def _prepared_before_a_migration(exc: BaseException) -> bool:
+def prepared_before_a_migration(exc: BaseException) -> bool:
     """A statement asyncpg prepared before a migration changed its table ("cached plan must
     not change result type", met by a ``SELECT *`` in a transaction while `redrive migrate`
     adds a column under running services): the driver has dropped its cached statements,
