@@ -173,7 +173,8 @@ def api_call(settings: Settings, method: str, path: str, body=None, *, idempoten
     return data
 
 
-_CONTROL = str.maketrans({c: "?" for c in [*range(0x20), *range(0x7F, 0xA0), 0x2028, 0x2029]})
+_CONTROL = str.maketrans({c: "?" for c in [*range(0x20), *range(0x7F, 0xA0), 0x2028, 0x2029, *range(0x202A, 0x202F),
+                                            *range(0x2066, 0x206A)]})
 
 
 def shown(value: object) -> Text:

@@ -61,7 +61,7 @@ def configure_logging(settings: Settings, service: str) -> None:
 
 
 # What aiohttp's parser errors quote of the request: b'…', '…' or "…" (cut short or not).
-_QUOTED = re.compile(r"""b?'[^']*'?|b?"[^"]*"?""")
+_QUOTED = re.compile(r"""b?'(?:[^'\\]|\\.)*'?|b?"(?:[^"\\]|\\.)*"?""")
 
 
 def _one_line_for_malformed_requests(record: logging.LogRecord) -> bool:

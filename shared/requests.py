@@ -16,8 +16,12 @@ from pydantic.fields import FieldInfo
 from shared.messages import RetryPolicy
 
 
-# Unicode's Cc category is exactly these two ranges; with the line and paragraph separators.
-_CONTROLS = "\\x00-\\x1F\\x7F-\\x9F\\u2028\\u2029"
+# Unicode's Cc category is exactly these two ranges; with the line and paragraph separators,
+# and the bidirectional embeddings, overrides and isolates, which reorder what a terminal
+# shows around them (a name that reads as another). Marks (U+200E, U+200F) stay allowed.
+# For pydantic's Rust regex: its ``$`` is the end of the text (Python's would also match
+# before a final newline).
+_CONTROLS = "\\x00-\\x1F\\x7F-\\x9F\\u2028\\u2029\\u202A-\\u202E\\u2066-\\u2069"
 _CONTROL = re.compile(f"[{_CONTROLS}]")
 # Names people read (a template's, a step's, a file's, and its url): shown one line each in
 # listings, logs and operators' terminals, where an escape sequence would be obeyed. A
@@ -59,6 +63,11 @@ class StepIn(_Body):
     # Seed 004's per-operation retry limit: this step's automatic retries, in place of the
     # tenant's auto_retries (its backoff and breaker settings still apply).
     auto_retries: int | None = Field(default=None, ge=0, le=10)
+
+
+# What a file may carry besides its name: what a step may need of every file (a handler's
+# ``file_needs``, services/coordinator/file_needs.py).
+FILE_FIELDS = ("url", "content_b64", "size", "sha256")
 
 
 class FileIn(_Body):

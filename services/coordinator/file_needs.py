@@ -16,11 +16,10 @@ from sqlalchemy import text
 from sqlalchemy.ext.asyncio import AsyncConnection
 
 from shared.messages import ServiceError
-from shared.requests import FileIn
+from shared.requests import FILE_FIELDS as FIELDS, FileIn
 
-# The file fields a step may need: also the columns of coordinator.staged_files that the
-# query below names, so only these ever reach its SQL.
-FIELDS = ("url", "content_b64", "size", "sha256")
+# FIELDS, the file fields a step may need, are also the columns of coordinator.staged_files
+# that the query below names: only these ever reach its SQL.
 # Field errors named in one 422: enough to see the pattern, not 100,000 of them.
 SHOWN = 20
 
@@ -40,11 +39,15 @@ def readable(raw: object, steps: int) -> dict[str, list[str]]:
 
 
 def _needed(template: dict) -> dict[str, str]:
-    """Each needed field, and which step needs it (the first that does)."""
+    """Each needed field, and which step needs it (the first that does). Not an optional
+    step's: a file that lacks what it needs ends ERROR there, and may be skipped past it
+    (a template may mean exactly that: "download when there is a url")."""
     steps = template["steps"]
     out: dict[str, str] = {}
     for key, fields in sorted((template.get("file_needs") or {}).items(), key=lambda kv: int(kv[0])):
         step = steps[int(key)] if int(key) < len(steps) else {}
+        if step.get("optional"):
+            continue
         for field in fields:
             out.setdefault(field, f"step {key} ({step.get('name')!r}, handler {step.get('handler')!r}) "
                                   f"needs each file's {field}")

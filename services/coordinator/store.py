@@ -54,6 +54,8 @@ async def load_run(conn: AsyncConnection, tenant_id: str | None, run_id: str, *,
     applies events, and a user's press must not be refused because a file just finished.
     """
     if wait_s is not None:
+        if nowait:
+            raise ValueError("load_run: nowait or wait_s, not both")
         await _await_claim(conn, run_id, wait_s)
     elif nowait and not (await conn.execute(_CLAIM_RUN, {"id": run_id})).scalar():
         raise ServiceError("run_running", "another request is changing this run right now")
@@ -70,15 +72,22 @@ async def load_run(conn: AsyncConnection, tenant_id: str | None, run_id: str, *,
     return dict(row)
 
 
+_LOCK_TIMEOUT = text("SELECT current_setting('lock_timeout')")
+_SET_LOCK_TIMEOUT = text("SELECT set_config('lock_timeout', :value, true)")  # true: for this transaction
+
+
 async def _await_claim(conn: AsyncConnection, run_id: str, wait_s: float) -> None:
-    await conn.execute(text(f"SET LOCAL lock_timeout = {max(1, int(wait_s * 1000))}"))
+    """The run's claim, waited for at most ``wait_s``: the wait is the lock's own timeout
+    (set for this transaction, then put back as it was), so nobody polls."""
+    was = (await conn.execute(_LOCK_TIMEOUT)).scalar_one()
+    await conn.execute(_SET_LOCK_TIMEOUT, {"value": f"{max(1, int(wait_s * 1000))}ms"})
     try:
         await conn.execute(_AWAIT_RUN, {"id": run_id})
     except DBAPIError as exc:
         if sqlstate_of(exc) == _LOCK_NOT_AVAILABLE:
             raise ServiceError("run_running", "another request is changing this run right now") from None
         raise
-    await conn.execute(text("SET LOCAL lock_timeout = DEFAULT"))
+    await conn.execute(_SET_LOCK_TIMEOUT, {"value": was})
 
 
 async def load_files(conn: AsyncConnection, run_id: str, *, statuses: tuple[str, ...] | None = None, lock: bool = False) -> list[dict]:

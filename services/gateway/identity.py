@@ -72,8 +72,10 @@ async def make_key(engine: AsyncEngine, tenant_id: str, role: str, user: str) ->
     """:func:`create_key`, with the key's id (what ``redrive key revoke`` takes): (id, key)."""
     if role not in ROLES:
         raise ValueError(f"role must be one of {', '.join(ROLES)}")
-    if not user.strip() or len(user) > MAX_USER:
-        raise ValueError(f"the user name must be 1 to {MAX_USER} characters, not {len(user)}")
+    if not user.strip():
+        raise ValueError("the user name must not be empty or only spaces")
+    if len(user) > MAX_USER:
+        raise ValueError(f"the user name is {len(user)} characters long: at most {MAX_USER}")
     if (problem := control_character(user)) is not None:
         raise ValueError(f"the user name {problem}")  # listed one key a line, in operators' terminals
     key = KEY_PREFIX + secrets.token_urlsafe(32)

@@ -133,3 +133,17 @@ async def test_a_statement_prepared_before_a_migration_changed_its_table_is_tran
             assert list((await conn.execute(text("SELECT * FROM migrated"))).keys()) == ["id", "added"]
     finally:
         await engine.dispose()
+
+
+async def test_waiting_for_a_runs_claim_puts_the_lock_timeout_back_as_it_was(make_settings):
+    from services.coordinator import store
+
+    settings = await make_settings()
+    engine = make_engine(settings, pool_size=1)
+    try:
+        async with transaction(engine) as conn:
+            await conn.execute(text("SET LOCAL lock_timeout = '7s'"))
+            await store._await_claim(conn, "some-run", 0.5)
+            assert (await conn.execute(text("SHOW lock_timeout"))).scalar_one() == "7s"
+    finally:
+        await engine.dispose()

@@ -168,6 +168,9 @@ TPL = "{tpl}"  # replaced by the world's template id
     ("POST", "/templates", "tenant_admin", {"name": "t\x1b[31m", "steps": [{"name": "a", "handler": "noop"}]}, "name"),
     ("POST", "/templates", "tenant_admin", {"name": "t", "steps": [{"name": "a\x85", "handler": "noop"}]},
      "steps.0.name"),
+    # A bidirectional override shows "invoice\u202egpj.exe" as "invoiceexe.jpg".
+    ("POST", "/workflow-runs", "member", {"template_id": TPL, "files": [{"name": "invoice\u202egpj.exe"}]},
+     "files.0.name"),
     ("POST", "/workflow-runs", "member", {"template_id": TPL, "files": [{"name": "a", "url": "http://x/\x00"}]},
      "files.0.url"),
     ("PUT", "/settings/retry", "tenant_admin", {**SETTINGS, "jitter": "yes"}, "jitter"),

@@ -33,3 +33,11 @@ def test_the_coordinator_keeps_only_known_fields_of_this_templates_steps():
     raw = {"0": ["url", "colour"], "1": ["colour"], "2": ["size"], "x": ["url"], "-1": ["url"], "0 ": ["url"]}
     assert file_needs.readable(raw, steps=2) == {"0": ["url"]}
     assert file_needs.readable(["url"], steps=2) == {} and file_needs.readable(None, steps=2) == {}
+
+
+def test_an_optional_steps_needs_are_not_asked_of_every_file():
+    from shared.requests import FileIn
+
+    template = {"steps": [{"name": "get", "handler": "download", "optional": True}, {"name": "sum", "handler": "noop"}],
+                "file_needs": {"0": ["url"]}}
+    file_needs.refuse_lacking(template, [(0, FileIn(name="a", content_b64="QQ=="))])  # may end ERROR there, and be skipped

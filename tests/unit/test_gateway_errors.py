@@ -94,3 +94,20 @@ def test_requests_the_http_parser_refuses_are_one_warning_line_not_a_traceback()
     bug = record_of(RuntimeError("ours"))
     assert _one_line_for_malformed_requests(bug)
     assert bug.levelno == logging.ERROR and bug.exc_info is not None  # our own errors keep their traceback
+
+
+def test_a_malformed_request_line_with_both_kinds_of_quotes_is_logged_without_it():
+    import logging
+    import sys
+
+    from aiohttp.http_exceptions import LineTooLong
+
+    from shared.logging import _one_line_for_malformed_requests
+
+    try:
+        raise LineTooLong(b"Cookie: q=\"1\"; session=it's-SECRET-TOKEN-123" + b"x" * 50, 8190)
+    except LineTooLong:
+        record = logging.LogRecord("aiohttp.server", logging.ERROR, __file__, 1, "Error handling request from %s",
+                                   ("127.0.0.1",), sys.exc_info())
+    assert _one_line_for_malformed_requests(record)
+    assert "SECRET" not in record.getMessage() and "LineTooLong" in record.getMessage(), record.getMessage()

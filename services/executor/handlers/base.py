@@ -57,10 +57,9 @@ class Handler(Protocol):
     async def __call__(self, ctx: StepContext) -> dict[str, Any]: ...
 
 
-# The FileRef fields (url, content_b64, size, sha256) a step with these params needs of
-# every file.
+# The FileRef fields (shared.requests.FILE_FIELDS: url, content_b64, size, sha256) a step
+# with these params needs of every file.
 FileNeeds = Callable[[dict[str, Any]], "tuple[str, ...]"]
-FILE_FIELDS = ("url", "content_b64", "size", "sha256")
 
 # Which external dependency a step talks to (for circuit breakers), or None.
 DependencyOf = Callable[[dict[str, Any], FileRef], "str | None"]

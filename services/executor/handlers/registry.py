@@ -7,7 +7,8 @@ from functools import partial
 from typing import Callable
 
 from shared.errors import PermanentError
-from services.executor.handlers.base import FILE_FIELDS, DependencyOf, FileNeeds, Handler, RegisteredHandler
+from shared.requests import FILE_FIELDS
+from services.executor.handlers.base import DependencyOf, FileNeeds, Handler, RegisteredHandler
 
 
 class HandlerRegistry:
