@@ -113,11 +113,15 @@ def _round(api: Api, stack: Stack, settings: Settings, finished: "_RunEvents", t
              and status["credits"]["consumed"] == files)
     limit = limits.run(settings, files, server_cpu=lambda: _cpu(stack, servers_only=True))
     variants = ("nats_py", "lean")
+    steady = files / max(phases["last"] - phases["first"], 1e-3)  # first → last result: the pace, start-up aside
     return {
         "exact": exact, "seconds": round(elapsed, 2), "files_per_s": round(files / elapsed),
         "p50_ms": round(lat[0], 1), "p99_ms": round(lat[1], 1),
-        # When the run was answered, and its first and last file finished (s after the POST was sent).
+        # s after the POST was sent: the answer came (accepted), the coordinator had written
+        # the run (created, its row's clock), its first and last file finished, its fan-in.
         "phases_s": {"accepted": round(accepted, 3), **phases},
+        "steady_files_per_s": round(steady),
+        "steady_ratio_to_limit": round(steady / limit["limit"], 2),
         # Where the time goes: what a file cost each process, here and in the limit.
         "cpu_us_per_file": {k: round(v / files * 1e6) for k, v in cpu.items()},
         "limit_cpu_us_per_file": limit["cpu_us_per_file"],

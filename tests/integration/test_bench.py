@@ -18,6 +18,9 @@ async def test_a_small_bench_is_exact_and_reports_every_figure(make_settings, mo
     assert round_["files_per_s"] > 0 and 0 < round_["p50_ms"] <= round_["p99_ms"]
     assert set(round_["limit_by_variant"]) == set(round_["ratio_by_variant"]) == {"nats_py", "lean"}
     assert round_["ratio_to_limit"] == min(round_["ratio_by_variant"].values())
+    phases = round_["phases_s"]
+    assert 0 < phases["created"] and phases["first"] <= phases["last"] <= phases["finished"]
+    assert round_["steady_files_per_s"] >= round_["files_per_s"] and round_["steady_ratio_to_limit"] > 0
     assert {"coordinator", "executor-0"} <= set(round_["cpu_us_per_file"])
     assert all(cost["hops"] > 0 for cost in round_["limit_cpu_us_per_file"].values())
     assert {"coordinator", "executor-0", "gateway", "billing", "notifier"} <= set(result["peak_rss_mb"])
