@@ -10,14 +10,32 @@ from shared.settings import Settings
 from tests.servers import Servers, create_database, new_prefix, start_servers
 
 
-@pytest.fixture(scope="session", autouse=True)
-def no_clusters_left_behind():
-    """As root, an embedded PostgreSQL whose data dir lies under pytest's 0700 temp dirs keeps
-    its cluster in PG_FALLBACK_ROOT (shared/embedded.py), outside them: ~50 MB a test of
-    `redrive up` or the chaos stacks. Remove the clusters this session made, once stopped."""
-    before = set(PG_FALLBACK_ROOT.iterdir()) if PG_FALLBACK_ROOT.is_dir() else set()
-    yield
-    for cluster in set(PG_FALLBACK_ROOT.iterdir()) - before if PG_FALLBACK_ROOT.is_dir() else ():
+# As root, an embedded PostgreSQL whose data dir lies under pytest's 0700 temp dirs keeps
+# its cluster in PG_FALLBACK_ROOT (shared/embedded.py), outside them: ~50 MB a test of
+# `redrive up` or the chaos stacks. The clusters this session made are removed once stopped,
+# by the process that runs the session: with xdist, the controller, after every worker has
+# finished (a worker that finished first would take another's cluster still being made).
+_CLUSTERS_BEFORE = "redrive_clusters_before"
+
+
+def _clusters() -> set:
+    return set(PG_FALLBACK_ROOT.iterdir()) if PG_FALLBACK_ROOT.is_dir() else set()
+
+
+def _is_xdist_worker(config) -> bool:
+    return hasattr(config, "workerinput")
+
+
+def pytest_sessionstart(session):
+    if not _is_xdist_worker(session.config):
+        setattr(session.config, _CLUSTERS_BEFORE, _clusters())
+
+
+def pytest_sessionfinish(session, exitstatus):
+    before = getattr(session.config, _CLUSTERS_BEFORE, None)
+    if before is None:
+        return
+    for cluster in _clusters() - before:
         if not (cluster / "postmaster.pid").exists():
             shutil.rmtree(cluster, ignore_errors=True)
 
