@@ -118,10 +118,6 @@ def test_a_catastrophic_pattern_errors_the_file_within_a_bound_and_never_holds_t
         from services.executor.handlers import flaky
         from services.executor.handlers.base import FileRef, StepContext
 
-        # A long limit: a match on the loop would stop it that long, far past what a busy
-        # machine's scheduling can (the assertion below has room for both).
-        flaky.MATCH_TIMEOUT_S = 1.0
-
         async def main():
             ticks = []
 
