@@ -158,24 +158,35 @@ class Stack:
         return False
 
     def _restart_dead(self, starting: bool = False) -> None:
+        """Each dead service again after its backoff: scheduled, not slept, so one that keeps
+        dying (10 s apart) does not hold back the others' restarts."""
         for child in self.children:
+            if child.retry_at is not None:
+                if time.monotonic() >= child.retry_at:
+                    child.retry_at = None
+                    child.restarts += 1  # counted when it starts again
+                    child.start()
+                continue
             if child.proc is not None and child.proc.poll() is not None:
                 child.ended()
                 if starting and child.proc.returncode == BAD_CONFIGURATION:
                     raise ServiceFailed(f"{child.name} could not start (exit {BAD_CONFIGURATION}): {child.last_error()}",
                                         child.log_path)
                 quick = time.monotonic() - child.started_at < 5
-                child.restarts += 1
-                delay = min(10.0, 0.5 * (2 ** min(child.restarts, 5))) if quick else 0.2
+                delay = min(10.0, 0.5 * (2 ** min(child.restarts + 1, 5))) if quick else 0.2
                 print(f"redrive: {child.name} exited ({child.proc.returncode}); restarting in {delay:.1f}s", flush=True)
-                time.sleep(delay)
-                child.start()
+                child.retry_at = time.monotonic() + delay
 
     def _restart_dead_servers(self) -> None:
         """Start again, on its port and with its data, an embedded server that is gone (kill -9,
         OOM, ...): the services wait for it and reconnect. Backoff as for services; a start
         that fails (its port taken meanwhile, ...) is said and tried again later, `up` goes on."""
         for watched in self.servers:
+            if watched.restarting is not None:  # PostgreSQL takes its time: the services' restarts go on meanwhile
+                if watched.restarting.is_alive():
+                    continue
+                self._report_restart(watched)
+                continue
             if (how := watched.gone()) is not None:
                 quick = time.monotonic() - watched.started_at < 5
                 watched.restarts += 1
@@ -184,18 +195,24 @@ class Stack:
                 watched.retry_at = time.monotonic() + delay
             if watched.retry_at is None or time.monotonic() < watched.retry_at:
                 continue  # not before its delay: the services' restarts go on meanwhile
-            try:
-                watched.restart()
-            except Exception as exc:  # noqa: BLE001 - whatever it was, `up` keeps the rest running
-                watched.restarts += 1
-                delay = min(10.0, 0.5 * (2 ** min(watched.restarts, 5)))
-                print(f"redrive: {watched.name} could not be restarted: {_why(exc)}; trying again in {delay:.1f}s",
-                      flush=True)
-                watched.retry_at = time.monotonic() + delay
-            else:
-                print(f"redrive: {watched.name} restarted (pid {watched.pid})", flush=True)
+            watched.restart_in_background()
+
+    @staticmethod
+    def _report_restart(watched: Server) -> None:
+        failure, watched.restarting, watched.failure = watched.failure, None, None
+        if failure is None:
+            print(f"redrive: {watched.name} restarted (pid {watched.pid})", flush=True)
+            return
+        watched.restarts += 1
+        delay = min(10.0, 0.5 * (2 ** min(watched.restarts, 5)))
+        print(f"redrive: {watched.name} could not be restarted: {_why(failure)}; trying again in {delay:.1f}s",
+              flush=True)
+        watched.retry_at = time.monotonic() + delay
 
     def stop(self) -> None:
+        for watched in self.servers:  # a restart under way ends first: then it is stopped below
+            if watched.restarting is not None:
+                watched.restarting.join(60)
         for child in reversed(self.children):
             child.stop()
             child.log.close()

@@ -6,6 +6,7 @@ from __future__ import annotations
 import re
 import signal
 import subprocess
+import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -30,6 +31,7 @@ class Child:
     output: Output | None = None  # this start's, being copied into the log
     restarts: int = 0
     started_at: float = 0.0
+    retry_at: float | None = None  # dead: when to start it again
 
     @property
     def log_path(self) -> Path:
@@ -81,6 +83,8 @@ class Server:
     restarts: int = 0
     started_at: float = 0.0
     retry_at: float | None = None  # when it is down: when to start it again
+    restarting: threading.Thread | None = None  # a start under way (PostgreSQL's takes seconds)
+    failure: Exception | None = None  # how that start failed
 
     def started(self) -> None:
         self.pid = self.server.pid
@@ -99,3 +103,22 @@ class Server:
     def restart(self) -> None:
         self.server.start()
         self.started()
+
+    def restart_in_background(self) -> None:
+        """Start it again, in a thread of its own when it is a daemon (PostgreSQL: its start
+        takes seconds); ``restarting`` until done, then ``failure`` says how it went (None:
+        running). A child of ours (nats-server, quick to start) starts in this thread: it is
+        told to die with the thread that started it (PR_SET_PDEATHSIG follows the thread, not
+        the process), and a helper thread ends at once."""
+        def run() -> None:
+            try:
+                self.restart()
+            except Exception as exc:  # noqa: BLE001 - said by the watch loop, which tries again later
+                self.failure = exc
+
+        self.retry_at, self.failure = None, None
+        self.restarting = threading.Thread(target=run, name=f"restart-{self.name}", daemon=True)
+        if hasattr(self.server, "proc"):
+            run()  # here (see above); ``restarting`` is a thread that never ran: not alive, reported next round
+        else:
+            self.restarting.start()

@@ -67,3 +67,36 @@ def test_a_restarted_service_appends_to_its_log_and_its_last_words_are_kept(tmp_
     assert (tmp_path / "logs" / "svc.log").read_text() == (
         f"from an earlier `up`\nstarted {first}\nerror: last words of {first}\n"
         f"started {second}\nerror: last words of {second}\n")
+
+
+def test_a_service_that_dies_while_postgres_restarts_is_restarted_meanwhile(tmp_path):
+    """An embedded server's start (PostgreSQL's takes seconds, up to its timeout) runs beside
+    the watch: it held every service's restart back for as long."""
+    import threading
+
+    from redrive.watched import Server
+
+    release = threading.Event()
+
+    class SlowServer:  # a daemon (no child process of ours, as PostgreSQL), gone and slow to come back
+        pid, running = 1, False
+
+        def start(self):
+            release.wait(20)
+            self.running = True
+
+    stack = Stack(Settings(data_dir=tmp_path))
+    watched = Server("postgres", SlowServer())
+    watched.started()
+    stack.servers.append(watched)
+    try:
+        child = stack.start_child("svc", [sys.executable, "-c", "pass"], dict(os.environ))  # dies at once, each time
+        deadline = time.monotonic() + 20
+        stack.watch(lambda: child.restarts == 2 or time.monotonic() > deadline)
+        assert child.restarts == 2 and watched.restarting is not None and watched.restarting.is_alive()
+        release.set()
+        stack.watch(lambda: watched.restarting is None or time.monotonic() > deadline)
+        assert watched.server.running and watched.failure is None and watched.retry_at is None
+    finally:
+        release.set()
+        stack.stop()
