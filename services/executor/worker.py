@@ -64,12 +64,14 @@ class Worker:
     async def _run(self) -> None:
         puller = Puller(client_of(self._js), self._names.jobs_stream, self._names.executor_consumer)
         while not self._stopping.is_set():
+            # Each wait below also ends on stop: the grace period bounds a stop, not the
+            # longest job (a suspect runs alone; full slots wait for one to end).
             if self._suspects:
-                await self._no_suspect.wait()
+                await self._until_stopped_or(self._no_suspect.wait())
                 continue
             free = self._concurrency - len(self._inflight)
             if free <= 0:
-                await asyncio.wait(self._inflight, return_when=asyncio.FIRST_COMPLETED)
+                await self._until_stopped_or(asyncio.wait(set(self._inflight), return_when=asyncio.FIRST_COMPLETED))
                 continue
             try:
                 msgs = await puller.fetch(1 if self.cautious else min(free, self._fetch_batch), timeout=1.0)
@@ -87,6 +89,14 @@ class Worker:
                 if alone:  # one message: fetch the next once this one is judged
                     await asyncio.wait((judged, task), return_when=asyncio.FIRST_COMPLETED)
         await puller.stop()
+
+    async def _until_stopped_or(self, awaitable) -> None:
+        waits = {asyncio.ensure_future(awaitable), asyncio.ensure_future(self._stopping.wait())}
+        try:
+            await asyncio.wait(waits, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            for wait in waits:  # the waits, never the jobs they wait for
+                wait.cancel()
 
     async def _one(self, msg, alone: bool, judged: asyncio.Future | None) -> None:
         suspect = told = False
