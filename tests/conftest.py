@@ -31,6 +31,20 @@ def pytest_sessionstart(session):
         setattr(session.config, _CLUSTERS_BEFORE, _clusters())
 
 
+CHAOS_FIGURE = "chaos_figure"  # a chaos scenario's figures, on its report (tests/chaos/conftest.py)
+
+
+def pytest_terminal_summary(terminalreporter):
+    figures = [value for reports in terminalreporter.stats.values() for r in reports
+               for key, value in getattr(r, "user_properties", ()) if key == CHAOS_FIGURE]
+    if figures:
+        terminalreporter.write_sep("-", "chaos figures")
+        for f in figures:
+            terminalreporter.write_line(
+                f"{f['scenario']:<40} lost={f['files_lost']} double_charged={f['double_charges']} "
+                f"reran_before_checkpoint={f['steps_rerun_before_checkpoint']} recovery_s={f['recovery_s']:.1f}")
+
+
 def pytest_sessionfinish(session, exitstatus):
     before = getattr(session.config, _CLUSTERS_BEFORE, None)
     if before is None:

@@ -10,9 +10,10 @@ import pytest
 from shared.embedded import PG_FALLBACK_ROOT, EmbeddedNats, EmbeddedPostgres
 from shared.migrations import migrate
 from shared.settings import Settings
+from tests.conftest import CHAOS_FIGURE
 from tests.servers import create_database, new_prefix
 
-FIGURES: list[dict] = []
+FIGURES: list[dict] = []  # a scenario's, until its report takes them
 
 
 class ChaosServers:
@@ -52,10 +53,12 @@ async def chaos_settings(chaos_servers, tmp_path):
     return make
 
 
-def pytest_terminal_summary(terminalreporter):
-    if FIGURES:
-        terminalreporter.write_sep("-", "chaos figures")
-        for f in FIGURES:
-            terminalreporter.write_line(
-                f"{f['scenario']:<40} lost={f['files_lost']} double_charged={f['double_charges']} "
-                f"reran_before_checkpoint={f['steps_rerun_before_checkpoint']} recovery_s={f['recovery_s']:.1f}")
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_makereport(item, call):
+    """A scenario's figures travel on its report (to xdist's controller too), where the
+    summary (tests/conftest.py) finds them."""
+    outcome = yield
+    report = outcome.get_result()
+    if report.when == "call":
+        while FIGURES:
+            report.user_properties.append((CHAOS_FIGURE, FIGURES.pop(0)))
