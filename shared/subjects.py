@@ -100,12 +100,6 @@ class Names:
         return [self.file_event("failed"), self.run_events_all]
 
     @property
-    def probe(self) -> str:
-        """Core NATS, served by nobody: a request here is answered by the server itself (no
-        responders), a round trip that proves the connection reads (bus.answers)."""
-        return f"{self.prefix}.probe"
-
-    @property
     def runs_alive(self) -> str:
         """Executors' heartbeats for runs with a job in flight (core NATS, outside the
         streams: a lost one only matters if a whole lease of them is lost)."""

@@ -26,7 +26,6 @@ from shared import bus, tracing
 from shared.db import ping
 from shared.messages import ServiceError
 from shared.rpc import RpcClient
-from shared.subjects import Names
 from services.gateway.auth import auth_middleware, bearer_key, existing_tenant, principal_of
 from services.gateway.errors import errors_middleware
 from services.gateway.events import EventHub
@@ -66,7 +65,7 @@ class Deps:
     system: SystemMetrics | None = None  # breakers and consumer backlogs, read per scrape
     # REDRIVE_METRICS_TOKEN: when set, GET /metrics needs "Authorization: Bearer <it>".
     metrics_token: str | None = None
-    names: Names = field(default_factory=Names)  # the subjects (REDRIVE_PREFIX)
+    round_trip: bus.RoundTrip = field(default_factory=lambda: bus.RoundTrip(None))  # /readyz's NATS check
 
 
 class HttpMetrics:
@@ -198,8 +197,7 @@ def _local_handlers(deps: Deps) -> dict:
     async def readyz(request: web.Request) -> web.Response:
         # A round trip, not only a connection: a hung server (stopped, its disk stalled)
         # keeps the socket open while every request to it times out.
-        nats_ok, db_ok = await asyncio.gather(bus.answers(deps.nc, deps.names, READY_TIMEOUT_S),
-                                              _db_answers(deps.engine))
+        nats_ok, db_ok = await asyncio.gather(deps.round_trip.answers(READY_TIMEOUT_S), _db_answers(deps.engine))
         checks = {"nats": nats_ok, "database": db_ok}
         ready = all(checks.values())
         if ready:

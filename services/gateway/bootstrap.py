@@ -51,7 +51,7 @@ class GatewayService:
             keys=keys,
             idempotency_lease_s=2 * s.request_timeout_s + 5, max_body_bytes=s.max_request_bytes,
             large_bodies=LargeBodies(s.max_concurrent_large_bodies),
-            metrics_token=s.metrics_token, names=names,
+            metrics_token=s.metrics_token, round_trip=bus.RoundTrip(self.nc),
         )
         self.deps.system = SystemMetrics(self.deps.registry, self.deps.rpc, self.nc.jetstream(), names)
         self.app = build_app(self.deps)

@@ -63,6 +63,7 @@ class EventHub:
                  liveness_s: float = LIVENESS_S) -> None:
         self._nc = nc
         self._names = names
+        self._round_trip = bus.RoundTrip(nc)  # the SUB reached the server (see _subscribe)
         self._events_prefix = f"{names.prefix}.events."
         self._notifications = names.notifications_live
         self._keepalive_s = keepalive_s
@@ -194,7 +195,7 @@ class EventHub:
                           for subject in (self._names.events_all, self._notifications)]
             # The SUB reaches the server before we tell the client it is connected: a round
             # trip after it (not flush(timeout): bus.answers says why).
-            if not await bus.answers(self._nc, self._names, 2.0):
+            if not await self._round_trip.answers(2.0):
                 log.warning("events.subscribe_unconfirmed")
 
     async def _unsubscribe(self, only_if_idle: bool = False) -> None:
