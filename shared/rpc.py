@@ -228,6 +228,13 @@ def _deadline_of(request: Request) -> float | None:
         return None  # not ours to judge: answer it
 
 
+def caller_time_left() -> float | None:
+    """Seconds until the caller of the request being answered stops waiting (None: it
+    did not say)."""
+    deadline = _caller_deadline.get()
+    return None if deadline is None else deadline - time.time()
+
+
 def ensure_caller_waits(margin_s: float = COMMIT_MARGIN_S) -> None:
     """Refuse (``service_unavailable``) to go on when the caller of the request being
     answered stops waiting within ``margin_s``. Called just before a commit that creates

@@ -89,7 +89,8 @@ async def sweep(deps: Deps) -> dict:
             run = dict(run)
             if run["recovering"] and run["recovery_failures"] + 1 >= deps.settings.recovery_max_failures:
                 failed = dict((await conn.execute(text(
-                    "UPDATE coordinator.runs SET status = 'FAILED', recovering = false, recovery_told = false, "
+                    "UPDATE coordinator.runs SET status = 'FAILED', recovering = false, recovery_noticed = false, "
+                    " recovery_told = false, "
                     " needs_attention = true, "
                     " attention_reason = 'recovery_failed', recovery_failures = recovery_failures + 1, "
                     " fanin_round = round, finished_at = now(), updated_at = now() WHERE id = :r RETURNING *"),

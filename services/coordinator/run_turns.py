@@ -11,7 +11,7 @@ database still orders them (store.load_run's ``wait_s``).
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Hashable
 from contextlib import asynccontextmanager
 
 from shared.messages import ServiceError
@@ -27,12 +27,13 @@ def _busy() -> ServiceError:
 class RunTurns:
     def __init__(self, max_waiting: int = MAX_WAITING) -> None:
         self._max_waiting = max_waiting
-        self._locks: dict[str, asyncio.Lock] = {}
-        self._holders: dict[str, int] = {}  # waiting or in turn, per run: its lock goes with the last
+        self._locks: dict[Hashable, asyncio.Lock] = {}
+        self._holders: dict[Hashable, int] = {}  # waiting or in turn, per run: its lock goes with the last
 
     @asynccontextmanager
-    async def turn(self, run_id: str, wait_s: float) -> AsyncIterator[None]:
-        """This request's turn at ``run_id``, waited for at most ``wait_s`` (then 409)."""
+    async def turn(self, run_id: Hashable, wait_s: float) -> AsyncIterator[None]:
+        """This request's turn at ``run_id`` (any key naming the run: (tenant, run id)),
+        waited for at most ``wait_s`` (then 409)."""
         lock = self._locks.get(run_id)
         if lock is not None and self._holders[run_id] > self._max_waiting:  # one in turn, the rest waiting
             raise _busy()
@@ -54,6 +55,6 @@ class RunTurns:
             if not self._holders[run_id]:
                 del self._holders[run_id], self._locks[run_id]
 
-    def waiting(self, run_id: str) -> int:
+    def waiting(self, run_id: Hashable) -> int:
         """Requests holding or waiting for a turn at ``run_id`` (for tests and metrics)."""
         return self._holders.get(run_id, 0)

@@ -8,6 +8,7 @@ import contextlib
 import json
 
 from shared import bus
+from shared.messages import ServiceError
 from tests.stack import Stack, counts_add_up, expect_error
 
 
@@ -130,6 +131,36 @@ async def test_a_stall_after_progress_is_told_anew_and_each_stall_once(make_sett
                 await asyncio.sleep(0.05)
         told = await notes(stack, tenant, run["id"], "run_recovery_started", n=2)
         assert len(told) == 2, told
+    finally:
+        await stack.stop()
+
+
+async def test_an_operators_recover_of_a_stall_the_sweep_told_of_tells_nobody_again(make_settings):
+    settings = await make_settings(recovery_interval_s=0.2, recovery_lease_s=0.5, recovery_max_failures=1000)
+    stack = await Stack(settings).start("billing", "coordinator", "notifier")
+    try:
+        tenant = await stack.tenant()
+        template = await stack.template(tenant, [{"name": "a", "handler": "noop"}])
+
+        async def started() -> list[str]:
+            items = (await stack.call("coordinator", "timeline", tenant_id=tenant, run_id=run["id"]))["items"]
+            return [e["actor"] for e in items if e["kind"] == "recovery_started"]
+
+        async with jobs_lost(stack):
+            run = await stack.submit(tenant, template, 2)
+            while not await started():
+                await asyncio.sleep(0.05)
+            # Recoverable by hand once quiet for a lease again (the sweep's re-publish was progress).
+            while "user:ops" not in await started():
+                try:
+                    await stack.call("coordinator", "recover", tenant_id=tenant, run_id=run["id"], actor="user:ops")
+                except ServiceError as exc:
+                    assert "making progress" in str(exc), exc
+                    await asyncio.sleep(0.1)
+        await stack.start("executor")
+        await stack.wait_run(tenant, run["id"])
+        await notes(stack, tenant, run["id"], "run_recovered")  # after any notice of the recoveries
+        assert len(await notes(stack, tenant, run["id"], "run_recovery_started")) == 1
     finally:
         await stack.stop()
 

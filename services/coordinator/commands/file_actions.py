@@ -5,7 +5,7 @@ from __future__ import annotations
 from sqlalchemy import text
 
 from shared.db import transaction
-from shared.rpc import ensure_caller_waits
+from shared.rpc import COMMIT_MARGIN_S, caller_time_left, ensure_caller_waits
 from shared.messages import ServiceError
 from services.coordinator import credits, jobs, outbox, requests_applied, store, timeline
 from services.coordinator.commands.recover import stopped_pending_rows
@@ -36,8 +36,15 @@ _REOPEN_RUN = text(
 QUEUE_S = 5.0
 
 
-async def _locked_file(conn, cmd: FileRef) -> tuple[dict, dict]:
-    run = await store.load_run(conn, cmd.tenant_id, cmd.run_id, lock=True, wait_s=QUEUE_S)
+def _queue_s() -> float:
+    """QUEUE_S, or less when the caller would stop waiting before it and the work after it
+    were done: a 409 then, not a charge rolled back for an answer nobody reads."""
+    left = caller_time_left()
+    return QUEUE_S if left is None else max(0.05, min(QUEUE_S, (left - 2 * COMMIT_MARGIN_S) / 2))
+
+
+async def _locked_file(conn, cmd: FileRef, wait_s: float) -> tuple[dict, dict]:
+    run = await store.load_run(conn, cmd.tenant_id, cmd.run_id, lock=True, wait_s=wait_s)
     row = (
         await conn.execute(text("SELECT * FROM coordinator.files WHERE run_id = :r AND idx = :i"), {"r": run["id"], "i": cmd.file_index})
     ).mappings().first()
@@ -47,15 +54,17 @@ async def _locked_file(conn, cmd: FileRef) -> tuple[dict, dict]:
 
 
 async def retry_file(deps: Deps, cmd: RetryFile) -> dict:
-    async with deps.turns.turn(cmd.run_id, QUEUE_S):
-        return await _retry_file(deps, cmd)
+    wait_s = _queue_s()
+    # By tenant too: another tenant's requests naming this run id fill no place in its queue.
+    async with deps.turns.turn((cmd.tenant_id, cmd.run_id), wait_s):
+        return await _retry_file(deps, cmd, wait_s)
 
 
-async def _retry_file(deps: Deps, cmd: RetryFile) -> dict:
+async def _retry_file(deps: Deps, cmd: RetryFile, wait_s: float) -> dict:
     charge: credits.Charge | None = None
     try:
         async with transaction(deps.engine) as conn:
-            run, f = await _locked_file(conn, cmd)
+            run, f = await _locked_file(conn, cmd, wait_s)
             if await requests_applied.applied(conn, cmd.tenant_id, cmd.request_id):
                 return await store.run_body(conn, run)  # this very retry was applied: not again
             if run["status"] == "CANCELLED":
@@ -102,13 +111,14 @@ async def skip_file(deps: Deps, cmd: FileRef) -> dict:
     SKIPPED; otherwise the file goes on with the steps after it (free of charge, in a new
     round of the run), from the output of the step before: skipping an optional step never
     skips the required ones that follow it."""
-    async with deps.turns.turn(cmd.run_id, QUEUE_S):
-        return await _skip_file(deps, cmd)
+    wait_s = _queue_s()
+    async with deps.turns.turn((cmd.tenant_id, cmd.run_id), wait_s):
+        return await _skip_file(deps, cmd, wait_s)
 
 
-async def _skip_file(deps: Deps, cmd: FileRef) -> dict:
+async def _skip_file(deps: Deps, cmd: FileRef, wait_s: float) -> dict:
     async with transaction(deps.engine) as conn:
-        run, f = await _locked_file(conn, cmd)
+        run, f = await _locked_file(conn, cmd, wait_s)
         if f["status"] not in ("FAILED", "ERROR"):
             raise ServiceError("file_not_failed", f"only a FAILED or ERROR file can be skipped (this one is {f['status']})")
         template = await store.load_template(conn, run["tenant_id"], run["template_id"], include_archived=True)
@@ -121,6 +131,7 @@ async def _skip_file(deps: Deps, cmd: FileRef) -> dict:
         else:
             run = await _end_skipped(conn, deps, run, f, counter, cmd.actor)
         body = await store.run_body(conn, run)
+        ensure_caller_waits()  # else rolled back: a 503 that says nothing was done is true
     deps.relay.kick()
     return body
 

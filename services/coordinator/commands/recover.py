@@ -103,7 +103,8 @@ async def recover(deps: Deps, cmd: RunRef) -> dict:
             run = await _finish(conn, deps, run, cmd.actor)
         else:
             await _check_recoverable(conn, deps, run)
-            await republish_pending(conn, deps, run, cmd.actor)
+            # Its users were told this stall's recovery started already (the sweep): not again.
+            await republish_pending(conn, deps, run, cmd.actor, announce=not run["recovery_told"])
             run = await store.load_run(conn, cmd.tenant_id, cmd.run_id)
         body = await store.run_body(conn, run)
     deps.relay.kick()
@@ -195,7 +196,8 @@ async def restore(deps: Deps, cmd: Restore) -> dict:
             await store.adjust_counts(conn, run["id"], **counts)
         run = dict((await conn.execute(text(
             "UPDATE coordinator.runs SET status = 'RUNNING', round = :round, generation = generation + 1, finished_at = NULL, "
-            " needs_attention = false, attention_reason = NULL, recovering = true, last_progress_at = now() "
+            " needs_attention = false, attention_reason = NULL, recovering = true, recovery_told = true, "
+            " last_progress_at = now() "
             "WHERE id = :r RETURNING *"), {"round": new_round, "r": run["id"]})).mappings().one())
         policy = await store.retry_policy(conn, run["tenant_id"])
         await outbox.add(conn, jobs.job_rows(deps.names, run, template, restored, policy)
