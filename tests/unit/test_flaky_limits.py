@@ -144,14 +144,13 @@ def test_a_catastrophic_pattern_errors_the_file_within_a_bound_and_never_holds_t
         asyncio.run(main())
     """, timeout=30)
     assert proc.returncode == 0, proc.stderr
-    short, long_, gap = proc.stdout.splitlines()
+    short, long_, _gap = proc.stdout.splitlines()
     assert short == "returned {'attempt': 1}"  # no match, found at once
     kind, elapsed, why = long_.split(" ", 2)
     assert kind == "permanent" and float(elapsed) < 1.0, long_
     assert "flaky: param 'poison': pattern took too long" in why
-    # The loop turned all along: the match ran in a thread, without the GIL. On the loop, it
-    # would have been held for at least MATCH_TIMEOUT_S of the process's CPU time.
-    assert float(gap.split()[1]) < 0.5, gap
+    # That the loop turns meanwhile (the match in a thread, without the GIL) is the next
+    # test's, with a limit long enough to tell the two apart on a busy machine.
 
 
 async def test_a_pattern_that_times_out_is_a_permanent_error_not_a_step_timeout(monkeypatch):
@@ -208,7 +207,10 @@ def test_a_crash_pattern_is_matched_off_the_loop_too():
     assert float(gap.split()[1]) < 0.5, gap
 
 
-async def test_many_catastrophic_matches_at_once_all_end_and_the_loop_keeps_turning():
+async def test_many_catastrophic_matches_at_once_all_end_and_the_loop_keeps_turning(monkeypatch):
+    # A limit long enough that a match on the loop would stop it for longer than a busy
+    # machine's scheduling does (the gap bound below sits between the two).
+    monkeypatch.setattr(flaky, "MATCH_TIMEOUT_S", 0.25)
     ticks: list[float] = []
 
     async def ticker():
@@ -227,8 +229,8 @@ async def test_many_catastrophic_matches_at_once_all_end_and_the_loop_keeps_turn
     assert all(isinstance(r, PermanentError) and "took too long" in str(r) for r in results), results
     # They queue for the matcher threads (regex's limit is CPU time of the whole process, so
     # matches side by side time out sooner): at most 8 x MATCH_TIMEOUT_S, and then some.
-    assert elapsed < 8 * flaky.MATCH_TIMEOUT_S + 1, elapsed
-    assert max(b - a for a, b in zip(ticks, ticks[1:])) < flaky.MATCH_TIMEOUT_S
+    assert elapsed < 8 * flaky.MATCH_TIMEOUT_S + 2, elapsed
+    assert max(b - a for a, b in zip(ticks, ticks[1:])) < 0.2
 
 
 class _StarvedOnce:
