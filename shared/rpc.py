@@ -184,7 +184,8 @@ class RpcClient:
                                    {"service": service, "verb": verb})
             raise ServiceError("service_unavailable", f"the {service} service is not running", {"service": service})
         except (nats.errors.TimeoutError, asyncio.TimeoutError):
-            raise ServiceError("service_unavailable", f"the {service} service did not answer in time", {"service": service})
+            raise ServiceError("service_unavailable", f"the {service} service did not answer in time",
+                               {"service": service, "outcome": "unknown"})
         except (nats.errors.ConnectionClosedError, nats.errors.ConnectionReconnectingError, nats.errors.StaleConnectionError):
             raise ServiceError("service_unavailable", "the message bus is unavailable", {"service": service})
         if msg.headers and msg.headers.get("Nats-Service-Error-Code"):

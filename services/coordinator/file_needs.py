@@ -62,6 +62,10 @@ def _refuse(missing: list[tuple[int, str]], count: int, needed: dict[str, str]) 
         )
 
 
+def _lacks(value: object) -> bool:
+    return value is None or (isinstance(value, str) and not value.strip())  # "" names nothing either
+
+
 def refuse_lacking(template: dict, files: Iterable[tuple[int, FileIn]]) -> None:
     """A 422 when a file lacks a field a step needs (see the module)."""
     needed = _needed(template)
@@ -69,7 +73,7 @@ def refuse_lacking(template: dict, files: Iterable[tuple[int, FileIn]]) -> None:
         return
     missing, count = [], 0
     for i, f in files:
-        lacking = [(i, field) for field in needed if getattr(f, field) is None]
+        lacking = [(i, field) for field in needed if _lacks(getattr(f, field))]
         count += bool(lacking)
         missing.extend(lacking)
     _refuse(missing, count, needed)
@@ -80,7 +84,8 @@ async def refuse_lacking_staged(conn: AsyncConnection, tenant_id: str, upload_id
     needed = _needed(template)
     if not needed:
         return
-    lacks = " OR ".join(f"{field} IS NULL" for field in FIELDS if field in needed)
+    lacks = " OR ".join(f"{field} IS NULL" if field == "size" else f"coalesce(btrim({field}), '') = ''"
+                        for field in FIELDS if field in needed)
     where = f"upload_id = :u AND tenant_id = :t AND ({lacks})"
     params = {"u": upload_id, "t": tenant_id}
     count = (await conn.execute(text(f"SELECT count(*) FROM coordinator.staged_files WHERE {where}"), params)).scalar_one()
@@ -89,4 +94,4 @@ async def refuse_lacking_staged(conn: AsyncConnection, tenant_id: str, upload_id
     rows = (await conn.execute(text(
         f"SELECT idx, {', '.join(f for f in FIELDS if f in needed)} FROM coordinator.staged_files "
         f"WHERE {where} ORDER BY idx LIMIT {SHOWN}"), params)).mappings().all()
-    _refuse([(r["idx"], field) for r in rows for field in needed if r[field] is None], count, needed)
+    _refuse([(r["idx"], field) for r in rows for field in needed if _lacks(r[field])], count, needed)

@@ -197,6 +197,11 @@ async def call(rpc: RpcClient, route: Route, payload: dict[str, Any], timeout: f
             data = await rpc.call(route.service, route.verb, await staging.send_files_ahead(rpc, payload),
                                   timeout=timeout)
     except ServiceError as exc:
+        if route.method != "GET" and (exc.details or {}).get("outcome") == "unknown":
+            # Asked, and no answer: it may have been done (the service died after its commit).
+            again = ("send it again with the same Idempotency-Key to get its answer" if route.idempotent
+                     else "look before sending it again")
+            exc = ServiceError(exc.code, f"{exc.message}; it may have been done: {again}", exc.details)
         return from_service_error(exc)
     except nats.errors.MaxPayloadError:
         return error_response("payload_too_large", "the request is larger than the message bus carries; "

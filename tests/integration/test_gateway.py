@@ -50,6 +50,8 @@ class Fakes:
             raise ServiceError("insufficient_credits", "not enough credits", {"needed": 5, "available": 2})
         if template == "slow":
             await asyncio.sleep(1.0)
+        if template == "hangs":  # no answer within the gateway's wait: done or not, nobody can tell it
+            await asyncio.sleep(10)
         run = {"id": payload.get("run_id") or uuid.uuid4().hex, "tenant_id": payload["tenant_id"],
                "template_id": template, "status": "RUNNING"}
         if template == "boom":
@@ -286,6 +288,15 @@ async def test_a_service_nobody_answers_for_is_503_with_retry_after(gw):
     r = await gw["http"].get("/api/v1/admin/breakers", headers=auth(gw["keys"]["member"]))
     error = await error_of(r)
     assert r.status == 503 and r.headers["Retry-After"] == "2" and error["code"] == "service_unavailable"
+
+
+async def test_a_command_without_an_answer_in_time_says_it_may_have_been_done(gw):
+    r = await gw["http"].post("/api/v1/workflow-runs", json={**RUN_BODY, "template_id": "hangs"},
+                              headers=auth(gw["keys"]["member"], **{"Idempotency-Key": "k-hangs"}))
+    error = await error_of(r)
+    assert r.status == 503 and error["code"] == "service_unavailable"
+    assert error["message"] == ("the coordinator service did not answer in time; it may have been done: "
+                                "send it again with the same Idempotency-Key to get its answer"), error
 
 
 async def test_a_failing_service_is_a_500_without_its_stack(gw):

@@ -182,13 +182,15 @@ async def test_a_run_whose_files_lack_a_url_its_download_step_needs_is_422_and_c
     fetch = (await r.json())["id"]
     small = files(3)
     del small[1]["url"]
+    small[2]["url"] = ""  # names nothing either
     r = await http.post(RUNS, headers=t["headers"], json={"template_id": fetch, "files": small})
     error = await error_of(r, 422, "validation_error")
-    assert error["details"]["fields"] == {"files.1.url": "step 0 ('get', handler 'download') needs each file's url"}
-    assert error["details"]["files_lacking"] == 1
+    needs = "step 0 ('get', handler 'download') needs each file's url"
+    assert error["details"]["fields"] == {"files.1.url": needs, "files.2.url": needs}
+    assert error["details"]["files_lacking"] == 2
     big = files(large(system))
-    for i in (7, len(big) - 1):
-        del big[i]["url"]
+    del big[7]["url"]
+    big[-1]["url"] = "  "
     r = await http.post(RUNS, headers=t["headers"], json={"template_id": fetch, "files": big})
     error = await error_of(r, 422, "validation_error")
     assert set(error["details"]["fields"]) == {"files.7.url", f"files.{len(big) - 1}.url"}
