@@ -92,8 +92,7 @@ _WAITING_ON_BREAKER = text(
 _FAIL_FAST = text(
     "UPDATE coordinator.runs SET status = 'FAILED', fanin_round = round, finished_at = now(), updated_at = now(), "
     # A recovery under way ends with the run: a Continue's fan-in is no "Recovery succeeded".
-    " needs_attention = true, attention_reason = 'failed', recovering = false, recovery_noticed = false, "
-    " recovery_told = false "
+    " needs_attention = true, attention_reason = 'failed', recovering = false, recovery_noticed = false, recovery_told = false "
     "WHERE id = ANY(CAST(:ids AS text[])) AND status = 'RUNNING' AND failure_policy = 'fail_fast' RETURNING *"
 )
 # Fan-in: fires once per round because it moves the run out of RUNNING and records the

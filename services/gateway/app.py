@@ -22,9 +22,10 @@ from nats.aio.client import Client as NatsClient
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 from sqlalchemy.ext.asyncio import AsyncEngine
 
-from shared import bus, tracing
+from shared import tracing
 from shared.db import ping
 from shared.messages import ServiceError
+from shared.round_trip import RoundTrip
 from shared.rpc import RpcClient
 from services.gateway.auth import auth_middleware, bearer_key, existing_tenant, principal_of
 from services.gateway.errors import errors_middleware
@@ -65,7 +66,7 @@ class Deps:
     system: SystemMetrics | None = None  # breakers and consumer backlogs, read per scrape
     # REDRIVE_METRICS_TOKEN: when set, GET /metrics needs "Authorization: Bearer <it>".
     metrics_token: str | None = None
-    round_trip: bus.RoundTrip = field(default_factory=lambda: bus.RoundTrip(None))  # /readyz's NATS check
+    round_trip: RoundTrip = field(default_factory=lambda: RoundTrip(None))  # /readyz's NATS check
 
 
 class HttpMetrics:

@@ -10,6 +10,7 @@ from aiohttp import web
 
 from shared import bus
 from shared.db import make_engine
+from shared.round_trip import RoundTrip
 from shared.rpc import RpcClient
 from shared.runtime import run
 from shared.settings import Settings
@@ -51,7 +52,7 @@ class GatewayService:
             keys=keys,
             idempotency_lease_s=2 * s.request_timeout_s + 5, max_body_bytes=s.max_request_bytes,
             large_bodies=LargeBodies(s.max_concurrent_large_bodies),
-            metrics_token=s.metrics_token, round_trip=bus.RoundTrip(self.nc),
+            metrics_token=s.metrics_token, round_trip=RoundTrip(self.nc),
         )
         self.deps.system = SystemMetrics(self.deps.registry, self.deps.rpc, self.nc.jetstream(), names)
         self.app = build_app(self.deps)

@@ -36,7 +36,7 @@ import structlog
 from aiohttp import web
 from nats.aio.client import Client as NatsClient
 
-from shared import bus
+from shared.round_trip import RoundTrip
 from shared.messages import ServiceError
 from shared.subjects import Names
 
@@ -63,7 +63,7 @@ class EventHub:
                  liveness_s: float = LIVENESS_S) -> None:
         self._nc = nc
         self._names = names
-        self._round_trip = bus.RoundTrip(nc)  # the SUB reached the server (see _subscribe)
+        self._round_trip = RoundTrip(nc)  # the SUB reached the server (see _subscribe)
         self._events_prefix = f"{names.prefix}.events."
         self._notifications = names.notifications_live
         self._keepalive_s = keepalive_s
@@ -194,7 +194,7 @@ class EventHub:
             self._subs = [await self._nc.subscribe(subject, cb=self._on_msg)
                           for subject in (self._names.events_all, self._notifications)]
             # The SUB reaches the server before we tell the client it is connected: a round
-            # trip after it (not flush(timeout): bus.answers says why).
+            # trip after it (not flush(timeout): shared/round_trip.py says why).
             if not await self._round_trip.answers(2.0):
                 log.warning("events.subscribe_unconfirmed")
 

@@ -8,7 +8,7 @@ import aiohttp
 import nats as nats_py
 
 from services.gateway import app
-from shared import bus
+from shared.round_trip import RoundTrip
 from services.gateway.bootstrap import build
 from shared.embedded import EmbeddedNats, free_port
 
@@ -54,7 +54,7 @@ async def test_readyz_is_503_while_nats_is_hung_and_200_once_it_answers(make_set
             # must not have killed nats-py's read loop (flush(timeout) did: InvalidStateError
             # on the late PONG, then a connection that looked connected and read nothing).
             assert (await http.get("/readyz")).status == 200
-            assert await bus.RoundTrip(gateway.nc).answers(2.0)
+            assert await RoundTrip(gateway.nc).answers(2.0)
     finally:
         await gateway.stop()
         nats.stop()
