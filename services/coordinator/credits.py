@@ -57,7 +57,13 @@ def compensation_key(charge_key: str) -> str:
 
 
 # Billing's answers that prove nothing was charged: the intent is simply withdrawn.
-_DEFINITE_REFUSALS = {"insufficient_credits", "validation_error", "not_found", "bad_request", "reservation_voided"}
+_DEFINITE_REFUSALS = {"insufficient_credits", "validation_error", "not_found", "bad_request"}
+# What a request hears when an earlier attempt under its key was settled for good (refunded or
+# voided) before this one could apply its charge. Nothing was made or charged, and the same
+# request again goes through under a fresh key (fresh_key): a 503, so that the gateway lets the
+# client's same Idempotency-Key through again instead of replaying this answer for 24 h.
+_TRY_AGAIN = ("the credit reservation of an earlier attempt was withdrawn meanwhile; nothing was made or charged: "
+              "send the request again (the same Idempotency-Key will do)")
 
 
 async def fresh_key(engine: AsyncEngine, base_key: str) -> str:
@@ -92,6 +98,10 @@ async def reserve(
             {"tenant_id": tenant_id, "amount": amount, "idempotency_key": key, "run_id": run_id, "actor": actor},
         )
     except ServiceError as exc:
+        if exc.code == "reservation_voided":
+            # Billing settled this key for good (a compensation whose answer we lost): spent.
+            await _settled(engine, key)
+            raise ServiceError("service_unavailable", _TRY_AGAIN, {"outcome": "none"}) from exc
         if exc.code in _DEFINITE_REFUSALS:
             await _withdraw(engine, key)
         else:  # unknown outcome (timeout, billing down): refund or void the key
@@ -105,6 +115,14 @@ async def _withdraw(engine: AsyncEngine, key: str) -> None:
     async with transaction(engine) as conn:
         await conn.execute(
             text("DELETE FROM coordinator.credit_intents WHERE key = :key AND state = 'pending'"), {"key": key}
+        )
+
+
+async def _settled(engine: AsyncEngine, key: str) -> None:
+    async with transaction(engine) as conn:
+        await conn.execute(
+            text("UPDATE coordinator.credit_intents SET state = 'compensated' WHERE key = :key AND state = 'pending'"),
+            {"key": key},
         )
 
 
@@ -126,7 +144,7 @@ async def apply(conn: AsyncConnection, charge: Charge, *, run_id: str, tenant_id
         run_id, tenant_id, "charge", actor, file_index, amount=charge.charged, from_monthly=charge.from_monthly,
         from_purchased=charge.from_purchased, key=charge.key))
     if not await mark_applied(conn, charge.key):
-        raise ServiceError("conflict", "the credit reservation was withdrawn; try again")
+        raise ServiceError("service_unavailable", _TRY_AGAIN, {"outcome": "none"})
 
 
 async def compensate(engine: AsyncEngine, billing: RpcClient, *, key: str, tenant_id: str, run_id: str) -> bool:

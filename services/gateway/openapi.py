@@ -63,7 +63,8 @@ _RUN_404 = ("not_found", "no such run in the tenant (another tenant's run includ
 _RUN_BUSY = ("run_running", "another request is changing this run right now")
 _NO_HANDLER = ("validation_error", "a step names a handler that no executor offers")
 _CREDITS = ("insufficient_credits", "the credits are short (details: needed, available)")
-_WITHDRAWN = ("conflict", "the credit reservation was withdrawn meanwhile; send it again")
+_WITHDRAWN = ("service_unavailable", "an earlier attempt's credit reservation was withdrawn meanwhile; nothing "
+                                     "was made or charged: send it again (the same Idempotency-Key will do)")
 _NO_ACCOUNT = ("not_found", "the tenant has no billing account")
 
 # The success body of each verb (a components.schemas name; None: no body).
@@ -90,8 +91,7 @@ ROUTE_ERRORS: dict[str, list[Reason]] = {
     "coordinator.archive_template": [("not_found", "no such template in the tenant, or it is archived already")],
     "coordinator.create_run": [
         ("bad_request", "files sent ahead in parts are missing some"),
-        ("reservation_voided", "an earlier attempt under this Idempotency-Key was refunded before its charge was "
-                               "made: send it under a new key"), _CREDITS,
+        _CREDITS,
         ("not_found", "the template is unknown or archived"),
         ("conflict", "the run id this Idempotency-Key names is taken"), _WITHDRAWN,
         ("payload_too_large", "a job of the run would not fit in a message, or its files take more than a "

@@ -4,10 +4,13 @@ billing killed in the middle of a reservation. Nothing is charged twice or lost.
 from __future__ import annotations
 
 import asyncio
+import uuid
+
+import asyncpg
 
 from shared.messages import ServiceError
 from tests.procs import ProcStack
-from tests.stack import counts_add_up
+from tests.stack import counts_add_up, expect_error
 
 
 async def wait_for(predicate, timeout=30.0):
@@ -72,8 +75,9 @@ async def test_billing_killed_mid_reservation_charges_nothing(make_settings, tmp
         tenant = await stack.tenant(monthly=10)
         template = await stack.template(tenant, [{"name": "a", "handler": "noop"}])
         marker.touch()
+        run_id = uuid.uuid4().hex  # as the gateway names it from an Idempotency-Key
         try:
-            await stack.submit(tenant, template, 2)
+            await stack.submit(tenant, template, 2, run_id=run_id)
             raise AssertionError("billing should have died")
         except ServiceError as exc:
             assert exc.code == "service_unavailable"
@@ -81,8 +85,66 @@ async def test_billing_killed_mid_reservation_charges_nothing(make_settings, tmp
         assert (await stack.call("coordinator", "list_runs", tenant_id=tenant))["items"] == []
         assert (await stack.call("billing", "balance", tenant_id=tenant))["monthly"]["remaining"] == 10
         assert not [e for e in await stack.ledger(tenant) if e["kind"] == "charge"]
-        run = await stack.submit(tenant, template, 2)  # and the system goes on
+
+        async def voided():  # the sweep settled the reservation whose outcome was unknown
+            return [e for e in await stack.ledger(tenant) if e["kind"] == "void"]
+
+        await wait_for(voided)
+        # The client's retry under the same Idempotency-Key (the same run id) makes the run,
+        # charged once, under a key of its own: the first one is voided for good.
+        run = await stack.submit(tenant, template, 2, run_id=run_id)
+        assert run["id"] == run_id
         assert (await stack.wait_run(tenant, run["id"]))["status"] == "COMPLETED"
+        charges = [(e["idempotency_key"], e["amount"]) for e in await stack.ledger(tenant) if e["kind"] == "charge"]
+        assert charges == [(f"{run_id}:initiate.1", -2)]
+        assert (await stack.call("billing", "balance", tenant_id=tenant))["monthly"]["remaining"] == 8
+        await stack.assert_books_balance(tenant)
+    finally:
+        await stack.stop()
+
+
+
+async def test_a_submission_retried_after_its_charge_was_settled_elsewhere_goes_through(make_settings, tmp_path):
+    """The first attempt's outcome is unknown (billing died mid-reservation) and its
+    compensation reached billing, but not its answer: the coordinator still holds the
+    reservation as pending when the client sends the request again under the same
+    Idempotency-Key (the same run id). That attempt must not end for good (billing refuses
+    the spent key): a 503 that makes and charges nothing, and the next attempt goes through."""
+    marker = tmp_path / "crash-billing"
+    settings = await make_settings(credit_intent_timeout_s=600, request_timeout_s=3)
+    stack = await ProcStack(settings, env={"REDRIVE_CRASH_AT_BILLING_BEFORE_COMMIT": str(marker)}).start(
+        "billing", "coordinator", "executor")
+    try:
+        tenant = await stack.tenant(monthly=10)
+        template = await stack.template(tenant, [{"name": "a", "handler": "noop"}])
+        run_id = uuid.uuid4().hex
+        marker.touch()
+        await expect_error("service_unavailable", stack.submit(tenant, template, 2, run_id=run_id))
+        await stack.wait_services("billing")
+        db = await asyncpg.connect(settings.database_url)
+        try:
+            async def intent_state():
+                return await db.fetchval("SELECT state FROM coordinator.credit_intents WHERE key = $1",
+                                         f"{run_id}:initiate")
+
+            if await intent_state() == "pending":  # billing was back before the compensation was sent: send it
+                await stack.call("billing", "refund", tenant_id=tenant, idempotency_key=f"{run_id}:refund:0",
+                                 of_key=f"{run_id}:initiate", run_id=run_id, actor="system:compensation")
+            else:  # the compensation was done: its answer is what we lose
+                assert await intent_state() == "compensated"
+                await db.execute("UPDATE coordinator.credit_intents SET state = 'pending' WHERE key = $1",
+                                 f"{run_id}:initiate")
+        finally:
+            await db.close()
+        assert [e["kind"] for e in await stack.ledger(tenant) if e["kind"] in ("charge", "void")] == ["void"]
+        refused = await expect_error("service_unavailable", stack.submit(tenant, template, 2, run_id=run_id))
+        assert refused.details["outcome"] == "none" and "nothing was made or charged" in refused.message
+        run = await stack.submit(tenant, template, 2, run_id=run_id)
+        assert run["id"] == run_id
+        assert (await stack.wait_run(tenant, run_id))["status"] == "COMPLETED"
+        charges = [(e["idempotency_key"], e["amount"]) for e in await stack.ledger(tenant) if e["kind"] == "charge"]
+        assert charges == [(f"{run_id}:initiate.1", -2)]
+        assert (await stack.call("billing", "balance", tenant_id=tenant))["monthly"]["remaining"] == 8
         await stack.assert_books_balance(tenant)
     finally:
         await stack.stop()

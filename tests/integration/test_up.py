@@ -98,10 +98,9 @@ def _finished(api: Api, run_id: str) -> dict:
 
 
 def _submit_through_503(api: Api, template_id: str, files: int, timeout: float = 20) -> str:
-    """A run submitted as a client rides out a dependency coming back: again after a 503 (a
-    service's pooled connection that died with PostgreSQL fails once) under the same
-    Idempotency-Key, under a new one once told the first attempt was refunded (the API's
-    contract), so that it is made (and charged) once."""
+    """A run submitted as a client rides out a dependency coming back: again after each 503 (a
+    service's pooled connection that died with PostgreSQL fails once), under the same
+    Idempotency-Key, so that it is made (and charged) once."""
     body = json.dumps({"template_id": template_id, "files": [{"name": f"f{i}"} for i in range(files)]}).encode()
     headers = {"Authorization": f"Bearer {api.key}", "Content-Type": "application/json",
                "Idempotency-Key": uuid.uuid4().hex}
@@ -113,9 +112,7 @@ def _submit_through_503(api: Api, template_id: str, files: int, timeout: float =
                 return json.loads(resp.read())["id"]
         except urllib.error.HTTPError as exc:
             said = exc.read()
-            if exc.code == 400 and json.loads(said)["error"]["code"] == "reservation_voided":
-                headers["Idempotency-Key"] = uuid.uuid4().hex
-            elif exc.code != 503:
+            if exc.code != 503:
                 raise AssertionError(f"HTTP {exc.code}: {said[:300]!r}") from None
             return None
 

@@ -94,7 +94,11 @@ async def _create_run(deps: Deps, cmd: CreateRun) -> dict:
             file_needs.refuse_lacking(template, incoming)
     # A template made before any executor offered its handlers, or whose handler is gone.
     refuse_unoffered(deps, [s["handler"] for s in template["steps"]])
-    key = credits.initiate_key(run_id)
+    # A run id from an Idempotency-Key may have been tried before and its charge settled for
+    # good (refunded or voided: the attempt's outcome was unknown, a 503): its retry, under
+    # the same key, charges under a key of its own, as a Continue's does.
+    key = (await credits.fresh_key(deps.engine, credits.initiate_key(run_id)) if cmd.run_id
+           else credits.initiate_key(run_id))
     charge_key = key if template["credits_per_file"] else None
     files = [
         {"run_id": run_id, "idx": i, "name": f.name, "url": f.url, "content_b64": f.content_b64,
