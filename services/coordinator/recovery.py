@@ -95,8 +95,10 @@ async def sweep(deps: Deps) -> dict:
                     " attention_reason = 'recovery_failed', recovery_failures = recovery_failures + 1, "
                     " fanin_round = round, finished_at = now(), updated_at = now() WHERE id = :r RETURNING *"),
                     {"r": run["id"]})).mappings().one())
+                # Once per giving up: an operator's Recover may start it over in the same round.
                 await outbox.add(conn, [run_event_row(deps.names, failed, "recovery_failed",
-                                                      "the run made no progress after repeated recoveries")])
+                                                      "the run made no progress after repeated recoveries",
+                                                      unique=f"g{failed['generation']}a{failed['recovery_failures']}")])
                 await timeline.append(conn, timeline.entry(run["id"], run["tenant_id"], "recovery_failed", "system:recovery",
                                                            attempts=failed["recovery_failures"]))
                 stats["given_up"] += 1

@@ -93,7 +93,8 @@ _FAIL_FAST = text(
     "UPDATE coordinator.runs SET status = 'FAILED', fanin_round = round, finished_at = now(), updated_at = now(), "
     # A recovery under way ends with the run: a Continue's fan-in is no "Recovery succeeded".
     " needs_attention = true, attention_reason = 'failed', recovering = false, recovery_noticed = false, recovery_told = false "
-    "WHERE id = ANY(CAST(:ids AS text[])) AND status = 'RUNNING' AND failure_policy = 'fail_fast' RETURNING *"
+    "WHERE id = ANY(CAST(:ids AS text[])) AND status = 'RUNNING' AND failure_policy = 'fail_fast' "
+    "RETURNING *, (SELECT recovering OR recovery_noticed FROM coordinator.runs o WHERE o.id = runs.id) AS was_recovering"
 )
 # Fan-in: fires once per round because it moves the run out of RUNNING and records the
 # round, in the same statement, under the run's row lock.
@@ -280,15 +281,27 @@ async def apply_events(conn: AsyncConnection, names: Names, events: list[FileEve
         tripped = [i for i in ids if deltas[i].f or deltas[i].e]
         if tripped:
             for run in (await conn.execute(_FAIL_FAST, {"ids": tripped})).mappings():
-                out_rows.append(run_event_row(names, run, "failed", "fail_fast: a file failed after its retries"))
+                # A run fails fast once per generation: a Recover (a new generation) may see it
+                # fail again in the same round, and its users must hear that too.
+                once = f"g{run['generation']}"
+                out_rows.append(run_event_row(names, run, "failed", "fail_fast: a file failed after its retries",
+                                              unique=once))
+                if run["was_recovering"]:  # the recovery under way ends here, and its users hear how
+                    out_rows.append(run_event_row(names, run, "recovery_failed",
+                                                  "a file failed after its retries (fail_fast)",
+                                                  unique=once))
+                    log_entries.append(timeline.entry(run["id"], run["tenant_id"], "recovery_failed", "system",
+                                                      reason="fail_fast", round=run["round"]))
                 out_rows.append(stop_row(names, run))  # its other files stay PENDING, unrun
                 log_entries.append(timeline.entry(run["id"], run["tenant_id"], "run_failed", "system",
                                                   reason="fail_fast", round=run["round"]))
         for run in (await conn.execute(_FAN_IN, {"ids": ids})).mappings():
             kind = "completed" if run["status"] == "COMPLETED" else "completed_with_errors"
-            out_rows.append(run_event_row(names, run, kind))
+            once = f"g{run['generation']}"  # a round's fan-in reopened by a Recover fires again
+            out_rows.append(run_event_row(names, run, kind, unique=once))
             if run["was_recovering"]:
-                out_rows.append(run_event_row(names, run, "recovered", "Recovery succeeded: the run finished"))
+                out_rows.append(run_event_row(names, run, "recovered", "Recovery succeeded: the run finished",
+                                              unique=once))
                 log_entries.append(timeline.entry(run["id"], run["tenant_id"], "recovered", "system", round=run["round"]))
             log_entries.append(timeline.entry(run["id"], run["tenant_id"], f"run_{kind}", "system", round=run["round"],
                                               succeeded=run["succeeded"], failed=run["failed"], errored=run["errored"]))

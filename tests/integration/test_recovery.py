@@ -368,3 +368,52 @@ async def test_a_run_whose_job_is_out_with_a_silent_executor_is_flagged_and_told
         assert len(await notes(stack, tenant, run["id"], "run_recovery_started")) == 1
     finally:
         await stack.stop()
+
+
+async def test_a_recovered_run_that_fails_fast_again_tells_its_users_both_failures(make_settings):
+    """Run events that can happen twice in one round (a Recover does not start a new one):
+    the second fail_fast stop is stored and sent like the first, and the recovery it ends is
+    told as failed."""
+    stack = await Stack(await make_settings(executor_concurrency=1)).start("billing", "coordinator", "notifier", "executor")
+    try:
+        tenant = await stack.tenant()
+        template = await stack.template(
+            tenant, [{"name": "a", "handler": "flaky", "params": {"poison": "^bad", "sleep_ms": 300}}],
+            failure_policy="fail_fast")
+        files = [{"name": "bad1.pdf"}] + [{"name": f"ok{i}.pdf"} for i in range(4)] + [{"name": "bad2.pdf"}]
+        run = await stack.submit(tenant, template, 0, files=files)
+        await stack.wait_run(tenant, run["id"], until=lambda r: r["status"] == "FAILED")
+        await notes(stack, tenant, run["id"], "run_failed")
+        await stack.call("coordinator", "recover", tenant_id=tenant, run_id=run["id"])
+        again = await stack.wait_run(tenant, run["id"], until=lambda r: r["status"] == "FAILED" and r["counts"]["errored"] == 2)
+        assert again["counts"]["errored"] == 2 and counts_add_up(again)
+        assert len(await notes(stack, tenant, run["id"], "run_failed", n=2)) == 2
+        [note] = await notes(stack, tenant, run["id"], "run_recovery_failed")
+        assert note["message"] == "Recovery failed: a file failed after its retries (fail_fast)"
+        kinds = [e["kind"] for e in (await stack.call("coordinator", "timeline", tenant_id=tenant, run_id=run["id"]))["items"]]
+        assert kinds.count("run_failed") == 2 and kinds.count("recovery_failed") == 1
+    finally:
+        await stack.stop()
+
+
+async def test_an_operators_recover_after_the_sweep_gave_up_gets_the_sweeps_attempts_again(make_settings):
+    settings = await make_settings(recovery_interval_s=0.2, recovery_lease_s=0.5, recovery_max_failures=2)
+    stack = await Stack(settings).start("billing", "coordinator", "notifier")  # no executor: nothing progresses
+    try:
+        tenant = await stack.tenant()
+        template = await stack.template(tenant, [{"name": "a", "handler": "noop"}])
+        async with jobs_lost(stack):
+            run = await stack.submit(tenant, template, 2)
+            await stack.wait_run(tenant, run["id"], timeout=30)
+            await stack.call("coordinator", "recover", tenant_id=tenant, run_id=run["id"], actor="operator")
+            await stack.wait_run(tenant, run["id"], timeout=30)
+        entries = (await stack.call("coordinator", "timeline", tenant_id=tenant, run_id=run["id"]))["items"]
+        by_hand = next(i for i, e in enumerate(entries) if e["kind"] == "recovery_started" and e["actor"] == "operator")
+        after = [(e["kind"], e["actor"]) for e in entries[by_hand + 1:]]
+        # The sweep tried again (its count started over) before it gave up a second time.
+        assert after == [("recovery_started", "system:recovery"), ("recovery_failed", "system:recovery")]
+        assert [e["details"]["attempts"] for e in entries if e["kind"] == "recovery_failed"] == [2, 2]
+        # Both give-ups reach its users.
+        assert len(await notes(stack, tenant, run["id"], "run_recovery_failed", n=2)) == 2
+    finally:
+        await stack.stop()

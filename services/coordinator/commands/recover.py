@@ -104,6 +104,9 @@ async def recover(deps: Deps, cmd: RunRef) -> dict:
         else:
             await _check_recoverable(conn, deps, run)
             # Its users were told this stall's recovery started already (the sweep): not again.
+            # An operator's Recover starts the sweep's count of failed attempts over: one
+            # after the sweep gave up must not be given up again at its first look.
+            await conn.execute(text("UPDATE coordinator.runs SET recovery_failures = 0 WHERE id = :r"), {"r": run["id"]})
             await republish_pending(conn, deps, run, cmd.actor, announce=not run["recovery_told"])
             run = await store.load_run(conn, cmd.tenant_id, cmd.run_id)
         body = await store.run_body(conn, run)
