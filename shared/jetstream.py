@@ -141,6 +141,12 @@ class Puller:
     is, it waits for the first message of a lingering request, then returns what has
     arrived by then. Messages a lingering request delivers after that are kept for the
     next fetch (they are ours: the server counted them as delivered).
+
+    One request is open at a time: while a lingering request may still deliver, the next
+    fetch waits for what it brings instead of asking again. Two open requests could bring
+    twice what the caller has room for (the executor sizes each fetch by its free slots),
+    and the surplus would wait here unstarted, its ack wait running, until the server gave
+    it to another executor while this one still held it: a step run twice.
     """
 
     def __init__(self, nc: NatsClient, stream: str, consumer: str) -> None:
@@ -154,6 +160,9 @@ class Puller:
         self._waiting_for = ""
         self._refused: str | None = None
         self._sub = None
+        # What the open request may still deliver, until when (loop time): see the docstring.
+        self._owed = 0
+        self._owed_until = 0.0
 
     async def start(self) -> None:
         self._inbox = self._nc.new_inbox()
@@ -172,22 +181,48 @@ class Puller:
         (at once with ``wait=False``: only what the consumer has now)."""
         if self._sub is None:
             await self.start()
-        if not self._ready:
+        if not self._ready and self._still_owed():
+            await self._await_owed(timeout if wait else 0.0)
+        if not self._ready and not self._still_owed():
             await self._request(batch, no_wait=True, timeout=timeout)
-        if not self._ready and wait:
-            await self._request(batch, no_wait=False, timeout=timeout)
+            if not self._ready and wait:
+                await self._request(batch, no_wait=False, timeout=timeout)
         out = []
         while self._ready and len(out) < batch:
             out.append(self._ready.popleft())
         return out
 
+    def _still_owed(self) -> bool:
+        return self._owed > 0 and asyncio.get_running_loop().time() < self._owed_until
+
+    async def _await_owed(self, timeout: float) -> None:
+        """Wait for the open request's next message, its end, or ``timeout``."""
+        loop = asyncio.get_running_loop()
+        deadline = min(loop.time() + timeout, self._owed_until)
+        while not self._ready and self._still_owed() and not self._refused:
+            remaining = deadline - loop.time()
+            if remaining <= 0:
+                return
+            self._arrived.clear()
+            try:
+                async with asyncio.timeout(remaining):
+                    await self._arrived.wait()
+            except TimeoutError:
+                return
+        if self._refused:
+            raise PullError(self._refused)
+
     async def _request(self, batch: int, *, no_wait: bool, timeout: float) -> None:
         token = str(next(self._next))
         self._waiting_for, self._ended, self._refused = token, None, None
-        body = {"batch": batch, "no_wait": True} if no_wait else {"batch": batch, "expires": int(max(timeout - 0.05, 0.01) * 1e9)}
+        expires = max(timeout - 0.05, 0.01)
+        body = {"batch": batch, "no_wait": True} if no_wait else {"batch": batch, "expires": int(expires * 1e9)}
         self._arrived.clear()
-        await self._nc.publish(self._api, orjson.dumps(body), reply=f"{self._inbox}.{token}")
         loop = asyncio.get_running_loop()
+        # Owed until the server's end of it (a no_wait request's answer comes at once, or
+        # with a connection lost, never): a little more, for what is on its way.
+        self._owed, self._owed_until = batch, loop.time() + (timeout if no_wait else expires) + 0.05
+        await self._nc.publish(self._api, orjson.dumps(body), reply=f"{self._inbox}.{token}")
         deadline = loop.time() + timeout
         # no_wait: wait for the whole answer (n messages or its end status); lingering:
         # for the first message or the end status.
@@ -213,12 +248,13 @@ class Puller:
         status = headers.get(_STATUS) if headers and not msg.data else None
         if status is None:
             self._ready.append(msg)
+            self._owed -= 1
         elif status == _HEARTBEAT:
             return
         elif status in _REQUEST_DONE:
             if msg.subject.rpartition(".")[2] == self._waiting_for:
-                self._ended = self._waiting_for
+                self._ended, self._owed = self._waiting_for, 0
         else:  # 409 and friends: the consumer is gone, or we asked for too much
             if msg.subject.rpartition(".")[2] == self._waiting_for:
-                self._refused = f"{status} {headers.get('Description', '')}".strip()
+                self._refused, self._owed = f"{status} {headers.get('Description', '')}".strip(), 0
         self._arrived.set()

@@ -37,6 +37,17 @@ def same_message(name: str, other: str) -> bool:
     return name.split("/")[1] == other.split("/")[1]
 
 
+def later_delivery(name: str | None, mine: str) -> bool:
+    """Whether ``name`` is a later delivery of the same message as ``mine``: the server gave
+    the message out again after this delivery (its ack wait passed while it waited in a
+    frozen or stalled process), so this one is stale and the job is that one's."""
+    if not name:
+        return False
+    _, message, delivered = name.split("/")
+    _, my_message, my_delivered = mine.split("/")
+    return message == my_message != "-" and int(delivered) > int(my_delivered)
+
+
 def suspect_after(max_deliver: int) -> int:
     """SUSPECT_AFTER, but below max deliver: with a max deliver of 2 the second delivery is
     the last, and the jobs beside a poison job would spend it with it."""

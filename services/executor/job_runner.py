@@ -30,7 +30,7 @@ from shared.bus import Outgoing, publish_many
 from shared.messages import FileSpec, Job
 from shared.subjects import Names
 from services.executor.deferrals import DeferralNotices
-from services.executor.deliveries import delivery_name, same_message, suspect_after
+from services.executor.deliveries import delivery_name, later_delivery, same_message, suspect_after
 from services.executor.file_events import file_event_body, headers as event_headers
 from services.executor.isolation import IsolationGate
 from services.executor.keepalive import KeepAlive
@@ -137,6 +137,18 @@ class JobRunner:
         multi_step = len(job.steps) - file.start_step > 1
         look = delivered > 1 or refreshed or multi_step
         progress = await self._progress.get(job.job_id, file.index) if look else Progress()
+        if look:
+            me = delivery_name(message, delivered)
+            if progress.finished_by and same_message(progress.finished_by, me):
+                # A delivery of this message finished the job (its result is stored): its ack
+                # was lost, or this delivery waited in a frozen process meanwhile.
+                await self._ack_again(msg, job, message, delivered)
+                return False
+            if later_delivery(progress.writer, me):
+                # The server gave the message out again while this delivery waited (a frozen
+                # or stalled process), and that delivery got further: the job is its now.
+                log.info("job.stale_delivery", run_id=job.run_id, file_index=file.index, delivered=delivered)
+                return False
         attempt = progress.attempt
         # In flight at SUSPECT_AFTER deaths: redelivered that often for no reason we know,
         # and not after a delivery this process lived through.
@@ -181,6 +193,12 @@ class JobRunner:
             return suspect
         await self._publish(job, file.index, outcome, attempt)
         self._seen.saw(message, delivered, finished=True)
+        if look:  # its progress was read anyway: say it finished, for any other delivery of it
+            progress.finished_by = delivery_name(message, delivered)
+            try:
+                await self._progress.put(job.job_id, file.index, progress)
+            except Exception as exc:  # only a safeguard: the coordinator drops a repeated result
+                log.warning("job.finish_unrecorded", run_id=job.run_id, file_index=file.index, error=repr(exc))
         if outcome.kind == "errored":
             await msg.term()
         else:

@@ -43,6 +43,11 @@ class Progress:
     # The delivery that checkpointed ``step`` (job_runner's ``writer``): another delivery
     # finding a step this far written by someone else knows it was overtaken.
     writer: str | None = None
+    # The delivery that finished the job (its terminal event stored), written when the job
+    # had its progress read anyway (more than one step, or a redelivery): another delivery
+    # of the same message (a lost ack, or one held by a frozen executor) acks it again
+    # instead of running its last step a second time.
+    finished_by: str | None = None
 
     @property
     def attempt(self) -> int:
@@ -132,7 +137,7 @@ def _merge(stored: Progress, new: Progress) -> Progress:
         failures=max(stored.failures, new.failures), deferrals=max(stored.deferrals, new.deferrals), step=newer_step,
         output=output, done=stored.done or new.done, offset=max(stored.offset, new.offset),
         not_before=new.not_before if new.offset >= stored.offset else stored.not_before,
-        failures_before_step=base,
+        failures_before_step=base, finished_by=stored.finished_by or new.finished_by,
         # Goes with its checkpoint: the newer step's, or the one stored for the same step.
         writer=(new.writer if newer_step == new.step and (new.step != stored.step or stored.writer is None)
                 else stored.writer),

@@ -92,6 +92,34 @@ async def test_puller_returns_what_is_there_keeps_late_arrivals_and_times_out_em
     assert consumer.num_ack_pending == 0 and consumer.num_pending == 0
 
 
+async def test_puller_never_has_two_requests_open_so_it_holds_no_more_than_asked(client):
+    """A fetch answered by a lingering request's first message leaves that request open. A
+    next fetch that asked again would have two open requests: the server could then hand
+    this process more jobs than it has room for, to wait unstarted while their ack wait runs."""
+    js, names = client.js, client.names
+    await bus.ensure_streams(js, client.settings)
+    await bus.ensure_consumer(js, names.jobs_stream, "executor", names.jobs_all, ack_wait_s=30, max_deliver=5)
+    puller = Puller(client.nc, names.jobs_stream, "executor")
+    try:
+        waiting = asyncio.create_task(puller.fetch(5, timeout=2))
+        while (await js.consumer_info(names.jobs_stream, "executor")).num_waiting == 0:
+            await asyncio.sleep(0.01)
+        await bus.publish_many(js, [bus.Outgoing(names.job("t"), b"first", "first")])
+        [first] = await waiting  # the request stays open for 4 more
+        await first.ack_sync()
+        again = asyncio.create_task(puller.fetch(5, timeout=2))  # room for 5 again (the first is done)
+        await asyncio.sleep(0.1)
+        await bus.publish_many(js, [bus.Outgoing(names.job("t"), str(i).encode(), f"m{i}") for i in range(10)])
+        got = await again
+        while (await js.consumer_info(names.jobs_stream, "executor")).num_waiting:  # every request ended
+            await asyncio.sleep(0.05)
+        consumer = await js.consumer_info(names.jobs_stream, "executor")
+        assert 1 <= len(got) <= 5 and consumer.num_ack_pending <= 5, (len(got), consumer.num_ack_pending)
+        assert [m.data for m in got] == [str(i).encode() for i in range(len(got))]
+    finally:
+        await puller.stop()
+
+
 async def test_a_publish_nothing_stores_is_an_error_not_a_hang(client):
     with pytest.raises(NoStreamResponseError):
         await bus.publish_many(client.js, [bus.Outgoing(f"{client.settings.prefix}.nowhere", b"{}", "x")])
