@@ -46,6 +46,10 @@ log = structlog.get_logger(__name__)
 REFRESHED_HEADER = "Redrive-Refreshed"
 # A re-published copy due within this long is held here until due, not deferred again.
 EARLY_SLEEP_S = 0.05
+# How often a batch job's delivery looks whether a later delivery has taken the batch over.
+BATCH_CLAIM_CHECK_S = 1.0
+
+
 def _no_verdict(suspect: bool) -> None:
     pass
 
@@ -223,8 +227,21 @@ class JobRunner:
 
     async def _run_batch(self, job: Job, msg: Msg, delivered: int, message: Message | None, heartbeat) -> None:
         """A batch job carries every file: retries happen in-process (with the same backoff
-        and heartbeats); a redelivered batch skips files it already reported."""
+        and heartbeats); a redelivered batch skips files it already reported.
+
+        A redelivery claims the batch; a delivery before it that still runs (its process
+        froze past the ack wait, then thawed) sees the claim before its next file, at most
+        a second late, and stops: the files it has not reached are the redelivery's."""
+        me = delivery_name(message, delivered)
+        if delivered > 1:
+            await self._progress.claim_batch(job.job_id, me)
+        checked = time.monotonic()
         for file in job.every_file:
+            if time.monotonic() - checked >= BATCH_CLAIM_CHECK_S:
+                checked = time.monotonic()
+                if later_delivery(await self._progress.batch_claimed_by(job.job_id), me):
+                    log.info("job.stale_delivery", run_id=job.run_id, file_index=file.index, delivered=delivered)
+                    return
             look = delivered > 1 or len(job.steps) - file.start_step > 1  # see _run_one
             progress = await self._progress.get(job.job_id, file.index) if look else Progress()
             if progress.done:

@@ -119,6 +119,17 @@ class ProgressStore:
         return None
 
 
+    async def claim_batch(self, job_id: str, delivery: str) -> None:
+        """Name ``delivery`` the one running this batch job now (a redelivery takes it over)."""
+        await self._kv.put(progress_key(job_id, -1), delivery.encode())
+
+    async def batch_claimed_by(self, job_id: str) -> str | None:
+        try:
+            return (await self._kv.get(progress_key(job_id, -1))).value.decode()
+        except KeyNotFoundError:
+            return None
+
+
 def overtaken(stored: Progress, new: Progress) -> bool:
     """Whether another delivery has checkpointed ``new.step`` or a later step already."""
     return (stored.step is not None and new.step is not None and stored.step >= new.step

@@ -41,14 +41,28 @@ class Msg:
 
 
 class Store:
+    """The progress store, per file (the one-file tests read ``stored``: file 0's)."""
+
     def __init__(self, stored: Progress | None = None) -> None:
-        self.stored = stored or Progress()
+        self.files = {0: stored or Progress()}
+
+    @property
+    def stored(self) -> Progress:
+        return self.files[0]
 
     async def get(self, job_id: str, file_index: int) -> Progress:
-        return Progress(**vars(self.stored))
+        return Progress(**vars(self.files.get(file_index, Progress())))
 
     async def put(self, job_id: str, file_index: int, progress: Progress, *, unless_overtaken: bool = False):
-        self.stored = _merge(self.stored, progress)
+        self.files[file_index] = _merge(self.files.get(file_index, Progress()), progress)
+
+    claimed: str | None = None
+
+    async def claim_batch(self, job_id: str, delivery: str) -> None:
+        self.claimed = delivery
+
+    async def batch_claimed_by(self, job_id: str) -> str | None:
+        return self.claimed
 
 
 def runner(tmp_path, store: Store, ran: list[int]) -> JobRunner:
@@ -110,3 +124,26 @@ def test_a_later_delivery_is_one_of_the_same_message_delivered_more_often():
     assert not later_delivery(f"a/{SEQ}/2", f"b/{SEQ}/2") and not later_delivery(f"a/{SEQ}/1", f"b/{SEQ}/2")
     assert not later_delivery(f"a/{SEQ + 1}/3", f"b/{SEQ}/2")  # another message: a copy
     assert not later_delivery(None, f"b/{SEQ}/2") and not later_delivery("a/-/3", "b/-/1")
+
+
+def batch_job(files: int) -> Job:
+    return Job(job_id="r:batch:r0", run_id="r", tenant_id="ten", template_id="tpl", round=0, idempotency_key="k",
+               mode="batch", files=[FileSpec(index=i, name=f"{i}.txt") for i in range(files)],
+               steps=[StepSpec(name="a", handler="step")])
+
+
+async def test_a_batch_redelivery_claims_the_batch_and_an_earlier_delivery_stops_at_its_next_file(tmp_path, monkeypatch):
+    from services.executor import job_runner
+
+    monkeypatch.setattr(job_runner, "BATCH_CLAIM_CHECK_S", 0.0)  # look before every file
+    ran: list[int] = []
+    store = Store()
+    later = Msg(batch_job(3), delivered=2)
+    await runner(tmp_path, store, ran).handle(later)
+    assert store.claimed.endswith(f"/{SEQ}/2") and later.said == ["ack"] and len(ran) == 3
+    ran.clear()
+    earlier = Msg(batch_job(3), delivered=1)  # thawed: the batch is the later one's now
+    stale_store = Store()
+    stale_store.claimed = store.claimed
+    await runner(tmp_path, stale_store, ran).handle(earlier)
+    assert ran == [] and earlier.said == []
