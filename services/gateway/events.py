@@ -211,6 +211,9 @@ class EventHub:
 
     # ---- one client ------------------------------------------------------------------------
 
+    def _reconnects(self) -> int:
+        return self._nc.stats["reconnects"]
+
     async def stream(self, request: web.Request, tenant_id: str, key_id: str | None = None) -> web.StreamResponse:
         """Stream the tenant's events to this request until the client leaves or we stop
         (a 429, ServiceError, when the key or the tenant has all the streams it may)."""
@@ -222,6 +225,7 @@ class EventHub:
             await self._subscribe()
             await response.write(b": connected\n\n")
             bus_up = True
+            reconnects = self._reconnects()
             loop = asyncio.get_running_loop()
             keepalive_at = loop.time() + self._keepalive_s
             while not self._stopping:
@@ -235,12 +239,20 @@ class EventHub:
                         # (the client then re-reads what changed meanwhile from the API).
                         bus_up = not bus_up
                         frame = BUS_UP if bus_up else BUS_DOWN
+                        reconnects = self._reconnects()
+                    elif bus_up and self._reconnects() != reconnects:
+                        frame = b": bus gap\n\n"  # a gap between two looks: told below
                     elif loop.time() < keepalive_at:
                         continue
                     else:
                         frame = b": keepalive\n\n"
                 if frame == _CLOSE:
                     break
+                if bus_up and self._reconnects() != reconnects:
+                    # NATS went and came back between two looks (a restart takes well under a
+                    # second): the events of that gap never came, so say it as any outage.
+                    reconnects = self._reconnects()
+                    frame = BUS_DOWN + BUS_UP + frame
                 await asyncio.wait_for(response.write(frame), self._write_timeout_s)
                 keepalive_at = loop.time() + self._keepalive_s
         except ConnectionResetError:
