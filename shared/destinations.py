@@ -27,6 +27,7 @@ valid punycode in ``xn--`` labels, at most 253 characters).
 
 from __future__ import annotations
 
+import asyncio
 import ipaddress
 import re
 import socket
@@ -102,6 +103,27 @@ class Destinations:
 
     def resolver(self) -> AbstractResolver | None:
         return None if self.allow_private else PublicOnlyResolver()
+
+    async def resolved_refusal(self, url: str, timeout_s: float = 2.0) -> str | None:
+        """``refusal``, and for a host name what it resolves to now: one that resolves only to
+        private or reserved addresses is refused as such an address would be, when it is
+        set rather than at every delivery. A name that does not resolve (yet, or in time) is
+        left to delivery time, which judges every address again."""
+        refusal = self.refusal(url)
+        if refusal is not None or self.allow_private:
+            return refusal
+        host = urlsplit(url).hostname or ""
+        resolver = PublicOnlyResolver()
+        try:
+            async with asyncio.timeout(timeout_s):
+                await resolver.resolve(host, 0, socket.AF_UNSPEC)
+        except NonPublicAddress:
+            return f"must not point at a private or reserved address ({_short(host)} resolves only to such)"
+        except (OSError, TimeoutError):
+            return None
+        finally:
+            await resolver.close()
+        return None
 
 
 # The forms inet_aton and the WHATWG URL standard read as an IPv4 number: hex, octal, decimal.

@@ -42,7 +42,7 @@ async def mark_read(engine: AsyncEngine, cmd: MarkRead) -> dict:
 
 async def put_webhook(engine: AsyncEngine, cmd: PutWebhook, destinations: Destinations = Destinations()) -> dict:
     """Set (or replace) the tenant's webhook. The secret is stored, never sent back."""
-    refusal = destinations.refusal(cmd.url)
+    refusal = await destinations.resolved_refusal(cmd.url)
     if refusal is not None:
         raise ServiceError("validation_error", f"url {refusal}", {"fields": {"url": refusal}})
     row = await repository.put_webhook(engine, cmd.tenant_id, cmd.url, cmd.secret)

@@ -80,6 +80,13 @@ class PutWebhook(TenantCmd):
         _ = parts.port  # raises ValueError on a port that is not a number in range
         return value
 
+    @field_validator("secret")
+    @classmethod
+    def _a_secret(cls, value: str) -> str:
+        if len(value.strip()) < 16:  # blanks sign nothing anyone could not guess
+            raise ValueError("must hold at least 16 characters that are not spaces")
+        return value
+
 
 # A page cursor is opaque to callers: the position (at, id) of the last item of the page.
 

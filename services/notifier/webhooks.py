@@ -26,7 +26,7 @@ from sqlalchemy.ext.asyncio import AsyncEngine
 
 from shared.backoff import backoff_delay_ms, parse_retry_after
 from services.notifier import repository
-from services.notifier.destinations import Destinations
+from services.notifier.destinations import Destinations, NonPublicAddress
 from services.notifier.signing import HEADER, sign
 
 log = structlog.get_logger(__name__)
@@ -161,5 +161,8 @@ def _said(exc: Exception, timeout_s: float) -> str:
     connect to host …"`` rather than a repr of the exception's constructor arguments."""
     if isinstance(exc, (asyncio.TimeoutError, TimeoutError)):
         return f"no answer within {timeout_s:g} s"
+    refused = getattr(exc, "os_error", None) or exc.__cause__
+    if isinstance(refused, NonPublicAddress):  # aiohttp's own words for it say "[None]"
+        return f"refused: {refused} (REDRIVE_WEBHOOK_ALLOW_PRIVATE)"[:300]
     text = str(exc) or "no detail"
     return f"{type(exc).__name__}: {text}"[:300]

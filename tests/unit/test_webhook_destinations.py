@@ -168,3 +168,47 @@ async def test_a_name_resolving_to_ipv6_forms_of_private_ipv4_addresses_is_not_c
     # The same forms of a public address (8.8.8.8) are public.
     for url in ("http://[64:ff9b::808:808]/x", "http://[::ffff:0:808:808]/x", "http://[2002:808:808::1]/x"):
         assert Destinations().refusal(url) is None
+
+
+async def test_setting_a_webhook_at_a_name_that_resolves_only_to_private_addresses_is_a_field_error(monkeypatch):
+    import shared.destinations
+
+    monkeypatch.setattr(shared.destinations, "DefaultResolver", lambda: _Fixed("127.0.0.1", "10.1.2.3"))
+    cmd = PutWebhook(tenant_id="t", url="http://intranet.example/hook", secret="s" * 16)
+    with pytest.raises(ServiceError) as refused:
+        await put_webhook(None, cmd, Destinations())
+    assert refused.value.details["fields"]["url"] == \
+        "must not point at a private or reserved address (intranet.example resolves only to such)"
+    # Allowed on an install that posts inside its own network: judged no further.
+    assert await Destinations(allow_private=True).resolved_refusal("http://intranet.example/hook") is None
+
+
+async def test_a_name_that_does_not_resolve_yet_is_left_to_delivery_time(monkeypatch):
+    import shared.destinations
+
+    class _Nowhere(_Fixed):
+        async def resolve(self, host, port=0, family=socket.AF_INET):
+            raise OSError("Name or service not known")
+
+    monkeypatch.setattr(shared.destinations, "DefaultResolver", lambda: _Nowhere())
+    assert await Destinations().resolved_refusal("http://not-yet.example/hook") is None
+    monkeypatch.setattr(shared.destinations, "DefaultResolver", lambda: _Fixed("93.184.216.34"))
+    assert await Destinations().resolved_refusal("http://public.example/hook") is None
+
+
+def test_a_secret_of_blanks_is_refused():
+    with pytest.raises(ValueError, match="16 characters that are not spaces"):
+        PutWebhook(tenant_id="t", url="https://example.com/h", secret=" " * 20)
+    assert PutWebhook(tenant_id="t", url="https://example.com/h", secret="  " + "s" * 16).secret == "  " + "s" * 16
+
+
+def test_a_delivery_refused_for_a_private_address_says_so():
+    import aiohttp
+    from aiohttp.client_reqrep import ConnectionKey
+
+    from services.notifier.webhooks import _said
+    from shared.destinations import NonPublicAddress
+
+    key = ConnectionKey("vm", 18631, False, False, None, None, None)
+    exc = aiohttp.ClientConnectorDNSError(key, NonPublicAddress("vm resolves only to private or reserved addresses"))
+    assert _said(exc, 3) == "refused: vm resolves only to private or reserved addresses (REDRIVE_WEBHOOK_ALLOW_PRIVATE)"
