@@ -536,6 +536,13 @@ async def test_restore_is_offered_to_support_only_and_resumes_from_the_checkpoin
         await expect(detail.locator("h2 .badge")).to_have_text("COMPLETED_WITH_ERRORS")
         await expect(ui.file_row(1)).to_be_visible()
         await expect(detail.locator('[data-testid^="restore-"]'), f"restore offered to a {who}").to_have_count(0)
+        # Continue and Retry file are a tenant admin's: a member, who may only read and start
+        # runs, is offered no action at all (the API would refuse each with a 403).
+        if who == "member":
+            await expect(detail.locator("button"), "actions offered to a member").to_have_count(0)
+        else:
+            await expect(page.get_by_test_id("continue-button")).to_be_visible()
+            await expect(page.get_by_test_id("retry-file-1")).to_be_visible()
         body = await system.call("POST", f"/admin/workflow-runs/{run_id}/restore", key, expect=403,
                                  json={"checkpoint_step": 0})
         assert body["error"]["code"] == "forbidden"  # as the API says
@@ -580,7 +587,7 @@ async def test_restore_is_offered_to_support_only_and_resumes_from_the_checkpoin
     await expect(page.locator("#banner-msg")).to_have_text("Restore file 0: file 0 has no checkpoint at step 1")
     assert (await system.run(admin, run_id))["round"] == 0  # nothing restored
     stale_view = False  # (not unrouted: a handler still running would then answer a request handled)
-    await page.locator("#banner-close").click()
+    # The banner stays until an action is done: then it is not about what is shown any more.
 
     # The view as it is: each file's checkpoints, up to step 0. Dismissed: nothing sent.
     await expect(picker.locator("option")).to_have_text(["from the start", "after step 0 (fetch)"], timeout=WAIT_MS)
@@ -602,6 +609,7 @@ async def test_restore_is_offered_to_support_only_and_resumes_from_the_checkpoin
     assert restored["files"][1]["status"] == "FAILED"
     assert json.loads((await answered.value).request.post_data) == {"checkpoint_step": 0, "file_index": 0}
     await expect(page.get_by_test_id("notice")).to_contain_text(f"Restore file 0: done. Run {run_id[:8]} is RUNNING")
+    await expect(banner).to_be_hidden()
     await expect(cell(ui.file_row(0), FILE_COLUMNS["status"])).to_have_text("SUCCEEDED", timeout=WAIT_MS)
     await expect(detail.locator("h2 .badge")).to_have_text("COMPLETED_WITH_ERRORS", timeout=WAIT_MS)
     await expect(cell(ui.file_row(1), FILE_COLUMNS["status"])).to_have_text("FAILED")
