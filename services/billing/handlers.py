@@ -59,7 +59,7 @@ async def reserve(engine: AsyncEngine, cmd: Reserve) -> dict:
 
 async def refund(engine: AsyncEngine, cmd: Refund) -> dict:
     async with transaction(engine) as conn:
-        await accounts.lock(conn, cmd.tenant_id)
+        account = await accounts.lock(conn, cmd.tenant_id)
         done = await accounts.entry(conn, cmd.tenant_id, cmd.idempotency_key)
         if done is not None:
             return {"refunded": done["amount"], "to_monthly": done["monthly_part"], "to_purchased": done["purchased_part"],
@@ -77,6 +77,10 @@ async def refund(engine: AsyncEngine, cmd: Refund) -> dict:
             "WHERE refund_of = :k AND tenant_id = :t"), {"k": cmd.of_key, "t": cmd.tenant_id})).one()
         amount = -charge["amount"] if cmd.amount is None else cmd.amount
         m, p = split_refund(amount, -charge["monthly_part"], -charge["purchased_part"], before[0], before[1])
+        if m and charge["at"] < account["period_start"]:
+            # Monthly credits of a period that has ended went with it (a reset never carries
+            # them over): given back now, they would top this period's allowance up past itself.
+            m = 0
         if not await accounts.add_entry(conn, cmd.tenant_id, "refund", m + p, m=m, p=p, key=cmd.idempotency_key,
                                         run_id=cmd.run_id, refund_of=cmd.of_key, actor=cmd.actor):
             raise ServiceError("conflict", "this idempotency key is being used by another request")

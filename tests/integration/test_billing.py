@@ -112,3 +112,25 @@ async def test_idempotency_keys_belong_to_their_tenant(stack):
     for tenant in (a, b):
         assert (await stack.call("billing", "balance", tenant_id=tenant))["monthly"]["remaining"] == 6
         await stack.assert_books_balance(tenant)
+
+
+async def test_a_refund_after_the_month_ended_gives_back_purchased_credits_only(stack):
+    """Monthly credits expire with their month: a run charged in the last one and cancelled
+    in this one gets its purchased part back, and this month's allowance stays what it is."""
+    tenant = await stack.tenant(monthly=10)
+    await stack.call("billing", "grant", tenant_id=tenant, purchased=5, idempotency_key="p5")
+    charged = await reserve(stack, tenant, 12, "late-month")
+    assert (charged["from_monthly"], charged["from_purchased"]) == (10, 2)
+    conn = await asyncpg.connect(stack.settings.database_url)
+    try:  # the charge was made last month, which has ended since
+        await conn.execute("UPDATE billing.ledger SET at = at - interval '40 days' WHERE idempotency_key = 'late-month' "
+                           "AND tenant_id = $1", tenant)
+        await conn.execute("UPDATE billing.accounts SET period_start = now() - interval '31 days', "
+                           "period_end = now() - interval '1 second' WHERE tenant_id = $1", tenant)
+    finally:
+        await conn.close()
+    back = await stack.call("billing", "refund", tenant_id=tenant, idempotency_key="late-month:refund", of_key="late-month")
+    assert (back["refunded"], back["to_monthly"], back["to_purchased"]) == (2, 0, 2)
+    balance = await stack.call("billing", "balance", tenant_id=tenant)
+    assert (balance["monthly"]["remaining"], balance["purchased"]["remaining"]) == (10, 5)
+    await stack.assert_books_balance(tenant)
