@@ -124,7 +124,9 @@ class Settings(BaseSettings):
 
     # Notifier.
     webhook_timeout_s: float = Field(default=10.0, ge=0.5, le=5 * _MINUTE)
-    webhook_max_attempts: int = Field(default=8, ge=1, le=1000)
+    # Attempts up to 1 s apart, doubling up to 5 minutes, with full jitter: 15 of them span
+    # about 17 minutes on average (34 at most), so a receiver down for a deploy loses nothing.
+    webhook_max_attempts: int = Field(default=15, ge=1, le=1000)
     # Webhooks go to public addresses only (no 127.0.0.1, 10.x, 169.254.169.254…) unless
     # this is set: a single-tenant install posting inside its own network.
     webhook_allow_private: bool = False
