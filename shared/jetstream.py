@@ -130,6 +130,12 @@ def _refusal(error: object) -> Exception:
     return PublishError(f"JetStream refused the message: {str(error)[:300]}")
 
 
+# How long past its expiry a request counts as open when its end status has not come: the
+# status follows the request's last message on the connection, and a loop busy elsewhere (a
+# synchronous step, a collection) reads both late. Only a status lost for good waits it out.
+_END_STATUS_GRACE_S = 5.0
+
+
 class PullError(Exception):
     """The server refused a pull request (consumer deleted, too many waiting requests…)."""
 
@@ -160,8 +166,11 @@ class Puller:
         self._waiting_for = ""
         self._refused: str | None = None
         self._sub = None
-        # What the open request may still deliver, until when (loop time): see the docstring.
+        # The open request (see the class docstring): what it may still deliver, on which
+        # connection (nats-py's reconnect count: a request dies with its connection), and a
+        # last resort should its end status never come.
         self._owed = 0
+        self._owed_on = 0
         self._owed_until = 0.0
 
     async def start(self) -> None:
@@ -181,34 +190,45 @@ class Puller:
         (at once with ``wait=False``: only what the consumer has now)."""
         if self._sub is None:
             await self.start()
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + (timeout if wait else 0.0)
         if not self._ready and self._still_owed():
-            await self._await_owed(timeout if wait else 0.0)
+            await self._await_owed(deadline)
         if not self._ready and not self._still_owed():
-            await self._request(batch, no_wait=True, timeout=timeout)
-            if not self._ready and wait:
-                await self._request(batch, no_wait=False, timeout=timeout)
+            if not self._nc.is_connected:
+                # Sent now, a request would wait in nats-py's buffer and reach the server on
+                # reconnect with every other one sent meanwhile, all of them open at once.
+                await asyncio.sleep(max(0.0, min(deadline - loop.time(), 0.25)))
+            else:
+                await self._request(batch, no_wait=True, timeout=timeout)
+                left = deadline - loop.time()
+                if not self._ready and left > 0.01:
+                    await self._request(batch, no_wait=False, timeout=left)
         out = []
         while self._ready and len(out) < batch:
             out.append(self._ready.popleft())
         return out
 
     def _still_owed(self) -> bool:
-        return self._owed > 0 and asyncio.get_running_loop().time() < self._owed_until
+        """Whether the open request may still deliver: until its end status comes, or all it
+        asked for has come (in order, on the one connection: a loop busy elsewhere reads them
+        late, but reads them before the end status)."""
+        return (self._owed > 0 and self._nc.stats["reconnects"] == self._owed_on
+                and asyncio.get_running_loop().time() < self._owed_until)
 
-    async def _await_owed(self, timeout: float) -> None:
-        """Wait for the open request's next message, its end, or ``timeout``."""
+    async def _await_owed(self, deadline: float) -> None:
+        """Wait for the open request's next message, its end, or ``deadline``."""
         loop = asyncio.get_running_loop()
-        deadline = min(loop.time() + timeout, self._owed_until)
         while not self._ready and self._still_owed() and not self._refused:
             remaining = deadline - loop.time()
             if remaining <= 0:
                 return
             self._arrived.clear()
             try:
-                async with asyncio.timeout(remaining):
+                async with asyncio.timeout(min(remaining, 0.25)):  # 0.25: a reconnect ends it too
                     await self._arrived.wait()
             except TimeoutError:
-                return
+                pass
         if self._refused:
             raise PullError(self._refused)
 
@@ -219,9 +239,8 @@ class Puller:
         body = {"batch": batch, "no_wait": True} if no_wait else {"batch": batch, "expires": int(expires * 1e9)}
         self._arrived.clear()
         loop = asyncio.get_running_loop()
-        # Owed until the server's end of it (a no_wait request's answer comes at once, or
-        # with a connection lost, never): a little more, for what is on its way.
-        self._owed, self._owed_until = batch, loop.time() + (timeout if no_wait else expires) + 0.05
+        self._owed, self._owed_on = batch, self._nc.stats["reconnects"]
+        self._owed_until = loop.time() + (timeout if no_wait else expires) + _END_STATUS_GRACE_S
         await self._nc.publish(self._api, orjson.dumps(body), reply=f"{self._inbox}.{token}")
         deadline = loop.time() + timeout
         # no_wait: wait for the whole answer (n messages or its end status); lingering:

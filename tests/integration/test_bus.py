@@ -120,6 +120,44 @@ async def test_puller_never_has_two_requests_open_so_it_holds_no_more_than_asked
         await puller.stop()
 
 
+async def test_puller_waits_for_a_request_it_read_late_instead_of_asking_again(client):
+    """The event loop blocked (a synchronous step) while the open request's last message and
+    its end status arrived: the next fetch reads them instead of opening a second request."""
+    import threading
+    import time
+
+    js, names = client.js, client.names
+    await bus.ensure_streams(js, client.settings)
+    await bus.ensure_consumer(js, names.jobs_stream, "executor", names.jobs_all, ack_wait_s=30, max_deliver=5)
+    puller = Puller(client.nc, names.jobs_stream, "executor")
+    try:
+        waiting = asyncio.create_task(puller.fetch(2, timeout=1))
+        while (await js.consumer_info(names.jobs_stream, "executor")).num_waiting == 0:
+            await asyncio.sleep(0.01)
+        await bus.publish_many(js, [bus.Outgoing(names.job("t"), b"first", "first")])
+        [first] = await waiting  # its request stays open for one more
+
+        async def publish_elsewhere():
+            other = await bus.connect(client.settings, "other")
+            try:
+                await bus.publish_many(other.jetstream(), [bus.Outgoing(names.job("t"), str(i).encode(), f"m{i}")
+                                                           for i in range(5)])
+            finally:
+                await other.close()
+
+        publisher = threading.Thread(target=lambda: asyncio.run(publish_elsewhere()))
+        publisher.start()
+        time.sleep(1.5)  # this loop reads nothing meanwhile; the request expires at the server
+        publisher.join()
+        [second] = await puller.fetch(2, timeout=1)
+        while (await js.consumer_info(names.jobs_stream, "executor")).num_waiting:
+            await asyncio.sleep(0.05)
+        consumer = await js.consumer_info(names.jobs_stream, "executor")
+        assert (first.data, second.data, consumer.num_ack_pending) == (b"first", b"0", 2)
+    finally:
+        await puller.stop()
+
+
 async def test_a_publish_nothing_stores_is_an_error_not_a_hang(client):
     with pytest.raises(NoStreamResponseError):
         await bus.publish_many(client.js, [bus.Outgoing(f"{client.settings.prefix}.nowhere", b"{}", "x")])
