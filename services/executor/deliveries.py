@@ -28,7 +28,9 @@ _PROCESS = uuid.uuid4().hex[:12]
 def delivery_name(message: Message | None, delivered: int) -> str:
     """Names one delivery of one message, across executors: a checkpoint found written by
     another name for this step or a later one means this delivery was overtaken."""
-    return f"{_PROCESS}/{message[0] if message else '-'}/{delivered}"
+    # The message by its stream sequence and timestamp (seen.py: a stream made again starts
+    # its sequences over), so that a name never matches another message's.
+    return f"{_PROCESS}/{f'{message[0]}-{message[1]}' if message else '-'}/{delivered}"
 
 
 def same_message(name: str, other: str) -> bool:
@@ -40,7 +42,11 @@ def same_message(name: str, other: str) -> bool:
 def later_delivery(name: str | None, mine: str) -> bool:
     """Whether ``name`` is a later delivery of the same message as ``mine``: the server gave
     the message out again after this delivery (its ack wait passed while it waited in a
-    frozen or stalled process), so this one is stale and the job is that one's."""
+    frozen or stalled process), so this one is stale and the job is that one's.
+
+    (A consumer whose state the server lost, or that an operator made again, counts
+    deliveries from 1 again: its deliveries up to the one named are then taken for stale,
+    and run once the ack wait has brought the message back that often. Slower, never twice.)"""
     if not name:
         return False
     _, message, delivered = name.split("/")

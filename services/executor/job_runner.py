@@ -229,12 +229,14 @@ class JobRunner:
         """A batch job carries every file: retries happen in-process (with the same backoff
         and heartbeats); a redelivered batch skips files it already reported.
 
-        A redelivery claims the batch; a delivery before it that still runs (its process
-        froze past the ack wait, then thawed) sees the claim before its next file, at most
-        a second late, and stops: the files it has not reached are the redelivery's."""
+        Each delivery claims the batch (one write per batch job); a delivery before it that
+        still runs (its process froze past the ack wait, then thawed) sees the claim before
+        its next file, at most a second late, and stops: the files it has not reached are
+        the later one's. One that starts after a later delivery claimed it runs nothing."""
         me = delivery_name(message, delivered)
-        if delivered > 1:
-            await self._progress.claim_batch(job.job_id, me)
+        if not await self._progress.claim_batch(job.job_id, me, later_delivery):
+            log.info("job.stale_delivery", run_id=job.run_id, delivered=delivered)
+            return
         checked = time.monotonic()
         for file in job.every_file:
             if time.monotonic() - checked >= BATCH_CLAIM_CHECK_S:

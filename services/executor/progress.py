@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import re
 from dataclasses import asdict, dataclass
+from collections.abc import Callable
 from typing import Any
 
 import orjson
@@ -119,9 +120,28 @@ class ProgressStore:
         return None
 
 
-    async def claim_batch(self, job_id: str, delivery: str) -> None:
-        """Name ``delivery`` the one running this batch job now (a redelivery takes it over)."""
-        await self._kv.put(progress_key(job_id, -1), delivery.encode())
+    async def claim_batch(self, job_id: str, delivery: str, later: Callable[[str | None, str], bool]) -> bool:
+        """Name ``delivery`` the one running this batch job now (a redelivery takes it over),
+        unless a ``later`` delivery has claimed it already: then False, and this one is stale.
+        Compare-and-set: a delivery that claims late must not take the batch back."""
+        key = progress_key(job_id, -1)
+        for _ in range(10):
+            try:
+                entry = await self._kv.get(key)
+                current, revision = entry.value.decode(), entry.revision
+            except KeyNotFoundError:
+                current, revision = None, None
+            if later(current, delivery):
+                return False
+            try:
+                if revision is None:
+                    await self._kv.create(key, delivery.encode())
+                else:
+                    await self._kv.update(key, delivery.encode(), last=revision)
+                return True
+            except (KeyWrongLastSequenceError, KeyValueError):
+                continue  # claimed meanwhile: look again
+        return True  # contended this long: run (at worst beside another, as before claims)
 
     async def batch_claimed_by(self, job_id: str) -> str | None:
         try:

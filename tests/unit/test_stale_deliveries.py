@@ -15,6 +15,8 @@ from shared.subjects import Names
 
 NAMES = Names("t")
 SEQ = 41
+TS = 1795984717604403616
+MSG = f"{SEQ}-{TS}"  # a message's name in a delivery's
 
 
 class Msg:
@@ -22,7 +24,7 @@ class Msg:
 
     def __init__(self, job: Job, delivered: int) -> None:
         self.subject = NAMES.job(job.tenant_id)
-        self.reply = f"$JS.ACK.T_JOBS.executor.{delivered}.{SEQ}.{SEQ}.1795984717604403616.0"
+        self.reply = f"$JS.ACK.T_JOBS.executor.{delivered}.{SEQ}.{SEQ}.{TS}.0"
         self.data = job.model_dump_json().encode()
         self.headers = {}
         self.said: list[str] = []
@@ -58,8 +60,11 @@ class Store:
 
     claimed: str | None = None
 
-    async def claim_batch(self, job_id: str, delivery: str) -> None:
+    async def claim_batch(self, job_id: str, delivery: str, later) -> bool:
+        if later(self.claimed, delivery):
+            return False
         self.claimed = delivery
+        return True
 
     async def batch_claimed_by(self, job_id: str) -> str | None:
         return self.claimed
@@ -93,7 +98,7 @@ def two_step_job() -> Job:
 async def test_a_delivery_the_server_gave_out_again_runs_nothing_and_leaves_the_ack_to_that_one(tmp_path):
     ran: list[int] = []
     # The second delivery (another executor) checkpointed step a; this first one waited.
-    store = Store(Progress(step=0, output={}, writer=f"other/{SEQ}/2"))
+    store = Store(Progress(step=0, output={}, writer=f"other/{MSG}/2"))
     msg = Msg(two_step_job(), delivered=1)
     await runner(tmp_path, store, ran).handle(msg)
     assert ran == [] and msg.said == []
@@ -101,7 +106,7 @@ async def test_a_delivery_the_server_gave_out_again_runs_nothing_and_leaves_the_
 
 async def test_a_job_a_delivery_of_its_message_finished_is_acked_again_not_run(tmp_path):
     ran: list[int] = []
-    store = Store(Progress(step=0, output={}, writer=f"other/{SEQ}/1", finished_by=f"other/{SEQ}/1"))
+    store = Store(Progress(step=0, output={}, writer=f"other/{MSG}/1", finished_by=f"other/{MSG}/1"))
     msg = Msg(two_step_job(), delivered=2)  # the first one's ack was lost
     await runner(tmp_path, store, ran).handle(msg)
     assert ran == [] and msg.said == ["ack"]
@@ -114,16 +119,18 @@ async def test_a_finished_multi_step_job_says_so_for_its_other_deliveries(tmp_pa
     job_runner = runner(tmp_path, store, ran)
     await job_runner.handle(msg)
     assert ran == [0, 1] and msg.said == ["ack"] and job_runner.published == ["checkpoint", "succeeded"]
-    assert store.stored.finished_by is not None and store.stored.finished_by.endswith(f"/{SEQ}/1")
+    assert store.stored.finished_by is not None and store.stored.finished_by.endswith(f"/{MSG}/1")
     # A copy of the job (re-published by recovery: another message) is not judged by it.
-    assert not later_delivery(store.stored.finished_by, f"x/{SEQ + 1}/1")
+    assert not later_delivery(store.stored.finished_by, f"x/{SEQ + 1}-{TS}/1")
 
 
 def test_a_later_delivery_is_one_of_the_same_message_delivered_more_often():
-    assert later_delivery(f"a/{SEQ}/3", f"b/{SEQ}/2")
-    assert not later_delivery(f"a/{SEQ}/2", f"b/{SEQ}/2") and not later_delivery(f"a/{SEQ}/1", f"b/{SEQ}/2")
-    assert not later_delivery(f"a/{SEQ + 1}/3", f"b/{SEQ}/2")  # another message: a copy
-    assert not later_delivery(None, f"b/{SEQ}/2") and not later_delivery("a/-/3", "b/-/1")
+    assert later_delivery(f"a/{MSG}/3", f"b/{MSG}/2")
+    assert not later_delivery(f"a/{MSG}/2", f"b/{MSG}/2") and not later_delivery(f"a/{MSG}/1", f"b/{MSG}/2")
+    assert not later_delivery(f"a/{SEQ + 1}-{TS}/3", f"b/{MSG}/2")  # another message: a copy
+    # The same sequence in a stream made again (another timestamp): another message too.
+    assert not later_delivery(f"a/{SEQ}-{TS + 1}/3", f"b/{MSG}/2")
+    assert not later_delivery(None, f"b/{MSG}/2") and not later_delivery("a/-/3", "b/-/1")
 
 
 def batch_job(files: int) -> Job:
@@ -140,10 +147,19 @@ async def test_a_batch_redelivery_claims_the_batch_and_an_earlier_delivery_stops
     store = Store()
     later = Msg(batch_job(3), delivered=2)
     await runner(tmp_path, store, ran).handle(later)
-    assert store.claimed.endswith(f"/{SEQ}/2") and later.said == ["ack"] and len(ran) == 3
+    assert store.claimed.endswith(f"/{MSG}/2") and later.said == ["ack"] and len(ran) == 3
     ran.clear()
     earlier = Msg(batch_job(3), delivered=1)  # thawed: the batch is the later one's now
     stale_store = Store()
     stale_store.claimed = store.claimed
     await runner(tmp_path, stale_store, ran).handle(earlier)
     assert ran == [] and earlier.said == []
+
+
+async def test_a_delivery_that_claims_a_batch_after_a_later_one_runs_nothing_and_leaves_the_claim(tmp_path):
+    ran: list[int] = []
+    store = Store()
+    store.claimed = f"other/{MSG}/3"
+    late = Msg(batch_job(3), delivered=2)  # waited unstarted while delivery 3 took the batch
+    await runner(tmp_path, store, ran).handle(late)
+    assert ran == [] and late.said == [] and store.claimed == f"other/{MSG}/3"
