@@ -55,6 +55,12 @@ async def entry(conn: AsyncConnection, tenant_id: str, key: str) -> dict | None:
     return dict(row) if row else None
 
 
+async def refunded(conn: AsyncConnection, tenant_id: str, charge_key: str) -> bool:
+    """Whether any refund of the charge made under ``charge_key`` is in the ledger."""
+    return (await conn.execute(text("SELECT EXISTS (SELECT 1 FROM billing.ledger WHERE refund_of = :k AND tenant_id = :t)"),
+                               {"k": charge_key, "t": tenant_id})).scalar_one()
+
+
 def balance_view(account: dict) -> dict:
     return {
         "monthly": {"allowance": account["monthly_allowance"], "remaining": account["monthly_remaining"],

@@ -40,6 +40,11 @@ async def reserve(engine: AsyncEngine, cmd: Reserve) -> dict:
                 raise ServiceError("idempotency_key_reused",
                                    f"idempotency key {cmd.idempotency_key!r} was used for a different request",
                                    {"kind": existing["kind"], "amount": abs(existing["amount"])})
+            if await accounts.refunded(conn, cmd.tenant_id, cmd.idempotency_key):
+                # A replay comes before its charge is used: one already refunded was given up
+                # (a compensation whose answer was lost). Answered as charged, it would be used
+                # for free.
+                raise ServiceError("reservation_voided", "this reservation was refunded before it was used")
             return _charge_result(existing, duplicate=True)
         split = split_charge(cmd.amount, account["monthly_remaining"], account["purchased_remaining"])
         if split is None:

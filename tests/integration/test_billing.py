@@ -134,3 +134,14 @@ async def test_a_refund_after_the_month_ended_gives_back_purchased_credits_only(
     balance = await stack.call("billing", "balance", tenant_id=tenant)
     assert (balance["monthly"]["remaining"], balance["purchased"]["remaining"]) == (10, 5)
     await stack.assert_books_balance(tenant)
+
+
+async def test_a_reservation_refunded_before_it_was_used_is_not_answered_as_charged(stack):
+    """A compensation's refund reached billing but its answer was lost: the caller that
+    replays the reservation must not be told it is charged (it would use it for free)."""
+    tenant = await stack.tenant(monthly=10)
+    await reserve(stack, tenant, 4, "given-up")
+    await stack.call("billing", "refund", tenant_id=tenant, idempotency_key="given-up:refund", of_key="given-up")
+    await expect_error("reservation_voided", reserve(stack, tenant, 4, "given-up"))
+    assert (await stack.call("billing", "balance", tenant_id=tenant))["monthly"]["remaining"] == 10
+    await stack.assert_books_balance(tenant)

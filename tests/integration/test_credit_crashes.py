@@ -148,3 +148,34 @@ async def test_a_submission_retried_after_its_charge_was_settled_elsewhere_goes_
         await stack.assert_books_balance(tenant)
     finally:
         await stack.stop()
+
+
+async def test_a_submission_replayed_after_its_charge_was_refunded_is_charged_again_not_free(make_settings, tmp_path):
+    """Charged, then the coordinator died before the run was made, and its compensation
+    (a refund) reached billing without an answer: the same request again must not make the
+    run on the refunded charge."""
+    marker = tmp_path / "crash-after-reserve"
+    settings = await make_settings(credit_intent_timeout_s=600, request_timeout_s=3)
+    stack = await ProcStack(settings, env={"REDRIVE_CRASH_AT_AFTER_RESERVE": str(marker)}).start(
+        "billing", "coordinator", "executor")
+    try:
+        tenant = await stack.tenant(monthly=10)
+        template = await stack.template(tenant, [{"name": "a", "handler": "noop"}])
+        run_id = uuid.uuid4().hex
+        marker.touch()
+        await expect_error("service_unavailable", stack.submit(tenant, template, 2, run_id=run_id))
+        await stack.wait_services("coordinator")
+        await stack.call("billing", "refund", tenant_id=tenant, idempotency_key=f"{run_id}:refund:0",
+                         of_key=f"{run_id}:initiate", run_id=run_id, actor="system:compensation")
+        refused = await expect_error("service_unavailable", stack.submit(tenant, template, 2, run_id=run_id))
+        assert refused.details["outcome"] == "none"
+        run = await stack.submit(tenant, template, 2, run_id=run_id)
+        assert (await stack.wait_run(tenant, run["id"]))["status"] == "COMPLETED"
+        ledger = [(e["kind"], e["idempotency_key"], e["amount"]) for e in await stack.ledger(tenant)
+                  if e["kind"] in ("charge", "refund")]
+        assert sorted(ledger) == sorted([("charge", f"{run_id}:initiate", -2), ("refund", f"{run_id}:refund:0", 2),
+                                         ("charge", f"{run_id}:initiate.1", -2)])
+        assert (await stack.call("billing", "balance", tenant_id=tenant))["monthly"]["remaining"] == 8
+        await stack.assert_books_balance(tenant)
+    finally:
+        await stack.stop()
