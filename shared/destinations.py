@@ -112,7 +112,9 @@ class Destinations:
         refusal = self.refusal(url)
         if refusal is not None or self.allow_private:
             return refusal
-        host = urlsplit(url).hostname or ""
+        # The ASCII form delivery connects to (refusal() has judged it valid), not the
+        # system codec's, which can differ for some names (IDNA 2003 against 2008).
+        host = _ascii_host(urlsplit(url).hostname or "")[1]
         resolver = PublicOnlyResolver()
         try:
             async with asyncio.timeout(timeout_s):

@@ -199,6 +199,8 @@ async def test_a_name_that_does_not_resolve_yet_is_left_to_delivery_time(monkeyp
 def test_a_secret_of_blanks_is_refused():
     with pytest.raises(ValueError, match="16 characters that are not spaces"):
         PutWebhook(tenant_id="t", url="https://example.com/h", secret=" " * 20)
+    with pytest.raises(ValueError, match="16 characters that are not spaces"):
+        PutWebhook(tenant_id="t", url="https://example.com/h", secret="a" + " " * 14 + "b")
     assert PutWebhook(tenant_id="t", url="https://example.com/h", secret="  " + "s" * 16).secret == "  " + "s" * 16
 
 
@@ -212,3 +214,18 @@ def test_a_delivery_refused_for_a_private_address_says_so():
     key = ConnectionKey("vm", 18631, False, False, None, None, None)
     exc = aiohttp.ClientConnectorDNSError(key, NonPublicAddress("vm resolves only to private or reserved addresses"))
     assert _said(exc, 3) == "refused: vm resolves only to private or reserved addresses (REDRIVE_WEBHOOK_ALLOW_PRIVATE)"
+
+
+async def test_a_name_is_resolved_in_the_ascii_form_delivery_connects_to(monkeypatch):
+    import shared.destinations
+
+    asked: list[str] = []
+
+    class _Recording(_Fixed):
+        async def resolve(self, host, port=0, family=socket.AF_INET):
+            asked.append(host)
+            return await super().resolve(host, port, family)
+
+    monkeypatch.setattr(shared.destinations, "DefaultResolver", lambda: _Recording("93.184.216.34"))
+    assert await Destinations().resolved_refusal("http://straße.example/hook") is None
+    assert asked == ["xn--strae-oqa.example"]  # IDNA 2008 (yarl's), not the codec's "strasse"
