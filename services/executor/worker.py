@@ -79,15 +79,6 @@ class Worker:
                 log.warning("executor.fetch_failed", error=repr(exc))
                 await asyncio.sleep(0.5)
                 continue
-            if self._stopping.is_set():
-                # Fetched while told to stop: not started (the stop would wait for them), but
-                # handed back at once for another executor rather than after the ack wait.
-                for msg in msgs:
-                    try:
-                        await msg.nak()
-                    except BUS_TROUBLE:
-                        pass
-                break
             alone = self.cautious
             for msg in msgs:
                 # Only a job fetched alone is waited for until judged: no future on the fast path.
