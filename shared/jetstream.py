@@ -172,10 +172,21 @@ class Puller:
         self._owed = 0
         self._owed_on = 0
         self._owed_until = 0.0
+        self._sub_on = 0  # the connection (reconnect count) the inbox was subscribed on
 
     async def start(self) -> None:
         self._inbox = self._nc.new_inbox()
+        self._sub_on = self._nc.stats["reconnects"]
         self._sub = await self._nc.subscribe(self._inbox + ".*", cb=self._on_msg)
+
+    async def _resubscribe(self) -> None:
+        """A fresh inbox for a new connection. A request sent on the old one may still be
+        open at the server (only the TCP connection dropped), and nats-py subscribes its
+        inbox again: it would go on delivering beside the next request. Without interest in
+        its reply subject, the server drops it instead."""
+        await self.stop()
+        await self._nc.flush()  # the server has dropped our interest before the next request
+        await self.start()
 
     async def stop(self) -> None:
         if self._sub is not None:
@@ -190,6 +201,8 @@ class Puller:
         (at once with ``wait=False``: only what the consumer has now)."""
         if self._sub is None:
             await self.start()
+        elif self._nc.stats["reconnects"] != self._sub_on and self._nc.is_connected:
+            await self._resubscribe()
         loop = asyncio.get_running_loop()
         deadline = loop.time() + (timeout if wait else 0.0)
         if not self._ready and self._still_owed():
@@ -202,7 +215,7 @@ class Puller:
             else:
                 await self._request(batch, no_wait=True, timeout=timeout)
                 left = deadline - loop.time()
-                if not self._ready and left > 0.01:
+                if not self._ready and left > 0.01 and self._nc.is_connected:
                     await self._request(batch, no_wait=False, timeout=left)
         out = []
         while self._ready and len(out) < batch:

@@ -36,7 +36,18 @@ def delivery_name(message: Message | None, delivered: int) -> str:
 def same_message(name: str, other: str) -> bool:
     """Whether two delivery names are of one message (else one is a copy: re-published by
     a recovery or to reset its delivery count, carrying the same job)."""
-    return name.split("/")[1] == other.split("/")[1]
+    return _one_message(name.split("/")[1], other.split("/")[1])
+
+
+def _one_message(a: str, b: str) -> bool:
+    """Two names' message parts name one message: ``<seq>-<ts>`` each, or, with a name
+    written before names carried the timestamp (``<seq>``: progress records live 8 days),
+    the same sequence."""
+    if a == "-" or b == "-":
+        return False
+    if "-" in a and "-" in b:
+        return a == b
+    return a.split("-")[0] == b.split("-")[0]
 
 
 def later_delivery(name: str | None, mine: str) -> bool:
@@ -51,7 +62,7 @@ def later_delivery(name: str | None, mine: str) -> bool:
         return False
     _, message, delivered = name.split("/")
     _, my_message, my_delivered = mine.split("/")
-    return message == my_message != "-" and int(delivered) > int(my_delivered)
+    return _one_message(message, my_message) and int(delivered) > int(my_delivered)
 
 
 def suspect_after(max_deliver: int) -> int:

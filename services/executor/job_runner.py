@@ -234,14 +234,19 @@ class JobRunner:
         its next file, at most a second late, and stops: the files it has not reached are
         the later one's. One that starts after a later delivery claimed it runs nothing."""
         me = delivery_name(message, delivered)
-        if not await self._progress.claim_batch(job.job_id, me, later_delivery):
+        try:
+            claimed = await self._progress.claim_batch(job.job_id, me, later_delivery)
+        except Exception as exc:  # the progress bucket away: run unclaimed, as before claims
+            log.warning("job.batch_unclaimed", run_id=job.run_id, error=repr(exc)[:300])
+            claimed = True
+        if not claimed:
             log.info("job.stale_delivery", run_id=job.run_id, delivered=delivered)
             return
         checked = time.monotonic()
         for file in job.every_file:
             if time.monotonic() - checked >= BATCH_CLAIM_CHECK_S:
                 checked = time.monotonic()
-                if later_delivery(await self._progress.batch_claimed_by(job.job_id), me):
+                if later_delivery(await self._claimant(job.job_id), me):
                     log.info("job.stale_delivery", run_id=job.run_id, file_index=file.index, delivered=delivered)
                     return
             look = delivered > 1 or len(job.steps) - file.start_step > 1  # see _run_one
@@ -276,6 +281,12 @@ class JobRunner:
                 await self._progress.put(job.job_id, file.index, progress)
         self._seen.saw(message, delivered, finished=True)
         await msg.ack()
+
+    async def _claimant(self, job_id: str) -> str | None:
+        try:
+            return await self._progress.batch_claimed_by(job_id)
+        except Exception:  # the progress bucket away: go on, and look again in a second
+            return None
 
     def _stopped(self, job: Job) -> bool:
         return self._stops is not None and self._stops.stopped(job.run_id, job.generation)

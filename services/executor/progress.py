@@ -2,8 +2,9 @@
 budget), breaker deferrals (which must not spend it), and the last completed step with its
 output (so a redelivered job resumes after its checkpoint instead of redoing steps).
 
-Kept in a JetStream KV bucket and touched only off the fast path: a first delivery that
-succeeds never reads or writes it."""
+Kept in a JetStream KV bucket and touched only off the fast path: a first delivery of a
+single-step per_file job that succeeds never reads or writes it. (A batch job's delivery
+claims the batch in it: one write per batch job.)"""
 
 from __future__ import annotations
 

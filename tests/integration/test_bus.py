@@ -158,6 +158,40 @@ async def test_puller_waits_for_a_request_it_read_late_instead_of_asking_again(c
         await puller.stop()
 
 
+async def test_a_request_left_open_by_a_dropped_connection_delivers_nothing_beside_the_next(client):
+    """Only the TCP connection dropped (the server lives): the open request is still there,
+    and nats-py subscribes its inbox again. The Puller asks anew from a fresh inbox, so the
+    server drops the old request instead of filling both."""
+    js, names = client.js, client.names
+    await bus.ensure_streams(js, client.settings)
+    await bus.ensure_consumer(js, names.jobs_stream, "executor", names.jobs_all, ack_wait_s=30, max_deliver=5)
+    nc = await bus.connect(client.settings, "dropped")
+    puller = Puller(nc, names.jobs_stream, "executor")
+    try:
+        waiting = asyncio.create_task(puller.fetch(4, timeout=3))
+        while (await js.consumer_info(names.jobs_stream, "executor")).num_waiting == 0:
+            await asyncio.sleep(0.01)
+        nc._transport.close()  # the connection drops under nats-py
+        while nc.stats["reconnects"] == 0 or not nc.is_connected:
+            await asyncio.sleep(0.01)
+        await bus.publish_many(js, [bus.Outgoing(names.job("t"), b"a", "a")])
+        first = await waiting  # from the old request, or none: either way room for 4 - len(first)
+        again = asyncio.create_task(puller.fetch(4 - len(first), timeout=1))
+        # Until its new request is out, on the new connection (the old one is still waiting
+        # at the server, so the consumer's count of waiting requests says nothing).
+        while not (puller._owed > 0 and puller._owed_on == nc.stats["reconnects"]):
+            await asyncio.sleep(0.01)
+        await nc.flush()
+        await bus.publish_many(js, [bus.Outgoing(names.job("t"), str(i).encode(), f"m{i}") for i in range(8)])
+        await again
+        while (await js.consumer_info(names.jobs_stream, "executor")).num_waiting:  # every request ended
+            await asyncio.sleep(0.05)
+        assert (await js.consumer_info(names.jobs_stream, "executor")).num_ack_pending <= 4
+    finally:
+        await puller.stop()
+        await nc.close()
+
+
 async def test_a_publish_nothing_stores_is_an_error_not_a_hang(client):
     with pytest.raises(NoStreamResponseError):
         await bus.publish_many(client.js, [bus.Outgoing(f"{client.settings.prefix}.nowhere", b"{}", "x")])

@@ -131,6 +131,8 @@ def test_a_later_delivery_is_one_of_the_same_message_delivered_more_often():
     # The same sequence in a stream made again (another timestamp): another message too.
     assert not later_delivery(f"a/{SEQ}-{TS + 1}/3", f"b/{MSG}/2")
     assert not later_delivery(None, f"b/{MSG}/2") and not later_delivery("a/-/3", "b/-/1")
+    # A name written before names carried the timestamp: judged by the sequence.
+    assert later_delivery(f"a/{SEQ}/3", f"b/{MSG}/2") and not later_delivery(f"a/{SEQ + 1}/3", f"b/{MSG}/2")
 
 
 def batch_job(files: int) -> Job:
