@@ -92,6 +92,15 @@ async def test_puller_returns_what_is_there_keeps_late_arrivals_and_times_out_em
     assert consumer.num_ack_pending == 0 and consumer.num_pending == 0
 
 
+async def _requests_waiting(js, names: Names, *, at_least: int = 0, at_most: int | None = None) -> None:
+    """Until the executor consumer's count of open pull requests is in bounds."""
+    while True:
+        waiting = (await js.consumer_info(names.jobs_stream, "executor")).num_waiting
+        if waiting >= at_least and (at_most is None or waiting <= at_most):
+            return
+        await asyncio.sleep(0.01)
+
+
 async def test_puller_never_has_two_requests_open_so_it_holds_no_more_than_asked(client):
     """A fetch answered by a lingering request's first message leaves that request open. A
     next fetch that asked again would have two open requests: the server could then hand
@@ -102,8 +111,7 @@ async def test_puller_never_has_two_requests_open_so_it_holds_no_more_than_asked
     puller = Puller(client.nc, names.jobs_stream, "executor")
     try:
         waiting = asyncio.create_task(puller.fetch(5, timeout=2))
-        while (await js.consumer_info(names.jobs_stream, "executor")).num_waiting == 0:
-            await asyncio.sleep(0.01)
+        await _requests_waiting(js, names, at_least=1)
         await bus.publish_many(js, [bus.Outgoing(names.job("t"), b"first", "first")])
         [first] = await waiting  # the request stays open for 4 more
         await first.ack_sync()
@@ -111,8 +119,7 @@ async def test_puller_never_has_two_requests_open_so_it_holds_no_more_than_asked
         await asyncio.sleep(0.1)
         await bus.publish_many(js, [bus.Outgoing(names.job("t"), str(i).encode(), f"m{i}") for i in range(10)])
         got = await again
-        while (await js.consumer_info(names.jobs_stream, "executor")).num_waiting:  # every request ended
-            await asyncio.sleep(0.05)
+        await _requests_waiting(js, names, at_most=0)  # every request ended
         consumer = await js.consumer_info(names.jobs_stream, "executor")
         assert 1 <= len(got) <= 5 and consumer.num_ack_pending <= 5, (len(got), consumer.num_ack_pending)
         assert [m.data for m in got] == [str(i).encode() for i in range(len(got))]
@@ -132,8 +139,7 @@ async def test_puller_waits_for_a_request_it_read_late_instead_of_asking_again(c
     puller = Puller(client.nc, names.jobs_stream, "executor")
     try:
         waiting = asyncio.create_task(puller.fetch(2, timeout=1))
-        while (await js.consumer_info(names.jobs_stream, "executor")).num_waiting == 0:
-            await asyncio.sleep(0.01)
+        await _requests_waiting(js, names, at_least=1)
         await bus.publish_many(js, [bus.Outgoing(names.job("t"), b"first", "first")])
         [first] = await waiting  # its request stays open for one more
 
@@ -150,8 +156,7 @@ async def test_puller_waits_for_a_request_it_read_late_instead_of_asking_again(c
         time.sleep(1.5)  # this loop reads nothing meanwhile; the request expires at the server
         publisher.join()
         [second] = await puller.fetch(2, timeout=1)
-        while (await js.consumer_info(names.jobs_stream, "executor")).num_waiting:
-            await asyncio.sleep(0.05)
+        await _requests_waiting(js, names, at_most=0)
         consumer = await js.consumer_info(names.jobs_stream, "executor")
         assert (first.data, second.data, consumer.num_ack_pending) == (b"first", b"0", 2)
     finally:
@@ -169,8 +174,7 @@ async def test_a_request_left_open_by_a_dropped_connection_delivers_nothing_besi
     puller = Puller(nc, names.jobs_stream, "executor")
     try:
         waiting = asyncio.create_task(puller.fetch(4, timeout=3))
-        while (await js.consumer_info(names.jobs_stream, "executor")).num_waiting == 0:
-            await asyncio.sleep(0.01)
+        await _requests_waiting(js, names, at_least=1)
         nc._transport.close()  # the connection drops under nats-py
         while nc.stats["reconnects"] == 0 or not nc.is_connected:
             await asyncio.sleep(0.01)
@@ -184,8 +188,7 @@ async def test_a_request_left_open_by_a_dropped_connection_delivers_nothing_besi
         await nc.flush()
         await bus.publish_many(js, [bus.Outgoing(names.job("t"), str(i).encode(), f"m{i}") for i in range(8)])
         await again
-        while (await js.consumer_info(names.jobs_stream, "executor")).num_waiting:  # every request ended
-            await asyncio.sleep(0.05)
+        await _requests_waiting(js, names, at_most=0)  # every request ended
         assert (await js.consumer_info(names.jobs_stream, "executor")).num_ack_pending <= 4
     finally:
         await puller.stop()

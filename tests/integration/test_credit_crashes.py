@@ -104,15 +104,14 @@ async def test_billing_killed_mid_reservation_charges_nothing(make_settings, tmp
 
 
 
-async def test_a_submission_retried_after_its_charge_was_settled_elsewhere_goes_through(make_settings, tmp_path):
-    """The first attempt's outcome is unknown (billing died mid-reservation) and its
-    compensation reached billing, but not its answer: the coordinator still holds the
-    reservation as pending when the client sends the request again under the same
-    Idempotency-Key (the same run id). That attempt must not end for good (billing refuses
-    the spent key): a 503 that makes and charges nothing, and the next attempt goes through."""
-    marker = tmp_path / "crash-billing"
+async def after_an_unknown_outcome(make_settings, tmp_path, crash_at: str, dies: str):
+    """A stack whose first submission, under a run id (as the gateway names one from an
+    Idempotency-Key), died with the ``dies`` service at crash point ``crash_at``; that
+    service is back. The sweep leaves the pending charge alone (its timeout is long).
+    Returns (stack, tenant, template, run_id)."""
+    marker = tmp_path / "crash"
     settings = await make_settings(credit_intent_timeout_s=600, request_timeout_s=3)
-    stack = await ProcStack(settings, env={"REDRIVE_CRASH_AT_BILLING_BEFORE_COMMIT": str(marker)}).start(
+    stack = await ProcStack(settings, env={f"REDRIVE_CRASH_AT_{crash_at.upper()}": str(marker)}).start(
         "billing", "coordinator", "executor")
     try:
         tenant = await stack.tenant(monthly=10)
@@ -120,16 +119,45 @@ async def test_a_submission_retried_after_its_charge_was_settled_elsewhere_goes_
         run_id = uuid.uuid4().hex
         marker.touch()
         await expect_error("service_unavailable", stack.submit(tenant, template, 2, run_id=run_id))
-        await stack.wait_services("billing")
-        db = await asyncpg.connect(settings.database_url)
+        await stack.wait_services(dies)
+    except BaseException:
+        await stack.stop()
+        raise
+    return stack, tenant, template, run_id
+
+
+async def compensation_unanswered(stack, tenant: str, run_id: str) -> None:
+    """What the coordinator's compensation of the run's charge asks of billing, answered to no one."""
+    await stack.call("billing", "refund", tenant_id=tenant, idempotency_key=f"{run_id}:refund:0",
+                     of_key=f"{run_id}:initiate", run_id=run_id, actor="system:compensation")
+
+
+async def made_at_the_next_try(stack, tenant: str, template: str, run_id: str) -> None:
+    """The same request again is a 503 that made and charged nothing; the one after makes the run."""
+    refused = await expect_error("service_unavailable", stack.submit(tenant, template, 2, run_id=run_id))
+    assert refused.details["outcome"] == "none" and "nothing was made or charged" in refused.message
+    run = await stack.submit(tenant, template, 2, run_id=run_id)
+    assert run["id"] == run_id
+    assert (await stack.wait_run(tenant, run_id))["status"] == "COMPLETED"
+
+
+async def test_a_submission_retried_after_its_charge_was_settled_elsewhere_goes_through(make_settings, tmp_path):
+    """The first attempt's outcome is unknown (billing died mid-reservation) and its
+    compensation reached billing, but not its answer: the coordinator still holds the
+    reservation as pending when the client sends the request again under the same
+    Idempotency-Key (the same run id). That attempt must not end for good (billing refuses
+    the spent key): a 503 that makes and charges nothing, and the next attempt goes through."""
+    stack, tenant, template, run_id = await after_an_unknown_outcome(make_settings, tmp_path, "billing_before_commit",
+                                                                     "billing")
+    try:
+        db = await asyncpg.connect(stack.settings.database_url)
         try:
             async def intent_state():
                 return await db.fetchval("SELECT state FROM coordinator.credit_intents WHERE key = $1",
                                          f"{run_id}:initiate")
 
             if await intent_state() == "pending":  # billing was back before the compensation was sent: send it
-                await stack.call("billing", "refund", tenant_id=tenant, idempotency_key=f"{run_id}:refund:0",
-                                 of_key=f"{run_id}:initiate", run_id=run_id, actor="system:compensation")
+                await compensation_unanswered(stack, tenant, run_id)
             else:  # the compensation was done: its answer is what we lose
                 assert await intent_state() == "compensated"
                 await db.execute("UPDATE coordinator.credit_intents SET state = 'pending' WHERE key = $1",
@@ -137,11 +165,7 @@ async def test_a_submission_retried_after_its_charge_was_settled_elsewhere_goes_
         finally:
             await db.close()
         assert [e["kind"] for e in await stack.ledger(tenant) if e["kind"] in ("charge", "void")] == ["void"]
-        refused = await expect_error("service_unavailable", stack.submit(tenant, template, 2, run_id=run_id))
-        assert refused.details["outcome"] == "none" and "nothing was made or charged" in refused.message
-        run = await stack.submit(tenant, template, 2, run_id=run_id)
-        assert run["id"] == run_id
-        assert (await stack.wait_run(tenant, run_id))["status"] == "COMPLETED"
+        await made_at_the_next_try(stack, tenant, template, run_id)
         charges = [(e["idempotency_key"], e["amount"]) for e in await stack.ledger(tenant) if e["kind"] == "charge"]
         assert charges == [(f"{run_id}:initiate.1", -2)]
         assert (await stack.call("billing", "balance", tenant_id=tenant))["monthly"]["remaining"] == 8
@@ -154,23 +178,11 @@ async def test_a_submission_replayed_after_its_charge_was_refunded_is_charged_ag
     """Charged, then the coordinator died before the run was made, and its compensation
     (a refund) reached billing without an answer: the same request again must not make the
     run on the refunded charge."""
-    marker = tmp_path / "crash-after-reserve"
-    settings = await make_settings(credit_intent_timeout_s=600, request_timeout_s=3)
-    stack = await ProcStack(settings, env={"REDRIVE_CRASH_AT_AFTER_RESERVE": str(marker)}).start(
-        "billing", "coordinator", "executor")
+    stack, tenant, template, run_id = await after_an_unknown_outcome(make_settings, tmp_path, "after_reserve",
+                                                                     "coordinator")
     try:
-        tenant = await stack.tenant(monthly=10)
-        template = await stack.template(tenant, [{"name": "a", "handler": "noop"}])
-        run_id = uuid.uuid4().hex
-        marker.touch()
-        await expect_error("service_unavailable", stack.submit(tenant, template, 2, run_id=run_id))
-        await stack.wait_services("coordinator")
-        await stack.call("billing", "refund", tenant_id=tenant, idempotency_key=f"{run_id}:refund:0",
-                         of_key=f"{run_id}:initiate", run_id=run_id, actor="system:compensation")
-        refused = await expect_error("service_unavailable", stack.submit(tenant, template, 2, run_id=run_id))
-        assert refused.details["outcome"] == "none"
-        run = await stack.submit(tenant, template, 2, run_id=run_id)
-        assert (await stack.wait_run(tenant, run["id"]))["status"] == "COMPLETED"
+        await compensation_unanswered(stack, tenant, run_id)
+        await made_at_the_next_try(stack, tenant, template, run_id)
         ledger = [(e["kind"], e["idempotency_key"], e["amount"]) for e in await stack.ledger(tenant)
                   if e["kind"] in ("charge", "refund")]
         assert sorted(ledger) == sorted([("charge", f"{run_id}:initiate", -2), ("refund", f"{run_id}:refund:0", 2),

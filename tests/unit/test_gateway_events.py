@@ -2,6 +2,7 @@
 slow client loses events instead of holding anyone up."""
 
 import asyncio
+import contextlib
 import json
 
 from shared.subjects import Names
@@ -74,12 +75,14 @@ class _Bus:
         pass
 
 
-async def test_a_stream_says_when_the_bus_goes_away_and_when_it_is_back():
+@contextlib.asynccontextmanager
+async def _one_stream(bus: "_Bus"):
+    """A live-event stream of tenant acme over ``bus``; yields a reader of its next frame."""
     from aiohttp import web
     from aiohttp.test_utils import TestClient, TestServer
 
-    bus = _Bus()
     hub = EventHub(nc=bus, names=Names("t"), liveness_s=0.02, keepalive_s=60)
+
     async def events(request):
         return await hub.stream(request, "acme", "k1")
 
@@ -91,36 +94,28 @@ async def test_a_stream_says_when_the_bus_goes_away_and_when_it_is_back():
         async def frame() -> bytes:
             return await asyncio.wait_for(response.content.readuntil(b"\n\n"), 5)
 
+        try:
+            yield frame
+        finally:
+            response.close()
+
+
+async def test_a_stream_says_when_the_bus_goes_away_and_when_it_is_back():
+    bus = _Bus()
+    async with _one_stream(bus) as frame:
         assert await frame() == b": connected\n\n"
         bus.is_connected = False
         assert await frame() == b'event: bus\ndata: {"connected":false}\n\n'
         bus.is_connected = True
         assert await frame() == b'event: bus\ndata: {"connected":true}\n\n'
-        response.close()
 
 
 async def test_a_stream_says_the_bus_went_away_also_when_it_came_back_between_two_looks():
     """nats-server restarted: nats-py is connected again within half a second, before the
     stream looks. Events of that gap never came, so the client is told all the same."""
-    from aiohttp import web
-    from aiohttp.test_utils import TestClient, TestServer
-
     bus = _Bus()
-    hub = EventHub(nc=bus, names=Names("t"), liveness_s=0.02, keepalive_s=60)
-
-    async def events(request):
-        return await hub.stream(request, "acme", "k1")
-
-    app = web.Application()
-    app.router.add_get("/events", events)
-    async with TestClient(TestServer(app)) as client:
-        response = await client.get("/events")
-
-        async def frame() -> bytes:
-            return await asyncio.wait_for(response.content.readuntil(b"\n\n"), 5)
-
+    async with _one_stream(bus) as frame:
         assert await frame() == b": connected\n\n"
         bus.stats["reconnects"] += 1  # down and up again, unseen
         assert await frame() == b'event: bus\ndata: {"connected":false}\n\n'
         assert await frame() == b'event: bus\ndata: {"connected":true}\n\n'
-        response.close()
