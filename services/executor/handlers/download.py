@@ -111,6 +111,15 @@ def _saved_validator(meta: Path) -> str | None:
         return None
 
 
+def _saved_size(meta: Path) -> int | None:
+    """The whole size the first response announced, if it did (a 416 may not say it again)."""
+    try:
+        size = json.loads(meta.read_text()).get("size")
+    except (OSError, ValueError, AttributeError):
+        return None
+    return size if isinstance(size, int) else None
+
+
 def _over_limit(max_bytes: int) -> str:
     return f"over the download limit of {max_bytes} bytes ({LIMIT_SETTING})"
 
@@ -170,10 +179,12 @@ async def _fetch(session, ctx: StepContext, url: str, part: Path, meta: Path, wa
     async with outbound.get(session, url, destinations, what="download", headers=headers) as resp:
         if resp.status == 416 and offset:
             total = _RANGE_TOTAL.search(resp.headers.get("Content-Range", ""))
-            total_size = int(total.group(1)) if total else want_size
-            if total_size is None or total_size == offset:
+            total_size = int(total.group(1)) if total else (want_size if want_size is not None else _saved_size(meta))
+            if total_size == offset:
                 return offset  # the part already holds every byte (size/sha are verified next)
-            part.unlink(missing_ok=True)  # larger than the resource: it changed under us
+            # Larger than the resource (it changed under us), or no one says how large it is:
+            # a part cut short must not pass for the whole file.
+            part.unlink(missing_ok=True)
             return None
         raise_for_status(resp.status, resp.headers.get("Retry-After"), f"download {redact_url(url)}")
         if resp.status == 206:
@@ -182,6 +193,11 @@ async def _fetch(session, ctx: StepContext, url: str, part: Path, meta: Path, wa
                 if not offset:
                     raise TransientError(f"download {redact_url(url)}: 206 without a usable Content-Range")
                 part.unlink(missing_ok=True)  # we cannot splice a range we did not ask for
+                return None
+            sent, now = headers.get("If-Range"), _validator(resp.headers)
+            if sent and now and now != sent:
+                # The server ignored If-Range: these bytes are of another version than the part's.
+                part.unlink(missing_ok=True)
                 return None
         else:
             offset = 0  # a 200 to a Range request: server ignored Range, or If-Range failed
@@ -193,7 +209,8 @@ async def _fetch(session, ctx: StepContext, url: str, part: Path, meta: Path, wa
             fh.seek(offset)
             fh.truncate()
             if not offset:
-                meta.write_text(json.dumps({"validator": _validator(resp.headers), "url": url}))
+                meta.write_text(json.dumps({"validator": _validator(resp.headers), "url": url,
+                                            "size": _announced_size(resp, 0)}))
             last_beat = time.monotonic()
             end = offset
             async for chunk in resp.content.iter_chunked(CHUNK):
