@@ -60,6 +60,11 @@ def claim_probe(s: BreakerState, now: float) -> BreakerState:
     return BreakerState("half_open", s.failures, s.opened_at, now + PROBE_LEASE_S)
 
 
+def renew_probe(s: BreakerState, now: float) -> BreakerState | None:
+    """The probe's lease, again from now, while it runs; None once it ended (closed, opened)."""
+    return BreakerState("half_open", s.failures, s.opened_at, now + PROBE_LEASE_S) if s.state == "half_open" else None
+
+
 def on_success(s: BreakerState) -> BreakerState | None:
     """The new state, or None when nothing changes (the common, write-free case)."""
     if s.state == "closed" and s.failures == 0:

@@ -166,6 +166,21 @@ class BreakerBoard:
                                  if breaker.admit(s, time.time()).verdict == "probe" else None)
         return won is not None
 
+    def hold_probe(self, tenant_id: str, dependency: str) -> asyncio.Task:
+        """Renew the claimed probe's lease while its step runs (cancel the task when it ends):
+        a dependency that hangs rather than refuses must not get a second probe beside the
+        first each time a lease runs out. An executor that dies renews nothing, and another
+        may probe when the lease it last wrote runs out."""
+        async def renew() -> None:
+            while True:
+                await asyncio.sleep(breaker.PROBE_LEASE_S / 3)
+                try:
+                    await self._change(tenant_id, dependency, lambda s: breaker.renew_probe(s, time.time()))
+                except Exception as exc:  # the bucket away: the lease may run out, as before
+                    log.debug("breaker.probe_renewal_failed", error=repr(exc))
+
+        return asyncio.create_task(renew(), name="probe-lease")
+
     async def record_success(self, tenant_id: str, dependency: str) -> None:
         found = self._held(_key(tenant_id, dependency), time.time())
         if found is None or breaker.on_success(found[0]) is None:

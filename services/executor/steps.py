@@ -91,6 +91,7 @@ class StepRunner:
                 # the handler, which checks its input, says what is wrong as the step's error.
                 log.warning("step.dependency_unknown", handler=step.handler, error=repr(exc)[:300])
                 dependency = None
+            probing = False
             if dependency and self._breakers is not None:
                 admission = self._breakers.admit(job.tenant_id, dependency)
                 if admission.verdict == "defer" or (
@@ -104,11 +105,13 @@ class StepRunner:
                     wait_s = min(max(admission.delay_s, 0.5), job.retry.breaker_reset_s)
                     return Outcome("defer", index, delay_ms=int((wait_s + jitter_s) * 1000),
                                    dependency=dependency, opened_at=admission.opened_at)
+                probing = admission.verdict == "probe"
             ctx = StepContext(
                 job_id=job.job_id, run_id=job.run_id, tenant_id=job.tenant_id, file_index=file.index, round=job.round,
                 attempt=attempt, step_index=index, step_name=step.name, params=step.params, file=ref,
                 previous_output=output, artifact_root=self._run_dir(job), heartbeat=heartbeat,
             )
+            lease = self._breakers.hold_probe(job.tenant_id, dependency) if probing else None
             try:
                 async with self._deadlines.limit(step.timeout_s):
                     result = await handler.run(ctx)
@@ -119,6 +122,9 @@ class StepRunner:
                 raise
             except Exception as exc:  # classified below: nothing escapes unclassified
                 return await self._failed(job, dependency, classify(exc), attempt, index)
+            finally:
+                if lease is not None:
+                    lease.cancel()
             if dependency and self._breakers is not None:
                 await self._breakers.record_success(job.tenant_id, dependency)
             output = result if isinstance(result, dict) else {"result": result}

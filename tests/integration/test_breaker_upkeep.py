@@ -176,3 +176,35 @@ async def test_the_breakers_verb_reply_stays_within_its_byte_budget(stack, monke
     assert time.perf_counter() - started < 2
     assert 0 < len(listed) < 40 and {x["not_listed"] for x in listed} == {40 - len(listed)}
     assert len(orjson.dumps(listed)) <= 4096
+
+
+async def test_a_probe_that_runs_long_keeps_its_lease_and_no_second_probe_goes_out(nats_bus, monkeypatch):
+    """A dependency that hangs rather than refuses: its probe runs past the lease. While its
+    step runs, the executor renews the lease, so no other job probes beside it; once it
+    stops renewing (the probe ended, or its executor died), another may probe."""
+    from shared import breaker
+
+    monkeypatch.setattr(breaker, "PROBE_LEASE_S", 0.3)
+    nc, js, names = nats_bus
+    a, b = await board(js, names), await board(js, names)  # two executors
+    try:
+        await a.record_failure("t1", "slow.example", threshold=1, reset_s=0.05)
+        while a.admit("t1", "slow.example").verdict != "probe":
+            await asyncio.sleep(0.01)
+        assert await a.claim_probe("t1", "slow.example")
+        lease = a.hold_probe("t1", "slow.example")
+        deadline = time.time() + 4 * breaker.PROBE_LEASE_S  # the probe runs four leases long
+        while time.time() < deadline:
+            assert not await b.claim_probe("t1", "slow.example"), "a second probe beside a running one"
+            await asyncio.sleep(0.05)
+        lease.cancel()
+        claimed = False
+        for _ in range(100):  # its last lease runs out: the next job probes
+            if await b.claim_probe("t1", "slow.example"):
+                claimed = True
+                break
+            await asyncio.sleep(0.02)
+        assert claimed
+    finally:
+        await a.stop()
+        await b.stop()
