@@ -34,7 +34,7 @@ from services.executor.deliveries import delivery_name, later_delivery, same_mes
 from services.executor.file_events import file_event_body, headers as event_headers
 from services.executor.isolation import IsolationGate
 from services.executor.keepalive import KeepAlive
-from services.executor.outcome import Outcome
+from services.executor.outcome import Outcome, StepStopped
 from services.executor.progress import Progress, ProgressStore
 from services.executor.run_stops import RunStops
 from services.executor.seen import Message, SeenDeliveries, delivery_and_message
@@ -103,6 +103,8 @@ class JobRunner:
 
         async def heartbeat() -> None:  # for handlers: in-progress ack, at most once a second
             nonlocal last_beat
+            if self._stopped(job):  # cancelled or stopped meanwhile: a long step ends here
+                raise StepStopped()
             now = time.monotonic()
             if now - last_beat >= 1.0:
                 last_beat = now

@@ -22,3 +22,10 @@ class Outcome:
     # defer: the dependency whose breaker is open, and when that open period began.
     dependency: str | None = None
     opened_at: float | None = None
+
+
+class StepStopped(BaseException):
+    """Raised by ``ctx.heartbeat()`` when the step's run was stopped (cancel, fail_fast)
+    while it ran: a long step stops at its next heartbeat instead of running to its end.
+    Never a failure: the step ends ``stopped``. A BaseException, as asyncio's
+    CancelledError is, so that a handler's ``except Exception`` does not take it for one."""

@@ -27,7 +27,7 @@ from services.executor.breakers import BreakerBoard
 from services.executor.deadlines import Deadlines
 from services.executor.handlers.base import FileRef, StepContext
 from services.executor.handlers.registry import HandlerRegistry
-from services.executor.outcome import Outcome
+from services.executor.outcome import Outcome, StepStopped
 
 log = structlog.get_logger(__name__)
 
@@ -120,6 +120,8 @@ class StepRunner:
                 return await self._failed(job, dependency, error, attempt, index)
             except asyncio.CancelledError:
                 raise
+            except StepStopped:  # its run was stopped: told at a heartbeat (job_runner)
+                return Outcome("stopped", index)
             except Exception as exc:  # classified below: nothing escapes unclassified
                 return await self._failed(job, dependency, classify(exc), attempt, index)
             finally:

@@ -165,3 +165,46 @@ async def test_a_delivery_that_claims_a_batch_after_a_later_one_runs_nothing_and
     late = Msg(batch_job(3), delivered=2)  # waited unstarted while delivery 3 took the batch
     await runner(tmp_path, store, ran).handle(late)
     assert ran == [] and late.said == [] and store.claimed == f"other/{MSG}/3"
+
+
+class _Stops:
+    def __init__(self) -> None:
+        self.stopped_runs: set[str] = set()
+
+    def stopped(self, run_id: str, generation: int) -> bool:
+        return run_id in self.stopped_runs
+
+
+async def test_a_long_step_whose_run_is_cancelled_stops_at_its_next_heartbeat(tmp_path):
+    import asyncio
+
+    from services.executor.handlers.registry import HandlerRegistry
+
+    stops, beats = _Stops(), []
+    registry = HandlerRegistry()
+
+    async def long_step(ctx):
+        for _ in range(500):  # 5 s, were it not stopped
+            try:
+                await ctx.heartbeat()
+            except Exception:  # a handler's own catch-all must not take the stop for a failure
+                raise AssertionError("the stop was caught as an Exception")
+            beats.append(1)
+            if len(beats) == 3:
+                stops.stopped_runs.add(ctx.run_id)  # cancelled meanwhile (the stops map, from the coordinator)
+            await asyncio.sleep(0.01)
+        return {}
+
+    registry.register("long", long_step)
+    job_runner = JobRunner(None, NAMES, StepRunner(registry, None, tmp_path), Store(), KeepAlive(30), stops=stops)
+    published: list[str] = []
+
+    async def publish(job, file_index, outcome, attempt, kind=None):
+        published.append(kind or outcome.kind)
+
+    job_runner._publish = publish
+    job = Job(job_id="r:file:0:r0", run_id="r", tenant_id="ten", template_id="tpl", round=0, idempotency_key="k",
+              file_index=0, file=FileSpec(index=0, name="a.txt"), steps=[StepSpec(name="a", handler="long")])
+    msg = Msg(job, delivered=1)
+    await asyncio.wait_for(job_runner.handle(msg), 2)
+    assert len(beats) == 3 and msg.said == ["ack"] and published == []  # stopped: no result, acked
