@@ -697,7 +697,8 @@ async def test_a_reply_that_is_no_http_is_quoted_short_and_printable(tmp_path):
             with pytest.raises(PermanentError) as failed:
                 await _run(LOCAL, handler, tmp_path / handler, f"http://user:pa55word@127.0.0.1:{port}/?token={SECRET}")
             said = str(failed.value)
-            assert said.startswith(f"{handler} http://127.0.0.1:{port}/: ClientResponseError: 400, Bad status line")
+            # No server said 400: aiohttp's parser refused the answer, and the error says so.
+            assert said.startswith(f"{handler} http://127.0.0.1:{port}/: the answer is not valid HTTP (Bad status line")
             assert len(said) < 400 and said.isprintable() and "N" * 300 not in said, said
             assert "pa55word" not in said and SECRET not in said
     finally:

@@ -119,6 +119,10 @@ def failure(what: str, url: str, exc: BaseException) -> RedriveError:
         return PermanentError(f"{where}: refused: {printable(str(exc.os_error), EXCERPT_CHARS)}")
     if isinstance(exc, aiohttp.InvalidURL):  # its text is the whole URL
         return PermanentError(f"{what}: invalid url {redact_url(url)}")
+    if isinstance(exc, aiohttp.ClientResponseError) and exc.status == 400 and not isinstance(exc, aiohttp.TooManyRedirects):
+        # aiohttp's own parser refusing the answer (the handlers judge real statuses with
+        # http_errors.raise_for_status): no server said 400, and the same server says it again.
+        return PermanentError(f"{where}: the answer is not valid HTTP ({printable(exc.message, EXCERPT_CHARS)})")
     if isinstance(exc, aiohttp.ClientResponseError):  # its text carries the whole URL: say the message only
         said = f"{exc.status}, {printable(exc.message, EXCERPT_CHARS)}"
         cls = TransientError if is_transient_http_status(exc.status) else PermanentError
