@@ -60,9 +60,12 @@ def claim_probe(s: BreakerState, now: float) -> BreakerState:
     return BreakerState("half_open", s.failures, s.opened_at, now + PROBE_LEASE_S)
 
 
-def renew_probe(s: BreakerState, now: float) -> BreakerState | None:
-    """The probe's lease, again from now, while it runs; None once it ended (closed, opened)."""
-    return BreakerState("half_open", s.failures, s.opened_at, now + PROBE_LEASE_S) if s.state == "half_open" else None
+def renew_probe(s: BreakerState, now: float, opened_at: float | None) -> BreakerState | None:
+    """The probe's lease, again from now, while it runs; None once it ended (closed, opened
+    again), and for another open period's probe, which is not the caller's to keep."""
+    if s.state != "half_open" or s.opened_at != opened_at:
+        return None
+    return BreakerState("half_open", s.failures, s.opened_at, now + PROBE_LEASE_S)
 
 
 def on_success(s: BreakerState) -> BreakerState | None:

@@ -171,11 +171,14 @@ class BreakerBoard:
         a dependency that hangs rather than refuses must not get a second probe beside the
         first each time a lease runs out. An executor that dies renews nothing, and another
         may probe when the lease it last wrote runs out."""
+        found = self._held(_key(tenant_id, dependency), time.time())
+        opened_at = found[0].opened_at if found else None  # the open period whose probe this is
+
         async def renew() -> None:
             while True:
                 await asyncio.sleep(breaker.PROBE_LEASE_S / 3)
                 try:
-                    await self._change(tenant_id, dependency, lambda s: breaker.renew_probe(s, time.time()))
+                    await self._change(tenant_id, dependency, lambda s: breaker.renew_probe(s, time.time(), opened_at))
                 except Exception as exc:  # the bucket away: the lease may run out, as before
                     log.debug("breaker.probe_renewal_failed", error=repr(exc))
 

@@ -88,3 +88,12 @@ def test_an_expansion_sends_a_small_first_page_then_full_pages():
     assert page_size({"after_idx": -1}, 2000) == FIRST_PAGE < 2000  # a new round's first jobs go out at once
     assert page_size({"after_idx": FIRST_PAGE - 1}, 2000) == 2000
     assert page_size({"after_idx": -1}, 40) == 40  # never more than a page
+
+
+def test_a_probe_lease_is_renewed_only_for_its_own_open_period_while_half_open():
+    probing = breaker.BreakerState("half_open", 3, opened_at=100.0, next_probe_at=160.0)
+    assert breaker.renew_probe(probing, 150.0, opened_at=100.0).next_probe_at == 150.0 + breaker.PROBE_LEASE_S
+    # Another period's probe (opened again, then claimed by another executor): not ours to keep.
+    assert breaker.renew_probe(probing, 150.0, opened_at=90.0) is None
+    assert breaker.renew_probe(breaker.BreakerState("open", 3, 100.0, 200.0), 150.0, opened_at=100.0) is None
+    assert breaker.renew_probe(breaker.BreakerState(), 150.0, opened_at=100.0) is None  # closed

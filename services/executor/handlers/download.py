@@ -104,6 +104,30 @@ def _validator(headers) -> str | None:
     return etag if etag and not etag.startswith("W/") else headers.get("Last-Modified")
 
 
+def _another_version(saved: dict, headers) -> bool:
+    """Whether a 206's validators name another version than the part's: an ETag against an
+    ETag (the weak form compared as the strong: a CDN may weaken it), or a Last-Modified
+    against a Last-Modified. Either missing on one side proves nothing: as before."""
+    def tag(value: str | None) -> str | None:
+        return value.removeprefix("W/") if value else None
+
+    was = saved.get("validator")  # a sidecar written before both were kept: the one sent
+    quoted = isinstance(was, str) and was.removeprefix("W/").startswith('"')
+    etag, was_etag = tag(headers.get("ETag")), tag(saved.get("etag") or (was if quoted else None))
+    if etag and was_etag:
+        return etag != was_etag
+    modified, was_modified = headers.get("Last-Modified"), saved.get("last_modified") or (None if quoted else was)
+    return bool(modified and was_modified and modified != was_modified)
+
+
+def _sidecar(meta: Path) -> dict:
+    try:
+        found = json.loads(meta.read_text())
+    except (OSError, ValueError):  # missing or torn: as if none
+        return {}
+    return found if isinstance(found, dict) else {}
+
+
 def _saved_validator(meta: Path) -> str | None:
     try:
         return json.loads(meta.read_text()).get("validator")
@@ -194,8 +218,7 @@ async def _fetch(session, ctx: StepContext, url: str, part: Path, meta: Path, wa
                     raise TransientError(f"download {redact_url(url)}: 206 without a usable Content-Range")
                 part.unlink(missing_ok=True)  # we cannot splice a range we did not ask for
                 return None
-            sent, now = headers.get("If-Range"), _validator(resp.headers)
-            if sent and now and now != sent:
+            if _another_version(_sidecar(meta), resp.headers):
                 # The server ignored If-Range: these bytes are of another version than the part's.
                 part.unlink(missing_ok=True)
                 return None
@@ -208,9 +231,11 @@ async def _fetch(session, ctx: StepContext, url: str, part: Path, meta: Path, wa
         with part.open("r+b" if offset else "wb") as fh:
             fh.seek(offset)
             fh.truncate()
+            sidecar = _sidecar(meta) if offset else {
+                "validator": _validator(resp.headers), "etag": resp.headers.get("ETag"),
+                "last_modified": resp.headers.get("Last-Modified"), "url": url, "size": _announced_size(resp, 0)}
             if not offset:
-                meta.write_text(json.dumps({"validator": _validator(resp.headers), "url": url,
-                                            "size": _announced_size(resp, 0)}))
+                meta.write_text(json.dumps(sidecar))
             last_beat = time.monotonic()
             end = offset
             async for chunk in resp.content.iter_chunked(CHUNK):
@@ -222,6 +247,13 @@ async def _fetch(session, ctx: StepContext, url: str, part: Path, meta: Path, wa
                 if ctx.heartbeat is not None and time.monotonic() - last_beat >= HEARTBEAT_EVERY_S:
                     last_beat = time.monotonic()
                     await ctx.heartbeat()
+        total = _announced_size(resp, offset) if resp.status == 206 else sidecar.get("size")
+        if isinstance(total, int) and end < total:
+            # A 206 that stops short of the end (a CDN capping ranges): the next attempt goes on
+            # from here; the part must not pass for the whole file.
+            raise TransientError(f"download {redact_url(url)}: got {end} of {total} bytes")
+        if not isinstance(sidecar.get("size"), int):  # the body ended cleanly: now the size is known
+            meta.write_text(json.dumps({**sidecar, "size": end}))
     return offset
 
 
