@@ -30,7 +30,7 @@ import aiohttp
 
 from shared.destinations import Destinations, redact_url
 from shared.errors import PermanentError, RedriveError, TransientError
-from services.executor.handlers import outbound
+from services.executor.handlers import download_sidecar as sidecar, outbound
 from services.executor.handlers.base import FileRef, StepContext
 from services.executor.handlers.checksum import hash_file
 from services.executor.handlers.http_errors import raise_for_status
@@ -97,53 +97,6 @@ def safe_name(name: str) -> str:
     return safe if safe and safe not in (PART, META) else f"file_{safe or 'download'}"
 
 
-def _validator(headers) -> str | None:
-    # If-Range needs a strong validator (RFC 9110 §13.1.5): a weak ETag would make every
-    # resume come back as a full 200, so fall back to Last-Modified.
-    etag = headers.get("ETag")
-    return etag if etag and not etag.startswith("W/") else headers.get("Last-Modified")
-
-
-def _another_version(saved: dict, headers) -> bool:
-    """Whether a 206's validators name another version than the part's: an ETag against an
-    ETag (the weak form compared as the strong: a CDN may weaken it), or a Last-Modified
-    against a Last-Modified. Either missing on one side proves nothing: as before."""
-    def tag(value: str | None) -> str | None:
-        return value.removeprefix("W/") if value else None
-
-    was = saved.get("validator")  # a sidecar written before both were kept: the one sent
-    quoted = isinstance(was, str) and was.removeprefix("W/").startswith('"')
-    etag, was_etag = tag(headers.get("ETag")), tag(saved.get("etag") or (was if quoted else None))
-    if etag and was_etag:
-        return etag != was_etag
-    modified, was_modified = headers.get("Last-Modified"), saved.get("last_modified") or (None if quoted else was)
-    return bool(modified and was_modified and modified != was_modified)
-
-
-def _sidecar(meta: Path) -> dict:
-    try:
-        found = json.loads(meta.read_text())
-    except (OSError, ValueError):  # missing or torn: as if none
-        return {}
-    return found if isinstance(found, dict) else {}
-
-
-def _saved_validator(meta: Path) -> str | None:
-    try:
-        return json.loads(meta.read_text()).get("validator")
-    except (OSError, ValueError, AttributeError):  # missing or torn sidecar: resume without If-Range
-        return None
-
-
-def _saved_size(meta: Path) -> int | None:
-    """The whole size the first response announced, if it did (a 416 may not say it again)."""
-    try:
-        size = json.loads(meta.read_text()).get("size")
-    except (OSError, ValueError, AttributeError):
-        return None
-    return size if isinstance(size, int) else None
-
-
 def _over_limit(max_bytes: int) -> str:
     return f"over the download limit of {max_bytes} bytes ({LIMIT_SETTING})"
 
@@ -198,12 +151,13 @@ async def _fetch(session, ctx: StepContext, url: str, part: Path, meta: Path, wa
     headers = {"Accept-Encoding": "identity"}
     if offset:
         headers["Range"] = f"bytes={offset}-"
-        if validator := _saved_validator(meta):
-            headers["If-Range"] = validator
+        if sent := sidecar.read(meta).get("validator"):
+            headers["If-Range"] = sent
     async with outbound.get(session, url, destinations, what="download", headers=headers) as resp:
         if resp.status == 416 and offset:
             total = _RANGE_TOTAL.search(resp.headers.get("Content-Range", ""))
-            total_size = int(total.group(1)) if total else (want_size if want_size is not None else _saved_size(meta))
+            total_size = int(total.group(1)) if total else (
+                want_size if want_size is not None else sidecar.saved_size(sidecar.read(meta)))
             if total_size == offset:
                 return offset  # the part already holds every byte (size/sha are verified next)
             # Larger than the resource (it changed under us), or no one says how large it is:
@@ -218,7 +172,7 @@ async def _fetch(session, ctx: StepContext, url: str, part: Path, meta: Path, wa
                     raise TransientError(f"download {redact_url(url)}: 206 without a usable Content-Range")
                 part.unlink(missing_ok=True)  # we cannot splice a range we did not ask for
                 return None
-            if _another_version(_sidecar(meta), resp.headers):
+            if sidecar.another_version(sidecar.read(meta), resp.headers):
                 # The server ignored If-Range: these bytes are of another version than the part's.
                 part.unlink(missing_ok=True)
                 return None
@@ -231,11 +185,9 @@ async def _fetch(session, ctx: StepContext, url: str, part: Path, meta: Path, wa
         with part.open("r+b" if offset else "wb") as fh:
             fh.seek(offset)
             fh.truncate()
-            sidecar = _sidecar(meta) if offset else {
-                "validator": _validator(resp.headers), "etag": resp.headers.get("ETag"),
-                "last_modified": resp.headers.get("Last-Modified"), "url": url, "size": _announced_size(resp, 0)}
+            kept = sidecar.read(meta) if offset else sidecar.first(resp.headers, url, _announced_size(resp, 0))
             if not offset:
-                meta.write_text(json.dumps(sidecar))
+                meta.write_text(json.dumps(kept))
             last_beat = time.monotonic()
             end = offset
             async for chunk in resp.content.iter_chunked(CHUNK):
@@ -247,13 +199,13 @@ async def _fetch(session, ctx: StepContext, url: str, part: Path, meta: Path, wa
                 if ctx.heartbeat is not None and time.monotonic() - last_beat >= HEARTBEAT_EVERY_S:
                     last_beat = time.monotonic()
                     await ctx.heartbeat()
-        total = _announced_size(resp, offset) if resp.status == 206 else sidecar.get("size")
-        if isinstance(total, int) and end < total:
+        total = _announced_size(resp, offset) if resp.status == 206 else sidecar.saved_size(kept)
+        if total is not None and end < total:
             # A 206 that stops short of the end (a CDN capping ranges): the next attempt goes on
             # from here; the part must not pass for the whole file.
             raise TransientError(f"download {redact_url(url)}: got {end} of {total} bytes")
-        if not isinstance(sidecar.get("size"), int):  # the body ended cleanly: now the size is known
-            meta.write_text(json.dumps({**sidecar, "size": end}))
+        if sidecar.saved_size(kept) is None:  # the body ended cleanly: now the size is known
+            meta.write_text(json.dumps({**kept, "size": end}))
     return offset
 
 
