@@ -184,22 +184,24 @@ async def test_a_probe_that_runs_long_keeps_its_lease_and_no_second_probe_goes_o
     stops renewing (the probe ended, or its executor died), another may probe."""
     from shared import breaker
 
-    monkeypatch.setattr(breaker, "PROBE_LEASE_S", 0.3)
+    monkeypatch.setattr(breaker, "PROBE_LEASE_S", 1.0)  # renewed every third of it
     nc, js, names = nats_bus
-    a, b = await board(js, names), await board(js, names)  # two executors
+    # Two executors; breakers kept well past the test (the short idle TTL of the other tests
+    # would let the bucket forget this one between two renewals on a loaded machine).
+    a, b = await board(js, names, idle_ttl_s=30), await board(js, names, idle_ttl_s=30)
     try:
         await a.record_failure("t1", "slow.example", threshold=1, reset_s=0.05)
         while a.admit("t1", "slow.example").verdict != "probe":
             await asyncio.sleep(0.01)
         assert await a.claim_probe("t1", "slow.example")
         lease = a.hold_probe("t1", "slow.example")
-        deadline = time.time() + 4 * breaker.PROBE_LEASE_S  # the probe runs four leases long
+        deadline = time.time() + 3 * breaker.PROBE_LEASE_S  # the probe runs three leases long
         while time.time() < deadline:
             assert not await b.claim_probe("t1", "slow.example"), "a second probe beside a running one"
             await asyncio.sleep(0.05)
         lease.cancel()
         claimed = False
-        for _ in range(100):  # its last lease runs out: the next job probes
+        for _ in range(200):  # its last lease runs out: the next job probes
             if await b.claim_probe("t1", "slow.example"):
                 claimed = True
                 break
