@@ -68,6 +68,15 @@ def renew_probe(s: BreakerState, now: float, opened_at: float | None) -> Breaker
     return BreakerState("half_open", s.failures, s.opened_at, now + PROBE_LEASE_S)
 
 
+def release_probe(s: BreakerState, now: float, opened_at: float | None) -> BreakerState | None:
+    """A probe that ended with no verdict (its run was stopped mid-step): the dependency
+    told nothing, so the next job probes at once instead of after the lease. None when the
+    probe is not the caller's to give back (as renew_probe)."""
+    if s.state != "half_open" or s.opened_at != opened_at:
+        return None
+    return BreakerState("half_open", s.failures, s.opened_at, now)
+
+
 def on_success(s: BreakerState) -> BreakerState | None:
     """The new state, or None when nothing changes (the common, write-free case)."""
     if s.state == "closed" and s.failures == 0:

@@ -184,6 +184,14 @@ class BreakerBoard:
 
         return asyncio.create_task(renew(), name="probe-lease")
 
+    async def release_probe(self, tenant_id: str, dependency: str, opened_at: float | None) -> None:
+        """Give the probe back unanswered (see breaker.release_probe); if the bucket is away,
+        its lease runs out instead."""
+        try:
+            await self._change(tenant_id, dependency, lambda s: breaker.release_probe(s, time.time(), opened_at))
+        except Exception as exc:
+            log.debug("breaker.probe_release_failed", error=repr(exc))
+
     async def record_success(self, tenant_id: str, dependency: str) -> None:
         found = self._held(_key(tenant_id, dependency), time.time())
         if found is None or breaker.on_success(found[0]) is None:

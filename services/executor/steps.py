@@ -91,7 +91,7 @@ class StepRunner:
                 # the handler, which checks its input, says what is wrong as the step's error.
                 log.warning("step.dependency_unknown", handler=step.handler, error=repr(exc)[:300])
                 dependency = None
-            probing = False
+            probing, opened_at = False, None
             if dependency and self._breakers is not None:
                 admission = self._breakers.admit(job.tenant_id, dependency)
                 if admission.verdict == "defer" or (
@@ -105,7 +105,7 @@ class StepRunner:
                     wait_s = min(max(admission.delay_s, 0.5), job.retry.breaker_reset_s)
                     return Outcome("defer", index, delay_ms=int((wait_s + jitter_s) * 1000),
                                    dependency=dependency, opened_at=admission.opened_at)
-                probing = admission.verdict == "probe"
+                probing, opened_at = admission.verdict == "probe", admission.opened_at
             ctx = StepContext(
                 job_id=job.job_id, run_id=job.run_id, tenant_id=job.tenant_id, file_index=file.index, round=job.round,
                 attempt=attempt, step_index=index, step_name=step.name, params=step.params, file=ref,
@@ -121,6 +121,9 @@ class StepRunner:
             except asyncio.CancelledError:
                 raise
             except StepStopped:  # its run was stopped: told at a heartbeat (job_runner)
+                if probing:  # no verdict on the dependency: the next job may probe at once
+                    lease.cancel()  # first: a renewal after the release would hold the probe again
+                    await self._breakers.release_probe(job.tenant_id, dependency, opened_at)
                 return Outcome("stopped", index)
             except Exception as exc:  # classified below: nothing escapes unclassified
                 return await self._failed(job, dependency, classify(exc), attempt, index)

@@ -210,3 +210,39 @@ async def test_a_probe_that_runs_long_keeps_its_lease_and_no_second_probe_goes_o
     finally:
         await a.stop()
         await b.stop()
+
+
+async def test_a_probe_whose_run_is_stopped_mid_step_is_given_back_at_once(nats_bus, tmp_path):
+    """The probe's step ended "stopped" (its run was cancelled): the dependency told nothing,
+    so the next job probes at once, not after the probe's lease (a minute)."""
+    from shared.messages import FileSpec, Job, StepSpec
+    from services.executor.handlers.registry import HandlerRegistry
+    from services.executor.outcome import StepStopped
+    from services.executor.steps import StepRunner
+
+    nc, js, names = nats_bus
+    a, b = await board(js, names, idle_ttl_s=30), await board(js, names, idle_ttl_s=30)
+    registry = HandlerRegistry()
+
+    async def calls_out(ctx):
+        await ctx.heartbeat()
+
+    registry.register("h", calls_out, dependency_of=lambda params, file: "api.example")
+    job = Job(job_id="r:file:0:r0", run_id="r", tenant_id="t1", template_id="tpl", round=0, idempotency_key="k",
+              files=[FileSpec(index=0, name="a.txt")], steps=[StepSpec(name="s", handler="h")])
+
+    async def run_stopped() -> None:
+        raise StepStopped()
+
+    try:
+        await a.record_failure("t1", "api.example", threshold=1, reset_s=0.05)
+        while a.admit("t1", "api.example").verdict != "probe":
+            await asyncio.sleep(0.01)
+        outcome = await StepRunner(registry, a, tmp_path).run_file(
+            job, job.files[0], attempt=1, start_step=0, previous_output=None, heartbeat=run_stopped,
+            on_checkpoint=None)
+        assert outcome.kind == "stopped"
+        assert await b.claim_probe("t1", "api.example"), "the stopped probe still holds its lease"
+    finally:
+        await a.stop()
+        await b.stop()

@@ -97,3 +97,11 @@ def test_a_probe_lease_is_renewed_only_for_its_own_open_period_while_half_open()
     assert breaker.renew_probe(probing, 150.0, opened_at=90.0) is None
     assert breaker.renew_probe(breaker.BreakerState("open", 3, 100.0, 200.0), 150.0, opened_at=100.0) is None
     assert breaker.renew_probe(breaker.BreakerState(), 150.0, opened_at=100.0) is None  # closed
+
+
+def test_a_probe_given_back_unanswered_lets_the_next_job_probe_at_once():
+    probing = breaker.claim_probe(breaker.BreakerState("open", 3, 100.0, 130.0), 140.0)
+    released = breaker.release_probe(probing, 150.0, opened_at=100.0)
+    assert released.state == "half_open" and breaker.admit(released, 150.0).verdict == "probe"
+    assert breaker.release_probe(probing, 150.0, opened_at=90.0) is None  # another open period's probe
+    assert breaker.release_probe(breaker.BreakerState(), 150.0, opened_at=100.0) is None  # closed meanwhile
