@@ -30,7 +30,9 @@ from shared.subjects import Names
 
 
 def main(files: int = 10_000, handler: str = "noop", executors: int = 1, data_dir: Path | None = None,
-         repeat: int = 3) -> dict:
+         repeat: int = 3, rounds_shown: bool = True) -> dict:
+    """Prints a JSON line per round as it ends (unless ``rounds_shown`` is false: then the
+    summary alone, one JSON document for scripts), then the summary."""
     scratch = data_dir is None
     data_dir = Path(data_dir or tempfile.mkdtemp(prefix="redrive-bench-"))
     port = free_port()
@@ -68,7 +70,8 @@ def main(files: int = 10_000, handler: str = "noop", executors: int = 1, data_di
         rounds = []
         for i in range(repeat):
             rounds.append(_round(api, stack, settings, finished, template["id"], files, data_dir))
-            print(json.dumps({"round": i + 1, **rounds[-1]}), flush=True)
+            if rounds_shown:
+                print(json.dumps({"round": i + 1, **rounds[-1]}), flush=True)
         stop.set()
         finished.close()
         median = sorted(rounds, key=lambda r: r["ratio_to_limit"])[len(rounds) // 2]
@@ -81,7 +84,7 @@ def main(files: int = 10_000, handler: str = "noop", executors: int = 1, data_di
             "median_round": median,
             "peak_rss_mb": {k: round(v / 2**20) for k, v in sorted(peak.items())},
         }
-        print(json.dumps(result, indent=2))
+        print(json.dumps({**result, "every_round": rounds} if not rounds_shown else result, indent=2))
         return result
     finally:
         stop.set()

@@ -220,11 +220,15 @@ def _attention_table(runs: list, items: list) -> Table:
 @app.command()
 def inspect(data_dir: Optional[Path] = DataDir, as_json: bool = JsonOut) -> None:
     """Streams, consumers and services, as `nats stream info` / `nats micro ls` would show."""
-    from redrive.inspect import inspect_system
+    from redrive.inspect import inspect_system, render
 
     settings = _settings(data_dir)
     require(settings, nats=True)
-    _print(asyncio.run(inspect_system(settings)), as_json)
+    found = asyncio.run(inspect_system(settings))
+    if as_json:
+        _print(found, True)
+    else:
+        typer.echo(render(found))
 
 
 @app.command()
@@ -238,6 +242,8 @@ def bench(
     # would open the live JetStream store.
     data_dir: Optional[Path] = typer.Option(None, "--data-dir", help="Where the bench keeps its own servers' data "
                                             "(default: a scratch directory, removed after)."),
+    as_json: bool = typer.Option(False, "--json", help="One JSON document (every round's figures in it) instead of "
+                                                      "a line per round as it ends, then the summary."),
 ) -> None:
     """End-to-end throughput through the real services, and the hand-written limit."""
     from bench.e2e import main as bench_main
@@ -256,7 +262,8 @@ def bench(
             _fail(f"{exc}. The bench starts servers of its own: give it a directory of its own, or none "
                   "(a scratch one)", code=2)
     try:
-        result = bench_main(files=files, handler=handler, executors=executors, data_dir=data_dir, repeat=repeat)
+        result = bench_main(files=files, handler=handler, executors=executors, data_dir=data_dir, repeat=repeat,
+                            rounds_shown=not as_json)
     except ApiError as exc:  # e.g. 413: the run's files do not fit in one request
         _fail(f"the system refused the benchmark's request: {exc}")
     except RuntimeError as exc:
@@ -264,7 +271,7 @@ def bench(
     if data_dir is not None:
         held.close()
     if not result["exact"]:  # figures of a run that lost or double-counted files mean nothing
-        _fail("a round was not exact (counts or credits): see its line above")
+        _fail("a round was not exact (counts or credits): see its figures above")
 
 
 @app.command()

@@ -119,8 +119,7 @@ ROUTE_ERRORS: dict[str, list[Reason]] = {
         _WITHDRAWN, _NO_HANDLER,
     ],
     "coordinator.skip_file": [
-        ("file_not_failed", "the file is not FAILED or ERROR"),
-        ("step_not_optional", "the file's failed step is not optional"),
+        ("step_not_optional", "the file is not FAILED or ERROR, or its failed step is not optional"),
         ("not_found", "no such run in the tenant, or no such file in it"), _RUN_BUSY,
         ("conflict", "the run was cancelled"),
     ],

@@ -8,10 +8,10 @@ re-exported here; the rest are the gateway's own.
 
 from __future__ import annotations
 
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 from multidict import MultiMapping
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from shared.messages import FileStatus, ServiceError
 from shared.requests import RestoreBody, RunBody, SettingsBody, TemplateBody, field_errors
@@ -42,9 +42,25 @@ class _Query(BaseModel):
     # Unknown query parameters (cache busters…) are ignored, not refused.
     model_config = ConfigDict(extra="ignore", populate_by_name=True)
 
+    @model_validator(mode="before")
+    @classmethod
+    def _empty_is_unset(cls, data: Any) -> Any:
+        # api.md writes its queries as templates (``?status=&limit=&cursor=``): a client that
+        # fills in only some of them sends the rest empty, which means "not given".
+        if isinstance(data, dict):
+            return {k: v for k, v in data.items() if v != ""}
+        return data
+
+
+def page_size(largest: int) -> Any:
+    """A ``limit``: at least 1; above ``largest`` it counts as ``largest`` (api.md sets no
+    bound, so a client asking for more gets a full page and a cursor, not a refusal)."""
+    return Annotated[int, Field(ge=1, description=f"at most {largest} items come back; a larger value counts as {largest}"),
+                     AfterValidator(lambda v: min(v, largest))]
+
 
 class PageQuery(_Query):
-    limit: int | None = Field(default=None, ge=1, le=500)
+    limit: page_size(500) | None = None
     cursor: str | None = Field(default=None, max_length=500)
 
 
@@ -66,7 +82,7 @@ class RunFilesQuery(_Query):
     """A page of a run's files (a run body carries at most 1,000: replies cross NATS)."""
 
     file_offset: int | None = Field(default=None, ge=0, le=2**31 - 1)  # a PostgreSQL integer: beyond, the query fails
-    file_limit: int | None = Field(default=None, ge=1, le=1000)
+    file_limit: page_size(1000) | None = None
     # Only files in these statuses, comma-separated: ?file_status=FAILED,ERROR
     file_status: list[FileStatus] | None = Field(default=None, min_length=1, max_length=6)
 
@@ -80,18 +96,18 @@ class NotificationsQuery(_Query):
     # Sent on as unread_only: true, the unread ones only; false, the read ones only; unset, all.
     unread_only: bool | None = Field(default=None, validation_alias="unread",
                                      description="true: unread ones only; false: read ones only; unset: all")
-    limit: int | None = Field(default=None, ge=1, le=200)
+    limit: page_size(200) | None = None
     cursor: str | None = Field(default=None, max_length=500)
 
 
 class TimelineQuery(_Query):
-    limit: int | None = Field(default=None, ge=1, le=1000)
+    limit: page_size(1000) | None = None
     cursor: str | None = Field(default=None, max_length=30)
 
 
 class DeliveriesQuery(_Query):
     status: Literal["pending", "delivered", "failed"] | None = None
-    limit: int | None = Field(default=None, ge=1, le=200)
+    limit: page_size(200) | None = None
     cursor: str | None = Field(default=None, max_length=200)  # (created_at, public id) of the last one, base64
 
 

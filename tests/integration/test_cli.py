@@ -9,6 +9,8 @@ import sys
 
 import pytest
 
+from shared.subjects import Names
+
 
 def redrive(settings, *args):
     env = {**os.environ, "NATS_URL": settings.nats_url, "DATABASE_URL": settings.database_url,
@@ -145,5 +147,15 @@ async def test_commands_given_only_the_data_dir_use_the_prefix_of_its_up(make_se
     found = inspect()
     assert found["prefix"] == settings.prefix
     assert all("error" not in stream for stream in found["streams"].values()), found["streams"]  # its streams exist
+    names = Names(settings.prefix)
+    # What `nats stream info` shows of them, the advisories stream included (messaging.md).
+    assert set(found["streams"]) == {names.jobs_stream, names.events_stream, names.advisories_stream}
+    jobs = found["streams"][names.jobs_stream]
+    assert jobs["retention"] == "workqueue" and jobs["storage"] == "file" and jobs["duplicate_window_s"] > 0
+    assert jobs["subjects"] == [names.jobs_all] and jobs["messages"] == 0
+    plain = subprocess.run([sys.executable, "-m", "redrive", "inspect"], env=env, capture_output=True, text=True,
+                           timeout=60)
+    assert plain.returncode == 0, plain.stderr
+    assert f"Stream {names.jobs_stream}  subjects {jobs['subjects'][0]}  workqueue, file" in plain.stdout
     assert inspect(NATS_URL=settings.nats_url)["prefix"] == settings.prefix  # the stack's NATS, named in the environment
     assert inspect(REDRIVE_PREFIX="other")["prefix"] == "other"

@@ -210,8 +210,8 @@ async def test_refusals_of_the_run_actions_are_documented(api):
     await api.ask("POST", "/workflow-runs/{run_id}/recover", 409, code="run_not_recoverable", run_id=run_id)
     await api.ask("POST", "/workflows/{run_id}/recover", 409, code="run_not_recoverable", run_id=run_id)
     await api.ask("POST", "/workflow-runs/{run_id}/cancel", 409, code="conflict", run_id=run_id)
-    for action in ("retry", "skip"):
-        await api.ask("POST", f"/workflow-runs/{{run_id}}/files/{{file_index}}/{action}", 400, code="file_not_failed",
+    for action, code in (("retry", "file_not_failed"), ("skip", "step_not_optional")):
+        await api.ask("POST", f"/workflow-runs/{{run_id}}/files/{{file_index}}/{action}", 400, code=code,
                       run_id=run_id, file_index=0)
         await api.ask("POST", f"/workflow-runs/{{run_id}}/files/{{file_index}}/{action}", 404, code="not_found",
                       run_id=run_id, file_index=9)

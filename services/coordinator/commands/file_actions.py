@@ -120,7 +120,10 @@ async def _skip_file(deps: Deps, cmd: FileRef, wait_s: float) -> dict:
     async with transaction(deps.engine) as conn:
         run, f = await _locked_file(conn, cmd, wait_s)
         if f["status"] not in ("FAILED", "ERROR"):
-            raise ServiceError("file_not_failed", f"only a FAILED or ERROR file can be skipped (this one is {f['status']})")
+            # api.md's one refusal of a skip: a file that has not failed has no failed step
+            # that could be optional.
+            raise ServiceError("step_not_optional",
+                               f"only a FAILED or ERROR file can be skipped (this one is {f['status']})")
         template = await store.load_template(conn, run["tenant_id"], run["template_id"], include_archived=True)
         step = f["failed_step"]
         if not skippable(f, optional_steps(template["steps"])):
