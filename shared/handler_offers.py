@@ -9,9 +9,14 @@ judged and every handler is accepted.
 
 Keys are the names hex-encoded (KV keys allow few characters; handler names allow any).
 
-Each executor also puts its slots (``REDRIVE_EXECUTOR_CONCURRENCY``) under
-``executors.<its id>`` when it starts and again every ``ALIVE_S``, and deletes it when it
-stops; the coordinator counts the slots of the executors heard from within ``LIVE_S``
+Each executor also puts its slots (``REDRIVE_EXECUTOR_CONCURRENCY``) and its handlers'
+names under ``executors.<its id>`` when it starts and again every ``ALIVE_S``, and deletes
+it when it stops. While executors are alive, a handler is judged by theirs: one that only
+an executor gone offered (the system restarted without its REDRIVE_HANDLERS) is refused
+before a Continue is charged for files no executor can run. With none alive (a deploy in
+progress, all of them down) the week's names judge, so that work can still be queued;
+likewise while an executor alive is of a release that does not name its handlers.
+The executors' entries: the coordinator counts the slots of the executors heard from within ``LIVE_S``
 (a crashed executor stops counting then: the bucket's TTL is a week). The tenants' windows
 follow them (services/coordinator/jobs.py: Window). An entry without ``slots`` counts as the
 default concurrency; no live entry at all (executors of a release before this one, or none
@@ -97,7 +102,7 @@ class HandlerOffer:
             await kv.put(name.encode().hex(), name.encode())
 
     async def _put_slots(self, kv) -> None:
-        await kv.put(self._key, orjson.dumps({"slots": self._slots}))
+        await kv.put(self._key, orjson.dumps({"slots": self._slots, "handlers": self._handler_names}))
 
     @staticmethod
     async def _again(put, kv, every_s: float) -> None:
@@ -126,14 +131,19 @@ async def put_until_answered(put, kv, *, attempts: int = 20, delay_s: float = 0.
             await asyncio.sleep(delay_s)
 
 
-def _slots_of(value: bytes) -> int:
+def _slots_and_handlers(value: bytes) -> tuple[int, frozenset[str] | None]:
+    """An executor's entry: its slots (DEFAULT_SLOTS when it names none), and its handlers
+    (None when it does not name them: an executor of an older release)."""
     try:
-        slots = orjson.loads(value).get("slots")
+        data = orjson.loads(value)
+        slots, handlers = data.get("slots"), data.get("handlers")
     except (orjson.JSONDecodeError, AttributeError):
-        slots = None
+        slots = handlers = None
     if not isinstance(slots, int) or isinstance(slots, bool) or slots < 1:
-        return DEFAULT_SLOTS
-    return min(slots, 1_000_000)
+        slots = DEFAULT_SLOTS
+    named = (frozenset(h for h in handlers if isinstance(h, str))
+             if isinstance(handlers, list) else None)
+    return min(slots, 1_000_000), named
 
 
 class OfferedHandlers(BucketMirror):
@@ -146,7 +156,8 @@ class OfferedHandlers(BucketMirror):
         super().__init__(js, names, replicas)
         self._offered: set[str] = set()
         self._clock = clock
-        self._executors: dict[str, tuple[int, float]] = {}  # key: (slots, when last heard of)
+        # key: (slots, when last heard of, its handlers or None)
+        self._executors: dict[str, tuple[int, float, frozenset[str] | None]] = {}
 
     async def _bucket(self):
         return await ensure_bucket(self._js, self._names, self._replicas)
@@ -172,23 +183,34 @@ class OfferedHandlers(BucketMirror):
                 self._executors.pop(entry.key, None)
                 return
         if entry.value:
-            self._executors[entry.key] = (_slots_of(entry.value), self._clock())
+            slots, handlers = _slots_and_handlers(entry.value)
+            self._executors[entry.key] = (slots, self._clock(), handlers)
         else:  # the executor stopped
             self._executors.pop(entry.key, None)
+
+    def _alive(self) -> list[tuple[int, float, frozenset[str] | None]]:
+        """The executors heard from within LIVE_S (the others are forgotten)."""
+        cutoff = self._clock() - LIVE_S
+        for key in [k for k, (_, seen, _) in self._executors.items() if seen < cutoff]:
+            del self._executors[key]
+        return list(self._executors.values())
 
     def slots(self) -> int | None:
         """The slots of the executors alive now (heard from within LIVE_S), together; None
         while none is known."""
-        cutoff = self._clock() - LIVE_S
-        for key in [k for k, (_, seen) in self._executors.items() if seen < cutoff]:
-            del self._executors[key]
-        return sum(slots for slots, _ in self._executors.values()) or None
+        return sum(slots for slots, _, _ in self._alive()) or None
 
     def unknown(self, handlers: Iterable[str]) -> dict[int, str]:
-        """{position: why} for each of ``handlers`` no executor offers (none while nothing is known)."""
-        if not self._offered:
+        """{position: why} for each of ``handlers`` no executor offers (none while nothing is
+        known): the executors alive when they all name theirs, else any within the week."""
+        alive = self._alive()
+        if alive and all(named is not None for _, _, named in alive):
+            offered, who = set().union(*(named for _, _, named in alive)), "no executor running offers"
+        else:
+            offered, who = self._offered, "no executor offers"
+        if not offered:
             return {}
-        offered = ", ".join(sorted(self._offered)[:20])
-        return {i: f"no executor offers the handler {h[:100]!r} (offered: {offered})"
-                for i, h in enumerate(handlers) if h not in self._offered}
+        listed = ", ".join(sorted(offered)[:20])
+        return {i: f"{who} the handler {h[:100]!r} (offered: {listed})"
+                for i, h in enumerate(handlers) if h not in offered}
 

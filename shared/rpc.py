@@ -27,6 +27,7 @@ from nats.micro.service import EndpointConfig, Service
 from pydantic import ValidationError
 
 from shared import tracing
+from shared.db import is_transient_db_error
 from shared.errors import classify, refuses_its_data
 from shared.messages import ServiceError, error_reply, ok_reply
 from shared.requests import field_errors
@@ -129,7 +130,10 @@ class MicroService:
             if refuses_its_data(exc):  # the request's own value: the caller's to fix, not ours
                 log.warning("rpc.value_refused", service=self._service_name, verb=verb, error=repr(exc)[:300])
                 body = error_reply(ServiceError("bad_request", "a value of the request is out of range or malformed"))
-            elif (classified := classify(exc)).transient:
+            elif is_transient_db_error(exc) or (classified := classify(exc)).transient:
+                # A pooled connection that PostgreSQL's restart closed is unavailable, as
+                # PostgreSQL down is (a 503 to retry), not a bug of ours (a 500).
+                classified = classify(exc)
                 # One line, no stack: during an outage every request lands here.
                 log.warning("rpc.dependency_unavailable", service=self._service_name, verb=verb, error=repr(exc)[:300])
                 body = error_reply(ServiceError("dependency_unavailable", "a dependency is unavailable; try again",

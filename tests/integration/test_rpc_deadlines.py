@@ -73,3 +73,24 @@ async def test_a_run_that_would_commit_after_its_caller_stopped_waiting_is_rolle
     assert (await stack.call("coordinator", "list_runs", tenant_id=tenant))["items"] == []
     assert (await stack.call("billing", "balance", tenant_id=tenant))["monthly"]["remaining"] == 10
     await stack.assert_books_balance(tenant)
+
+
+async def test_a_database_connection_lost_under_a_request_is_unavailable_not_internal(stack):
+    """PostgreSQL restarted: a pooled connection it closed fails its statement with an
+    InterfaceError. The caller hears "unavailable, try again" (the gateway's 503), not a 500."""
+    from sqlalchemy.exc import InterfaceError
+
+    from shared.messages import ServiceError
+    from shared.rpc import MicroService, RpcClient
+
+    async def lost(payload):
+        raise InterfaceError("SELECT 1", {}, Exception("connection is closed"))
+
+    service = MicroService(stack.nc, stack.names, "lossy", {"get": lost}, "a service whose database went away")
+    await service.start()
+    try:
+        with pytest.raises(ServiceError) as refused:
+            await RpcClient(stack.nc, stack.names, timeout=5).call("lossy", "get", {})
+        assert refused.value.code == "dependency_unavailable"
+    finally:
+        await service.stop()

@@ -73,3 +73,21 @@ def test_an_entry_put_long_before_the_coordinator_started_is_an_executor_gone():
     long_ago = datetime.datetime.now(datetime.timezone.utc) - datetime.timedelta(hours=1)
     view._apply(_entry("executors.gone", orjson.dumps({"slots": 256}), created=long_ago))
     assert view.slots() is None
+
+
+def test_handlers_are_judged_by_the_executors_alive_and_by_the_weeks_names_when_none_is():
+    """The system restarted without REDRIVE_HANDLERS: its executor offers the built-ins only.
+    A Continue of a run whose step needs the handler gone must be refused before it is
+    charged (it was accepted for a week, and every file ended ERROR "unknown handler")."""
+    view, now = _view()
+    for name in ("noop", "ocr"):  # the week's names: ocr was offered before the restart
+        view._apply(_entry(name.encode().hex(), name.encode()))
+    view._apply(_entry("executors.new", orjson.dumps({"slots": 8, "handlers": ["noop"]})))
+    assert list(view.unknown(["noop", "ocr"])) == [1]
+    assert "no executor running offers the handler 'ocr'" in view.unknown(["ocr"])[0]
+    view._apply(_entry("executors.other", orjson.dumps({"slots": 8, "handlers": ["ocr"]})))
+    assert view.unknown(["noop", "ocr"]) == {}  # a fleet of two kinds: what any of them offers
+    now[0] += LIVE_S + 1  # all of them silent (a deploy in progress): work can still be queued
+    assert view.unknown(["noop", "ocr"]) == {} and list(view.unknown(["pdf"])) == [0]
+    view._apply(_entry("executors.older", orjson.dumps({"slots": 8})))  # names none: cannot judge by it
+    assert view.unknown(["ocr"]) == {}
