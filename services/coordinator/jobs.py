@@ -64,9 +64,21 @@ def job_messages(
     subject = names.job(run["tenant_id"])
     trace_id = run_trace_id(run["id"], run.get("trace_id"))
     if run["mode"] == "batch":
-        job_id = job_id_for(run["id"], None, run["round"])
-        body = orjson.dumps({**common, "job_id": job_id, "start_step": 0, "files": specs, "idempotency_key": job_id})
-        return [Outgoing(subject, body, job_id + msg_suffix, headers_for(job_id, run["tenant_id"], run["id"], trace_id))]
+        # One batch job per round its files are in, each of that round: a file retry or skip
+        # moves the run to a new round while the other files are still PENDING in an earlier
+        # one, and re-published under the run's round their results were all ignored (the
+        # run never finished).
+        by_round: dict[int, list[dict]] = {}
+        for f, spec in zip(files, specs):
+            by_round.setdefault(f.get("round", run["round"]), []).append(spec)
+        batches = []
+        for round_, round_specs in sorted(by_round.items()):
+            job_id = job_id_for(run["id"], None, round_)
+            body = orjson.dumps({**common, "round": round_, "job_id": job_id, "start_step": 0, "files": round_specs,
+                                 "idempotency_key": job_id})
+            batches.append(Outgoing(subject, body, job_id + msg_suffix,
+                                    headers_for(job_id, run["tenant_id"], run["id"], trace_id)))
+        return batches
     # The run's part of every job is serialised once: a job is that head and its own fields
     # (one JSON object, keys disjoint), which costs a third of building each whole.
     # A file's job carries the file's own round, not the run's: a single-file retry or restore

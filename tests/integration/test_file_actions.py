@@ -169,3 +169,48 @@ async def test_the_attention_list_pages_and_counts_each_tenants_runs(stack):
     one = await stack.call("coordinator", "attention", tenant_id=quiet)
     assert [r["id"] for r in one["items"]] == runs[quiet] and one["by_tenant"] == {quiet: 1} and one["total"] == 1
     await expect_error("validation_error", stack.call("coordinator", "attention", tenant_id=None, cursor="x"))
+
+
+async def _stopped_by_fail_fast(stack, tenant, steps, n, mode):
+    """A fail_fast run stopped by f0's ERROR, some files still PENDING (their jobs stopped)."""
+    template = await stack.template(tenant, steps, failure_policy="fail_fast")
+    run = await stack.submit(tenant, template, n, mode=mode)
+    failed = await stack.wait_run(tenant, run["id"])
+    assert failed["status"] == "FAILED" and failed["files"][0]["status"] == "ERROR"
+    assert failed["counts"]["pending"] >= 1, "every file ended before the stop: nothing left to resume"
+    return failed
+
+
+async def test_a_batch_run_skipped_past_a_step_goes_on_with_its_files_left_in_the_earlier_round(stack):
+    """Skipping f0's optional first step moves the run to round 1; its other files, stopped
+    by fail_fast in round 0, are published again in round 0's batch job. Under the run's
+    round their results were all ignored and the run never finished (the audit)."""
+    tenant = await stack.tenant(monthly=100)
+    steps = [{"name": "a", "handler": "flaky", "optional": True, "params": {"poison": "^f0", "sleep_ms": 800}},
+             {"name": "b", "handler": "noop"}]
+    failed = await _stopped_by_fail_fast(stack, tenant, steps, 4, "batch")
+    await stack.call("coordinator", "skip_file", tenant_id=tenant, run_id=failed["id"], file_index=0)
+    done = await stack.wait_run(tenant, failed["id"], timeout=30)
+    assert done["status"] == "COMPLETED" and counts_add_up(done)
+    assert [f["status"] for f in done["files"]] == ["SUCCEEDED"] * 4
+
+
+async def test_skipping_the_file_that_tripped_fail_fast_lets_the_run_go_on_or_finish(stack):
+    """A FAILED (fail_fast) run whose failed file is skipped at its last step: its stopped
+    files run (a new generation), and it finishes COMPLETED. It stayed FAILED for good, no
+    longer flagged for attention."""
+    tenant = await stack.tenant(monthly=100)
+    steps = [{"name": "a", "handler": "flaky", "optional": True, "params": {"poison": "^f0", "sleep_ms": 800}}]
+    failed = await _stopped_by_fail_fast(stack, tenant, steps, 4, "batch")
+    going = await stack.call("coordinator", "skip_file", tenant_id=tenant, run_id=failed["id"], file_index=0)
+    assert going["status"] == "RUNNING" and not going["needs_attention"]
+    done = await stack.wait_run(tenant, failed["id"], timeout=30)
+    assert done["status"] == "COMPLETED" and counts_add_up(done) and not done["needs_attention"]
+    assert [f["status"] for f in done["files"]] == ["SKIPPED"] + ["SUCCEEDED"] * 3
+    # Nothing left pending when skipped: it finishes there and then.
+    run = await stack.submit(tenant, await stack.template(tenant, [{"name": "a", "handler": "flaky", "optional": True,
+                                                                    "params": {"poison": "^f0"}}],
+                                                          failure_policy="fail_fast"), 1)
+    assert (await stack.wait_run(tenant, run["id"]))["status"] == "FAILED"
+    finished = await stack.call("coordinator", "skip_file", tenant_id=tenant, run_id=run["id"], file_index=0)
+    assert finished["status"] == "COMPLETED" and not finished["needs_attention"]

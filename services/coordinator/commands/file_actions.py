@@ -132,17 +132,19 @@ async def _skip_file(deps: Deps, cmd: FileRef, wait_s: float) -> dict:
         if step < len(template["steps"]) - 1:
             run = await _resume_after(conn, deps, run, f, template, counter, cmd.actor)
         else:
-            run = await _end_skipped(conn, deps, run, f, counter, cmd.actor)
+            run = await _end_skipped(conn, deps, run, f, template, counter, cmd.actor)
         body = await store.run_body(conn, run)
         ensure_caller_waits()  # else rolled back: a 503 that says nothing was done is true
     deps.relay.kick()
     return body
 
 
-async def _end_skipped(conn, deps: Deps, run: dict, f: dict, counter: str, actor: str) -> dict:
+async def _end_skipped(conn, deps: Deps, run: dict, f: dict, template: dict, counter: str, actor: str) -> dict:
     await conn.execute(text("UPDATE coordinator.files SET status = 'SKIPPED', updated_at = now() WHERE run_id = :r AND idx = :i"),
                        {"r": run["id"], "i": f["idx"]})
     await store.adjust_counts(conn, run["id"], **{counter: -1, "skipped": 1})
+    if run["status"] == "FAILED":
+        return await _go_on_after_skip(conn, deps, run, f, template, actor)
     # Skipping the last error of a finished run finishes it cleanly.
     before = run["status"]
     run = dict((await conn.execute(text(
@@ -157,6 +159,42 @@ async def _end_skipped(conn, deps: Deps, run: dict, f: dict, counter: str, actor
         # notifications, webhooks) is told it finished after all.
         await outbox.add(conn, [run_event_row(deps.names, run, "completed", "the last error was skipped",
                                               unique=f"skip{f['idx']}")])
+    return run
+
+
+# A FAILED run (fail_fast, or recovery given up) whose failed file was skipped goes on with
+# its PENDING files, their stopped jobs published again under a new generation; with none
+# left it finishes. Left FAILED, it was never finished, and no longer flagged for anyone.
+_REOPEN_OR_FINISH = text(
+    "UPDATE coordinator.runs SET "
+    " status = CASE WHEN pending > 0 THEN 'RUNNING' WHEN failed + errored > 0 THEN 'COMPLETED_WITH_ERRORS' "
+    "  ELSE 'COMPLETED' END, "
+    " generation = generation + CASE WHEN pending > 0 THEN 1 ELSE 0 END, "
+    # fail_fast recorded this round's fan-in: the round fans in again when its files are done.
+    " fanin_round = CASE WHEN pending > 0 THEN round - 1 ELSE fanin_round END, "
+    " needs_attention = pending = 0 AND failed > 0, "
+    " attention_reason = CASE WHEN pending = 0 AND failed > 0 THEN 'failed' END, "
+    " recovering = false, recovery_noticed = false, recovery_told = false, recovery_failures = 0, "
+    " finished_at = CASE WHEN pending > 0 THEN NULL ELSE now() END, updated_at = now(), last_progress_at = now() "
+    "WHERE id = :r RETURNING *"
+)
+
+
+async def _go_on_after_skip(conn, deps: Deps, was: dict, f: dict, template: dict, actor: str) -> dict:
+    run = dict((await conn.execute(_REOPEN_OR_FINISH, {"r": was["id"]})).mappings().one())
+    once = f"skip{f['idx']}g{run['generation']}"
+    await timeline.append(conn, timeline.entry(run["id"], run["tenant_id"], "file_skipped", actor, f["idx"],
+                                               step=f["failed_step"]))
+    if run["status"] == "RUNNING":
+        policy = await store.retry_policy(conn, run["tenant_id"])
+        rows = await stopped_pending_rows(conn, deps, was, run, template, policy, set(), new_round=False)
+        await outbox.add(conn, rows + [run_event_row(deps.names, run, "retrying",
+                                                     f"file {f['idx']} was skipped: the run goes on", unique=once)])
+    else:
+        kind = run["status"].lower()
+        await outbox.add(conn, [run_event_row(deps.names, run, kind, f"file {f['idx']} was skipped", unique=once)])
+        await timeline.append(conn, timeline.entry(run["id"], run["tenant_id"], f"run_{kind}", actor,
+                                                   round=run["round"], by="skip"))
     return run
 
 

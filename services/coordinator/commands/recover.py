@@ -69,17 +69,17 @@ async def _pending_job_rows(conn, deps: Deps, run: dict, template: dict, policy,
 
 
 async def stopped_pending_rows(conn, deps: Deps, before: dict, run: dict, template: dict, policy,
-                               reopened: set[int]) -> list[dict]:
+                               reopened: set[int], *, new_round: bool = True) -> list[dict]:
     """Jobs for the PENDING files of a run that was FAILED (``before``) and is reopened by an
     action on some of its files: fail_fast stopped their jobs (executors skip them), and a
-    RUNNING run whose other files can never run would wait for the sweep's lease to end."""
+    RUNNING run whose other files can never run would wait for the sweep's lease to end.
+    ``new_round``: the action moved the run to a new round (the reopened files' own, with
+    jobs of their own); the rest are in the rounds before it. Else they are in any round."""
     if before["status"] != "FAILED":
         return []
     await jobs.drop_expansions(conn, run["id"])
-    # The reopened files are in the run's new round, with jobs of their own: the rest are in
-    # the rounds before it.
-    rows, _ = await _pending_job_rows(conn, deps, run, template, policy, rounds=(0, run["round"] - 1),
-                                      reopened=frozenset(reopened))
+    last = run["round"] - 1 if new_round else run["round"]
+    rows, _ = await _pending_job_rows(conn, deps, run, template, policy, rounds=(0, last), reopened=frozenset(reopened))
     return rows
 
 
