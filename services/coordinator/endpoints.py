@@ -13,7 +13,7 @@ from services.coordinator.commands import (
 from services.coordinator.context import Deps
 from services.coordinator.schemas import (
     Caller, CreateRun, CreateTemplate, FileRef, GetRun, ListRuns, ListTemplates, PutSettings, Restore, RetryFailed,
-    RetryFile, RunRef, StageFiles, TemplateRef, TimelinePage,
+    CancelRun, RetryFile, RunRef, StageFiles, TemplateRef, TimelinePage,
 )
 
 ROUTES: dict[str, tuple[type[BaseModel], Callable[[Deps, Any], Awaitable[Any]]]] = {
@@ -32,7 +32,7 @@ ROUTES: dict[str, tuple[type[BaseModel], Callable[[Deps, Any], Awaitable[Any]]]]
     "restore": (Restore, recover.restore),
     "retry_file": (RetryFile, file_actions.retry_file),
     "skip_file": (FileRef, file_actions.skip_file),
-    "cancel": (RunRef, cancel.cancel),
+    "cancel": (CancelRun, cancel.cancel),
     "get_settings": (Caller, settings.get_settings),
     "put_settings": (PutSettings, settings.put_settings),
 }

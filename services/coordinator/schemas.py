@@ -70,6 +70,10 @@ class RetryFailed(RunRef, Keyed):
     pass
 
 
+class CancelRun(RunRef, Keyed):
+    pass
+
+
 class GetRun(RunRef):
     file_offset: Count = 0  # Count: within PostgreSQL integer, or the query fails, not the request
     file_limit: int = Field(default=1000, ge=1, le=1000)

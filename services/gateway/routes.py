@@ -267,9 +267,10 @@ async def _keyed_call(rpc: RpcClient, route: Route, payload: dict[str, Any], ten
     # keeps it once per use (a second template after a lost answer charges nothing).
     if route.verb == "grant":
         payload["idempotency_key"] = grant_key_for(key, begun.nonce)
-    if route.verb in ("retry_failed", "retry_file"):
+    if route.verb in ("retry_failed", "retry_file", "cancel"):
         # The coordinator applies this use of the key once (requests_applied.py): retried
-        # after a gateway died with it applied, it answers with the run, not a second charge.
+        # after a gateway died with it applied, it answers with the run, not a second charge
+        # (a cancel: not a 409 for a run it cancelled itself).
         payload["request_id"] = request_id_for(route.verb, key, begun.nonce)
     if route.verb != "create_run":
         return await call(rpc, route, payload)

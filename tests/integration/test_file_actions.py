@@ -214,3 +214,21 @@ async def test_skipping_the_file_that_tripped_fail_fast_lets_the_run_go_on_or_fi
     assert (await stack.wait_run(tenant, run["id"]))["status"] == "FAILED"
     finished = await stack.call("coordinator", "skip_file", tenant_id=tenant, run_id=run["id"], file_index=0)
     assert finished["status"] == "COMPLETED" and not finished["needs_attention"]
+
+
+async def test_a_finished_run_with_errors_cannot_be_cancelled_and_a_cancel_applied_answers_again(stack):
+    tenant = await stack.tenant(monthly=100)
+    done, _ = await failed_run(stack, tenant, [{"name": "a", "handler": "flaky", "params": {"fail_rounds": 1}}], n=2)
+    assert done["status"] == "COMPLETED_WITH_ERRORS"
+    # Finished: cancelled, its FAILED files could never be continued, and nothing is left to stop.
+    await expect_error("conflict", stack.call("coordinator", "cancel", tenant_id=tenant, run_id=done["id"]))
+    # A cancel the gateway sent under an Idempotency-Key, applied, its answer lost (the
+    # coordinator died after its commit): the same use of the key answers with the run.
+    slow = await stack.template(tenant, [{"name": "a", "handler": "flaky", "params": {"sleep_ms": 3000}}])
+    run = await stack.submit(tenant, slow, 2)
+    first = await stack.call("coordinator", "cancel", tenant_id=tenant, run_id=run["id"], request_id="cancel:k1:n")
+    again = await stack.call("coordinator", "cancel", tenant_id=tenant, run_id=run["id"], request_id="cancel:k1:n")
+    assert first["status"] == again["status"] == "CANCELLED" and again["credits"] == first["credits"]
+    await expect_error("conflict", stack.call("coordinator", "cancel", tenant_id=tenant, run_id=run["id"],
+                                              request_id="cancel:k2:n"))
+    await stack.assert_books_balance(tenant)

@@ -417,3 +417,27 @@ async def test_an_operators_recover_after_the_sweep_gave_up_gets_the_sweeps_atte
         assert len(await notes(stack, tenant, run["id"], "run_recovery_failed", n=2)) == 2
     finally:
         await stack.stop()
+
+
+async def test_a_run_cancelled_during_its_recovery_tells_its_users_how_the_recovery_ended(make_settings):
+    """Told "Recovery started", users heard nothing more when an operator cancelled the run
+    meanwhile: the recovery failed, and they are told so."""
+    import asyncpg
+
+    stack = await Stack(await make_settings()).start("billing", "coordinator", "notifier", "executor")
+    try:
+        tenant = await stack.tenant()
+        template = await stack.template(tenant, [{"name": "a", "handler": "flaky", "params": {"sleep_ms": 3000}}])
+        run = await stack.submit(tenant, template, 2)
+        conn = await asyncpg.connect(stack.settings.database_url)
+        try:  # a recovery under way, as the sweep leaves it once it told the users
+            await conn.execute("UPDATE coordinator.runs SET recovering = true, recovery_told = true WHERE id = $1",
+                               run["id"])
+        finally:
+            await conn.close()
+        cancelled = await stack.call("coordinator", "cancel", tenant_id=tenant, run_id=run["id"])
+        assert cancelled["status"] == "CANCELLED"
+        [note] = await notes(stack, tenant, run["id"], "run_recovery_failed")
+        assert note["message"] == "Recovery failed: the run was cancelled during its recovery"
+    finally:
+        await stack.stop()

@@ -21,11 +21,11 @@ from sqlalchemy.ext.asyncio import AsyncEngine
 
 from shared.db import delete_in_batches, transaction
 from shared.messages import ServiceError
-from services.coordinator import credits, outbox, store, timeline
+from services.coordinator import credits, outbox, requests_applied, store, timeline
 from services.coordinator.context import Deps
 from services.coordinator.run_events import run_event_row
 from services.coordinator.run_stops import stop_row
-from services.coordinator.schemas import RunRef
+from services.coordinator.schemas import CancelRun
 
 log = structlog.get_logger(__name__)
 
@@ -42,11 +42,19 @@ _PRUNE_PAID = text(
 )
 
 
-async def cancel(deps: Deps, cmd: RunRef) -> dict:
+async def cancel(deps: Deps, cmd: CancelRun) -> dict:
     async with transaction(deps.engine) as conn:
         run = await store.load_run(conn, cmd.tenant_id, cmd.run_id, lock=True)
+        if await requests_applied.applied(conn, cmd.tenant_id, cmd.request_id):
+            return await store.run_body(conn, run)  # this very cancel was applied (its answer was lost)
         if run["status"] in ("COMPLETED", "CANCELLED"):
             raise ServiceError("conflict", f"a {run['status']} run cannot be cancelled")
+        if run["status"] == "COMPLETED_WITH_ERRORS":
+            # It has finished: nothing is left to stop or refund, and cancelled, its FAILED
+            # files could never be continued (its users were told it finished, then cancelled).
+            raise ServiceError("conflict", "a COMPLETED_WITH_ERRORS run has finished and cannot be cancelled; "
+                                           "Continue retries its FAILED files")
+        was_recovering = run["recovering"] or run["recovery_noticed"] or run["recovery_told"]
         cancelled = (await conn.execute(text(
             "UPDATE coordinator.files SET status = 'CANCELLED', updated_at = now() "
             "WHERE run_id = :r AND status = 'PENDING' RETURNING idx, charge_key"), {"r": run["id"]})).all()
@@ -66,7 +74,12 @@ async def cancel(deps: Deps, cmd: RunRef) -> dict:
             " fanin_round = round, finished_at = now(), updated_at = now(), needs_attention = false, "
             " attention_reason = NULL, recovering = false, recovery_noticed = false, recovery_told = false, generation = generation + 1 WHERE id = :r RETURNING *"),
             {"r": run["id"], "n": len(cancelled)})).mappings().one())
-        await outbox.add(conn, [run_event_row(deps.names, run, "cancelled"), stop_row(deps.names, run)])
+        events = [run_event_row(deps.names, run, "cancelled"), stop_row(deps.names, run)]
+        if was_recovering:  # users told "Recovery started" hear how it ended
+            events.append(run_event_row(deps.names, run, "recovery_failed", "the run was cancelled during its recovery",
+                                        unique=f"g{run['generation']}cancel"))
+        await outbox.add(conn, events)
+        await requests_applied.record(conn, cmd.tenant_id, cmd.request_id, run["id"])
         await timeline.append(conn, timeline.entry(run["id"], run["tenant_id"], "run_cancelled", cmd.actor,
                                                    files_cancelled=len(cancelled),
                                                    refund_owed=sum(o["amount"] for o in owed)))
