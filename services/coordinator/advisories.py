@@ -17,8 +17,12 @@ from nats.aio.msg import Msg
 from nats.js import JetStreamContext
 from nats.js.errors import NotFoundError
 
+from sqlalchemy import text
+from sqlalchemy.ext.asyncio import AsyncEngine
+
 from shared import tracing
 from shared.bus import Outgoing, headers_for, publish_many
+from shared.db import transaction
 from shared.messages import ErrorInfo, FileEvent, Job
 
 log = structlog.get_logger(__name__)
@@ -28,7 +32,26 @@ POISON_MESSAGE = "the executor died on every delivery of this job (max deliverie
 RETRY_DELAY_S = 2.0
 
 
-def make_advisory_handler(js: JetStreamContext, names):
+_CHECKPOINTS = text(
+    "SELECT idx, checkpoint_step FROM coordinator.files WHERE run_id = :r AND round = :round "
+    "AND idx = ANY(CAST(:idxs AS int[])) AND checkpoint_step IS NOT NULL"
+)
+
+
+async def _failed_steps(engine: AsyncEngine | None, job: Job) -> dict[int, int]:
+    """{file index: the step that killed the executor}: the one after the file's last
+    checkpoint in the job's round (the job names only where it started)."""
+    steps = {f.index: f.start_step for f in job.every_file}
+    if engine is None:
+        return steps
+    async with transaction(engine) as conn:
+        rows = (await conn.execute(_CHECKPOINTS, {"r": job.run_id, "round": job.round, "idxs": sorted(steps)})).all()
+    for idx, checkpoint in rows:
+        steps[idx] = max(steps[idx], min(checkpoint + 1, len(job.steps) - 1))
+    return steps
+
+
+def make_advisory_handler(js: JetStreamContext, names, engine: AsyncEngine | None = None):
     """A batch handler for the advisories consumer (shared/pull_loop.py)."""
 
     async def fail_poison_job(advisory: dict) -> None:
@@ -48,9 +71,12 @@ def make_advisory_handler(js: JetStreamContext, names):
             return
         job = Job.model_validate_json(raw.data)
         error = ErrorInfo.model_validate({"class": "PoisonJob", "message": POISON_MESSAGE, "transient": True})
+        steps = await _failed_steps(engine, job)
         events = [
             FileEvent(kind="failed", job_id=job.job_id, run_id=job.run_id, tenant_id=job.tenant_id, file_index=f.index,
-                      round=job.round, attempt=deliveries, step=f.start_step, error=error)
+                      round=job.round, attempt=deliveries, step=steps[f.index],
+                      step_name=job.steps[steps[f.index]].name if steps[f.index] < len(job.steps) else None,
+                      error=error)
             for f in job.every_file
         ]
         trace_id = (tracing.trace_id_of((raw.headers or {}).get(tracing.HEADER))

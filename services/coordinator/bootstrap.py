@@ -61,7 +61,8 @@ class CoordinatorService:
                                     batch=s.results_fetch_batch, gather_s=s.results_gather_ms / 1000,
                                     name="results")
         self.advisories = PullLoop(self.js, names.advisories_stream, names.advisories_consumer,
-                                   make_advisory_handler(self.js, names), batch=16, name="advisories")
+                                   make_advisory_handler(self.js, names, self.engine), batch=16,
+                                   name="advisories")
         # One replica records each heartbeat (a queue group).
         self.alive = await self.nc.subscribe(names.runs_alive, queue=f"{names.prefix}-coordinator-alive",
                                              cb=make_alive_handler(self.engine))

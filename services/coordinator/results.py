@@ -246,7 +246,11 @@ async def apply_events(conn: AsyncConnection, names: Names, events: list[FileEve
             f.cp, f.cpo, f.output = event.step, _json(event.output or {}), _json(event.output or {})
             f.outs[str(event.step)] = event.output or {}
         else:
-            f.err, f.fs = _json(_error_of(event)), event.step
+            # The step that failed comes after any the file checkpointed: a poison job's event
+            # names the step its job started at (the coordinator fails it, knowing no more),
+            # and the step that killed the executor is the one after the last checkpoint.
+            step = event.step if f.cp is None else max(event.step, f.cp + 1)
+            f.err, f.fs = _json(_error_of(event)), step
             if event.kind == "failed":
                 delta.f += 1
                 delta.failed_files.append(f.idx)
@@ -254,7 +258,7 @@ async def apply_events(conn: AsyncConnection, names: Names, events: list[FileEve
                 delta.e += 1
             log_entries.append(timeline.entry(
                 event.run_id, tenant_id, f"file_{event.kind}", "system:executor", event.file_index,
-                attempt=event.attempt, step=event.step, error=_error_of(event), occurred_at=event.at))
+                attempt=event.attempt, step=step, error=_error_of(event), occurred_at=event.at))
 
     # Successes go to the timeline one entry per run and batch, not per file: every state
     # change is logged, without a row per file on the hot path.

@@ -31,7 +31,10 @@ async def test_a_job_that_kills_its_executor_every_time_ends_failed_while_the_re
     stack = await ProcStack(settings).start("billing", "coordinator", "notifier", "executor")
     try:
         tenant = await stack.tenant()
-        template = await stack.template(tenant, [{"name": "a", "handler": "flaky", "params": {"crash": "^poison"}}])
+        # Its second step kills the executor: the failure is that step's, after the checkpoint
+        # of the first (the coordinator fails the job knowing only where it started).
+        template = await stack.template(tenant, [{"name": "a", "handler": "noop"},
+                                                 {"name": "b", "handler": "flaky", "params": {"crash": "^poison"}}])
         files = [{"name": "poison.pdf"}] + [{"name": f"ok{i}.pdf"} for i in range(20)]
         run = await stack.submit(tenant, template, 0, files=files)
         done = await stack.wait_run(tenant, run["id"], timeout=90)
@@ -40,6 +43,12 @@ async def test_a_job_that_kills_its_executor_every_time_ends_failed_while_the_re
         assert poison["status"] == "FAILED" and poison["last_error"]["class"] == "PoisonJob"
         assert all(f["status"] == "SUCCEEDED" for f in done["files"][1:])
         assert stack.deaths["executor"] >= 3
+        deadline = time.monotonic() + 20
+        while not (told := [n["message"] for n in (await stack.call("notifier", "list", tenant_id=tenant))["items"]
+                            if n["kind"] == "file_failed"]):
+            assert time.monotonic() < deadline, "no file_failed notification"
+            await asyncio.sleep(0.05)
+        assert len(told) == 1 and "(file 0, step 'b':" in told[0], told
     finally:
         await stack.stop()
 

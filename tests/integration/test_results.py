@@ -121,3 +121,26 @@ async def test_the_coordinator_prunes_the_inbox_on_its_first_sweep(stack):
     finally:
         await sweeper.stop()
     assert await _inbox_ids(stack, prefix) == [f"{prefix}fresh-00", f"{prefix}fresh-01"]
+
+
+async def test_a_poison_jobs_failure_is_the_step_after_the_files_checkpoint(stack):
+    """The coordinator fails a poison job at the step it started at (it knows no more when
+    the advisory comes); the file checkpointed step 0, so the step that killed its executor
+    was step 1. Recorded at 0, an optional step 1 could not be skipped (and a Skip of an
+    optional step 0 would have run step 1 again, into the crash)."""
+    tenant = await stack.tenant(monthly=100)
+    template = await stack.template(tenant, [{"name": "a", "handler": "noop"}, {"name": "b", "handler": "noop",
+                                                                                "optional": True}])
+    run = await stack.submit(tenant, template, 1)
+    job_id = job_id_for(run["id"], 0, 0)
+    checkpoint = FileEvent(kind="checkpoint", job_id=job_id, run_id=run["id"], tenant_id=tenant, file_index=0,
+                           round=0, attempt=1, step=0, output={})
+    poison = FileEvent.model_validate({"kind": "failed", "job_id": job_id, "run_id": run["id"], "tenant_id": tenant,
+                                       "file_index": 0, "round": 0, "attempt": 5, "step": 0,
+                                       "error": {"class": "PoisonJob", "message": "died", "transient": True}})
+    await bus.publish_many(stack.js, [bus.Outgoing(stack.names.file_event(e.kind), e.to_bytes(), msg_id)
+                                      for e, msg_id in ((checkpoint, checkpoint.msg_id), (poison, f"{job_id}:0:poison"))])
+    done = await stack.wait_run(tenant, run["id"])
+    assert done["files"][0]["status"] == "FAILED" and done["files"][0]["skippable"]  # its optional step b
+    skipped = await stack.call("coordinator", "skip_file", tenant_id=tenant, run_id=run["id"], file_index=0)
+    assert skipped["files"][0]["status"] == "SKIPPED"
