@@ -83,7 +83,10 @@ class Api:
             tenant_hint = (f" (acting for tenant {tenant}, from {source})" if tenant is not None else
                            " (another tenant's? With a platform admin's key, name the tenant: --tenant ID or "
                            "REDRIVE_TENANT; `redrive attention` shows a run's tenant)")
-        return cls(url.rstrip("/"), key, hint, key_hint, tenant, tenant_hint)
+        url = url.rstrip("/")
+        if url.endswith("/api/v1"):  # the API's own prefix (the tour's $API): the calls add it
+            url = url[: -len("/api/v1")]
+        return cls(url, key, hint, key_hint, tenant, tenant_hint)
 
     def call(self, method: str, path: str, body: Any = None, *, idempotent: bool = False) -> Any:
         if not self.base_url.startswith(("http://", "https://")):

@@ -11,6 +11,11 @@ from typing import Optional, get_type_hints
 
 import typer
 from pydantic import ValidationError
+
+try:  # typer 0.2x carries its own click; older ones use click itself
+    from typer._click import exceptions as _click
+except ImportError:  # pragma: no cover - typer < 0.20
+    from click import exceptions as _click
 from rich.console import Console
 from rich.markup import escape
 from rich.text import Text
@@ -151,6 +156,29 @@ class App(typer.Typer):
     a configuration a server refuses). ``api=True``: the command calls the HTTP API, and gets
     the ``--tenant`` option (env REDRIVE_TENANT) a platform admin acts for another tenant with."""
 
+    def __call__(self, *args, **kwargs):
+        """As the console script: a usage error (a bad option, or a value from its env var
+        such as REDRIVE_PORT=99999) is one line on stderr and exit 2, as every other refusal
+        of a setting, not click's framed box."""
+        import sys
+
+        try:
+            code = super().__call__(*args, standalone_mode=False, **kwargs)
+        except _click.NoArgsIsHelpError as exc:  # `redrive` alone: its help, as click shows it
+            typer.echo(exc.format_message(), err=True)
+            sys.exit(exc.exit_code)
+        except _click.UsageError as exc:
+            where = f" (see `{exc.ctx.command_path} --help`)" if exc.ctx is not None else ""
+            typer.echo(f"error: {exc.format_message()}{where}", err=True)
+            sys.exit(2)
+        except typer.Abort:
+            typer.echo("Aborted.", err=True)
+            sys.exit(1)
+        except _click.ClickException as exc:
+            typer.echo(f"error: {exc.format_message()}", err=True)
+            sys.exit(exc.exit_code)
+        sys.exit(code if isinstance(code, int) else 0)
+
     def command(self, *args, api: bool = False, **kwargs):
         register = super().command(*args, **kwargs)
 
@@ -185,8 +213,13 @@ def shown(value: object) -> Text:
     return Text(str(value).translate(_CONTROL))
 
 
+def _json_default(value):
+    # Times as the API writes them (ISO 8601, "T"), not str()'s "2026-12-05 14:31:11+00:00".
+    return value.isoformat() if hasattr(value, "isoformat") else str(value)
+
+
 def print_json(data, as_json: bool) -> None:
     if as_json:
-        typer.echo(json.dumps(data, indent=2, default=str))
+        typer.echo(json.dumps(data, indent=2, default=_json_default))
     else:
-        console.print_json(data=data, default=str)
+        console.print_json(data=data, default=_json_default)

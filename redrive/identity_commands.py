@@ -49,8 +49,12 @@ def key_create(
     """Create an API key (printed once; only its hash is stored)."""
     from redrive.bootstrap_admin import make_key
 
+    from services.gateway.identity import user_name_problem
+
     if role not in ("platform_admin", "tenant_admin", "member"):
         _fail(f"--role must be platform_admin, tenant_admin or member, not {role!r}", code=2)
+    if (problem := user_name_problem(user)) is not None:  # a usage error, as a bad tenant name is
+        _fail(f"--user: {problem}", code=2)
     settings = _settings(data_dir)
     require(settings, database=True)
     try:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import time
 from pathlib import Path
 from urllib.parse import quote, urlencode
-from typing import Optional
+from typing import Optional, get_args
 
 import typer
 
@@ -13,6 +13,9 @@ from redrive.api_client import Api, ApiError
 from redrive.cli_common import App, DataDir, JsonOut, api_call as _api_call, fail as _fail, print_json as _print
 from redrive.cli_common import settings_from as _settings
 from redrive.run_view import print_run
+from shared.messages import FileStatus
+
+FILE_STATUSES = frozenset(get_args(FileStatus))
 
 run_app = App(no_args_is_help=True, help="Workflow runs.")
 
@@ -78,6 +81,12 @@ def run_show(
     as_json: bool = JsonOut,
 ) -> None:
     """A run with (a page of) its files."""
+    if status is not None:
+        # Checked here, so the refusal names this option, not the API's query parameter.
+        named = [part.strip().upper() for part in status.split(",") if part.strip()]
+        if not named or any(s not in FILE_STATUSES for s in named):
+            _fail(f"--status {status[:60]!r}: name file statuses, comma-separated, from "
+                  f"{', '.join(sorted(FILE_STATUSES))}", code=2)
     query = {k: v for k, v in (("file_status", status), ("file_offset", file_offset or None)) if v is not None}
     _run_action(run_id, "", data_dir, as_json, method="GET", query="?" + urlencode(query) if query else "")
 

@@ -101,7 +101,7 @@ class Settings(BaseSettings):
     # The most of one tenant's jobs out at once (queued or running), all its runs together:
     # every executor pulls from one FIFO consumer, and a run of 100,000 files published
     # whole would make every run after it, any tenant's, wait for all of them. A cap: each
-    # tenant's window is 2 × the slots of the executors alive (REDRIVE_EXECUTOR_CONCURRENCY
+    # tenant's window is 4 × the slots of the executors alive (REDRIVE_EXECUTOR_CONCURRENCY
     # each, as they announce them) shared among the tenants with files waiting, at least 16
     # (services/coordinator/jobs.py: Window), and this while no executor has announced its
     # slots. 0: no window (jobs are published as fast as they can be built).

@@ -288,12 +288,13 @@ async def apply_events(conn: AsyncConnection, names: Names, events: list[FileEve
                 # A run fails fast once per generation: a Recover (a new generation) may see it
                 # fail again in the same round, and its users must hear that too.
                 once = f"g{run['generation']}"
-                out_rows.append(run_event_row(names, run, "failed", "fail_fast: a file failed after its retries",
-                                              unique=once))
+                # What tripped it: a file FAILED after its retries, or one in ERROR (a permanent
+                # error, never retried).
+                cause = ("a file failed after its retries" if deltas[run["id"]].f else
+                         "a file ended in ERROR (a permanent error, not retried)")
+                out_rows.append(run_event_row(names, run, "failed", f"fail_fast: {cause}", unique=once))
                 if run["was_recovering"]:  # the recovery under way ends here, and its users hear how
-                    out_rows.append(run_event_row(names, run, "recovery_failed",
-                                                  "a file failed after its retries (fail_fast)",
-                                                  unique=once))
+                    out_rows.append(run_event_row(names, run, "recovery_failed", f"{cause} (fail_fast)", unique=once))
                     log_entries.append(timeline.entry(run["id"], run["tenant_id"], "recovery_failed", "system",
                                                       reason="fail_fast", round=run["round"]))
                 out_rows.append(stop_row(names, run))  # its other files stay PENDING, unrun

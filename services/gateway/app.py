@@ -24,7 +24,7 @@ from sqlalchemy.ext.asyncio import AsyncEngine
 
 from shared import tracing
 from shared.db import ping
-from shared.messages import ServiceError
+from shared.messages import ServiceError, dumps
 from shared.round_trip import RoundTrip
 from shared.rpc import RpcClient
 from services.gateway.auth import auth_middleware, bearer_key, existing_tenant, principal_of
@@ -107,6 +107,11 @@ async def trace_middleware(request: web.Request, handler) -> web.StreamResponse:
         return await handler(request)
 
 
+def _json(data, *, status: int = 200, headers: dict[str, str] | None = None) -> web.Response:
+    """As every API answer is written (compact, shared.messages.dumps), not aiohttp's json.dumps."""
+    return web.Response(status=status, body=dumps(data), content_type="application/json", headers=headers)
+
+
 def build_app(deps: Deps) -> web.Application:
     async def who(key: str) -> Principal | None:
         return await authenticate(deps.engine, key, deps.keys)
@@ -186,14 +191,14 @@ def _local_handlers(deps: Deps) -> dict:
         # What a client (the dashboard) offers depends on the role; the API decides every action again.
         principal = principal_of(request)
         tenant_id = await existing_tenant(request, principal, deps.engine)
-        return web.json_response({"tenant_id": tenant_id, "key_tenant_id": principal.tenant_id, "role": principal.role,
+        return _json({"tenant_id": tenant_id, "key_tenant_id": principal.tenant_id, "role": principal.role,
                                   "user": principal.user, "key_id": principal.key_id})
 
     async def openapi(request: web.Request) -> web.Response:
-        return web.json_response(document)
+        return _json(document)
 
     async def healthz(request: web.Request) -> web.Response:
-        return web.json_response({"status": "ok"})
+        return _json({"status": "ok"})
 
     async def readyz(request: web.Request) -> web.Response:
         # A round trip, not only a connection: a hung server (stopped, its disk stalled)
@@ -202,9 +207,9 @@ def _local_handlers(deps: Deps) -> dict:
         checks = {"nats": nats_ok, "database": db_ok}
         ready = all(checks.values())
         if ready:
-            return web.json_response({"ready": True, "checks": checks})
+            return _json({"ready": True, "checks": checks})
         # As every 503 of the API: when to ask again (load balancers and clients honour it).
-        return web.json_response({"ready": False, "checks": checks}, status=503, headers={"Retry-After": "2"})
+        return _json({"ready": False, "checks": checks}, status=503, headers={"Retry-After": "2"})
 
     async def metrics(request: web.Request) -> web.Response:
         # Public unless the operator set a token (its labels name tenants and dependencies,

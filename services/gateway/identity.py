@@ -68,16 +68,23 @@ async def create_key(engine: AsyncEngine, tenant_id: str, role: str, user: str) 
     return (await make_key(engine, tenant_id, role, user))[1]
 
 
+def user_name_problem(user: str) -> str | None:
+    """Why ``user`` cannot name a key's user, or None."""
+    if not user.strip():
+        return "the user name must not be empty or only spaces"
+    if len(user) > MAX_USER:
+        return f"the user name is {len(user)} characters long: at most {MAX_USER}"
+    if (problem := control_character(user)) is not None:
+        return f"the user name {problem}"  # listed one key a line, in operators' terminals
+    return None
+
+
 async def make_key(engine: AsyncEngine, tenant_id: str, role: str, user: str) -> tuple[str, str]:
     """:func:`create_key`, with the key's id (what ``redrive key revoke`` takes): (id, key)."""
     if role not in ROLES:
         raise ValueError(f"role must be one of {', '.join(ROLES)}")
-    if not user.strip():
-        raise ValueError("the user name must not be empty or only spaces")
-    if len(user) > MAX_USER:
-        raise ValueError(f"the user name is {len(user)} characters long: at most {MAX_USER}")
-    if (problem := control_character(user)) is not None:
-        raise ValueError(f"the user name {problem}")  # listed one key a line, in operators' terminals
+    if (problem := user_name_problem(user)) is not None:
+        raise ValueError(problem)
     key = KEY_PREFIX + secrets.token_urlsafe(32)
     async with engine.begin() as conn:
         exists = (await conn.execute(text("SELECT 1 FROM gateway.tenants WHERE id = :t"), {"t": tenant_id})).first()

@@ -30,8 +30,10 @@ async def test_tenant_and_key_creation_and_usage_errors(make_settings):
     no_tenant = redrive(settings, "key", "create", "--tenant", "nope", "--role", "member")
     assert no_tenant.returncode == 1 and "no tenant nope" in no_tenant.stderr and "Traceback" not in no_tenant.stderr
     escape = redrive(settings, "key", "create", "--tenant", tenant, "--role", "member", "--user", "\x1b]0;x\x07ann")
-    assert escape.returncode == 1 and "the user name must not contain control characters (U+001B at position 1)" \
-        in escape.stderr, escape.stderr
+    assert escape.returncode == 2 and "the user name must not contain control characters (U+001B at position 1)" \
+        in escape.stderr, escape.stderr  # a usage error, as a bad tenant name or role
+    empty = redrive(settings, "key", "create", "--tenant", tenant, "--role", "member", "--user", "")
+    assert empty.returncode == 2 and "--user: the user name must not be empty" in empty.stderr, empty.stderr
     unknown = redrive(settings, "service", "nonsense")
     assert unknown.returncode == 2
     from services.billing.admin import open_account_direct
@@ -52,6 +54,9 @@ async def test_keys_are_listed_without_their_secret_and_revoked_by_id_or_by_the_
     assert {(k["id"], k["user"], k["role"], k["revoked_at"]) for k in listed} == {
         (made[0]["id"], "ann", "member", None), (made[1]["id"], "bob", "tenant_admin", None)}
     assert not any(m["key"] in json.dumps(listed) for m in made)  # never the key itself
+    from datetime import datetime
+
+    assert all(datetime.fromisoformat(k["created_at"]).tzinfo and "T" in k["created_at"] for k in listed)  # as the API
     table = redrive(settings, "key", "list", "--tenant", tenant)
     assert table.returncode == 0 and made[0]["id"] in table.stdout and "member" in table.stdout
 

@@ -196,7 +196,9 @@ async def test_attention_covers_every_tenant_only_for_a_platform_admin_without_x
 
 async def test_me_says_who_the_key_is_and_which_tenant_it_acts_on(gw):
     http, keys = gw["http"], gw["keys"]
-    member = await (await http.get("/api/v1/me", headers=auth(keys["member"]))).json()
+    answer = await http.get("/api/v1/me", headers=auth(keys["member"]))
+    assert b'", "' not in await answer.read()  # written as every answer is (compact), not by json.dumps
+    member = await answer.json()
     assert (member["tenant_id"], member["key_tenant_id"], member["role"]) == (gw["acme"], gw["acme"], "member")
     r = await http.get("/api/v1/me", headers=auth(keys["platform_admin"], **{"X-Tenant-Id": gw["other"]}))
     admin = await r.json()

@@ -389,7 +389,7 @@ async def test_a_recovered_run_that_fails_fast_again_tells_its_users_both_failur
         assert again["counts"]["errored"] == 2 and counts_add_up(again)
         assert len(await notes(stack, tenant, run["id"], "run_failed", n=2)) == 2
         [note] = await notes(stack, tenant, run["id"], "run_recovery_failed")
-        assert note["message"] == "Recovery failed: a file failed after its retries (fail_fast)"
+        assert note["message"] == "Recovery failed: a file ended in ERROR (a permanent error, not retried) (fail_fast)"
         kinds = [e["kind"] for e in (await stack.call("coordinator", "timeline", tenant_id=tenant, run_id=run["id"]))["items"]]
         assert kinds.count("run_failed") == 2 and kinds.count("recovery_failed") == 1
     finally:
@@ -439,5 +439,19 @@ async def test_a_run_cancelled_during_its_recovery_tells_its_users_how_the_recov
         assert cancelled["status"] == "CANCELLED"
         [note] = await notes(stack, tenant, run["id"], "run_recovery_failed")
         assert note["message"] == "Recovery failed: the run was cancelled during its recovery"
+    finally:
+        await stack.stop()
+
+
+async def test_a_run_stopped_by_a_files_error_says_so_not_that_it_was_retried(make_settings):
+    stack = await Stack(await make_settings()).start("billing", "coordinator", "notifier", "executor")
+    try:
+        tenant = await stack.tenant()
+        template = await stack.template(tenant, [{"name": "a", "handler": "flaky", "params": {"poison": "^f0"}}],
+                                        failure_policy="fail_fast")
+        run = await stack.submit(tenant, template, 1)
+        assert (await stack.wait_run(tenant, run["id"]))["status"] == "FAILED"
+        [note] = await notes(stack, tenant, run["id"], "run_failed")
+        assert note["message"].startswith("Run failed: fail_fast: a file ended in ERROR (a permanent error, not retried)")
     finally:
         await stack.stop()

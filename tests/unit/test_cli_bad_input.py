@@ -293,3 +293,36 @@ async def test_against_real_servers(make_settings):
     assert inspected["services"] == [] and inspected["prefix"]
     # Where it looked, so that the nats CLI can be pointed there: host and port, no credentials.
     assert inspected["nats"] == [u.split("://")[-1].rpartition("@")[2] for u in settings.nats_servers]
+
+
+@pytest.mark.parametrize("args, env, said", [
+    (["up"], {"REDRIVE_PORT": "99999"}, "error: Invalid value for '--port' (env var: 'REDRIVE_PORT')"),
+    (["up", "--port", "abc"], {}, "error: Invalid value for '--port'"),
+    (["bogus"], {}, "error: No such command 'bogus'"),
+])
+def test_usage_errors_from_the_console_script_are_one_line_and_exit_2(tmp_path, args, env, said):
+    """As the README promises of a bad setting: one line, exit 2, not click's framed box."""
+    import os
+    import subprocess
+    import sys
+
+    done = subprocess.run([sys.executable, "-m", "redrive", *args], capture_output=True, text=True, timeout=60,
+                          env={**os.environ, "REDRIVE_DATA_DIR": str(tmp_path), **env})
+    assert done.returncode == 2 and done.stderr.startswith(said), done.stderr
+    assert done.stderr.strip().count("\n") == 0 and "╭" not in done.stderr
+
+
+def test_an_api_url_given_with_the_apis_own_prefix_is_the_same_api(cli, fake_api, monkeypatch, _answering_server):
+    """The tour's $API ends in /api/v1: set as REDRIVE_API_URL, every call went to
+    /api/v1/api/v1/… and was a 404 that blamed the tenant."""
+    paths = fake_api("invalid")
+    monkeypatch.setenv("REDRIVE_API_URL", _answering_server + "/api/v1/")
+    one_line_error(cli("settings", "--auto-retries", "99"), "HTTP 422")
+    assert paths and all(p.startswith("/api/v1/settings") for p in paths), paths
+
+
+@pytest.mark.parametrize("value", ["BOGUS", "FAILED,nope", ",", ""])
+def test_run_show_names_its_own_option_for_a_status_it_does_not_know(cli, fake_api, value):
+    paths = fake_api("invalid")
+    one_line_error(cli("run", "show", "r1", "--status", value, code=2), "--status", "comma-separated", "FAILED")
+    assert paths == []  # refused before anything was asked
