@@ -77,6 +77,11 @@ class HandlerOffer:
         self._kv = None
         self._tasks: list[asyncio.Task] = []
 
+    @property
+    def key(self) -> str:
+        """This executor's entry (``executors.<its id>``)."""
+        return self._key
+
     async def start(self) -> None:
         self._kv = kv = await ensure_bucket(self._js, self._names, self._replicas)
         # Put again and again: the handler entries live a week (TTL_S), the slots are counted
@@ -199,6 +204,16 @@ class OfferedHandlers(BucketMirror):
         """The slots of the executors alive now (heard from within LIVE_S), together; None
         while none is known."""
         return sum(slots for slots, _, _ in self._alive()) or None
+
+    def offered_by_another(self, handler: str, me: str) -> bool:
+        """Whether an executor alive other than ``me`` (its entry's key) offers ``handler``:
+        a job for it that reached an executor without it is that one's to run (a rolling
+        deploy adding a handler, a fleet of executors of two kinds)."""
+        return any(handler in (named or ()) for key, (_, _, named) in self._live_entries().items() if key != me)
+
+    def _live_entries(self) -> dict[str, tuple[int, float, frozenset[str] | None]]:
+        self._alive()
+        return self._executors
 
     def unknown(self, handlers: Iterable[str]) -> dict[int, str]:
         """{position: why} for each of ``handlers`` no executor offers (none while nothing is

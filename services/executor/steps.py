@@ -54,8 +54,11 @@ def retry_decision(error: Classified, attempt: int, job: Job, step: int) -> Outc
 
 class StepRunner:
     def __init__(self, registry: HandlerRegistry, breakers: BreakerBoard | None, artifacts: Path,
-                 deadlines: Deadlines | None = None, *, max_payload: int = 1 << 20) -> None:
+                 deadlines: Deadlines | None = None, *, max_payload: int = 1 << 20,
+                 offered_elsewhere: Callable[[str], bool] | None = None) -> None:
         self._registry = registry
+        # Whether another executor alive offers a handler this one lacks (shared/handler_offers.py).
+        self._offered_elsewhere = offered_elsewhere
         self._max_output_bytes = max_payload - EVENT_ROOM
         self._deadlines = deadlines or Deadlines()
         self._breakers = breakers
@@ -83,6 +86,8 @@ class StepRunner:
             try:
                 handler = self._registry.get(step.handler)
             except PermanentError as exc:
+                if self._offered_elsewhere is not None and self._offered_elsewhere(step.handler):
+                    return Outcome("elsewhere", index, delay_ms=int(random.uniform(1.0, 3.0) * 1000))
                 return Outcome("errored", index, error=classify(exc))
             try:
                 dependency = handler.dependency_of(step.params, ref) if handler.dependency_of else None
