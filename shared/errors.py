@@ -180,8 +180,7 @@ def classify(exc: BaseException) -> Classified:
     In order: our own two roots; an HTTP status the error carries (408, 425, 429 and 5xx
     transient, with a numeric ``Retry-After``; any other 4xx permanent); builtin timeouts
     and connection errors, then those of httpx, requests, aiohttp and the openai/anthropic
-    SDKs (transient; requests' other errors permanent); SQLSTATE; errors about a local path
-    (not found, not permitted…: permanent); other OSErrors (transient).
+    SDKs (transient; requests' other errors permanent); SQLSTATE; other OSErrors (transient).
 
     Decision for the unknown: an exception we do not recognise is **permanent**. A handler
     that wants retries raises :class:`TransientError` (or lets a timeout or connection error
@@ -211,17 +210,9 @@ def classify(exc: BaseException) -> Classified:
     if sqlstate is not None:
         transient = is_transient_sqlstate(sqlstate) or prepared_before_a_migration(exc)
         return Classified(transient, name, f"SQLSTATE {sqlstate}: {exc}")
-    if isinstance(exc, LOCAL_FILE_ERRORS):  # the same path gives the same answer next time
-        return Classified(False, name, str(exc) or name)
-    if isinstance(exc, OSError):  # the network's (EHOSTUNREACH, an SSL error…), a disk full
+    if isinstance(exc, OSError):
         return Classified(True, name, str(exc) or name)
     return Classified(False, name, str(exc) or name)
-
-
-# OSErrors about a path, which no retry changes: a handler reading a file that is not there,
-# or writing where it may not, burnt its retries and ended FAILED (and a charged Continue)
-# instead of ERROR with the cause.
-LOCAL_FILE_ERRORS = (FileNotFoundError, FileExistsError, IsADirectoryError, NotADirectoryError, PermissionError)
 
 
 def prepared_before_a_migration(exc: BaseException) -> bool:

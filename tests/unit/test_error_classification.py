@@ -227,17 +227,3 @@ def test_a_retry_after_given_as_an_http_date_is_read_too():
 def test_a_retry_after_that_is_no_usable_number_falls_back_to_our_backoff(value):
     classified = classify(status_error(ANTHROPIC.RateLimitError, 429, **{"retry-after": value}))
     assert classified.transient and classified.retry_after_s is None
-
-
-@pytest.mark.parametrize("exc", [FileNotFoundError(2, "No such file or directory", "/data/in.pdf"),
-                                 PermissionError(13, "Permission denied", "/data/out"), IsADirectoryError("/data"),
-                                 NotADirectoryError("/data/x/y"), FileExistsError("/data/out")])
-def test_an_error_about_a_local_path_is_permanent(exc):
-    """No retry changes it: retried, it burnt the step's retries and ended FAILED (charged
-    again by a Continue) instead of ERROR with its cause."""
-    assert classify(exc).transient is False
-
-
-@pytest.mark.parametrize("exc", [OSError(28, "No space left on device"), OSError(113, "No route to host")])
-def test_other_oserrors_stay_transient(exc):
-    assert classify(exc).transient is True
