@@ -11,12 +11,11 @@ Keys are the names hex-encoded (KV keys allow few characters; handler names allo
 
 Each executor also puts its slots (``REDRIVE_EXECUTOR_CONCURRENCY``) and its handlers'
 names under ``executors.<its id>`` when it starts and again every ``ALIVE_S``, and deletes
-it when it stops. While executors are alive, a handler is judged by theirs: one that only
-an executor gone offered (the system restarted without its REDRIVE_HANDLERS) is refused
-before a Continue is charged for files no executor can run. With none alive (a deploy in
-progress, all of them down) the week's names judge, so that work can still be queued;
-likewise while an executor alive is of a release that does not name its handlers.
-The executors' entries: the coordinator counts the slots of the executors heard from within ``LIVE_S``
+it when it stops. Work is admitted by the week's names (a pool of executors scaled to
+zero, or being deployed, still has its work queued); an executor that fetched a job whose
+handler it lacks asks where it is offered (:meth:`OfferedHandlers.where_offered`): by an
+executor alive (the job goes back for it at once), within the week (it waits for one), or
+nowhere (the file's ERROR). The executors' entries: the coordinator counts the slots of the executors heard from within ``LIVE_S``
 (a crashed executor stops counting then: the bucket's TTL is a week). The tenants' windows
 follow them (services/coordinator/jobs.py: Window). An entry without ``slots`` counts as the
 default concurrency; no live entry at all (executors of a release before this one, or none
@@ -31,6 +30,7 @@ import datetime
 import time
 import uuid
 from collections.abc import Iterable
+from typing import Literal
 
 import orjson
 
@@ -205,27 +205,22 @@ class OfferedHandlers(BucketMirror):
         while none is known."""
         return sum(slots for slots, _, _ in self._alive()) or None
 
-    def offered_by_another(self, handler: str, me: str) -> bool:
-        """Whether an executor alive other than ``me`` (its entry's key) offers ``handler``:
-        a job for it that reached an executor without it is that one's to run (a rolling
-        deploy adding a handler, a fleet of executors of two kinds)."""
-        return any(handler in (named or ()) for key, (_, _, named) in self._live_entries().items() if key != me)
-
-    def _live_entries(self) -> dict[str, tuple[int, float, frozenset[str] | None]]:
-        self._alive()
-        return self._executors
+    def where_offered(self, handler: str, me: str) -> Literal["alive", "week"] | None:
+        """Where ``handler``, which the executor ``me`` (its entry's key) lacks, is offered:
+        by another executor alive ("alive": a rolling deploy adding it, a fleet of two
+        kinds), by one within the week ("week": a pool scaled to zero, or deployed without
+        it by mistake), or nowhere (None)."""
+        self._alive()  # forgets the silent ones
+        if any(handler in (named or ()) for key, (_, _, named) in self._executors.items() if key != me):
+            return "alive"
+        return "week" if handler in self._offered else None
 
     def unknown(self, handlers: Iterable[str]) -> dict[int, str]:
-        """{position: why} for each of ``handlers`` no executor offers (none while nothing is
-        known): the executors alive when they all name theirs, else any within the week."""
-        alive = self._alive()
-        if alive and all(named is not None for _, _, named in alive):
-            offered, who = set().union(*(named for _, _, named in alive)), "no executor running offers"
-        else:
-            offered, who = self._offered, "no executor offers"
-        if not offered:
+        """{position: why} for each of ``handlers`` no executor offered within the week (none
+        while nothing is known)."""
+        if not self._offered:
             return {}
-        listed = ", ".join(sorted(offered)[:20])
-        return {i: f"{who} the handler {h[:100]!r} (offered: {listed})"
-                for i, h in enumerate(handlers) if h not in offered}
+        listed = ", ".join(sorted(self._offered)[:20])
+        return {i: f"no executor offers the handler {h[:100]!r} (offered: {listed})"
+                for i, h in enumerate(handlers) if h not in self._offered}
 

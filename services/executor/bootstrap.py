@@ -48,7 +48,7 @@ class ExecutorService:
         await self.offered.start()
         self.offer = HandlerOffer(self.js, names, registry.names(), s.stream_replicas, slots=s.executor_concurrency)
         steps = StepRunner(registry, self.breakers, artifacts, self.deadlines, max_payload=self.nc.max_payload,
-                           offered_elsewhere=lambda handler: self.offered.offered_by_another(handler, self.offer.key))
+                           offered_elsewhere=lambda handler: self.offered.where_offered(handler, self.offer.key))
         self.artifacts = ArtifactSweeper(artifacts, retention_hours=s.executor_artifact_retention_hours)
         self.keepalive = KeepAlive(s.executor_ack_wait_s,
                                    publish_alive=lambda body: self.nc.publish(names.runs_alive, body))

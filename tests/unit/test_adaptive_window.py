@@ -75,19 +75,20 @@ def test_an_entry_put_long_before_the_coordinator_started_is_an_executor_gone():
     assert view.slots() is None
 
 
-def test_handlers_are_judged_by_the_executors_alive_and_by_the_weeks_names_when_none_is():
-    """The system restarted without REDRIVE_HANDLERS: its executor offers the built-ins only.
-    A Continue of a run whose step needs the handler gone must be refused before it is
-    charged (it was accepted for a week, and every file ended ERROR "unknown handler")."""
+def test_a_handler_an_executor_lacks_is_offered_by_another_alive_or_within_the_week_or_nowhere():
+    """Where a job whose handler this executor lacks should go: to another executor alive
+    that has it (at once), to one that offered it within the week (a pool scaled to zero, or
+    deployed without it: the job waits for it rather than ending ERROR), or nowhere."""
     view, now = _view()
-    for name in ("noop", "ocr"):  # the week's names: ocr was offered before the restart
+    for name in ("noop", "ocr"):  # the week's names
         view._apply(_entry(name.encode().hex(), name.encode()))
-    view._apply(_entry("executors.new", orjson.dumps({"slots": 8, "handlers": ["noop"]})))
-    assert list(view.unknown(["noop", "ocr"])) == [1]
-    assert "no executor running offers the handler 'ocr'" in view.unknown(["ocr"])[0]
-    view._apply(_entry("executors.other", orjson.dumps({"slots": 8, "handlers": ["ocr"]})))
-    assert view.unknown(["noop", "ocr"]) == {}  # a fleet of two kinds: what any of them offers
-    now[0] += LIVE_S + 1  # all of them silent (a deploy in progress): work can still be queued
-    assert view.unknown(["noop", "ocr"]) == {} and list(view.unknown(["pdf"])) == [0]
-    view._apply(_entry("executors.older", orjson.dumps({"slots": 8})))  # names none: cannot judge by it
-    assert view.unknown(["ocr"]) == {}
+    view._apply(_entry("executors.me", orjson.dumps({"slots": 8, "handlers": ["noop"]})))
+    assert view.where_offered("ocr", "executors.me") == "week"
+    assert view.unknown(["noop", "ocr"]) == {}  # work for it is admitted: it waits
+    view._apply(_entry("executors.gpu", orjson.dumps({"slots": 8, "handlers": ["noop", "ocr"]})))
+    assert view.where_offered("ocr", "executors.me") == "alive"
+    assert view.where_offered("ocr", "executors.gpu") == "week"  # not itself
+    now[0] += LIVE_S + 1  # the gpu pool fell silent (scaled to zero)
+    view._apply(_entry("executors.me", orjson.dumps({"slots": 8, "handlers": ["noop"]})))
+    assert view.where_offered("ocr", "executors.me") == "week"
+    assert view.where_offered("pdf", "executors.me") is None and list(view.unknown(["pdf"])) == [0]
