@@ -164,8 +164,9 @@ class App(typer.Typer):
 
         try:
             code = super().__call__(*args, standalone_mode=False, **kwargs)
-        except _click.NoArgsIsHelpError as exc:  # `redrive` alone: its help, as click shows it
-            typer.echo(exc.format_message(), err=True)
+        except _click.NoArgsIsHelpError as exc:  # `redrive` alone: typer has shown its help
+            if exc.format_message().strip():
+                typer.echo(exc.format_message(), err=True)
             sys.exit(exc.exit_code)
         except _click.UsageError as exc:
             where = f" (see `{exc.ctx.command_path} --help`)" if exc.ctx is not None else ""

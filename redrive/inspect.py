@@ -116,7 +116,7 @@ def render(found: dict) -> str:
                 continue
             backoff = f", backoff {', '.join(_duration(b) for b in c['backoff_s'])}" if c["backoff_s"] else ""
             lines.append(f"  Consumer {cname}  filter {', '.join(c['filter_subjects']) or '-'}  ack {c['ack_policy']}, "
-                         f"ack wait {_duration(c['ack_wait_s'])}, max deliver {c['max_deliver']}, "
+                         f"ack wait {_duration(c['ack_wait_s'])}, max deliver {_count(c['max_deliver'])}, "
                          f"max ack pending {c['max_ack_pending']}{backoff}")
             lines.append(f"    pending {c['pending']:,}  ack pending {c['ack_pending']:,}  redelivered "
                          f"{c['redelivered']:,}  waiting pulls {c['waiting']}  delivered seq {c['delivered_stream_seq']}  "
@@ -126,6 +126,10 @@ def render(found: dict) -> str:
     for svc in found["services"]:
         lines.append(f"  {svc['name']}  {svc['version'] or ''}  id {svc['id']}  endpoints {', '.join(svc['endpoints'])}")
     return "\n".join(lines)
+
+
+def _count(n: int | None) -> str:
+    return "unlimited" if n is None or n < 0 else str(n)  # as the server writes "none": -1
 
 
 def _duration(seconds: float | None) -> str:

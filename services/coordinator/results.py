@@ -249,7 +249,8 @@ async def apply_events(conn: AsyncConnection, names: Names, events: list[FileEve
             # The step that failed comes after any the file checkpointed: a poison job's event
             # names the step its job started at (the coordinator fails it, knowing no more),
             # and the step that killed the executor is the one after the last checkpoint.
-            step = event.step if f.cp is None else max(event.step, f.cp + 1)
+            step = (max(event.step, f.cp + 1) if f.cp is not None and event.error is not None
+                    and event.error.error_class == "PoisonJob" else event.step)
             f.err, f.fs = _json(_error_of(event)), step
             if event.kind == "failed":
                 delta.f += 1

@@ -123,8 +123,7 @@ ROUTE_ERRORS: dict[str, list[Reason]] = {
         ("not_found", "no such run in the tenant, or no such file in it"), _RUN_BUSY,
         ("conflict", "the run was cancelled"),
     ],
-    "coordinator.cancel": [_RUN_404, ("conflict", "the run has finished (COMPLETED, COMPLETED_WITH_ERRORS) or is "
-                                                  "CANCELLED already")],
+    "coordinator.cancel": [_RUN_404, ("conflict", "the run is COMPLETED or CANCELLED already, or has no PENDING file")],
     "coordinator.put_settings": [("validation_error", "backoff_max_ms would be below backoff_base_ms")],
     "coordinator.restore": [
         ("bad_request", "checkpoint_step is past the template's steps, or a file has no checkpoint there"),

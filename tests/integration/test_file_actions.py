@@ -232,3 +232,33 @@ async def test_a_finished_run_with_errors_cannot_be_cancelled_and_a_cancel_appli
     await expect_error("conflict", stack.call("coordinator", "cancel", tenant_id=tenant, run_id=run["id"],
                                               request_id="cancel:k2:n"))
     await stack.assert_books_balance(tenant)
+
+
+async def test_a_fail_fast_run_stays_failed_until_its_last_failure_is_skipped(stack):
+    """Two files failed before the stop: skipping one leaves the run FAILED and flagged
+    (fail_fast stands for the other); skipping the other finishes it. With nothing pending,
+    it cannot be cancelled either (its failed files could never be continued after)."""
+    tenant = await stack.tenant(monthly=100)
+    template = await stack.template(tenant, [{"name": "a", "handler": "flaky", "optional": True,
+                                              "params": {"poison": "^f[01]"}}], failure_policy="fail_fast")
+    run = await stack.submit(tenant, template, 3)
+    await stack.wait_run(tenant, run["id"])  # FAILED: f0's error stopped it
+    # Where the stop caught the other two varies: make it the case at hand, f1 in ERROR too
+    # (its job ran before the stop reached it) and f2 done.
+    conn = await asyncpg.connect(stack.settings.database_url)
+    try:
+        async with conn.transaction():
+            for index, status in ((0, "ERROR"), (1, "ERROR"), (2, "SUCCEEDED")):
+                await conn.execute("UPDATE coordinator.files SET status = $3, failed_step = CASE WHEN $3 = 'ERROR' "
+                                   "THEN 0 END WHERE run_id = $1 AND idx = $2", run["id"], index, status)
+            await conn.execute("UPDATE coordinator.runs SET pending = 0, errored = 2, succeeded = 1, failed = 0, "
+                               "skipped = 0, cancelled = 0 WHERE id = $1", run["id"])
+    finally:
+        await conn.close()
+    errored = [0, 1]
+    await expect_error("conflict", stack.call("coordinator", "cancel", tenant_id=tenant, run_id=run["id"]))
+    for index in errored[:-1]:
+        still = await stack.call("coordinator", "skip_file", tenant_id=tenant, run_id=run["id"], file_index=index)
+        assert still["status"] == "FAILED" and still["needs_attention"]
+    done = await stack.call("coordinator", "skip_file", tenant_id=tenant, run_id=run["id"], file_index=errored[-1])
+    assert done["status"] == "COMPLETED" and not done["needs_attention"] and counts_add_up(done)

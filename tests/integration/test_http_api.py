@@ -186,6 +186,25 @@ async def test_idempotent_continue_and_concurrent_duplicates(api):
     assert len([e for e in ledger if e["run_id"] == run_id and e["kind"] == "charge"]) == 2  # initiate + one Continue
 
 
+async def test_a_cancel_sent_again_under_its_idempotency_key_answers_as_the_first(api):
+    """Without the key honoured, the second copy of a cancel whose answer was lost (a
+    client's retry) was a 409 for the run it had cancelled itself."""
+    http, keys = api["http"], api["keys"]
+    admin = auth(keys["tenant_admin"])
+    r = await http.post("/api/v1/templates", headers=admin,
+                        json={"name": "slow", "steps": [{"name": "a", "handler": "flaky", "params": {"sleep_ms": 3000}}]})
+    run = await (await http.post("/api/v1/workflow-runs", headers=admin,
+                                 json={"template_id": (await r.json())["id"], "files": [{"name": "a"}]})).json()
+    press = auth(keys["tenant_admin"], **{"Idempotency-Key": "cancel-1"})
+    first = await http.post(f"/api/v1/workflow-runs/{run['id']}/cancel", headers=press)
+    again = await http.post(f"/api/v1/workflow-runs/{run['id']}/cancel", headers=press)
+    assert first.status == again.status == 200 and await first.read() == await again.read()
+    assert again.headers.get("Idempotent-Replayed") == "true"
+    other = await http.post(f"/api/v1/workflow-runs/{run['id']}/cancel", headers=auth(keys["tenant_admin"],
+                                                                                   **{"Idempotency-Key": "cancel-2"}))
+    assert other.status == 409  # another cancel, of a run cancelled already
+
+
 async def test_only_a_platform_admin_grants_credits(api):
     http, keys, other = api["http"], api["keys"], api["other"]
     path = f"/api/v1/admin/tenants/{other}/credits"

@@ -49,10 +49,11 @@ async def cancel(deps: Deps, cmd: CancelRun) -> dict:
             return await store.run_body(conn, run)  # this very cancel was applied (its answer was lost)
         if run["status"] in ("COMPLETED", "CANCELLED"):
             raise ServiceError("conflict", f"a {run['status']} run cannot be cancelled")
-        if run["status"] == "COMPLETED_WITH_ERRORS":
-            # It has finished: nothing is left to stop or refund, and cancelled, its FAILED
-            # files could never be continued (its users were told it finished, then cancelled).
-            raise ServiceError("conflict", "a COMPLETED_WITH_ERRORS run has finished and cannot be cancelled; "
+        if run["pending"] == 0:
+            # Finished (COMPLETED_WITH_ERRORS), or FAILED with nothing left to run: nothing to
+            # stop or refund, and cancelled, its FAILED files could never be continued (its
+            # users were told it finished, then that it was cancelled).
+            raise ServiceError("conflict", f"a {run['status']} run with no PENDING file has nothing to cancel; "
                                            "Continue retries its FAILED files")
         was_recovering = run["recovering"] or run["recovery_noticed"] or run["recovery_told"]
         cancelled = (await conn.execute(text(
