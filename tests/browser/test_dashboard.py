@@ -223,15 +223,22 @@ async def test_no_button_the_api_would_refuse(system, dashboard):
     noop = await system.template(key, [{"name": "work", "handler": "noop"}])
     poison = await system.template(key, [{"name": "work", "handler": "flaky", "params": {"poison": "."}}])
     always = await system.template(key, [{"name": "work", "handler": "flaky", "params": {"fail_rounds": 9}}])
+    # "a" ends in ERROR at once, "b" runs on until cancelled (a finished run cannot be).
+    a_fails = await system.template(key, [{"name": "work", "handler": "flaky",
+                                           "params": {"poison": "^a$", "sleep_ms": 5000}}])
     completed = (await system.submit(key, noop, ["a", "b"]))["id"]
     errors_only = (await system.submit(key, poison, ["a", "b"]))["id"]
     maxed = (await system.submit(key, always, ["a", "b"], max_retry_count=1))["id"]
-    cancelled = (await system.submit(key, always, ["a", "b"], max_retry_count=3))["id"]
-    for run_id in (completed, errors_only, maxed, cancelled):
+    cancelled = (await system.submit(key, a_fails, ["a", "b"], max_retry_count=3))["id"]
+    for run_id in (completed, errors_only, maxed):
         await system.finished(key, run_id)
-    # maxed: one Continue (round 1 fails too) uses its one retry; cancelled: cancelled with FAILED files.
+    # maxed: one Continue (round 1 fails too) uses its one retry; cancelled: cancelled with an ERROR file.
     await system.call("POST", f"/workflow-runs/{maxed}/retry-failed", key)
     assert (await system.finished(key, maxed))["counts"]["failed"] == 2
+    deadline = asyncio.get_running_loop().time() + 20
+    while (await system.run(key, cancelled))["counts"]["errored"] < 1:
+        assert asyncio.get_running_loop().time() < deadline, "file a never ended in ERROR"
+        await asyncio.sleep(0.05)
     assert (await system.call("POST", f"/workflow-runs/{cancelled}/cancel", key))["status"] == "CANCELLED"
 
     # What the API says to each action on them (the dashboard must not offer these).
