@@ -9,13 +9,9 @@ judged and every handler is accepted.
 
 Keys are the names hex-encoded (KV keys allow few characters; handler names allow any).
 
-Each executor also puts its slots (``REDRIVE_EXECUTOR_CONCURRENCY``) and its handlers'
-names under ``executors.<its id>`` when it starts and again every ``ALIVE_S``, and deletes
-it when it stops. Work is admitted by the week's names (a pool of executors scaled to
-zero, or being deployed, still has its work queued); an executor that fetched a job whose
-handler it lacks asks where it is offered (:meth:`OfferedHandlers.where_offered`): by an
-executor alive (the job goes back for it at once), within the week (it waits for one), or
-nowhere (the file's ERROR). The executors' entries: the coordinator counts the slots of the executors heard from within ``LIVE_S``
+Each executor also puts its slots (``REDRIVE_EXECUTOR_CONCURRENCY``) under
+``executors.<its id>`` when it starts and again every ``ALIVE_S``, and deletes it when it
+stops; the coordinator counts the slots of the executors heard from within ``LIVE_S``
 (a crashed executor stops counting then: the bucket's TTL is a week). The tenants' windows
 follow them (services/coordinator/jobs.py: Window). An entry without ``slots`` counts as the
 default concurrency; no live entry at all (executors of a release before this one, or none
@@ -30,7 +26,6 @@ import datetime
 import time
 import uuid
 from collections.abc import Iterable
-from typing import Literal
 
 import orjson
 
@@ -77,11 +72,6 @@ class HandlerOffer:
         self._kv = None
         self._tasks: list[asyncio.Task] = []
 
-    @property
-    def key(self) -> str:
-        """This executor's entry (``executors.<its id>``)."""
-        return self._key
-
     async def start(self) -> None:
         self._kv = kv = await ensure_bucket(self._js, self._names, self._replicas)
         # Put again and again: the handler entries live a week (TTL_S), the slots are counted
@@ -107,7 +97,7 @@ class HandlerOffer:
             await kv.put(name.encode().hex(), name.encode())
 
     async def _put_slots(self, kv) -> None:
-        await kv.put(self._key, orjson.dumps({"slots": self._slots, "handlers": self._handler_names}))
+        await kv.put(self._key, orjson.dumps({"slots": self._slots}))
 
     @staticmethod
     async def _again(put, kv, every_s: float) -> None:
@@ -136,19 +126,14 @@ async def put_until_answered(put, kv, *, attempts: int = 20, delay_s: float = 0.
             await asyncio.sleep(delay_s)
 
 
-def _slots_and_handlers(value: bytes) -> tuple[int, frozenset[str] | None]:
-    """An executor's entry: its slots (DEFAULT_SLOTS when it names none), and its handlers
-    (None when it does not name them: an executor of an older release)."""
+def _slots_of(value: bytes) -> int:
     try:
-        data = orjson.loads(value)
-        slots, handlers = data.get("slots"), data.get("handlers")
+        slots = orjson.loads(value).get("slots")
     except (orjson.JSONDecodeError, AttributeError):
-        slots = handlers = None
+        slots = None
     if not isinstance(slots, int) or isinstance(slots, bool) or slots < 1:
-        slots = DEFAULT_SLOTS
-    named = (frozenset(h for h in handlers if isinstance(h, str))
-             if isinstance(handlers, list) else None)
-    return min(slots, 1_000_000), named
+        return DEFAULT_SLOTS
+    return min(slots, 1_000_000)
 
 
 class OfferedHandlers(BucketMirror):
@@ -159,10 +144,12 @@ class OfferedHandlers(BucketMirror):
 
     def __init__(self, js: JetStreamContext, names: Names, replicas: int = 1, *, clock=time.monotonic) -> None:
         super().__init__(js, names, replicas)
-        self._offered: set[str] = set()
+        # name → when it was last offered (the server's time of the put): the bucket's TTL
+        # removes a name no executor offers any more, but a watcher hears nothing of that,
+        # so a long-lived process must age the names itself.
+        self._offered: dict[str, float] = {}
         self._clock = clock
-        # key: (slots, when last heard of, its handlers or None)
-        self._executors: dict[str, tuple[int, float, frozenset[str] | None]] = {}
+        self._executors: dict[str, tuple[int, float]] = {}  # key: (slots, when last heard of)
 
     async def _bucket(self):
         return await ensure_bucket(self._js, self._names, self._replicas)
@@ -176,9 +163,10 @@ class OfferedHandlers(BucketMirror):
         except ValueError:  # not put by an executor of ours: taken as it is
             name = entry.key
         if entry.value:
-            self._offered.add(name)
-        else:  # deleted or expired
-            self._offered.discard(name)
+            created = getattr(entry, "created", None)
+            self._offered[name] = created.timestamp() if isinstance(created, datetime.datetime) else time.time()
+        else:  # deleted or purged
+            self._offered.pop(name, None)
 
     def _apply_executor(self, entry) -> None:
         created = getattr(entry, "created", None)
@@ -188,39 +176,26 @@ class OfferedHandlers(BucketMirror):
                 self._executors.pop(entry.key, None)
                 return
         if entry.value:
-            slots, handlers = _slots_and_handlers(entry.value)
-            self._executors[entry.key] = (slots, self._clock(), handlers)
+            self._executors[entry.key] = (_slots_of(entry.value), self._clock())
         else:  # the executor stopped
             self._executors.pop(entry.key, None)
-
-    def _alive(self) -> list[tuple[int, float, frozenset[str] | None]]:
-        """The executors heard from within LIVE_S (the others are forgotten)."""
-        cutoff = self._clock() - LIVE_S
-        for key in [k for k, (_, seen, _) in self._executors.items() if seen < cutoff]:
-            del self._executors[key]
-        return list(self._executors.values())
 
     def slots(self) -> int | None:
         """The slots of the executors alive now (heard from within LIVE_S), together; None
         while none is known."""
-        return sum(slots for slots, _, _ in self._alive()) or None
-
-    def where_offered(self, handler: str, me: str) -> Literal["alive", "week"] | None:
-        """Where ``handler``, which the executor ``me`` (its entry's key) lacks, is offered:
-        by another executor alive ("alive": a rolling deploy adding it, a fleet of two
-        kinds), by one within the week ("week": a pool scaled to zero, or deployed without
-        it by mistake), or nowhere (None)."""
-        self._alive()  # forgets the silent ones
-        if any(handler in (named or ()) for key, (_, _, named) in self._executors.items() if key != me):
-            return "alive"
-        return "week" if handler in self._offered else None
+        cutoff = self._clock() - LIVE_S
+        for key in [k for k, (_, seen) in self._executors.items() if seen < cutoff]:
+            del self._executors[key]
+        return sum(slots for slots, _ in self._executors.values()) or None
 
     def unknown(self, handlers: Iterable[str]) -> dict[int, str]:
-        """{position: why} for each of ``handlers`` no executor offered within the week (none
-        while nothing is known)."""
+        """{position: why} for each of ``handlers`` no executor offers (none while nothing is known)."""
+        cutoff = time.time() - TTL_S
+        for name in [n for n, at in self._offered.items() if at < cutoff]:
+            del self._offered[name]
         if not self._offered:
             return {}
-        listed = ", ".join(sorted(self._offered)[:20])
-        return {i: f"no executor offers the handler {h[:100]!r} (offered: {listed})"
+        offered = ", ".join(sorted(self._offered)[:20])
+        return {i: f"no executor offers the handler {h[:100]!r} (offered: {offered})"
                 for i, h in enumerate(handlers) if h not in self._offered}
 

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from shared import bus
-from shared.handler_offers import HandlerOffer, OfferedHandlers
+from shared.handler_offers import HandlerOffer
 from shared.rpc import MicroService
 from shared.runtime import run
 from shared.settings import Settings
@@ -44,16 +44,13 @@ class ExecutorService:
         await self.progress.start()
         self.deadlines = Deadlines()
         artifacts = s.data_dir / "artifacts"
-        self.offered = OfferedHandlers(self.js, names, s.stream_replicas)  # what the other executors run
-        await self.offered.start()
-        self.offer = HandlerOffer(self.js, names, registry.names(), s.stream_replicas, slots=s.executor_concurrency)
-        steps = StepRunner(registry, self.breakers, artifacts, self.deadlines, max_payload=self.nc.max_payload,
-                           offered_elsewhere=lambda handler: self.offered.where_offered(handler, self.offer.key))
+        steps = StepRunner(registry, self.breakers, artifacts, self.deadlines, max_payload=self.nc.max_payload)
         self.artifacts = ArtifactSweeper(artifacts, retention_hours=s.executor_artifact_retention_hours)
         self.keepalive = KeepAlive(s.executor_ack_wait_s,
                                    publish_alive=lambda body: self.nc.publish(names.runs_alive, body))
         self.stops = RunStops(self.js, names, s.stream_replicas)
         await self.stops.start()
+        self.offer = HandlerOffer(self.js, names, registry.names(), s.stream_replicas, slots=s.executor_concurrency)
         await self.offer.start()
         runner = JobRunner(self.js, names, steps, self.progress, self.keepalive, max_deliver=s.executor_max_deliver,
                            stops=self.stops)
@@ -87,7 +84,6 @@ class ExecutorService:
         await self.artifacts.stop()
         await self.stops.stop()
         await self.offer.stop()
-        await self.offered.stop()
         await self.breakers.stop()
         await bus.close(self.nc)
 

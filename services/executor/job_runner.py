@@ -188,11 +188,6 @@ class JobRunner:
             self._seen.saw(message, delivered, finished=True)
             await msg.ack()
             return suspect
-        if outcome.kind == "elsewhere":  # another executor has its handler: the job is for that one
-            log.info("job.handler_elsewhere", run_id=job.run_id, file_index=file.index, step=outcome.step)
-            progress.deferrals += 1  # an explained redelivery, never an attempt
-            await self._come_back_later(job, file, msg, delivered, progress, outcome.delay_ms / 1000)
-            return suspect
         if outcome.kind in ("defer", "retry"):
             if outcome.kind == "defer":
                 progress.deferrals += 1
@@ -268,9 +263,6 @@ class JobRunner:
                                                 delivery_name(message, delivered)))
                 attempt = progress.attempt  # after the checkpoints: the attempt of the outcome's step
                 if outcome.kind == "overtaken":  # see _run_one
-                    return
-                if outcome.kind == "elsewhere":  # see _run_one: the files not done yet are another's
-                    await msg.nak(delay=outcome.delay_ms / 1000)
                     return
                 if outcome.kind in ("stopped", "superseded"):
                     self._seen.saw(message, delivered, finished=True)

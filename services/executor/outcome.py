@@ -14,9 +14,7 @@ class Outcome:
     # delivery of this message checkpointed this far first; superseded: a copy of the job
     # (another message) did. Each ends at a checkpoint, before the next step, and none is a
     # result: nothing is published for them.
-    # elsewhere: this executor lacks the step's handler, which another one offers (alive,
-    # or within the week): the job goes back for it (not an attempt, nothing published).
-    kind: Literal["succeeded", "retry", "failed", "errored", "defer", "stopped", "overtaken", "superseded", "elsewhere"]
+    kind: Literal["succeeded", "retry", "failed", "errored", "defer", "stopped", "overtaken", "superseded"]
     step: int
     output: dict[str, Any] | None = None
     error: Classified | None = None

@@ -54,12 +54,8 @@ def retry_decision(error: Classified, attempt: int, job: Job, step: int) -> Outc
 
 class StepRunner:
     def __init__(self, registry: HandlerRegistry, breakers: BreakerBoard | None, artifacts: Path,
-                 deadlines: Deadlines | None = None, *, max_payload: int = 1 << 20,
-                 offered_elsewhere: Callable[[str], str | None] | None = None) -> None:
+                 deadlines: Deadlines | None = None, *, max_payload: int = 1 << 20) -> None:
         self._registry = registry
-        # Where a handler this executor lacks is offered: "alive", "week" or None
-        # (shared/handler_offers.py: OfferedHandlers.where_offered).
-        self._offered_elsewhere = offered_elsewhere
         self._max_output_bytes = max_payload - EVENT_ROOM
         self._deadlines = deadlines or Deadlines()
         self._breakers = breakers
@@ -87,10 +83,6 @@ class StepRunner:
             try:
                 handler = self._registry.get(step.handler)
             except PermanentError as exc:
-                where = self._offered_elsewhere(step.handler) if self._offered_elsewhere is not None else None
-                if where is not None:  # not ours: back for an executor that has it, soon or when one is up
-                    wait_s = random.uniform(1.0, 3.0) if where == "alive" else random.uniform(30.0, 60.0)
-                    return Outcome("elsewhere", index, delay_ms=int(wait_s * 1000))
                 return Outcome("errored", index, error=classify(exc))
             try:
                 dependency = handler.dependency_of(step.params, ref) if handler.dependency_of else None

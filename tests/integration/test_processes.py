@@ -5,7 +5,6 @@ from __future__ import annotations
 import asyncio
 import time
 
-from shared.messages import ServiceError
 from tests.procs import ProcStack
 from tests.stack import counts_add_up
 
@@ -198,30 +197,5 @@ async def test_the_jobs_in_flight_at_one_executor_crash_run_again_side_by_side(m
         assert sorted(s["file"] for s in starts() if s["t"] > killed_at) == list(range(n))  # each ran again once
         # Side by side: the last one started before the first one could have finished.
         assert max(again) - min(again) < step_s, f"one after another: started {[round(t - min(again), 2) for t in sorted(again)]}"
-    finally:
-        await stack.stop()
-
-
-async def test_a_job_that_reaches_an_executor_without_its_handler_goes_to_one_that_has_it(make_settings):
-    """A rolling deploy adding a handler, or a fleet of two kinds of executors: a job that an
-    executor without the step's handler fetched is the other one's to run. It was an ERROR
-    ("unknown handler") for every file the first one happened to fetch."""
-    stack = await ProcStack(await make_settings(executor_concurrency=4)).start("billing", "coordinator", "executor")
-    try:
-        stack.extra_env = {"REDRIVE_HANDLERS": "tests.integration.handlers_that_count"}
-        stack.spawn("executor")  # the second executor offers fails_first too; the first does not
-        tenant = await stack.tenant(monthly=100)
-        deadline = time.monotonic() + 30
-        while True:  # until the coordinator has heard of the second executor's handlers
-            try:
-                template = await stack.template(tenant, [{"name": "a", "handler": "fails_first"}])
-                break
-            except ServiceError:
-                assert time.monotonic() < deadline, "the coordinator never heard of fails_first"
-                await asyncio.sleep(0.1)
-        run = await stack.submit(tenant, template, 40)
-        done = await stack.wait_run(tenant, run["id"], timeout=90)
-        assert done["status"] == "COMPLETED" and done["counts"]["succeeded"] == 40, done["counts"]
-        assert all(f["attempts"] == 1 for f in done["files"])  # going elsewhere is no attempt
     finally:
         await stack.stop()

@@ -75,20 +75,13 @@ def test_an_entry_put_long_before_the_coordinator_started_is_an_executor_gone():
     assert view.slots() is None
 
 
-def test_a_handler_an_executor_lacks_is_offered_by_another_alive_or_within_the_week_or_nowhere():
-    """Where a job whose handler this executor lacks should go: to another executor alive
-    that has it (at once), to one that offered it within the week (a pool scaled to zero, or
-    deployed without it: the job waits for it rather than ending ERROR), or nowhere."""
-    view, now = _view()
-    for name in ("noop", "ocr"):  # the week's names
-        view._apply(_entry(name.encode().hex(), name.encode()))
-    view._apply(_entry("executors.me", orjson.dumps({"slots": 8, "handlers": ["noop"]})))
-    assert view.where_offered("ocr", "executors.me") == "week"
-    assert view.unknown(["noop", "ocr"]) == {}  # work for it is admitted: it waits
-    view._apply(_entry("executors.gpu", orjson.dumps({"slots": 8, "handlers": ["noop", "ocr"]})))
-    assert view.where_offered("ocr", "executors.me") == "alive"
-    assert view.where_offered("ocr", "executors.gpu") == "week"  # not itself
-    now[0] += LIVE_S + 1  # the gpu pool fell silent (scaled to zero)
-    view._apply(_entry("executors.me", orjson.dumps({"slots": 8, "handlers": ["noop"]})))
-    assert view.where_offered("ocr", "executors.me") == "week"
-    assert view.where_offered("pdf", "executors.me") is None and list(view.unknown(["pdf"])) == [0]
+def test_a_handler_last_offered_more_than_a_week_ago_is_unknown_to_a_long_lived_coordinator():
+    """The bucket's TTL forgets such a name, but a watcher is not told: a coordinator up
+    since kept admitting it, and its files ended ERROR ("unknown handler")."""
+    from shared.handler_offers import TTL_S
+
+    view, _ = _view()
+    now = datetime.datetime.now(datetime.timezone.utc)
+    view._apply(_entry("noop".encode().hex(), b"noop", created=now))
+    view._apply(_entry("ocr".encode().hex(), b"ocr", created=now - datetime.timedelta(seconds=TTL_S + 60)))
+    assert list(view.unknown(["noop", "ocr"])) == [1]

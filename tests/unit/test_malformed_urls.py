@@ -64,16 +64,3 @@ async def test_a_dependency_function_that_raises_leaves_the_step_to_its_handler(
     outcome = await StepRunner(registry, None, tmp_path).run_file(
         job, job.files[0], attempt=1, start_step=0, previous_output=None, heartbeat=_beat, on_checkpoint=None)
     assert ran == ["a.txt"] and outcome.kind == "errored" and outcome.error.message == "the handler says what is wrong"
-
-
-@pytest.mark.parametrize("where, low_s, high_s", [("alive", 1, 3), ("week", 30, 60)])
-async def test_a_step_whose_handler_this_executor_lacks_goes_back_for_one_that_has_it(tmp_path, where, low_s, high_s):
-    """Offered by another executor alive: back at once for it; offered within the week only
-    (a pool scaled to zero): back later, waiting for one. Never an attempt, never ERROR."""
-    job = _job("https://e.com/a").model_copy(update={"steps": [StepSpec(name="s", handler="ocr")]})
-    outcome = await StepRunner(HandlerRegistry(), None, tmp_path, offered_elsewhere=lambda h: where).run_file(
-        job, job.files[0], attempt=1, start_step=0, previous_output=None, heartbeat=_beat, on_checkpoint=None)
-    assert outcome.kind == "elsewhere" and low_s * 1000 <= outcome.delay_ms <= high_s * 1000
-    nowhere = await StepRunner(HandlerRegistry(), None, tmp_path, offered_elsewhere=lambda h: None).run_file(
-        job, job.files[0], attempt=1, start_step=0, previous_output=None, heartbeat=_beat, on_checkpoint=None)
-    assert nowhere.kind == "errored" and nowhere.error.message == "unknown handler 'ocr'"
