@@ -32,23 +32,23 @@ POISON_MESSAGE = "the executor died on every delivery of this job (max deliverie
 RETRY_DELAY_S = 2.0
 
 
-_CHECKPOINTS = text(
+_PENDING = text(
     "SELECT idx, checkpoint_step FROM coordinator.files WHERE run_id = :r AND round = :round "
-    "AND idx = ANY(CAST(:idxs AS int[])) AND checkpoint_step IS NOT NULL"
+    "AND idx = ANY(CAST(:idxs AS int[])) AND status = 'PENDING'"
 )
 
 
 async def _failed_steps(engine: AsyncEngine | None, job: Job) -> dict[int, int]:
-    """{file index: the step that killed the executor}: the one after the file's last
-    checkpoint in the job's round (the job names only where it started)."""
+    """{file index: the step that killed the executor} for the job's files still PENDING in
+    its round: a batch job's files done before it died are not failed (nor told so), and
+    the step is the one after the file's last checkpoint (the job names where it started)."""
     steps = {f.index: f.start_step for f in job.every_file}
     if engine is None:
         return steps
     async with transaction(engine) as conn:
-        rows = (await conn.execute(_CHECKPOINTS, {"r": job.run_id, "round": job.round, "idxs": sorted(steps)})).all()
-    for idx, checkpoint in rows:
-        steps[idx] = max(steps[idx], min(checkpoint + 1, len(job.steps) - 1))
-    return steps
+        rows = (await conn.execute(_PENDING, {"r": job.run_id, "round": job.round, "idxs": sorted(steps)})).all()
+    return {idx: max(steps[idx], min(checkpoint + 1, len(job.steps) - 1)) if checkpoint is not None else steps[idx]
+            for idx, checkpoint in rows}
 
 
 def make_advisory_handler(js: JetStreamContext, names, engine: AsyncEngine | None = None):
@@ -77,7 +77,7 @@ def make_advisory_handler(js: JetStreamContext, names, engine: AsyncEngine | Non
                       round=job.round, attempt=deliveries, step=steps[f.index],
                       step_name=job.steps[steps[f.index]].name if steps[f.index] < len(job.steps) else None,
                       error=error)
-            for f in job.every_file
+            for f in job.every_file if f.index in steps
         ]
         trace_id = (tracing.trace_id_of((raw.headers or {}).get(tracing.HEADER))
                     or tracing.run_trace_id(job.run_id))

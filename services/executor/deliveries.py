@@ -65,6 +65,27 @@ def later_delivery(name: str | None, mine: str) -> bool:
     return _one_message(message, my_message) and int(delivered) > int(my_delivered)
 
 
+def newer_copy(name: str | None, mine: str) -> bool:
+    """Whether ``name`` is a delivery of another message carrying the same job, published
+    after ``mine``'s (a recovery's or a restore's copy): the job is that copy's now, and
+    ``mine``'s message is done with. Judged by the messages' timestamps (by the sequence for
+    a name written before names carried one)."""
+    if not name:
+        return False
+    message, my_message = name.split("/")[1], mine.split("/")[1]
+    if message == "-" or my_message == "-" or _one_message(message, my_message):
+        return False
+    if "-" in message and "-" in my_message:
+        return int(message.split("-")[1]) > int(my_message.split("-")[1])
+    return int(message.split("-")[0]) > int(my_message.split("-")[0])
+
+
+def batch_taken(name: str | None, mine: str) -> bool:
+    """Whether the batch claimed by ``name`` is not ``mine``'s to run: a later delivery of
+    my message has it (it acks), or a newer copy of the job does (then I ack mine)."""
+    return later_delivery(name, mine) or newer_copy(name, mine)
+
+
 def suspect_after(max_deliver: int) -> int:
     """SUSPECT_AFTER, but below max deliver: with a max deliver of 2 the second delivery is
     the last, and the jobs beside a poison job would spend it with it."""

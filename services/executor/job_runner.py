@@ -30,7 +30,9 @@ from shared.bus import Outgoing, publish_many
 from shared.messages import FileSpec, Job
 from shared.subjects import Names
 from services.executor.deferrals import DeferralNotices
-from services.executor.deliveries import delivery_name, later_delivery, same_message, suspect_after
+from services.executor.deliveries import (
+    batch_taken, delivery_name, later_delivery, newer_copy, same_message, suspect_after,
+)
 from services.executor.file_events import file_event_body, headers as event_headers
 from services.executor.isolation import IsolationGate
 from services.executor.keepalive import KeepAlive
@@ -237,21 +239,25 @@ class JobRunner:
         the later one's. One that starts after a later delivery claimed it runs nothing."""
         me = delivery_name(message, delivered)
         try:
-            claimed = await self._progress.claim_batch(job.job_id, me, later_delivery)
+            claimed = await self._progress.claim_batch(job.job_id, me, batch_taken)
         except Exception as exc:  # the progress bucket away: run unclaimed, as before claims
             log.warning("job.batch_unclaimed", run_id=job.run_id, error=repr(exc)[:300])
             claimed = True
         if not claimed:
-            log.info("job.stale_delivery", run_id=job.run_id, delivered=delivered)
+            await self._batch_taken(job, msg, message, delivered, me, await self._claimant(job.job_id))
             return
+        # A copy (re-published by a recovery or a restore, beside this job's first message)
+        # reads what the deliveries before it did, as a redelivery does.
+        copy = bool(msg.headers) and msg.headers.get("Nats-Msg-Id", job.job_id) != job.job_id
         checked = time.monotonic()
         for file in job.every_file:
             if time.monotonic() - checked >= BATCH_CLAIM_CHECK_S:
                 checked = time.monotonic()
-                if later_delivery(await self._claimant(job.job_id), me):
-                    log.info("job.stale_delivery", run_id=job.run_id, file_index=file.index, delivered=delivered)
+                claimant = await self._claimant(job.job_id)
+                if batch_taken(claimant, me):
+                    await self._batch_taken(job, msg, message, delivered, me, claimant, file.index)
                     return
-            look = delivered > 1 or len(job.steps) - file.start_step > 1  # see _run_one
+            look = delivered > 1 or copy or len(job.steps) - file.start_step > 1  # see _run_one
             progress = await self._progress.get(job.job_id, file.index) if look else Progress()
             if progress.done:
                 continue
@@ -283,6 +289,17 @@ class JobRunner:
                 await self._progress.put(job.job_id, file.index, progress)
         self._seen.saw(message, delivered, finished=True)
         await msg.ack()
+
+    async def _batch_taken(self, job: Job, msg: Msg, message: Message | None, delivered: int, me: str,
+                           claimant: str | None, file_index: int | None = None) -> None:
+        """Another delivery runs this batch now. A later delivery of this message acks it; a
+        newer copy of the job carries it from here, so this message is acked now (left, it
+        would come back until max deliver and fail the batch's files as poison)."""
+        log.info("job.stale_delivery", run_id=job.run_id, file_index=file_index, delivered=delivered,
+                 copy=newer_copy(claimant, me))
+        if newer_copy(claimant, me):
+            self._seen.saw(message, delivered, finished=True)
+            await msg.ack()
 
     async def _claimant(self, job_id: str) -> str | None:
         try:

@@ -108,6 +108,7 @@ ROUTE_ERRORS: dict[str, list[Reason]] = {
         ("max_retry_count_exceeded", "a file to retry reached max_retry_count (details.file_indexes)"),
         _CREDITS, _RUN_404, ("run_running", "the run is still running"), _RUN_BUSY,
         ("conflict", "the run was cancelled"), _WITHDRAWN, _NO_HANDLER,
+        ("payload_too_large", "a batch run's job of the reopened files would not fit in a message"),
     ],
     "coordinator.recover": [_RUN_404, ("run_not_recoverable", "the run is COMPLETED or CANCELLED, has no pending "
                                                               "file, or is RUNNING and making progress")],

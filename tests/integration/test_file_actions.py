@@ -234,10 +234,11 @@ async def test_a_finished_run_with_errors_cannot_be_cancelled_and_a_cancel_appli
     await stack.assert_books_balance(tenant)
 
 
-async def test_a_fail_fast_run_stays_failed_until_its_last_failure_is_skipped(stack):
-    """Two files failed before the stop: skipping one leaves the run FAILED and flagged
-    (fail_fast stands for the other); skipping the other finishes it. With nothing pending,
-    it cannot be cancelled either (its failed files could never be continued after)."""
+async def test_a_fail_fast_run_with_two_failures_finishes_at_the_first_skip_and_completes_at_the_second(stack):
+    """Two files failed before the stop: skipping one resumes the run, which has nothing
+    pending, so it finishes with the other's error; skipping that one completes it. With
+    nothing pending, the FAILED run could not be cancelled (its failures could never be
+    continued after)."""
     tenant = await stack.tenant(monthly=100)
     template = await stack.template(tenant, [{"name": "a", "handler": "flaky", "optional": True,
                                               "params": {"poison": "^f[01]"}}], failure_policy="fail_fast")
@@ -257,8 +258,30 @@ async def test_a_fail_fast_run_stays_failed_until_its_last_failure_is_skipped(st
         await conn.close()
     errored = [0, 1]
     await expect_error("conflict", stack.call("coordinator", "cancel", tenant_id=tenant, run_id=run["id"]))
-    for index in errored[:-1]:
-        still = await stack.call("coordinator", "skip_file", tenant_id=tenant, run_id=run["id"], file_index=index)
-        assert still["status"] == "FAILED" and still["needs_attention"]
-    done = await stack.call("coordinator", "skip_file", tenant_id=tenant, run_id=run["id"], file_index=errored[-1])
+    finished = await stack.call("coordinator", "skip_file", tenant_id=tenant, run_id=run["id"], file_index=errored[0])
+    assert finished["status"] == "COMPLETED_WITH_ERRORS" and counts_add_up(finished)
+    done = await stack.call("coordinator", "skip_file", tenant_id=tenant, run_id=run["id"], file_index=errored[1])
     assert done["status"] == "COMPLETED" and not done["needs_attention"] and counts_add_up(done)
+
+
+async def test_a_batch_continue_whose_job_would_not_fit_a_message_is_refused_before_the_charge(stack):
+    """Its one job carries every reopened file with its checkpoint's output: forty outputs
+    of 30 KB made a job over 1 MB, and the Continue charged them all, then made every file
+    ERROR (JobTooLarge) without running anything."""
+    tenant = await stack.tenant(monthly=100)
+    done, _ = await failed_run(stack, tenant, [{"name": "a", "handler": "noop"},
+                                               {"name": "b", "handler": "flaky", "params": {"fail_rounds": 1}}],
+                               n=2, mode="batch")
+    assert done["counts"]["failed"] == 2
+    conn = await asyncpg.connect(stack.settings.database_url)
+    try:  # as if step a had output 600 KB for each file
+        await conn.execute("UPDATE coordinator.files SET checkpoint_step = 0, checkpoint_output = $2::jsonb "
+                           "WHERE run_id = $1", done["id"], json.dumps({"text": "x" * 600_000}))
+    finally:
+        await conn.close()
+    before = await stack.call("billing", "balance", tenant_id=tenant)
+    refused = await expect_error("payload_too_large", stack.call("coordinator", "retry_failed", tenant_id=tenant,
+                                                                 run_id=done["id"]))
+    assert refused.details["job_bytes"] > refused.details["max_payload"]
+    assert await stack.call("billing", "balance", tenant_id=tenant) == before
+    assert (await stack.run(tenant, done["id"]))["status"] == "COMPLETED_WITH_ERRORS"

@@ -199,3 +199,25 @@ async def test_the_jobs_in_flight_at_one_executor_crash_run_again_side_by_side(m
         assert max(again) - min(again) < step_s, f"one after another: started {[round(t - min(again), 2) for t in sorted(again)]}"
     finally:
         await stack.stop()
+
+
+async def test_a_poison_batch_fails_only_its_files_not_done_and_tells_only_of_those(make_settings):
+    """A batch job killed its executor at its third file, every delivery: at max deliver the
+    coordinator fails the job's files. Those done before (SUCCEEDED) stay so, and nobody is
+    told they failed (they were: "Step failed after multiple attempts" for each)."""
+    settings = await make_settings(executor_ack_wait_s=1.0, executor_max_deliver=3, executor_allow_crash=True)
+    stack = await ProcStack(settings).start("billing", "coordinator", "notifier", "executor")
+    try:
+        tenant = await stack.tenant()
+        template = await stack.template(tenant, [{"name": "a", "handler": "flaky", "params": {"crash": "^f2"}}])
+        run = await stack.submit(tenant, template, 4, mode="batch")
+        done = await stack.wait_run(tenant, run["id"], timeout=90)
+        assert [f["status"] for f in done["files"]] == ["SUCCEEDED", "SUCCEEDED", "FAILED", "FAILED"], done["files"]
+        deadline = time.monotonic() + 20
+        while len(told := [n["file_index"] for n in (await stack.call("notifier", "list", tenant_id=tenant))["items"]
+                           if n["kind"] == "file_failed"]) < 2:
+            assert time.monotonic() < deadline, told
+            await asyncio.sleep(0.05)
+        assert sorted(told) == [2, 3]
+    finally:
+        await stack.stop()

@@ -208,3 +208,43 @@ async def test_a_long_step_whose_run_is_cancelled_stops_at_its_next_heartbeat(tm
     msg = Msg(job, delivered=1)
     await asyncio.wait_for(job_runner.handle(msg), 2)
     assert len(beats) == 3 and msg.said == ["ack"] and published == []  # stopped: no result, acked
+
+
+def test_a_newer_copy_is_another_message_of_the_job_published_later():
+    from services.executor.deliveries import batch_taken, newer_copy
+
+    assert newer_copy(f"a/{SEQ + 5}-{TS + 5}/1", f"b/{MSG}/3")  # a recovery's copy, after this message
+    assert not newer_copy(f"a/{SEQ - 5}-{TS - 5}/1", f"b/{MSG}/1")  # the original, before the copy
+    assert not newer_copy(f"a/{MSG}/3", f"b/{MSG}/1")  # the same message: a later delivery, not a copy
+    assert not newer_copy(None, f"b/{MSG}/1") and not newer_copy("a/-/1", f"b/{MSG}/1")
+    assert batch_taken(f"a/{MSG}/3", f"b/{MSG}/1") and batch_taken(f"a/{SEQ + 5}-{TS + 5}/1", f"b/{MSG}/3")
+
+
+async def test_a_batch_whose_copy_claimed_it_stops_and_acks_its_message_and_the_copy_skips_done_files(
+        tmp_path, monkeypatch):
+    """An operator's Recover published a copy of a batch whose executor was frozen: the
+    copy, the thawed original and the original's redelivery all ran its files (three times
+    each). The copy claims the batch; the original stops at its next file and acks its
+    message (left, it came back until max deliver); the copy runs only the files not done."""
+    from services.executor import job_runner
+
+    monkeypatch.setattr(job_runner, "BATCH_CLAIM_CHECK_S", 0.0)
+    ran: list[int] = []
+    store = Store()
+    store.files[0] = Progress(done=True)  # the original finished file 0 before it froze
+    copy = Msg(batch_job(3), delivered=1)
+    copy.reply = f"$JS.ACK.T_JOBS.executor.1.{SEQ + 9}.{SEQ + 9}.{TS + 9}.0"  # published after the original
+    copy.headers = {"Nats-Msg-Id": "r:batch:r0:rec1"}
+    steps_of: list[tuple[int, int]] = []
+
+    async def step(ctx):
+        steps_of.append((ctx.file_index, ctx.step_index))
+        return {}
+
+    job = runner(tmp_path, store, ran)
+    job._steps._registry.register("step", step)
+    await job.handle(copy)
+    assert copy.said == ["ack"] and sorted(steps_of) == [(1, 0), (2, 0)]  # file 0 was done: not again
+    original = Msg(batch_job(3), delivered=2)  # thawed, or the original's redelivery
+    await runner(tmp_path, store, ran).handle(original)
+    assert original.said == ["ack"] and store.claimed.endswith(f"/{SEQ + 9}-{TS + 9}/1")

@@ -165,8 +165,15 @@ def _first_jobs(deps: Deps, cmd: CreateRun, run_id: str, template: dict, files: 
     else:
         checked = jobs.job_messages(deps.names, run, template, files, policy)
         rows = [outbox.row(m.subject, m.msg_id, m.data, m.headers) for m in checked]
-    job = max(checked, key=lambda m: len(m.data))
-    if not fits(job, deps.max_payload):
-        raise ServiceError("payload_too_large", too_large_message(len(job.data), deps.max_payload),
-                           {"job_bytes": len(job.data), "max_payload": deps.max_payload})
+    refuse_oversized(checked, deps.max_payload)
     return rows
+
+
+def refuse_oversized(messages: list, max_payload: int) -> None:
+    """A 413 ``payload_too_large`` when the biggest of these jobs would not fit in a message:
+    sent, the broker would refuse it, and its files would end ERROR (JobTooLarge) after
+    they were charged."""
+    job = max(messages, key=lambda m: len(m.data), default=None)
+    if job is not None and not fits(job, max_payload):
+        raise ServiceError("payload_too_large", too_large_message(len(job.data), max_payload),
+                           {"job_bytes": len(job.data), "max_payload": max_payload})

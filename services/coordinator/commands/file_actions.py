@@ -162,9 +162,9 @@ async def _end_skipped(conn, deps: Deps, run: dict, f: dict, template: dict, cou
     return run
 
 
-# A run fail_fast stopped whose last failure was skipped goes on with its PENDING files,
-# their stopped jobs published again under a new generation; with none left it finishes.
-# Left FAILED, it was never finished, and no longer flagged for anyone.
+# A FAILED run one of whose failures was skipped goes on with its PENDING files, their
+# stopped jobs published again under a new generation; with none left it finishes. Left
+# FAILED, it was never finished, and no longer flagged for anyone.
 _REOPEN_OR_FINISH = text(
     "UPDATE coordinator.runs SET "
     " status = CASE WHEN pending > 0 THEN 'RUNNING' WHEN failed + errored > 0 THEN 'COMPLETED_WITH_ERRORS' "
@@ -181,15 +181,9 @@ _REOPEN_OR_FINISH = text(
 
 
 async def _failed_run_after_skip(conn, deps: Deps, was: dict, f: dict, template: dict, actor: str) -> dict:
-    """A FAILED run stays FAILED and flagged while another file still failed (fail_fast
-    stands for it too), and when the sweep gave it up (its files are stuck, not stopped:
-    Recover is for that, and tells its users). Otherwise it goes on, or finishes."""
-    current = dict((await conn.execute(text("SELECT * FROM coordinator.runs WHERE id = :r"), {"r": was["id"]}))
-                   .mappings().one())
-    if current["failed"] + current["errored"] > 0 or was["attention_reason"] == "recovery_failed":
-        await timeline.append(conn, timeline.entry(was["id"], was["tenant_id"], "file_skipped", actor, f["idx"],
-                                                   step=f["failed_step"]))
-        return current
+    """An operator's skip on a FAILED run resumes it, as a skip of a step before the last
+    does (``_resume_after``): its stopped PENDING files run again and it ends as its files
+    do (COMPLETED_WITH_ERRORS, flagged, if another file failed too)."""
     run = dict((await conn.execute(_REOPEN_OR_FINISH, {"r": was["id"]})).mappings().one())
     once = f"skip{f['idx']}g{run['generation']}"
     await timeline.append(conn, timeline.entry(run["id"], run["tenant_id"], "file_skipped", actor, f["idx"],

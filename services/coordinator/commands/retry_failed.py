@@ -14,6 +14,7 @@ from shared.db import transaction
 from shared.rpc import ensure_caller_waits
 from shared.messages import ServiceError
 from services.coordinator import credits, jobs, outbox, requests_applied, store, timeline
+from services.coordinator.commands.create_run import refuse_oversized
 from services.coordinator.commands.templates import refuse_unoffered
 from services.coordinator.context import Deps
 from services.coordinator.run_events import run_event_row
@@ -74,6 +75,12 @@ async def retry_failed(deps: Deps, cmd: RetryFailed) -> dict:
             refuse_unoffered(deps, [s["handler"] for s in template["steps"]])  # before the charge
             policy = await store.retry_policy(conn, run["tenant_id"])
             new_round = run["round"] + 1
+            if run["mode"] == "batch":
+                # Its one job carries every reopened file with its checkpoint's output: many
+                # modest outputs add up past a message, and it would fail them all, charged.
+                refuse_oversized(jobs.job_messages(deps.names, {**run, "round": new_round}, template,
+                                                   [{**f, "round": new_round} for f in failed + pending], policy),
+                                 deps.max_payload)
             key = await credits.fresh_key(deps.engine, credits.retry_key(run["id"], new_round))
             amount = len(failed) * template["credits_per_file"]
             charge = await credits.reserve(
