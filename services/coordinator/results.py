@@ -66,20 +66,23 @@ _UPDATE_FILES = text(
     " CAST(:outs AS text[])) AS u(run_id, idx, status, attempts, cp, cpo, output, err, fs, outs) "
     "WHERE f.run_id = u.run_id AND f.idx = u.idx"
 )
-# Progress also ends the attention a run needed only because it was not moving: waiting for
-# an open breaker (breaker_open) or recovered by the sweep (stuck).
+# Progress also ends the attention a run needed only because it was not moving: recovered
+# by the sweep (stuck: any event), or waiting for an open breaker (breaker_open: a file
+# finished or checkpointed; see _RunDelta.advanced).
 _UPDATE_COUNTS = text(
     "UPDATE coordinator.runs r SET pending = pending - u.done, succeeded = succeeded + u.s, failed = failed + u.f, "
     " errored = errored + u.e, updated_at = now(), last_progress_at = now(), "
-    " needs_attention = CASE WHEN r.attention_reason IN ('breaker_open', 'stuck') THEN false ELSE r.needs_attention END, "
-    " attention_reason = CASE WHEN r.attention_reason IN ('breaker_open', 'stuck') THEN NULL ELSE r.attention_reason END, "
+    " needs_attention = CASE WHEN r.attention_reason = 'stuck' OR (r.attention_reason = 'breaker_open' AND u.adv) "
+    "  THEN false ELSE r.needs_attention END, "
+    " attention_reason = CASE WHEN r.attention_reason = 'stuck' OR (r.attention_reason = 'breaker_open' AND u.adv) "
+    "  THEN NULL ELSE r.attention_reason END, "
     # A retry's announced backoff: quiet until then is not stuck (recovery.py). A recovery
     # followed by progress worked: it does not count towards giving the run up, and the
     # next stall is a new one, told anew.
     " quiet_until = CASE WHEN u.q > 0 THEN GREATEST(r.quiet_until, now() + make_interval(secs => u.q / 1000.0)) "
     "  ELSE r.quiet_until END, recovery_failures = 0, recovery_told = false "
     "FROM unnest(CAST(:ids AS text[]), CAST(:done AS int[]), CAST(:s AS int[]), CAST(:f AS int[]), CAST(:e AS int[]), "
-    " CAST(:q AS bigint[])) AS u(id, done, s, f, e, q) WHERE r.id = u.id"
+    " CAST(:q AS bigint[]), CAST(:adv AS boolean[])) AS u(id, done, s, f, e, q, adv) WHERE r.id = u.id"
 )
 # Quiet until the breaker's next probe (the deferral's delay) is not stuck either.
 _WAITING_ON_BREAKER = text(
@@ -137,6 +140,11 @@ class _RunDelta:
     f: int = 0
     e: int = 0
     quiet_ms: int = 0  # the longest backoff a retry of this batch announced
+    # A file finished or checkpointed a step: what ends a run's breaker_open flag. A retry is
+    # activity, not that: one that failed just before the breaker opened, recorded after the
+    # run was flagged, cleared the flag for good (the deferral is told once per open period),
+    # and the run's waiting jobs then held its tenant's window: no other run of it started.
+    advanced: bool = False
     succeeded_files: list[int] = field(default_factory=list)
     failed_files: list[int] = field(default_factory=list)
 
@@ -226,6 +234,7 @@ async def apply_events(conn: AsyncConnection, names: Names, events: list[FileEve
         f.changed = True
         delta = deltas.setdefault(event.run_id, _RunDelta())  # also marks the run as progressing
         if event.kind == "checkpoint":
+            delta.advanced = True
             if f.cp is None or event.step > f.cp:
                 f.cp, f.cpo = event.step, _json(event.output or {})
                 f.outs[str(event.step)] = event.output or {}
@@ -240,6 +249,7 @@ async def apply_events(conn: AsyncConnection, names: Names, events: list[FileEve
             continue
         f.status = TERMINAL_BY_KIND[event.kind]
         delta.done += 1
+        delta.advanced = True
         if event.kind == "succeeded":
             delta.s += 1
             delta.succeeded_files.append(f.idx)
@@ -282,6 +292,7 @@ async def apply_events(conn: AsyncConnection, names: Names, events: list[FileEve
         await conn.execute(_UPDATE_COUNTS, {
             "ids": ids, "done": [deltas[i].done for i in ids], "s": [deltas[i].s for i in ids],
             "f": [deltas[i].f for i in ids], "e": [deltas[i].e for i in ids], "q": [deltas[i].quiet_ms for i in ids],
+            "adv": [deltas[i].advanced for i in ids],
         })
         tripped = [i for i in ids if deltas[i].f or deltas[i].e]
         if tripped:

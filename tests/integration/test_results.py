@@ -144,3 +144,31 @@ async def test_a_poison_jobs_failure_is_the_step_after_the_files_checkpoint(stac
     assert done["files"][0]["status"] == "FAILED" and done["files"][0]["skippable"]  # its optional step b
     skipped = await stack.call("coordinator", "skip_file", tenant_id=tenant, run_id=run["id"], file_index=0)
     assert skipped["files"][0]["status"] == "SKIPPED"
+
+
+async def test_a_retry_recorded_after_its_run_was_flagged_breaker_open_does_not_clear_the_flag(stack):
+    """A job that failed just before the breaker opened is recorded after the run was
+    flagged: it cleared the flag for good (the deferral is told once per open period), and
+    the run's waiting jobs then held its tenant's window, so that no other run of the
+    tenant started (test_fair_share failed so under load). A finished file clears it."""
+    tenant = await stack.tenant(monthly=100)
+    template = await stack.template(tenant, [{"name": "a", "handler": "noop"}])
+    run = await stack.submit(tenant, template, 2)
+    job_id = job_id_for(run["id"], 0, 0)
+    common = dict(job_id=job_id, run_id=run["id"], tenant_id=tenant, file_index=0, round=0, step=0)
+    deferred = FileEvent(kind="deferred", attempt=1, dependency="down.example", next_delay_ms=60_000, **common)
+    retrying = FileEvent.model_validate({**common, "kind": "retrying", "attempt": 1, "next_delay_ms": 100,
+                                         "error": {"class": "TransientError", "message": "down", "transient": True}})
+    await bus.publish_many(stack.js, [bus.Outgoing(stack.names.file_event("deferred"), deferred.to_bytes(),
+                                                   f"{run['id']}:deferred:down.example:1")])
+    await stack.wait_run(tenant, run["id"], until=lambda r: r.get("attention_reason") == "breaker_open")
+    await bus.publish_many(stack.js, [bus.Outgoing(stack.names.file_event("retrying"), retrying.to_bytes(),
+                                                   retrying.msg_id)])
+    await stack.wait_run(tenant, run["id"], until=lambda r: r["files"][0]["attempts"] == 1)  # the retry was applied
+    assert (await stack.run(tenant, run["id"]))["attention_reason"] == "breaker_open"
+    succeeded = FileEvent(kind="succeeded", attempt=2, output={}, **{**common, "file_index": 1,
+                                                                     "job_id": job_id_for(run["id"], 1, 0)})
+    await bus.publish_many(stack.js, [bus.Outgoing(stack.names.file_event("succeeded"), succeeded.to_bytes(),
+                                                   succeeded.msg_id)])
+    cleared = await stack.wait_run(tenant, run["id"], until=lambda r: r["counts"]["succeeded"] == 1)
+    assert cleared["attention_reason"] is None and not cleared["needs_attention"]
