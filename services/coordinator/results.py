@@ -68,7 +68,7 @@ _UPDATE_FILES = text(
 )
 # Progress also ends the attention a run needed only because it was not moving: recovered
 # by the sweep (stuck: any event), or waiting for an open breaker (breaker_open: a file
-# finished or checkpointed; see _RunDelta.advanced).
+# succeeded or checkpointed; see _RunDelta.advanced).
 _UPDATE_COUNTS = text(
     "UPDATE coordinator.runs r SET pending = pending - u.done, succeeded = succeeded + u.s, failed = failed + u.f, "
     " errored = errored + u.e, updated_at = now(), last_progress_at = now(), "
@@ -140,10 +140,11 @@ class _RunDelta:
     f: int = 0
     e: int = 0
     quiet_ms: int = 0  # the longest backoff a retry of this batch announced
-    # A file finished or checkpointed a step: what ends a run's breaker_open flag. A retry is
-    # activity, not that: one that failed just before the breaker opened, recorded after the
-    # run was flagged, cleared the flag for good (the deferral is told once per open period),
-    # and the run's waiting jobs then held its tenant's window: no other run of it started.
+    # A file succeeded or checkpointed a step: what ends a run's breaker_open flag. A retry or
+    # a failure is not that: one that failed just before the breaker opened, recorded after
+    # the run was flagged, cleared the flag for good (the deferral is told once per open
+    # period), and the run's waiting jobs then held its tenant's window: no other run of it
+    # started.
     advanced: bool = False
     succeeded_files: list[int] = field(default_factory=list)
     failed_files: list[int] = field(default_factory=list)
@@ -249,7 +250,7 @@ async def apply_events(conn: AsyncConnection, names: Names, events: list[FileEve
             continue
         f.status = TERMINAL_BY_KIND[event.kind]
         delta.done += 1
-        delta.advanced = True
+        delta.advanced = delta.advanced or event.kind == "succeeded"
         if event.kind == "succeeded":
             delta.s += 1
             delta.succeeded_files.append(f.idx)

@@ -270,6 +270,12 @@ class JobRunner:
                 attempt = progress.attempt  # after the checkpoints: the attempt of the outcome's step
                 if outcome.kind == "overtaken":  # see _run_one
                     return
+                if outcome.kind == "superseded" and await self._claimant(job.job_id) == me:
+                    # This is the newer copy, and the older delivery got further in this file:
+                    # it finishes the file, then steps aside (it sees our claim before its
+                    # next one); the files after it are ours. (Both stepping aside left them.)
+                    outcome = None
+                    break
                 if outcome.kind in ("stopped", "superseded"):
                     self._seen.saw(message, delivered, finished=True)
                     await msg.ack()
@@ -284,6 +290,8 @@ class JobRunner:
                 progress.failures += 1
                 await self._progress.put(job.job_id, file.index, progress)
                 await asyncio.sleep(outcome.delay_ms / 1000)
+            if outcome is None:  # the older delivery's to finish: not done by us
+                continue
             progress.done = True
             if delivered > 1 or len(job.every_file) > 1:
                 await self._progress.put(job.job_id, file.index, progress)

@@ -153,7 +153,7 @@ async def test_a_retry_recorded_after_its_run_was_flagged_breaker_open_does_not_
     tenant started (test_fair_share failed so under load). A finished file clears it."""
     tenant = await stack.tenant(monthly=100)
     template = await stack.template(tenant, [{"name": "a", "handler": "noop"}])
-    run = await stack.submit(tenant, template, 2)
+    run = await stack.submit(tenant, template, 3)  # file 2 keeps it RUNNING
     job_id = job_id_for(run["id"], 0, 0)
     common = dict(job_id=job_id, run_id=run["id"], tenant_id=tenant, file_index=0, round=0, step=0)
     deferred = FileEvent(kind="deferred", attempt=1, dependency="down.example", next_delay_ms=60_000, **common)
@@ -166,6 +166,12 @@ async def test_a_retry_recorded_after_its_run_was_flagged_breaker_open_does_not_
                                                    retrying.msg_id)])
     await stack.wait_run(tenant, run["id"], until=lambda r: r["files"][0]["attempts"] == 1)  # the retry was applied
     assert (await stack.run(tenant, run["id"]))["attention_reason"] == "breaker_open"
+    # Nor does the failure that opened the breaker, recorded late too.
+    failed = FileEvent.model_validate({**common, "kind": "failed", "attempt": 2,
+                                       "error": {"class": "TransientError", "message": "down", "transient": True}})
+    await bus.publish_many(stack.js, [bus.Outgoing(stack.names.file_event("failed"), failed.to_bytes(), failed.msg_id)])
+    flagged = await stack.wait_run(tenant, run["id"], until=lambda r: r["counts"]["failed"] == 1)
+    assert flagged["attention_reason"] == "breaker_open"
     succeeded = FileEvent(kind="succeeded", attempt=2, output={}, **{**common, "file_index": 1,
                                                                      "job_id": job_id_for(run["id"], 1, 0)})
     await bus.publish_many(stack.js, [bus.Outgoing(stack.names.file_event("succeeded"), succeeded.to_bytes(),

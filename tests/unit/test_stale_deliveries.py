@@ -248,3 +248,61 @@ async def test_a_batch_whose_copy_claimed_it_stops_and_acks_its_message_and_the_
     original = Msg(batch_job(3), delivered=2)  # thawed, or the original's redelivery
     await runner(tmp_path, store, ran).handle(original)
     assert original.said == ["ack"] and store.claimed.endswith(f"/{SEQ + 9}-{TS + 9}/1")
+
+
+async def test_a_copy_that_finds_the_original_ahead_in_a_file_leaves_it_that_file_and_runs_the_rest(
+        tmp_path, monkeypatch):
+    """The original is mid-way through a file when a Recover's copy claims the batch: the
+    original checkpoints the file's step first, so the copy is superseded there. The copy
+    left too, and the original stepped aside at its next file: files after it ran nowhere
+    (the review). Now the copy goes on with the next files, the original finishes its file."""
+    import asyncio
+
+    from services.executor import job_runner as job_runner_module
+    from services.executor.progress import overtaken
+
+    monkeypatch.setattr(job_runner_module, "BATCH_CLAIM_CHECK_S", 0.0)
+
+    class OvertakingStore(Store):
+        async def put(self, job_id, file_index, progress, *, unless_overtaken=False):
+            stored = self.files.get(file_index, Progress())
+            if unless_overtaken and overtaken(stored, progress):
+                return stored.writer
+            self.files[file_index] = _merge(stored, progress)
+            return None
+
+    store = OvertakingStore()
+    job = Job(job_id="r:batch:r0", run_id="r", tenant_id="ten", template_id="tpl", round=0, idempotency_key="k",
+              mode="batch", files=[FileSpec(index=i, name=f"{i}.txt") for i in range(3)],
+              steps=[StepSpec(name="a", handler="slow"), StepSpec(name="b", handler="slow")])
+    finished: list[tuple[str, int]] = []
+
+    def make(who: str) -> JobRunner:
+        registry = HandlerRegistry()
+
+        async def slow(ctx):
+            await asyncio.sleep(0.3 if ctx.step_index == 0 else 0.01)
+            return {}
+
+        registry.register("slow", slow)
+        runner_ = JobRunner(None, NAMES, StepRunner(registry, None, tmp_path), store, KeepAlive(30))
+
+        async def publish(job, file_index, outcome, attempt, kind=None):
+            if (kind or outcome.kind) == "succeeded":
+                finished.append((who, file_index))
+
+        runner_._publish = publish
+        return runner_
+
+    original = Msg(job, delivered=1)
+    copy = Msg(job, delivered=1)
+    copy.reply = f"$JS.ACK.T_JOBS.executor.1.{SEQ + 9}.{SEQ + 9}.{TS + 9}.0"
+    copy.headers = {"Nats-Msg-Id": "r:batch:r0:rec1"}
+
+    async def late_copy():
+        await asyncio.sleep(0.45)  # the original is in file 1's step a
+        await make("copy").handle(copy)
+
+    await asyncio.gather(make("original").handle(original), late_copy())
+    assert sorted(index for _, index in finished) == [0, 1, 2], finished  # every file, once
+    assert original.said == ["ack"] and copy.said == ["ack"]
