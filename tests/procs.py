@@ -63,7 +63,13 @@ class ProcStack(Stack):
         # A question sent as a service is killed gets no answer: the polls that follow a kill
         # (wait_run) must not wait 30 s for it, which the scenarios' figures took for recovery.
         self.rpc = RpcClient(self.nc, self.names, timeout=5)
-        await self.wait_services(*(n for n in (names or ALL) if n != "gateway"))
+        try:
+            await self.wait_services(*(n for n in (names or ALL) if n != "gateway"))
+        except BaseException:
+            # The test never gets the stack to stop: its processes would outlive the run
+            # (seen: services of a failed start still polling servers long gone).
+            await self.stop()
+            raise
         if self.restart_dead:
             self._watch = asyncio.create_task(self._restart_dead())
         return self
