@@ -217,6 +217,7 @@ async def apply_events(conn: AsyncConnection, names: Names, events: list[FileEve
 
     deltas: dict[str, _RunDelta] = {}
     waiting: dict[str, int] = {}  # run → the longest deferral announced
+    deferred_files: dict[str, list[_FileState]] = {}  # run → the files those deferrals were of
     # An entry's ``at`` is when it was recorded here; what the executor saw carries its own
     # time too (``occurred_at``), which is what a reader wants when the results fell behind.
     log_entries: list[dict] = []
@@ -227,6 +228,7 @@ async def apply_events(conn: AsyncConnection, names: Names, events: list[FileEve
         tenant_id = runs[event.run_id]["tenant_id"]
         if event.kind == "deferred":  # not progress: the run waits for an open breaker
             waiting[event.run_id] = max(waiting.get(event.run_id, 0), event.next_delay_ms or 0)
+            deferred_files.setdefault(event.run_id, []).append(f)
             log_entries.append(timeline.entry(
                 event.run_id, tenant_id, "file_deferred", "system:executor", event.file_index, step=event.step,
                 dependency=event.dependency, next_delay_ms=event.next_delay_ms, occurred_at=event.at))
@@ -323,6 +325,9 @@ async def apply_events(conn: AsyncConnection, names: Names, events: list[FileEve
                 log_entries.append(timeline.entry(run["id"], run["tenant_id"], "recovered", "system", round=run["round"]))
             log_entries.append(timeline.entry(run["id"], run["tenant_id"], f"run_{kind}", "system", round=run["round"],
                                               succeeded=run["succeeded"], failed=run["failed"], errored=run["errored"]))
+    # A deferral whose file finished in this same batch waits for nothing: flagged, the run
+    # would publish no more of its jobs, and with none out nothing would clear the flag.
+    waiting = {r: q for r, q in waiting.items() if any(f.status == "PENDING" for f in deferred_files[r])}
     if waiting:
         ids = sorted(waiting)
         await conn.execute(_WAITING_ON_BREAKER, {"ids": ids, "q": [waiting[i] for i in ids]})

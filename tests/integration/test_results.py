@@ -178,3 +178,21 @@ async def test_a_retry_recorded_after_its_run_was_flagged_breaker_open_does_not_
                                                    succeeded.msg_id)])
     cleared = await stack.wait_run(tenant, run["id"], until=lambda r: r["counts"]["succeeded"] == 1)
     assert cleared["attention_reason"] is None and not cleared["needs_attention"]
+
+
+async def test_a_deferral_applied_with_its_files_result_does_not_flag_the_run(stack):
+    """The deferral and the file's success in one results batch: the run was flagged
+    breaker_open with nothing waiting, and a flagged run publishes no more of its jobs."""
+    tenant = await stack.tenant(monthly=100)
+    run = await stack.submit(tenant, await stack.template(tenant, [{"name": "a", "handler": "noop"}]), 2)
+    common = dict(job_id=job_id_for(run["id"], 0, 0), run_id=run["id"], tenant_id=tenant, file_index=0, round=0,
+                  step=0)
+    deferred = FileEvent(kind="deferred", attempt=1, dependency="down.example", next_delay_ms=60_000, **common)
+    succeeded = FileEvent(kind="succeeded", attempt=1, output={}, **common)
+    await bus.publish_many(stack.js, [  # one batch: the gather window is 300 ms
+        bus.Outgoing(stack.names.file_event("deferred"), deferred.to_bytes(), f"{run['id']}:deferred:down.example:1"),
+        bus.Outgoing(stack.names.file_event("succeeded"), succeeded.to_bytes(), succeeded.msg_id)])
+    done = await stack.wait_run(tenant, run["id"], until=lambda r: r["counts"]["succeeded"] == 1)
+    timeline = await stack.call("coordinator", "timeline", tenant_id=tenant, run_id=run["id"])
+    assert "file_deferred" in [e["kind"] for e in timeline["items"]]  # the deferral was applied
+    assert done["attention_reason"] is None and not done["needs_attention"]
