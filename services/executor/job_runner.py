@@ -11,7 +11,8 @@ ignores the repeat):
 Near the consumer's max deliver, retry and defer re-publish the job instead of nak-ing it
 (``_come_back_later``), so only deliveries we cannot explain (crashes) reach that limit.
 
-Suspects (redelivered for no reason we know, too often): deliveries.py.
+Suspects (redelivered for no reason we know, too often): deliveries.py. A file's steps and
+its events: file_runner.py. A batch job's delivery: batch_runner.py.
 """
 
 from __future__ import annotations
@@ -29,11 +30,11 @@ from shared import tracing
 from shared.bus import Outgoing, publish_many
 from shared.messages import FileSpec, Job
 from shared.subjects import Names
+from services.executor.batch_runner import BatchRunner
 from services.executor.deferrals import DeferralNotices
-from services.executor.deliveries import (
-    batch_taken, delivery_name, later_delivery, newer_copy, same_message, suspect_after,
-)
-from services.executor.file_events import file_event_body, headers as event_headers
+from services.executor.deliveries import delivery_name, later_delivery, same_message, suspect_after
+from services.executor.file_events import headers as event_headers
+from services.executor.file_runner import FileRunner
 from services.executor.isolation import IsolationGate
 from services.executor.keepalive import KeepAlive
 from services.executor.outcome import Outcome, StepStopped
@@ -48,8 +49,6 @@ log = structlog.get_logger(__name__)
 REFRESHED_HEADER = "Redrive-Refreshed"
 # A re-published copy due within this long is held here until due, not deferred again.
 EARLY_SLEEP_S = 0.05
-# How often a batch job's delivery looks whether a later delivery has taken the batch over.
-BATCH_CLAIM_CHECK_S = 1.0
 
 
 def _no_verdict(suspect: bool) -> None:
@@ -62,15 +61,15 @@ class JobRunner:
                  stops: RunStops | None = None) -> None:
         self._js = js
         self._names = names
-        self._steps = steps
         self._progress = progress
         self._keepalive = keepalive
         self._gate = gate or IsolationGate()
         self._max_deliver = max_deliver
         self._suspect_after = suspect_after(max_deliver)
-        self._stops = stops
         self._deferrals = DeferralNotices(js, names)
         self._seen = SeenDeliveries()
+        self.files = FileRunner(js, names, steps, progress, stops)
+        self._batches = BatchRunner(self.files, progress, self._deferrals, self._seen)
 
     async def handle(self, msg: Msg, verdict: Callable[[bool], None] | None = None) -> bool:
         """Run the job; True if it was a suspect (see the module's docstring). ``verdict`` is
@@ -119,7 +118,7 @@ class JobRunner:
                 suspect = delivered - 1 >= self._suspect_after and not seen_before
                 verdict(suspect)
                 async with (self._gate.exclusive() if suspect else self._gate.shared()):
-                    await self._run_batch(job, msg, delivered, message, heartbeat)
+                    await self._batches.run(job, msg, delivered, message, heartbeat)
                 return suspect
             return await self._run_one(job, job.every_file[0], msg, delivered, message, seen_before, heartbeat,
                                        verdict)
@@ -181,7 +180,7 @@ class JobRunner:
                     # the progress again, or we would redo steps it checkpointed meanwhile.
                     progress = await self._progress.get(job.job_id, file.index)
                     attempt = progress.attempt
-                outcome = await self._run_file(job, file, progress, attempt, heartbeat,
+                outcome = await self.files.run(job, file, progress, attempt, heartbeat,
                                                delivery_name(message, delivered))
                 attempt = progress.attempt  # after its checkpoints, if any: that of the outcome's step
         if outcome.kind == "overtaken":  # the job is another delivery's now, and so is its ack
@@ -196,10 +195,10 @@ class JobRunner:
                 await self._deferrals.tell(job, file.index, outcome, attempt)
             else:
                 progress.failures += 1
-                await self._publish(job, file.index, outcome, attempt)
+                await self.files.publish(job, file.index, outcome, attempt)
             await self._come_back_later(job, file, msg, delivered, progress, outcome.delay_ms / 1000)
             return suspect
-        await self._publish(job, file.index, outcome, attempt)
+        await self.files.publish(job, file.index, outcome, attempt)
         self._seen.saw(message, delivered, finished=True)
         if look:  # its progress was read anyway: say it finished, for any other delivery of it
             progress.finished_by = delivery_name(message, delivered)
@@ -229,139 +228,8 @@ class JobRunner:
         await publish_many(self._js, [Outgoing(msg.subject, msg.data, f"{job.job_id}:refresh:{progress.offset}", headers)])
         await msg.ack()
 
-    async def _run_batch(self, job: Job, msg: Msg, delivered: int, message: Message | None, heartbeat) -> None:
-        """A batch job carries every file: retries happen in-process (with the same backoff
-        and heartbeats); a redelivered batch skips files it already reported.
-
-        Each delivery claims the batch (one write per batch job); a delivery before it that
-        still runs (its process froze past the ack wait, then thawed) sees the claim before
-        its next file, at most a second late, and stops: the files it has not reached are
-        the later one's. One that starts after a later delivery claimed it runs nothing."""
-        me = delivery_name(message, delivered)
-        try:
-            claimed = await self._progress.claim_batch(job.job_id, me, batch_taken)
-        except Exception as exc:  # the progress bucket away: run unclaimed, as before claims
-            log.warning("job.batch_unclaimed", run_id=job.run_id, error=repr(exc)[:300])
-            claimed = True
-        if not claimed:
-            await self._batch_taken(job, msg, message, delivered, me, await self._claimant(job.job_id))
-            return
-        # A copy (re-published by a recovery or a restore, beside this job's first message)
-        # reads what the deliveries before it did, as a redelivery does.
-        copy = bool(msg.headers) and msg.headers.get("Nats-Msg-Id", job.job_id) != job.job_id
-        checked = time.monotonic()
-        for file in job.every_file:
-            if time.monotonic() - checked >= BATCH_CLAIM_CHECK_S:
-                checked = time.monotonic()
-                claimant = await self._claimant(job.job_id)
-                if batch_taken(claimant, me):
-                    await self._batch_taken(job, msg, message, delivered, me, claimant, file.index)
-                    return
-            look = delivered > 1 or copy or len(job.steps) - file.start_step > 1  # see _run_one
-            progress = await self._progress.get(job.job_id, file.index) if look else Progress()
-            if progress.done:
-                continue
-            while True:
-                # Its run may have been stopped meanwhile (a batch waits out its retries and
-                # deferrals here, in-process): then nothing more runs.
-                outcome = (Outcome("stopped", file.start_step) if self._stopped(job) else
-                           await self._run_file(job, file, progress, progress.attempt, heartbeat,
-                                                delivery_name(message, delivered)))
-                attempt = progress.attempt  # after the checkpoints: the attempt of the outcome's step
-                if outcome.kind == "overtaken":  # see _run_one
-                    return
-                if outcome.kind == "superseded" and await self._claimant(job.job_id) == me:
-                    # This is the newer copy, and the older delivery got further in this file:
-                    # it finishes the file, then steps aside (it sees our claim before its
-                    # next one); the files after it are ours. (Both stepping aside left them.)
-                    outcome = None
-                    break
-                if outcome.kind in ("stopped", "superseded"):
-                    self._seen.saw(message, delivered, finished=True)
-                    await msg.ack()
-                    return
-                if outcome.kind == "defer":
-                    await self._deferrals.tell(job, file.index, outcome, attempt)
-                    await asyncio.sleep(outcome.delay_ms / 1000)
-                    continue
-                await self._publish(job, file.index, outcome, attempt)
-                if outcome.kind != "retry":
-                    break
-                progress.failures += 1
-                await self._progress.put(job.job_id, file.index, progress)
-                await asyncio.sleep(outcome.delay_ms / 1000)
-            if outcome is None:  # the older delivery's to finish: not done by us
-                continue
-            progress.done = True
-            if delivered > 1 or len(job.every_file) > 1:
-                await self._progress.put(job.job_id, file.index, progress)
-        self._seen.saw(message, delivered, finished=True)
-        await msg.ack()
-
-    async def _batch_taken(self, job: Job, msg: Msg, message: Message | None, delivered: int, me: str,
-                           claimant: str | None, file_index: int | None = None) -> None:
-        """Another delivery runs this batch now. A later delivery of this message acks it; a
-        newer copy of the job carries it from here, so this message is acked now (left, it
-        would come back until max deliver and fail the batch's files as poison)."""
-        log.info("job.stale_delivery", run_id=job.run_id, file_index=file_index, delivered=delivered,
-                 copy=newer_copy(claimant, me))
-        if newer_copy(claimant, me):
-            self._seen.saw(message, delivered, finished=True)
-            await msg.ack()
-
-    async def _claimant(self, job_id: str) -> str | None:
-        try:
-            return await self._progress.batch_claimed_by(job_id)
-        except Exception:  # the progress bucket away: go on, and look again in a second
-            return None
-
     def _stopped(self, job: Job) -> bool:
-        return self._stops is not None and self._stops.stopped(job.run_id, job.generation)
-
-    async def _run_file(self, job: Job, file: FileSpec, progress: Progress, attempt: int, heartbeat,
-                        writer: str) -> Outcome:
-        start, previous = file.start_step, file.previous_output
-        if progress.step is not None and progress.step + 1 > start:
-            start, previous = progress.step + 1, progress.output
-
-        async def on_checkpoint(step: int, output: dict) -> str | None:
-            # Remember locally first (a redelivery resumes here), then tell the coordinator.
-            # The step's attempt is told with it; the next step starts a fresh retry budget
-            # (as StepRunner does for a step it goes on to in this same delivery).
-            done_attempt = progress.attempt
-            progress.step, progress.output, progress.failures_before_step = step, output, progress.failures
-            # Checked at every checkpoint, not only at the job's start: a Continue or Recover
-            # of a run stopped meanwhile would otherwise run this file's next steps twice. A
-            # stopped delivery still records its step (a Recover resumes after it), but
-            # nameless: it must not make the copy a Recover started look overtaken.
-            stopped = self._stopped(job)
-            progress.writer = None if stopped else writer
-            winner = await self._progress.put(job.job_id, file.index, progress, unless_overtaken=not stopped)
-            if winner is not None:
-                # Another delivery got this far first (this executor froze, or its ack wait
-                # passed unnoticed, and the job went elsewhere): going on would run its steps
-                # twice. Another delivery of this message will ack it; a copy's makes ours moot.
-                kind = "overtaken" if same_message(winner, writer) else "superseded"
-                log.info(f"job.{kind}", run_id=job.run_id, file_index=file.index, step=step)
-                return kind
-            await self._publish(job, file.index, Outcome("succeeded", step, output=output), done_attempt,
-                                kind="checkpoint")
-            if stopped:
-                log.info("job.stopped_midway", run_id=job.run_id, file_index=file.index, step=step)
-                return "stopped"
-            return None
-
-        return await self._steps.run_file(job, file, attempt=attempt, start_step=start, previous_output=previous,
-                                          heartbeat=heartbeat, on_checkpoint=on_checkpoint)
-
-    async def _publish(self, job: Job, file_index: int, outcome: Outcome, attempt: int, kind: str | None = None) -> None:
-        kind = kind or {"retry": "retrying"}.get(outcome.kind, outcome.kind)
-        if kind == "retrying":
-            log.info("job.retrying", run_id=job.run_id, file_index=file_index, attempt=attempt,
-                     delay_ms=outcome.delay_ms, error=outcome.error.message if outcome.error else None)
-        msg_id, body = file_event_body(job, file_index, outcome, attempt, kind)
-        headers = event_headers(job.tenant_id, job.run_id)
-        await publish_many(self._js, [Outgoing(self._names.file_event(kind), body, msg_id, headers)])
+        return self.files.stopped(job)
 
     async def _reject_unreadable(self, msg: Msg, exc: ValidationError) -> None:
         """A job we cannot parse never runs: the files it names become ERROR with the cause

@@ -84,7 +84,7 @@ def runner(tmp_path, store: Store, ran: list[int]) -> JobRunner:
     async def publish(job, file_index, outcome, attempt, kind=None):
         published.append(kind or outcome.kind)
 
-    job_runner._publish = publish  # the events: not what is judged here
+    job_runner.files.publish = publish  # the events: not what is judged here
     job_runner.published = published
     return job_runner
 
@@ -142,9 +142,9 @@ def batch_job(files: int) -> Job:
 
 
 async def test_a_batch_redelivery_claims_the_batch_and_an_earlier_delivery_stops_at_its_next_file(tmp_path, monkeypatch):
-    from services.executor import job_runner
+    from services.executor import batch_runner
 
-    monkeypatch.setattr(job_runner, "BATCH_CLAIM_CHECK_S", 0.0)  # look before every file
+    monkeypatch.setattr(batch_runner, "BATCH_CLAIM_CHECK_S", 0.0)  # look before every file
     ran: list[int] = []
     store = Store()
     later = Msg(batch_job(3), delivered=2)
@@ -202,7 +202,7 @@ async def test_a_long_step_whose_run_is_cancelled_stops_at_its_next_heartbeat(tm
     async def publish(job, file_index, outcome, attempt, kind=None):
         published.append(kind or outcome.kind)
 
-    job_runner._publish = publish
+    job_runner.files.publish = publish
     job = Job(job_id="r:file:0:r0", run_id="r", tenant_id="ten", template_id="tpl", round=0, idempotency_key="k",
               file_index=0, file=FileSpec(index=0, name="a.txt"), steps=[StepSpec(name="a", handler="long")])
     msg = Msg(job, delivered=1)
@@ -226,9 +226,9 @@ async def test_a_batch_whose_copy_claimed_it_stops_and_acks_its_message_and_the_
     copy, the thawed original and the original's redelivery all ran its files (three times
     each). The copy claims the batch; the original stops at its next file and acks its
     message (left, it came back until max deliver); the copy runs only the files not done."""
-    from services.executor import job_runner
+    from services.executor import batch_runner
 
-    monkeypatch.setattr(job_runner, "BATCH_CLAIM_CHECK_S", 0.0)
+    monkeypatch.setattr(batch_runner, "BATCH_CLAIM_CHECK_S", 0.0)
     ran: list[int] = []
     store = Store()
     store.files[0] = Progress(done=True)  # the original finished file 0 before it froze
@@ -242,7 +242,7 @@ async def test_a_batch_whose_copy_claimed_it_stops_and_acks_its_message_and_the_
         return {}
 
     job = runner(tmp_path, store, ran)
-    job._steps._registry.register("step", step)
+    job.files._steps._registry.register("step", step)
     await job.handle(copy)
     assert copy.said == ["ack"] and sorted(steps_of) == [(1, 0), (2, 0)]  # file 0 was done: not again
     original = Msg(batch_job(3), delivered=2)  # thawed, or the original's redelivery
@@ -258,10 +258,10 @@ async def test_a_copy_that_finds_the_original_ahead_in_a_file_leaves_it_that_fil
     (the review). Now the copy goes on with the next files, the original finishes its file."""
     import asyncio
 
-    from services.executor import job_runner as job_runner_module
+    from services.executor import batch_runner
     from services.executor.progress import overtaken
 
-    monkeypatch.setattr(job_runner_module, "BATCH_CLAIM_CHECK_S", 0.0)
+    monkeypatch.setattr(batch_runner, "BATCH_CLAIM_CHECK_S", 0.0)
 
     class OvertakingStore(Store):
         async def put(self, job_id, file_index, progress, *, unless_overtaken=False):
@@ -291,7 +291,7 @@ async def test_a_copy_that_finds_the_original_ahead_in_a_file_leaves_it_that_fil
             if (kind or outcome.kind) == "succeeded":
                 finished.append((who, file_index))
 
-        runner_._publish = publish
+        runner_.files.publish = publish
         return runner_
 
     original = Msg(job, delivered=1)
