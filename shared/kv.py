@@ -13,7 +13,7 @@ from nats.js import JetStreamContext
 from nats.js.api import KeyValueConfig
 from nats.js.errors import APIError
 
-from shared.bus import replicas_refused, wait_for_leader
+from shared.streams import replicas_refused, wait_for_leader
 from shared.subjects import Names
 
 log = structlog.get_logger(__name__)

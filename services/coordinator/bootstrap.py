@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from functools import partial
 
-from shared import bus
+from shared import bus, streams
 from shared.handler_offers import OfferedHandlers
 from shared.pull_loop import PullLoop
 from shared.db import make_engine
@@ -40,10 +40,10 @@ class CoordinatorService:
         s, names = self.settings, self.names
         self.nc = await bus.connect(s, "coordinator")
         self.js = self.nc.jetstream()
-        await bus.ensure_streams(self.js, s)
-        await bus.ensure_consumer(self.js, names.events_stream, names.results_consumer, names.file_events_all,
+        await streams.ensure_streams(self.js, s)
+        await streams.ensure_consumer(self.js, names.events_stream, names.results_consumer, names.file_events_all,
                                   ack_wait_s=s.results_ack_wait_s)
-        await bus.ensure_consumer(self.js, names.advisories_stream, names.advisories_consumer,
+        await streams.ensure_consumer(self.js, names.advisories_stream, names.advisories_consumer,
                                   names.max_deliveries_advisory, ack_wait_s=s.results_ack_wait_s)
         await ensure_run_stops_bucket(self.js, names, s.stream_replicas)
         self.handlers = OfferedHandlers(self.js, names, s.stream_replicas)

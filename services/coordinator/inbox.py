@@ -17,7 +17,7 @@ from __future__ import annotations
 from sqlalchemy import text
 from sqlalchemy.ext.asyncio import AsyncEngine
 
-from shared.bus import EVENTS_MAX_AGE_S
+from shared.streams import EVENTS_MAX_AGE_S
 from shared.db import delete_in_batches
 
 RETENTION_S = EVENTS_MAX_AGE_S + 24 * 3600

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from shared import bus
+from shared import bus, streams
 from shared.handler_offers import HandlerOffer
 from shared.rpc import MicroService
 from shared.runtime import run
@@ -34,8 +34,8 @@ class ExecutorService:
             registry.load_modules(s.handlers)
         self.nc = await bus.connect(s, "executor")
         self.js = self.nc.jetstream()
-        await bus.ensure_streams(self.js, s)
-        await bus.ensure_consumer(self.js, names.jobs_stream, names.executor_consumer, names.jobs_all,
+        await streams.ensure_streams(self.js, s)
+        await streams.ensure_consumer(self.js, names.jobs_stream, names.executor_consumer, names.jobs_all,
                                   ack_wait_s=s.executor_ack_wait_s, max_deliver=s.executor_max_deliver,
                                   backoff_s=s.executor_redelivery_backoff_s)
         self.breakers = BreakerBoard(self.js, names, s.stream_replicas)

@@ -8,7 +8,7 @@ from functools import partial
 from pydantic import BaseModel
 from sqlalchemy.ext.asyncio import AsyncEngine
 
-from shared import bus
+from shared import bus, streams
 from shared.pull_loop import PullLoop
 from shared.db import make_engine
 from shared.rpc import MicroService
@@ -55,9 +55,9 @@ class NotifierService:
         self.engine = make_engine(s, pool_size=5, application_name="redrive-notifier")
         self.nc = await bus.connect(s, "redrive-notifier")
         js = self.nc.jetstream()
-        await bus.ensure_streams(js, s)
+        await streams.ensure_streams(js, s)
         # Only the events that notify (on NATS 2.9, every event: the handler sorts them by subject).
-        await bus.ensure_consumer(js, names.events_stream, names.notifier_consumer, names.notifier_filters,
+        await streams.ensure_consumer(js, names.events_stream, names.notifier_consumer, names.notifier_filters,
                                   wide_filter=names.events_all, ack_wait_s=30)
         destinations = Destinations(allow_private=s.webhook_allow_private)
         self.sender = WebhookSender(self.engine, timeout_s=s.webhook_timeout_s, max_attempts=s.webhook_max_attempts,

@@ -21,7 +21,7 @@ import pytest
 from services.billing.bootstrap import VERBS as BILLING_VERBS
 from services.coordinator.endpoints import ROUTES as COORDINATOR_VERBS
 from services.notifier.handlers import VERBS as NOTIFIER_VERBS
-from shared import bus
+from shared import streams
 from shared.messages import ErrorInfo, FileEvent, RunEvent, ServiceError, job_id_for
 from tests.stack import Stack, drained, expect_error
 
@@ -262,7 +262,7 @@ async def test_garbage_max_deliveries_advisories_are_ignored(stack):
         await stack.nc.publish(stack.names.max_deliveries_advisory, data)
     # Well-formed but untrue: the subject is open to any client, and a live job was failed
     # and deleted on such a word.
-    await bus.ensure_consumer(stack.js, stack.names.jobs_stream, stack.names.executor_consumer, stack.names.jobs_all,
+    await streams.ensure_consumer(stack.js, stack.names.jobs_stream, stack.names.executor_consumer, stack.names.jobs_all,
                               ack_wait_s=30, max_deliver=20)  # as an executor would
     seq = (await job_in_stream(stack, tenant)).seq
     advisory = {"stream": stack.names.jobs_stream, "consumer": stack.names.executor_consumer, "stream_seq": seq}

@@ -7,7 +7,7 @@ import pytest
 from nats.aio.client import Client
 from nats.js.errors import NoStreamResponseError
 
-from shared import bus
+from shared import bus, streams
 from shared.jetstream import Puller
 from shared.settings import Settings
 from shared.subjects import Names
@@ -35,11 +35,11 @@ async def client(make_settings):
 async def test_streams_and_consumers_are_declared_idempotently_and_updates_apply(client):
     js, names = client.js, client.names
     for _ in range(2):
-        await bus.ensure_streams(js, client.settings)
+        await streams.ensure_streams(js, client.settings)
     info = await js.stream_info(names.jobs_stream)
     assert info.config.subjects == [names.jobs_all] and info.config.duplicate_window >= 600
-    await bus.ensure_consumer(js, names.jobs_stream, "executor", names.jobs_all, ack_wait_s=30, max_deliver=5)
-    await bus.ensure_consumer(js, names.jobs_stream, "executor", names.jobs_all, ack_wait_s=10, max_deliver=7)
+    await streams.ensure_consumer(js, names.jobs_stream, "executor", names.jobs_all, ack_wait_s=30, max_deliver=5)
+    await streams.ensure_consumer(js, names.jobs_stream, "executor", names.jobs_all, ack_wait_s=10, max_deliver=7)
     consumer = await js.consumer_info(names.jobs_stream, "executor")
     assert (consumer.config.max_deliver, consumer.config.ack_wait) == (7, 10)
     item = bus.Outgoing(names.job("t"), b"{}", "same-id")
@@ -49,8 +49,8 @@ async def test_streams_and_consumers_are_declared_idempotently_and_updates_apply
 
 async def test_a_consumer_backoff_spaces_the_redeliveries_of_an_unacknowledged_message(client):
     js, names = client.js, client.names
-    await bus.ensure_streams(js, client.settings)
-    await bus.ensure_consumer(js, names.jobs_stream, "executor", names.jobs_all, ack_wait_s=0.5, max_deliver=5,
+    await streams.ensure_streams(js, client.settings)
+    await streams.ensure_consumer(js, names.jobs_stream, "executor", names.jobs_all, ack_wait_s=0.5, max_deliver=5,
                               backoff_s=[0.5, 1.5])
     consumer = await js.consumer_info(names.jobs_stream, "executor")
     assert (consumer.config.backoff, consumer.config.ack_wait) == ([0.5, 1.5], 0.5)
@@ -64,14 +64,14 @@ async def test_a_consumer_backoff_spaces_the_redeliveries_of_an_unacknowledged_m
     finally:
         await puller.stop()
     assert times[1] - times[0] >= 0.45 and times[2] - times[1] >= 1.4, times
-    await bus.ensure_consumer(js, names.jobs_stream, "executor", names.jobs_all, ack_wait_s=10, max_deliver=5)
+    await streams.ensure_consumer(js, names.jobs_stream, "executor", names.jobs_all, ack_wait_s=10, max_deliver=5)
     assert (await js.consumer_info(names.jobs_stream, "executor")).config.backoff in (None, [])  # and back
 
 
 async def test_puller_returns_what_is_there_keeps_late_arrivals_and_times_out_empty(client):
     js, names = client.js, client.names
-    await bus.ensure_streams(js, client.settings)
-    await bus.ensure_consumer(js, names.jobs_stream, "executor", names.jobs_all, ack_wait_s=30, max_deliver=5)
+    await streams.ensure_streams(js, client.settings)
+    await streams.ensure_consumer(js, names.jobs_stream, "executor", names.jobs_all, ack_wait_s=30, max_deliver=5)
     puller = Puller(client.nc, names.jobs_stream, "executor")
     assert await puller.fetch(10, timeout=0.3) == []  # nothing there: empty after the timeout
     await bus.publish_many(js, [bus.Outgoing(names.job("t"), str(i).encode(), f"m{i}") for i in range(25)])
@@ -106,8 +106,8 @@ async def test_puller_never_has_two_requests_open_so_it_holds_no_more_than_asked
     next fetch that asked again would have two open requests: the server could then hand
     this process more jobs than it has room for, to wait unstarted while their ack wait runs."""
     js, names = client.js, client.names
-    await bus.ensure_streams(js, client.settings)
-    await bus.ensure_consumer(js, names.jobs_stream, "executor", names.jobs_all, ack_wait_s=30, max_deliver=5)
+    await streams.ensure_streams(js, client.settings)
+    await streams.ensure_consumer(js, names.jobs_stream, "executor", names.jobs_all, ack_wait_s=30, max_deliver=5)
     puller = Puller(client.nc, names.jobs_stream, "executor")
     try:
         waiting = asyncio.create_task(puller.fetch(5, timeout=2))
@@ -134,8 +134,8 @@ async def test_puller_waits_for_a_request_it_read_late_instead_of_asking_again(c
     import time
 
     js, names = client.js, client.names
-    await bus.ensure_streams(js, client.settings)
-    await bus.ensure_consumer(js, names.jobs_stream, "executor", names.jobs_all, ack_wait_s=30, max_deliver=5)
+    await streams.ensure_streams(js, client.settings)
+    await streams.ensure_consumer(js, names.jobs_stream, "executor", names.jobs_all, ack_wait_s=30, max_deliver=5)
     puller = Puller(client.nc, names.jobs_stream, "executor")
     try:
         waiting = asyncio.create_task(puller.fetch(2, timeout=1))
@@ -168,8 +168,8 @@ async def test_a_request_left_open_by_a_dropped_connection_delivers_nothing_besi
     and nats-py subscribes its inbox again. The Puller asks anew from a fresh inbox, so the
     server drops the old request instead of filling both."""
     js, names = client.js, client.names
-    await bus.ensure_streams(js, client.settings)
-    await bus.ensure_consumer(js, names.jobs_stream, "executor", names.jobs_all, ack_wait_s=30, max_deliver=5)
+    await streams.ensure_streams(js, client.settings)
+    await streams.ensure_consumer(js, names.jobs_stream, "executor", names.jobs_all, ack_wait_s=30, max_deliver=5)
     nc = await bus.connect(client.settings, "dropped")
     puller = Puller(nc, names.jobs_stream, "executor")
     try:
@@ -206,7 +206,7 @@ async def test_a_publish_the_stream_refuses_is_an_error_not_a_hang(client):
     from nats.js.errors import APIError
 
     js, names = client.js, client.names
-    await bus.ensure_streams(js, client.settings)
+    await streams.ensure_streams(js, client.settings)
     with pytest.raises(APIError):
         await asyncio.wait_for(bus.publish_many(js, [bus.Outgoing(names.job("t"), b"{}", "k" * 70_000)]), 5)
     await bus.publish_many(js, [bus.Outgoing(names.job("t"), b"{}", "after")])  # the connection is fine
@@ -218,7 +218,7 @@ async def test_a_message_over_the_max_payload_with_its_headers_is_refused_before
     from nats.errors import MaxPayloadError
 
     js, names = client.js, client.names
-    await bus.ensure_streams(js, client.settings)
+    await streams.ensure_streams(js, client.settings)
     body = b"x" * (client.nc.max_payload - 100)
     with pytest.raises(MaxPayloadError):
         await bus.publish_many(js, [bus.Outgoing(names.job("t"), body, "i" * 200)])
@@ -228,10 +228,10 @@ async def test_a_message_over_the_max_payload_with_its_headers_is_refused_before
 
 async def test_the_notifier_consumer_receives_only_what_notifies_where_the_server_allows(client):
     js, names = client.js, client.names
-    await bus.ensure_streams(js, client.settings)
+    await streams.ensure_streams(js, client.settings)
     # Created as messaging.md first had it (every event), then narrowed in place by a restart.
-    await bus.ensure_consumer(js, names.events_stream, names.notifier_consumer, names.events_all)
-    await bus.ensure_consumer(js, names.events_stream, names.notifier_consumer, names.notifier_filters,
+    await streams.ensure_consumer(js, names.events_stream, names.notifier_consumer, names.events_all)
+    await streams.ensure_consumer(js, names.events_stream, names.notifier_consumer, names.notifier_filters,
                               wide_filter=names.events_all)
     subjects = [names.file_event("succeeded"), names.file_event("checkpoint"), names.file_event("failed"),
                 names.run_event("completed"), names.breaker_event("open")]
@@ -239,21 +239,21 @@ async def test_the_notifier_consumer_receives_only_what_notifies_where_the_serve
     puller = Puller(client.nc, names.events_stream, names.notifier_consumer)
     got = [m.subject for m in await puller.fetch(10, timeout=0.5)]
     await puller.stop()
-    if bus.supports_filter_subjects(client.nc):
+    if streams.supports_filter_subjects(client.nc):
         assert got == [names.file_event("failed"), names.run_event("completed")]
     else:  # NATS 2.9: one filter only, the wide one; the notifier's decoder drops the rest
         assert got == subjects
 
 
 async def test_several_filters_without_a_wide_one_are_refused_on_an_old_server(client):
-    await bus.ensure_streams(client.js, client.settings)
-    if bus.supports_filter_subjects(client.nc):
-        await bus.ensure_consumer(client.js, client.names.events_stream, "two", client.names.notifier_filters)
+    await streams.ensure_streams(client.js, client.settings)
+    if streams.supports_filter_subjects(client.nc):
+        await streams.ensure_consumer(client.js, client.names.events_stream, "two", client.names.notifier_filters)
         info = await client.js.consumer_info(client.names.events_stream, "two")
         assert info.config.filter_subjects == client.names.notifier_filters
     else:
         with pytest.raises(ValueError, match="2.10"):
-            await bus.ensure_consumer(client.js, client.names.events_stream, "two", client.names.notifier_filters)
+            await streams.ensure_consumer(client.js, client.names.events_stream, "two", client.names.notifier_filters)
 
 
 async def test_nats_url_may_name_several_seed_servers(make_settings):

@@ -87,7 +87,7 @@ async def test_stream_replicas_a_single_nats_server_cannot_hold_are_named(make_s
     from services.coordinator.run_stops import ensure_bucket as ensure_run_stops_bucket
     from services.executor.breakers import BreakerBoard
     from services.executor.progress import ProgressStore
-    from shared import bus
+    from shared import bus, streams
     from shared.handler_offers import ensure_bucket as ensure_handlers_bucket
     from shared.settings import ConfigurationError
     from shared.subjects import Names
@@ -98,7 +98,7 @@ async def test_stream_replicas_a_single_nats_server_cannot_hold_are_named(make_s
     try:
         js = nc.jetstream()
         declarations = {
-            "streams": lambda: bus.ensure_streams(js, settings),
+            "streams": lambda: streams.ensure_streams(js, settings),
             "run stops": lambda: ensure_run_stops_bucket(js, names, 3),
             "handlers": lambda: ensure_handlers_bucket(js, names, 3),
             "progress": lambda: ProgressStore(js, names, 3).start(),
@@ -108,11 +108,11 @@ async def test_stream_replicas_a_single_nats_server_cannot_hold_are_named(make_s
             with pytest.raises(ConfigurationError) as refused:
                 await declare()
             assert describe(refused.value) == REPLICAS_REFUSED, what
-        await bus.ensure_streams(js, settings.model_copy(update={"stream_replicas": 1}))  # exist: now an update
+        await streams.ensure_streams(js, settings.model_copy(update={"stream_replicas": 1}))  # exist: now an update
         version = nc.connected_server_version
         if (version.major, version.minor) >= (2, 10):  # NATS 2.9 takes such an update without a word
             with pytest.raises(ConfigurationError) as refused:
-                await bus.ensure_streams(js, settings)
+                await streams.ensure_streams(js, settings)
             assert describe(refused.value) == REPLICAS_REFUSED
     finally:
         await nc.close()
@@ -130,12 +130,12 @@ async def test_commands_given_only_the_data_dir_use_the_prefix_of_its_up(make_se
     """`redrive up` records its REDRIVE_PREFIX in runtime.json: `redrive inspect` with only
     REDRIVE_DATA_DIR looks at that stack's streams; REDRIVE_PREFIX, when set, still wins."""
     from redrive.supervisor import Stack
-    from shared import bus
+    from shared import bus, streams
 
     settings = await make_settings(migrate=False)
     nc = await bus.connect(settings, "test-prefix")
     try:
-        await bus.ensure_streams(nc.jetstream(), settings)
+        await streams.ensure_streams(nc.jetstream(), settings)
     finally:
         await nc.close()
     Stack(settings).write_runtime("http://127.0.0.1:8080")  # as `redrive up` does, with its servers and prefix

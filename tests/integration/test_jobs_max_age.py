@@ -9,7 +9,7 @@ import time
 
 from nats.js.api import RetentionPolicy, StorageType, StreamConfig
 
-from shared import bus
+from shared import bus, streams
 from shared.subjects import Names
 from tests.stack import Stack, counts_add_up
 
@@ -26,7 +26,7 @@ async def test_the_jobs_stream_gets_its_max_age_even_when_made_without_one(make_
                                          duplicate_window=float(settings.duplicate_window_s)))
         assert (await js.stream_info(names.jobs_stream)).config.max_age in (None, 0, 0.0)
         for _ in range(2):  # an update, then again as it is
-            await bus.ensure_streams(js, settings)
+            await streams.ensure_streams(js, settings)
             config = (await js.stream_info(names.jobs_stream)).config
             assert config.max_age == settings.jobs_max_age_s == 7 * 24 * 3600
             assert config.duplicate_window == settings.duplicate_window_s

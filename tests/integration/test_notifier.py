@@ -14,7 +14,7 @@ import pytest
 from aiohttp import web
 from sqlalchemy import text
 
-from shared import bus
+from shared import bus, streams
 from shared.errors import TransientError
 from shared.messages import ErrorInfo, FileEvent, RunEvent, ServiceError
 from shared.rpc import RpcClient
@@ -70,7 +70,7 @@ async def running_notifier(settings: Settings, client: str):
     await service.start()
     nc = await bus.connect(settings, client)
     js = nc.jetstream()
-    await bus.ensure_streams(js, settings)
+    await streams.ensure_streams(js, settings)
     try:
         yield Notifier(service, Names(settings.prefix), js, RpcClient(nc, Names(settings.prefix), timeout=10))
     finally:

@@ -23,7 +23,7 @@ import aiohttp
 import asyncpg
 import pytest
 
-from shared import bus
+from shared import streams
 from shared.db import make_engine
 from shared.messages import FileEvent, RunEvent
 from services.gateway.identity import create_key, create_tenant
@@ -37,7 +37,7 @@ API = "/api/v1"
 async def system(make_settings):
     settings = await make_settings(port=0, webhook_allow_private=True, webhook_max_attempts=2)  # receivers on 127.0.0.1
     stack = await Stack(settings).start("notifier", "gateway")
-    await bus.ensure_streams(stack.js, settings)
+    await streams.ensure_streams(stack.js, settings)
     engine = make_engine(settings, pool_size=1)
     tenants = {name: await create_tenant(engine, name) for name in ("acme", "globex")}
     keys = {name: await create_key(engine, t, "tenant_admin", name) for name, t in tenants.items()}

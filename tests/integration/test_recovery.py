@@ -7,7 +7,7 @@ import asyncio
 import contextlib
 import json
 
-from shared import bus
+from shared import streams
 from shared.messages import ServiceError
 from tests.stack import Stack, counts_add_up, expect_error
 
@@ -335,7 +335,7 @@ async def test_a_run_whose_job_is_out_with_a_silent_executor_is_flagged_and_told
         tenant = await stack.tenant()
         template = await stack.template(tenant, [{"name": "a", "handler": "noop"}])
         run = await stack.submit(tenant, template, 1)
-        await bus.ensure_consumer(stack.js, stack.names.jobs_stream, stack.names.executor_consumer, stack.names.jobs_all,
+        await streams.ensure_consumer(stack.js, stack.names.jobs_stream, stack.names.executor_consumer, stack.names.jobs_all,
                                   ack_wait_s=settings.executor_ack_wait_s, max_deliver=settings.executor_max_deliver,
                                   backoff_s=settings.executor_redelivery_backoff_s)  # as an executor would
         taken = await stack.js.pull_subscribe_bind(stack.names.executor_consumer, stack.names.jobs_stream)

@@ -9,7 +9,7 @@ import time
 
 import pytest
 
-from shared import bus
+from shared import bus, streams
 from shared.subjects import Names
 from services.executor.worker import Worker
 
@@ -32,8 +32,8 @@ async def test_a_stop_ends_within_its_grace_period(make_settings, suspect):
     nc = await bus.connect(settings, "test-worker")
     try:
         js = nc.jetstream()
-        await bus.ensure_streams(js, settings)
-        await bus.ensure_consumer(js, names.jobs_stream, names.executor_consumer, names.jobs_all, ack_wait_s=30,
+        await streams.ensure_streams(js, settings)
+        await streams.ensure_consumer(js, names.jobs_stream, names.executor_consumer, names.jobs_all, ack_wait_s=30,
                                   max_deliver=5, backoff_s=settings.executor_redelivery_backoff_s)
         await js.publish(names.job("t1"), b"{}")
         runner = _Endless(suspect)
