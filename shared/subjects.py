@@ -94,10 +94,11 @@ class Names:
 
     @property
     def notifier_filters(self) -> list[str]:
-        """What the notifier tells anyone about: failed files and run events. Narrower than
-        messaging.md's ``events.>``: pulling and acking every succeeded file only to drop
-        it cost the notifier and the server a delivery and an ack per file."""
-        return [self.file_event("failed"), self.run_events_all]
+        """What the notifier tells anyone about: run events (a file's failure among them, as
+        the coordinator applied it: ``run.file_failed``). Narrower than messaging.md's
+        ``events.>``: pulling and acking every succeeded file only to drop it cost the
+        notifier and the server a delivery and an ack per file."""
+        return [self.run_events_all]
 
     @property
     def runs_alive(self) -> str:

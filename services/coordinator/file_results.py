@@ -107,6 +107,9 @@ class Folded:
     deltas: dict[str, RunDelta]  # run → what its counters gain (and that it progressed)
     waiting: dict[str, int]  # run → the longest deferral of a file still waiting for its breaker
     log_entries: list[dict]  # the timeline's entries, in order
+    # The events that made a file FAILED: the notifier tells users of these (not of the
+    # executor's event, which may be of a file cancelled meanwhile, or of an older round).
+    failed: list[FileEvent] = field(default_factory=list)
 
 
 def fold(events: list[FileEvent], runs: dict[str, dict], files: dict[tuple[str, int], FileState]) -> Folded:
@@ -118,6 +121,7 @@ def fold(events: list[FileEvent], runs: dict[str, dict], files: dict[tuple[str, 
     # An entry's ``at`` is when it was recorded here; what the executor saw carries its own
     # time too (``occurred_at``), which is what a reader wants when the results fell behind.
     log_entries: list[dict] = []
+    failed: list[FileEvent] = []
     for event in events:
         f = files[(event.run_id, event.file_index)]
         if f.status != "PENDING":
@@ -165,6 +169,7 @@ def fold(events: list[FileEvent], runs: dict[str, dict], files: dict[tuple[str, 
             if event.kind == "failed":
                 delta.f += 1
                 delta.failed_files.append(f.idx)
+                failed.append(event)
             else:
                 delta.e += 1
             log_entries.append(timeline.entry(
@@ -180,4 +185,4 @@ def fold(events: list[FileEvent], runs: dict[str, dict], files: dict[tuple[str, 
     # A deferral whose file finished in this same batch waits for nothing: flagged, the run
     # would publish no more of its jobs, and with none out nothing would clear the flag.
     waiting = {r: q for r, q in waiting.items() if any(f.status == "PENDING" for f in deferred_files[r])}
-    return Folded(deltas, waiting, log_entries)
+    return Folded(deltas, waiting, log_entries, failed)

@@ -28,7 +28,7 @@ from shared.messages import FileEvent
 from shared.subjects import Names
 from services.coordinator import outbox, timeline
 from services.coordinator.file_results import FileState, fold, json_text, may_apply
-from services.coordinator.run_events import run_event_row
+from services.coordinator.run_events import file_failed_row, run_event_row
 from services.coordinator.run_stops import stop_row
 
 log = structlog.get_logger(__name__)
@@ -40,7 +40,7 @@ _NEW_IN_INBOX = text(
 # Every writer locks the run row before touching its files, so runs are the only locks
 # taken here, in id order (no deadlock between coordinator replicas).
 _LOCK_RUNS = text(
-    "SELECT id, tenant_id, status, round, failure_policy FROM coordinator.runs "
+    "SELECT id, tenant_id, status, round, failure_policy, trace_id FROM coordinator.runs "
     "WHERE id = ANY(CAST(:ids AS text[])) ORDER BY id FOR UPDATE"
 )
 _LOAD_FILES = text(
@@ -139,7 +139,8 @@ async def apply_events(conn: AsyncConnection, names: Names, events: list[FileEve
             "errs": [f.err for f in changed], "fss": [f.fs for f in changed],
             "outs": [json_text(f.outs) if f.outs else None for f in changed],
         })
-    out_rows: list[dict] = []
+    # Before a fail_fast's "Run failed" that a failure below may cause: users hear why first.
+    out_rows: list[dict] = [file_failed_row(names, runs[e.run_id], e) for e in folded.failed]
     if deltas:
         ids = sorted(deltas)
         await conn.execute(_UPDATE_COUNTS, {

@@ -3,7 +3,8 @@
 One transaction per batch, then the acks (commit, then ack). The event's ``Nats-Msg-Id``
 is the notification's dedupe key, so a redelivered event never notifies twice. Nearly
 every event of a run (a succeeded file, a checkpoint…) notifies nobody: that is decided
-from the subject alone, before any JSON is parsed.
+from the subject alone, before any JSON is parsed. A file's failure is told from the
+coordinator's ``run.file_failed`` (what it applied), not from the executor's file event.
 """
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ from sqlalchemy.ext.asyncio import AsyncEngine
 
 from shared import tracing
 from shared.errors import TransientError, refuses_its_data
-from shared.messages import FileEvent, RunEvent
+from shared.messages import RunEvent
 from shared.subjects import Names
 from services.notifier import live, repository, texts
 
@@ -35,14 +36,16 @@ class Decoder:
     """Turns one event message into the row of its notification, or None."""
 
     def __init__(self, names: Names) -> None:
-        self._file_failed = names.file_event("failed")
+        self._file_failed = names.run_event(texts.FILE_FAILED_KIND)
         self._run_prefix = names.run_event("")
         self._stream = names.events_stream
 
     def notification(self, msg: Msg) -> dict | None:
         subject = msg.subject
-        if subject == self._file_failed:
-            event = FileEvent.from_bytes(msg.data)
+        if subject == self._file_failed:  # the coordinator made a file FAILED (not the executor's event)
+            event = RunEvent.from_bytes(msg.data)
+            if event.file_index is None:
+                raise ValueError("a file_failed event names no file")
             kind, message, at = texts.FILE_FAILED_KIND, texts.file_failed_text(event), event.at
         elif subject.startswith(self._run_prefix) and subject[len(self._run_prefix):] in texts.RUN_KINDS:
             run_kind = subject[len(self._run_prefix):]

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from shared.messages import FileEvent, RunEvent
+from shared.messages import RunEvent
 
 FILE_FAILED_KIND = "file_failed"
 FILE_FAILED = "Step failed after multiple attempts"
@@ -35,10 +35,10 @@ def _bounded(text: str) -> str:
     return text if len(text) <= MAX_TEXT_CHARS else text[:MAX_TEXT_CHARS - 1] + "…"
 
 
-def file_failed_text(event: FileEvent) -> str:
-    step = f"step {event.step_name!r}" if event.step_name else f"step {event.step}"
-    error = f": {event.error.message}" if event.error and event.error.message else ""
-    return _bounded(f"{FILE_FAILED} (file {event.file_index}, {step}{error})")
+def file_failed_text(event: RunEvent) -> str:
+    """From a ``run.file_failed`` event, whose message names the step and its error."""
+    detail = f", {event.message}" if event.message else ""
+    return _bounded(f"{FILE_FAILED} (file {event.file_index}{detail})")
 
 
 def run_kind(kind: str) -> str:

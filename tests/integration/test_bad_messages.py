@@ -20,6 +20,7 @@ import pytest
 
 from services.billing.bootstrap import VERBS as BILLING_VERBS
 from services.coordinator.endpoints import ROUTES as COORDINATOR_VERBS
+from services.coordinator.run_events import file_failed_row
 from services.notifier.handlers import VERBS as NOTIFIER_VERBS
 from shared import streams
 from shared.messages import ErrorInfo, FileEvent, RunEvent, ServiceError, job_id_for
@@ -138,15 +139,38 @@ async def notifications(stack: Stack, tenant: str, until, timeout: float = 10) -
         await asyncio.sleep(0.05)
 
 
+async def test_a_late_failure_of_a_cancelled_file_notifies_nobody_and_a_real_one_does(stack):
+    """An executor that finishes a file after its run was cancelled publishes its failure;
+    the coordinator ignores it (the file is CANCELLED), and so must the notifications. Users
+    were told "Step failed after multiple attempts" of CANCELLED files (by SSE and webhook
+    too): the notifier read the executor's event, not what the coordinator applied."""
+    tenant = await stack.tenant()
+    template = await stack.template(tenant, [{"name": "a", "handler": "noop"}])
+    cancelled = (await stack.submit(tenant, template, 2, run_id=run_id()))["id"]
+    await stack.call("coordinator", "cancel", tenant_id=tenant, actor="test", run_id=cancelled)
+    live = (await stack.submit(tenant, template, 2, run_id=run_id()))["id"]
+    for body in [event(cancelled, tenant, 0, "failed"), event(cancelled, tenant, 1, "failed"),
+                 event(live, tenant, 0, "failed", step_name="a")]:  # the last, applied, is also the barrier
+        await publish_raw(stack, stack.names.file_event("failed"), dumps(body),
+                          msg_id=FileEvent.model_validate(body).msg_id)
+    items = await notifications(stack, tenant, lambda items: any(i["kind"] == "file_failed" for i in items))
+    assert [(i["run_id"], i["file_index"]) for i in items if i["kind"] == "file_failed"] == [(live, 0)]
+    [note] = [i for i in items if i["kind"] == "file_failed"]
+    assert note["message"] == "Step failed after multiple attempts (file 0, step 'a': it broke)"
+
+
 async def test_bad_events_do_not_stop_the_notifier_or_hold_back_the_good_ones(stack):
     tenant = f"ten-{uuid.uuid4().hex[:8]}"
     run = run_id()
-    failed = FileEvent(kind="failed", job_id=job_id_for(run, 1, 0), run_id=run, tenant_id=tenant, file_index=1, round=0,
-                       attempt=4, step=0, step_name="ocr",
-                       error=ErrorInfo.model_validate({"class": "Boom", "message": "bad\x00byte", "transient": True}))
+    executors = FileEvent(kind="failed", job_id=job_id_for(run, 1, 0), run_id=run, tenant_id=tenant, file_index=1,
+                          round=0, attempt=4, step=0, step_name="ocr",
+                          error=ErrorInfo.model_validate({"class": "Boom", "message": "bad\x00byte", "transient": True}))
+    # What the notifier tells a file's failure from: the coordinator's run.file_failed.
+    failed = RunEvent.from_bytes(file_failed_row(stack.names, {"id": run, "tenant_id": tenant, "status": "RUNNING"},
+                                                 executors)["payload"])
     completed = RunEvent(kind="completed", run_id=run, tenant_id=tenant, round=0, status="COMPLETED",
                          counts={"total": 2, "succeeded": 2})
-    file_failed, run_completed = stack.names.file_event("failed"), stack.names.run_event("completed")
+    file_failed, run_completed = stack.names.run_event("file_failed"), stack.names.run_event("completed")
     before = await stack.js.consumer_info(stack.names.events_stream, stack.names.notifier_consumer)
     items = [
         (file_failed, b""), (file_failed, b"not json"), (run_completed, b"[]"), (run_completed, b"null"),

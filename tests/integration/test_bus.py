@@ -226,34 +226,33 @@ async def test_a_message_over_the_max_payload_with_its_headers_is_refused_before
     assert client.nc.is_connected
 
 
-async def test_the_notifier_consumer_receives_only_what_notifies_where_the_server_allows(client):
+async def test_the_notifier_consumer_receives_only_run_events(client):
     js, names = client.js, client.names
     await streams.ensure_streams(js, client.settings)
-    # Created as messaging.md first had it (every event), then narrowed in place by a restart.
+    # Created as messaging.md first had it (every event), then narrowed in place by a restart
+    # (the executor's file events included: a file's failure comes as run.file_failed).
     await streams.ensure_consumer(js, names.events_stream, names.notifier_consumer, names.events_all)
     await streams.ensure_consumer(js, names.events_stream, names.notifier_consumer, names.notifier_filters,
-                              wide_filter=names.events_all)
+                                  wide_filter=names.events_all)
     subjects = [names.file_event("succeeded"), names.file_event("checkpoint"), names.file_event("failed"),
-                names.run_event("completed"), names.breaker_event("open")]
+                names.run_event("completed"), names.run_event("file_failed"), names.breaker_event("open")]
     await bus.publish_many(js, [bus.Outgoing(s, b"{}", f"m-{s}") for s in subjects])
     puller = Puller(client.nc, names.events_stream, names.notifier_consumer)
     got = [m.subject for m in await puller.fetch(10, timeout=0.5)]
     await puller.stop()
-    if streams.supports_filter_subjects(client.nc):
-        assert got == [names.file_event("failed"), names.run_event("completed")]
-    else:  # NATS 2.9: one filter only, the wide one; the notifier's decoder drops the rest
-        assert got == subjects
+    assert got == [names.run_event("completed"), names.run_event("file_failed")]
 
 
 async def test_several_filters_without_a_wide_one_are_refused_on_an_old_server(client):
     await streams.ensure_streams(client.js, client.settings)
+    two = [client.names.file_event("failed"), client.names.run_events_all]
     if streams.supports_filter_subjects(client.nc):
-        await streams.ensure_consumer(client.js, client.names.events_stream, "two", client.names.notifier_filters)
+        await streams.ensure_consumer(client.js, client.names.events_stream, "two", two)
         info = await client.js.consumer_info(client.names.events_stream, "two")
-        assert info.config.filter_subjects == client.names.notifier_filters
+        assert info.config.filter_subjects == two
     else:
         with pytest.raises(ValueError, match="2.10"):
-            await streams.ensure_consumer(client.js, client.names.events_stream, "two", client.names.notifier_filters)
+            await streams.ensure_consumer(client.js, client.names.events_stream, "two", two)
 
 
 async def test_nats_url_may_name_several_seed_servers(make_settings):

@@ -20,6 +20,7 @@ from shared.messages import ErrorInfo, FileEvent, RunEvent, ServiceError
 from shared.rpc import RpcClient
 from shared.settings import Settings
 from shared.subjects import Names
+from services.coordinator.run_events import file_failed_row
 from services.notifier.bootstrap import NotifierService
 from services.notifier.consumer import make_handler
 from services.notifier.signing import verify
@@ -89,11 +90,19 @@ def tenant() -> str:
     return f"ten-{uuid.uuid4().hex[:8]}"
 
 
-def failed_file(tenant_id: str, run_id: str | None = None, index: int = 3, kind: str = "failed") -> FileEvent:
+def file_event(tenant_id: str, run_id: str | None = None, index: int = 3, kind: str = "failed") -> FileEvent:
+    """What an executor publishes about a file (the coordinator decides what it means)."""
     run_id = run_id or f"run-{uuid.uuid4().hex[:8]}"
     return FileEvent(kind=kind, job_id=f"{run_id}:file:{index}:r1", run_id=run_id, tenant_id=tenant_id,
                      file_index=index, round=1, attempt=4, step=1, step_name="ocr",
                      error=ErrorInfo.model_validate({"class": "Boom", "message": "the scanner broke", "transient": False}))
+
+
+def failed_file(tenant_id: str, run_id: str | None = None, index: int = 3) -> RunEvent:
+    """The coordinator's word that it made a file FAILED (run.file_failed)."""
+    event = file_event(tenant_id, run_id, index)
+    return RunEvent.from_bytes(file_failed_row(Names("x"), {"id": event.run_id, "tenant_id": tenant_id,
+                                                           "status": "RUNNING"}, event)["payload"])
 
 
 def run_event(tenant_id: str, kind: str, run_id: str | None = None, message: str | None = None, **counts) -> RunEvent:
@@ -160,8 +169,9 @@ async def test_run_outcomes_and_recovery_notify_in_words(notifier, kind, counts,
 async def test_progress_events_notify_nobody(notifier):
     t = tenant()
     run_id = f"run-{uuid.uuid4().hex[:8]}"
-    for kind in ("succeeded", "retrying", "checkpoint", "errored"):
-        await notifier.publish_event(failed_file(t, run_id, kind=kind))
+    # The executor's "failed" too: a file is FAILED when the coordinator says so (run.file_failed).
+    for kind in ("succeeded", "retrying", "checkpoint", "errored", "failed"):
+        await notifier.publish_event(file_event(t, run_id, kind=kind))
     for kind in ("started", "retrying"):
         await notifier.publish_event(run_event(t, kind, run_id))
     await notifier.publish(notifier.names.breaker_event("open"), b'{"dependency": "ocr", "state": "open"}')
@@ -172,12 +182,12 @@ async def test_progress_events_notify_nobody(notifier):
 
 async def test_an_unreadable_event_is_dropped_and_the_events_after_it_still_notify(notifier):
     t = tenant()
-    await notifier.publish(notifier.names.file_event("failed"), b"not json")
+    await notifier.publish(notifier.names.run_event("file_failed"), b"not json")
     await notifier.publish(notifier.names.run_event("completed"), b'{"kind": "completed"}')  # no tenant, no run
     await notifier.publish_event(run_event(t, "completed"))
     [item] = await notifier.wait_items(t, lambda items: items)
     assert item["kind"] == "run_completed"
-    bad = FakeMsg(notifier.names.file_event("failed"), b"{", {"Nats-Msg-Id": uuid.uuid4().hex})
+    bad = FakeMsg(notifier.names.run_event("file_failed"), b"{", {"Nats-Msg-Id": uuid.uuid4().hex})
     good = FakeMsg(notifier.names.file_event("succeeded"), b"", {"Nats-Msg-Id": uuid.uuid4().hex})
     await notifier.service.handle([bad, good])
     assert (bad.done, good.done) == (["term"], ["ack"])
@@ -187,9 +197,10 @@ async def test_a_redelivered_event_notifies_once_and_is_acked_each_time(notifier
     t = tenant()
     event = failed_file(t)
     msg_id = event.msg_id
-    first = FakeMsg(notifier.names.file_event("failed"), event.to_bytes(), {"Nats-Msg-Id": msg_id})
-    again = FakeMsg(notifier.names.file_event("failed"), event.to_bytes(), {"Nats-Msg-Id": msg_id})
-    twice_in_a_batch = FakeMsg(notifier.names.file_event("failed"), event.to_bytes(), {"Nats-Msg-Id": msg_id})
+    subject = notifier.names.run_event("file_failed")
+    first = FakeMsg(subject, event.to_bytes(), {"Nats-Msg-Id": msg_id})
+    again = FakeMsg(subject, event.to_bytes(), {"Nats-Msg-Id": msg_id})
+    twice_in_a_batch = FakeMsg(subject, event.to_bytes(), {"Nats-Msg-Id": msg_id})
     await notifier.service.handle([first])
     await notifier.service.handle([again, twice_in_a_batch])
     assert first.done == again.done == twice_in_a_batch.done == ["ack"]

@@ -112,4 +112,10 @@ def test_error_messages_are_cut_not_refused_wherever_they_come_from():
     assert (len(forged.error_class), len(forged.message)) == (200, MAX_MESSAGE_CHARS)
     event = FileEvent(kind="failed", job_id="r:file:0:r0", run_id="r", tenant_id="t", file_index=0, round=0, attempt=4,
                       step=0, step_name="s" * 100_000, error=forged)
-    assert len(file_failed_text(event)) == MAX_TEXT_CHARS
+    from services.coordinator.run_events import FILE_FAILED_MESSAGE_CHARS, file_failed_row
+    from shared.messages import RunEvent
+    from shared.subjects import Names
+
+    row = file_failed_row(Names("t"), {"id": "r", "tenant_id": "t", "status": "RUNNING"}, event)
+    notice = RunEvent.from_bytes(row["payload"])
+    assert len(notice.message) == FILE_FAILED_MESSAGE_CHARS and len(file_failed_text(notice)) == MAX_TEXT_CHARS
