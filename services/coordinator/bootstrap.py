@@ -49,11 +49,12 @@ class CoordinatorService:
         self.handlers = OfferedHandlers(self.js, names, s.stream_replicas)
         await self.handlers.start()
         self.engine = make_engine(s, pool_size=10, application_name="redrive-coordinator")
+        self.credit_engine = make_engine(s, pool_size=3, application_name="redrive-coordinator-credits")
         # Each tenant's window follows the slots of the executors alive, up to the setting (0: none).
         window = Window(s.jobs_in_flight_per_tenant, self.handlers.slots) if s.jobs_in_flight_per_tenant else None
         self.relay = OutboxRelay(self.engine, self.js, partial(jobs.expand_page, names=names, window=window),
                                  partial(report_undeliverable, names=names), batch=s.outbox_batch)
-        self.deps = Deps(settings=s, names=names, engine=self.engine,
+        self.deps = Deps(settings=s, names=names, engine=self.engine, credit_engine=self.credit_engine,
                          billing=RpcClient(self.nc, names, timeout=s.request_timeout_s), relay=self.relay,
                          max_payload=self.nc.max_payload, js=self.js, handlers=self.handlers,
                          executors=RpcClient(self.nc, names, timeout=CHECK_STEPS_TIMEOUT_S))
@@ -85,6 +86,7 @@ class CoordinatorService:
         await self.handlers.stop()
         await bus.close(self.nc)
         await self.engine.dispose()
+        await self.credit_engine.dispose()
 
 
 async def build(settings: Settings) -> CoordinatorService:

@@ -28,3 +28,12 @@ class Deps:
     handlers: OfferedHandlers | None = None  # what the executors offer (None: not known, accept all)
     executors: RpcClient | None = None  # asked to check a new template's step params
     turns: RunTurns = field(default_factory=RunTurns)  # actions on one file queue here (run_turns.py)
+    # Credit intents' own connections (credits.py). A command holds one of ``engine``'s, with
+    # its run locked, while it commits an intent: from the same pool, ~20 Continues at once
+    # each held one and waited for a second, and every request and the results consumer
+    # waited with them for the pool's timeout.
+    credit_engine: AsyncEngine | None = None
+
+    @property
+    def credits_db(self) -> AsyncEngine:
+        return self.credit_engine or self.engine

@@ -20,7 +20,7 @@ from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 from shared.db import transaction
 from shared.faults import crash_point
 from shared.messages import ServiceError
-from shared.rpc import RpcClient
+from shared.rpc import COMMIT_MARGIN_S, RpcClient, caller_time_left, ensure_caller_waits
 from services.coordinator import timeline
 
 log = structlog.get_logger(__name__)
@@ -84,6 +84,7 @@ async def reserve(
 ) -> Charge:
     """Steps (1) and (2). Raises billing's ServiceError (e.g. insufficient_credits) after
     withdrawing the intent, so a refused charge leaves nothing behind."""
+    ensure_caller_waits(2 * COMMIT_MARGIN_S)  # a charge its caller would not wait for: none at all
     async with transaction(engine) as conn:
         await conn.execute(
             text(
@@ -96,11 +97,18 @@ async def reserve(
         reply = await billing.call(
             "billing", "reserve",
             {"tenant_id": tenant_id, "amount": amount, "idempotency_key": key, "run_id": run_id, "actor": actor},
+            timeout=_reserve_timeout_s(),
         )
     except ServiceError as exc:
         if exc.code == "reservation_voided":
             # Billing settled this key for good (a compensation whose answer we lost): spent.
             await _settled(engine, key)
+            raise ServiceError("service_unavailable", _TRY_AGAIN, {"outcome": "none"}) from exc
+        if exc.code == "idempotency_key_reused":
+            # An earlier attempt, which died after its charge, charged this key for another
+            # amount (a file was skipped since): refunded here, and the next attempt takes a
+            # fresh key. Billing's key is ours, not the client's: never told as theirs.
+            await compensate(engine, billing, key=key, tenant_id=tenant_id, run_id=run_id)
             raise ServiceError("service_unavailable", _TRY_AGAIN, {"outcome": "none"}) from exc
         if exc.code in _DEFINITE_REFUSALS:
             await _withdraw(engine, key)
@@ -109,6 +117,14 @@ async def reserve(
         raise
     crash_point("after_reserve")  # charged, run not yet updated: the sweep must refund
     return Charge(key, reply["charged"], reply["from_monthly"], reply["from_purchased"])
+
+
+def _reserve_timeout_s() -> float | None:
+    """The reserve's wait, within what the request's caller waits (less the commit's
+    margin): waiting longer, the request held its run's claim after the gateway had told
+    its client 503, and the client's retry under the same key met a 409 it then kept."""
+    left = caller_time_left()
+    return None if left is None else max(0.1, left - 2 * COMMIT_MARGIN_S)
 
 
 async def _withdraw(engine: AsyncEngine, key: str) -> None:

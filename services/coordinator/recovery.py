@@ -64,7 +64,7 @@ async def _lost_and_waiting(deps: Deps, tenants: list[str]) -> tuple[list[str], 
 
 async def sweep(deps: Deps) -> dict:
     stats = {"compensated": 0, "refunds": 0, "recovered": 0, "given_up": 0}
-    stats["compensated"] = await credits.compensate_abandoned(deps.engine, deps.billing, older_than_s=deps.settings.credit_intent_timeout_s)
+    stats["compensated"] = await credits.compensate_abandoned(deps.credits_db, deps.billing, older_than_s=deps.settings.credit_intent_timeout_s)
     stats["refunds"] = await pay_refunds_due(deps)
     lease = {"lease": deps.settings.recovery_lease_s}
     async with deps.engine.connect() as conn:

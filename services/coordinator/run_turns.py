@@ -14,16 +14,12 @@ import asyncio
 from collections.abc import AsyncIterator, Hashable
 from contextlib import asynccontextmanager
 
-from shared.messages import ServiceError
+from services.coordinator.store import busy
 
 # Waiting for one run at once, per process: more are refused at once (409). A waiter holds
 # nothing but a task, and each turn takes milliseconds: 20 clicks at once all take (8 sent
 # 11 of them back for a burst done in 0.4 s); the wait's own bound keeps a flood short.
 MAX_WAITING = 64
-
-
-def _busy() -> ServiceError:
-    return ServiceError("run_running", "another request is changing this run right now")
 
 
 class RunTurns:
@@ -33,12 +29,12 @@ class RunTurns:
         self._holders: dict[Hashable, int] = {}  # waiting or in turn, per run: its lock goes with the last
 
     @asynccontextmanager
-    async def turn(self, run_id: Hashable, wait_s: float) -> AsyncIterator[None]:
+    async def turn(self, run_id: Hashable, wait_s: float, *, keyed: bool = False) -> AsyncIterator[None]:
         """This request's turn at ``run_id`` (any key naming the run: (tenant, run id)),
-        waited for at most ``wait_s`` (then 409)."""
+        waited for at most ``wait_s`` (then 409; 503 for a ``keyed`` request: store.load_run)."""
         lock = self._locks.get(run_id)
         if lock is not None and self._holders[run_id] > self._max_waiting:  # one in turn, the rest waiting
-            raise _busy()
+            raise busy(keyed)
         if lock is None:
             lock = self._locks[run_id] = asyncio.Lock()
         self._holders[run_id] = self._holders.get(run_id, 0) + 1
@@ -47,7 +43,7 @@ class RunTurns:
                 async with asyncio.timeout(wait_s):
                     await lock.acquire()
             except TimeoutError:
-                raise _busy() from None
+                raise busy(keyed) from None
             try:
                 yield
             finally:

@@ -43,11 +43,16 @@ _LOCK_NOT_AVAILABLE = "55P03"
 
 
 async def load_run(conn: AsyncConnection, tenant_id: str | None, run_id: str, *, lock: bool = False,
-                   nowait: bool = False, wait_s: float | None = None) -> dict:
+                   nowait: bool = False, wait_s: float | None = None, keyed: bool = False) -> dict:
     """``nowait``: a run another *command* is changing right now is refused with 409 at once
     instead of queueing (concurrent "Continue" presses: one wins, the rest are told).
     ``wait_s``: queue behind it for that long instead, then 409 (actions on one file each:
     retries of two FAILED files of a run, pressed together, are both meant).
+
+    ``keyed`` (the request carries an Idempotency-Key): a 503 instead of that 409. The
+    command changing the run may be an earlier attempt of this very request, whose client
+    was told 503 and sent it again as told: a 409 would be kept as the key's answer for a
+    day, whether that attempt then applies or not.
 
     Commands claim the run with a transaction-scoped advisory lock, then wait for the row
     lock as usual: the results consumer holds that row lock for milliseconds while it
@@ -56,9 +61,9 @@ async def load_run(conn: AsyncConnection, tenant_id: str | None, run_id: str, *,
     if wait_s is not None:
         if nowait:
             raise ValueError("load_run: nowait or wait_s, not both")
-        await _await_claim(conn, run_id, wait_s)
+        await _await_claim(conn, run_id, wait_s, keyed)
     elif nowait and not (await conn.execute(_CLAIM_RUN, {"id": run_id})).scalar():
-        raise ServiceError("run_running", "another request is changing this run right now")
+        raise busy(keyed)
     sql = "SELECT * FROM coordinator.runs WHERE id = :id"
     params: dict[str, Any] = {"id": run_id}
     if tenant_id is not None:
@@ -76,7 +81,15 @@ _LOCK_TIMEOUT = text("SELECT current_setting('lock_timeout')")
 _SET_LOCK_TIMEOUT = text("SELECT set_config('lock_timeout', :value, true)")  # true: for this transaction
 
 
-async def _await_claim(conn: AsyncConnection, run_id: str, wait_s: float) -> None:
+def busy(keyed: bool = False) -> ServiceError:
+    """The answer to a request that found its run being changed by another (see load_run)."""
+    if keyed:
+        return ServiceError("service_unavailable", "another request is changing this run right now, maybe an earlier "
+                            "attempt of this one: send it again in a moment (the same Idempotency-Key will do)")
+    return ServiceError("run_running", "another request is changing this run right now")
+
+
+async def _await_claim(conn: AsyncConnection, run_id: str, wait_s: float, keyed: bool) -> None:
     """The run's claim, waited for at most ``wait_s``: the wait is the lock's own timeout
     (set for this transaction, then put back as it was), so nobody polls."""
     was = (await conn.execute(_LOCK_TIMEOUT)).scalar_one()
@@ -85,7 +98,7 @@ async def _await_claim(conn: AsyncConnection, run_id: str, wait_s: float) -> Non
         await conn.execute(_AWAIT_RUN, {"id": run_id})
     except DBAPIError as exc:
         if sqlstate_of(exc) == _LOCK_NOT_AVAILABLE:
-            raise ServiceError("run_running", "another request is changing this run right now") from None
+            raise busy(keyed) from None
         raise
     await conn.execute(_SET_LOCK_TIMEOUT, {"value": was})
 

@@ -278,3 +278,67 @@ async def test_the_sweep_resumes_files_left_in_an_earlier_round_by_a_single_file
     finally:
         await stack.stop()
 
+
+
+async def test_thirty_continues_of_thirty_runs_at_once_all_go_through(stack):
+    """Each Continue held a pooled connection, its run locked, while it committed its credit
+    intent on a second one from the same pool (10 + 10): thirty at once each held one and
+    waited for another, all of them answered 503 at their deadline (some of them charged),
+    and the results consumer, the relay and the sweep of every tenant waited with them."""
+    tenant = await stack.tenant(monthly=0, purchased=1000)
+    await stack.call("coordinator", "put_settings", tenant_id=tenant, **FAST)
+    template = await stack.template(tenant, [{"name": "a", "handler": "flaky", "params": {"fail_rounds": 1}}])
+    runs = [await stack.submit(tenant, template, 1) for _ in range(30)]
+    for run in runs:
+        await stack.wait_run(tenant, run["id"])
+    results = await asyncio.gather(*(call(stack, "retry_failed", tenant, run["id"]) for run in runs),
+                                   return_exceptions=True)
+    assert [r for r in results if not isinstance(r, dict)] == []
+    for run in runs:
+        assert (await stack.wait_run(tenant, run["id"]))["status"] == "COMPLETED"
+    assert await balance(stack, tenant) == 1000 - 60
+    await stack.assert_books_balance(tenant)
+
+
+async def test_a_keyed_request_that_finds_its_run_being_changed_is_told_to_send_it_again(stack):
+    """A Continue answered 503 (billing slow), sent again under its Idempotency-Key as the
+    503 says, met its first attempt still holding the run: a 409, which the gateway then
+    replayed for that key for a day, whatever the first attempt came to. Keyed, it is a 503
+    (not kept); without a key it is still api.md's 409."""
+    tenant = await stack.tenant(monthly=100)
+    done, _ = await failed_run(stack, tenant, {"fail_rounds": 1}, n=2)
+    claim = await asyncpg.connect(stack.settings.database_url)
+    try:
+        async with claim.transaction():  # as a request changing the run holds it
+            assert await claim.fetchval("SELECT pg_try_advisory_xact_lock(hashtextextended('coordinator.run:' || $1, 0))",
+                                        done["id"])
+            await expect_error("service_unavailable", call(stack, "retry_failed", tenant, done["id"], request_id="k1"))
+            await expect_error("service_unavailable",
+                               call(stack, "retry_file", tenant, done["id"], file_index=0, request_id="k2"))
+            await expect_error("run_running", call(stack, "retry_failed", tenant, done["id"]))
+    finally:
+        await claim.close()
+    again = await call(stack, "retry_failed", tenant, done["id"], request_id="k1")
+    assert again["status"] == "RUNNING" and (await stack.wait_run(tenant, done["id"]))["status"] == "COMPLETED"
+    await stack.assert_books_balance(tenant)
+
+
+async def test_a_continue_whose_retry_key_was_charged_another_amount_says_send_again_not_a_billing_key(stack):
+    """An attempt that died after its charge left the round's retry key charged; a skip then
+    changed what a Continue charges, and the next Continue answered 422
+    idempotency_key_reused naming billing's own key. Now: that charge is refunded, the
+    answer is a 503 (send it again), and the next attempt goes through under a fresh key."""
+    tenant = await stack.tenant(monthly=100)
+    done, _ = await failed_run(stack, tenant, {"fail_rounds": 1}, n=3, credits_per_file=2)
+    key = f"{done['id']}:retry:{done['round'] + 1}"
+    await sql(stack, ("INSERT INTO coordinator.credit_intents (key, run_id, tenant_id, amount) VALUES ($1, $2, $3, 2)",
+                      key, done["id"], tenant))
+    await stack.call("billing", "reserve", tenant_id=tenant, amount=2, idempotency_key=key, run_id=done["id"],
+                     actor="a dead attempt")
+    error = await expect_error("service_unavailable", call(stack, "retry_failed", tenant, done["id"]))
+    assert key not in str(error)
+    assert (await call(stack, "retry_failed", tenant, done["id"]))["status"] == "RUNNING"
+    finished = await stack.wait_run(tenant, done["id"])
+    assert finished["status"] == "COMPLETED" and finished["credits"]["consumed"] == 6 + 6
+    assert await balance(stack, tenant) == 100 - 12
+    await stack.assert_books_balance(tenant)

@@ -97,7 +97,7 @@ async def _create_run(deps: Deps, cmd: CreateRun) -> dict:
     # A run id from an Idempotency-Key may have been tried before and its charge settled for
     # good (refunded or voided: the attempt's outcome was unknown, a 503): its retry, under
     # the same key, charges under a key of its own, as a Continue's does.
-    key = (await credits.fresh_key(deps.engine, credits.initiate_key(run_id)) if cmd.run_id
+    key = (await credits.fresh_key(deps.credits_db, credits.initiate_key(run_id)) if cmd.run_id
            else credits.initiate_key(run_id))
     charge_key = key if template["credits_per_file"] else None
     files = [
@@ -107,8 +107,7 @@ async def _create_run(deps: Deps, cmd: CreateRun) -> dict:
     ]
     job_rows = _first_jobs(deps, cmd, run_id, template, files, policy, trace_id)  # before any charge: may refuse
     amount = count * template["credits_per_file"]
-    charge = await credits.reserve(
-        deps.engine, deps.billing, key=key, run_id=run_id, tenant_id=cmd.tenant_id, amount=amount, actor=cmd.actor
+    charge = await credits.reserve(deps.credits_db, deps.billing, key=key, run_id=run_id, tenant_id=cmd.tenant_id, amount=amount, actor=cmd.actor
     )
     try:
         async with transaction(deps.engine) as conn:
@@ -142,7 +141,7 @@ async def _create_run(deps: Deps, cmd: CreateRun) -> dict:
                 await staged_files.forget(conn, cmd.tenant_id, cmd.staged)
             ensure_caller_waits()  # else: rolled back, refunded below
     except BaseException:
-        await credits.compensate(deps.engine, deps.billing, key=key, tenant_id=cmd.tenant_id, run_id=run_id)
+        await credits.compensate(deps.credits_db, deps.billing, key=key, tenant_id=cmd.tenant_id, run_id=run_id)
         raise
     deps.relay.kick()  # the jobs go out while the answer is read
     async with deps.engine.connect() as conn:  # as it is now: its first files may be done already

@@ -43,8 +43,8 @@ def _queue_s() -> float:
     return QUEUE_S if left is None else max(0.05, min(QUEUE_S, (left - 2 * COMMIT_MARGIN_S) / 2))
 
 
-async def _locked_file(conn, cmd: FileRef, wait_s: float) -> tuple[dict, dict]:
-    run = await store.load_run(conn, cmd.tenant_id, cmd.run_id, lock=True, wait_s=wait_s)
+async def _locked_file(conn, cmd: FileRef, wait_s: float, *, keyed: bool = False) -> tuple[dict, dict]:
+    run = await store.load_run(conn, cmd.tenant_id, cmd.run_id, lock=True, wait_s=wait_s, keyed=keyed)
     row = (
         await conn.execute(text("SELECT * FROM coordinator.files WHERE run_id = :r AND idx = :i"), {"r": run["id"], "i": cmd.file_index})
     ).mappings().first()
@@ -56,7 +56,7 @@ async def _locked_file(conn, cmd: FileRef, wait_s: float) -> tuple[dict, dict]:
 async def retry_file(deps: Deps, cmd: RetryFile) -> dict:
     wait_s = _queue_s()
     # By tenant too: another tenant's requests naming this run id fill no place in its queue.
-    async with deps.turns.turn((cmd.tenant_id, cmd.run_id), wait_s):
+    async with deps.turns.turn((cmd.tenant_id, cmd.run_id), wait_s, keyed=cmd.request_id is not None):
         return await _retry_file(deps, cmd, wait_s)
 
 
@@ -64,7 +64,7 @@ async def _retry_file(deps: Deps, cmd: RetryFile, wait_s: float) -> dict:
     charge: credits.Charge | None = None
     try:
         async with transaction(deps.engine) as conn:
-            run, f = await _locked_file(conn, cmd, wait_s)
+            run, f = await _locked_file(conn, cmd, wait_s, keyed=cmd.request_id is not None)
             if await requests_applied.applied(conn, cmd.tenant_id, cmd.request_id):
                 return await store.run_body(conn, run)  # this very retry was applied: not again
             if run["status"] == "CANCELLED":
@@ -79,9 +79,9 @@ async def _retry_file(deps: Deps, cmd: RetryFile, wait_s: float) -> dict:
             template = await store.load_template(conn, run["tenant_id"], run["template_id"], include_archived=True)
             refuse_unoffered(deps, [s["handler"] for s in template["steps"]])  # before the charge
             policy = await store.retry_policy(conn, run["tenant_id"])
-            key = await credits.fresh_key(deps.engine, credits.file_retry_key(run["id"], f["idx"], f["retry_attempt"] + 1))
+            key = await credits.fresh_key(deps.credits_db, credits.file_retry_key(run["id"], f["idx"], f["retry_attempt"] + 1))
             amount = template["credits_per_file"]
-            charge = await credits.reserve(deps.engine, deps.billing, key=key, run_id=run["id"],
+            charge = await credits.reserve(deps.credits_db, deps.billing, key=key, run_id=run["id"],
                                            tenant_id=run["tenant_id"], amount=amount, actor=cmd.actor)
             was = run
             run = dict((await conn.execute(_REOPEN_RUN, {"run_id": run["id"], "charged": charge.charged,
@@ -99,7 +99,7 @@ async def _retry_file(deps: Deps, cmd: RetryFile, wait_s: float) -> dict:
             ensure_caller_waits()  # else: rolled back, refunded below
     except BaseException:
         if charge is not None:
-            await credits.compensate(deps.engine, deps.billing, key=charge.key, tenant_id=cmd.tenant_id, run_id=cmd.run_id)
+            await credits.compensate(deps.credits_db, deps.billing, key=charge.key, tenant_id=cmd.tenant_id, run_id=cmd.run_id)
         raise
     deps.relay.kick()
     async with deps.engine.connect() as conn:

@@ -65,7 +65,8 @@ async def retry_failed(deps: Deps, cmd: RetryFailed) -> dict:
     charge: credits.Charge | None = None
     try:
         async with transaction(deps.engine) as conn:
-            run = await store.load_run(conn, cmd.tenant_id, cmd.run_id, lock=True, nowait=True)
+            run = await store.load_run(conn, cmd.tenant_id, cmd.run_id, lock=True, nowait=True,
+                                       keyed=cmd.request_id is not None)
             if await requests_applied.applied(conn, cmd.tenant_id, cmd.request_id):
                 return await store.run_body(conn, run)  # this very Continue was applied: not again
             files = await store.load_files(conn, run["id"], statuses=("FAILED", "PENDING"))
@@ -81,10 +82,9 @@ async def retry_failed(deps: Deps, cmd: RetryFailed) -> dict:
                 refuse_oversized(jobs.job_messages(deps.names, {**run, "round": new_round}, template,
                                                    [{**f, "round": new_round} for f in failed + pending], policy),
                                  deps.max_payload)
-            key = await credits.fresh_key(deps.engine, credits.retry_key(run["id"], new_round))
+            key = await credits.fresh_key(deps.credits_db, credits.retry_key(run["id"], new_round))
             amount = len(failed) * template["credits_per_file"]
-            charge = await credits.reserve(
-                deps.engine, deps.billing, key=key, run_id=run["id"], tenant_id=run["tenant_id"], amount=amount,
+            charge = await credits.reserve(deps.credits_db, deps.billing, key=key, run_id=run["id"], tenant_id=run["tenant_id"], amount=amount,
                 actor=cmd.actor,
             )
             run = dict((await conn.execute(_REOPEN_RUN, {
@@ -110,7 +110,7 @@ async def retry_failed(deps: Deps, cmd: RetryFailed) -> dict:
     except BaseException:
         # The run update did not commit: give the credits back (monthly and purchased parts).
         if charge is not None:
-            await credits.compensate(deps.engine, deps.billing, key=charge.key, tenant_id=cmd.tenant_id, run_id=cmd.run_id)
+            await credits.compensate(deps.credits_db, deps.billing, key=charge.key, tenant_id=cmd.tenant_id, run_id=cmd.run_id)
         raise
     deps.relay.kick()
     async with deps.engine.connect() as conn:
