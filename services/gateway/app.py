@@ -27,7 +27,7 @@ from shared.db import ping
 from shared.messages import ServiceError, dumps
 from shared.round_trip import RoundTrip
 from shared.rpc import RpcClient
-from services.gateway.auth import auth_middleware, bearer_key, existing_tenant, principal_of
+from services.gateway.auth import Authenticate, auth_middleware, bearer_key, existing_tenant, principal_of
 from services.gateway.errors import errors_middleware
 from services.gateway.events import EventHub
 from services.gateway.identity import KeyCache, Principal, authenticate
@@ -129,7 +129,7 @@ def build_app(deps: Deps) -> web.Application:
             app.router.add_get(API + route.path, handler)
         else:
             app.router.add_route(route.method, API + route.path, handler)
-    handlers = _local_handlers(deps)
+    handlers = _local_handlers(deps, who)
     for local in LOCAL_ROUTES:
         if local.method == "GET":
             app.router.add_get(local.path, handlers[local.name], allow_head=local.name != "events")
@@ -175,7 +175,34 @@ def _metrics_token_matches(request: web.Request, token: str) -> bool:
                                hashlib.sha256(token.encode()).digest())
 
 
-def _local_handlers(deps: Deps) -> dict:
+class StreamKey:
+    """An event stream's API key, checked again as the request that opened the stream was
+    (``who``: the same authenticate, the same KeyCache). Every change of a key that the
+    gateway hears (key_revocations.py) evicts it from that cache and so moves the cache's
+    generation, as does emptying it (on losing or regaining the listening connection):
+    that is the change :meth:`changed` sees, with no I/O."""
+
+    def __init__(self, who: Authenticate, key: str, principal: Principal, keys: KeyCache) -> None:
+        self._who = who
+        self._key = key
+        self._principal = principal
+        self._keys = keys
+        # None: checked at once, in case the key changed between its check at the request
+        # and the stream's start.
+        self._checked_generation: int | None = None
+
+    def changed(self) -> bool:
+        return self._checked_generation != self._keys.generation
+
+    async def still_valid(self) -> bool:
+        # Read before the lookup: a change heard while it is on its way is checked next time.
+        self._checked_generation = self._keys.generation
+        # The same principal: revoked or deleted, or given another role or tenant, the key no
+        # longer stands for what the stream was opened with (a new stream is checked afresh).
+        return await self._who(self._key) == self._principal
+
+
+def _local_handlers(deps: Deps, who: Authenticate) -> dict:
     document = openapi_document()
     # Read once, at start: the page served is the page hashed (it is part of the install).
     page = DASHBOARD.read_bytes() if DASHBOARD.is_file() else PLACEHOLDER.encode()
@@ -185,7 +212,8 @@ def _local_handlers(deps: Deps) -> dict:
     async def events(request: web.Request) -> web.StreamResponse:
         principal = principal_of(request)
         tenant_id = await existing_tenant(request, principal, deps.engine)
-        return await deps.hub.stream(request, tenant_id, principal.key_id)
+        key_check = StreamKey(who, bearer_key(request), principal, deps.keys)
+        return await deps.hub.stream(request, tenant_id, principal.key_id, key_check)
 
     async def me(request: web.Request) -> web.Response:
         # What a client (the dashboard) offers depends on the role; the API decides every action again.

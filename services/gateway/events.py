@@ -24,12 +24,18 @@ Streams are capped per API key and per tenant (``REDRIVE_SSE_MAX_PER_KEY``,
 fan-out on the gateway's loop, so one key opening thousands would slow every tenant's API.
 One more is refused with a 429 before anything is held; a slot is free again as soon as
 its stream ends.
+
+A stream ends as soon as its API key is refused, and sends nothing more: before each frame
+it checks the key again if any key changed meanwhile (a revocation heard by
+key_revocations.py), and every ``recheck_key_s`` whatever it heard, for a revocation made
+while nothing listened. Its client then reconnects and is refused (401).
 """
 
 from __future__ import annotations
 
 import asyncio
 from collections.abc import Mapping
+from typing import Protocol
 
 import orjson
 import structlog
@@ -43,6 +49,9 @@ from shared.subjects import Names
 log = structlog.get_logger(__name__)
 
 KEEPALIVE_S = 15.0
+# How often an open stream's key is checked again though no change was heard: a revocation
+# committed while the gateway was not listening is heard by no one.
+RECHECK_KEY_S = KEEPALIVE_S
 # How soon a stream whose client went away notices (and frees its slot): aiohttp does not
 # cancel the handler when a GET's connection drops, and nothing is written for up to KEEPALIVE_S.
 LIVENESS_S = 1.0
@@ -56,11 +65,22 @@ BUS_DOWN = b'event: bus\ndata: {"connected":false}\n\n'
 BUS_UP = b'event: bus\ndata: {"connected":true}\n\n'
 
 
+class KeyCheck(Protocol):
+    """The API key a stream was opened with, checked again while the stream is open."""
+
+    def changed(self) -> bool:
+        """Whether any key may have changed since the last check (asked before every frame:
+        no await, no I/O)."""
+
+    async def still_valid(self) -> bool:
+        """Whether the key still stands for what the stream was opened with."""
+
+
 class EventHub:
     def __init__(self, nc: NatsClient, names: Names, *, keepalive_s: float = KEEPALIVE_S,
                  queue_size: int = QUEUE_SIZE, write_timeout_s: float = WRITE_TIMEOUT_S,
                  max_per_key: int = MAX_PER_KEY, max_per_tenant: int = MAX_PER_TENANT,
-                 liveness_s: float = LIVENESS_S) -> None:
+                 liveness_s: float = LIVENESS_S, recheck_key_s: float = RECHECK_KEY_S) -> None:
         self._nc = nc
         self._names = names
         self._round_trip = RoundTrip(nc)  # the SUB reached the server (see _subscribe)
@@ -69,6 +89,7 @@ class EventHub:
         self._keepalive_s = keepalive_s
         self._liveness_s = min(liveness_s, keepalive_s)
         self._write_timeout_s = write_timeout_s
+        self.recheck_key_s = recheck_key_s
         self._queue_size = queue_size
         self._by_tenant: dict[str, set[asyncio.Queue]] = {}
         self._max_per_key = max_per_key
@@ -214,9 +235,11 @@ class EventHub:
     def _reconnects(self) -> int:
         return self._nc.stats["reconnects"]
 
-    async def stream(self, request: web.Request, tenant_id: str, key_id: str | None = None) -> web.StreamResponse:
-        """Stream the tenant's events to this request until the client leaves or we stop
-        (a 429, ServiceError, when the key or the tenant has all the streams it may)."""
+    async def stream(self, request: web.Request, tenant_id: str, key_id: str | None = None,
+                     key_check: KeyCheck | None = None) -> web.StreamResponse:
+        """Stream the tenant's events to this request until the client leaves, ``key_check``
+        refuses its key, or we stop (a 429, ServiceError, when the key or the tenant has all
+        the streams it may)."""
         queue = self.admit(tenant_id, key_id)  # before any await: the slot is taken at once
         response = web.StreamResponse(headers={"Content-Type": "text/event-stream", "Cache-Control": "no-cache",
                                                "X-Accel-Buffering": "no"})
@@ -228,12 +251,23 @@ class EventHub:
             reconnects = self._reconnects()
             loop = asyncio.get_running_loop()
             keepalive_at = loop.time() + self._keepalive_s
+            recheck_key_at = loop.time() + self.recheck_key_s
             while not self._stopping:
                 try:
                     frame = await asyncio.wait_for(queue.get(), self._liveness_s)
                 except asyncio.TimeoutError:
                     if _gone(request):
                         break  # the client left: its slot is free again
+                    frame = None
+                if frame == _CLOSE:
+                    break
+                # Before the frame is written: once the gateway has heard the key is revoked,
+                # nothing more goes out with it. An idle stream looks every liveness_s.
+                if key_check is not None and (key_check.changed() or loop.time() >= recheck_key_at):
+                    if not await _key_still_valid(key_check, tenant_id):
+                        break
+                    recheck_key_at = loop.time() + self.recheck_key_s
+                if frame is None:
                     if self._nc.is_connected != bus_up:
                         # Events stop while NATS is away: say so, and say when they flow again
                         # (the client then re-reads what changed meanwhile from the API).
@@ -246,8 +280,6 @@ class EventHub:
                         continue
                     else:
                         frame = b": keepalive\n\n"
-                if frame == _CLOSE:
-                    break
                 if bus_up and self._reconnects() != reconnects:
                     # NATS went and came back between two looks (a restart takes well under a
                     # second): the events of that gap never came, so say it as any outage.
@@ -265,6 +297,18 @@ class EventHub:
             self.unregister(tenant_id, queue)
             await self._unsubscribe(only_if_idle=True)
         return response
+
+
+async def _key_still_valid(key_check: KeyCheck, tenant_id: str) -> bool:
+    try:
+        if await key_check.still_valid():
+            return True
+        log.info("events.key_refused", tenant=tenant_id)
+    except Exception as exc:
+        # As a request whose key cannot be checked is refused: the stream ends, and its
+        # client's next one is checked afresh (or refused while the database is away).
+        log.warning("events.key_unchecked", tenant=tenant_id, error=repr(exc))
+    return False
 
 
 def _cut(text: str, limit: int = 100) -> str:

@@ -2,7 +2,9 @@
 
 A trigger on gateway.api_keys (migration g0002) notifies ``CHANNEL`` with a key's hash on
 every update or delete of it, whoever makes it; PostgreSQL sends it when the transaction
-commits. One dedicated connection per gateway LISTENs and evicts that key.
+commits. One dedicated connection per gateway LISTENs and evicts that key. Open event
+streams watch the same cache: an eviction makes them check their key again, and a stream
+whose key is refused ends (events.py, app.StreamKey).
 
 The cache serves only while this connection is listening: a revocation committed while it
 is down is never heard, so on losing it the cache is emptied and bypassed (every request
