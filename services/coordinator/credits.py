@@ -185,6 +185,11 @@ async def compensate(engine: AsyncEngine, billing: RpcClient, *, key: str, tenan
         await conn.execute(
             text("UPDATE coordinator.credit_intents SET state = 'compensated' WHERE key = :key"), {"key": key}
         )
+        # A run whose creation was compensated never existed: its timeline rows would be
+        # nobody's, and retention, which prunes by run, would keep them for ever.
+        if (await conn.execute(text("SELECT 1 FROM coordinator.runs WHERE id = :r"), {"r": run_id})).first() is None:
+            log.info("credits.compensated", key=key, run_id=run_id, run="never made")
+            return True
         await timeline.append(conn, timeline.entry(
             run_id, tenant_id, "refund", "system:compensation", amount=reply.get("refunded", 0),
             to_monthly=reply.get("to_monthly"), to_purchased=reply.get("to_purchased"), key=compensation_key(key),
@@ -200,7 +205,9 @@ async def compensate_abandoned(engine: AsyncEngine, billing: RpcClient, older_th
             await conn.execute(
                 text(
                     "SELECT key, tenant_id, run_id FROM coordinator.credit_intents WHERE state = 'pending' "
-                    "AND created_at < now() - make_interval(secs => :age) ORDER BY created_at LIMIT 100"
+                    # At random, not oldest first: a hundred whose compensation keeps failing
+                    # (billing refusing them) would otherwise hold back every newer one.
+                    "AND created_at < now() - make_interval(secs => :age) ORDER BY random() LIMIT 100"
                 ),
                 {"age": older_than_s},
             )

@@ -66,6 +66,38 @@ async def test_a_crash_between_reservation_and_run_update_is_refunded_exactly_on
         await stack.stop()
 
 
+async def test_a_submission_that_died_after_its_charge_is_refunded_and_leaves_no_trace_of_a_run(make_settings, tmp_path):
+    """The refund of a run that was never made wrote its "refund" timeline entry under the
+    run's id: nobody's rows, which retention (it prunes by run) kept for ever."""
+    marker = tmp_path / "crash-after-reserve"
+    settings = await make_settings(recovery_interval_s=0.3, credit_intent_timeout_s=1.0)
+    stack = await ProcStack(settings, env={"REDRIVE_CRASH_AT_AFTER_RESERVE": str(marker)}).start("billing", "coordinator")
+    try:
+        tenant = await stack.tenant(monthly=10)
+        template = await stack.template(tenant, [{"name": "a", "handler": "noop"}])
+        run_id = uuid.uuid4().hex
+        marker.touch()
+        await expect_error("service_unavailable", stack.rpc.call(
+            "coordinator", "create_run", {"tenant_id": tenant, "actor": "t", "template_id": template, "run_id": run_id,
+                                          "files": [{"name": "a"}, {"name": "b"}]}, timeout=5))
+
+        async def refunded():
+            return [e for e in await stack.ledger(tenant) if e["kind"] == "refund"]
+
+        assert [(e["idempotency_key"], e["amount"]) for e in await wait_for(refunded)] == [(f"{run_id}:refund:0", 2)]
+        conn = await asyncpg.connect(settings.database_url)
+        try:
+            assert await conn.fetchval("SELECT count(*) FROM coordinator.runs WHERE id = $1", run_id) == 0
+            assert await conn.fetchval("SELECT count(*) FROM coordinator.timeline WHERE run_id = $1", run_id) == 0
+            assert await conn.fetchval("SELECT state FROM coordinator.credit_intents WHERE run_id = $1",
+                                       run_id) == "compensated"
+        finally:
+            await conn.close()
+        await stack.assert_books_balance(tenant)
+    finally:
+        await stack.stop()
+
+
 async def test_billing_killed_mid_reservation_charges_nothing(make_settings, tmp_path):
     marker = tmp_path / "crash-billing"
     settings = await make_settings(recovery_interval_s=0.3, credit_intent_timeout_s=1.0, request_timeout_s=3)
