@@ -34,7 +34,7 @@ class GrantBody(_Body):
 
 class WebhookBody(_Body):
     # Same bounds as the notifier's PutWebhook (it validates again).
-    url: str = Field(pattern=r"^https?://", max_length=2000)
+    url: str = Field(pattern=r"(?i)^https?://", max_length=2000)  # schemes are case-insensitive (RFC 3986)
     secret: str = Field(min_length=16, max_length=200)
 
 

@@ -7,7 +7,9 @@ import pytest
 from shared.messages import ServiceError
 from services.gateway.idempotency import check_key, request_hash
 from services.gateway.routes import grant_key_for, run_id_for
-from services.gateway.schemas import NotificationsQuery, RunBody, RunsQuery, SettingsBody, path_params, validate
+from services.gateway.schemas import (
+    NotificationsQuery, RunBody, RunsQuery, SettingsBody, WebhookBody, path_params, validate,
+)
 
 
 def test_a_valid_run_body_gets_its_defaults():
@@ -26,6 +28,15 @@ def test_unknown_body_fields_are_refused():
     with pytest.raises(ServiceError) as caught:
         validate(RunBody, {"template_id": "t", "files": [{"name": "a"}], "priority": 9}, "body")
     assert "priority" in caught.value.details["fields"]
+
+
+def test_a_webhook_url_scheme_is_case_insensitive_and_only_http_or_https():
+    secret = "s" * 16
+    assert validate(WebhookBody, {"url": "HTTPS://hooks.example.com/x", "secret": secret}, "body")["url"]
+    for url in ("ftp://hooks.example.com/x", "hooks.example.com", "javascript:alert(1)"):
+        with pytest.raises(ServiceError) as caught:
+            validate(WebhookBody, {"url": url, "secret": secret}, "body")
+        assert set(caught.value.details["fields"]) == {"url"}
 
 
 def test_settings_need_backoff_max_at_least_base():
