@@ -57,12 +57,40 @@ RECHECK_KEY_S = KEEPALIVE_S
 LIVENESS_S = 1.0
 WRITE_TIMEOUT_S = 60.0
 QUEUE_SIZE = 1000
+# And at most so many bytes queued for one: a file event carries its step's output (up to a
+# message, ~1 MB), and a thousand of those held for a stream that reads slowly (one that
+# stops reading is cut after write_timeout_s) would be a gigabyte.
+QUEUE_BYTES = 16 * 1024 * 1024
 MAX_PER_KEY = 10
 MAX_PER_TENANT = 100
 TENANT_HEADER = "Redrive-Tenant"
 _CLOSE = b""  # sentinel: the hub is stopping
 BUS_DOWN = b'event: bus\ndata: {"connected":false}\n\n'
 BUS_UP = b'event: bus\ndata: {"connected":true}\n\n'
+
+
+class _Frames(asyncio.Queue):
+    """A stream's queue of frames, bounded in bytes as well as in frames (QueueFull past
+    either; the close sentinel always fits)."""
+
+    def __init__(self, maxsize: int, max_bytes: int) -> None:
+        super().__init__(maxsize)
+        self._max_bytes = max_bytes
+        self.queued_bytes = 0
+
+    def put_nowait(self, frame: bytes) -> None:
+        if frame and self.queued_bytes + len(frame) > self._max_bytes:
+            raise asyncio.QueueFull
+        super().put_nowait(frame)
+
+    def _put(self, frame: bytes) -> None:
+        self.queued_bytes += len(frame)
+        super()._put(frame)
+
+    def _get(self) -> bytes:
+        frame = super()._get()
+        self.queued_bytes -= len(frame)
+        return frame
 
 
 class KeyCheck(Protocol):
@@ -78,7 +106,7 @@ class KeyCheck(Protocol):
 
 class EventHub:
     def __init__(self, nc: NatsClient, names: Names, *, keepalive_s: float = KEEPALIVE_S,
-                 queue_size: int = QUEUE_SIZE, write_timeout_s: float = WRITE_TIMEOUT_S,
+                 queue_size: int = QUEUE_SIZE, queue_bytes: int = QUEUE_BYTES, write_timeout_s: float = WRITE_TIMEOUT_S,
                  max_per_key: int = MAX_PER_KEY, max_per_tenant: int = MAX_PER_TENANT,
                  liveness_s: float = LIVENESS_S, recheck_key_s: float = RECHECK_KEY_S) -> None:
         self._nc = nc
@@ -91,6 +119,7 @@ class EventHub:
         self._write_timeout_s = write_timeout_s
         self.recheck_key_s = recheck_key_s
         self._queue_size = queue_size
+        self._queue_bytes = queue_bytes
         self._by_tenant: dict[str, set[asyncio.Queue]] = {}
         self._max_per_key = max_per_key
         self._max_per_tenant = max_per_tenant
@@ -143,7 +172,7 @@ class EventHub:
         return self.register(tenant_id, key_id)
 
     def register(self, tenant_id: str, key_id: str | None = None) -> asyncio.Queue[bytes]:
-        queue: asyncio.Queue[bytes] = asyncio.Queue(maxsize=self._queue_size)
+        queue: asyncio.Queue[bytes] = _Frames(self._queue_size, self._queue_bytes)
         self._by_tenant.setdefault(tenant_id, set()).add(queue)
         if key_id is not None:
             self._key_of[queue] = key_id

@@ -46,6 +46,20 @@ def test_a_slow_client_drops_events_and_others_still_get_them():
     assert len(_frames(slow)) == 2 and hub.dropped == 1
 
 
+def test_a_slow_client_holds_at_most_its_byte_budget_of_big_events():
+    """A file event carries its step's output (up to ~1 MB): a thousand frames of those
+    queued for one slow reader were a gigabyte."""
+    names = Names("p1")
+    hub = EventHub(nc=None, names=names, queue_bytes=3000)
+    slow = hub.register("acme")
+    big = json.dumps({"tenant_id": "acme", "output": "x" * 1000}).encode()
+    for _ in range(5):
+        hub.dispatch(names.file_event("succeeded"), big, None)
+    assert len(_frames(slow)) == 2 and hub.dropped == 3
+    hub.dispatch(names.file_event("succeeded"), big, None)  # read: room again
+    assert len(_frames(slow)) == 1 and slow.queued_bytes == 0
+
+
 def test_unregistered_clients_get_nothing_and_are_not_counted():
     names = Names("p1")
     hub = EventHub(nc=None, names=names)
