@@ -37,6 +37,7 @@ async def load_template(conn: AsyncConnection, tenant_id: str, template_id: str,
     return dict(row)
 
 
+_OWNED = text("SELECT 1 FROM coordinator.runs WHERE id = :id AND tenant_id = :tenant_id")
 _CLAIM_RUN = text("SELECT pg_try_advisory_xact_lock(hashtextextended('coordinator.run:' || :id, 0))")
 _AWAIT_RUN = text("SELECT pg_advisory_xact_lock(hashtextextended('coordinator.run:' || :id, 0))")
 _LOCK_NOT_AVAILABLE = "55P03"
@@ -58,6 +59,12 @@ async def load_run(conn: AsyncConnection, tenant_id: str | None, run_id: str, *,
     lock as usual: the results consumer holds that row lock for milliseconds while it
     applies events, and a user's press must not be refused because a file just finished.
     """
+    if (wait_s is not None or nowait) and tenant_id is not None and (
+            await conn.execute(_OWNED, {"id": run_id, "tenant_id": tenant_id})).first() is None:
+        # Before the claim, which is keyed by the run alone: another tenant naming this run
+        # took it, and was told 409 (the run exists: a probe) while its owner's own Continue
+        # was refused as busy.
+        raise not_found("run", run_id)
     if wait_s is not None:
         if nowait:
             raise ValueError("load_run: nowait or wait_s, not both")

@@ -342,3 +342,24 @@ async def test_a_continue_whose_retry_key_was_charged_another_amount_says_send_a
     assert finished["status"] == "COMPLETED" and finished["credits"]["consumed"] == 6 + 6
     assert await balance(stack, tenant) == 100 - 12
     await stack.assert_books_balance(tenant)
+
+
+async def test_another_tenant_naming_a_run_its_owner_is_changing_is_told_404_and_takes_nothing(stack):
+    """The run's claim is keyed by its id alone, and was taken before the tenant check:
+    another tenant got 409 (the run exists: a probe; a file retry after a 5 s wait) while
+    the owner acted on it, and its requests made the owner's own Continue 409 too."""
+    owner, other = await stack.tenant(monthly=100), await stack.tenant()
+    done, _ = await failed_run(stack, owner, {"fail_rounds": 1}, n=2)
+    claim = await asyncpg.connect(stack.settings.database_url)
+    try:
+        async with claim.transaction():  # as the owner's own Continue holds it while it runs
+            await claim.execute("SELECT pg_advisory_xact_lock(hashtextextended('coordinator.run:' || $1, 0))",
+                                done["id"])
+            await expect_error("not_found", call(stack, "retry_failed", other, done["id"]))
+            await expect_error("not_found", call(stack, "retry_file", other, done["id"], file_index=0))
+            await expect_error("not_found", call(stack, "skip_file", other, done["id"], file_index=0))
+    finally:
+        await claim.close()
+    assert (await call(stack, "retry_failed", owner, done["id"]))["status"] == "RUNNING"
+    await stack.wait_run(owner, done["id"])
+    await stack.assert_books_balance(owner)
