@@ -209,11 +209,21 @@ async def test_checksum_bad_base64_and_nothing_to_hash(tmp_path):
     with pytest.raises(PermanentError, match="checksum needs content_b64 or a downloaded artifact"):
         await checksum.run(make_ctx(tmp_path))
     with pytest.raises(PermanentError, match="missing"):
-        await checksum.run(make_ctx(tmp_path, previous_output={"path": str(tmp_path / "gone")}))
+        await checksum.run(make_ctx(tmp_path, previous_output={"path": str(tmp_path / "artifacts" / "gone")}))
+
+
+async def test_checksum_hashes_only_artifacts_of_its_own_run(tmp_path):
+    elsewhere = tmp_path / "another-run" / "secret.bin"
+    elsewhere.parent.mkdir()
+    elsewhere.write_bytes(b"not yours")
+    for path in (str(elsewhere), str(tmp_path / "artifacts" / ".." / "another-run" / "secret.bin"), "/etc/hostname"):
+        with pytest.raises(PermanentError, match="not an artifact of this run"):
+            await checksum.run(make_ctx(tmp_path, previous_output={"path": path}))
 
 
 async def test_checksum_of_downloaded_artifact(tmp_path):
-    artifact = tmp_path / "big.bin"
+    artifact = tmp_path / "artifacts" / "0" / "0" / "big.bin"
+    artifact.parent.mkdir(parents=True)
     artifact.write_bytes(BODY * 3)  # over the threshold: hashed in a thread, in chunks
     out = await checksum.run(make_ctx(tmp_path, previous_output={"path": str(artifact)}))
     assert out == {"sha256": hashlib.sha256(BODY * 3).hexdigest(), "size": 3 * len(BODY)}

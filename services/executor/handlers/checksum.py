@@ -50,6 +50,11 @@ async def run(ctx: StepContext) -> dict:
     path = (ctx.previous_output or {}).get("path")
     if path:
         artifact = Path(path)
+        # Only this run's artifacts: the path comes from the step before, and a handler that
+        # passes on what a remote service says would otherwise make this a size-and-hash
+        # oracle over every file the executor can read (other tenants' artifacts included).
+        if not artifact.resolve().is_relative_to(ctx.artifact_root.resolve()):
+            raise PermanentError(f"checksum: {path} is not an artifact of this run")
         if not artifact.is_file():
             # Retrying this step cannot bring the artifact back; the download step must re-run.
             raise PermanentError(f"checksum: downloaded artifact {path} is missing")
