@@ -8,12 +8,15 @@ import uuid
 from sqlalchemy import text
 from sqlalchemy.ext.asyncio import AsyncEngine
 
+from shared import opaque_cursor
 from shared.db import transaction
 from shared.faults import crash_point
 from shared.messages import ServiceError
 from services.billing import accounts
 from services.billing.rules import split_charge, split_refund
 from services.billing.schemas import Balance, Grant, Ledger, OpenAccount, Refund, Reserve
+
+CURSOR_KEY = opaque_cursor.StoredKey("billing.cursor_key")  # migration b0003
 
 
 def _charge_result(e: dict, duplicate: bool) -> dict:
@@ -99,21 +102,23 @@ async def balance(engine: AsyncEngine, cmd: Balance) -> dict:
 
 
 async def ledger(engine: AsyncEngine, cmd: Ledger) -> dict:
+    """A page of the tenant's entries, newest first. The cursor is the last entry's id, but
+    enciphered (shared/opaque_cursor.py): the ids are one sequence for every tenant, and
+    their gaps would tell a tenant how many entries the others made."""
     params = {"t": cmd.tenant_id, "limit": cmd.limit + 1}
     sql = "SELECT * FROM billing.ledger WHERE tenant_id = :t"
-    if cmd.cursor:
-        # isdigit() alone lets "²" through to int(); a cursor we return is an ASCII bigint.
-        if not (cmd.cursor.isascii() and cmd.cursor.isdigit() and len(cmd.cursor) <= 18):
-            raise ServiceError("validation_error", "invalid cursor: pass next_cursor from the previous page",
-                               {"fields": {"cursor": "not a cursor of this list"}})
-        sql += " AND id < :c"
-        params["c"] = int(cmd.cursor)
+    scope = ("billing.ledger", cmd.tenant_id)  # a cursor reads on this tenant's ledger only
     async with engine.connect() as conn:
+        key = await CURSOR_KEY.get(conn)
+        if cmd.cursor:
+            sql += " AND id < :c"
+            params["c"] = opaque_cursor.reveal_or_refuse(key, cmd.cursor, *scope)
         rows = (await conn.execute(text(sql + " ORDER BY id DESC LIMIT :limit"), params)).mappings().all()
     items = [{"at": r["at"].isoformat(), "amount": r["amount"], "kind": r["kind"], "run_id": r["run_id"],
               "idempotency_key": r["idempotency_key"], "monthly_part": r["monthly_part"],
               "purchased_part": r["purchased_part"], "actor": r["actor"]} for r in rows[: cmd.limit]]
-    return {"items": items, "next_cursor": str(rows[cmd.limit - 1]["id"]) if len(rows) > cmd.limit else None}
+    last = rows[cmd.limit - 1] if len(rows) > cmd.limit else None
+    return {"items": items, "next_cursor": opaque_cursor.hide(key, last["id"], *scope) if last is not None else None}
 
 
 async def grant(engine: AsyncEngine, cmd: Grant) -> dict:

@@ -3,6 +3,7 @@ from __future__ import annotations
 from pydantic import BaseModel, ConfigDict, Field
 
 from shared.messages import Credits  # amounts are PostgreSQL bigints: larger is a validation error
+from shared.opaque_cursor import TOKEN_PATTERN
 
 
 class _Cmd(BaseModel):
@@ -36,7 +37,7 @@ class Balance(_Cmd):
 
 class Ledger(_Cmd):
     limit: int = Field(default=50, ge=1, le=500)
-    cursor: str | None = None
+    cursor: str | None = Field(default=None, pattern=TOKEN_PATTERN)  # opaque: handlers.ledger
 
 
 class Grant(_Cmd):

@@ -6,6 +6,7 @@ from __future__ import annotations
 from pydantic import BaseModel, ConfigDict, Field
 
 from shared.messages import Count, FileStatus
+from shared.opaque_cursor import TOKEN_PATTERN
 from shared.requests import FileIn, RestoreBody, RunBody, SettingsBody, TemplateBody
 
 
@@ -82,7 +83,7 @@ class GetRun(RunRef):
 
 class TimelinePage(RunRef):
     limit: int = Field(default=1000, ge=1, le=1000)
-    cursor: str | None = Field(default=None, pattern=r"^[0-9]{1,18}$")  # the id of the page's last entry
+    cursor: str | None = Field(default=None, pattern=TOKEN_PATTERN)  # opaque: commands/queries.get_timeline
 
 
 class FileRef(RunRef):

@@ -34,7 +34,8 @@ async def append(conn: AsyncConnection, *entries: dict) -> None:
 
 async def read(conn: AsyncConnection, run_id: str, limit: int = 1000, after_id: int = 0) -> tuple[list[dict], int | None]:
     """Up to ``limit`` entries after entry ``after_id``, oldest first, and the id to read on
-    after (None when this page ends the log)."""
+    after (None when this page ends the log). Ids are shared by every run: a caller hands
+    them out enciphered (commands/queries.get_timeline), never as they are."""
     rows = await conn.execute(
         text(
             "SELECT id, at, kind, actor, file_index, details FROM coordinator.timeline "

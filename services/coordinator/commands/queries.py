@@ -5,10 +5,13 @@ from __future__ import annotations
 
 from sqlalchemy import text
 
+from shared import opaque_cursor
 from services.coordinator import cursor, store, timeline
 from services.coordinator.context import Deps
 from services.coordinator.schemas import GetRun, ListRuns, TimelinePage
 from services.coordinator.views import run_view
+
+TIMELINE_CURSOR_KEY = opaque_cursor.StoredKey("coordinator.cursor_key")  # migration c0017
 
 
 async def get_run(deps: Deps, cmd: GetRun) -> dict:
@@ -44,11 +47,16 @@ async def list_runs(deps: Deps, cmd: ListRuns) -> dict:
 
 
 async def get_timeline(deps: Deps, cmd: TimelinePage) -> dict:
-    """``{"items": [...], "next_cursor"}``: a page of the run's log, oldest first."""
+    """``{"items": [...], "next_cursor"}``: a page of the run's log, oldest first. The cursor
+    is the page's last entry id, enciphered (shared/opaque_cursor.py): entry ids are one
+    sequence for every run, and their gaps would tell a tenant how busy the others are."""
+    scope = ("coordinator.timeline", cmd.run_id)  # a cursor reads on this run's log only
     async with deps.engine.connect() as conn:
         await store.load_run(conn, cmd.tenant_id, cmd.run_id)
-        items, last_id = await timeline.read(conn, cmd.run_id, cmd.limit, int(cmd.cursor or 0))
-    return {"items": items, "next_cursor": str(last_id) if last_id is not None else None}
+        key = await TIMELINE_CURSOR_KEY.get(conn)
+        after_id = opaque_cursor.reveal_or_refuse(key, cmd.cursor, *scope) if cmd.cursor else 0
+        items, last_id = await timeline.read(conn, cmd.run_id, cmd.limit, after_id)
+    return {"items": items, "next_cursor": opaque_cursor.hide(key, last_id, *scope) if last_id is not None else None}
 
 
 async def attention(deps: Deps, cmd: ListRuns) -> dict:
