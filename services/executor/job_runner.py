@@ -141,8 +141,11 @@ class JobRunner:
         # with steps after its first, because a broker restart can hand a job out again
         # as if for the first time, and checkpointed steps must never run again.
         refreshed = bool(msg.headers and msg.headers.get(REFRESHED_HEADER))
+        # A copy (a Recover's or a restore's, beside the message a dead executor held): the
+        # original comes back after the ack wait and must find that the copy finished.
+        copy = bool(msg.headers) and msg.headers.get("Nats-Msg-Id", job.job_id) != job.job_id
         multi_step = len(job.steps) - file.start_step > 1
-        look = delivered > 1 or refreshed or multi_step
+        look = delivered > 1 or refreshed or copy or multi_step
         progress = await self._progress.get(job.job_id, file.index) if look else Progress()
         if look:
             me = delivery_name(message, delivered)
@@ -150,6 +153,15 @@ class JobRunner:
                 # A delivery of this message finished the job (its result is stored): its ack
                 # was lost, or this delivery waited in a frozen process meanwhile.
                 await self._ack_again(msg, job, message, delivered)
+                return False
+            if progress.finished_by:
+                # Another message of this job finished it: a Recover's copy, while this one
+                # was held by a dead executor (or the original, before this copy came). Run,
+                # it ran the file's last step again after the file had SUCCEEDED.
+                log.info("job.finished_by_another_message", run_id=job.run_id, file_index=file.index,
+                         delivered=delivered)
+                self._seen.saw(message, delivered, finished=True)
+                await msg.ack()
                 return False
             if later_delivery(progress.writer, me):
                 # The server gave the message out again while this delivery waited (a frozen

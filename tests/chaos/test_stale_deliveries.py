@@ -152,3 +152,30 @@ async def test_a_stopped_runs_job_in_flight_does_not_run_the_continued_rounds_st
         print(f"round 0 at the stop: {in_flight}; starts (round, step) {by}; settled {elapsed:.1f}s after Continue")
     finally:
         await stack.stop()
+
+
+async def test_a_recover_of_jobs_a_dead_executor_held_runs_no_finished_step_again(chaos_settings, tmp_path):
+    """An operator's Recover of a run whose executor died mid-step (the lease ran out long
+    before the jobs' ack wait) published copies, which finished every file; then the ack
+    wait brought the originals back, and each ran its file's last step again, after the
+    file had SUCCEEDED. A delivery of a job another message finished is now acked, not run."""
+    settings = await chaos_settings(executor_ack_wait_s=8.0, recovery_lease_s=2.0)
+    stack = await ProcStack(settings).start("billing", "coordinator", "notifier", "executor")
+    try:
+        log = tmp_path / "steps.log"
+        tenant = await stack.tenant(monthly=100)
+        template = await stack.template(tenant, [{"name": f"s{i}", "handler": "chaos_step",
+                                                  "params": {"log": str(log), "sleep_ms": 1500}} for i in range(3)])
+        run_id = (await stack.submit(tenant, template, 3))["id"]
+        await stack.wait_run(tenant, run_id, until=lambda r: all(f["checkpoint_step"] == 0 for f in r["files"]))
+        stack.kill("executor")  # mid step 1 of every file; a new executor is started
+        await stack.wait_run(tenant, run_id, until=lambda r: r["needs_attention"], timeout=30)  # past the lease
+        await stack.call("coordinator", "recover", tenant_id=tenant, run_id=run_id, actor="op")
+        assert (await stack.wait_run(tenant, run_id, timeout=60))["status"] == "COMPLETED"
+        # The dead executor's deliveries come back after their ack wait, and are acked.
+        await drained(stack, stack.names.jobs_stream, stack.names.executor_consumer, timeout=30)
+        last_steps = Counter(e["file"] for e in starts(log, run_id) if e["step"] == 2)
+        assert last_steps == {0: 1, 1: 1, 2: 1}, starts(log, run_id)
+        await stack.assert_books_balance(tenant)
+    finally:
+        await stack.stop()

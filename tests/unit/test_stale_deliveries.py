@@ -112,6 +112,33 @@ async def test_a_job_a_delivery_of_its_message_finished_is_acked_again_not_run(t
     assert ran == [] and msg.said == ["ack"]
 
 
+async def test_a_job_a_copy_finished_is_acked_when_its_original_comes_back_not_run(tmp_path):
+    """An operator's Recover published a copy of the jobs a dead executor held; the copy ran
+    the file to the end. When the ack wait brought the original back, it ran the last step
+    again, after the file had SUCCEEDED."""
+    ran: list[int] = []
+    copy = f"x/{SEQ + 9}-{TS + 9}/1"
+    store = Store(Progress(step=0, output={}, writer=copy, finished_by=copy))
+    original = Msg(two_step_job(), delivered=2)
+    await runner(tmp_path, store, ran).handle(original)
+    assert ran == [] and original.said == ["ack"]
+
+
+async def test_a_single_step_copy_says_it_finished_for_the_original_to_see(tmp_path):
+    ran: list[int] = []
+    store = Store()
+    job = Job(job_id="r:file:0:r0", run_id="r", tenant_id="ten", template_id="tpl", round=0, idempotency_key="k",
+              file_index=0, file=FileSpec(index=0, name="a.txt"), steps=[StepSpec(name="a", handler="step")])
+    copy = Msg(job, delivered=1)
+    copy.reply = f"$JS.ACK.T_JOBS.executor.1.{SEQ + 9}.{SEQ + 9}.{TS + 9}.0"
+    copy.headers = {"Nats-Msg-Id": "r:file:0:r0:rec1"}
+    await runner(tmp_path, store, ran).handle(copy)
+    assert ran == [0] and copy.said == ["ack"] and store.stored.finished_by.endswith(f"/{SEQ + 9}-{TS + 9}/1")
+    original = Msg(job, delivered=2)
+    await runner(tmp_path, store, ran).handle(original)
+    assert ran == [0] and original.said == ["ack"]
+
+
 async def test_a_finished_multi_step_job_says_so_for_its_other_deliveries(tmp_path):
     ran: list[int] = []
     store = Store()
