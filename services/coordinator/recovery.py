@@ -1,6 +1,7 @@
 """The recovery sweep: on every coordinator start and then periodically.
 
-* credit intents left pending by a crash are compensated; owed refunds are paid;
+* credit intents left pending by a crash are compensated; owed refunds are paid (beside
+  the rest, in a task of its own: a hung billing must not hold up the recovery of runs);
 * RUNNING runs with PENDING files, no progress for a lease (database clock, so replicas
   agree), no job in flight and no announced wait (store.STUCK_SQL), and no job left in the
   jobs stream (job_queue.py) have their pending jobs re-published from their checkpoints,
@@ -62,10 +63,16 @@ async def _lost_and_waiting(deps: Deps, tenants: list[str]) -> tuple[list[str], 
     return [t for t in tenants if t not in busy], ([t for t in tenants if t in busy] if not backlog else [])
 
 
+async def settle_credits(deps: Deps) -> dict:
+    """Compensate the credit intents a crash left pending, and pay the refunds owed."""
+    compensated = await credits.compensate_abandoned(deps.credits_db, deps.billing,
+                                                     older_than_s=deps.settings.credit_intent_timeout_s)
+    return {"compensated": compensated, "refunds": await pay_refunds_due(deps)}
+
+
 async def sweep(deps: Deps) -> dict:
-    stats = {"compensated": 0, "refunds": 0, "recovered": 0, "given_up": 0}
-    stats["compensated"] = await credits.compensate_abandoned(deps.credits_db, deps.billing, older_than_s=deps.settings.credit_intent_timeout_s)
-    stats["refunds"] = await pay_refunds_due(deps)
+    """Find stuck runs: re-publish their jobs, flag them, or give them up."""
+    stats = {"recovered": 0, "given_up": 0}
     lease = {"lease": deps.settings.recovery_lease_s}
     async with deps.engine.connect() as conn:
         tenants = list((await conn.execute(_CANDIDATE_TENANTS, lease)).scalars())
@@ -133,6 +140,7 @@ class RecoverySweeper:
         self.prune_passes = 0  # how many prunes were tried (tests wait for the first)
         self.passes = 0  # how many sweeps were tried (tests wait for more)
         self._task: asyncio.Task | None = None
+        self._settling: asyncio.Task | None = None
         self._stopping = asyncio.Event()
 
     def start(self) -> None:
@@ -142,12 +150,20 @@ class RecoverySweeper:
         self._stopping.set()
         if self._task:
             await self._task
+        if self._settling is not None:
+            self._settling.cancel()
+            await asyncio.gather(self._settling, return_exceptions=True)
 
     async def _run(self) -> None:
         while not self._stopping.is_set():
+            # Credits are settled beside the sweep, not before it: with billing hung, every
+            # refund owed waited out its call's timeout (15 s each, up to 300 a pass), and
+            # stuck runs of every tenant waited minutes for their recovery.
+            if self._settling is None or self._settling.done():
+                self._settling = asyncio.create_task(self._settle(), name="credit-settlement")
             try:
                 await sweep(self._deps)
-            except Exception as exc:  # database or billing away: next pass
+            except Exception as exc:  # database away: next pass
                 log.warning("recovery.sweep_failed", error=repr(exc))
             self.passes += 1
             await self._prune_when_due()
@@ -155,6 +171,15 @@ class RecoverySweeper:
                 await asyncio.wait_for(self._stopping.wait(), self._deps.settings.recovery_interval_s)
             except asyncio.TimeoutError:
                 pass
+
+    async def _settle(self) -> None:
+        try:
+            stats = await settle_credits(self._deps)
+        except Exception as exc:  # database or billing away: the next pass tries again
+            log.warning("recovery.settlement_failed", error=repr(exc)[:500])
+            return
+        if any(stats.values()):
+            log.info("recovery.settled", **stats)
 
     async def _prune_when_due(self) -> None:
         now = time.monotonic()
