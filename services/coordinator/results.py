@@ -109,6 +109,20 @@ _FAN_IN = text(
 )
 
 
+# A run the sweep gave up on (no progress through its recoveries) whose files all finished
+# after all (its jobs were slow, not lost): finished as fan-in would have, and its users
+# told so. Left FAILED, it said "Recovery failed" of a run that had done every file.
+_FINISHED_AFTER_GIVING_UP = text(
+    "UPDATE coordinator.runs SET "
+    " status = CASE WHEN failed + errored > 0 THEN 'COMPLETED_WITH_ERRORS' ELSE 'COMPLETED' END, "
+    " finished_at = now(), updated_at = now(), "
+    " needs_attention = failed > 0, attention_reason = CASE WHEN failed > 0 THEN 'failed' END, "
+    " recovering = false, recovery_noticed = false, recovery_told = false, recovery_failures = 0 "
+    "WHERE id = ANY(CAST(:ids AS text[])) AND status = 'FAILED' AND attention_reason = 'recovery_failed' "
+    " AND pending = 0 RETURNING *"
+)
+
+
 async def apply_events(conn: AsyncConnection, names: Names, events: list[FileEvent]) -> list[dict]:
     """Apply ``events`` in one transaction; returns the outbox rows it wrote (for counting)."""
     if not events:
@@ -174,6 +188,15 @@ async def apply_events(conn: AsyncConnection, names: Names, events: list[FileEve
                 out_rows.append(run_event_row(names, run, "recovered", "Recovery succeeded: the run finished",
                                               unique=once))
                 log_entries.append(timeline.entry(run["id"], run["tenant_id"], "recovered", "system", round=run["round"]))
+            log_entries.append(timeline.entry(run["id"], run["tenant_id"], f"run_{kind}", "system", round=run["round"],
+                                              succeeded=run["succeeded"], failed=run["failed"], errored=run["errored"]))
+        for run in (await conn.execute(_FINISHED_AFTER_GIVING_UP, {"ids": ids})).mappings():
+            kind = "completed" if run["status"] == "COMPLETED" else "completed_with_errors"
+            once = f"g{run['generation']}late"  # its round's fan-in was its giving up
+            out_rows.append(run_event_row(names, run, kind, unique=once))
+            out_rows.append(run_event_row(names, run, "recovered", "Recovery succeeded: every file finished after all",
+                                          unique=once))
+            log_entries.append(timeline.entry(run["id"], run["tenant_id"], "recovered", "system", round=run["round"]))
             log_entries.append(timeline.entry(run["id"], run["tenant_id"], f"run_{kind}", "system", round=run["round"],
                                               succeeded=run["succeeded"], failed=run["failed"], errored=run["errored"]))
     if waiting:

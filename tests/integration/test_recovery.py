@@ -8,7 +8,7 @@ import contextlib
 import json
 
 from shared import streams
-from shared.messages import ServiceError
+from shared.messages import FileEvent, ServiceError, job_id_for
 from tests.stack import Stack, counts_add_up, expect_error
 
 
@@ -91,6 +91,34 @@ async def test_the_sweep_recovers_runs_whose_jobs_are_lost_then_gives_up_and_fla
         await stack.call("coordinator", "recover", tenant_id=tenant, run_id=run["id"])
         done = await stack.wait_run(tenant, run["id"])
         assert done["status"] == "COMPLETED" and done["credits"]["consumed"] == 3 and not done["needs_attention"]
+        await stack.assert_books_balance(tenant)
+    finally:
+        await stack.stop()
+
+
+async def test_a_run_given_up_whose_files_then_all_finish_is_completed_and_its_users_told(make_settings):
+    """The sweep gives a run up when recoveries bring no progress; if its jobs were only
+    slow, their results still come. Every file done, the run stayed FAILED with "Recovery
+    failed", and no completion was ever told."""
+    settings = await make_settings(recovery_interval_s=0.2, recovery_lease_s=0.5, recovery_max_failures=2)
+    stack = await Stack(settings).start("billing", "coordinator", "notifier")  # no executor: nothing progresses
+    try:
+        tenant = await stack.tenant()
+        template = await stack.template(tenant, [{"name": "a", "handler": "noop"}])
+        async with jobs_lost(stack):
+            run = await stack.submit(tenant, template, 3)
+            failed = await stack.wait_run(tenant, run["id"], timeout=30)
+        assert (failed["status"], failed["attention_reason"]) == ("FAILED", "recovery_failed")
+        for index in range(3):  # as a slow executor would, at last
+            event = FileEvent(kind="succeeded", job_id=job_id_for(run["id"], index, failed["round"]), run_id=run["id"],
+                              tenant_id=tenant, file_index=index, round=failed["round"], attempt=1, step=0, output={})
+            await stack.js.publish(stack.names.file_event("succeeded"), event.to_bytes(),
+                                   headers={"Nats-Msg-Id": event.msg_id})
+        done = await stack.wait_run(tenant, run["id"], until=lambda r: r["status"] != "FAILED")
+        assert done["status"] == "COMPLETED" and not done["needs_attention"] and counts_add_up(done)
+        await notes(stack, tenant, run["id"], "run_completed")
+        [note] = await notes(stack, tenant, run["id"], "run_recovered")
+        assert note["message"].startswith("Recovery succeeded")
         await stack.assert_books_balance(tenant)
     finally:
         await stack.stop()
