@@ -41,10 +41,14 @@ class CoordinatorService:
         self.nc = await bus.connect(s, "coordinator")
         self.js = self.nc.jetstream()
         await streams.ensure_streams(self.js, s)
-        await streams.ensure_consumer(self.js, names.events_stream, names.results_consumer, names.file_events_all,
-                                  ack_wait_s=s.results_ack_wait_s)
-        await streams.ensure_consumer(self.js, names.advisories_stream, names.advisories_consumer,
-                                  names.max_deliveries_advisory, ack_wait_s=s.results_ack_wait_s)
+        # Declared at start, and again by their loops should they be deleted (shared/pull_loop.py).
+        ensure_results_consumer = partial(streams.ensure_consumer, self.js, names.events_stream, names.results_consumer,
+                                          names.file_events_all, ack_wait_s=s.results_ack_wait_s)
+        ensure_advisories_consumer = partial(streams.ensure_consumer, self.js, names.advisories_stream,
+                                             names.advisories_consumer, names.max_deliveries_advisory,
+                                             ack_wait_s=s.results_ack_wait_s)
+        await ensure_results_consumer()
+        await ensure_advisories_consumer()
         await ensure_run_stops_bucket(self.js, names, s.stream_replicas)
         self.handlers = OfferedHandlers(self.js, names, s.stream_replicas)
         await self.handlers.start()
@@ -60,10 +64,10 @@ class CoordinatorService:
                          executors=RpcClient(self.nc, names, timeout=CHECK_STEPS_TIMEOUT_S))
         self.results = PullLoop(self.js, names.events_stream, names.results_consumer, make_results_handler(self.deps),
                                     batch=s.results_fetch_batch, gather_s=s.results_gather_ms / 1000,
-                                    name="results")
+                                    name="results", ensure=ensure_results_consumer)
         self.advisories = PullLoop(self.js, names.advisories_stream, names.advisories_consumer,
                                    make_advisory_handler(self.js, names, self.engine), batch=16,
-                                   name="advisories")
+                                   name="advisories", ensure=ensure_advisories_consumer)
         # One replica records each heartbeat (a queue group).
         self.alive = await self.nc.subscribe(names.runs_alive, queue=f"{names.prefix}-coordinator-alive",
                                              cb=make_alive_handler(self.engine))

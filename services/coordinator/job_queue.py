@@ -30,8 +30,9 @@ async def tenants_with_jobs(js: JetStreamContext, names: Names, tenant_ids: Iter
 
 async def undelivered(js: JetStreamContext, names: Names) -> int:
     """Jobs no executor has been given yet: a backlog means runs wait in line, not that
-    they are stuck. With no executor consumer yet (no executor ever started), every job
-    in the stream is undelivered."""
+    they are stuck. With no executor consumer (no executor ever started, or it was deleted
+    and no executor runs to declare it again: worker.py), every job in the stream is
+    undelivered: the consumer, when declared, starts from the stream's first message."""
     try:
         return (await js.consumer_info(names.jobs_stream, names.executor_consumer)).num_pending or 0
     except NotFoundError:

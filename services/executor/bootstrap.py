@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from functools import partial
+
 from shared import bus, streams
 from shared.handler_offers import HandlerOffer
 from shared.rpc import MicroService
@@ -35,9 +37,11 @@ class ExecutorService:
         self.nc = await bus.connect(s, "executor")
         self.js = self.nc.jetstream()
         await streams.ensure_streams(self.js, s)
-        await streams.ensure_consumer(self.js, names.jobs_stream, names.executor_consumer, names.jobs_all,
-                                  ack_wait_s=s.executor_ack_wait_s, max_deliver=s.executor_max_deliver,
-                                  backoff_s=s.executor_redelivery_backoff_s)
+        # Declared at start, and again by the worker should it be deleted (shared/pull_loop.py).
+        ensure_jobs_consumer = partial(streams.ensure_consumer, self.js, names.jobs_stream, names.executor_consumer,
+                                       names.jobs_all, ack_wait_s=s.executor_ack_wait_s,
+                                       max_deliver=s.executor_max_deliver, backoff_s=s.executor_redelivery_backoff_s)
+        await ensure_jobs_consumer()
         self.breakers = BreakerBoard(self.js, names, s.stream_replicas)
         await self.breakers.start()
         self.progress = ProgressStore(self.js, names, s.stream_replicas)
@@ -54,7 +58,8 @@ class ExecutorService:
         await self.offer.start()
         runner = JobRunner(self.js, names, steps, self.progress, self.keepalive, max_deliver=s.executor_max_deliver,
                            stops=self.stops)
-        self.worker = Worker(self.js, names, runner, concurrency=s.executor_concurrency, fetch_batch=s.executor_fetch_batch)
+        self.worker = Worker(self.js, names, runner, concurrency=s.executor_concurrency,
+                             fetch_batch=s.executor_fetch_batch, ensure=ensure_jobs_consumer)
         self.micro = MicroService(self.nc, names, "executor",
                                   {"breakers": self._breakers, "check_steps": self._check_steps(registry)},
                                   "runs step handlers")

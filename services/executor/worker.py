@@ -15,6 +15,9 @@ redelivered jobs come first: after a common crash none is a suspect, and they st
 by side, as fast as they are judged; after a poison job's second kill it and the jobs that
 died with it twice are suspects, each fetched and run alone, so a poison job is not
 fetched in one batch with the jobs it would kill.
+
+A consumer deleted while the worker runs is declared again (``ensure``; see
+shared/pull_loop.py, ConsumerKeeper).
 """
 
 from __future__ import annotations
@@ -27,6 +30,7 @@ from nats.js import JetStreamContext
 
 from shared.bus import client_of
 from shared.jetstream import Puller
+from shared.pull_loop import ConsumerKeeper, EnsureConsumer
 from shared.subjects import Names
 from services.executor.deliveries import deliveries
 from services.executor.job_runner import JobRunner
@@ -35,13 +39,15 @@ log = structlog.get_logger(__name__)
 
 
 class Worker:
-    def __init__(self, js: JetStreamContext, names: Names, runner: JobRunner, *, concurrency: int, fetch_batch: int) -> None:
+    def __init__(self, js: JetStreamContext, names: Names, runner: JobRunner, *, concurrency: int, fetch_batch: int,
+                 ensure: EnsureConsumer | None = None) -> None:
         self._js = js
         self._names = names
         self._runner = runner
         self._slots = asyncio.Semaphore(concurrency)
         self._concurrency = concurrency
         self._fetch_batch = fetch_batch
+        self._keeper = ConsumerKeeper(js, names.jobs_stream, names.executor_consumer, ensure, name="executor")
         self._inflight: set[asyncio.Task] = set()
         self._stopping = asyncio.Event()
         self._task: asyncio.Task | None = None
@@ -77,7 +83,11 @@ class Worker:
                 msgs = await puller.fetch(1 if self.cautious else min(free, self._fetch_batch), timeout=1.0)
             except Exception as exc:
                 log.warning("executor.fetch_failed", error=repr(exc))
+                await self._keeper.after_fetch_failed(exc)
                 await asyncio.sleep(0.5)
+                continue
+            if not msgs:
+                await self._keeper.after_empty_fetch()
                 continue
             alone = self.cautious
             for msg in msgs:

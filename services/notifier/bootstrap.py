@@ -57,14 +57,16 @@ class NotifierService:
         js = self.nc.jetstream()
         await streams.ensure_streams(js, s)
         # Only the events that notify (on NATS 2.9, every event: the handler sorts them by subject).
-        await streams.ensure_consumer(js, names.events_stream, names.notifier_consumer, names.notifier_filters,
-                                  wide_filter=names.events_all, ack_wait_s=30)
+        # Declared at start, and again by the loop should it be deleted (shared/pull_loop.py).
+        ensure_consumer = partial(streams.ensure_consumer, js, names.events_stream, names.notifier_consumer,
+                                  names.notifier_filters, wide_filter=names.events_all, ack_wait_s=30)
+        await ensure_consumer()
         destinations = Destinations(allow_private=s.webhook_allow_private)
         self.sender = WebhookSender(self.engine, timeout_s=s.webhook_timeout_s, max_attempts=s.webhook_max_attempts,
                                     base_ms=self.webhook_base_ms, destinations=destinations)
         self.handle = make_handler(self.engine, names, self.sender.kick, announce=announcer(self.nc, names))
         self.loop = PullLoop(js, names.events_stream, names.notifier_consumer, self.handle, batch=FETCH_BATCH,
-                                 name="notifier")
+                                 name="notifier", ensure=ensure_consumer)
         self.micro = MicroService(self.nc, names, "notifier", bind_verbs(self.engine, destinations, self.sender.kick),
                                  "redrive notifications and webhooks")
         self.retention = RetentionSweeper(self.engine, notification_days=s.notification_retention_days,
