@@ -96,7 +96,7 @@ def busy(keyed: bool = False) -> ServiceError:
     return ServiceError("run_running", "another request is changing this run right now")
 
 
-async def _await_claim(conn: AsyncConnection, run_id: str, wait_s: float, keyed: bool) -> None:
+async def _await_claim(conn: AsyncConnection, run_id: str, wait_s: float, keyed: bool = False) -> None:
     """The run's claim, waited for at most ``wait_s``: the wait is the lock's own timeout
     (set for this transaction, then put back as it was), so nobody polls."""
     was = (await conn.execute(_LOCK_TIMEOUT)).scalar_one()

@@ -59,8 +59,10 @@ WRITE_TIMEOUT_S = 60.0
 QUEUE_SIZE = 1000
 # And at most so many bytes queued for one: a file event carries its step's output (up to a
 # message, ~1 MB), and a thousand of those held for a stream that reads slowly (one that
-# stops reading is cut after write_timeout_s) would be a gigabyte.
-QUEUE_BYTES = 16 * 1024 * 1024
+# stops reading is cut after write_timeout_s) would be a gigabyte. The streams of a tenant
+# share each frame (one bytes object), so this bounds the gateway's memory too, however
+# many streams lag. A client reading at loopback speed lags ~16 MB behind a burst.
+QUEUE_BYTES = 64 * 1024 * 1024
 MAX_PER_KEY = 10
 MAX_PER_TENANT = 100
 TENANT_HEADER = "Redrive-Tenant"
