@@ -21,7 +21,7 @@ import nats
 import orjson
 import structlog
 from nats.aio.client import Client as NatsClient
-from nats.micro import ServiceConfig, add_service
+from nats.micro import ServiceConfig
 from nats.micro.request import Request
 from nats.micro.service import EndpointConfig, Service
 from pydantic import ValidationError
@@ -67,7 +67,7 @@ class MicroService:
         self._inflight: set[asyncio.Task] = set()
 
     async def start(self) -> None:
-        self._service = await add_service(
+        self._service = Service(
             self._nc,
             ServiceConfig(
                 name=f"{self._names.prefix}-{self._service_name}",
@@ -80,6 +80,11 @@ class MicroService:
             await self._service.add_endpoint(
                 EndpointConfig(name=verb, subject=self._names.service(self._service_name, verb), handler=self._spawn(verb, fn))
             )
+        # Discovery last (add_service would start it first): a caller that meets no responder
+        # asks discovery whether the service lacks the verb (RpcClient._lacks_verb), and one
+        # answered while a restarted service was still adding its endpoints was told that it
+        # had no such verb ("unknown_verb") instead of "not running".
+        await self._service.start()
 
     async def stop(self) -> None:
         if self._service is not None:

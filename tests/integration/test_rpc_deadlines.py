@@ -94,3 +94,44 @@ async def test_a_database_connection_lost_under_a_request_is_unavailable_not_int
         assert refused.value.code == "dependency_unavailable"
     finally:
         await service.stop()
+
+
+async def test_a_service_still_adding_its_endpoints_is_not_running_not_lacking_the_verb(stack, monkeypatch):
+    """A coordinator restarted after a kill answered discovery before its endpoints were all
+    there: a caller meeting no responder for get_run asked discovery, found the service and
+    no get_run, and was told "unknown_verb" (a test of a crash failed on it)."""
+    import asyncio
+
+    from nats.micro.service import Service
+
+    from shared.messages import ServiceError
+    from shared.rpc import MicroService, RpcClient
+
+    proceed, waiting = asyncio.Event(), asyncio.Event()
+    add_endpoint = Service.add_endpoint
+
+    async def slow_second(self, config):
+        if config.name == "second":
+            waiting.set()
+            await proceed.wait()
+        await add_endpoint(self, config)
+
+    monkeypatch.setattr(Service, "add_endpoint", slow_second)
+
+    async def answer(payload):
+        return {"ok": True}
+
+    service = MicroService(stack.nc, stack.names, "starting", {"first": answer, "second": answer}, "starts slowly")
+    starting = asyncio.create_task(service.start())
+    try:
+        await asyncio.wait_for(waiting.wait(), 5)
+        with pytest.raises(ServiceError) as refused:
+            await RpcClient(stack.nc, stack.names, timeout=2).call("starting", "second", {})
+        assert refused.value.code == "service_unavailable"
+        proceed.set()
+        await starting
+        assert await RpcClient(stack.nc, stack.names, timeout=5).call("starting", "second", {}) == {"ok": True}
+    finally:
+        proceed.set()
+        await starting
+        await service.stop()
