@@ -68,15 +68,26 @@ async def jobs_lost(stack):
         task.cancel()
 
 
-async def test_the_sweep_recovers_runs_whose_jobs_are_lost_then_gives_up_and_flags_them(make_settings):
+async def given_up(make_settings) -> tuple[Stack, str, dict]:
+    """A stack with no executor (nothing progresses) whose broker lost a 3-file run's jobs
+    until the sweep gave the run up; (stack, tenant, the FAILED run)."""
     settings = await make_settings(recovery_interval_s=0.2, recovery_lease_s=0.5, recovery_max_failures=2)
-    stack = await Stack(settings).start("billing", "coordinator", "notifier")  # no executor: nothing progresses
+    stack = await Stack(settings).start("billing", "coordinator", "notifier")
     try:
         tenant = await stack.tenant()
         template = await stack.template(tenant, [{"name": "a", "handler": "noop"}])
         async with jobs_lost(stack):
             run = await stack.submit(tenant, template, 3)
-            failed = await stack.wait_run(tenant, run["id"], timeout=30)
+            return stack, tenant, await stack.wait_run(tenant, run["id"], timeout=30)
+    except BaseException:
+        await stack.stop()
+        raise
+
+
+async def test_the_sweep_recovers_runs_whose_jobs_are_lost_then_gives_up_and_flags_them(make_settings):
+    stack, tenant, failed = await given_up(make_settings)
+    run = failed
+    try:
         assert failed["status"] == "FAILED" and failed["needs_attention"]
         assert failed["attention_reason"] == "recovery_failed" and failed["counts"]["pending"] == 3
         [note] = await notes(stack, tenant, run["id"], "run_recovery_failed")
@@ -100,14 +111,9 @@ async def test_a_run_given_up_whose_files_then_all_finish_is_completed_and_its_u
     """The sweep gives a run up when recoveries bring no progress; if its jobs were only
     slow, their results still come. Every file done, the run stayed FAILED with "Recovery
     failed", and no completion was ever told."""
-    settings = await make_settings(recovery_interval_s=0.2, recovery_lease_s=0.5, recovery_max_failures=2)
-    stack = await Stack(settings).start("billing", "coordinator", "notifier")  # no executor: nothing progresses
+    stack, tenant, failed = await given_up(make_settings)
+    run = failed
     try:
-        tenant = await stack.tenant()
-        template = await stack.template(tenant, [{"name": "a", "handler": "noop"}])
-        async with jobs_lost(stack):
-            run = await stack.submit(tenant, template, 3)
-            failed = await stack.wait_run(tenant, run["id"], timeout=30)
         assert (failed["status"], failed["attention_reason"]) == ("FAILED", "recovery_failed")
         for index in range(3):  # as a slow executor would, at last
             event = FileEvent(kind="succeeded", job_id=job_id_for(run["id"], index, failed["round"]), run_id=run["id"],
