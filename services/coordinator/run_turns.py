@@ -27,29 +27,39 @@ class RunTurns:
         self._max_waiting = max_waiting
         self._locks: dict[Hashable, asyncio.Lock] = {}
         self._holders: dict[Hashable, int] = {}  # waiting or in turn, per run: its lock goes with the last
+        self._requests: dict[Hashable, set[str]] = {}  # the keyed requests among them
 
     @asynccontextmanager
-    async def turn(self, run_id: Hashable, wait_s: float, *, keyed: bool = False) -> AsyncIterator[None]:
+    async def turn(self, run_id: Hashable, wait_s: float, *, request_id: str | None = None) -> AsyncIterator[None]:
         """This request's turn at ``run_id`` (any key naming the run: (tenant, run id)),
-        waited for at most ``wait_s`` (then 409; 503 for a ``keyed`` request: store.load_run)."""
+        waited for at most ``wait_s`` (then 409). A 503 at once while an earlier attempt of
+        the same request (``request_id``) holds or waits for a turn here: see store.load_run."""
+        if request_id is not None and request_id in self._requests.get(run_id, ()):
+            raise busy(same_request=True)
         lock = self._locks.get(run_id)
         if lock is not None and self._holders[run_id] > self._max_waiting:  # one in turn, the rest waiting
-            raise busy(keyed)
+            raise busy()
         if lock is None:
             lock = self._locks[run_id] = asyncio.Lock()
         self._holders[run_id] = self._holders.get(run_id, 0) + 1
+        if request_id is not None:
+            self._requests.setdefault(run_id, set()).add(request_id)
         try:
             try:
                 async with asyncio.timeout(wait_s):
                     await lock.acquire()
             except TimeoutError:
-                raise busy(keyed) from None
+                raise busy() from None
             try:
                 yield
             finally:
                 lock.release()
         finally:
             self._holders[run_id] -= 1
+            if request_id is not None:
+                self._requests[run_id].discard(request_id)
+                if not self._requests[run_id]:
+                    del self._requests[run_id]
             if not self._holders[run_id]:
                 del self._holders[run_id], self._locks[run_id]
 

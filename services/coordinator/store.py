@@ -38,22 +38,24 @@ async def load_template(conn: AsyncConnection, tenant_id: str, template_id: str,
 
 
 _OWNED = text("SELECT 1 FROM coordinator.runs WHERE id = :id AND tenant_id = :tenant_id")
+_CLAIM_REQUEST = text("SELECT pg_try_advisory_xact_lock(hashtextextended('coordinator.request:' || :id, 0))")
 _CLAIM_RUN = text("SELECT pg_try_advisory_xact_lock(hashtextextended('coordinator.run:' || :id, 0))")
 _AWAIT_RUN = text("SELECT pg_advisory_xact_lock(hashtextextended('coordinator.run:' || :id, 0))")
 _LOCK_NOT_AVAILABLE = "55P03"
 
 
 async def load_run(conn: AsyncConnection, tenant_id: str | None, run_id: str, *, lock: bool = False,
-                   nowait: bool = False, wait_s: float | None = None, keyed: bool = False) -> dict:
+                   nowait: bool = False, wait_s: float | None = None, request_id: str | None = None) -> dict:
     """``nowait``: a run another *command* is changing right now is refused with 409 at once
     instead of queueing (concurrent "Continue" presses: one wins, the rest are told).
     ``wait_s``: queue behind it for that long instead, then 409 (actions on one file each:
     retries of two FAILED files of a run, pressed together, are both meant).
 
-    ``keyed`` (the request carries an Idempotency-Key): a 503 instead of that 409. The
-    command changing the run may be an earlier attempt of this very request, whose client
-    was told 503 and sent it again as told: a 409 would be kept as the key's answer for a
-    day, whether that attempt then applies or not.
+    ``request_id`` (the gateway's name for a use of an Idempotency-Key): the request is
+    claimed too, and while an earlier attempt of it still holds that claim (its client was
+    told 503 and sent it again, as told) the answer is a 503, not the 409: a 409 would be
+    kept as the key's answer for a day, whether that attempt then applied or not. Another
+    request holding the run is the 409, as ever.
 
     Commands claim the run with a transaction-scoped advisory lock, then wait for the row
     lock as usual: the results consumer holds that row lock for milliseconds while it
@@ -65,12 +67,14 @@ async def load_run(conn: AsyncConnection, tenant_id: str | None, run_id: str, *,
         # took it, and was told 409 (the run exists: a probe) while its owner's own Continue
         # was refused as busy.
         raise not_found("run", run_id)
+    if request_id is not None and not (await conn.execute(_CLAIM_REQUEST, {"id": request_id})).scalar():
+        raise busy(same_request=True)
     if wait_s is not None:
         if nowait:
             raise ValueError("load_run: nowait or wait_s, not both")
-        await _await_claim(conn, run_id, wait_s, keyed)
+        await _await_claim(conn, run_id, wait_s)
     elif nowait and not (await conn.execute(_CLAIM_RUN, {"id": run_id})).scalar():
-        raise busy(keyed)
+        raise busy()
     sql = "SELECT * FROM coordinator.runs WHERE id = :id"
     params: dict[str, Any] = {"id": run_id}
     if tenant_id is not None:
@@ -88,15 +92,16 @@ _LOCK_TIMEOUT = text("SELECT current_setting('lock_timeout')")
 _SET_LOCK_TIMEOUT = text("SELECT set_config('lock_timeout', :value, true)")  # true: for this transaction
 
 
-def busy(keyed: bool = False) -> ServiceError:
-    """The answer to a request that found its run being changed by another (see load_run)."""
-    if keyed:
-        return ServiceError("service_unavailable", "another request is changing this run right now, maybe an earlier "
-                            "attempt of this one: send it again in a moment (the same Idempotency-Key will do)")
+def busy(*, same_request: bool = False) -> ServiceError:
+    """The answer to a request that found its run being changed by another request, or
+    (``same_request``) by an earlier attempt of itself (see load_run)."""
+    if same_request:
+        return ServiceError("service_unavailable", "an earlier attempt of this request is still being applied: send "
+                            "it again in a moment (the same Idempotency-Key will do)")
     return ServiceError("run_running", "another request is changing this run right now")
 
 
-async def _await_claim(conn: AsyncConnection, run_id: str, wait_s: float, keyed: bool = False) -> None:
+async def _await_claim(conn: AsyncConnection, run_id: str, wait_s: float) -> None:
     """The run's claim, waited for at most ``wait_s``: the wait is the lock's own timeout
     (set for this transaction, then put back as it was), so nobody polls."""
     was = (await conn.execute(_LOCK_TIMEOUT)).scalar_one()
@@ -105,7 +110,7 @@ async def _await_claim(conn: AsyncConnection, run_id: str, wait_s: float, keyed:
         await conn.execute(_AWAIT_RUN, {"id": run_id})
     except DBAPIError as exc:
         if sqlstate_of(exc) == _LOCK_NOT_AVAILABLE:
-            raise busy(keyed) from None
+            raise busy() from None
         raise
     await conn.execute(_SET_LOCK_TIMEOUT, {"value": was})
 

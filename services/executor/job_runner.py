@@ -154,10 +154,12 @@ class JobRunner:
                 # was lost, or this delivery waited in a frozen process meanwhile.
                 await self._ack_again(msg, job, message, delivered)
                 return False
-            if progress.finished_by:
-                # Another message of this job finished it: a Recover's copy, while this one
-                # was held by a dead executor (or the original, before this copy came). Run,
-                # it ran the file's last step again after the file had SUCCEEDED.
+            if progress.finished_by and not copy:
+                # A copy of this job finished it (a Recover's, while this original was held
+                # by a dead executor). Run, it ran the file's last step again after the file
+                # had SUCCEEDED. A copy is never skipped so: it may be the sweep's answer to
+                # a result that was lost after the job finished, and skipped, the file would
+                # stay PENDING for good.
                 log.info("job.finished_by_another_message", run_id=job.run_id, file_index=file.index,
                          delivered=delivered)
                 self._seen.saw(message, delivered, finished=True)

@@ -300,24 +300,25 @@ async def test_thirty_continues_of_thirty_runs_at_once_all_go_through(stack):
     await stack.assert_books_balance(tenant)
 
 
-async def test_a_keyed_request_that_finds_its_run_being_changed_is_told_to_send_it_again(stack):
+async def test_a_request_whose_earlier_attempt_still_holds_its_run_is_told_to_send_it_again(stack):
     """A Continue answered 503 (billing slow), sent again under its Idempotency-Key as the
     503 says, met its first attempt still holding the run: a 409, which the gateway then
-    replayed for that key for a day, whatever the first attempt came to. Keyed, it is a 503
-    (not kept); without a key it is still api.md's 409."""
+    replayed for that key for a day, whatever the first attempt came to. An attempt of the
+    same request is a 503 (not kept); another request holding the run is api.md's 409."""
     tenant = await stack.tenant(monthly=100)
     done, _ = await failed_run(stack, tenant, {"fail_rounds": 1}, n=2)
-    claim = await asyncpg.connect(stack.settings.database_url)
+    held = await asyncpg.connect(stack.settings.database_url)
     try:
-        async with claim.transaction():  # as a request changing the run holds it
-            assert await claim.fetchval("SELECT pg_try_advisory_xact_lock(hashtextextended('coordinator.run:' || $1, 0))",
-                                        done["id"])
+        async with held.transaction():  # as the first attempts of k1 and k2 hold them, with the run
+            for claim in ("coordinator.request:k1", "coordinator.request:k2", f"coordinator.run:{done['id']}"):
+                assert await held.fetchval("SELECT pg_try_advisory_xact_lock(hashtextextended($1, 0))", claim)
             await expect_error("service_unavailable", call(stack, "retry_failed", tenant, done["id"], request_id="k1"))
             await expect_error("service_unavailable",
                                call(stack, "retry_file", tenant, done["id"], file_index=0, request_id="k2"))
+            await expect_error("run_running", call(stack, "retry_failed", tenant, done["id"], request_id="k3"))
             await expect_error("run_running", call(stack, "retry_failed", tenant, done["id"]))
     finally:
-        await claim.close()
+        await held.close()
     again = await call(stack, "retry_failed", tenant, done["id"], request_id="k1")
     assert again["status"] == "RUNNING" and (await stack.wait_run(tenant, done["id"]))["status"] == "COMPLETED"
     await stack.assert_books_balance(tenant)

@@ -65,3 +65,30 @@ async def test_only_so_many_wait_for_one_run_and_a_wait_ends():
 async def _enter(turns: RunTurns, run: str, wait_s: float) -> None:
     async with turns.turn(run, wait_s):
         pass
+
+
+async def test_an_attempt_of_a_request_that_holds_a_turn_is_told_to_send_it_again_others_wait():
+    """Queued behind its own earlier attempt (whose client was told 503 and resent it), a
+    request waited out its turn and was answered 409, which the gateway kept for its key."""
+    turns, held, release = RunTurns(), asyncio.Event(), asyncio.Event()
+
+    async def first_attempt() -> None:
+        async with turns.turn("a", 5, request_id="k1"):
+            held.set()
+            await release.wait()
+
+    task = asyncio.create_task(first_attempt())
+    await held.wait()
+    with pytest.raises(ServiceError) as again:
+        async with turns.turn("a", 5, request_id="k1"):
+            pass
+    assert again.value.code == "service_unavailable"
+    with pytest.raises(ServiceError) as other:
+        async with turns.turn("a", 0.05, request_id="k2"):
+            pass
+    assert other.value.code == "run_running"
+    release.set()
+    await task
+    async with turns.turn("a", 5, request_id="k1"):  # its first attempt done: its turn
+        pass
+    assert turns.waiting("a") == 0

@@ -139,6 +139,20 @@ async def test_a_single_step_copy_says_it_finished_for_the_original_to_see(tmp_p
     assert ran == [0] and original.said == ["ack"]
 
 
+async def test_a_copy_runs_a_job_its_original_finished_its_result_may_have_been_lost(tmp_path):
+    """The sweep re-publishes a job whose file is still PENDING: its result may have been
+    lost after the original finished (a stream that lost an acknowledged write). A copy that
+    acked it because the original had finished left the file PENDING for good."""
+    ran: list[int] = []
+    store = Store(Progress(step=0, output={}, writer=f"x/{MSG}/1", finished_by=f"x/{MSG}/1"))
+    copy = Msg(two_step_job(), delivered=1)
+    copy.reply = f"$JS.ACK.T_JOBS.executor.1.{SEQ + 9}.{SEQ + 9}.{TS + 9}.0"
+    copy.headers = {"Nats-Msg-Id": "r:file:0:r0:rec1"}
+    job_runner = runner(tmp_path, store, ran)
+    await job_runner.handle(copy)
+    assert ran == [1] and copy.said == ["ack"] and job_runner.published == ["succeeded"]
+
+
 async def test_a_finished_multi_step_job_says_so_for_its_other_deliveries(tmp_path):
     ran: list[int] = []
     store = Store()

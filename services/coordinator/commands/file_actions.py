@@ -43,8 +43,8 @@ def _queue_s() -> float:
     return QUEUE_S if left is None else max(0.05, min(QUEUE_S, (left - 2 * COMMIT_MARGIN_S) / 2))
 
 
-async def _locked_file(conn, cmd: FileRef, wait_s: float, *, keyed: bool = False) -> tuple[dict, dict]:
-    run = await store.load_run(conn, cmd.tenant_id, cmd.run_id, lock=True, wait_s=wait_s, keyed=keyed)
+async def _locked_file(conn, cmd: FileRef, wait_s: float, *, request_id: str | None = None) -> tuple[dict, dict]:
+    run = await store.load_run(conn, cmd.tenant_id, cmd.run_id, lock=True, wait_s=wait_s, request_id=request_id)
     row = (
         await conn.execute(text("SELECT * FROM coordinator.files WHERE run_id = :r AND idx = :i"), {"r": run["id"], "i": cmd.file_index})
     ).mappings().first()
@@ -56,7 +56,7 @@ async def _locked_file(conn, cmd: FileRef, wait_s: float, *, keyed: bool = False
 async def retry_file(deps: Deps, cmd: RetryFile) -> dict:
     wait_s = _queue_s()
     # By tenant too: another tenant's requests naming this run id fill no place in its queue.
-    async with deps.turns.turn((cmd.tenant_id, cmd.run_id), wait_s, keyed=cmd.request_id is not None):
+    async with deps.turns.turn((cmd.tenant_id, cmd.run_id), wait_s, request_id=cmd.request_id):
         return await _retry_file(deps, cmd, wait_s)
 
 
@@ -64,7 +64,7 @@ async def _retry_file(deps: Deps, cmd: RetryFile, wait_s: float) -> dict:
     charge: credits.Charge | None = None
     try:
         async with transaction(deps.engine) as conn:
-            run, f = await _locked_file(conn, cmd, wait_s, keyed=cmd.request_id is not None)
+            run, f = await _locked_file(conn, cmd, wait_s, request_id=cmd.request_id)
             if await requests_applied.applied(conn, cmd.tenant_id, cmd.request_id):
                 return await store.run_body(conn, run)  # this very retry was applied: not again
             if run["status"] == "CANCELLED":

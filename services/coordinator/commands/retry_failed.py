@@ -66,7 +66,7 @@ async def retry_failed(deps: Deps, cmd: RetryFailed) -> dict:
     try:
         async with transaction(deps.engine) as conn:
             run = await store.load_run(conn, cmd.tenant_id, cmd.run_id, lock=True, nowait=True,
-                                       keyed=cmd.request_id is not None)
+                                       request_id=cmd.request_id)
             if await requests_applied.applied(conn, cmd.tenant_id, cmd.request_id):
                 return await store.run_body(conn, run)  # this very Continue was applied: not again
             files = await store.load_files(conn, run["id"], statuses=("FAILED", "PENDING"))
