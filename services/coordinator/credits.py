@@ -108,12 +108,14 @@ async def reserve(
             # An earlier attempt, which died after its charge, charged this key for another
             # amount (a file was skipped since): refunded here, and the next attempt takes a
             # fresh key. Billing's key is ours, not the client's: never told as theirs.
-            await compensate(engine, billing, key=key, tenant_id=tenant_id, run_id=run_id)
+            # Within the caller's time too: this runs while the caller's transaction holds its run.
+            await compensate(engine, billing, key=key, tenant_id=tenant_id, run_id=run_id, timeout=_reserve_timeout_s())
             raise ServiceError("service_unavailable", _TRY_AGAIN, {"outcome": "none"}) from exc
         if exc.code in _DEFINITE_REFUSALS:
             await _withdraw(engine, key)
         else:  # unknown outcome (timeout, billing down): refund or void the key
-            await compensate(engine, billing, key=key, tenant_id=tenant_id, run_id=run_id)
+            # Within the caller's time too: this runs while the caller's transaction holds its run.
+            await compensate(engine, billing, key=key, tenant_id=tenant_id, run_id=run_id, timeout=_reserve_timeout_s())
         raise
     crash_point("after_reserve")  # charged, run not yet updated: the sweep must refund
     return Charge(key, reply["charged"], reply["from_monthly"], reply["from_purchased"])
@@ -163,8 +165,11 @@ async def apply(conn: AsyncConnection, charge: Charge, *, run_id: str, tenant_id
         raise ServiceError("service_unavailable", _TRY_AGAIN, {"outcome": "none"})
 
 
-async def compensate(engine: AsyncEngine, billing: RpcClient, *, key: str, tenant_id: str, run_id: str) -> bool:
-    """Refund (or void) the charge made under ``key`` unless it was applied. Idempotent."""
+async def compensate(engine: AsyncEngine, billing: RpcClient, *, key: str, tenant_id: str, run_id: str,
+                     timeout: float | None = None) -> bool:
+    """Refund (or void) the charge made under ``key`` unless it was applied. Idempotent.
+    ``timeout``: how long billing is waited for (a refund not made in time is left to the
+    sweep, which compensates what stays pending)."""
     async with transaction(engine) as conn:
         row = (
             await conn.execute(
@@ -178,6 +183,7 @@ async def compensate(engine: AsyncEngine, billing: RpcClient, *, key: str, tenan
                 "billing", "refund",
                 {"tenant_id": tenant_id, "idempotency_key": compensation_key(key), "of_key": key,
                  "run_id": run_id, "actor": "system:compensation"},
+                timeout=timeout,
             )
         except Exception as exc:
             log.warning("credits.compensation_failed", key=key, error=repr(exc))
