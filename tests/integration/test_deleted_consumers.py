@@ -12,6 +12,8 @@ from __future__ import annotations
 import asyncio
 import time
 
+import pytest
+
 from nats.js.api import ConsumerConfig
 from nats.js.errors import NotFoundError
 
@@ -54,18 +56,14 @@ async def run_with_a_consumer_deleted_midway(stack: Stack, stream: str, durable:
     await stack.assert_books_balance(tenant)
 
 
-async def test_a_run_completes_when_the_executor_consumer_is_deleted_mid_run(make_settings):
+@pytest.mark.parametrize("which", ["executor", "coordinator-results"])
+async def test_a_run_completes_when_a_consumer_it_needs_is_deleted_mid_run(make_settings, which):
     stack = await Stack(await make_settings(executor_concurrency=4)).start("billing", "coordinator", "executor")
+    n = stack.names
+    stream, durable = {"executor": (n.jobs_stream, n.executor_consumer),
+                       "coordinator-results": (n.events_stream, n.results_consumer)}[which]
     try:
-        await run_with_a_consumer_deleted_midway(stack, stack.names.jobs_stream, stack.names.executor_consumer)
-    finally:
-        await stack.stop()
-
-
-async def test_a_run_completes_when_the_coordinators_results_consumer_is_deleted_mid_run(make_settings):
-    stack = await Stack(await make_settings(executor_concurrency=4)).start("billing", "coordinator", "executor")
-    try:
-        await run_with_a_consumer_deleted_midway(stack, stack.names.events_stream, stack.names.results_consumer)
+        await run_with_a_consumer_deleted_midway(stack, stream, durable)
     finally:
         await stack.stop()
 
